@@ -1,0 +1,48 @@
+"""In-memory image datasets: pixels (N, C, H, W) float32 in [0, 1] and int64 labels."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import NsvitError, check_pixels
+
+
+class ImageDataset(Dataset):
+    """Images and labels held as two tensors; indexing gives (image, label).
+
+    Engines that can work on whole tensors (synthesis, evaluation) read ``.images`` and ``.labels``
+    directly instead of going through a DataLoader.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None,
+                 name: str = "images"):
+        if images.dim() == 4 and images.shape[0] == 0:
+            raise NsvitError(f"{name} is empty")
+        check_pixels(f"{name} images", images)
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise NsvitError(f"{name}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    def subset(self, n: int | None = None, *, generator: torch.Generator | None = None) -> "ImageDataset":
+        """The first n images (or a random n if a generator is given)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=generator)[:n] if generator is not None else torch.arange(n)
+        return ImageDataset(self.images[idx], self.labels[idx], self.classes, f"{self.name}[:{n}]")
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({self.name}, n={len(self)}, shape={tuple(self.images.shape[1:])}, classes={len(self.classes)})"

@@ -1,0 +1,47 @@
+"""The one exception type for a user's mistake.
+
+Anything raised as :class:`NsvitError` is bad input (a wrong model family, an image of the wrong
+size, eps <= 0, a missing folder, a truncated checkpoint...). The CLI prints its message as one
+line and exits with code 2; other exceptions are bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class NsvitError(ValueError):
+    """Bad input from the user. The message is one line that says what and why."""
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return ``value`` if it is a finite number > 0, else raise :class:`NsvitError`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise NsvitError(f"{name} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise NsvitError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Raise :class:`NsvitError` if ``t`` holds NaN or inf (one host sync; call it on inputs, not in loops)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NsvitError(f"{name} holds {bad} NaN or inf value(s)")
+    return t
+
+
+def check_pixels(name: str, x: torch.Tensor, *, tol: float = 1e-6) -> torch.Tensor:
+    """Images must be (B, C, H, W) float pixels in [0, 1] with no NaN."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise NsvitError(f"{name} must be a float tensor (B, C, H, W), got {shape}")
+    check_finite(name, x)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -tol or hi > 1 + tol:
+        raise NsvitError(f"{name} must be pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    return x

@@ -1,0 +1,157 @@
+"""Create timm models by name and load or save their weights (safetensors or weights-only torch files)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import NsvitError
+from ..io import load_tensors, save_tensors
+from . import embedded
+from .base import Adapter
+from .registry import adapt
+
+FORMAT = "nsvit-fast/1"
+
+
+def _create(arch: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    import timm
+
+    if not timm.is_model(arch):
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise NsvitError(f"unknown timm model {arch!r}{hint}")
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except NsvitError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if pretrained:
+            raise NsvitError(f"could not get pretrained weights for {arch} (this needs network access "
+                             f"to the Hugging Face hub, or pass --checkpoint FILE): {first}") from None
+        raise NsvitError(f"timm could not create {arch} with {kwargs}: {first}") from None
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and metadata from a .safetensors file or a torch file (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NsvitError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NsvitError(f"{path} is not a readable weights-only torch file (truncated, corrupt, or "
+                         f"pickled objects beyond tensors?): {first}") from None
+    for key in ("state_dict", "model", "model_state", "module"):  # common wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            meta = obj.get("metadata", {}) if isinstance(obj.get("metadata"), dict) else {}
+            obj = obj[key]
+            break
+    else:
+        meta = {}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise NsvitError(f"{path} does not hold a state dict of tensors")
+    return obj, meta
+
+
+def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    sd = _clean_keys(sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
+        if wrong:
+            parts.append(f"shape mismatch e.g. {wrong[:2]}")
+        raise NsvitError(f"{source} does not fit this model ({'; '.join(parts)}); wrong model or --num-classes?")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(name: str | None = None, checkpoint: str | Path | None = None, num_classes: int | None = None,
+               pretrained: bool = False, **kwargs) -> Adapter:
+    """A timm ViT by name, wrapped in its adapter (pixels in [0, 1] in, logits out).
+
+    Args:
+        name: timm architecture (``vit_small_patch32_224``...) or ``digits_vit``, the embedded model.
+            May be omitted when ``checkpoint`` was saved by nsvit-fast (its metadata names the arch).
+        checkpoint: local weights: ``.safetensors``, or a torch file read with ``weights_only=True``.
+        num_classes: head size; by default the checkpoint's (or timm's default without one).
+        pretrained: download timm's pretrained weights. Needs network: only when asked.
+        **kwargs: extra timm constructor arguments (``img_size=...``).
+    """
+    sd, meta = (None, {})
+    if name == embedded.NAME and checkpoint is None:
+        checkpoint = embedded.CHECKPOINT
+        if not checkpoint.is_file():
+            raise NsvitError(f"the embedded checkpoint {checkpoint} is missing; regenerate it with: "
+                             f"{embedded.REGENERATE}")
+    if checkpoint is not None:
+        sd, meta = read_weights(checkpoint)
+    arch = meta.get("arch")
+    model_kwargs = dict(meta.get("model_kwargs", {}))
+    if name is None and arch is None:
+        raise NsvitError("give a model name: the checkpoint does not say which architecture it holds")
+    if name is not None and name != embedded.NAME and arch is not None and name != arch:
+        raise NsvitError(f"checkpoint {checkpoint} holds a {arch}, not a {name}")
+    if name == embedded.NAME and arch is None:
+        arch, model_kwargs = embedded.ARCH, dict(embedded.KWARGS)
+    arch = arch or name
+    model_kwargs.update(kwargs)
+    if num_classes is not None:
+        model_kwargs["num_classes"] = int(num_classes)
+    elif sd is not None and "num_classes" not in model_kwargs and "head.weight" in _clean_keys(sd):
+        model_kwargs["num_classes"] = int(_clean_keys(sd)["head.weight"].shape[0])
+    model = _create(arch, model_kwargs, pretrained and sd is None)
+    if sd is not None:
+        load_state(model, sd, str(checkpoint))
+    mean, std = meta.get("mean"), meta.get("std")
+    if mean is not None and std is not None:  # models carry their own data config
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(mean), "std": tuple(std)}
+    adapter = adapt(model, name=name if name != embedded.NAME else embedded.NAME)
+    adapter.arch, adapter.model_kwargs = arch, model_kwargs
+    adapter.eval()
+    return adapter
+
+
+def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it."""
+    meta = {"format": FORMAT, "nsvit_fast_version": __version__,
+            "arch": getattr(adapter, "arch", adapter.name),
+            "model_kwargs": getattr(adapter, "model_kwargs", {}),
+            "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
+    meta.update(metadata or {})
+    sd = {k: v for k, v in adapter.model.state_dict().items()}
+    return save_tensors(path, sd, meta)
+
+
+def weights_fingerprint(adapter: Adapter) -> str:
+    """A short hash of the model weights: noise banks and runs record which model they belong to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(adapter.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+

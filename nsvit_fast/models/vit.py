@@ -1,0 +1,91 @@
+"""Adapter for timm's VisionTransformer family (ViT, DeiT, DeiT-distilled, register-token ViTs, ...).
+
+``encode`` calls the model's own ``_pos_embed``, ``patch_drop``, ``norm_pre``, ``blocks``, ``norm``
+and ``forward_head`` rather than copies of them, so prefix tokens (cls, registers, distillation),
+``no_embed_class``, ``global_pool``, ``fc_norm`` and attention pooling behave exactly as in
+``model(x)``. Only this file knows timm's internals.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NsvitError
+from .base import Adapter
+
+
+def _vit_class():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+def matches(model: nn.Module) -> bool:
+    return isinstance(model, _vit_class())
+
+
+def check_linear_stem(model: nn.Module, name: str) -> None:
+    """Raise NsvitError unless the patch embedding is one non-overlapping linear projection."""
+    pe = getattr(model, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    if pe is None or type(pe).__name__ != "PatchEmbed" or not isinstance(proj, nn.Conv2d):
+        stem = type(pe).__name__ if pe is not None else "none"
+        raise NsvitError(f"{name}: non-linear patch stem ({stem}); the adapter needs a single "
+                         f"linear patch projection (timm PatchEmbed with a Conv2d)")
+    if (proj.kernel_size != proj.stride or proj.padding not in ((0, 0), 0)
+            or proj.dilation != (1, 1) or proj.groups != 1):
+        raise NsvitError(f"{name}: overlapping or padded patch convolution (kernel {proj.kernel_size}, "
+                         f"stride {proj.stride}, padding {proj.padding}); patches must not overlap")
+    if getattr(pe, "dynamic_img_pad", False):
+        raise NsvitError(f"{name}: dynamic_img_pad pads partial patches; not supported")
+    if pe.img_size is None:
+        raise NsvitError(f"{name}: the patch embedding has no fixed img_size; create the model with one")
+
+
+class VitAdapter(Adapter):
+    family = "vit"
+
+    def __init__(self, model: nn.Module, mean, std, name: str = ""):
+        check_linear_stem(model, name or type(model).__name__)
+        pe = model.patch_embed
+        self.in_chans = pe.proj.in_channels
+        self.img_size = tuple(pe.img_size)
+        self.patch_size = tuple(pe.patch_size)
+        self.grid_size = tuple(pe.grid_size)
+        self.embed_dim = pe.proj.out_channels
+        self.num_classes = int(getattr(model, "num_classes", 0))
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        super().__init__(model, mean, std, name)
+        self._nhwc = bool(getattr(model, "dynamic_img_size", False))
+
+    def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_images(x)
+        u = self.model.patch_embed(self.normalize(x))
+        return u.flatten(1, 2) if u.dim() == 4 else u  # dynamic_img_size models emit NHWC
+
+    def tokens(self, u: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, D) -> encoder input (B, P + N, D): prefix tokens and positional embedding."""
+        m = self.model
+        if self._nhwc:
+            u = u.reshape(u.shape[0], *self.grid_size, u.shape[-1])
+        return m.norm_pre(m.patch_drop(m._pos_embed(u)))
+
+    def blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """Encoder input (B, P + N, D) -> normed features (B, P + N, D)."""
+        return self.model.norm(self.model.blocks(t))
+
+    def head(self, t: torch.Tensor) -> torch.Tensor:
+        """Normed features -> logits (B, K), pooled as the model's global_pool / fc_norm say."""
+        return self.model.forward_head(t)
+
+    def encode(self, u: torch.Tensor) -> torch.Tensor:
+        if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
+            raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
+                             f"got {tuple(u.shape)}")
+        return self.head(self.blocks(self.tokens(u)))
+
+    def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        proj = self.model.patch_embed.proj
+        w = proj.weight / self.std.to(proj.weight.dtype).reshape(1, -1, 1, 1)
+        return w, proj.bias

@@ -1,0 +1,209 @@
+"""The exact nullspace of the patch embedding (paper Sec. 3.1, Table 1).
+
+The patch projection maps each flattened patch p (C*r*r values, in pixel space) to W p + b with
+W of shape (D, C*r*r). Any p in null(W) leaves every patch token, hence the whole model's
+output, unchanged. The basis comes from the SVD of the *whole* flattened W in float64, not per
+colour channel as the official code did (which finds only a sub-space).
+
+Pixel space: the adapter normalises inside the model, so W here is the conv weight divided by the
+per-channel std. Its nullspace has the same dimension as the raw weight's, but it is the one that
+leaves outputs unchanged when noise is added to pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .errors import NsvitError
+from .models.base import Adapter
+from .models.registry import adapt
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, P, C*r*r), patches in row-major grid order, each flattened as (C, r, r)
+    to match the conv weight's layout. No copy beyond one permute."""
+    b, c, h, w = x.shape
+    ph, pw = patch
+    if h % ph or w % pw:
+        raise NsvitError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+    x = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // ph) * (w // pw), c * ph * pw)
+
+
+def unpatchify(p: torch.Tensor, chans: int, grid: tuple[int, int], patch: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, P, C*r*r) -> (B, C, H, W)."""
+    b = p.shape[0]
+    gh, gw = grid
+    ph, pw = patch
+    x = p.reshape(b, gh, gw, chans, ph, pw).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, chans, gh * ph, gw * pw)
+
+
+def default_rtol(shape: tuple[int, int]) -> float:
+    """Rank tolerance relative to sigma_max: max(m, n) * float32 machine epsilon.
+
+    The weights are float32, so singular values below that are float32 round-off, not rank."""
+    return max(shape) * torch.finfo(torch.float32).eps
+
+
+@dataclass
+class PatchNullspace:
+    """Orthonormal bases of null(W) and of its complement, the row space of W.
+
+    Attributes:
+        basis: (k, n) float64, orthonormal rows spanning null(W), n = C*r*r.
+        row_basis: (rank, n) float64, orthonormal rows spanning the row space.
+        singular_values: (min(D, n),) float64, descending.
+        rtol: rank tolerance relative to the largest singular value.
+    """
+
+    basis: torch.Tensor
+    row_basis: torch.Tensor
+    singular_values: torch.Tensor
+    rtol: float
+    in_chans: int
+    patch_size: tuple[int, int]
+    embed_dim: int
+    img_size: tuple[int, int] | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.row_basis.shape[0]
+
+    @property
+    def input_dim(self) -> int:
+        return self.basis.shape[1]
+
+    def summary(self, model: str = "") -> dict:
+        r = self.patch_size
+        return {"model": model, "patch_size": r[0] if r[0] == r[1] else list(r), "input_dim": self.input_dim,
+                "embed_dim": self.embed_dim, "rank": self.rank, "nullspace_dim": self.dim}
+
+    # -- projections --
+    def _mat(self, which: str, like: torch.Tensor) -> torch.Tensor:
+        m = self.basis if which == "null" else self.row_basis
+        return m.to(device=like.device, dtype=like.dtype)
+
+    def project_patches(self, p: torch.Tensor, complement: bool = False) -> torch.Tensor:
+        """Project flattened patches (..., n) onto null(W) (or, with complement, the row space).
+
+        Uses the smaller of the two bases: P_null p = B^T B p = p - R^T R p."""
+        if p.shape[-1] != self.input_dim:
+            raise NsvitError(f"patches have {p.shape[-1]} values, the nullspace lives in {self.input_dim}")
+        small_is_null = self.dim <= self.rank
+        which = "null" if small_is_null else "row"
+        m = self._mat(which, p)
+        part = (p @ m.T) @ m
+        return part if small_is_null != complement else p - part
+
+    def project(self, images: torch.Tensor, complement: bool = False) -> torch.Tensor:
+        """Project every non-overlapping patch of images (B, C, H, W) onto null(W); returns (B, C, H, W).
+
+        All patches of all images go through one matrix product (no Python loop over patches)."""
+        self._check_images(images)
+        b, c, h, w = images.shape
+        grid = (h // self.patch_size[0], w // self.patch_size[1])
+        out = self.project_patches(patchify(images, self.patch_size), complement)
+        return unpatchify(out, c, grid, self.patch_size)
+
+    def coefficients(self, images: torch.Tensor) -> torch.Tensor:
+        """Least-squares coefficients (B, P, k) of each patch of images (B, C, H, W) in the basis.
+
+        The basis is orthonormal, so the least-squares solution of min ||B^T c - p|| is c = B p."""
+        self._check_images(images)
+        return patchify(images, self.patch_size) @ self._mat("null", images).T
+
+    def from_coefficients(self, coef: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, P, k) coefficients -> nullspace images (B, C, H, W) on a grid of patches."""
+        return unpatchify(coef @ self._mat("null", coef), self.in_chans, grid, self.patch_size)
+
+    def sample(self, n: int, norm: float | None = None, *, img_size: tuple[int, int] | None = None,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """n random nullspace images (n, C, H, W): Gaussian coefficients for every patch, each image
+        scaled to Frobenius norm ``norm`` if given."""
+        if self.dim == 0:
+            raise NsvitError(f"the patch embedding has no nullspace (embed dim {self.embed_dim} >= "
+                             f"input dim {self.input_dim}, rank {self.rank})")
+        hw = img_size or self.img_size
+        if hw is None:
+            raise NsvitError("sample() needs img_size")
+        grid = (hw[0] // self.patch_size[0], hw[1] // self.patch_size[1])
+        coef = torch.randn(n, grid[0] * grid[1], self.dim, generator=generator, dtype=torch.float64)
+        v = self.from_coefficients(coef, grid)
+        if norm is not None:
+            v = v * (float(norm) / v.flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
+        return v.to(dtype)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise NsvitError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+
+
+def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
+    """The exact patch-embedding nullspace of a model (adapter or timm ViT), in pixel space."""
+    parts = adapt(model)
+    w, _ = parts.patch_projection()
+    d = w.shape[0]
+    mat = w.detach().reshape(d, -1).to("cpu", torch.float64)
+    n = mat.shape[1]
+    if not torch.isfinite(mat).all():
+        raise NsvitError(f"{parts.name}: the patch projection weight holds NaN or inf")
+    _, s, vh = torch.linalg.svd(mat, full_matrices=True)
+    rtol = default_rtol((d, n)) if rtol is None else float(rtol)
+    if rtol < 0:
+        raise NsvitError(f"rtol must be >= 0, got {rtol}")
+    rank = int((s > s.max() * rtol).sum()) if s.numel() else 0
+    return PatchNullspace(basis=vh[rank:].contiguous(), row_basis=vh[:rank].contiguous(), singular_values=s,
+                          rtol=rtol, in_chans=parts.in_chans, patch_size=parts.patch_size, embed_dim=d,
+                          img_size=parts.img_size)
+
+
+@torch.no_grad()
+def verify_invariance(model, images: torch.Tensor, noise: torch.Tensor) -> dict:
+    """How much adding ``noise`` (pixel space, same shape as images) changes the model.
+
+    Returns max |change| / max |clean value| for the patch embedding and for the logits, the
+    fraction of unchanged predictions, and the ratio of noise norm to image norm (per image, min).
+    """
+    parts = adapt(model)
+    if noise.shape != images.shape:
+        raise NsvitError(f"noise {tuple(noise.shape)} must have the images' shape {tuple(images.shape)}")
+    u, un = parts.patch_embed(images), parts.patch_embed(images + noise)
+    z, zn = parts.encode(u), parts.encode(un)
+    ratio = noise.flatten(1).norm(dim=1) / images.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return {
+        "patch_embed_rel": float((un - u).abs().max() / u.abs().max().clamp_min(1e-30)),
+        "logits_rel": float((zn - z).abs().max() / z.abs().max().clamp_min(1e-30)),
+        "predictions_match": float((zn.argmax(-1) == z.argmax(-1)).float().mean()),
+        "noise_to_image_norm": float(ratio.min()),
+    }
+
+
+TABLE1 = [  # the paper's Table 1: (timm name, paper's nullspace dimension)
+    ("vit_tiny_patch16_224", 576), ("vit_small_patch32_224", 2688), ("vit_small_patch16_224", 384),
+    ("vit_base_patch32_224", 2304), ("vit_base_patch16_224", 2), ("vit_base_patch8_224", 0),
+    ("vit_large_patch32_224", 2048), ("vit_large_patch16_224", 0),
+]
+
+
+def nullspace_table(names: Iterable[str], rtol: float | None = None, seed: int = 0, **kwargs) -> list[dict]:
+    """One summary row per timm model name, randomly initialised with ``seed`` (reproducible).
+
+    Where C*r*r == D (ViT-B/16: 768 = 768) the map is square and its nullspace is purely
+    numerical: random init gives 0 or 1 singular values under the tolerance depending on the draw;
+    the paper's 2 came from pretrained weights."""
+    from .models.loading import load_model
+
+    rows = []
+    for name in names:
+        torch.manual_seed(seed)
+        ns = nullspace_basis(load_model(name, **kwargs), rtol=rtol)
+        rows.append(ns.summary(name))
+    return rows

@@ -1,0 +1,50 @@
+"""Figures (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .io import save_figure
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show(ax, img: torch.Tensor, title: str) -> None:
+    ax.imshow(img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def nullspace_noise_figure(images: torch.Tensor, noise: torch.Tensor, clean_probs: torch.Tensor,
+                           noisy_probs: torch.Tensor, path: str | Path, classes=None) -> Path:
+    """The paper's Fig. 2: image, nullspace noise, noisy image, with predictions, one row per image.
+
+    The noise and the noisy image leave [0, 1], so they are shown rescaled: noise as
+    0.5 + v / (2 max|v|), the noisy image min-max scaled."""
+    plt = _plt()
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2.1 * n), squeeze=False)
+    for i in range(n):
+        x, v = images[i], noise[i]
+        pc, pn = clean_probs[i], noisy_probs[i]
+        lc, ln = int(pc.argmax()), int(noisy_probs[i].argmax())
+        name = (lambda k: classes[k] if classes else str(k))
+        _show(axes[i, 0], x, f"image: {name(lc)} ({pc[lc]:.3f})")
+        _show(axes[i, 1], 0.5 + v / (2 * v.abs().max()), f"noise, |v|/|x| = {v.norm() / x.norm():.0f}")
+        xn = x + v
+        _show(axes[i, 2], (xn - xn.min()) / (xn.max() - xn.min()), f"noisy: {name(ln)} ({pn[ln]:.3f})")
+    fig.suptitle("Exact patch-embedding nullspace noise (noise and noisy image rescaled for display)",
+                 fontsize=8)
+    fig.tight_layout()
+    out = save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from nsvit_fast import NsvitError, digits, load_data, synthetic
+from nsvit_fast.data import ImageDataset
+
+
+def test_digits_splits_are_fixed_disjoint_and_in_range():
+    tr, va, te = digits("train"), digits("val"), digits("test")
+    assert (len(tr), len(va), len(te)) == (1200, 200, 397)
+    assert tr.images.shape[1:] == (3, 32, 32)
+    for ds in (tr, va, te):
+        assert ds.images.min() >= 0 and ds.images.max() <= 1
+        assert torch.equal(ds.images[:, 0], ds.images[:, 2])  # grey copied to RGB
+        assert set(ds.labels.tolist()) == set(range(10))  # stratified
+    allx = digits("all").images.flatten(1)
+    # the three splits partition the 1797 images
+    keys = {tuple(r.tolist()) for r in torch.cat([tr.images, va.images, te.images]).flatten(1)[:, ::7]}
+    assert len(keys) == len({tuple(r.tolist()) for r in allx[:, ::7]})
+    assert torch.equal(digits("test").images, te.images)  # fixed
+
+
+def test_digits_upsampling_keeps_the_8x8_content():
+    small = digits("test", size=8).images
+    big = digits("test").images
+    down = torch.nn.functional.avg_pool2d(big, 4)
+    err = (down - small).abs().mean()
+    other = (down - small.roll(1, 0)).abs().mean()  # each image against another digit
+    assert err < 0.5 * other
+
+
+def test_synthetic_is_learnable_and_seeded():
+    a, b = synthetic(64, seed=3), synthetic(64, seed=3)
+    assert torch.equal(a.images, b.images)
+    # class templates are distinct: nearest class mean classifies most images
+    means = torch.stack([a.images[a.labels == c].mean(0) for c in range(10)])
+    d = ((a.images[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    assert (d.argmin(1) == a.labels).float().mean() > 0.9
+
+
+def test_image_folder_with_real_photos(tmp_path):
+    from PIL import Image
+    from skimage import data as skd
+
+    for cls, fn in (("cat", skd.chelsea), ("coffee", skd.coffee), ("astronaut", skd.astronaut)):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(fn()).save(tmp_path / cls / "0.png")
+    from nsvit_fast import load_model
+
+    parts = load_model("vit_tiny_patch16_224", depth=1)
+    ds = load_data(str(tmp_path), parts=parts)
+    assert ds.images.shape == (3, 3, 224, 224) and ds.classes == ["astronaut", "cat", "coffee"]
+    assert ds.images.min() >= 0 and ds.images.max() <= 1 and ds.images.std() > 0.1
+    with torch.no_grad():
+        assert parts(ds.images).shape == (3, 1000)
+
+
+def test_data_bad_input(tmp_path):
+    with pytest.raises(NsvitError, match="neither"):
+        load_data(str(tmp_path / "missing"))
+    with pytest.raises(NsvitError, match="no class folders"):
+        from nsvit_fast import image_folder, load_model
+
+        image_folder(tmp_path, load_model("vit_tiny_patch16_224", depth=1))
+    with pytest.raises(NsvitError, match="NaN"):
+        ImageDataset(torch.full((2, 3, 8, 8), float("nan")), torch.zeros(2))
+    with pytest.raises(NsvitError, match=r"pixels in \[0, 1\]"):
+        ImageDataset(torch.full((2, 3, 8, 8), 255.0), torch.zeros(2))
+    with pytest.raises(NsvitError, match="empty"):
+        ImageDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0))
+    with pytest.raises(NsvitError, match="splits"):
+        digits("dev")
+    assert np.isfinite(digits("val").images.numpy()).all()
