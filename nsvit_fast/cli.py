@@ -106,7 +106,104 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS = [add_nullspace, add_pretrain, add_demo]
+# -- synth --
+def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
+    p.add_argument("--data", default=default, help=f"digits, synthetic, or an ImageFolder path (default {default})")
+    p.add_argument("--split", default="train", help="split of digits/synthetic, or a sub-folder if present")
+    p.add_argument("--max-images", type=int, help="use at most this many images")
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    from .synth import SynthConfig
+
+    d = SynthConfig()
+    g = p.add_argument_group("synthesis (defaults: the paper's)")
+    g.add_argument("--eps", type=float, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
+    g.add_argument("--lim", type=float, default=d.lim, help=f"init U(-lim, lim) (default {d.lim})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"noise learning rate (default {d.lr})")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    g.add_argument("--num-noises", type=int, default=d.num_noises, help="noises learned at once (default 1)")
+    g.add_argument("--mode", choices=["reference", "fast"], default=d.mode, help="default fast")
+    g.add_argument("--schedule", choices=["paper", "boundary"], default=d.schedule, help="default paper")
+    g.add_argument("--stop", choices=["batch", "heldout"], default=d.stop, help="default batch (the paper's)")
+    g.add_argument("--heldout", type=int, default=d.heldout, help=f"held-out images carved from the data "
+                                                                  f"(default {d.heldout}; 0: none)")
+    g.add_argument("--seed", type=int, default=d.seed)
+
+
+def _synth_overrides(args) -> dict:
+    keys = ("eps", "lim", "lr", "max_steps", "batch_size", "num_noises", "mode", "schedule", "stop", "heldout", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def cmd_synth(args) -> int:
+    from .data import load_data
+    from .synth import synthesize
+
+    parts = _load(args)
+    data = load_data(args.data, args.split, parts, args.max_images)
+    bank = synthesize(parts, data, progress=not args.quiet, log=args.log, **_synth_overrides(args))
+    bank.save(args.out)
+    if args.json:
+        print(json.dumps(bank.summary()))
+    else:
+        print(f"{'noise':>5s} {'steps':>6s} {'conv':>5s} {'norm':>9s} {'held-out MSE-prob':>18s} {'match':>6s}")
+        for i in range(len(bank)):
+            print(f"{i:5d} {int(bank.steps[i]):6d} {str(bool(bank.converged[i])):>5s} {float(bank.norm[i]):9.2f} "
+                  f"{float(bank.mse_prob[i]):18.4f} {float(bank.match_rate[i]):6.3f}")
+        print(f"eps {bank.meta['eps']}, {bank.meta['mode']}/{bank.meta['schedule']}, stop {bank.meta['stop']}, "
+              f"{bank.meta['seconds']} s -> {args.out}")
+    return 0
+
+
+def add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="learn ε-approximate nullspace noise (a NoiseBank)",
+                       description="Learn noise at the patch tokens that moves output probabilities by < ε "
+                                   "(paper Eq. 7-8, Alg. 1 lines 3-14) and save it as a NoiseBank (safetensors).")
+    _model_args(p, default="digits_vit")
+    _data_args(p)
+    _synth_args(p)
+    p.add_argument("--out", default="noise_bank.safetensors", help="output bank (default noise_bank.safetensors)")
+    p.add_argument("--log", help="JSONL file receiving every stop check")
+    p.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+
+# -- profile --
+def cmd_profile(args) -> int:
+    from .data import load_data
+    from .synth import profile_synth
+
+    parts = _load(args)
+    data = load_data(args.data, args.split, parts, args.max_images)
+    kw = _synth_overrides(args)
+    res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
+    print(f"{args.steps} synthesis steps, mode {kw['mode']}, batch {kw['batch_size']}: {res['wall_ms']:.0f} ms "
+          f"({res['ms_per_step']:.1f} ms/step, first-epoch cache fills included)")
+    print(f"{'phase':16s} {'ms':>10s} {'share':>7s}")
+    for ph, v in res["phases"].items():
+        print(f"{ph:16s} {v['ms']:10.1f} {v['pct']:6.1f}%")
+    if args.trace:
+        print(f"Chrome trace -> {args.trace}")
+    return 0
+
+
+def add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="profile noise synthesis by phase (torch.profiler)",
+                       description="Run a few synthesis steps under torch.profiler; print time per phase and "
+                                   "write a Chrome trace.")
+    p.add_argument("what", choices=["synth"], help="what to profile")
+    _model_args(p, default="digits_vit")
+    _data_args(p)
+    _synth_args(p)
+    p.add_argument("--steps", type=int, default=20, help="steps to profile (default 20)")
+    p.add_argument("--trace", default="synth_trace.json", help="Chrome trace output (default synth_trace.json)")
+    p.set_defaults(func=cmd_profile)
+
+
+COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

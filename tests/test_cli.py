@@ -59,3 +59,39 @@ def test_demo_writes_figure_and_report(tmp_path):
     png = (tmp_path / "fig2_nullspace_noise.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "nullspace dim" in (tmp_path / "report.md").read_text()
+
+
+def test_synth_writes_a_bank(tmp_path):
+    out = tmp_path / "bank.safetensors"
+    r = run("synth", "--data", "digits", "--lim", "4", "--batch-size", "64", "--num-noises", "2",
+            "--out", str(out), "--log", str(tmp_path / "log.jsonl"), "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["num_noises"] == 2 and all(summary["converged"]) and summary["eps"] == 0.03
+    from nsvit_fast.synth import NoiseBank
+
+    bank = NoiseBank.load(out)
+    assert bank.noises.shape == (2, 16, 96) and bank.steps.tolist() == summary["steps"]
+    assert (tmp_path / "log.jsonl").read_text().count("\n") >= max(summary["steps"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("synth", "--eps", "0"), "eps must be"), (("synth", "--lim", "-1"), "lim must be"),
+    (("synth", "--data", "/no/such/folder"), "neither"),
+])
+def test_synth_user_errors(args, msg, tmp_path):
+    r = run(*args, "--out", str(tmp_path / "b.safetensors"), "--quiet")
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_profile_synth_reports_phases(tmp_path):
+    trace = tmp_path / "trace.json"
+    r = run("profile", "synth", "--steps", "5", "--batch-size", "32", "--trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    for phase in ("noisy_forward", "backward", "optimizer", "host_sync"):
+        assert phase in r.stdout
+    shares = {l.split()[0]: float(l.split()[-1].rstrip("%")) for l in r.stdout.splitlines()
+              if l.split() and l.split()[0] in ("noisy_forward", "backward")}
+    assert shares["noisy_forward"] + shares["backward"] > 50  # the floor dominates the fast step
+    assert json.loads(trace.read_text())["traceEvents"]

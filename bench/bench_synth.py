@@ -1,0 +1,180 @@
+"""Synthesis benchmark: per-step time of the reference loop, the fast loop and the floor; time to ε
+and norm of the paper vs the boundary schedule; peak memory of reference vs fast.
+
+    .venv/bin/python bench/bench_synth.py                 # digits_vit and vit_small_patch32_224
+    .venv/bin/python bench/bench_synth.py --models digits_vit --repeats 3
+
+All variants of one model run in one process, interleaved repeat by repeat, on the same model,
+batches and seed; the table reports medians over repeats. Peak memory is measured in a fresh
+subprocess per mode (CPU: growth of the peak resident set during the steps; CUDA:
+max_memory_allocated). Writes bench/results/synth.json and synth.md and prints the table.
+Run it on an idle machine: a second busy process distorts CPU timings several-fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from nsvit_fast import digits, load_model, synthetic
+from nsvit_fast.io import write_json, write_text
+from nsvit_fast.synth.cache import CleanCache
+from nsvit_fast.synth.engine import SynthConfig, _fast, _Log, _reference_one, frozen, synthesize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SETTINGS = {  # model -> (data, batch, steps per timing, lim for time-to-ε)
+    "digits_vit": dict(batch=128, steps=20, lim=6.0),
+    "vit_small_patch32_224": dict(batch=16, steps=4, lim=3.0),
+}
+
+
+def setup(name: str):
+    torch.manual_seed(0)
+    parts = load_model(name)
+    s = SETTINGS[name]
+    if name == "digits_vit":
+        data = digits("train").images
+    else:  # no pretrained weights offline: random init, seeded synthetic 224 px images
+        data = synthetic(n=4 * s["batch"], num_classes=10, img_size=224, seed=0).images
+    return parts, data, s
+
+
+def time_reference(parts, data, cfg, steps):
+    log = _Log(None, steps, False, "")
+    with frozen(parts, freeze=False):
+        t0 = time.perf_counter()
+        _reference_one(parts, data, torch.zeros(parts.token_shape).uniform_(-cfg.lim, cfg.lim), cfg, "cpu", None, log)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+def time_fast(parts, data, cfg, steps, cache):
+    log = _Log(None, steps, False, "")
+    with frozen(parts):
+        cache.all()  # steady state: the clean tokens were computed in an earlier epoch or round
+        t0 = time.perf_counter()
+        _fast(parts, cache, torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim), cfg, "cpu", None, log)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+def time_floor(parts, data, cfg, steps, cache):
+    """One noisy forward + one input-only backward per step, nothing else (weights frozen, u cached)."""
+    n = data.shape[0]
+    with frozen(parts):
+        cache.all()
+        v = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
+        t0 = time.perf_counter()
+        for t in range(steps):
+            idx = torch.arange(t * cfg.batch_size, (t + 1) * cfg.batch_size) % n
+            u, z, _ = cache.u[idx], cache.z[idx], None
+            vc = v.requires_grad_(True)
+            zn = parts.encode(u + vc)
+            g, = torch.autograd.grad(torch.linalg.vector_norm(zn - z, dim=-1).mean(), vc)
+            v = (vc - 0.1 * g.sign()).detach()
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+def child_peak(name: str, mode: str) -> float:
+    """Run in a subprocess: peak memory growth (MB) of `steps` synthesis steps in `mode`."""
+    parts, data, s = setup(name)
+    cfg = SynthConfig(eps=1e-12, max_steps=s["steps"], batch_size=s["batch"], lim=s["lim"], mode=mode)
+    cache = CleanCache(parts, data)
+    with frozen(parts, freeze=mode == "fast"):
+        cache.all()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        log = _Log(None, cfg.max_steps, False, "")
+        v0 = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
+        if mode == "reference":
+            _reference_one(parts, data, v0[0], cfg, "cpu", None, log)
+        else:
+            _fast(parts, cache, v0, cfg, "cpu", None, log)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - base) / 1024.0  # ru_maxrss is in KiB on Linux
+
+
+def peak_mb(name: str, mode: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", name, mode], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_model(name: str, repeats: int) -> dict:
+    parts, data, s = setup(name)
+    cfg = SynthConfig(eps=1e-12, max_steps=s["steps"], batch_size=s["batch"], lim=s["lim"])
+    cache = CleanCache(parts, data)
+    ref, fast, floor = [], [], []
+    for _ in range(repeats):  # interleaved, side by side
+        ref.append(time_reference(parts, data, cfg, s["steps"]))
+        fast.append(time_fast(parts, data, cfg, s["steps"], cache))
+        floor.append(time_floor(parts, data, cfg, s["steps"], cache))
+    r, f, fl = statistics.median(ref), statistics.median(fast), statistics.median(floor)
+    row = {"model": name, "batch_size": s["batch"], "reference_ms": round(r, 2), "fast_ms": round(f, 2),
+           "floor_ms": round(fl, 2), "fast_over_floor": round(f / fl, 3), "reference_over_fast": round(r / f, 3)}
+    warnings.simplefilter("ignore")
+    sched = {}
+    for schedule in ("paper", "boundary"):
+        bank = synthesize(parts, digits("train") if name == "digits_vit" else data, lim=s["lim"],
+                          batch_size=s["batch"], schedule=schedule, progress=False,
+                          max_steps=3000 if name == "digits_vit" else 50)
+        sched[schedule] = bank
+    for k, b in sched.items():
+        row[f"{k}_time_to_eps_s"] = round(float(b.meta["seconds"]), 2)
+        row[f"{k}_norm"] = round(float(b.norm[0]), 2)
+        row[f"{k}_heldout_mse"] = round(float(b.mse_prob[0]), 4)
+        row[f"{k}_steps"] = int(b.steps[0])
+    row["lim"] = s["lim"]
+    row["reference_peak_mb"] = round(peak_mb(name, "reference"), 1)
+    row["fast_peak_mb"] = round(peak_mb(name, "fast"), 1)
+    row["fast_over_reference_peak"] = round(row["fast_peak_mb"] / max(row["reference_peak_mb"], 1e-9), 3)
+    return row
+
+
+def table(rows: list[dict], machine: str) -> str:
+    cols = [("model", "model"), ("batch_size", "batch"), ("reference_ms", "reference ms/step"),
+            ("fast_ms", "fast ms/step"), ("floor_ms", "floor ms/step"), ("fast_over_floor", "fast/floor"),
+            ("reference_over_fast", "reference/fast"), ("lim", "lim"), ("paper_steps", "paper steps"),
+            ("paper_time_to_eps_s", "paper s to ε"), ("paper_norm", "paper norm"),
+            ("paper_heldout_mse", "paper held-out MSE"), ("boundary_steps", "boundary steps"),
+            ("boundary_time_to_eps_s", "boundary s to ε"), ("boundary_norm", "boundary norm"),
+            ("boundary_heldout_mse", "boundary held-out MSE"), ("reference_peak_mb", "reference peak MB"),
+            ("fast_peak_mb", "fast peak MB")]
+    lines = [f"Machine: {machine}", "", "| " + " | ".join(c[1] for c in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(SETTINGS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(child_peak(*args.child))
+        return
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    rows = [bench_model(m, args.repeats) for m in args.models.split(",")]
+    write_json(RESULTS / "synth.json", {"machine": machine, "results": rows})
+    md = table(rows, machine)
+    write_text(RESULTS / "synth.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One dispatch for every op: engines call ops by name, only this module picks a backend.
+
+Each op registers implementations per backend with an availability test. The choice for a call
+is: the ``backend=`` argument, else the ``NSVIT_BACKEND`` environment variable (one backend for
+all ops, or ``op=backend,op=backend``), else the first available backend in the op's preference
+order for the tensor's device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import NsvitError
+
+
+@dataclass
+class Op:
+    name: str
+    impls: dict[str, Callable] = field(default_factory=dict)
+    available: dict[str, Callable[[torch.device], bool]] = field(default_factory=dict)
+    preference: dict[str, list[str]] = field(default_factory=lambda: {"cuda": [], "cpu": []})
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(op: str, backend: str, fn: Callable, available: Callable[[torch.device], bool] = lambda d: True,
+             prefer_on: tuple[str, ...] = ()) -> None:
+    """Register ``fn`` as ``op``'s ``backend`` implementation; ``prefer_on`` device types put it
+    ahead of those already registered there (the torch reference registers first, last in line)."""
+    o = OPS.setdefault(op, Op(op))
+    o.impls[backend] = fn
+    o.available[backend] = available
+    for dev in ("cuda", "cpu"):
+        pref = o.preference.setdefault(dev, [])
+        if backend in pref:
+            pref.remove(backend)
+        pref.insert(0, backend) if dev in prefer_on else pref.append(backend)
+
+
+def _forced(op: str) -> str | None:
+    env = os.environ.get("NSVIT_BACKEND", "").strip()
+    if not env:
+        return None
+    if "=" not in env:
+        return env
+    for part in env.split(","):
+        k, _, v = part.partition("=")
+        if k.strip() == op:
+            return v.strip()
+    return None
+
+
+def backend_for(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    o = OPS.get(op)
+    if o is None:
+        raise NsvitError(f"unknown op {op!r} (ops: {', '.join(sorted(OPS))})")
+    device = torch.device(device)
+    want = backend or _forced(op)
+    if want is not None:
+        if want not in o.impls:
+            raise NsvitError(f"op {op}: no backend {want!r} (backends: {', '.join(o.impls)})")
+        if not o.available[want](device):
+            raise NsvitError(f"op {op}: backend {want!r} is not available on {device.type}")
+        return want
+    for b in o.preference.get(device.type, []):
+        if o.available[b](device):
+            return b
+    return "torch"
+
+
+def call(op: str, *args, backend: str | None = None, device=None, **kwargs):
+    """Run ``op`` with the chosen backend. ``device`` defaults to the first tensor argument's."""
+    if device is None:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    return OPS[op].impls[backend_for(op, device, backend)](*args, **kwargs)
+
+
+def backends(op: str) -> list[str]:
+    return list(OPS[op].impls) if op in OPS else []

@@ -1,0 +1,86 @@
+"""NoiseBank: learned ε-approximate nullspace noises with what is known about each."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import NsvitError
+from ..io import load_tensors, save_tensors
+
+PER_NOISE = ("norm", "mse_prob", "match_rate", "steps", "converged", "batch_mse_prob")
+
+
+@dataclass
+class NoiseBank:
+    """M noises at the adapter's insertion point, added to patch tokens u (B, N, D) as u + v_m.
+
+    Attributes:
+        noises: (M, N, D) float32.
+        norm: (M,) L2 norm of each noise.
+        mse_prob: (M,) held-out mean squared-L2 probability change (the ε test on held-out data).
+        match_rate: (M,) held-out fraction of unchanged predictions.
+        steps: (M,) optimiser updates taken before the stop (max_steps if it never stopped).
+        converged: (M,) whether the stop rule fired.
+        batch_mse_prob: (M,) MSE-prob on the batch where the stop rule fired (or the last batch).
+        meta: eps, lim, lr, schedule, mode, stop rule, model name and weights fingerprint, seconds...
+    """
+
+    noises: torch.Tensor
+    norm: torch.Tensor
+    mse_prob: torch.Tensor
+    match_rate: torch.Tensor
+    steps: torch.Tensor
+    converged: torch.Tensor
+    batch_mse_prob: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.noises.shape[0]
+
+    def __getitem__(self, i) -> "NoiseBank":
+        i = [i] if isinstance(i, int) else i
+        return NoiseBank(self.noises[i], *(getattr(self, k)[i] for k in PER_NOISE), meta=dict(self.meta))
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return tuple(self.noises.shape[1:])
+
+    def summary(self) -> dict[str, Any]:
+        f = lambda t: [round(float(x), 6) for x in t]  # noqa: E731
+        return {"num_noises": len(self), "norm": f(self.norm), "mse_prob": f(self.mse_prob),
+                "match_rate": f(self.match_rate), "steps": [int(s) for s in self.steps],
+                "converged": [bool(c) for c in self.converged], **{k: v for k, v in self.meta.items()}}
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {"noises": self.noises.float(), **{k: getattr(self, k) for k in PER_NOISE}}
+        tensors["converged"] = tensors["converged"].to(torch.uint8)
+        return save_tensors(path, tensors, {"kind": "nsvit-fast/noise-bank", **self.meta})
+
+    @classmethod
+    def load(cls, path: str | Path, parts=None) -> "NoiseBank":
+        t, meta = load_tensors(path)
+        if meta.get("kind") != "nsvit-fast/noise-bank" or "noises" not in t:
+            raise NsvitError(f"{path} is not a noise bank saved by nsvit-fast")
+        bank = cls(t["noises"], *(t[k] for k in PER_NOISE), meta=meta)
+        bank.converged = bank.converged.bool()
+        if parts is not None:
+            bank.check_model(parts, source=str(path))
+        return bank
+
+    def check_model(self, parts, source: str = "noise bank") -> None:
+        """Raise if the noise shape does not fit the model; warn if it was learned on other weights."""
+        from ..models import weights_fingerprint
+
+        if self.token_shape != tuple(parts.token_shape):
+            raise NsvitError(f"{source}: noises of shape {self.token_shape} do not fit {parts.name}'s "
+                             f"tokens {tuple(parts.token_shape)}")
+        fp = self.meta.get("model_fingerprint")
+        if fp and fp != weights_fingerprint(parts):
+            warnings.warn(f"{source} was learned on other weights (model {self.meta.get('model', '?')}, "
+                          f"fingerprint {fp}); its ε guarantee does not carry over to this model",
+                          stacklevel=2)

@@ -1,0 +1,22 @@
+"""Seeded minibatch indices: the same seed gives the same batches in every mode."""
+
+from __future__ import annotations
+
+import torch
+
+
+class BatchStream:
+    """Endless batches of indices into n items: a fresh seeded permutation per epoch, full batches
+    only (the last partial batch of an epoch is dropped), or the whole permuted set if n < batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        self.n, self.b = int(n), int(min(batch_size, n))
+        self.g = torch.Generator().manual_seed(int(seed))
+        self._perm, self._pos = None, 0
+
+    def next(self) -> torch.Tensor:
+        if self._perm is None or self._pos + self.b > self.n:
+            self._perm, self._pos = torch.randperm(self.n, generator=self.g), 0
+        idx = self._perm[self._pos:self._pos + self.b]
+        self._pos += self.b
+        return idx

@@ -1,0 +1,63 @@
+"""Clean patch tokens, logits and probabilities of a fixed image set, computed once, without a graph.
+
+The synthesis fast mode reads a batch's clean values from here instead of recomputing them every
+step. Entries are computed lazily (the first time an image is in a batch) and dropped whenever
+the model's weights change (parameter version counters), so a cache outlives a synthesis call
+exactly as long as it is valid: across the rounds of a study on one model, not across finetuning
+rounds. Past ``max_bytes`` it stores nothing and computes per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.base import Adapter
+
+
+def weights_version(parts: Adapter) -> tuple:
+    return tuple((id(p), p._version) for p in parts.parameters())
+
+
+class CleanCache:
+    def __init__(self, parts: Adapter, images: torch.Tensor, device: torch.device | None = None,
+                 max_bytes: int = 2 << 30, chunk: int = 256):
+        self.parts, self.images, self.chunk = parts, images, chunk
+        self.device = device or next(parts.parameters()).device
+        n, (t, d), k = images.shape[0], parts.token_shape, parts.num_classes
+        self.store = n * (t * d + 2 * k) * 4 <= max_bytes
+        self._version = None
+        if self.store:
+            self.u = torch.empty(n, t, d, device=self.device)
+            self.z = torch.empty(n, k, device=self.device)
+            self.p = torch.empty(n, k, device=self.device)
+            self.filled = torch.zeros(n, dtype=torch.bool)
+
+    @torch.no_grad()
+    @torch.profiler.record_function("clean_forward")
+    def _compute(self, idx: torch.Tensor):
+        x = self.images[idx].to(self.device, non_blocking=True)
+        u = self.parts.patch_embed(x)
+        z = self.parts.encode(u)
+        return u, z, z.softmax(-1)
+
+    @torch.no_grad()
+    def get(self, idx: torch.Tensor):
+        """Clean (u (B, N, D), z (B, K), p (B, K)) of images ``idx`` (a CPU index tensor)."""
+        if not self.store:
+            return self._compute(idx)
+        v = weights_version(self.parts)  # entries belong to these weights only
+        if v != self._version:
+            self.filled.zero_()
+            self._version = v
+        miss = idx[~self.filled[idx]]
+        for i in range(0, miss.numel(), self.chunk):
+            j = miss[i:i + self.chunk]
+            self.u[j.to(self.device)], self.z[j.to(self.device)], self.p[j.to(self.device)] = self._compute(j)
+            self.filled[j] = True
+        with torch.profiler.record_function("data"):
+            di = idx.to(self.device)
+            return self.u[di], self.z[di], self.p[di]
+
+    def all(self):
+        """Clean values of every image, in order."""
+        return self.get(torch.arange(self.images.shape[0]))

@@ -1,0 +1,434 @@
+"""The noise synthesis engine: ε-approximate nullspace noise (paper Eq. 7-8, Alg. 1 lines 3-14).
+
+    v_0 ~ U(-lim, lim)^(N x D)                     one noise, broadcast over the batch, added to u
+    repeat on minibatches:  stop if mean ||softmax(z(u+v)) - softmax(z(u))||^2 < eps   (before the update)
+                            v <- AdamW(v, grad of mean ||z(u+v) - z(u)||)               cosine lr
+
+Modes (same mathematics, same trajectory for the same seed and batches):
+
+- ``reference``: the official loop as it is (see shared/reference-notes.md): clean logits
+  recomputed each step, weights keep requires_grad (their gradients computed and discarded),
+  the patch embedding twice, a host sync per step, torch.optim.AdamW + CosineAnnealingLR. The
+  oracle and the benchmark baseline; one noise at a time.
+- ``fast``: weights frozen for the duration, clean tokens/logits computed once per image without a
+  graph (:class:`CleanCache`), the stop test taken from the same forward as the loss, one noisy
+  forward and one input-only backward per step, stop flags read by the host every ``check_every``
+  steps (1 on the CPU, where reading is free; 16 on CUDA). Many noises are optimised in one batched
+  computation, each stopping on its own: a finished noise is frozen by the masked AdamW at once and
+  dropped from the computation at the next check.
+
+Stop rules: ``batch`` (the paper's: the current batch passes) and ``heldout`` (a passing batch must
+be confirmed on a fixed held-out set; after a failed confirmation the noise goes on and is not
+re-checked for ``heldout_every`` steps). Every bank records held-out metrics whichever rule ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import ops
+from ..config import build
+from ..data.base import ImageDataset
+from ..errors import NsvitError, check_finite, check_pixels, check_positive
+from ..models.base import Adapter
+from ..models.registry import adapt
+from .adamw import MaskedAdamW, cosine_lr
+from .bank import NoiseBank
+from .batches import BatchStream
+from .cache import CleanCache
+from .metrics import noise_effect
+
+MODES = ("reference", "fast")
+_phase = torch.profiler.record_function  # phase labels for `nsvit-fast profile synth`
+SCHEDULES = ("paper", "boundary")
+STOPS = ("batch", "heldout")
+
+
+@dataclass
+class SynthConfig:
+    """Synthesis settings; defaults are the paper's (App. C)."""
+
+    eps: float = 0.03            # ε of the ε-approximate nullspace (MSE of probabilities)
+    lim: float = 3.0             # init v ~ U(-lim, lim)
+    lr: float = 0.1              # AdamW learning rate of the noise
+    weight_decay: float = 0.01   # AdamW default, as the official code
+    max_steps: int = 3000        # T
+    batch_size: int = 128        # B
+    num_noises: int = 1          # M noises learned at once (fast mode batches them)
+    mode: str = "fast"           # reference | fast
+    schedule: str = "paper"      # paper | boundary
+    stop: str = "batch"          # batch (paper) | heldout
+    heldout: int = 256           # images carved from the data for held-out metrics (0: measure on the data)
+    heldout_every: int = 10      # stop=heldout: steps between confirmations of one noise
+    check_every: int = 0         # host reads the stop flags every k steps; 0: 1 on CPU, 16 on CUDA
+    max_rows: int = 2048         # (noise, image) rows in one forward; more are chunked
+    boundary_lr: float = 6.0     # schedule=boundary: descent learning rate = lr * boundary_lr
+    boundary_iters: int = 8      # schedule=boundary: bisection steps on the scale
+    boundary_grow: float = 4.0   # schedule=boundary: largest scale tried
+    seed: int = 0
+
+
+def check_config(cfg: SynthConfig) -> SynthConfig:
+    check_positive("eps", cfg.eps)
+    check_positive("lim", cfg.lim)
+    check_positive("lr", cfg.lr)
+    for name in ("max_steps", "batch_size", "num_noises", "max_rows", "heldout_every"):
+        if int(getattr(cfg, name)) < 1:
+            raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.mode not in MODES:
+        raise NsvitError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise NsvitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.stop not in STOPS:
+        raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
+    if cfg.heldout < 0 or cfg.check_every < 0:
+        raise NsvitError("heldout and check_every must be >= 0")
+    return cfg
+
+
+@contextlib.contextmanager
+def frozen(parts: Adapter, freeze: bool = True):
+    """Eval mode and (if ``freeze``) no weight gradients for the duration; the flags and any existing
+    ``.grad`` are restored afterwards, so the reference mode's discarded weight gradients never
+    reach the caller's model."""
+    was_training = parts.training
+    flags = [p.requires_grad for p in parts.parameters()]
+    grads = [p.grad for p in parts.parameters()]
+    parts.eval()
+    if freeze:
+        for p in parts.parameters():
+            p.requires_grad_(False)
+    try:
+        yield parts
+    finally:
+        for p, f, g in zip(parts.parameters(), flags, grads):
+            p.requires_grad_(f)
+            p.grad = g
+        parts.train(was_training)
+
+
+def _images(data, parts: Adapter, name: str = "data") -> torch.Tensor:
+    x = data.images if isinstance(data, ImageDataset) else data
+    if not isinstance(x, torch.Tensor):
+        raise NsvitError(f"{name} must be an ImageDataset or an image tensor, got {type(data).__name__}")
+    if x.dim() == 4 and x.shape[0] == 0:
+        raise NsvitError(f"{name} is empty")
+    check_pixels(name, x)
+    parts.check_images(x[:1])
+    return x
+
+
+def split_heldout(images: torch.Tensor, n_held: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) images: ``n_held`` (at most a quarter) carved out by a seeded permutation;
+    with n_held = 0, both are the whole set."""
+    h = min(int(n_held), images.shape[0] // 4)
+    if h == 0:
+        return images, images
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    return images[perm[h:].sort().values], images[perm[:h].sort().values]
+
+
+def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) -> torch.Tensor:
+    n, d = parts.token_shape
+    if init is None:
+        g = torch.Generator().manual_seed(cfg.seed)
+        return (torch.rand(cfg.num_noises, n, d, generator=g) * 2 - 1) * cfg.lim
+    init = init.detach().float().cpu()
+    if init.dim() == 2:
+        init = init[None]
+    if init.dim() != 3 or tuple(init.shape[1:]) != (n, d):
+        raise NsvitError(f"init must be ({n}, {d}) or (M, {n}, {d}) for {parts.name}, got {tuple(init.shape)}")
+    check_finite("init", init)
+    return init.clone()
+
+
+class _Log:
+    """JSONL record of every check (append mode, one line per record) and the progress bar."""
+
+    def __init__(self, path, total: int, progress: bool, desc: str):
+        from tqdm.auto import tqdm
+
+        self.f = open(path, "a") if path else None
+        self.bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+        self._last = 0
+
+    def check(self, step: int, mse: torch.Tensor, norm: torch.Tensor, active: int, **extra) -> None:
+        if self.f:
+            rec = {"step": step, "active": active, "mse_prob": [round(float(x), 6) for x in mse],
+                   "norm": [round(float(x), 4) for x in norm], **extra}
+            self.f.write(json.dumps(rec) + "\n")
+        self.bar.update(step + 1 - self._last)
+        self._last = step + 1
+        if len(mse):
+            self.bar.set_postfix(mse=f"{float(mse.min()):.4f}", norm=f"{float(norm.mean()):.1f}", active=active)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.f:
+            self.f.close()
+
+
+def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
+                   confirm: Callable | None, log: _Log):
+    """The official loop for one noise. Returns (v (N, D), steps, converged, last batch MSE-prob)."""
+    v = v0[None].to(device).clone().requires_grad_(True)  # (1, N, D), broadcast over the batch
+    opt = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_steps)
+    stream = BatchStream(images.shape[0], cfg.batch_size, cfg.seed)
+    blocked_until, mse_val = 0, float("nan")
+    for t in range(cfg.max_steps):
+        with _phase("data"):
+            x = images[stream.next()].to(device)
+        with _phase("clean_forward"):
+            z = parts.encode(parts.patch_embed(x))             # recomputed every step, with a graph
+        with _phase("noisy_forward"):
+            z_noisy = parts.encode(parts.patch_embed(x) + v)   # patch embedding a second time
+        with _phase("loss_and_stop"):
+            mse = ((z.softmax(-1) - z_noisy.softmax(-1)) ** 2).sum(-1).mean()
+        with _phase("host_sync"):
+            mse_val = mse.item()                               # every step
+        log.check(t, torch.tensor([mse_val]), v.detach().norm().reshape(1).cpu(), 1)
+        if mse_val < cfg.eps and t >= blocked_until:
+            if confirm is None or bool(confirm(v.detach())[0]):
+                return v.detach()[0], t, True, mse_val
+            blocked_until = t + cfg.heldout_every
+        with _phase("loss_and_stop"):
+            loss = ((z_noisy - z) ** 2).sum(-1).sqrt().mean()
+        with _phase("backward"):
+            opt.zero_grad()
+            parts.zero_grad(set_to_none=True)                  # weight gradients: computed, then dropped
+            loss.backward()
+        with _phase("optimizer"):
+            opt.step()
+            sched.step()
+    return v.detach()[0], cfg.max_steps, False, mse_val
+
+
+def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig, device,
+          confirm: Callable | None, log: _Log, lam: torch.Tensor | None = None):
+    """All noises at once. Returns (V (M, N, D), steps (M,), converged (M,), last batch MSE-prob (M,)).
+
+    With ``lam`` (M,) the loss is Eq. 4, prob-shift loss - lam * log ||v||, and nothing stops early."""
+    m_all = v0.shape[0]
+    n_tok, dim = parts.token_shape
+    V = v0.to(device).clone()
+    opt = MaskedAdamW(V.shape, device, cfg.lr, cfg.weight_decay)
+    done = torch.zeros(m_all, dtype=torch.bool, device=device)
+    steps = torch.full((m_all,), cfg.max_steps, dtype=torch.long, device=device)
+    bmse = torch.full((m_all,), float("nan"), device=device)
+    blocked = torch.zeros(m_all, dtype=torch.long, device=device)
+    active = torch.arange(m_all, device=device)
+    stream = BatchStream(cache.images.shape[0], cfg.batch_size, cfg.seed)
+    k = cfg.check_every or (1 if torch.device(device).type == "cpu" else 16)
+    if cfg.stop == "heldout":
+        k = 1  # a confirmation needs the host at the step the batch passes
+    lam = None if lam is None else lam.to(device)
+    for t in range(cfg.max_steps):
+        with _phase("data"):
+            idx = stream.next()
+        u, z, p = cache.get(idx)  # labels its own gather (data) and fills (clean_forward)
+        b = u.shape[0]
+        per = max(1, cfg.max_rows // b)
+        grads = torch.empty(active.numel(), n_tok, dim, device=device)
+        mse = torch.empty(active.numel(), device=device)
+        for c in range(0, active.numel(), per):
+            rows = active[c:c + per]
+            vc = V[rows].requires_grad_(True)
+            with _phase("noisy_forward"):
+                zn = parts.encode((u[None] + vc[:, None]).reshape(-1, n_tok, dim)).reshape(vc.shape[0], b, -1)
+            with _phase("loss_and_stop"):
+                loss, mse[c:c + per], _ = ops.prob_shift(zn, z, cfg.eps, p)
+                if lam is not None:
+                    loss = loss - lam[rows] * vc.flatten(1).norm(dim=1).log()
+            with _phase("backward"):
+                grads[c:c + per], = torch.autograd.grad(loss.sum(), vc)
+        with _phase("loss_and_stop"):
+            live = ~done[active]
+            fire = (mse < cfg.eps) & live & (blocked[active] <= t) if lam is None else torch.zeros_like(live)
+        if confirm is not None and bool(fire.any()):
+            rows = fire.nonzero().flatten()
+            ok = confirm(V[active[rows]])
+            fire[rows[~ok]] = False
+            blocked[active[rows[~ok]]] = t + cfg.heldout_every
+        with _phase("optimizer"):
+            bmse[active] = torch.where(live, mse, bmse[active])
+            steps[active] = torch.where(fire, torch.full_like(steps[active], t), steps[active])
+            done[active] |= fire
+            opt.step(V, grads, active, ~done[active], t + 1, cosine_lr(cfg.lr, t, cfg.max_steps))
+        if (t + 1) % k == 0 or t == cfg.max_steps - 1:
+            with _phase("host_sync"):
+                log.check(t, mse.cpu(), V[active].flatten(1).norm(dim=1).cpu(), int(active.numel()))
+                active = active[~done[active]]
+            if active.numel() == 0:
+                break
+    return V, steps, done.clone(), bmse
+
+
+def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig) -> torch.Tensor:
+    """Scale each noise up to the ε boundary on the held-out set (forward passes only).
+
+    MSE-prob is not always monotone in the scale (a noise found from a large init can sit in a
+    valley that is narrow in scale), so this follows the good interval that contains s = 1:
+    scales 1, g, g^2, ... up to ``boundary_grow`` (g = 1.25) are tried, the largest s before the
+    first failure is kept, and ``boundary_iters`` bisection steps refine it towards the next one.
+    A noise that fails even at s = 1 (its descent never confirmed) is bisected down in [0, 1]."""
+    g = 1.25
+    k = max(1, int(math.floor(math.log(cfg.boundary_grow) / math.log(g) + 1e-9)))
+    grid = g ** torch.arange(k + 1, dtype=torch.float32, device=V.device)           # 1, g, ..., g^k
+    m = V.shape[0]
+    ok = torch.stack([noise_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0] < cfg.eps
+                      for i in range(k + 1)], 1)                                      # (M, k+1)
+    first_bad = torch.where(ok.all(1), torch.full((m,), k + 1, device=V.device),
+                            (~ok).float().argmax(1))
+    lo = torch.where(first_bad > 0, grid[(first_bad - 1).clamp_min(0)], torch.zeros(m, device=V.device))
+    hi = torch.where(first_bad > k, grid[-1], grid[first_bad.clamp_max(k)])
+    hi = torch.where(first_bad == 0, torch.ones(m, device=V.device), hi)
+    for _ in range(cfg.boundary_iters):
+        mid = (lo + hi) / 2
+        good = noise_effect(parts, V, held, cfg.max_rows, scales=mid)[0] < cfg.eps
+        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+    lo = torch.where(first_bad > k, grid[-1], lo)  # good all the way: keep the largest scale tried
+    return V * lo.reshape(-1, 1, 1)
+
+
+def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
+            confirm: Callable | None, log: _Log, cache: CleanCache | None = None):
+    """The descent alone, in ``cfg.mode``: (V (M, N, D), steps (M,), converged (M,), batch MSE (M,)).
+    The caller holds :func:`frozen`."""
+    if cfg.mode == "reference":
+        outs = [_reference_one(parts, train, v0[i], cfg, device, confirm, log) for i in range(v0.shape[0])]
+        return (torch.stack([o[0] for o in outs]), torch.tensor([o[1] for o in outs]),
+                torch.tensor([o[2] for o in outs]), torch.tensor([o[3] for o in outs]))
+    return _fast(parts, cache or CleanCache(parts, train, device), v0, cfg, device, confirm, log)
+
+
+def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Tensor | None = None,
+               heldout_data=None, progress: bool = True, log: str | Path | None = None,
+               device: str | torch.device | None = None, cache: CleanCache | None = None,
+               **overrides: Any) -> NoiseBank:
+    """Learn ε-approximate nullspace noise(s) for ``model`` on ``data``.
+
+    Args:
+        model: an adapter (``load_model(...)``) or a timm ViT.
+        data: an ImageDataset or an image tensor (B, C, H, W), pixels in [0, 1].
+        config: a SynthConfig; keyword ``overrides`` replace its fields (``eps=0.01, mode="reference"``).
+        init: starting noise(s) (N, D) or (M, N, D) instead of U(-lim, lim); a warm start.
+        heldout_data: images for the held-out metrics and ``stop="heldout"``; by default
+            ``config.heldout`` images are carved out of ``data`` (seeded) and not trained on.
+        log: path of a JSONL file that receives every check.
+        device: where to compute (default: the model's device).
+        cache: a CleanCache over the training images to reuse across calls (fast mode); it drops
+            its entries by itself when the weights change. Its images replace the held-out split.
+
+    Returns a NoiseBank of M noises (M, N, D) with held-out MSE-prob, match rate, norms, steps.
+    A noise that never passes the stop rule within max_steps comes back with converged=False and a
+    warning.
+    """
+    cfg = check_config(build(SynthConfig, config, overrides, "synthesis"))
+    run_cfg = cfg
+    if cfg.schedule == "boundary":  # larger steps down, confirmed on held-out data, then scale up
+        run_cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.boundary_lr, stop="heldout")
+    parts = adapt(model)
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else next(parts.parameters()).device
+    parts.to(device)
+    images = _images(data, parts)
+    if cache is not None:
+        if cache.parts is not parts or cache.images.shape[0] != images.shape[0]:
+            raise NsvitError("cache= must be a CleanCache of this model over the training images")
+        train = images
+        held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images
+    elif heldout_data is not None:
+        train, held_imgs = images, _images(heldout_data, parts, "heldout_data")
+    else:
+        train, held_imgs = split_heldout(images, cfg.heldout, cfg.seed)
+    v0 = initial_noises(parts, cfg, init)
+    m = v0.shape[0]
+    if cfg.mode == "fast":
+        cache = cache or CleanCache(parts, train, device)
+    held = cache if cache is not None and held_imgs is train else CleanCache(parts, held_imgs, device)
+    logger = _Log(log, cfg.max_steps, progress, f"synth {cfg.mode}/{cfg.schedule} x{m}")
+
+    def confirm(v: torch.Tensor) -> torch.Tensor:
+        mse, _ = noise_effect(parts, v.reshape(-1, *parts.token_shape), held, cfg.max_rows)
+        return mse < cfg.eps
+
+    conf = confirm if run_cfg.stop == "heldout" else None
+    try:
+        with frozen(parts, freeze=cfg.mode == "fast"):
+            V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
+            synth_seconds = time.perf_counter() - t0
+            if cfg.schedule == "boundary":
+                V = _to_boundary(parts, V, held, cfg)
+            with torch.no_grad():
+                mse, match = noise_effect(parts, V, held, cfg.max_rows)
+    finally:
+        logger.close()
+    from ..models import weights_fingerprint
+
+    bank = NoiseBank(
+        noises=V.detach().float().cpu(), norm=V.detach().flatten(1).norm(dim=1).cpu(), mse_prob=mse.cpu(),
+        match_rate=match.cpu(), steps=steps.cpu(), converged=conv.cpu().bool(), batch_mse_prob=bmse.cpu(),
+        meta={**{k: v for k, v in asdict(cfg).items()}, "model": parts.name,
+              "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
+              "heldout_images": int(held_imgs.shape[0]), "train_images": int(train.shape[0]),
+              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3)})
+    if not bool(bank.converged.all()):
+        bad = int((~bank.converged).sum())
+        warnings.warn(f"{bad} of {m} noise(s) did not pass the stop rule within max_steps={cfg.max_steps} "
+                      f"(eps {cfg.eps}); they are returned with converged=False", stacklevel=2)
+    return bank
+
+
+def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConfig | None = None, *,
+                           heldout_data=None, progress: bool = True, log: str | Path | None = None,
+                           **overrides: Any) -> NoiseBank:
+    """The exploratory Eq. 4 (paper Sec. 3.3, Fig. 3): minimise mean ||z(u+v) - z(u)|| - lam log ||v||
+    for a fixed number of steps, no early stop, one noise per value of ``lam``, all in one batch.
+
+    The bank's meta adds the permutation control (each noise's elements shuffled, seeded) scored by
+    the same held-out metrics: ``permuted_mse_prob`` and ``permuted_match_rate``, and ``lam``."""
+    lams = torch.as_tensor(lam if isinstance(lam, (list, tuple)) else [lam], dtype=torch.float32).flatten()
+    if not bool(torch.isfinite(lams).all()) or bool((lams < 0).any()):
+        raise NsvitError(f"lam must be finite and >= 0, got {lams.tolist()}")
+    cfg = check_config(build(SynthConfig, config, {**overrides, "max_steps": steps, "num_noises": len(lams),
+                                                   "mode": "fast"}, "synthesis"))
+    parts = adapt(model)
+    t0 = time.perf_counter()
+    device = next(parts.parameters()).device
+    images = _images(data, parts)
+    train, held_imgs = (images, _images(heldout_data, parts, "heldout_data")) if heldout_data is not None else \
+        split_heldout(images, cfg.heldout, cfg.seed)
+    v0 = initial_noises(parts, cfg, None)
+    held = CleanCache(parts, held_imgs, device)
+    logger = _Log(log, cfg.max_steps, progress, f"synth Eq.4 x{len(lams)}")
+    try:
+        with frozen(parts):
+            V, _, _, bmse = _fast(parts, CleanCache(parts, train, device), v0, cfg, device, None, logger, lam=lams)
+            mse, match = noise_effect(parts, V, held, cfg.max_rows)
+            g = torch.Generator().manual_seed(cfg.seed + 1)
+            perm = torch.stack([v.flatten()[torch.randperm(v.numel(), generator=g).to(device)].reshape(v.shape)
+                                for v in V])
+            pmse, pmatch = noise_effect(parts, perm, held, cfg.max_rows)
+    finally:
+        logger.close()
+    from ..models import weights_fingerprint
+
+    m = len(lams)
+    return NoiseBank(
+        noises=V.float().cpu(), norm=V.flatten(1).norm(dim=1).cpu(), mse_prob=mse.cpu(), match_rate=match.cpu(),
+        steps=torch.full((m,), steps), converged=torch.zeros(m, dtype=torch.bool), batch_mse_prob=bmse.cpu(),
+        meta={**asdict(cfg), "objective": "eq4", "lam": lams.tolist(), "permuted_mse_prob": pmse.cpu().tolist(),
+              "permuted_match_rate": pmatch.cpu().tolist(), "model": parts.name,
+              "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
+              "heldout_images": int(held_imgs.shape[0]), "seconds": round(time.perf_counter() - t0, 3)})

@@ -1,0 +1,208 @@
+"""Noise synthesis: reference and fast take the same trajectory, many noises equal one at a time,
+stop rules, the boundary schedule, NoiseBank round trips, and bad input."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from nsvit_fast import NsvitError, digits, load_model
+from nsvit_fast.synth import CleanCache, NoiseBank, SynthConfig, noise_effect, synthesize, synthesize_regularized
+from nsvit_fast.synth.adamw import MaskedAdamW, cosine_lr
+from nsvit_fast.synth.engine import split_heldout
+
+
+@pytest.fixture(scope="module")
+def train():
+    return digits("train")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return load_model("digits_vit")
+
+
+def test_reference_and_fast_take_the_same_trajectory(parts, train):
+    # lim 4: a real descent of ~50 steps from MSE-prob ~1 into eps
+    kw = dict(lim=4.0, batch_size=64, max_steps=400, progress=False)
+    ref = synthesize(parts, train, mode="reference", **kw)
+    fast = synthesize(parts, train, mode="fast", **kw)
+    assert bool(ref.converged[0]) and bool(fast.converged[0])
+    assert ref.steps[0] > 20 and int(ref.steps[0]) == int(fast.steps[0])
+    assert (ref.noises - fast.noises).abs().max() <= 1e-5 * max(1.0, float(ref.noises.abs().max()))
+    assert ref.batch_mse_prob[0] < 0.03 and fast.batch_mse_prob[0] == pytest.approx(float(ref.batch_mse_prob[0]), abs=1e-6)
+    assert ref.mse_prob[0] == pytest.approx(float(fast.mse_prob[0]), abs=1e-5)
+
+
+def test_many_noises_equal_one_at_a_time(parts, train):
+    init = torch.stack([(torch.rand(16, 96, generator=torch.Generator().manual_seed(s)) * 2 - 1) * lim
+                        for s, lim in ((1, 3.0), (2, 4.0), (3, 3.5))])
+    kw = dict(batch_size=64, max_steps=300, progress=False)
+    many = synthesize(parts, train, init=init, max_rows=100, **kw)  # chunked: 1 noise x 64 rows per forward
+    assert len(many) == 3 and len(set(many.steps.tolist())) > 1  # each stopped on its own
+    for i in range(3):
+        one = synthesize(parts, train, init=init[i], **kw)
+        assert int(one.steps[0]) == int(many.steps[i])
+        assert (one.noises[0] - many.noises[i]).abs().max() <= 1e-4
+
+
+def test_reference_mode_many_noises_loop(parts, train):
+    init = (torch.rand(2, 16, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 3
+    kw = dict(batch_size=64, max_steps=200, progress=False, init=init)
+    ref, fast = synthesize(parts, train, mode="reference", **kw), synthesize(parts, train, **kw)
+    assert ref.steps.tolist() == fast.steps.tolist()
+    assert (ref.noises - fast.noises).abs().max() <= 1e-5 * float(ref.noises.abs().max())
+
+
+def test_fast_mode_does_no_extra_work(parts, train, monkeypatch):
+    calls = {"patch_embed": 0, "encode_with_weight_grad": 0}
+    orig, orig_encode = type(parts).patch_embed, type(parts).encode
+
+    def counted(self, x):
+        calls["patch_embed"] += x.shape[0]
+        return orig(self, x)
+
+    def encode(self, u):
+        calls["encode_with_weight_grad"] += any(p.requires_grad for p in self.parameters())
+        return orig_encode(self, u)
+
+    monkeypatch.setattr(type(parts), "patch_embed", counted)
+    monkeypatch.setattr(type(parts), "encode", encode)
+    bank = synthesize(parts, train, lim=4.0, batch_size=64, max_steps=400, heldout=0, progress=False)
+    steps = int(bank.steps[0]) + 1
+    # each image's patch embedding is computed once (cache), not twice per step as the reference does
+    assert calls["patch_embed"] <= len(train) + 64 and steps * 64 > len(train)
+    assert calls["encode_with_weight_grad"] == 0  # input-only backward: weights frozen throughout
+    assert all(p.requires_grad for p in parts.parameters())  # and the flags are restored
+
+
+def test_weights_untouched_and_modes_restored(parts, train):
+    before = {k: v.clone() for k, v in parts.state_dict().items()}
+    parts.train()
+    for mode in ("reference", "fast"):
+        with pytest.warns(UserWarning, match="did not pass"):
+            synthesize(parts, train, mode=mode, max_steps=3, batch_size=32, progress=False)
+    assert parts.training
+    parts.eval()
+    assert all(p.grad is None for p in parts.parameters())  # reference's weight grads were dropped
+    assert all(torch.equal(before[k], v) for k, v in parts.state_dict().items())
+
+
+def test_stop_rules_and_heldout_record(parts, train):
+    kw = dict(lim=4.0, batch_size=64, max_steps=600, progress=False, seed=1)
+    batch = synthesize(parts, train, stop="batch", **kw)
+    held = synthesize(parts, train, stop="heldout", **kw)
+    assert bool(held.converged[0]) and held.mse_prob[0] < 0.03  # confirmed on held-out data
+    assert held.steps[0] >= batch.steps[0]
+    for b in (batch, held):  # held-out metrics recorded whichever rule ran
+        assert b.meta["heldout_images"] == 256 and 0 < b.match_rate[0] <= 1
+
+
+def test_not_converged_is_flagged_with_a_warning(parts, train):
+    with pytest.warns(UserWarning, match="did not pass the stop rule"):
+        bank = synthesize(parts, train, lim=10.0, max_steps=5, batch_size=32, progress=False)
+    assert not bool(bank.converged[0]) and int(bank.steps[0]) == 5
+
+
+def test_boundary_schedule_sits_inside_eps(parts, train):
+    bank = synthesize(parts, train, lim=3.0, schedule="boundary", batch_size=64, max_steps=600, progress=False)
+    paper = synthesize(parts, train, lim=3.0, batch_size=64, max_steps=600, progress=False)
+    assert bank.mse_prob[0] < 0.03            # inside ε on held-out data
+    assert bank.norm[0] >= paper.norm[0]      # and at least the paper's norm
+    cache = CleanCache(parts, split_heldout(train.images, 256, 0)[1])
+    # just inside: 10% more norm leaves ε (the boundary was found, not a point deep inside)
+    assert noise_effect(parts, bank.noises * 1.1, cache)[0][0] >= 0.03 * 0.9
+
+
+def test_regularized_eq4_and_permutation_control(parts, train):
+    bank = synthesize_regularized(parts, train, lam=[0.0, 1.0, 4.0], steps=60, batch_size=64, lim=3.0,
+                                  progress=False)
+    assert bank.meta["lam"] == [0.0, 1.0, 4.0]
+    n = bank.norm.tolist()
+    assert n[0] < n[1] < n[2]  # a stronger log-norm reward keeps larger noise
+    # the learned noise is far more benign than its shuffled copy (the paper's Fig. 3a)
+    assert all(m < p for m, p in zip(bank.mse_prob.tolist(), bank.meta["permuted_mse_prob"]))
+    assert bank.match_rate[2] > bank.meta["permuted_match_rate"][2]
+
+
+def test_bank_round_trip_and_model_check(tmp_path, parts, train):
+    bank = synthesize(parts, train, num_noises=2, max_steps=50, batch_size=64, progress=False)
+    p = bank.save(tmp_path / "bank.safetensors")
+    again = NoiseBank.load(p, parts=parts)
+    assert torch.equal(again.noises, bank.noises) and again.steps.tolist() == bank.steps.tolist()
+    assert again.converged.dtype == torch.bool and again.meta["eps"] == 0.03
+    other = load_model("digits_vit")
+    with torch.no_grad():
+        other.model.head.weight.add_(0.01)
+    with pytest.warns(UserWarning, match="learned on other weights"):
+        NoiseBank.load(p, parts=other)
+    with pytest.raises(NsvitError, match="do not fit"):
+        NoiseBank.load(p, parts=load_model("vit_tiny_patch16_224", depth=1))
+    (tmp_path / "cut.safetensors").write_bytes(p.read_bytes()[:100])
+    with pytest.raises(NsvitError, match="truncated"):
+        NoiseBank.load(tmp_path / "cut.safetensors")
+
+
+def test_jsonl_log_has_every_check(tmp_path, parts, train):
+    bank = synthesize(parts, train, lim=4.0, batch_size=64, max_steps=400, progress=False, log=tmp_path / "s.jsonl")
+    recs = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(recs) == int(bank.steps[0]) + 1  # CPU: one check per step, the last one fires
+    assert recs[-1]["mse_prob"][0] < 0.03 <= recs[0]["mse_prob"][0]
+
+
+def test_masked_adamw_equals_torch_adamw_with_cosine():
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 7)
+    v0 = torch.randn(2, 5, 7)
+    ref = v0.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+    mine, madam = v0.clone(), MaskedAdamW(v0.shape, "cpu", lr=0.1, weight_decay=0.01)
+    for t in range(50):
+        opt.zero_grad()
+        ((ref - target) ** 2).sum().backward()
+        opt.step()
+        sched.step()
+        g = 2 * (mine - target)
+        madam.step(mine, g, torch.arange(2), torch.ones(2, dtype=torch.bool), t + 1, cosine_lr(0.1, t, 50))
+    assert (mine - ref.detach()).abs().max() < 1e-5
+    # a masked row does not move
+    frozen = mine.clone()
+    madam.step(mine, torch.ones_like(mine), torch.arange(2), torch.tensor([True, False]), 51, 0.1)
+    assert torch.equal(mine[1], frozen[1]) and not torch.equal(mine[0], frozen[0])
+
+
+def test_clean_cache_drops_stale_entries(parts, train):
+    cache = CleanCache(parts, train.images[:40])
+    u1, z1, _ = cache.get(torch.arange(8))
+    with torch.no_grad():
+        parts.model.head.bias.add_(1.0)
+    try:
+        _, z2, _ = cache.get(torch.arange(8))
+        assert torch.allclose(z2, z1 + 1.0, atol=1e-5)  # recomputed after the weights changed
+    finally:
+        with torch.no_grad():
+            parts.model.head.bias.sub_(1.0)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(eps=0), "eps must be"), (dict(eps=-1), "eps must be"), (dict(lim=0), "lim must be"),
+    (dict(mode="turbo"), "mode must be"), (dict(schedule="x"), "schedule must be"), (dict(stop="x"), "stop must be"),
+    (dict(epss=0.1), "did you mean 'eps'"), (dict(init=torch.zeros(3, 5)), "init must be"),
+    (dict(max_steps=0), "max_steps must be"),
+])
+def test_bad_input(parts, train, kw, msg):
+    with pytest.raises(NsvitError, match=msg):
+        synthesize(parts, train, progress=False, **kw)
+
+
+def test_bad_data(parts):
+    with pytest.raises(NsvitError, match="empty"):
+        synthesize(parts, torch.zeros(0, 3, 32, 32), progress=False)
+    x = torch.rand(4, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NsvitError, match="NaN"):
+        synthesize(parts, x, progress=False)
+    with pytest.raises(NsvitError, match="takes images"):
+        synthesize(parts, torch.rand(4, 3, 64, 64), progress=False)
