@@ -5,9 +5,9 @@ and norm of the paper vs the boundary schedule; peak memory of reference vs fast
     .venv/bin/python bench/bench_synth.py --models digits_vit --repeats 3
 
 All variants of one model run in one process, interleaved repeat by repeat, on the same model,
-batches and seed; the table reports medians over repeats. Peak memory is measured in a fresh
-subprocess per mode (CPU: growth of the peak resident set during the steps; CUDA:
-max_memory_allocated). Writes bench/results/synth.json and synth.md and prints the table.
+batches and seed; the table reports medians over repeats. Peak memory is the growth of tensor
+memory during two steps (CPU: torch.profiler's allocation records; CUDA: max_memory_allocated).
+Writes bench/results/synth.json and synth.md and prints the table.
 Run it on an idle machine: a second busy process distorts CPU timings several-fold.
 """
 
@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -85,30 +83,32 @@ def time_floor(parts, data, cfg, steps, cache):
         return (time.perf_counter() - t0) / steps * 1e3
 
 
-def child_peak(name: str, mode: str) -> float:
-    """Run in a subprocess: peak memory growth (MB) of `steps` synthesis steps in `mode`."""
-    parts, data, s = setup(name)
-    cfg = SynthConfig(eps=1e-12, max_steps=s["steps"], batch_size=s["batch"], lim=s["lim"], mode=mode)
-    cache = CleanCache(parts, data)
+def peak_mb(parts, data, cfg, mode: str, cache) -> float:
+    """Peak tensor memory (MB) above the starting point during ``cfg.max_steps`` steps of ``mode``.
+
+    CUDA: max_memory_allocated. CPU: the allocator's running total from torch.profiler's memory
+    records (profile_memory=True), which counts tensors only, not the Python heap."""
+    log = _Log(None, cfg.max_steps, False, "")
+    v0 = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
     with frozen(parts, freeze=mode == "fast"):
         cache.all()
+        run = (lambda: _reference_one(parts, data, v0[0], cfg, "cpu", None, log)) if mode == "reference" else \
+            (lambda: _fast(parts, cache, v0, cfg, "cpu", None, log))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        log = _Log(None, cfg.max_steps, False, "")
-        v0 = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
-        if mode == "reference":
-            _reference_one(parts, data, v0[0], cfg, "cpu", None, log)
-        else:
-            _fast(parts, cache, v0, cfg, "cpu", None, log)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - base) / 1024.0  # ru_maxrss is in KiB on Linux
+            base = torch.cuda.memory_allocated()
+            run()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        from torch.profiler import ProfilerActivity, profile
 
-
-def peak_mb(name: str, mode: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", name, mode], capture_output=True, text=True,
-                         check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    return float(out.stdout.strip().splitlines()[-1])
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        with tempfile.TemporaryDirectory() as d:
+            prof.export_chrome_trace(f"{d}/t.json")
+            events = json.load(open(f"{d}/t.json"))["traceEvents"]
+        totals = [e["args"]["Total Allocated"] for e in events
+                  if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+        return (max(totals) - totals[0] + 0.0) / 2**20 if totals else float("nan")
 
 
 def bench_model(name: str, repeats: int) -> dict:
@@ -136,8 +136,9 @@ def bench_model(name: str, repeats: int) -> dict:
         row[f"{k}_heldout_mse"] = round(float(b.mse_prob[0]), 4)
         row[f"{k}_steps"] = int(b.steps[0])
     row["lim"] = s["lim"]
-    row["reference_peak_mb"] = round(peak_mb(name, "reference"), 1)
-    row["fast_peak_mb"] = round(peak_mb(name, "fast"), 1)
+    mcfg = SynthConfig(eps=1e-12, max_steps=2, batch_size=s["batch"], lim=s["lim"])
+    row["reference_peak_mb"] = round(peak_mb(parts, data, mcfg, "reference", cache), 1)
+    row["fast_peak_mb"] = round(peak_mb(parts, data, mcfg, "fast", cache), 1)
     row["fast_over_reference_peak"] = round(row["fast_peak_mb"] / max(row["reference_peak_mb"], 1e-9), 3)
     return row
 
@@ -162,11 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        print(child_peak(*args.child))
-        return
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     rows = [bench_model(m, args.repeats) for m in args.models.split(",")]
