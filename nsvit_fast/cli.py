@@ -93,16 +93,18 @@ def add_pretrain(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, scale=args.scale, seed=args.seed)
+    run_demo(args.out, scale=args.scale, seed=args.seed, quick=args.quick)
     return 0
 
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded digits model",
-                       description="Nullspace table, invariance to exact nullspace noise, Fig. 2 PNG, report.")
+                       description="Exact nullspace (Fig. 2), ns / plain / random finetuning on one budget, "
+                                   "robustness evaluation, a markdown report with figures.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--scale", type=float, default=10.0, help="noise norm / image norm (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a 2-round finetuning budget (for a fast check)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -203,7 +205,73 @@ def add_profile(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
 
-COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_demo]
+# -- finetune --
+def load_spec(spec: str | None, parts, max_images=None):
+    """``digits:val``, ``synthetic``, or a folder path -> ImageDataset (None for None)."""
+    from .data import load_data
+
+    if spec is None:
+        return None
+    name, _, split = str(spec).partition(":")
+    if name in ("digits", "synthetic"):
+        return load_data(name, split or "train", parts, max_images)
+    return load_data(str(spec), "train", parts, max_images)
+
+
+def cmd_finetune(args) -> int:
+    from .distributed import init_from_env, rank_world
+    from .train import finetune
+    from .train.yamlcfg import load_run, parse_overrides
+
+    distributed = init_from_env()
+    try:
+        run, cfg = load_run(args.config, parse_overrides(args.overrides))
+        for key in ("model", "checkpoint", "data", "val_data", "out"):
+            if getattr(args, key, None) is not None:
+                run[key] = getattr(args, key)
+        from .models import load_model
+
+        if run["model"] is None and run["checkpoint"] is None:
+            raise NsvitError("the config names no model: give --model or a config with 'model:'")
+        parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
+                           pretrained=bool(run["pretrained"]))
+        train = load_spec(run["data"], parts, run["max_images"])
+        val = load_spec(run["val_data"], parts, run["max_images"])
+        out = run["out"] or f"runs/finetune-{cfg.method}"
+        res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet)
+        if rank_world()[0] == 0:
+            cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
+            print(" ".join(f"{c:>12s}" for c in cols))
+            for h in res.history:
+                print(" ".join(f"{h[c]:>12.4g}" if isinstance(h.get(c), (int, float)) else f"{'-':>12s}" for c in cols))
+            print(f"{cfg.method}: {len(res.history)} rounds -> {out}/model.safetensors, log.jsonl, fig4_trend.png")
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="finetune a ViT: Algorithm 1 (ns) or a baseline",
+                       description="Finetune with nullspace noise augmentation (the paper's Algorithm 1) or a "
+                                   "baseline (plain, random, pgd, trades). Settings come from a YAML config "
+                                   "(configs/*.yaml) and key=value overrides, e.g. rounds=5 synth.eps=0.01. "
+                                   "Under torchrun it runs data-parallel (gloo on CPU, nccl on GPU).")
+    p.add_argument("--config", default="digits", help="YAML file or a name in configs/ (default digits)")
+    p.add_argument("--model", help="override the config's model")
+    p.add_argument("--checkpoint", help="override the config's checkpoint")
+    p.add_argument("--data", help="training data: digits:train, synthetic, or an ImageFolder path")
+    p.add_argument("--val-data", dest="val_data", help="validation data scored after each round")
+    p.add_argument("--out", help="output folder (default runs/finetune-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (synth.key for synthesis)")
+    p.set_defaults(func=cmd_finetune)
+
+
+COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_finetune, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,14 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     from safetensors.torch import save_file
 
     meta = {k: v if isinstance(v, str) else "json:" + json.dumps(v) for k, v in (metadata or {}).items()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()  # safetensors refuses shared storage: copy any tensor seen before
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    tensors = out
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return Path(path)

@@ -75,7 +75,7 @@ def pretrain_digits(cfg: PretrainConfig = PretrainConfig(), out: str | Path | No
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     best, best_state, t0 = -1.0, None, time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc="pretrain digits_vit", disable=not progress)
+    bar = tqdm(range(cfg.epochs), desc="pretrain digits_vit", disable=None if progress else True)
     for _ in bar:
         parts.train()
         perm = torch.randperm(len(tr), generator=g)

@@ -48,3 +48,22 @@ def nullspace_noise_figure(images: torch.Tensor, noise: torch.Tensor, clean_prob
     out = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return out
+
+
+def bars_figure(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path, title: str = "") -> Path:
+    """Grouped bars: one group per metric (key, label), one bar per row (row["name"])."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(metrics), 3.4))
+    w = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * w for j in range(len(metrics))]
+        ax.bar(xs, [r.get(k, 0.0) for k, _ in metrics], width=w, label=r["name"],
+               yerr=[r.get(k + "_std", 0.0) for k, _ in metrics] if any(k + "_std" in r for k, _ in metrics) else None)
+    ax.set_xticks(range(len(metrics)), [lab for _, lab in metrics], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=min(4, len(rows)))
+    fig.tight_layout()
+    out = save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out

@@ -47,7 +47,8 @@ def test_user_errors_exit_2_with_one_line(args, msg):
 
 
 def test_demo_writes_figure_and_report(tmp_path):
-    r = run("demo", "--out", str(tmp_path))
+    # the whole pipeline on a 2-round budget: nullspace, ns / plain / random finetuning, evaluation
+    r = run("demo", "--out", str(tmp_path), "--quick", timeout=900)
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "demo.json").read_text())
     assert out["test_accuracy"] >= 0.97
@@ -58,7 +59,19 @@ def test_demo_writes_figure_and_report(tmp_path):
     assert out["invariance_float32"]["noise_to_image_norm"] >= 9.99
     png = (tmp_path / "fig2_nullspace_noise.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "nullspace dim" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "nullspace dim" in report and "FGSM 1/255" in report
+    names = [row["name"] for row in out["finetune"]["rows"]]
+    assert names == ["pretrained", "ns", "plain", "random"]
+    for row in out["finetune"]["rows"]:
+        assert 90 <= row["clean"] <= 100 and 0 <= row["fgsm_8"] <= row["clean"] + 1e-9
+        assert f"| {row['name']} | {row['clean']:.2f}" in report
+    ns_hist = out["finetune"]["histories"]["ns"]
+    assert len(ns_hist) == 2 and all(h["converged"] for h in ns_hist)
+    # random got the ns run's norms, round by round
+    assert [h["noise_norm"] for h in out["finetune"]["histories"]["random"]] == [h["noise_norm"] for h in ns_hist]
+    for f in ("fig4_trend.png", "robustness.png", "finetune/ns/model.safetensors"):
+        assert (tmp_path / f).stat().st_size > 1000
 
 
 def test_synth_writes_a_bank(tmp_path):
@@ -95,3 +108,17 @@ def test_profile_synth_reports_phases(tmp_path):
               if l.split() and l.split()[0] in ("noisy_forward", "backward")}
     assert shares["noisy_forward"] + shares["backward"] > 50  # the floor dominates the fast step
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("finetune", "method=magic"), "unknown method 'magic'"),
+    (("finetune", "roundz=3"), "did you mean 'rounds'"),
+    (("finetune", "synth.epss=0.1"), "did you mean 'eps'"),
+    (("finetune", "--config", "nope"), "config 'nope' not found"),
+    (("finetune", "rounds"), "must be key=value"),
+    (("finetune", "--data", "/no/such/dir"), "neither"),
+])
+def test_finetune_user_errors(args, msg, tmp_path):
+    r = run(*args, "--out", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o" / "checkpoint.safetensors").exists()

@@ -38,6 +38,7 @@ import torch
 
 from .. import ops
 from ..config import build
+from ..distributed import all_mean, rank_world
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_finite, check_pixels, check_positive
 from ..models.base import Adapter
@@ -60,6 +61,7 @@ class SynthConfig:
 
     eps: float = 0.03            # ε of the ε-approximate nullspace (MSE of probabilities)
     lim: float = 3.0             # init v ~ U(-lim, lim)
+    lim_unit: str = "abs"        # abs | token_rms: lim in units of the RMS of the model's clean patch tokens
     lr: float = 0.1              # AdamW learning rate of the noise
     weight_decay: float = 0.01   # AdamW default, as the official code
     max_steps: int = 3000        # T
@@ -91,6 +93,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
         raise NsvitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.stop not in STOPS:
         raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
+    if cfg.lim_unit not in ("abs", "token_rms"):
+        raise NsvitError(f"lim_unit must be abs or token_rms, got {cfg.lim_unit!r}")
     if cfg.heldout < 0 or cfg.check_every < 0:
         raise NsvitError("heldout and check_every must be >= 0")
     return cfg
@@ -138,6 +142,22 @@ def split_heldout(images: torch.Tensor, n_held: int, seed: int) -> tuple[torch.T
     return images[perm[h:].sort().values], images[perm[:h].sort().values]
 
 
+@torch.no_grad()
+def token_rms(parts: Adapter, images: torch.Tensor, n: int = 512) -> float:
+    """RMS of the clean patch tokens u over (up to n of) the images: the scale ``lim_unit="token_rms"``
+    measures lim in, so one setting carries across models whose tokens have different scales."""
+    x = images[:n].to(next(parts.parameters()).device)
+    return float(torch.cat([parts.patch_embed(x[i:i + 256]) for i in range(0, x.shape[0], 256)]).pow(2).mean().sqrt())
+
+
+def resolve_lim(parts: Adapter, cfg: SynthConfig, images: torch.Tensor) -> tuple[SynthConfig, float | None]:
+    """cfg with lim in absolute units, and the token RMS used (None for lim_unit='abs')."""
+    if cfg.lim_unit == "abs":
+        return cfg, None
+    rms = token_rms(parts, images)
+    return dataclasses.replace(cfg, lim=cfg.lim * rms, lim_unit="abs"), rms
+
+
 def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) -> torch.Tensor:
     n, d = parts.token_shape
     if init is None:
@@ -159,7 +179,7 @@ class _Log:
         from tqdm.auto import tqdm
 
         self.f = open(path, "a") if path else None
-        self.bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+        self.bar = tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)  # None: a terminal only
         self._last = 0
 
     def check(self, step: int, mse: torch.Tensor, norm: torch.Tensor, active: int, **extra) -> None:
@@ -233,9 +253,10 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
     if cfg.stop == "heldout":
         k = 1  # a confirmation needs the host at the step the batch passes
     lam = None if lam is None else lam.to(device)
+    rank, world = rank_world()  # under torchrun: each rank its slice of the batch, means averaged
     for t in range(cfg.max_steps):
         with _phase("data"):
-            idx = stream.next()
+            idx = stream.next()[rank::world]
         u, z, p = cache.get(idx)  # labels its own gather (data) and fills (clean_forward)
         b = u.shape[0]
         per = max(1, cfg.max_rows // b)
@@ -252,6 +273,10 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
                     loss = loss - lam[rows] * vc.flatten(1).norm(dim=1).log()
             with _phase("backward"):
                 grads[c:c + per], = torch.autograd.grad(loss.sum(), vc)
+        if world > 1:
+            with _phase("host_sync"):
+                all_mean(grads)
+                all_mean(mse)
         with _phase("loss_and_stop"):
             live = ~done[active]
             fire = (mse < cfg.eps) & live & (blocked[active] <= t) if lam is None else torch.zeros_like(live)
@@ -352,6 +377,9 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         train, held_imgs = images, _images(heldout_data, parts, "heldout_data")
     else:
         train, held_imgs = split_heldout(images, cfg.heldout, cfg.seed)
+    lim_given = cfg.lim
+    cfg, rms = resolve_lim(parts, cfg, train)
+    run_cfg = dataclasses.replace(run_cfg, lim=cfg.lim, lim_unit="abs")
     v0 = initial_noises(parts, cfg, init)
     m = v0.shape[0]
     if cfg.mode == "fast":
@@ -379,7 +407,8 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     bank = NoiseBank(
         noises=V.detach().float().cpu(), norm=V.detach().flatten(1).norm(dim=1).cpu(), mse_prob=mse.cpu(),
         match_rate=match.cpu(), steps=steps.cpu(), converged=conv.cpu().bool(), batch_mse_prob=bmse.cpu(),
-        meta={**{k: v for k, v in asdict(cfg).items()}, "model": parts.name,
+        meta={**{k: v for k, v in asdict(cfg).items()}, "lim_given": lim_given,
+              "token_rms": rms, "model": parts.name,
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "train_images": int(train.shape[0]),
               "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3)})

@@ -1,0 +1,50 @@
+"""torchrun / DistributedDataParallel helpers (gloo on the CPU, nccl on CUDA).
+
+Each rank takes ``idx[rank::world]`` of every global batch, so W processes see exactly the batches
+of a single-process run, and averaging the per-rank means (DDP's gradient all-reduce) gives the
+single-process gradient. Noise synthesis all-reduces its noise gradient and stop statistic the
+same way (see synth.engine), so every rank holds the same noise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> bool:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def wrap(module: nn.Module) -> nn.Module:
+    """DistributedDataParallel around ``module`` when distributed, else the module itself."""
+    if rank_world()[1] == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean of ``t`` across ranks (no-op in one process)."""
+    if rank_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t

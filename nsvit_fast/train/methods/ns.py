@@ -1,0 +1,31 @@
+"""Nullspace noise augmentation, the paper's Algorithm 1 lines 15-20: CE(z, y) + CE(z', y).
+
+Clean and noisy views go through the encoder as one 2B batch: the patch embedding runs once and
+the round's noise is broadcast over the batch, instead of the official code's two forwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method
+
+
+def fused_views(parts, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the clean and noisy views, (B, K) each, from one encoder pass over 2B token sets."""
+    u = parts.patch_embed(x)
+    z = parts.encode(torch.cat([u, u + noise.to(u)]))
+    return z[: x.shape[0]], z[x.shape[0]:]
+
+
+class NS(Method):
+    name = "ns"
+
+    def prepare(self, ctx):
+        return ctx.synth()
+
+    def loss(self, parts, x, y, noise):
+        z, zn = fused_views(parts, x, noise)
+        ce, cen = F.cross_entropy(z, y), F.cross_entropy(zn, y)
+        return ce + cen, {"ce_clean": ce.detach(), "ce_noisy": cen.detach()}

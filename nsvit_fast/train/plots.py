@@ -1,0 +1,43 @@
+"""The paper's Fig. 4: noise norm and metrics across finetuning rounds, each divided by its first value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import save_figure
+
+SERIES = (("noise_norm", "noise norm"), ("val_acc", "val accuracy"), ("mse_prob", "held-out MSE-prob"),
+          ("synth_steps", "synthesis steps"))
+
+
+def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: dict | None = None) -> Path | None:
+    """One line per metric present in ``history`` (and ``extra``: {label: values per round}),
+    divided by its first non-zero value, against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rounds = [h["round"] + 1 for h in history]
+    drawn = 0
+    series = [(label, [h.get(key) for h in history]) for key, label in SERIES]
+    series += list((extra or {}).items())
+    for label, vals in series:
+        if not vals or any(v is None for v in vals):
+            continue
+        first = next((v for v in vals if v), None)
+        if not first:
+            continue
+        ax.plot(rounds, [v / first for v in vals], marker="o", ms=3, label=label)
+        drawn += 1
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("round")
+    ax.set_ylabel("value / first round's value")
+    ax.set_title(title or "finetuning trend", fontsize=9)
+    if drawn:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,53 @@
+"""YAML run files: the run's inputs (model, data, out...) plus FinetuneConfig fields, ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import NsvitError
+from .engine import FinetuneConfig, make_config
+
+RUN_KEYS = {"model": None, "checkpoint": None, "pretrained": False, "num_classes": None, "data": "digits:train",
+            "val_data": None, "max_images": None, "out": None}
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def find_config(name: str) -> Path:
+    """A path, or the name of a file in the repository's configs/ folder (``digits``)."""
+    p = Path(name)
+    for cand in (p, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    have = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))) if CONFIG_DIR.is_dir() else "none"
+    raise NsvitError(f"config {name!r} not found (a YAML path, or one of: {have})")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for it in items:
+        key, eq, val = it.partition("=")
+        if not eq or not key:
+            raise NsvitError(f"override {it!r} must be key=value (e.g. rounds=5 or synth.eps=0.01)")
+        out[key.strip()] = yaml.safe_load(val)
+    return out
+
+
+def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], FinetuneConfig]:
+    """(run inputs, FinetuneConfig) from a YAML file and overrides; unknown keys are named."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path:
+        p = find_config(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise NsvitError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise NsvitError(f"{p} must hold a mapping of keys")
+    raw.update(overrides or {})
+    run = {k: raw.pop(k, v) for k, v in RUN_KEYS.items()}
+    return run, make_config(None, raw)
