@@ -271,7 +271,68 @@ def add_finetune(sub) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_finetune, add_demo]
+# -- eval --
+def cmd_eval(args) -> int:
+    from .eval import evaluate
+    from .models import load_model
+
+    sep = ";" if (";" in args.suite or ":" in args.suite) else ","  # settings hold commas
+    suites = [s for s in args.suite.split(sep) if s.strip()]
+    main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
+    names = [n for n in (args.names or "").split(",") if n]
+    models = {}
+    ckpts = [args.checkpoint] + [c for c in (args.compare or "").split(",") if c]
+    for i, ck in enumerate(ckpts):
+        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
+        label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
+        models[label] = m
+    data = load_spec(args.data, main, args.max_images)
+    folders = dict(kv.split("=", 1) for kv in args.folder) if args.folder else {}
+    bank = None
+    if args.bank:
+        from .synth import NoiseBank
+
+        bank = NoiseBank.load(args.bank)
+    classes = args.classes.split(",") if args.classes else (getattr(data, "classes", None)
+                                                             if main.num_classes != 1000 else None)
+    report = None
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        r = evaluate(models, data, suites, seed=seed, baseline=args.baseline, folders=folders, bank=bank,
+                     model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet)
+        report = r if report is None else report.merge(r)
+    paths = report.save(args.out)
+    print(report.table2())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="robustness evaluation: attacks, corruptions, OOD folders (Table 2)",
+                       description="Evaluate one model, or several with --compare, on the paper's suites, in pixel "
+                                   "space. Suites: clean, fgsm, pgd, pgd_l2, cw, autoattack, patchfool, corruptions, "
+                                   "nullspace, noisebank, imagenet-a/-r/-v2/-sketch, stylized, damagenet, imagenet-c. "
+                                   "Change a setting with name:key=value (separate such suites with ';'), "
+                                   "e.g. --suite 'clean;fgsm:eps=4/255;pgd'.")
+    _model_args(p, default="digits_vit")
+    p.add_argument("--compare", help="more checkpoints of the same architecture, comma-separated")
+    p.add_argument("--names", help="row names for the model and each --compare, comma-separated")
+    p.add_argument("--data", default="digits:test", help="digits:test (default), synthetic, or an ImageFolder path")
+    p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("--suite", default="clean,fgsm,pgd,cw,autoattack,patchfool,corruptions,nullspace",
+                   help="suites (default: everything that needs no folder)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (mean ± std over them)")
+    p.add_argument("--baseline", help="row name normalising mCE on non-ImageNet data (default: the first)")
+    p.add_argument("--mce-reference", choices=["auto", "alexnet", "baseline"], default="auto")
+    p.add_argument("--folder", action="append", help="SUITE=PATH for folder suites (repeatable)")
+    p.add_argument("--classes", help="the model's class names in output order (default: ImageNet's for 1000 "
+                                     "classes, else the data's)")
+    p.add_argument("--bank", help="NoiseBank file for the noisebank suite")
+    p.add_argument("--out", default="runs/eval", help="report folder (default runs/eval)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_finetune, add_eval, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

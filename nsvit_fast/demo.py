@@ -69,20 +69,8 @@ def nullspace_stage(out: Path, scale: float, num_images: int, seed: int, log) ->
             "invariance_float32": inv32, "invariance_float64": inv64, "figure": str(fig)}
 
 
-METRICS = [("clean", "clean", None, {}), ("fgsm_1", "FGSM 1/255", "fgsm", {"eps": 1 / 255}),
-           ("fgsm_4", "FGSM 4/255", "fgsm", {"eps": 4 / 255}), ("fgsm_8", "FGSM 8/255", "fgsm", {"eps": 8 / 255}),
-           ("pgd_4", "PGD-10 4/255", "pgd", {"eps": 4 / 255})]
-
-
-def score(parts, test) -> dict:
-    from .eval import accuracy, attack_accuracy
-
-    r = {}
-    for key, _, atk, kw in METRICS:
-        r[key] = round(100 * (accuracy(parts, test.images, test.labels) if atk is None
-                              else attack_accuracy(parts, test.images, test.labels, atk, **kw)), 2)
-    r["average"] = round(sum(r[k] for k, *_ in METRICS) / len(METRICS), 2)
-    return r
+SUITES = ["clean", "fgsm", "fgsm:eps=4/255", "fgsm:eps=8/255", "pgd", "cw", "patchfool", "corruptions"]
+QUICK_SUITES = ["clean", "fgsm", "fgsm:eps=8/255", "pgd"]
 
 
 def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
@@ -91,15 +79,16 @@ def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
     from .train import finetune
     from .train.plots import trend_figure
     from .train.yamlcfg import load_run
-    from .viz import bars_figure
 
     run, cfg = load_run("digits", {"seed": seed})
     if quick:
         cfg = dataclasses.replace(cfg, rounds=2, model_steps=5,
                                   synth=dataclasses.replace(cfg.synth, lim=3.0, lim_unit="abs", max_steps=300))
+    from .eval import evaluate
+
     train, val, test = digits("train"), digits("val"), digits("test")
-    rows = [{"name": "pretrained", **score(load_model("digits_vit"), test)}]
-    histories, ns_norms = {}, None
+    models = {"pretrained": load_model("digits_vit")}
+    histories, ns_norms, seconds = {}, None, {}
     for method in ("ns", "plain", "random"):
         t0 = time.perf_counter()
         log(f"finetune {method}: {cfg.rounds} rounds x {cfg.model_steps} steps")
@@ -111,12 +100,14 @@ def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
         histories[method] = res.history
         if method == "ns":
             ns_norms = [h["noise_norm"] for h in res.history]
-        rows.append({"name": method, **score(parts, test), "seconds": round(time.perf_counter() - t0, 1)})
-        log("  " + ", ".join(f"{k} {rows[-1][k]:.2f}" for k, *_ in METRICS))
+        models[method] = parts
+        seconds[method] = round(time.perf_counter() - t0, 1)
     trend_figure(histories["ns"], out / "fig4_trend.png", title="digits_vit, ns: trend across rounds")
-    bars_figure(rows, [(k, lab) for k, lab, *_ in METRICS], out / "robustness.png",
-                title="digits_vit on 397 test digits (one seed)")
-    return {"config": dataclasses.asdict(cfg), "rows": rows, "histories": histories}
+    log("evaluate: " + ", ".join(QUICK_SUITES if quick else SUITES))
+    report = evaluate(models, test, QUICK_SUITES if quick else SUITES, seed=seed, baseline="pretrained", log=log)
+    report.save(out / "eval")
+    return {"config": dataclasses.asdict(cfg), "table2": report.table2(), "report": report.to_dict(),
+            "histories": histories, "seconds": seconds}
 
 
 def _table(rows: list[dict]) -> str:
@@ -133,10 +124,6 @@ def _report(r: dict) -> str:
     i32, i64 = r["invariance_float32"], r["invariance_float64"]
     ft = r["finetune"]
     c = ft["config"]
-    head = "| model | " + " | ".join(lab for _, lab, *_ in METRICS) + " | Average |"
-    lines = [head, "|---|" + "---|" * (len(METRICS) + 1)]
-    for row in ft["rows"]:
-        lines.append(f"| {row['name']} | " + " | ".join(f"{row[k]:.2f}" for k, *_ in METRICS) + f" | {row['average']:.2f} |")
     ns_h = ft["histories"]["ns"]
     rounds = "\n".join(f"| {h['round']} | {h['noise_norm']:.1f} | {h['mse_prob']:.4f} | {h['synth_steps']} | "
                         f"{h['val_acc']:.3f} |" for h in ns_h)
@@ -172,12 +159,14 @@ the ns run's per-round norms (the paper's Table 4 control).
 
 ![trend](fig4_trend.png)
 
-## 3. Robustness (accuracy %, 397 test digits, pixel-space attacks)
+## 3. Robustness (397 test digits, attacks in pixel space, corruptions on the fly)
 
-{chr(10).join(lines)}
-
-One seed: differences of 1-3 points are within the noise of a 397-image test set (one image is
+{ft['table2']}
+C↓ is mCE relative to the pretrained model (so it scores 100); C acc is the mean accuracy over the
+15 corruptions × 5 severities. One seed: differences of 1-3 points are within the noise of a 397-image test set (one image is
 0.25 points). `bench/compare_methods.py` repeats the comparison over seeds with error bars.
 
-![robustness](robustness.png)
+![suites](eval/suites.png)
+
+![corruptions](eval/corruptions.png)
 """

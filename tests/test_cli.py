@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nsvit_fast.cli import build_parser
 
@@ -60,18 +61,22 @@ def test_demo_writes_figure_and_report(tmp_path):
     png = (tmp_path / "fig2_nullspace_noise.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     report = (tmp_path / "report.md").read_text()
-    assert "nullspace dim" in report and "FGSM 1/255" in report
-    names = [row["name"] for row in out["finetune"]["rows"]]
-    assert names == ["pretrained", "ns", "plain", "random"]
-    for row in out["finetune"]["rows"]:
-        assert 90 <= row["clean"] <= 100 and 0 <= row["fgsm_8"] <= row["clean"] + 1e-9
-        assert f"| {row['name']} | {row['clean']:.2f}" in report
+    assert "nullspace dim" in report and "| Clean | FGSM (eps=1/255) | FGSM (eps=8/255) | PGD | Average |" in report
+    from nsvit_fast.eval import Report
+
+    rep = Report.from_dict(out["finetune"]["report"])
+    assert rep.models == ["pretrained", "ns", "plain", "random"]
+    for m in rep.models:
+        clean, fgsm8 = rep.values(m, "clean")[0], rep.values(m, "fgsm", "eps=8/255")[0]
+        assert 90 <= clean <= 100 and 0 <= fgsm8 <= clean
+        assert f"| {m} | {clean:.2f}" in report
     ns_hist = out["finetune"]["histories"]["ns"]
     assert len(ns_hist) == 2 and all(h["converged"] for h in ns_hist)
     # random got the ns run's norms, round by round
     assert [h["noise_norm"] for h in out["finetune"]["histories"]["random"]] == [h["noise_norm"] for h in ns_hist]
-    for f in ("fig4_trend.png", "robustness.png", "finetune/ns/model.safetensors"):
+    for f in ("fig4_trend.png", "eval/suites.png", "finetune/ns/model.safetensors"):
         assert (tmp_path / f).stat().st_size > 1000
+    assert len((tmp_path / "eval" / "report.csv").read_text().splitlines()) == 1 + 4 * 4  # header + models x suites
 
 
 def test_synth_writes_a_bank(tmp_path):
@@ -122,3 +127,29 @@ def test_finetune_user_errors(args, msg, tmp_path):
     r = run(*args, "--out", str(tmp_path / "o"), "--quiet")
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o" / "checkpoint.safetensors").exists()
+
+
+def test_eval_compares_checkpoints_and_writes_a_report(tmp_path):
+    from nsvit_fast import load_model, save_model
+
+    other = load_model("digits_vit")
+    with torch.no_grad():
+        other.model.head.bias.add_(torch.linspace(-1, 1, 10))
+    ck = save_model(other, tmp_path / "other.safetensors")
+    r = run("eval", "--suite", "clean;fgsm:eps=8/255", "--max-images", "48", "--compare", str(ck),
+            "--names", "base,shifted", "--seeds", "0,1", "--out", str(tmp_path / "ev"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "| model | Clean | FGSM | Average |" in r.stdout and "| base |" in r.stdout and "| shifted |" in r.stdout
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert {x["seed"] for x in rep["records"]} == {0, 1} and len(rep["records"]) == 2 * 2 * 2
+    assert (tmp_path / "ev" / "suites.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("eval", "--suite", "fgms"), "unknown suite"), (("eval", "--suite", "imagenet-a"), "needs its folder"),
+    (("eval", "--suite", "clean", "--folder", "imagenet-a=/nope", "--suite", "imagenet-a"), "folder not found"),
+    (("eval", "--suite", "fgsm:eps=-2/255"), "eps must be >= 0"),
+])
+def test_eval_user_errors(args, msg, tmp_path):
+    r = run(*args, "--out", str(tmp_path / "ev"), "--quiet")
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -14,15 +14,20 @@ from ..train.methods.base import load_torchattacks
 ATTACKS = {  # name -> (torchattacks class, defaults)
     "fgsm": ("FGSM", {"eps": 1 / 255}),                                   # the paper's setting
     "pgd": ("PGD", {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10, "random_start": True}),
+    "pgd_l2": ("PGDL2", {"eps": 0.5, "alpha": 0.1, "steps": 10, "random_start": True}),
+    "cw": ("CW", {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}),
+    "autoattack": ("AutoAttack", {"norm": "Linf", "eps": 4 / 255, "version": "standard"}),
 }
 
 
-def make_attack(parts, name: str, **kw):
+def make_attack(parts, name: str, seed: int = 0, **kw):
     if name not in ATTACKS:
         raise NsvitError(f"unknown attack {name!r} (attacks: {', '.join(ATTACKS)})")
     if kw.get("eps", 0) < 0:
         raise NsvitError(f"attack eps must be >= 0, got {kw['eps']}")
     cls, defaults = ATTACKS[name]
+    if name == "autoattack":  # it seeds itself
+        kw.setdefault("seed", seed)
     return getattr(load_torchattacks(), cls)(parts, **{**defaults, **kw})
 
 
@@ -42,7 +47,7 @@ def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, name: str
     """Accuracy on adversarial images made by attack ``name`` (seeded), batched."""
     was = parts.training
     parts.eval()
-    atk = make_attack(parts, name, **kw)
+    atk = make_attack(parts, name, seed=seed, **kw)
     dev = next(parts.parameters()).device
     state = torch.get_rng_state()
     torch.manual_seed(seed)

@@ -85,6 +85,34 @@ class VitAdapter(Adapter):
                              f"got {tuple(u.shape)}")
         return self.head(self.blocks(self.tokens(u)))
 
+    def encode_with_attention(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode(u)`` and every block's attention probabilities [(B, heads, T, T)], T = P + N.
+
+        timm computes attention with a fused kernel that never forms the matrix, so it is rebuilt
+        here from the qkv projection (hooked) as softmax(q k^T * scale), after q_norm / k_norm as
+        timm applies them. Differentiable: PatchFool and the saliency maps backpropagate through it."""
+        maps: list[torch.Tensor] = []
+        hooks = []
+        for blk in self.model.blocks:
+            attn = getattr(blk, "attn", None)
+            if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
+                raise NsvitError(f"{self.name}: attention maps need timm's standard Attention blocks, "
+                                 f"found {type(attn).__name__}")
+
+            def hook(mod, inp, out, attn=attn):
+                b, t, _ = out.shape
+                qkv = out.reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+                q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+                maps.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))
+
+            hooks.append(attn.qkv.register_forward_hook(hook))
+        try:
+            logits = self.encode(u)
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits, maps
+
     def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         proj = self.model.patch_embed.proj
         w = proj.weight / self.std.to(proj.weight.dtype).reshape(1, -1, 1, 1)

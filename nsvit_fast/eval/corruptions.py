@@ -1,0 +1,97 @@
+"""ImageNet-C style corruptions (15 types x 5 severities) and mCE.
+
+On-the-fly corruption uses ``imagecorruptions-imaug`` (the maintained fork; the original
+``imagecorruptions`` does not import with numpy 2). It needs images of at least 32 px a side:
+smaller images are refused with a clear error rather than silently resized. Pre-generated
+ImageNet-C folders (``<root>/<corruption>/<severity>/<class>/...``) are read as they are.
+
+mCE (Hendrycks & Dietterich 2019): CE_c = sum_s err(c, s) / sum_s err_ref(c, s), mCE = 100 mean_c CE_c.
+On ImageNet the reference is AlexNet (its published mean errors per corruption below); on other
+data it is a baseline model the caller names (by default the un-finetuned model).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import NsvitError
+
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+               "jpeg_compression")
+SEVERITIES = (1, 2, 3, 4, 5)
+# AlexNet's ImageNet-C error (fraction) per corruption, averaged over the 5 severities (published)
+ALEXNET_ERR = {"gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+               "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+               "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
+               "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500}
+MIN_SIZE = 32
+
+
+def _lib():
+    try:
+        import imagecorruptions
+    except ImportError:
+        raise NsvitError("corruptions need imagecorruptions-imaug: pip install imagecorruptions-imaug==1.1.5") from None
+    return imagecorruptions
+
+
+def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
+    """Corrupt pixels (B, C, H, W) in [0, 1] with ``name`` at ``severity`` (1-5); seeded, same shape."""
+    if name not in CORRUPTIONS:
+        raise NsvitError(f"unknown corruption {name!r} (corruptions: {', '.join(CORRUPTIONS)})")
+    if severity not in SEVERITIES:
+        raise NsvitError(f"severity must be 1-5, got {severity}")
+    b, c, h, w = images.shape
+    if min(h, w) < MIN_SIZE:
+        raise NsvitError(f"corruptions need images of at least {MIN_SIZE}x{MIN_SIZE} px "
+                         f"(imagecorruptions), got {h}x{w}")
+    ic = _lib()
+    state = np.random.get_state()  # the library draws from numpy's global RNG
+    np.random.seed((seed * 1_000_003 + CORRUPTIONS.index(name) * 7 + severity) % 2**32)
+    try:
+        arr = (images.detach().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        if c == 1:
+            arr = np.repeat(arr, 3, axis=3)
+        out = np.stack([np.asarray(ic.corrupt(a, corruption_name=name, severity=severity))[:h, :w, :3]
+                        for a in arr]).astype(np.float32) / 255.0
+    finally:
+        np.random.set_state(state)
+    t = torch.from_numpy(out).permute(0, 3, 1, 2)
+    return (t[:, :1] if c == 1 else t).contiguous()
+
+
+class CorruptionSet:
+    """Corrupted copies of one image set, made once per (corruption, severity) and reused for every
+    model evaluated in the same run."""
+
+    def __init__(self, images: torch.Tensor, seed: int = 0):
+        self.images, self.seed = images, seed
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, name: str, severity: int) -> torch.Tensor:
+        key = (name, severity)
+        if key not in self._cache:
+            self._cache[key] = corrupt(self.images, name, severity, self.seed)
+        return self._cache[key]
+
+
+def mce(err: dict[str, list[float]], reference: dict[str, list[float]] | dict[str, float]) -> float:
+    """100 * mean_c (sum_s err[c][s] / sum_s ref[c][s]); a float reference is a per-corruption mean
+    over severities (AlexNet's published numbers), so its sum is 5 x the mean."""
+    ces = []
+    for c, e in err.items():
+        ref = reference[c]
+        ref_sum = sum(ref) if isinstance(ref, (list, tuple)) else ref * len(e)
+        if ref_sum <= 0:
+            raise NsvitError(f"reference error for {c} is 0: mCE is undefined")
+        ces.append(sum(e) / ref_sum)
+    return 100.0 * sum(ces) / len(ces)
+
+
+def mce_imagenet(err: dict[str, list[float]]) -> float:
+    missing = [c for c in err if c not in ALEXNET_ERR]
+    if missing:
+        raise NsvitError(f"no AlexNet reference for {missing}")
+    return mce(err, ALEXNET_ERR)

@@ -1,0 +1,83 @@
+"""Out-of-distribution test folders: ImageNet-A, -R, -V2, -Sketch, Stylized-ImageNet, DamageNet.
+
+Each is an ImageFolder tree (``root/<class>/<image>``) whose class folder names are the model's
+class names (ImageNet wnids such as n01440764 for 1000-class models, taken from timm's ImageNet
+info; give ``model_classes`` for other models). Images are streamed through the model's pixel
+transform, so folders of any size work. ImageNet-A and -R hold 200 of the 1000 classes: the logits
+are masked to the classes the folder holds (argmax over those), as their authors evaluate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import NsvitError
+
+SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-sketch": None,
+          "stylized": None, "damagenet": None}  # expected class count (None: all of the model's)
+
+
+def model_class_names(parts, model_classes: list[str] | None = None) -> list[str]:
+    if model_classes is not None:
+        return list(model_classes)
+    if parts.num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_names())
+    raise NsvitError(f"{parts.name} has {parts.num_classes} classes: give the model's class names "
+                     f"(model_classes) to map folder names to its outputs")
+
+
+def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
+    """The folder's class names, after checking it is complete for ``suite``; errors name what is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NsvitError(f"{suite}: folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise NsvitError(f"{suite}: {root} has no class folders (expected {root}/<class>/<image>)")
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise NsvitError(f"{suite}: {len(unknown)} class folder(s) the model does not know, e.g. {unknown[:3]}")
+    expected = SUITES.get(suite) or len(names)
+    if len(classes) < expected:
+        missing = [c for c in names if c not in classes][:3] if expected == len(names) else []
+        raise NsvitError(f"{suite}: incomplete, {len(classes)} of {expected} class folders"
+                         + (f" (missing e.g. {missing})" if missing else ""))
+    from .. data.folders import IMG_EXTENSIONS
+
+    empty = [c for c in classes if not any(f.suffix in IMG_EXTENSIONS for f in (root / c).iterdir())]
+    if empty:
+        raise NsvitError(f"{suite}: {len(empty)} class folder(s) hold no images, e.g. {empty[:3]}")
+    return classes
+
+
+@torch.no_grad()
+def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classes: list[str] | None = None,
+                    batch_size: int = 64, max_images: int | None = None, num_workers: int = 0) -> float:
+    """Top-1 accuracy on an OOD folder, logits masked to the classes present."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+
+    from ..data.folders import pixel_transform
+
+    names = model_class_names(parts, model_classes)
+    classes = check_folder(root, suite, names)
+    ds = ImageFolder(str(root), transform=pixel_transform(parts))
+    to_model = torch.tensor([names.index(c) for c in ds.classes])
+    if max_images is not None and max_images < len(ds):
+        ds = Subset(ds, torch.linspace(0, len(ds) - 1, max_images).round().long().tolist())
+    dev = next(parts.parameters()).device
+    keep = torch.full((len(names),), float("-inf"), device=dev)
+    keep[to_model.to(dev)] = 0.0
+    was = parts.training
+    parts.eval()
+    hits = n = 0
+    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
+        z = parts(x.to(dev)) + keep
+        hits += int((z.argmax(-1).cpu() == to_model[y]).sum())
+        n += len(y)
+    parts.train(was)
+    return hits / max(n, 1)

@@ -1,0 +1,195 @@
+"""Report: every number with its model, seed, suite, setting and metric; the paper's Table 2 layout.
+
+Table 2 (paper): models as rows; Clean, PatchFool, CW, FGSM, DamageNet, A, C (mCE, lower is
+better), V2, R, Sketch, Stylized; Average = mean of the columns present with C entering as
+100 - mCE (the paper's own rows satisfy this: ViT-S 26.54, ViT-B + NS 39.39). Suites outside the
+paper (PGD, AutoAttack, nullspace metrics...) become extra columns, outside the Average.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import NsvitError
+from ..io import save_figure, write_json, write_text
+
+TABLE2 = [("clean", "Clean"), ("patchfool", "PatchFool"), ("cw", "CW"), ("fgsm", "FGSM"),
+          ("damagenet", "DamageNet"), ("imagenet-a", "A"), ("corruptions", "C↓"), ("imagenet-v2", "V2"),
+          ("imagenet-r", "R"), ("imagenet-sketch", "Sketch"), ("stylized", "Stylized")]
+EXTRA = [("pgd", "PGD"), ("pgd_l2", "PGD-L2"), ("autoattack", "AutoAttack"), ("corruption_acc", "C acc"),
+         ("nullspace", "NS match"), ("noisebank", "Bank match")]
+LABELS = dict(TABLE2 + EXTRA)
+HEADLINE = {"corruptions": "mce", "nullspace": "match_rate", "noisebank": "match_rate"}  # else "acc"
+LOWER_IS_BETTER = {"corruptions"}
+
+
+@dataclass
+class Record:
+    model: str
+    seed: int
+    suite: str
+    setting: str
+    metric: str
+    value: float
+
+
+class Report:
+    def __init__(self, records: list[Record] | None = None):
+        self.records: list[Record] = list(records or [])
+
+    def add(self, model: str, seed: int, suite: str, setting: str, metric: str, value: float) -> None:
+        self.records.append(Record(model, int(seed), suite, setting, metric, float(value)))
+
+    def merge(self, other: "Report") -> "Report":
+        return Report(self.records + other.records)
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r.model for r in self.records))
+
+    # -- aggregation --
+    def values(self, model: str, suite: str, setting: str | None = None, metric: str | None = None) -> list[float]:
+        metric = metric or HEADLINE.get(suite, "acc")
+        return [r.value for r in self.records if r.model == model and r.suite == suite and r.metric == metric
+                and (setting is None or r.setting == setting)]
+
+    def columns(self) -> list[tuple[str, str, str]]:
+        """(suite, setting, label) of every headline column, Table 2's first, then the extras."""
+        heads = list(dict.fromkeys((r.suite, r.setting) for r in self.records
+                                   if r.metric == HEADLINE.get(r.suite, "acc") and "@" not in r.setting))
+        order = [s for s, _ in TABLE2 + EXTRA]
+        heads = [h for h in heads if h[0] in order]
+        heads.sort(key=lambda h: order.index(h[0]))
+        multi = {s for s, _ in heads if sum(1 for t, _ in heads if t == s) > 1}
+        return [(s, st, LABELS[s] + (f" ({st})" if s in multi and st else "")) for s, st in heads]
+
+    def cell(self, model: str, suite: str, setting: str) -> tuple[float, float, int] | None:
+        v = self.values(model, suite, setting)
+        if not v:
+            return None
+        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
+
+    def average(self, model: str) -> float | None:
+        """The paper's Average over the Table-2 columns present (first setting of each), C as 100 - mCE."""
+        vals, seen = [], set()
+        for suite, setting, _ in self.columns():
+            if suite not in dict(TABLE2) or suite in seen:
+                continue
+            c = self.cell(model, suite, setting)
+            if c is None:
+                continue
+            seen.add(suite)
+            vals.append(100.0 - c[0] if suite in LOWER_IS_BETTER else c[0])
+        return statistics.mean(vals) if vals else None
+
+    # -- rendering --
+    def table2(self) -> str:
+        cols = self.columns()
+        if not cols:
+            raise NsvitError("the report holds no results")
+        head = "| model | " + " | ".join(lab for _, _, lab in cols) + " | Average |"
+        lines = [head, "|---|" + "---|" * (len(cols) + 1)]
+        for m in self.models:
+            cells = []
+            for suite, setting, _ in cols:
+                c = self.cell(m, suite, setting)
+                cells.append("–" if c is None else f"{c[0]:.2f}" + (f" ± {c[1]:.2f}" if c[2] > 1 else ""))
+            avg = self.average(m)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'–' if avg is None else f'{avg:.2f}'} |")
+        seeds = sorted({r.seed for r in self.records})
+        note = f"Accuracy in %, C↓ is mCE (lower is better; the Average uses 100 − mCE). Seeds: {seeds}"
+        return "\n".join(lines) + "\n\n" + note + ("; mean ± std over seeds." if len(seeds) > 1 else ".") + "\n"
+
+    def to_dict(self) -> dict:
+        return {"kind": "nsvit-fast/report", "records": [asdict(r) for r in self.records]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        if d.get("kind") != "nsvit-fast/report":
+            raise NsvitError("not an nsvit-fast report")
+        return cls([Record(**r) for r in d["records"]])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        p = Path(path)
+        if not p.is_file():
+            raise NsvitError(f"no such report: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise NsvitError(f"{p} is not valid JSON: {e}") from None
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["model", "seed", "suite", "setting", "metric", "value"])
+        for r in self.records:
+            w.writerow([r.model, r.seed, r.suite, r.setting, r.metric, repr(r.value)])
+        return buf.getvalue()
+
+    def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+        out = Path(out_dir)
+        paths = {"json": write_json(out / "report.json", self.to_dict()), "csv": write_text(out / "report.csv", self.to_csv()),
+                 "md": write_text(out / "report.md", "# Robustness report\n\n" + self.table2())}
+        if plots:
+            paths.update(self.plots(out))
+        return paths
+
+    # -- plots --
+    def plots(self, out: Path) -> dict[str, Path]:
+        from ..viz import bars_figure
+
+        paths = {}
+        cols = [(s, st, lab) for s, st, lab in self.columns() if s not in LOWER_IS_BETTER]
+        if cols:
+            rows = []
+            for m in self.models:
+                row = {"name": m}
+                for s, st, lab in cols:
+                    c = self.cell(m, s, st)
+                    if c is not None:
+                        row[lab], row[lab + "_std"] = c[0], c[1]
+                rows.append(row)
+            paths["bars"] = bars_figure(rows, [(lab, lab) for _, _, lab in cols], out / "suites.png",
+                                        title="accuracy per suite (%)")
+        sev = [r for r in self.records if r.suite == "corruptions" and r.metric == "acc" and "@" in r.setting]
+        if sev:
+            paths["corruptions"] = self._severity_plot(sev, out / "corruptions.png")
+        return paths
+
+    def _severity_plot(self, recs: list[Record], path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(dict.fromkeys(r.setting.split("@")[0] for r in recs))
+        cols = 5
+        rows = (len(names) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows), squeeze=False, sharey=True)
+        for ax, name in zip(axes.flat, names):
+            for m in self.models:
+                pts = {}
+                for r in recs:
+                    if r.model == m and r.setting.startswith(name + "@"):
+                        pts.setdefault(int(r.setting.split("@")[1]), []).append(r.value)
+                if pts:
+                    xs = sorted(pts)
+                    ax.plot(xs, [statistics.mean(pts[x]) for x in xs], marker="o", ms=3, label=m)
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks([1, 2, 3, 4, 5])
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=6)
+        fig.supxlabel("severity", fontsize=8)
+        fig.supylabel("accuracy (%)", fontsize=8)
+        fig.tight_layout()
+        out = save_figure(fig, path, dpi=100)
+        plt.close(fig)
+        return out

@@ -1,0 +1,163 @@
+"""Evaluation: attacks lower accuracy and respect their budgets, corruptions, mCE and the Table-2
+Average against hand-computed values, OOD folders, reports round-trip, bad input."""
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+
+from nsvit_fast import NsvitError, digits, load_model
+from nsvit_fast.eval import (ALEXNET_ERR, CORRUPTIONS, Report, accuracy, attack_accuracy, corrupt, evaluate,
+                             make_attack, mce, mce_imagenet, parse_suite)
+from nsvit_fast.eval.ood import folder_accuracy
+from nsvit_fast.eval.patchfool import patchfool
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return load_model("digits_vit")
+
+
+@pytest.fixture(scope="module")
+def test128():
+    return digits("test").subset(128)
+
+
+@pytest.mark.parametrize("name,kw", [("fgsm", {"eps": 8 / 255}), ("pgd", {}), ("pgd_l2", {"eps": 1.0}),
+                                     ("cw", {"steps": 20})])
+def test_attacks_lower_accuracy(parts, test128, name, kw):
+    clean = accuracy(parts, test128.images, test128.labels)
+    adv = attack_accuracy(parts, test128.images, test128.labels, name, **kw)
+    assert adv < clean - 0.05
+
+
+def test_autoattack_on_a_subset(parts, test128):
+    x, y = test128.images[:16], test128.labels[:16]
+    assert attack_accuracy(parts, x, y, "autoattack", n_classes=10) < accuracy(parts, x, y)
+
+
+def test_fgsm_eps_zero_is_clean(parts, test128):
+    assert attack_accuracy(parts, test128.images, test128.labels, "fgsm", eps=0.0) == \
+        accuracy(parts, test128.images, test128.labels)
+
+
+@pytest.mark.parametrize("name,kw,norm", [("fgsm", {"eps": 4 / 255}, "inf"), ("pgd", {"eps": 4 / 255}, "inf"),
+                                          ("pgd_l2", {"eps": 0.5}, "l2")])
+def test_adversarial_images_in_range_and_budget(parts, test128, name, kw, norm):
+    x, y = test128.images[:32], test128.labels[:32]
+    xa = make_attack(parts, name, **kw)(x, y)
+    assert xa.min() >= 0 and xa.max() <= 1
+    d = (xa - x).flatten(1)
+    size = d.abs().max(1).values if norm == "inf" else d.norm(dim=1)
+    assert float(size.max()) <= kw["eps"] + 1e-5
+
+
+def test_patchfool_changes_one_patch_and_fools(parts, test128):
+    x, y = test128.images[:32], test128.labels[:32]
+    xa = patchfool(parts, x, y, steps=20, generator=torch.Generator().manual_seed(0))
+    assert xa.min() >= 0 and xa.max() <= 1
+    changed = (xa != x).flatten(2).any(1).reshape(32, 4, 8, 4, 8).any(4).any(2).sum((1, 2))  # changed 8x8 patches
+    assert int(changed.max()) <= 1
+    with torch.no_grad():
+        assert (parts(xa).argmax(-1) == y).float().mean() < (parts(x).argmax(-1) == y).float().mean() - 0.2
+
+
+def test_corruption_severity_lowers_accuracy(parts, test128):
+    x, y = test128.images, test128.labels
+    sev1 = sum(accuracy(parts, corrupt(x, c, 1), y) for c in CORRUPTIONS) / 15
+    sev5 = sum(accuracy(parts, corrupt(x, c, 5), y) for c in CORRUPTIONS) / 15
+    assert sev5 < sev1 - 0.1
+    a, b = corrupt(x[:4], "gaussian_noise", 3, seed=1), corrupt(x[:4], "gaussian_noise", 3, seed=1)
+    assert torch.equal(a, b) and a.shape == x[:4].shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_mce_and_average_formulas():
+    # hand-computed: CE_c = sum_s err / sum_s ref; mCE = 100 mean_c CE_c
+    err = {"a": [0.1, 0.2, 0.3, 0.4, 0.5], "b": [0.2] * 5}
+    ref = {"a": [0.5] * 5, "b": [0.4] * 5}
+    assert mce(err, ref) == pytest.approx(100 * ((1.5 / 2.5) + (1.0 / 2.0)) / 2)  # 55.0
+    # AlexNet itself scores 100
+    assert mce_imagenet({c: [e] * 5 for c, e in ALEXNET_ERR.items()}) == pytest.approx(100.0)
+    # the paper's Table 2 rows: Average over 11 columns with C as 100 - mCE
+    cols = ["clean", "patchfool", "cw", "fgsm", "damagenet", "imagenet-a", "corruptions", "imagenet-v2",
+            "imagenet-r", "imagenet-sketch", "stylized"]
+    for row, avg in (([74.19, 0.68, 4.63, 13.79, 29.82, 16.35, 71.13, 62.51, 34.67, 14.26, 12.15], 26.54),
+                     ([81.42, 23.52, 14.23, 36.50, 40.44, 24.55, 47.82, 70.25, 44.85, 26.35, 19.02], 39.39)):
+        rep = Report()
+        for suite, v in zip(cols, row):
+            rep.add("m", 0, suite, "", "mce" if suite == "corruptions" else "acc", v)
+        assert rep.average("m") == pytest.approx(avg, abs=0.005)
+        assert "| m | 74.19" in rep.table2() or "| m | 81.42" in rep.table2()
+
+
+def test_report_round_trip_and_seeds(tmp_path):
+    rep = Report()
+    for seed, v in ((0, 80.0), (1, 84.0)):
+        rep.add("ns", seed, "clean", "", "acc", 99.0)
+        rep.add("ns", seed, "fgsm", "eps=1/255", "acc", v)
+    paths = rep.save(tmp_path)
+    again = Report.load(paths["json"])
+    assert [r.__dict__ for r in again.records] == [r.__dict__ for r in rep.records]
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert len(rows) == 4 and float(rows[1]["value"]) == 80.0
+    assert "82.00 ± 2.83" in rep.table2()
+    assert paths["bars"].stat().st_size > 1000
+
+
+def test_evaluate_two_models_with_relative_mce(parts):
+    data = digits("test").subset(48)
+    other = load_model("digits_vit")
+    with torch.no_grad():
+        for p in other.model.blocks[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rep = evaluate({"base": parts, "other": other}, data, ["clean", "fgsm", "corruptions", "nullspace"],
+                   progress=False)
+    assert rep.values("base", "corruptions")[0] == pytest.approx(100.0)   # relative to itself
+    assert rep.values("other", "corruptions")[0] != pytest.approx(100.0)
+    assert rep.values("base", "nullspace")[0] == 100.0                     # exact nullspace: predictions kept
+    assert len([r for r in rep.records if r.model == "base" and "@" in r.setting]) == 75
+    assert rep.values("base", "fgsm")[0] <= rep.values("base", "clean")[0]
+
+
+def _write_folder(root, images, labels, classes):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        if str(int(y)) in classes:
+            Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(root / str(int(y)) / f"{i}.png")
+
+
+def test_ood_folder_accuracy_and_errors(parts, tmp_path):
+    data = digits("test")
+    names = [str(i) for i in range(10)]
+    _write_folder(tmp_path / "full", data.images[:200], data.labels[:200], names)
+    acc = folder_accuracy(parts, tmp_path / "full", "imagenet-v2", model_classes=names)
+    assert acc > 0.8  # through the model's own resize/crop transform
+    _write_folder(tmp_path / "part", data.images[:200], data.labels[:200], names[:7])
+    with pytest.raises(NsvitError, match=r"incomplete, 7 of 10 class folders \(missing e.g. \['7', '8', '9'\]\)"):
+        folder_accuracy(parts, tmp_path / "part", "imagenet-v2", model_classes=names)
+    (tmp_path / "full" / "cat").mkdir()
+    with pytest.raises(NsvitError, match="does not know"):
+        folder_accuracy(parts, tmp_path / "full", "imagenet-v2", model_classes=names)
+    with pytest.raises(NsvitError, match="folder not found"):
+        folder_accuracy(parts, tmp_path / "nope", "imagenet-r", model_classes=names)
+
+
+def test_bad_input(parts):
+    data = digits("test").subset(8)
+    with pytest.raises(NsvitError, match="unknown suite 'fgms'.*did you mean 'fgsm'"):
+        parse_suite("fgms")
+    with pytest.raises(NsvitError, match="eps must be >= 0"):
+        parse_suite("fgsm:eps=-1")
+    with pytest.raises(NsvitError, match="no setting 'epz'"):
+        parse_suite("pgd:epz=3")
+    with pytest.raises(NsvitError, match="needs its folder"):
+        evaluate(parts, data, ["imagenet-r"], progress=False)
+    with pytest.raises(NsvitError, match="at least 32x32"):
+        corrupt(torch.rand(2, 3, 16, 16), "fog", 1)
+    with pytest.raises(NsvitError, match="needs a NoiseBank"):
+        evaluate(parts, data, ["noisebank"], progress=False)
