@@ -10,7 +10,7 @@ else
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test bench clean
+.PHONY: install ext ext-cuda cuda-check demo test bench clean
 
 install: $(STAMP)
 
@@ -22,11 +22,34 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
+# optional compiled ops (C++ / OpenMP on the CPU): nsvit_fast/_C*.so, picked up by nsvit_fast.ops
+EXT := $(VENV)/.ext-built
+ext: $(EXT)
+$(EXT): $(STAMP) csrc/ops.cpp csrc/ops.h setup.py
+	NSVIT_BUILD_EXT=cpu $(PY) setup.py -q build_ext --inplace
+	touch $(EXT)
+
+# the same with the CUDA sources, for a machine with a GPU (then run bench/gpu_report.py)
+ext-cuda: $(STAMP)
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} NSVIT_BUILD_EXT=cuda $(PY) setup.py -q build_ext --inplace
+
+# compile the CUDA sources too (nothing runs them on a CPU machine); the result stays in build/cuda
+cuda-check: $(STAMP)
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} \
+	NSVIT_BUILD_EXT=cuda $(PY) setup.py -q build_ext --build-lib build/cuda --build-temp build/cuda-tmp
+
 demo: $(STAMP)
 	$(VENV)/bin/nsvit-fast demo --out runs/demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# builds the C++ extension first, so its tests run (and must: NSVIT_REQUIRE_EXT)
+test: $(STAMP) $(EXT)
+	NSVIT_REQUIRE_EXT=1 $(PY) -m pytest -q
+
+# the benchmarks (idle machine please): results in bench/results/
+bench: $(STAMP) $(EXT)
+	$(PY) bench/bench_ops.py
+	$(PY) bench/bench_synth.py
+	$(PY) bench/bench_finetune.py
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache
+	rm -rf runs build *.egg-info .pytest_cache nsvit_fast/_C*.so

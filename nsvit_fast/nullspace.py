@@ -106,12 +106,17 @@ class PatchNullspace:
     def project(self, images: torch.Tensor, complement: bool = False) -> torch.Tensor:
         """Project every non-overlapping patch of images (B, C, H, W) onto null(W); returns (B, C, H, W).
 
-        All patches of all images go through one matrix product (no Python loop over patches)."""
+        All patches of all images go through one op (``nsvit_fast.ops.nullspace_project``: fused
+        patchify / products / unpatchify; no Python loop over patches)."""
+        from . import ops
+
         self._check_images(images)
-        b, c, h, w = images.shape
-        grid = (h // self.patch_size[0], w // self.patch_size[1])
-        out = self.project_patches(patchify(images, self.patch_size), complement)
-        return unpatchify(out, c, grid, self.patch_size)
+        if images.shape[2] % self.patch_size[0] or images.shape[3] % self.patch_size[1]:
+            raise NsvitError(f"image size {images.shape[2]}x{images.shape[3]} is not a multiple of the patch size "
+                             f"{self.patch_size[0]}x{self.patch_size[1]}")
+        small_is_null = self.dim <= self.rank
+        q = self.basis if small_is_null else self.row_basis
+        return ops.nullspace_project(images, q.to(images.device), self.patch_size, keep=small_is_null != complement)
 
     def coefficients(self, images: torch.Tensor) -> torch.Tensor:
         """Least-squares coefficients (B, P, k) of each patch of images (B, C, H, W) in the basis.

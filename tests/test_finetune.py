@@ -48,12 +48,21 @@ def test_ns_uses_one_fused_2b_batch(monkeypatch):
     parts = load_model("digits_vit")
     x, y = digits("train").images[:16], digits("train").labels[:16]
     v = torch.randn(16, 96)
-    seen = {"patch_embed": [], "encode": []}
-    pe, enc = type(parts).patch_embed, type(parts).encode
+    import nsvit_fast.ops as ops
+
+    seen = {"patch_embed": [], "assembled_rows": []}
+    pe, ta = type(parts).patch_embed, ops.token_assembly
+
+    def assembly(*a, **kw):
+        out = ta(*a, **kw)
+        seen["assembled_rows"].append(out[0].shape[0])
+        return out
+
     monkeypatch.setattr(type(parts), "patch_embed", lambda s, t: seen["patch_embed"].append(t.shape[0]) or pe(s, t))
-    monkeypatch.setattr(type(parts), "encode", lambda s, u: seen["encode"].append(u.shape[0]) or enc(s, u))
+    monkeypatch.setattr(ops, "token_assembly", assembly)
     loss, _ = METHODS["ns"]().loss(parts, x, y, v)
-    assert seen == {"patch_embed": [16], "encode": [32]}
+    # one patch embedding of B images, one token assembly of 2B rows (clean + noisy) for one encoder pass
+    assert seen == {"patch_embed": [16], "assembled_rows": [32]}
     monkeypatch.undo()
     # and it is the same loss, with the same gradient, as the official two forwards
     g_fused = torch.autograd.grad(loss, list(parts.parameters()))

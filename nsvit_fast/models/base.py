@@ -82,6 +82,16 @@ class Adapter(nn.Module):
         """Patch tokens u (B, N, D), noise already added -> logits (B, K)."""
         raise NotImplementedError
 
+    def encode_noisy(self, u: torch.Tensor, v: torch.Tensor | None, include_clean: bool = False,
+                     backend: str | None = None) -> torch.Tensor:
+        """Logits of u (B, N, D) plus every noise of v (M, N, D), broadcast over the batch:
+        (M * B, K) noise-major, preceded by the B clean rows if ``include_clean``. A family may fuse
+        this (the ViT adapter does); this default builds the rows and encodes them."""
+        rows = [u] if include_clean else []
+        if v is not None and v.shape[0]:
+            rows.append((u[None] + v[:, None]).reshape(-1, *u.shape[1:]))
+        return self.encode(torch.cat(rows) if len(rows) > 1 else rows[0])
+
     def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The linear patch map in pixel space: weight (D, C, r, r) with 1/std folded in, bias (D,)."""
         raise NotImplementedError

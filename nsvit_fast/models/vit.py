@@ -113,6 +113,37 @@ class VitAdapter(Adapter):
                 h.remove()
         return logits, maps
 
+    def _fusable_first_block(self):
+        """(prefix (P, D), pos, embed_prefix, first block) when the first block can take its
+        LayerNorm from the fused token-assembly op, else None (the plain path then runs)."""
+        m = self.model
+        blk = m.blocks[0] if len(m.blocks) else None
+        if (self._nhwc or m.pos_embed is None or not isinstance(m.norm_pre, nn.Identity)
+                or not isinstance(m.patch_drop, nn.Identity) or (m.training and m.pos_drop.p > 0)
+                or type(blk).__name__ != "Block" or not isinstance(blk.norm1, nn.LayerNorm)):
+            return None
+        pre = [t[0] for t in (m.cls_token, getattr(m, "dist_token", None), m.reg_token) if t is not None]
+        d = self.embed_dim
+        prefix = torch.cat(pre) if pre else m.pos_embed.new_zeros(0, d)
+        return prefix, m.pos_embed[0], not m.no_embed_class, blk
+
+    def encode_noisy(self, u, v, include_clean=False, backend=None):
+        """As the base class, with the token assembly (prefix, u + v_m, positional embedding, the first
+        block's LayerNorm) as one op from ``nsvit_fast.ops``: fused kernels on CUDA, the torch
+        reference (timm's own arithmetic, so exactly ``encode``) on the CPU."""
+        fuse = self._fusable_first_block()
+        if fuse is None:
+            return super().encode_noisy(u, v, include_clean)
+        from .. import ops
+
+        prefix, pos, embed_prefix, blk = fuse
+        n1 = blk.norm1
+        x, ln = ops.token_assembly(u, v, prefix, pos, n1.weight, n1.bias, n1.eps, embed_prefix, include_clean,
+                                   backend=backend)
+        x = x + blk.drop_path1(blk.ls1(blk.attn(ln)))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return self.head(self.model.norm(self.model.blocks[1:](x)))
+
     def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         proj = self.model.patch_embed.proj
         w = proj.weight / self.std.to(proj.weight.dtype).reshape(1, -1, 1, 1)

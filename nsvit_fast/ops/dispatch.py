@@ -77,7 +77,8 @@ def call(op: str, *args, backend: str | None = None, device=None, **kwargs):
     """Run ``op`` with the chosen backend. ``device`` defaults to the first tensor argument's."""
     if device is None:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-    return OPS[op].impls[backend_for(op, device, backend)](*args, **kwargs)
+    chosen = backend_for(op, device, backend)  # raises for an unknown op or backend
+    return OPS[op].impls[chosen](*args, **kwargs)
 
 
 def backends(op: str) -> list[str]:

@@ -266,7 +266,7 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
             rows = active[c:c + per]
             vc = V[rows].requires_grad_(True)
             with _phase("noisy_forward"):
-                zn = parts.encode((u[None] + vc[:, None]).reshape(-1, n_tok, dim)).reshape(vc.shape[0], b, -1)
+                zn = parts.encode_noisy(u, vc).reshape(vc.shape[0], b, -1)
             with _phase("loss_and_stop"):
                 loss, mse[c:c + per], _ = ops.prob_shift(zn, z, cfg.eps, p)
                 if lam is not None:

@@ -15,7 +15,7 @@ from .base import Method
 def fused_views(parts, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the clean and noisy views, (B, K) each, from one encoder pass over 2B token sets."""
     u = parts.patch_embed(x)
-    z = parts.encode(torch.cat([u, u + noise.to(u)]))
+    z = parts.encode_noisy(u, noise.to(u)[None], include_clean=True)
     return z[: x.shape[0]], z[x.shape[0]:]
 
 

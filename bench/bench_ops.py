@@ -1,0 +1,114 @@
+"""Op microbenchmarks (pytest-benchmark): every op, every backend available on the device, at the
+token / logit / image shapes of the digits model, ViT-S/32 and ViT-B/16. Forward + backward.
+
+    .venv/bin/python bench/bench_ops.py            # runs pytest-benchmark, writes bench/results/ops.{json,md}
+    .venv/bin/python -m pytest bench/bench_ops.py  # the raw pytest-benchmark table
+
+On the CPU the backends are torch and the compiled C++ extension (``make ext``); Triton runs on
+the CPU only under its interpreter, far too slow to time, so it is left out here and measured by
+bench/gpu_report.py on a CUDA machine. Times are CPU times on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsvit_fast import ops
+from nsvit_fast.ops.dispatch import OPS
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SIZES = {
+    "prob_shift": {"digits M1": (1, 128, 10), "digits M8": (8, 128, 10), "ImageNet M1": (1, 128, 1000),
+                   "ImageNet M8": (8, 64, 1000)},
+    "nullspace_project": {"digits": (128, 32, 8, 96, True), "ViT-S/32": (32, 224, 32, 384, False),
+                          "ViT-B/16": (32, 224, 16, 2, True)},
+    "token_assembly": {"digits": (128, 16, 96, 1, 1), "ViT-S/32": (64, 49, 384, 1, 1), "ViT-B/16": (32, 196, 768, 1, 1)},
+}
+
+
+def backends_here(op: str) -> list[str]:
+    skip = {"triton"} if DEV.type == "cpu" else set()  # the interpreter is not for timing
+    return [b for b in OPS[op].impls if b not in skip and OPS[op].available[b](DEV)]
+
+
+def make_case(op: str, size):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    if op == "prob_shift":
+        m, b, k = size
+        zn, zc = r(m, b, k).requires_grad_(True), r(b, k)
+        return lambda backend: ops.prob_shift(zn, zc, 0.03, backend=backend)[0].sum().backward()
+    if op == "nullspace_project":
+        b, hw, p, k, keep = size
+        q = torch.linalg.qr(torch.randn(3 * p * p, k, generator=g))[0].T.contiguous().to(DEV)
+        x = r(b, 3, hw, hw).requires_grad_(True)
+        return lambda backend: ops.nullspace_project(x, q, (p, p), keep, backend=backend).sum().backward()
+    b, n, d, m, pfx = size
+    u, v = r(b, n, d).requires_grad_(True), r(m, n, d).requires_grad_(True)
+    pre, pos, w, bias = r(pfx, d).requires_grad_(True), r(pfx + n, d).requires_grad_(True), r(d), r(d)
+
+    def run(backend):
+        x, ln = ops.token_assembly(u, v, pre, pos, w, bias, 1e-6, True, True, backend=backend)
+        (x.sum() + ln.sum()).backward()
+    return run
+
+
+CASES = [(op, name, be) for op, sizes in SIZES.items() for name in sizes for be in backends_here(op)]
+
+
+@pytest.mark.parametrize("op,size,backend", CASES, ids=[f"{o}-{s}-{b}" for o, s, b in CASES])
+def test_op(benchmark, op, size, backend):
+    fn = make_case(op, SIZES[op][size])
+    benchmark.group = f"{op} {size}"
+    benchmark.extra_info.update(op=op, size=size, backend=backend, device=DEV.type)
+    if DEV.type == "cuda":
+        benchmark(lambda: (fn(backend), torch.cuda.synchronize()))
+    else:
+        benchmark(fn, backend)
+
+
+def summarise(raw: dict) -> tuple[list[dict], str]:
+    rows = []
+    for bm in raw["benchmarks"]:
+        e = bm["extra_info"]
+        rows.append({"op": e["op"], "size": e["size"], "backend": e["backend"], "device": e["device"],
+                     "median_ms": round(bm["stats"]["median"] * 1e3, 4), "rounds": bm["stats"]["rounds"]})
+    base = {(r["op"], r["size"]): r["median_ms"] for r in rows if r["backend"] == "torch"}
+    for r in rows:
+        r["torch_over_backend"] = round(base[(r["op"], r["size"])] / r["median_ms"], 3)
+    machine = f"{DEV.type.upper()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, " \
+              f"{torch.get_num_threads()} threads"
+    md = [f"Machine: {machine}. Forward + backward, median of pytest-benchmark rounds.", "",
+          "| op | size | backend | median ms | speed-up over torch |", "|---|---|---|---|---|"]
+    md += [f"| {r['op']} | {r['size']} | {r['backend']} | {r['median_ms']} | {r['torch_over_backend']} |" for r in rows]
+    return rows, "\n".join(md) + "\n"
+
+
+def main() -> None:
+    from nsvit_fast.io import write_json, write_text
+
+    with tempfile.TemporaryDirectory() as d:
+        raw_path = Path(d) / "raw.json"
+        subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                        f"--benchmark-json={raw_path}", "--benchmark-min-rounds=10", "--benchmark-warmup=on"],
+                       check=True)
+        raw = json.loads(raw_path.read_text())
+    rows, md = summarise(raw)
+    write_json(RESULTS / "ops.json", {"device": DEV.type, "results": rows})
+    write_text(RESULTS / "ops.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

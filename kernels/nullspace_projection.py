@@ -1,0 +1,94 @@
+"""Batched nullspace projection of image patches, patchify and unpatchify fused (Triton).
+
+For images x (B, C, H, W) cut into non-overlapping r_h x r_w patches p (n = C r_h r_w values,
+flattened as (C, r_h, r_w) like the conv weight), and an orthonormal basis Q (k, n):
+
+    keep=True:   p <- Q^T Q p          (projection onto span Q)
+    keep=False:  p <- p - Q^T Q p      (projection onto its complement)
+
+Pass whichever of the nullspace and row-space bases is smaller (``PatchNullspace`` does): both
+projections are available from either. One program handles ``BLOCK_P`` patches: it reads them
+straight from the image layout (no patchify copy), forms the coefficients Q p in chunks of
+``BLOCK_K`` basis vectors, and adds Q^T(Q p) back at the same image positions (no unpatchify
+copy). Output: a fresh tensor shaped like x. fp32 / fp16 / bf16 (fp32 accumulation); fp64 goes to
+the torch reference. The op is linear and self-adjoint, so its backward is the same projection of
+the incoming gradient. The basis is a constant (no gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, n, k,
+                    KEEP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < total
+    img = rows // PER_IMG
+    pi = rows % PER_IMG
+    base = img * C * H * W + (pi // GW) * RH * W + (pi % GW) * RW          # top-left pixel of each patch
+    ar_n = tl.arange(0, BLOCK_N)
+    ar_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, k, BLOCK_K):
+        kk = k0 + ar_k
+        kmask = kk < k
+        coef = tl.zeros((BLOCK_P, BLOCK_K), tl.float32)
+        for n0 in range(0, n, BLOCK_N):                                    # coef = p Q_chunk^T
+            j = n0 + ar_n
+            jmask = j < n
+            off = (j // (RH * RW)) * H * W + ((j // RW) % RH) * W + (j % RW)
+            xp = tl.load(x_ptr + base[:, None] + off[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
+            qt = tl.load(q_ptr + kk[None, :] * n + j[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0)
+            coef += tl.dot(xp.to(tl.float32), qt.to(tl.float32))
+        for n0 in range(0, n, BLOCK_N):                                    # out (+)= coef Q_chunk
+            j = n0 + ar_n
+            jmask = j < n
+            off = (j // (RH * RW)) * H * W + ((j // RW) % RH) * W + (j % RW)
+            ptrs = base[:, None] + off[None, :]
+            m2 = rmask[:, None] & jmask[None, :]
+            qc = tl.load(q_ptr + kk[:, None] * n + j[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
+            proj = tl.dot(coef, qc.to(tl.float32))
+            if k0 == 0:
+                if KEEP:
+                    acc = proj
+                else:
+                    acc = tl.load(x_ptr + ptrs, mask=m2, other=0.0).to(tl.float32) - proj
+            else:
+                prev = tl.load(out_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+                acc = prev + proj if KEEP else prev - proj
+            tl.store(out_ptr + ptrs, acc, mask=m2)
+
+
+def project_forward(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
+    x = x.contiguous()
+    b, c, h, w = x.shape
+    rh, rw = patch
+    n, k = c * rh * rw, basis.shape[0]
+    q = basis.to(device=x.device, dtype=torch.float32).contiguous()
+    out = torch.empty_like(x)
+    per_img = (h // rh) * (w // rw)
+    total = b * per_img
+    block_p = 16
+    _project_kernel[(triton.cdiv(total, block_p),)](
+        x, out, q, total, per_img, w // rw, c, h, w, rh, rw, n, k, KEEP=keep, BLOCK_P=block_p,
+        BLOCK_N=max(16, min(triton.next_power_of_2(n), 64)), BLOCK_K=max(16, min(triton.next_power_of_2(k), 64)))
+    return out
+
+
+class NullspaceProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, basis, patch, keep):
+        ctx.basis, ctx.patch, ctx.keep = basis, patch, keep
+        return project_forward(x, basis, patch, keep)
+
+    @staticmethod
+    def backward(ctx, g):
+        return project_forward(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
+
+
+def nullspace_project(x, basis, patch, keep):
+    return NullspaceProject.apply(x, basis, tuple(patch), bool(keep))

@@ -1,0 +1,193 @@
+"""Token assembly with noise broadcast, fused with the first block's LayerNorm (Triton).
+
+Builds the encoder input for every (noise m, image b) pair, and optionally the clean copies
+(the fused 2B batch of NS finetuning), without materialising the broadcast u + v separately:
+
+    rows r = [clean b = 0..B-1 (if include_clean)] + [noise m, image b for m < M, b < B]
+    x[r]   = [prefix tokens, u[b] + v[m]] + pos          (pos over prefix and patches, or patches only)
+    ln[r]  = LayerNorm(x[r]) with the first block's weight, bias and eps
+
+Shapes: u (B, N, D); v (M, N, D) (M may be 0 with include_clean); prefix (P, D) (P may be 0);
+pos (P + N, D) if ``embed_prefix`` else (N, D); weight, bias (D,). Returns x, ln (R, P + N, D),
+R = B * include_clean + M * B, in u's dtype (fp32 accumulation). One program per token row;
+D must fit one block (D <= 8192).
+
+Backward: one program per row turns (grad x, grad ln) into the total gradient g of x (LayerNorm
+backward inline, per-row partials of the weight and bias gradients); then row-sum programs reduce
+g into grad u (over noises and the clean copy), grad v_m (over the batch, inside the kernel),
+grad pos and grad prefix (over all rows). Only the gradients autograd asks for are computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _assemble_fwd(u_ptr, v_ptr, pre_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, ln_ptr, mean_ptr, rstd_ptr,
+                  B, N, P, D, CLEAN_B, eps, EMBED_PREFIX: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)               # token row = r * T + t
+    T = P + N
+    r = row // T
+    t = row % T
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    is_pre = t < P
+    i = tl.maximum(t - P, 0)
+    noisy = r >= CLEAN_B
+    rr = tl.maximum(r - CLEAN_B, 0)
+    m = rr // B
+    b = tl.where(noisy, rr % B, r)
+    x = tl.load(pre_ptr + t * D + d, mask=dm & is_pre, other=0.0).to(tl.float32)
+    x += tl.load(u_ptr + (b * N + i) * D + d, mask=dm & (t >= P), other=0.0).to(tl.float32)
+    x += tl.load(v_ptr + (m * N + i) * D + d, mask=dm & (t >= P) & noisy, other=0.0).to(tl.float32)
+    if EMBED_PREFIX:
+        x += tl.load(pos_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
+    else:
+        x += tl.load(pos_ptr + i * D + d, mask=dm & (t >= P), other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(dm, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    bb = tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * D + d, x, mask=dm)
+    tl.store(ln_ptr + row * D + d, xc * rstd * w + bb, mask=dm)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _assemble_bwd_rows(gx_ptr, gln_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, g_ptr, dw_ptr, db_ptr, D,
+                       BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    x = tl.load(x_ptr + row * D + d, mask=dm, other=0.0).to(tl.float32)
+    gy = tl.load(gln_ptr + row * D + d, mask=dm, other=0.0).to(tl.float32)
+    gx = tl.load(gx_ptr + row * D + d, mask=dm, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    xhat = tl.where(dm, (x - mean) * rstd, 0.0)
+    wg = tl.where(dm, w * gy, 0.0)
+    c1 = tl.sum(wg, axis=0) / D
+    c2 = tl.sum(wg * xhat, axis=0) / D
+    g = gx + rstd * (wg - c1 - xhat * c2)
+    tl.store(g_ptr + row * D + d, g, mask=dm)
+    tl.store(dw_ptr + row * D + d, gy * xhat, mask=dm)
+    tl.store(db_ptr + row * D + d, gy, mask=dm)
+
+
+@triton.jit
+def _sum_rows(g_ptr, out_ptr, start, inner_stride, count, outer_stride, D, BLOCK_D: tl.constexpr):
+    """out[o] = sum_{j < count} g[start + o * outer_stride + j * inner_stride] (rows of D values)."""
+    o = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    first = start + o * outer_stride
+    for j in range(0, count):
+        acc += tl.load(g_ptr + (first + j * inner_stride) * D + d, mask=dm, other=0.0)
+    tl.store(out_ptr + o * D + d, acc, mask=dm)
+
+
+@triton.jit
+def _grad_u_kernel(g_ptr, out_ptr, B, N, T, P, M, CLEAN_B, D, BLOCK_D: tl.constexpr):
+    """grad u[b, i] = g[clean row b] (if clean copies) + sum_m g[noise m, image b], token P + i."""
+    o = tl.program_id(0)
+    b = o // N
+    i = o % N
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    acc = tl.load(g_ptr + (b * T + P + i) * D + d, mask=dm & (CLEAN_B > 0), other=0.0)
+    for mm in range(0, M):
+        acc += tl.load(g_ptr + ((CLEAN_B + mm * B + b) * T + P + i) * D + d, mask=dm, other=0.0)
+    tl.store(out_ptr + o * D + d, acc, mask=dm)
+
+
+@triton.jit
+def _grad_v_kernel(g_ptr, out_ptr, B, N, T, P, CLEAN_B, D, BLOCK_D: tl.constexpr):
+    """grad v[m, i] = sum_b g[noise m, image b], token P + i: the batch reduction of the broadcast."""
+    o = tl.program_id(0)
+    mm = o // N
+    i = o % N
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for b in range(0, B):
+        acc += tl.load(g_ptr + ((CLEAN_B + mm * B + b) * T + P + i) * D + d, mask=dm, other=0.0)
+    tl.store(out_ptr + o * D + d, acc, mask=dm)
+
+
+def _sum(g, start, inner, count, outer, n_out, d, block_d, dtype):
+    out = torch.empty(n_out, d, device=g.device, dtype=torch.float32)
+    if n_out and count:
+        _sum_rows[(n_out,)](g, out, start, inner, count, outer, d, BLOCK_D=block_d)
+    elif n_out:
+        out.zero_()
+    return out.to(dtype)
+
+
+class TokenAssembly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean):
+        u = u.contiguous()
+        bsz, n, d = u.shape
+        m = 0 if v is None else v.shape[0]
+        p = prefix.shape[0]
+        t = p + n
+        clean_b = bsz if include_clean else 0
+        r = clean_b + m * bsz
+        dev = u.device
+        vv = (v if v is not None else u.new_zeros(1, n, d)).contiguous()
+        pre = (prefix if p else u.new_zeros(1, d)).contiguous()
+        x = torch.empty(r, t, d, device=dev, dtype=u.dtype)
+        ln = torch.empty_like(x)
+        mean = torch.empty(r * t, device=dev, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        block_d = triton.next_power_of_2(d)
+        if r:
+            _assemble_fwd[(r * t,)](u, vv, pre, pos.contiguous(), weight.contiguous(), bias.contiguous(), x, ln,
+                                    mean, rstd, bsz, n, p, d, clean_b, float(eps), EMBED_PREFIX=bool(embed_prefix),
+                                    BLOCK_D=block_d)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.meta = (bsz, n, d, m, p, clean_b, bool(embed_prefix), block_d, v is not None, prefix.dtype, pos.dtype)
+        return x, ln
+
+    @staticmethod
+    def backward(ctx, gx, gln):
+        x, mean, rstd, weight = ctx.saved_tensors
+        bsz, n, d, m, p, clean_b, embed_prefix, block_d, has_v, pre_dtype, pos_dtype = ctx.meta
+        r, t = x.shape[0], p + n
+        gx = torch.zeros_like(x) if gx is None else gx.contiguous()
+        gln = torch.zeros_like(x) if gln is None else gln.contiguous()
+        g = torch.empty(r * t, d, device=x.device, dtype=torch.float32)
+        dw = torch.empty_like(g)
+        db = torch.empty_like(g)
+        if r:
+            _assemble_bwd_rows[(r * t,)](gx, gln, x, mean, rstd, weight.contiguous(), g, dw, db, d, BLOCK_D=block_d)
+        need = ctx.needs_input_grad
+        gu = gv = gpre = gpos = gw = gb = None
+        if need[0]:  # over the noises, plus the clean copy
+            gu = torch.empty(bsz, n, d, device=x.device, dtype=torch.float32)
+            _grad_u_kernel[(bsz * n,)](g, gu, bsz, n, t, p, m, clean_b, d, BLOCK_D=block_d)
+            gu = gu.to(x.dtype)
+        if has_v and need[1] and m:  # over the batch, inside the kernel
+            gv = torch.empty(m, n, d, device=x.device, dtype=torch.float32)
+            _grad_v_kernel[(m * n,)](g, gv, bsz, n, t, p, clean_b, d, BLOCK_D=block_d)
+            gv = gv.to(x.dtype)
+        if need[2] and p:
+            gpre = _sum(g, 0, t, r, 1, p, d, block_d, pre_dtype)
+        if need[3]:
+            gpos = _sum(g, 0 if embed_prefix else p, t, r, 1, t if embed_prefix else n, d, block_d, pos_dtype)
+        if need[4]:
+            gw = dw.sum(0).to(weight.dtype)
+        if need[5]:
+            gb = db.sum(0).to(weight.dtype)
+        return gu, gv, gpre, gpos, gw, gb, None, None, None
+
+
+def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
+    return TokenAssembly.apply(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
