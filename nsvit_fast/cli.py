@@ -26,6 +26,9 @@ def _load(args):
 
     if args.model is None and args.checkpoint is None:
         raise NsvitError("give --model NAME (or --checkpoint FILE saved by nsvit-fast)")
+    import torch
+
+    torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
     return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                       pretrained=args.pretrained)
 
@@ -332,7 +335,221 @@ def add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_finetune, add_eval, add_demo]
+# -- analysis: studies, watermark, targeted noise, fingerprints --
+def cmd_analyze(args) -> int:
+    from .analysis import studies
+
+    if args.study == "trend":
+        if not args.run:
+            raise NsvitError("analyze trend needs --run DIR (a finetuning output folder)")
+        res = studies.trend(args.run, args.out)
+        print(f"trend over {res['rounds']} rounds -> {res['figure']}")
+        return 0
+    parts = _load(args)
+    data = load_spec(args.data, parts, args.max_images)
+    kw = {"lim": args.lim, "seed": args.seed}
+    if args.study == "fig3":
+        lams = [float(x) for x in args.lams.split(",")]
+        res = studies.fig3(parts, data, args.out, lams=lams, steps=args.steps, batch_size=args.batch_size, **kw)
+        print(f"{'lambda':>7s} {'norm':>8s} {'match':>7s} {'MSE-prob':>9s} {'perm. match':>12s} {'perm. MSE':>10s}")
+        for r in res["rows"]:
+            print(f"{r['lambda']:7g} {r['norm']:8.1f} {r['match_rate']:7.3f} {r['mse_prob']:9.4f} "
+                  f"{r['permuted_match_rate']:12.3f} {r['permuted_mse_prob']:10.4f}")
+    else:
+        res = studies.fig5(parts, data, args.out, m=args.m, n_pairs=args.pairs, eps=args.eps, **kw)
+        print(f"{res['m_converged']} of {res['m_requested']} noises within eps {res['eps']} on held-out data "
+              f"({res['synth_seconds']:.0f} s to learn); MSE-prob of alpha v:")
+        print("  " + " ".join(f"{a:g}:{m:.4f}" for a, m in zip(res["alphas"][::2], res["scalar_mse_mean"][::2])))
+        print(f"convex combinations on alpha1 + alpha2 = 1: max MSE-prob {res['convex_line_max']:.4f}")
+    print(f"-> {res['figure']}")
+    return 0
+
+
+def add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="the paper's studies: fig3 (Eq. 4 sweep), fig5 (nullspace properties), trend",
+                       description="fig3: Sec. 3.3 / Fig. 3 (Eq. 4 over lambda, with the permuted control); fig5: "
+                                   "Sec. 5.6 / Fig. 5 (scalar multiples and convex combinations of m noises); trend: "
+                                   "Fig. 4 from a finetuning run's log. Each writes a PNG and a JSON.")
+    p.add_argument("study", choices=["fig3", "fig5", "trend"])
+    _model_args(p, default="digits_vit")
+    _data_args(p)
+    p.add_argument("--out", default="runs/analysis", help="output folder (default runs/analysis)")
+    p.add_argument("--run", help="trend: the finetuning output folder")
+    p.add_argument("--lim", type=float, default=3.0, help="noise init U(-lim, lim) (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lams", default="0,0.5,1,2,4,8", help="fig3: lambda values")
+    p.add_argument("--steps", type=int, default=300, help="fig3: optimisation steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--m", type=int, help="fig5: noises (default 100 on CUDA, 24 on the CPU)")
+    p.add_argument("--pairs", type=int, default=10, help="fig5: pairs for the convex grid (default 10)")
+    p.add_argument("--eps", type=float, default=0.03)
+    p.set_defaults(func=cmd_analyze)
+
+
+def _image_pair(parts, a: str, b: str, same_size: bool = True):
+    """Two images resized to the model's input size; a watermark must match its image's size."""
+    from .analysis.images import fit, logo, read_image
+
+    x = read_image(a)
+    y = logo(tuple(x.shape[-2:])) if b == "logo" else read_image(b)
+    if same_size and x.shape != y.shape:
+        raise NsvitError(f"{b} is {y.shape[-1]}x{y.shape[-2]} but {a} is {x.shape[-1]}x{x.shape[-2]}: give images of "
+                         f"one size (both are then resized to the model's {parts.img_size[1]}x{parts.img_size[0]})")
+    return fit(x, parts.img_size)[None], fit(y, parts.img_size)[None]
+
+
+def cmd_watermark(args) -> int:
+    from pathlib import Path
+
+    from .analysis.edit import watermark
+    from .analysis.images import save_image
+    from .io import write_json
+    from .viz import image_grid
+
+    parts = _load(args)
+    x, mark = _image_pair(parts, args.image, args.mark)
+    r = watermark(parts, x, mark, args.strength, args.iters)
+    out = Path(args.out)
+    save_image(r["marked"][0], out)
+    nums = {k: v for k, v in r.items() if not hasattr(v, "shape")}
+    write_json(out.with_suffix(".json"), {"image": args.image, "mark": args.mark, "strength": args.strength, **nums})
+    v = r["noise"][0]
+    image_grid([[(x[0], "image"), (r["target"][0], f"target ({args.strength:g} mark)"),
+                 (r["marked"][0], f"marked, PSNR {r['psnr_to_target']:.1f} dB to target"),
+                 (0.5 + v / (2 * v.abs().max()), "nullspace noise (scaled)")]],
+               out.with_name(out.stem + "_figure.png"), title=f"{parts.name}: watermark through the nullspace")
+    f, q = r["float"], r["png_8bit"]
+    print(f"marked -> {out}: PSNR to target {r['psnr_to_target']:.2f} dB (image itself {r['psnr_target_to_image']:.2f} dB)")
+    print(f"float: patch embedding change {f['patch_embed_rel']:.2e}, logits {f['logits_rel']:.2e}, predictions "
+          f"kept {f['predictions_match']:.0%}; as 8-bit PNG: logits {q['logits_rel']:.2e}, kept {q['predictions_match']:.0%}")
+    return 0
+
+
+def add_watermark(sub) -> None:
+    p = sub.add_parser("watermark", help="overlay a mark through the patch-embedding nullspace (App. E)",
+                       description="Per patch, the nullspace noise that brings the image closest to "
+                                   "(1 - strength) image + strength mark, pixels kept in [0, 1] (Dykstra's "
+                                   "projections); the model's output does not change.")
+    _model_args(p, default="digits_vit")
+    p.add_argument("--image", required=True, help="image file, or skimage:astronaut / chelsea / coffee ...")
+    p.add_argument("--mark", default="logo", help="mark image of the same size, or 'logo' (default)")
+    p.add_argument("--out", default="runs/watermark.png", help="marked image (8-bit PNG); .json and _figure.png beside")
+    p.add_argument("--strength", type=float, default=0.5, help="weight of the mark in the target (default 0.5)")
+    p.add_argument("--iters", type=int, default=100, help="Dykstra iterations for the [0, 1] box (default 100)")
+    p.set_defaults(func=cmd_watermark)
+
+
+def cmd_targeted(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .analysis.edit import targeted
+    from .analysis.images import save_image
+    from .analysis.saliency import saliency
+    from .io import write_json
+    from .viz import image_grid
+
+    parts = _load(args)
+    a, b = _image_pair(parts, args.source, args.target, same_size=False)
+    r = targeted(parts, a, b, args.iters)
+    out = Path(args.out)
+    save_image(r["result"][0], out)
+    with torch.no_grad():
+        za, zb, zr = parts(a), parts(b), parts(r["result"])
+    rows = [[(a[0], f"source: class {int(za.argmax())}"), (b[0], f"target: class {int(zb.argmax())}"),
+             (r["result"][0], f"result: class {int(zr.argmax())}")]]
+    methods = [m for m in args.saliency.split(",") if m]
+    cls = za.argmax(-1)
+    for m in methods:
+        rows.append([(saliency(parts, img, m, target=cls)[0], f"{m}") for img in (a, b, r["result"])])
+    image_grid(rows, out.with_name(out.stem + "_figure.png"),
+               title=f"{parts.name}: targeted nullspace noise (columns: source, target, result)")
+    nums = {k: v for k, v in r.items() if not hasattr(v, "shape")}
+    write_json(out.with_suffix(".json"), {"source": args.source, "target": args.target, **nums})
+    print(f"result -> {out}: L2 to target {r['l2_result_to_target']:.2f} (source was {r['l2_source_to_target']:.2f}), "
+          f"PSNR to target {r['psnr_result_to_target']:.2f} dB")
+    print(f"logits vs source: max relative change {r['logits_rel_to_source']:.2e}, predictions kept "
+          f"{r['predictions_match_source']:.0%}")
+    return 0
+
+
+def add_targeted(sub) -> None:
+    p = sub.add_parser("targeted", help="an image that looks like B but is A to the model (App. F)",
+                       description="Targeted nullspace noise: source + v with v in the patch-embedding nullspace, "
+                                   "as close to the target as the nullspace allows; the model's logits stay the "
+                                   "source's. Writes the result, a JSON and a figure with saliency maps.")
+    _model_args(p, default="digits_vit")
+    p.add_argument("--source", required=True, help="image file or skimage:NAME")
+    p.add_argument("--target", required=True, help="image file or skimage:NAME (both are resized to the model's size)")
+    p.add_argument("--out", default="runs/targeted.png")
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--saliency", default="attention,rollout,gradcam", help="maps to draw (comma-separated)")
+    p.set_defaults(func=cmd_targeted)
+
+
+def cmd_fingerprint(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .analysis.fingerprint import Fingerprint, make_fingerprint, verify
+    from .io import write_json
+    from .viz import image_grid
+
+    parts = _load(args)
+    rep = Path(args.report)
+    if args.action == "make":
+        data = load_spec(args.data, parts, args.max_images)
+        fp = make_fingerprint(parts, data.images, n=args.n, scale=args.scale, seed=args.seed)
+        fp.save(args.fingerprint)
+        own = verify(parts, fp)
+        write_json(rep / "fingerprint_make.json", {"fingerprint": str(args.fingerprint), **fp.meta, "owner_check": own})
+
+        def show(t):  # noisy challenges leave [0, 1]: min-max scaled for display
+            return (t - t.min()) / (t.max() - t.min())
+
+        with torch.no_grad():
+            rows = []
+            for i in range(min(3, fp.images.shape[0])):
+                x = fp.images[i]
+                pred = [int(parts(t[None]).argmax()) for t in (x, x + fp.noise[i], x + fp.control[i])]
+                rows.append([(x, f"challenge: class {pred[0]}"), (show(x + fp.noise[i]), f"+ nullspace: class {pred[1]}"),
+                             (show(x + fp.control[i]), f"+ control: class {pred[2]}")])
+        image_grid(rows, rep / "fingerprint_make.png",
+                   title=f"{parts.name}: fingerprint challenges (noisy images rescaled for display)")
+        print(f"fingerprint of {parts.name}: {fp.meta['n']} challenges, nullspace dim {fp.meta['nullspace_dim']}, "
+              f"owner score {own['score']:.1e} -> {args.fingerprint}; report in {rep}")
+        return 0
+    fp = Fingerprint.load(args.fingerprint)
+    r = verify(parts, fp, args.threshold)
+    write_json(rep / "fingerprint_verify.json", {"fingerprint": str(args.fingerprint), "suspect": parts.name,
+                                                 "checkpoint": args.checkpoint, **r})
+    print(f"score {r['score']:.4f} (threshold {r['threshold']}): {'VERIFIED' if r['verified'] else 'not verified'}; "
+          f"prediction agreement {r['prediction_agreement']:.3f}; report in {rep}")
+    return 0
+
+
+def add_fingerprint(sub) -> None:
+    p = sub.add_parser("fingerprint", help="make or verify a nullspace fingerprint of a model",
+                       description="make: challenge images and noises in the owner's exact patch-embedding "
+                                   "nullspace. verify: score a suspect (0 = owner, ~1 = unrelated); derived models "
+                                   "(finetuned, pruned, quantised) stay below the threshold. A suspect that "
+                                   "retrains its patch embedding escapes.")
+    p.add_argument("action", choices=["make", "verify"])
+    _model_args(p, default="digits_vit")
+    _data_args(p, default="digits:val")
+    p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
+    p.add_argument("--n", type=int, default=64, help="make: challenges (default 64)")
+    p.add_argument("--scale", type=float, default=2.0, help="make: noise norm / image norm (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, help="verify: decision threshold (default: the fingerprint's)")
+    p.add_argument("--report", default="runs/fingerprint", help="folder for the JSON (and make's PNG)")
+    p.set_defaults(func=cmd_fingerprint)
+
+
+COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_finetune, add_eval, add_analyze, add_watermark,
+            add_targeted, add_fingerprint, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

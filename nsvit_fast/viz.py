@@ -67,3 +67,30 @@ def bars_figure(rows: list[dict], metrics: list[tuple[str, str]], path: str | Pa
     out = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return out
+
+
+def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path: str | Path, title: str = "",
+               cmap_rows: set[int] | None = None) -> Path:
+    """A grid of panels: rows of (image (3, H, W) or map (h, w), caption); maps drawn with a colormap."""
+    plt = _plt()
+    nr, nc = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nr, nc, figsize=(2.3 * nc, 2.3 * nr), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(nc):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j >= len(row):
+                continue
+            img, cap = row[j]
+            img = img.detach().cpu().float()
+            if img.dim() == 2:
+                ax.imshow(img.numpy(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_title(cap, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    out = save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return out

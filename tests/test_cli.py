@@ -153,3 +153,34 @@ def test_eval_compares_checkpoints_and_writes_a_report(tmp_path):
 def test_eval_user_errors(args, msg, tmp_path):
     r = run(*args, "--out", str(tmp_path / "ev"), "--quiet")
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_watermark_targeted_fingerprint_commands(tmp_path):
+    r = run("watermark", "--image", "skimage:coffee", "--out", str(tmp_path / "wm.png"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "wm.json").read_text())
+    assert out["float"]["predictions_match"] == 1.0 and (tmp_path / "wm_figure.png").is_file()
+    r = run("targeted", "--source", "skimage:astronaut", "--target", "skimage:chelsea", "--out", str(tmp_path / "t.png"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "t.json").read_text())["logits_rel_to_source"] < 1e-5
+    rep = tmp_path / "rep"
+    r = run("fingerprint", "make", "--fingerprint", str(tmp_path / "fp.safetensors"), "--n", "32", "--report", str(rep))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((rep / "fingerprint_make.json").read_text())["owner_check"]["verified"]
+    assert (rep / "fingerprint_make.png").stat().st_size > 5000
+    r = run("fingerprint", "verify", "--fingerprint", str(tmp_path / "fp.safetensors"), "--report", str(rep))
+    assert r.returncode == 0 and "VERIFIED" in r.stdout
+    assert json.loads((rep / "fingerprint_verify.json").read_text())["score"] < 1e-4
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee"), "give images of one size"),
+    (("watermark", "--image", "/no/such.png"), "image not found"),
+    (("watermark", "--image", "skimage:coffee", "--strength", "2"), "strength must be in (0, 1]"),
+    (("watermark", "--model", "vit_base_patch8_224", "--image", "skimage:coffee"), "no patch-embedding nullspace"),
+    (("fingerprint", "verify", "--fingerprint", "/no/fp.safetensors"), "no such file"),
+    (("analyze", "trend"), "needs --run"),
+])
+def test_analysis_user_errors(args, msg, tmp_path):
+    r = run(*args, "--out", str(tmp_path / "o.png")) if args[0] == "watermark" else run(*args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

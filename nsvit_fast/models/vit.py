@@ -113,6 +113,19 @@ class VitAdapter(Adapter):
                 h.remove()
         return logits, maps
 
+    def encode_with_hidden(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode(u)`` and the input tokens of every block [(B, P + N, D)], in the graph (Grad-CAM
+        reads the last block's input: with class-token pooling its output patch tokens never reach
+        the logits)."""
+        hidden: list[torch.Tensor] = []
+        hooks = [blk.register_forward_pre_hook(lambda mod, args: hidden.append(args[0])) for blk in self.model.blocks]
+        try:
+            logits = self.encode(u)
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits, hidden
+
     def _fusable_first_block(self):
         """(prefix (P, D), pos, embed_prefix, first block) when the first block can take its
         LayerNorm from the fused token-assembly op, else None (the plain path then runs)."""

@@ -1,0 +1,148 @@
+"""The paper's studies of the approximate nullspace, each writing a PNG and a JSON:
+
+- ``fig3``: Sec. 3.3 / Fig. 3, the exploratory Eq. 4 swept over lambda: held-out match rate and
+  MSE-prob of the learned noise and of its permuted copy, and the noise norm.
+- ``fig5``: Sec. 5.6 / Fig. 5, from m noises learned at ε: MSE-prob of alpha v against alpha (with
+  the alpha ε line), and the heatmap of MSE-prob of alpha1 v_i + alpha2 v_j over n pairs, with the ε
+  contour. The noises stop on held-out data (``stop="heldout"``) so that each is within ε there.
+- ``trend``: Sec. 5.4 / Fig. 4 from a finetuning run's log.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import NsvitError
+from ..io import save_figure, write_json
+from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
+from ..synth.engine import split_heldout
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), steps: int = 300, **synth) -> dict:
+    out = Path(out)
+    bank = synthesize_regularized(parts, data, lam=list(lams), steps=steps, progress=False, **synth)
+    rows = [{"lambda": lam, "norm": float(bank.norm[i]), "match_rate": float(bank.match_rate[i]),
+             "mse_prob": float(bank.mse_prob[i]), "permuted_match_rate": bank.meta["permuted_match_rate"][i],
+             "permuted_mse_prob": bank.meta["permuted_mse_prob"][i]} for i, lam in enumerate(lams)]
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.9))
+    x = list(range(len(lams)))
+    a.plot(x, [100 * r["match_rate"] for r in rows], "o-", c="C0", label="match %, learned")
+    a.plot(x, [100 * r["permuted_match_rate"] for r in rows], "o--", c="C0", label="match %, permuted")
+    a2 = a.twinx()
+    a2.plot(x, [r["mse_prob"] for r in rows], "s-", c="C3", label="MSE-prob, learned")
+    a2.plot(x, [r["permuted_mse_prob"] for r in rows], "s--", c="C3", label="MSE-prob, permuted")
+    a.set_xticks(x, [f"{v:g}" for v in lams])
+    a.set_xlabel("λ")
+    a.set_ylabel("prediction match (%)")
+    a2.set_ylabel("MSE-prob")
+    a.set_title("(a) noise influence on the output", fontsize=9)
+    h1, l1 = a.get_legend_handles_labels()
+    h2, l2 = a2.get_legend_handles_labels()   # one legend below the axes: the curves cross the whole panel
+    a.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=7)
+    b.plot(x, [r["norm"] for r in rows], "o-")
+    b.set_xticks(x, [f"{v:g}" for v in lams])
+    b.set_xlabel("λ")
+    b.set_ylabel("‖v‖")
+    b.set_title("(b) norm of the learned noise", fontsize=9)
+    fig.tight_layout()
+    png = save_figure(fig, out / "fig3_regularized.png", dpi=110)
+    plt.close(fig)
+    res = {"study": "fig3", "steps": steps, "rows": rows, "heldout_images": bank.meta["heldout_images"],
+           "figure": str(png)}
+    write_json(out / "fig3_regularized.json", res)
+    return res
+
+
+def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, eps: float = 0.03,
+         seed: int = 0, **synth) -> dict:
+    out = Path(out)
+    cuda = next(parts.parameters()).device.type == "cuda"
+    m = m or (100 if cuda else 24)
+    if m < 2:
+        raise NsvitError(f"fig5 needs at least 2 noises, got m={m}")
+    synth = {"stop": "heldout", "batch_size": 64, **synth}
+    bank = synthesize(parts, data, eps=eps, num_noises=m, seed=seed, progress=False, **synth)
+    V = bank.noises[bank.converged]
+    if V.shape[0] < 2:
+        raise NsvitError("fewer than 2 noises reached ε: raise max_steps")
+    images = data.images if hasattr(data, "images") else data
+    _, held = split_heldout(images, synth.get("heldout", 256), seed)
+    dev = next(parts.parameters()).device
+    cache = CleanCache(parts, held, dev)
+    V = V.to(dev)
+    alphas = [round(0.1 * i, 1) for i in range(21)]
+    scal = []
+    for a in alphas:
+        mse, _ = noise_effect(parts, V, cache, scales=torch.full((V.shape[0],), a, device=dev))
+        scal.append((float(mse.mean()), float(mse.std()) if V.shape[0] > 1 else 0.0, mse.cpu().tolist()))
+    g = torch.Generator().manual_seed(seed)
+    pairs = [tuple(torch.randperm(V.shape[0], generator=g)[:2].tolist()) for _ in range(n_pairs)]
+    grid = [round(0.1 * i, 1) for i in range(11)]
+    heat = torch.zeros(len(grid), len(grid))
+    for i, a1 in enumerate(grid):
+        combos = torch.stack([a1 * V[p] + a2 * V[q] for p, q in pairs for a2 in grid])
+        mse, _ = noise_effect(parts, combos, cache)
+        heat[i] = mse.reshape(n_pairs, len(grid)).mean(0).cpu()
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    mean = [s[0] for s in scal]
+    std = [s[1] for s in scal]
+    a.plot(alphas, mean, "o-", ms=3, label=f"MSE-prob of αv (mean over {V.shape[0]} noises)")
+    a.fill_between(alphas, [x - s for x, s in zip(mean, std)], [x + s for x, s in zip(mean, std)], alpha=0.2)
+    a.plot(alphas, [x * eps for x in alphas], "k--", lw=1, label="α·ε")
+    a.axhline(eps, c="grey", lw=0.6, ls=":")
+    a.set_xlabel("α")
+    a.set_ylabel("MSE-prob (held-out)")
+    a.set_title("(a) scalar multiplication", fontsize=9)
+    a.legend(fontsize=7)
+    im = b.imshow(heat.numpy(), origin="lower", extent=(-0.05, 1.05, -0.05, 1.05), cmap="viridis", aspect="auto")
+    cs = b.contour(grid, grid, heat.numpy(), levels=[eps], colors="white", linewidths=1.2)
+    b.clabel(cs, fmt={eps: f"ε={eps:g}"}, fontsize=7)
+    b.plot([0, 1], [1, 0], "w:", lw=0.8)
+    b.set_xlabel("α₂")
+    b.set_ylabel("α₁")
+    b.set_title(f"(b) α₁v_i + α₂v_j, mean over {n_pairs} pairs", fontsize=9)
+    fig.colorbar(im, ax=b, label="MSE-prob")
+    fig.tight_layout()
+    png = save_figure(fig, out / "fig5_properties.png", dpi=110)
+    plt.close(fig)
+    on_line = [float(heat[i, len(grid) - 1 - i]) for i in range(len(grid))]  # alpha1 + alpha2 = 1
+    res = {"study": "fig5", "m_requested": m, "m_converged": int(V.shape[0]), "n_pairs": n_pairs, "eps": eps,
+           "device": dev.type, "alphas": alphas, "scalar_mse_mean": mean, "scalar_mse_std": std,
+           "scalar_mse_per_noise_at_1": scal[alphas.index(1.0)][2], "grid": grid, "convex_mse": heat.tolist(),
+           "convex_line_max": max(on_line), "noise_norms": bank.norm[bank.converged].tolist(),
+           "synth_seconds": bank.meta["seconds"], "figure": str(png)}
+    write_json(out / "fig5_properties.json", res)
+    return res
+
+
+def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    from ..train.plots import trend_figure
+
+    run = Path(run_dir)
+    log = run / "log.jsonl"
+    if not log.is_file():
+        raise NsvitError(f"{run} holds no finetuning log (log.jsonl)")
+    hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not hist:
+        raise NsvitError(f"{log} is empty")
+    out = Path(out) if out else run
+    png = trend_figure(hist, out / "fig4_trend.png", title=f"{run.name}: trend across rounds")
+    keys = ("noise_norm", "mse_prob", "synth_steps", "val_acc", "train_loss")
+    res = {"study": "trend", "run": str(run), "rounds": len(hist),
+           "series": {k: [h.get(k) for h in hist] for k in keys if any(k in h for h in hist)}, "figure": str(png)}
+    write_json(out / "fig4_trend.json", res)
+    return res

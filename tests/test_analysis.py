@@ -1,0 +1,128 @@
+"""Nullspace analysis: watermark, targeted noise with saliency, the Fig. 3 / 4 / 5 studies, and
+fingerprints (owner and derived copies verify, an independent model does not)."""
+
+import json
+
+import pytest
+import torch
+
+from nsvit_fast import NsvitError, digits, load_model
+from nsvit_fast.analysis import make_fingerprint, saliency, targeted, verify, watermark
+from nsvit_fast.analysis.images import fit, logo, read_image
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return load_model("digits_vit")
+
+
+def test_watermark_keeps_the_output_and_the_pixel_range(parts):
+    x = digits("test").images[:8]
+    mark = logo((32, 32)).expand(8, -1, -1, -1)
+    r = watermark(parts, x, mark, strength=0.5)
+    f = r["float"]
+    assert f["predictions_match"] == 1.0 and f["logits_rel"] < 1e-5 and f["patch_embed_rel"] < 1e-5
+    assert r["marked"].min() >= -0.02 and r["marked"].max() <= 1.02 and r["box_violation"] < 0.02
+    assert r["psnr_to_target"] > r["psnr_target_to_image"]  # the mark shows: closer to the target than the image was
+    assert r["png_8bit"]["predictions_match"] == 1.0       # still after 8-bit quantisation
+
+
+def test_watermark_on_a_timm_vit_with_a_photo():
+    torch.manual_seed(0)
+    vit = load_model("vit_small_patch32_224", depth=1)
+    x = fit(read_image("skimage:coffee"), vit.img_size)[None]
+    r = watermark(vit, x, logo(vit.img_size)[None], strength=0.6)
+    assert r["float"]["logits_rel"] < 1e-5 and r["psnr_to_target"] > r["psnr_target_to_image"] + 5
+
+
+def test_targeted_looks_like_b_and_reads_as_a():
+    torch.manual_seed(0)
+    vit = load_model("vit_small_patch32_224", depth=1)
+    a = fit(read_image("skimage:astronaut"), vit.img_size)[None]
+    b = fit(read_image("skimage:chelsea"), vit.img_size)[None]
+    r = targeted(vit, a, b)
+    assert r["l2_result_to_target"] < 0.5 * r["l2_result_to_source"]  # much closer to B than to A
+    assert r["logits_rel_to_source"] < 1e-5 and r["predictions_match_source"] == 1.0
+    # the saliency maps follow the model, not the pixels: the result's maps are the source's
+    for m in ("attention", "rollout", "gradcam"):
+        sa, sr, sb = (saliency(vit, img, m, target=vit(a).argmax(-1)) for img in (a, r["result"], b))
+        assert sa.shape == (1, 7, 7) and 0 <= float(sr.min()) and float(sr.max()) <= 1
+        assert (sa - sr).abs().max() < 1e-3 < (sa - sb).abs().max()
+
+
+def test_edits_refuse_bad_input(parts):
+    x = digits("test").images[:2]
+    with pytest.raises(NsvitError, match="differ in size"):
+        watermark(parts, x, torch.rand(2, 3, 64, 64))
+    with pytest.raises(NsvitError, match=r"pixels in \[0, 1\]"):
+        targeted(parts, x * 3, x)
+    with pytest.raises(NsvitError, match="no patch-embedding nullspace"):
+        targeted(load_model("vit_base_patch8_224", depth=1), torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224))
+    with pytest.raises(NsvitError, match="unknown saliency method"):
+        saliency(parts, x, "lrp")
+
+
+def test_fig5_properties(parts, tmp_path):
+    from nsvit_fast.analysis.studies import fig5
+
+    r = fig5(parts, digits("train"), tmp_path, m=3, n_pairs=2, lim=3.0, max_steps=400)
+    assert r["m_converged"] >= 2
+    assert r["scalar_mse_mean"][0] == 0.0                       # alpha = 0: no change at all
+    assert max(r["scalar_mse_per_noise_at_1"]) < 0.03          # each noise within eps at alpha = 1
+    assert r["convex_mse"][0][0] == 0.0
+    assert (tmp_path / "fig5_properties.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "fig5_properties.json").read_text())["eps"] == 0.03
+
+
+def test_fig3_regularized_sweep(parts, tmp_path):
+    from nsvit_fast.analysis.studies import fig3
+
+    r = fig3(parts, digits("train"), tmp_path, lams=(0.0, 4.0), steps=60, batch_size=64, lim=3.0)
+    a, b = r["rows"]
+    assert b["norm"] > a["norm"]
+    assert a["match_rate"] > a["permuted_match_rate"] and b["mse_prob"] < b["permuted_mse_prob"]
+    assert (tmp_path / "fig3_regularized.png").is_file()
+
+
+def test_trend_from_a_run(parts, tmp_path):
+    from nsvit_fast.analysis.studies import trend
+    from nsvit_fast.train import finetune
+
+    finetune(load_model("digits_vit"), digits("train").subset(256), method="plain", rounds=2, model_steps=2,
+             batch_size=32, out_dir=tmp_path / "run", val_data=digits("val"), progress=False)
+    r = trend(tmp_path / "run", tmp_path / "out")
+    assert r["rounds"] == 2 and len(r["series"]["val_acc"]) == 2
+    with pytest.raises(NsvitError, match="no finetuning log"):
+        trend(tmp_path / "nothing")
+
+
+def test_fingerprint_owner_and_copies_verify_an_independent_model_does_not(parts, tmp_path):
+    from nsvit_fast.analysis.fingerprint import (Fingerprint, population_roc, pruned_copy, quantised_copy, roc_figure,
+                                                 score)
+    from nsvit_fast.pretrain import PretrainConfig, pretrain_digits
+    from nsvit_fast.train import finetune
+
+    fp = make_fingerprint(parts, digits("val").images, n=64)
+    fp = Fingerprint.load(fp.save(tmp_path / "fp.safetensors"))
+    owner = verify(parts, fp)
+    assert owner["verified"] and owner["score"] < 1e-4 and owner["prediction_agreement"] == 1.0
+    copy = load_model("digits_vit")
+    finetune(copy, digits("train"), method="plain", rounds=1, model_steps=20, lr=1e-4, progress=False)
+    assert verify(copy, fp)["verified"]
+    other, _ = pretrain_digits(PretrainConfig(epochs=3, seed=1), progress=False)
+    res = verify(other, fp)
+    assert not res["verified"] and res["score"] > 0.5
+    # the decision rule over a small population the test trains: derived vs unrelated models
+    derived = {"owner": parts, "finetuned": copy, "pruned 20%": pruned_copy(parts, 0.2), "int8": quantised_copy(parts)}
+    unrelated = {"seed 1": other, "seed 2": pretrain_digits(PretrainConfig(epochs=3, seed=2), progress=False)[0]}
+    rows = [{"group": g, "model": k, **score(m, fp)} for g, ms in (("derived", derived), ("unrelated", unrelated))
+            for k, m in ms.items()]
+    roc = population_roc(rows)
+    assert roc["auc"] == 1.0 and roc["true_positive_rate"] == 1.0 and roc["false_positive_rate"] == 0.0
+    assert roc_figure(rows, roc, tmp_path / "roc.png").stat().st_size > 5000
+    with pytest.raises(NsvitError, match="at least one derived and one unrelated"):
+        population_roc(rows[:4])
+    with pytest.raises(NsvitError, match="no patch-embedding nullspace"):
+        make_fingerprint(load_model("vit_base_patch8_224", depth=1), torch.rand(4, 3, 224, 224))
+    with pytest.raises(NsvitError, match="the suspect takes images"):
+        verify(load_model("vit_tiny_patch16_224", depth=1), fp)
