@@ -484,7 +484,7 @@ def add_targeted(sub) -> None:
     p.add_argument("--target", required=True, help="image file or skimage:NAME (both are resized to the model's size)")
     p.add_argument("--out", default="runs/targeted.png")
     p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--saliency", default="attention,rollout,gradcam", help="maps to draw (comma-separated)")
+    p.add_argument("--saliency", default="attention,rollout,gradcam,chefer", help="maps to draw (comma-separated)")
     p.set_defaults(func=cmd_targeted)
 
 

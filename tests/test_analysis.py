@@ -44,10 +44,36 @@ def test_targeted_looks_like_b_and_reads_as_a():
     assert r["l2_result_to_target"] < 0.5 * r["l2_result_to_source"]  # much closer to B than to A
     assert r["logits_rel_to_source"] < 1e-5 and r["predictions_match_source"] == 1.0
     # the saliency maps follow the model, not the pixels: the result's maps are the source's
-    for m in ("attention", "rollout", "gradcam"):
+    for m in ("attention", "rollout", "gradcam", "chefer"):
         sa, sr, sb = (saliency(vit, img, m, target=vit(a).argmax(-1)) for img in (a, r["result"], b))
         assert sa.shape == (1, 7, 7) and 0 <= float(sr.min()) and float(sr.max()) <= 1
         assert (sa - sr).abs().max() < 1e-3 < (sa - sb).abs().max()
+
+
+def test_saliency_maps_point_at_the_patches_the_model_uses(parts):
+    # deletion check on real digits: blanking the most relevant patch costs the predicted class far
+    # more probability than blanking the least relevant one
+    x = digits("test").images[:64]
+    with torch.no_grad():
+        p0 = parts(x).softmax(-1)
+    cls = p0.argmax(-1)
+
+    def drop(m, pick):
+        xx = x.clone()
+        for i, k in enumerate(pick(m.flatten(1), 1).tolist()):
+            r, c = divmod(k, parts.grid_size[1])
+            xx[i, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 0
+        with torch.no_grad():
+            return float((p0 - parts(xx).softmax(-1)).gather(1, cls[:, None]).mean())
+
+    for m in ("rollout", "chefer"):
+        s = saliency(parts, x, m, target=cls)
+        assert drop(s, torch.argmax) > 0.05 > 5 * abs(drop(s, torch.argmin)), m
+    # chefer's maps depend on the class asked about; rollout's cannot
+    a, b = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6, 7, 8])
+    assert (saliency(parts, x[:4], "chefer", target=a) - saliency(parts, x[:4], "chefer", target=b)).abs().max() > 0.1
+    assert torch.equal(saliency(parts, x[:4], "rollout", target=a), saliency(parts, x[:4], "rollout", target=b))
+    assert all(blk.attn.fused_attn for blk in parts.model.blocks)  # restored after chefer
 
 
 def test_edits_refuse_bad_input(parts):
