@@ -9,7 +9,8 @@ import torch
 from .io import save_figure
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); every figure goes through this."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,7 @@ def nullspace_noise_figure(images: torch.Tensor, noise: torch.Tensor, clean_prob
 
     The noise and the noisy image leave [0, 1], so they are shown rescaled: noise as
     0.5 + v / (2 max|v|), the noisy image min-max scaled."""
-    plt = _plt()
+    plt = pyplot()
     n = images.shape[0]
     fig, axes = plt.subplots(n, 3, figsize=(6, 2.1 * n), squeeze=False)
     for i in range(n):
@@ -52,7 +53,7 @@ def nullspace_noise_figure(images: torch.Tensor, noise: torch.Tensor, clean_prob
 
 def bars_figure(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path, title: str = "") -> Path:
     """Grouped bars: one group per metric (key, label), one bar per row (row["name"])."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(metrics), 3.4))
     w = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
@@ -72,7 +73,7 @@ def bars_figure(rows: list[dict], metrics: list[tuple[str, str]], path: str | Pa
 def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path: str | Path, title: str = "",
                cmap_rows: set[int] | None = None) -> Path:
     """A grid of panels: rows of (image (3, H, W) or map (h, w), caption); maps drawn with a colormap."""
-    plt = _plt()
+    plt = pyplot()
     nr, nc = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(nr, nc, figsize=(2.3 * nc, 2.3 * nr), squeeze=False)
     for i, row in enumerate(rows):

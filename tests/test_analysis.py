@@ -120,6 +120,10 @@ def test_trend_from_a_run(parts, tmp_path):
     assert r["rounds"] == 2 and len(r["series"]["val_acc"]) == 2
     with pytest.raises(NsvitError, match="no finetuning log"):
         trend(tmp_path / "nothing")
+    log = tmp_path / "run" / "log.jsonl"
+    log.write_text(log.read_text()[:-20])          # a run killed mid-write
+    with pytest.raises(NsvitError, match="line 2: not a JSON record"):
+        trend(tmp_path / "run", tmp_path / "out")
 
 
 def test_fingerprint_owner_and_copies_verify_an_independent_model_does_not(parts, tmp_path):

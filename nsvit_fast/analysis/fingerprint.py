@@ -150,9 +150,9 @@ def population_roc(rows: list[dict], threshold: float = THRESHOLD) -> dict:
 def roc_figure(rows: list[dict], roc: dict, path: str | Path, title: str = "") -> Path:
     """Two panels: each model's score by group with the threshold (log scale), and the ROC curve."""
     from ..io import save_figure
-    from ..viz import _plt
+    from ..viz import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.28 * len(rows) + 1.6), gridspec_kw={"width_ratios": [2, 1]})
     colours = {"derived": "tab:blue", "unrelated": "tab:red"}
     for i, r in enumerate(rows):

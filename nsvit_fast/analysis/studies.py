@@ -19,15 +19,7 @@ from ..errors import NsvitError
 from ..io import save_figure, write_json
 from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
 from ..synth.engine import split_heldout
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..viz import pyplot
 
 
 def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), steps: int = 300, **synth) -> dict:
@@ -36,7 +28,7 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
     rows = [{"lambda": lam, "norm": float(bank.norm[i]), "match_rate": float(bank.match_rate[i]),
              "mse_prob": float(bank.mse_prob[i]), "permuted_match_rate": bank.meta["permuted_match_rate"][i],
              "permuted_mse_prob": bank.meta["permuted_mse_prob"][i]} for i, lam in enumerate(lams)]
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.9))
     x = list(range(len(lams)))
     a.plot(x, [100 * r["match_rate"] for r in rows], "o-", c="C0", label="match %, learned")
@@ -96,7 +88,7 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
         combos = torch.stack([a1 * V[p] + a2 * V[q] for p, q in pairs for a2 in grid])
         mse, _ = noise_effect(parts, combos, cache)
         heat[i] = mse.reshape(n_pairs, len(grid)).mean(0).cpu()
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.8))
     mean = [s[0] for s in scal]
     std = [s[1] for s in scal]
@@ -136,7 +128,13 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
     log = run / "log.jsonl"
     if not log.is_file():
         raise NsvitError(f"{run} holds no finetuning log (log.jsonl)")
-    hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    hist = []
+    for i, line in enumerate(log.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                hist.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise NsvitError(f"{log}, line {i}: not a JSON record (a truncated log?)") from None
     if not hist:
         raise NsvitError(f"{log} is empty")
     out = Path(out) if out else run

@@ -163,10 +163,9 @@ class Report:
         return paths
 
     def _severity_plot(self, recs: list[Record], path: Path) -> Path:
-        import matplotlib
+        from ..viz import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = list(dict.fromkeys(r.setting.split("@")[0] for r in recs))
         cols = 5

@@ -13,10 +13,9 @@ SERIES = (("noise_norm", "noise norm"), ("val_acc", "val accuracy"), ("mse_prob"
 def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: dict | None = None) -> Path | None:
     """One line per metric present in ``history`` (and ``extra``: {label: values per round}),
     divided by its first non-zero value, against the round."""
-    import matplotlib
+    from ..viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     rounds = [h["round"] + 1 for h in history]
