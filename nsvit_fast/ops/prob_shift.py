@@ -76,8 +76,8 @@ def prob_shift_triton(z_noisy, z_clean, eps, p_clean=None):
 
 
 register("prob_shift", "torch", prob_shift_torch)
-# C++ on the CPU: 1.7x faster than torch at 10 classes but 0.33-0.44x at 1000 (bench_ops: torch's
-# vectorised softmax wins), so it is not the CPU default; force it with backend="cpp"
-register("prob_shift", "cpp", prob_shift_ext, cpp_ok)
+# C++ is the CPU default when built: 1.2x torch at 10 classes, 1.2-2.8x at 1000 (bench_ops, forward
+# + backward); its softmaxes are ATen's vectorised ones, the rest is one fused pass per row
+register("prob_shift", "cpp", prob_shift_ext, cpp_ok, prefer_on=("cpu",))
 register("prob_shift", "cuda", prob_shift_ext, cuda_ok, prefer_on=("cuda",))
 register("prob_shift", "triton", prob_shift_triton, triton_ok, prefer_on=("cuda",))
