@@ -450,6 +450,12 @@ def cmd_targeted(args) -> int:
     from .io import write_json
     from .viz import image_grid
 
+    from .analysis.saliency import METHODS
+
+    methods = [m for m in args.saliency.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:  # before the edit, not after it
+        raise NsvitError(f"unknown saliency method {bad[0]!r} (methods: {', '.join(METHODS)})")
     parts = _load(args)
     a, b = _image_pair(parts, args.source, args.target, same_size=False)
     r = targeted(parts, a, b, args.iters)
@@ -459,7 +465,6 @@ def cmd_targeted(args) -> int:
         za, zb, zr = parts(a), parts(b), parts(r["result"])
     rows = [[(a[0], f"source: class {int(za.argmax())}"), (b[0], f"target: class {int(zb.argmax())}"),
              (r["result"][0], f"result: class {int(zr.argmax())}")]]
-    methods = [m for m in args.saliency.split(",") if m]
     cls = za.argmax(-1)
     for m in methods:
         rows.append([(saliency(parts, img, m, target=cls)[0], f"{m}") for img in (a, b, r["result"])])

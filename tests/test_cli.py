@@ -180,6 +180,7 @@ def test_watermark_targeted_fingerprint_commands(tmp_path):
     (("watermark", "--model", "vit_base_patch8_224", "--image", "skimage:coffee"), "no patch-embedding nullspace"),
     (("fingerprint", "verify", "--fingerprint", "/no/fp.safetensors"), "no such file"),
     (("analyze", "trend"), "needs --run"),
+    (("targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--saliency", "lrp"), "unknown saliency method"),
 ])
 def test_analysis_user_errors(args, msg, tmp_path):
     r = run(*args, "--out", str(tmp_path / "o.png")) if args[0] == "watermark" else run(*args)
