@@ -74,6 +74,11 @@ def test_saliency_maps_point_at_the_patches_the_model_uses(parts):
     assert (saliency(parts, x[:4], "chefer", target=a) - saliency(parts, x[:4], "chefer", target=b)).abs().max() > 0.1
     assert torch.equal(saliency(parts, x[:4], "rollout", target=a), saliency(parts, x[:4], "rollout", target=b))
     assert all(blk.attn.fused_attn for blk in parts.model.blocks)  # restored after chefer
+    for m in ("chefer", "attention", "gradcam"):  # a bad input leaves no hook behind
+        with pytest.raises(NsvitError, match="takes images"):
+            saliency(parts, torch.rand(1, 3, 64, 64), m)
+    assert not any(b.attn.attn_drop._forward_hooks or b.attn.qkv._forward_hooks or b._forward_pre_hooks
+                   for b in parts.model.blocks)
 
 
 def test_edits_refuse_bad_input(parts):

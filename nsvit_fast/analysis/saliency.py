@@ -70,6 +70,7 @@ def _chefer(parts, x, target, p0: int, has_cls: bool) -> torch.Tensor:
     attns = [getattr(blk, "attn", None) for blk in parts.model.blocks]
     if not all(hasattr(a, "fused_attn") and hasattr(a, "attn_drop") for a in attns):
         raise NsvitError(f"{parts.name}: chefer maps need timm's standard Attention blocks")
+    u = parts.patch_embed(x)  # before the hooks: a bad input raises with nothing left attached
     maps: list[torch.Tensor] = []
     saved = [a.fused_attn for a in attns]
     hooks = [a.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(out)) for a in attns]
@@ -77,14 +78,12 @@ def _chefer(parts, x, target, p0: int, has_cls: bool) -> torch.Tensor:
         for a in attns:
             a.fused_attn = False
         with torch.enable_grad():
-            logits = parts.encode(parts.patch_embed(x))
+            logits = parts.encode_hooked(u, hooks)
             cls = logits.argmax(-1) if target is None else target
             grads = torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), maps)
     finally:
         for a, f in zip(attns, saved):
             a.fused_attn = f
-        for h in hooks:
-            h.remove()
     t = maps[0].shape[-1]
     rel = torch.eye(t, device=x.device).expand(x.shape[0], -1, -1)
     for a, g in zip(maps, grads):

@@ -93,11 +93,12 @@ class VitAdapter(Adapter):
         timm applies them. Differentiable: PatchFool and the saliency maps backpropagate through it."""
         maps: list[torch.Tensor] = []
         hooks = []
-        for blk in self.model.blocks:
-            attn = getattr(blk, "attn", None)
+        attns = [getattr(blk, "attn", None) for blk in self.model.blocks]
+        for attn in attns:  # all checked before any hook is placed
             if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
                 raise NsvitError(f"{self.name}: attention maps need timm's standard Attention blocks, "
                                  f"found {type(attn).__name__}")
+        for attn in attns:
 
             def hook(mod, inp, out, attn=attn):
                 b, t, _ = out.shape
@@ -106,12 +107,7 @@ class VitAdapter(Adapter):
                 maps.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))
 
             hooks.append(attn.qkv.register_forward_hook(hook))
-        try:
-            logits = self.encode(u)
-        finally:
-            for h in hooks:
-                h.remove()
-        return logits, maps
+        return self.encode_hooked(u, hooks), maps
 
     def encode_with_hidden(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``encode(u)`` and the input tokens of every block [(B, P + N, D)], in the graph (Grad-CAM
@@ -119,12 +115,15 @@ class VitAdapter(Adapter):
         the logits)."""
         hidden: list[torch.Tensor] = []
         hooks = [blk.register_forward_pre_hook(lambda mod, args: hidden.append(args[0])) for blk in self.model.blocks]
+        return self.encode_hooked(u, hooks), hidden
+
+    def encode_hooked(self, u: torch.Tensor, hooks: list) -> torch.Tensor:
+        """``encode(u)`` with the given hook handles in place; removes them after, also on error."""
         try:
-            logits = self.encode(u)
+            return self.encode(u)
         finally:
             for h in hooks:
                 h.remove()
-        return logits, hidden
 
     def _fusable_first_block(self):
         """(prefix (P, D), pos, embed_prefix, first block) when the first block can take its
