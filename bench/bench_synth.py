@@ -95,7 +95,11 @@ def peak_mb(parts, data, cfg, mode: str, cache) -> float:
     v0 = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
     with frozen(parts, freeze=mode == "fast"):
         cache.all()
-        run = lambda: descend(parts, data, v0, dataclasses.replace(cfg, mode=mode), "cpu", None, log, cache)  # noqa: E731
+        mcfg = dataclasses.replace(cfg, mode=mode)
+
+        def run():
+            descend(parts, data, v0, mcfg, "cpu", None, log, cache)
+
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
