@@ -47,7 +47,7 @@ if mode in ("cpu", "cuda"):
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"nsvit_fast": ["assets/*.safetensors"]},
+    package_data={"nsvit_fast": ["assets/*.safetensors", "configs/*.yaml"]},  # configs: --config digits anywhere
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

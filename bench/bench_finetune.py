@@ -71,7 +71,7 @@ def main() -> None:
     for method in ("ns", "plain", "random", "pgd", "trades"):
         t0 = time.perf_counter()
         res = finetune(load_model("digits_vit"), train, cfg, method=method, rounds=2, noise_init="fresh",
-                       random_norms=ns_norms, progress=False)
+                       progress=False, **({"random.norms": ns_norms} if method == "random" else {}))
         if method == "ns":
             ns_norms = [h["noise_norm"] for h in res.history]
         rpm[method] = round(2 / ((time.perf_counter() - t0) / 60), 2)

@@ -14,6 +14,7 @@ Run it on an idle machine: a second busy process distorts CPU timings several-fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ import torch
 from nsvit_fast import digits, load_model, synthetic
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.synth.cache import CleanCache
-from nsvit_fast.synth.engine import SynthConfig, _fast, _Log, _reference_one, frozen, synthesize
+from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,19 +51,21 @@ def setup(name: str):
 
 
 def time_reference(parts, data, cfg, steps):
-    log = _Log(None, steps, False, "")
+    log = SynthLog(None, steps, False, "")
     with frozen(parts, freeze=False):
         t0 = time.perf_counter()
-        _reference_one(parts, data, torch.zeros(parts.token_shape).uniform_(-cfg.lim, cfg.lim), cfg, "cpu", None, log)
+        descend(parts, data, torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim),
+                dataclasses.replace(cfg, mode="reference"), "cpu", None, log)
         return (time.perf_counter() - t0) / steps * 1e3
 
 
 def time_fast(parts, data, cfg, steps, cache):
-    log = _Log(None, steps, False, "")
+    log = SynthLog(None, steps, False, "")
     with frozen(parts):
         cache.all()  # steady state: the clean tokens were computed in an earlier epoch or round
         t0 = time.perf_counter()
-        _fast(parts, cache, torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim), cfg, "cpu", None, log)
+        descend(parts, data, torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim),
+                dataclasses.replace(cfg, mode="fast"), "cpu", None, log, cache)
         return (time.perf_counter() - t0) / steps * 1e3
 
 
@@ -88,12 +91,15 @@ def peak_mb(parts, data, cfg, mode: str, cache) -> float:
 
     CUDA: max_memory_allocated. CPU: the allocator's running total from torch.profiler's memory
     records (profile_memory=True), which counts tensors only, not the Python heap."""
-    log = _Log(None, cfg.max_steps, False, "")
+    log = SynthLog(None, cfg.max_steps, False, "")
     v0 = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
     with frozen(parts, freeze=mode == "fast"):
         cache.all()
-        run = (lambda: _reference_one(parts, data, v0[0], cfg, "cpu", None, log)) if mode == "reference" else \
-            (lambda: _fast(parts, cache, v0, cfg, "cpu", None, log))
+        mcfg = dataclasses.replace(cfg, mode=mode)
+
+        def run():
+            descend(parts, data, v0, mcfg, "cpu", None, log, cache)
+
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

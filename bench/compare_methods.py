@@ -64,8 +64,9 @@ def main() -> None:
             else:
                 kw.update(method=variant)
             t0 = time.perf_counter()
-            res = finetune(parts, train, cfg, val_data=val, progress=False,
-                           random_norms=ns_norms if variant == "random" else None, **kw)
+            if variant == "random" and ns_norms:
+                kw["random.norms"] = ns_norms
+            res = finetune(parts, train, cfg, val_data=val, progress=False, **kw)
             secs = time.perf_counter() - t0
             if variant == "ns":
                 ns_norms = [h["noise_norm"] for h in res.history]

@@ -35,7 +35,7 @@ def _load(args):
 
 # -- nullspace --
 def cmd_nullspace(args) -> int:
-    from .demo import _table
+    from .demo import format_nullspace_rows as _table
     from .nullspace import TABLE1, nullspace_basis, nullspace_table
 
     if args.table1:

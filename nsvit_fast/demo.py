@@ -45,7 +45,7 @@ def nullspace_stage(out: Path, scale: float, num_images: int, seed: int, log) ->
     basis = nullspace_basis(parts)
     row = basis.summary("digits_vit")
     log(f"model digits_vit: test accuracy {acc:.4f} on {len(test)} digits test images")
-    log(_table([row]))
+    log(format_nullspace_rows([row]))
 
     g = torch.Generator().manual_seed(seed)
     unit = basis.sample(len(test), norm=1.0, generator=g, dtype=torch.float64)
@@ -96,7 +96,7 @@ def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = finetune(parts, train, cfg, method=method, val_data=val, out_dir=out / "finetune" / method,
-                           resume=True, random_norms=ns_norms if method == "random" else None)
+                           resume=True, **({"random.norms": ns_norms} if method == "random" else {}))
         histories[method] = res.history
         if method == "ns":
             ns_norms = [h["noise_norm"] for h in res.history]
@@ -110,7 +110,8 @@ def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
             "histories": histories, "seconds": seconds}
 
 
-def _table(rows: list[dict]) -> str:
+def format_nullspace_rows(rows: list[dict]) -> str:
+    """The rows of ``nullspace_table`` as a fixed-width text table (model, patch, dims, rank, nullspace)."""
     head = f"{'model':28s} {'patch':>5s} {'input dim':>9s} {'embed dim':>9s} {'rank':>5s} {'nullspace':>9s}"
     lines = [head, "-" * len(head)]
     for r in rows:

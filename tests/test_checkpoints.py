@@ -76,3 +76,126 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert p.read_text() == "old"
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
+
+
+# -- the finetuning engine's boundaries: methods own their configs, the engine names none --
+
+def method_names_in(source: str, names) -> list[str]:
+    """Method names used in code: as identifiers or as whole string literals (comments and prose in
+    docstrings may mention them)."""
+    import ast
+    import io
+    import tokenize
+
+    hits = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.string in names:
+            hits.append(f"line {tok.start[0]}: {tok.string}")
+        elif tok.type == tokenize.STRING:
+            try:
+                value = ast.literal_eval(tok.string)
+            except ValueError:  # an f-string
+                continue
+            if value in names:
+                hits.append(f"line {tok.start[0]}: {tok.string}")
+    return hits
+
+
+def test_the_engine_names_no_method():
+    from pathlib import Path
+
+    import nsvit_fast.train.engine as engine
+    from nsvit_fast.train import METHODS
+
+    assert method_names_in(Path(engine.__file__).read_text(), set(METHODS)) == []
+    # the check sees both spellings of the coupling it replaced
+    old = 'elif cfg.method in ("pgd", "trades"):\n    x = cfg.trades_beta + cfg.random.norm\n'
+    assert len(method_names_in(old, set(METHODS))) == 3
+
+
+def test_method_configs_match_the_registry():
+    import dataclasses
+
+    from nsvit_fast.train import METHODS, FinetuneConfig
+    from nsvit_fast.train.methods import MethodConfigs
+
+    nested = {f.name: type(getattr(MethodConfigs(), f.name)) for f in dataclasses.fields(MethodConfigs)}
+    assert nested == {name: m.Config for name, m in METHODS.items() if m.Config is not None}
+    assert issubclass(FinetuneConfig, MethodConfigs)
+    for name, m in METHODS.items():
+        for old, new in m.moved_keys.items():
+            assert new in {f.name for f in dataclasses.fields(m.Config)}, (name, old, new)
+            assert old not in {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def test_nested_method_config_and_old_flat_keys():
+    from nsvit_fast.train import make_config
+    from nsvit_fast.train.methods import method_for
+
+    cfg = make_config(None, {"method": "trades", "trades": {"beta": 2.0}, "pgd.steps": 3})
+    assert (cfg.trades.beta, cfg.pgd.steps, cfg.trades.steps) == (2.0, 3, 5)
+    assert method_for(cfg, "trades").config.beta == 2.0 and method_for(cfg, "plain").config is None
+    for old, new in [("pgd_eps", "use pgd.eps and trades.eps"), ("trades_beta", "use trades.beta"),
+                     ("random_norm", "use random.norm")]:
+        with pytest.raises(NsvitError, match=f"{old}' moved into the method's own config: {new}"):
+            make_config(None, {old: 1.0})
+    for bad, msg in [({"pgd": {"epz": 1}}, "unknown pgd key 'epz' \\(did you mean 'eps'"),
+                     ({"trades.beta": -1}, "trades.beta must be >= 0"), ({"pgd.steps": 0}, "pgd.steps must be >= 1"),
+                     ({"random": {"norms": []}}, "random.norms must be"), ({"random": 3}, "must be a mapping")]:
+        with pytest.raises(NsvitError, match=msg):
+            make_config(None, bad)
+
+
+def test_random_reads_its_norms_and_learns_only_when_it_has_none(digits_parts):
+    from nsvit_fast.train import RoundContext, get_method
+    from nsvit_fast.train.methods.random_noise import RandomConfig
+
+    def never():
+        raise AssertionError("the NS noise was learned although the norms were given")
+
+    ctx = RoundContext(digits_parts, 3, seed=7, learn=never)
+    v = get_method("random", RandomConfig(norms=[2.0, 5.0])).prepare(ctx)
+    assert v.shape == digits_parts.token_shape and float(v.norm()) == pytest.approx(5.0)  # the last norm repeats
+    assert ctx.info == {"noise_norm": 5.0}
+    learned = torch.full(digits_parts.token_shape, 0.5)
+    ctx = RoundContext(digits_parts, 0, seed=7, learn=lambda: (learned, {"noise_norm": float(learned.norm())}))
+    v2 = get_method("random").prepare(ctx)
+    assert float(v2.norm()) == pytest.approx(float(learned.norm()), rel=1e-5)
+    assert ctx.info == {"noise_norm": float(learned.norm())}
+    v3 = get_method("random", RandomConfig(norm=4.0)).prepare(RoundContext(digits_parts, 0, seed=7, learn=never))
+    assert torch.allclose(v3, v2 * (4.0 / v2.norm()))  # same seed, same direction
+
+
+def test_batch_stream_state_dict_continues_the_same_batches():
+    from nsvit_fast.synth.batches import BatchStream
+
+    a = BatchStream(50, 16, seed=3)
+    for _ in range(4):  # past an epoch boundary (3 full batches per epoch)
+        a.next()
+    state = a.state_dict()
+    ahead = [a.next() for _ in range(5)]
+    b = BatchStream(50, 16, seed=99)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(ahead, [b.next() for _ in range(5)]))
+    with pytest.raises(NsvitError, match="covers 50 items, this stream 40"):
+        BatchStream(40, 16).load_state_dict(state)
+
+
+def test_yaml_run_files_nest_method_configs(tmp_path, monkeypatch):
+    from nsvit_fast.train.yamlcfg import find_config, load_run, packaged_configs
+
+    assert {"digits", "vit_s_imagenet", "vit_b_imagenet"} <= set(packaged_configs())
+    monkeypatch.chdir(tmp_path)  # outside the checkout: names resolve to the packaged files
+    digits_yaml = find_config("digits")
+    assert digits_yaml.parent.name == "configs" and digits_yaml.parent.parent.name == "nsvit_fast"
+    assert find_config("digits.yaml") == find_config("configs/digits.yaml") == digits_yaml
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(digits_yaml.read_text() + "method: trades\ntrades:\n  beta: 2.5\n")
+    assert find_config(str(mine)) == mine and find_config("mine.yaml") == mine.relative_to(tmp_path)
+    run, cfg = load_run(str(mine), {"trades.steps": 2})
+    assert (cfg.method, cfg.trades.beta, cfg.trades.steps, run["model"]) == ("trades", 2.5, 2, "digits_vit")
+    (tmp_path / "old.yaml").write_text("method: pgd\npgd_steps: 3\n")
+    with pytest.raises(NsvitError, match="use pgd.steps"):
+        load_run("old.yaml")
+    with pytest.raises(NsvitError, match="config 'nope' not found .*digits"):
+        find_config("nope")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NsvitError
-from ..train.methods.base import load_torchattacks
+from ..extras import load_torchattacks
 
 ATTACKS = {  # name -> (torchattacks class, defaults)
     "fgsm": ("FGSM", {"eps": 1 / 255}),                                   # the paper's setting

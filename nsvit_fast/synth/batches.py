@@ -20,3 +20,18 @@ class BatchStream:
         idx = self._perm[self._pos:self._pos + self.b]
         self._pos += self.b
         return idx
+
+    def state_dict(self) -> dict:
+        """Where the stream is: {"generator": uint8 state, "perm": (n,) int64 or None, "pos": int}.
+        ``load_state_dict`` of it continues with the same batches."""
+        return {"generator": self.g.get_state(), "perm": self._perm, "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict()``; raises NsvitError if it was taken over a different item count."""
+        perm = state.get("perm")
+        if perm is not None and perm.numel() != self.n:
+            from ..errors import NsvitError
+
+            raise NsvitError(f"batch stream state covers {perm.numel()} items, this stream {self.n}")
+        self.g.set_state(state["generator"])
+        self._perm, self._pos = perm, int(state["pos"])

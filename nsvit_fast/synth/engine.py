@@ -461,3 +461,8 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
               "permuted_match_rate": pmatch.cpu().tolist(), "model": parts.name,
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "seconds": round(time.perf_counter() - t0, 3)})
+
+
+# Public names for the pieces the profiler (synth/profile.py) and bench/bench_synth.py drive directly.
+SynthLog = _Log            # the JSONL check record and progress bar that ``descend`` writes to
+image_tensor = _images     # data (ImageDataset or tensor) -> checked (B, C, H, W) pixels in [0, 1]

@@ -19,7 +19,7 @@ import torch
 from ..config import build
 from ..io import atomic_path
 from ..models.registry import adapt
-from .engine import SynthConfig, _images, _Log, check_config, descend, frozen, initial_noises
+from .engine import SynthConfig, SynthLog, check_config, descend, frozen, image_tensor, initial_noises
 
 PHASES = ("data", "clean_forward", "noisy_forward", "backward", "loss_and_stop", "optimizer", "host_sync")
 
@@ -37,12 +37,12 @@ def profile_synth(model, data, steps: int = 20, trace: str | Path | None = "synt
                                                  "stop": "batch"}, "synthesis"))
     parts = adapt(model)
     device = next(parts.parameters()).device
-    images = _images(data, parts)
+    images = image_tensor(data, parts)
     v0 = initial_noises(parts, cfg, None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with frozen(parts, freeze=cfg.mode == "fast"), profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        descend(parts, images, v0, cfg, device, None, _Log(None, steps, False, ""))
+        descend(parts, images, v0, cfg, device, None, SynthLog(None, steps, False, ""))
         wall = (time.perf_counter() - t0) * 1e3
     totals = {p: 0.0 for p in PHASES}
     for ev in prof.key_averages():

@@ -34,11 +34,12 @@ def save_state(path: str | Path, *, parts, opt, sched, ema, stream, tensors: dic
     t["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         t["rng/cuda"] = torch.cuda.get_rng_state()
-    t["stream/gen"] = stream.g.get_state()
-    if stream._perm is not None:
-        t["stream/perm"] = stream._perm
+    ss = stream.state_dict()
+    t["stream/gen"] = ss["generator"]
+    if ss["perm"] is not None:
+        t["stream/perm"] = ss["perm"]
     m = {"kind": KIND, "progress": progress, "param_groups": osd["param_groups"], "sched": sched.state_dict(),
-         "stream_pos": stream._pos, **meta}
+         "stream_pos": ss["pos"], **meta}
     return save_tensors(path, t, m)
 
 
@@ -62,7 +63,5 @@ def load_state(path: str | Path, *, parts, opt, sched, ema, stream) -> tuple[dic
     torch.set_rng_state(t["rng/torch"])
     if "rng/cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state(t["rng/cuda"])
-    stream.g.set_state(t["stream/gen"])
-    stream._perm = t.get("stream/perm")
-    stream._pos = int(m["stream_pos"])
+    stream.load_state_dict({"generator": t["stream/gen"], "perm": t.get("stream/perm"), "pos": m["stream_pos"]})
     return {k[4:]: v for k, v in t.items() if k.startswith("run/")}, m

@@ -1,7 +1,7 @@
 """The finetuning engine: the paper's Algorithm 1 and its baselines, on one loop.
 
     for round k in 0..K-1:
-        noise_k = method.prepare(ctx)            ns: a fresh ε-approximate noise learned on the current model
+        noise_k = method.prepare(ctx)            e.g. a fresh ε-approximate noise learned on the current model
         for s in 0..S-1: one AdamW step on method.loss(batch, noise_k)        (cosine lr over K*S steps)
         validation accuracy; history; checkpoint (atomic); Fig. 4 trend plot
 
@@ -37,21 +37,24 @@ from ..synth.batches import BatchStream
 from ..synth.engine import SynthConfig, synthesize
 from .. import distributed as dist_util
 from .checkpoint import load_state, save_state
-from .methods import get_method
+from .methods import DEFAULT_METHOD, MethodConfigs, RoundContext, check_method_configs, method_for, moved_key_error
 
 STATE_FILE = "checkpoint.safetensors"
 NOISE_INITS = ("fresh", "warm")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(MethodConfigs):
     """Defaults are the paper's (App. C): K = 20 rounds of S = 40 steps, AdamW lr 1e-5, batch 128,
     except ``noise_init="warm"``: measured on digits over 3 seeds, warm-started noise gives the same
     robustness as the paper's fresh draw with 3.6x less synthesis time (bench/results/methods.md).
     Its norm grows by about the growth factor each round, so warm norms are not the paper's; set
-    ``noise_init="fresh"`` for Algorithm 1 exactly."""
+    ``noise_init="fresh"`` for Algorithm 1 exactly.
 
-    method: str = "ns"            # ns | plain | random | pgd | trades
+    Each method's own hyperparameters are nested under its name, inherited from MethodConfigs
+    (``cfg.pgd.eps``, ``cfg.trades.beta``, ``cfg.random.norm``), as synthesis is under ``synth``."""
+
+    method: str = DEFAULT_METHOD  # a name in train.methods.METHODS
     rounds: int = 20              # K
     model_steps: int = 40         # S
     lr: float = 1e-5
@@ -60,11 +63,6 @@ class FinetuneConfig:
     ema: float = 0.0              # EMA decay of the weights for evaluation (0: off; DAT used 0.9998)
     noise_init: str = "warm"      # warm (last round's noise x warm_growth) | fresh (the paper: U(-lim, lim))
     warm_growth: float = 1.25
-    random_norm: float = 0.0      # random: noise norm (0: the norm of the round's NS noise)
-    pgd_eps: float = 2 / 255      # pgd, trades: L-inf radius in pixels
-    pgd_alpha: float = 0.5 / 255  # step size
-    pgd_steps: int = 5
-    trades_beta: float = 6.0
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
     val_images: int = 0           # validation images per round (0: all given)
     tensorboard: bool = False
@@ -73,7 +71,8 @@ class FinetuneConfig:
 
 
 def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
-    get_method(cfg.method)
+    method_for(cfg, cfg.method)
+    check_method_configs(cfg)
     for name in ("rounds", "model_steps", "batch_size"):
         if int(getattr(cfg, name)) < 1:
             raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -89,15 +88,28 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
 
 
 def make_config(base: FinetuneConfig | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-    """FinetuneConfig from overrides, where ``synth`` may be a mapping (or ``synth.key`` flat keys)."""
+    """FinetuneConfig from overrides, where a nested config (``synth``, a method's own) may be a
+    mapping or ``synth.key`` flat keys. An old flat method key (``pgd_eps``) is refused with its new name."""
     o = dict(overrides or {})
     base = base or FinetuneConfig()
-    synth_o = dict(o.pop("synth", None) or {})
-    for k in [k for k in o if k.startswith("synth.")]:
-        synth_o[k[6:]] = o.pop(k)
+    for k in o:
+        err = moved_key_error(k)
+        if err is not None:
+            raise err
+    nested = [f.name for f in dataclasses.fields(FinetuneConfig) if dataclasses.is_dataclass(getattr(base, f.name))]
+    nested_o: dict[str, dict[str, Any]] = {}
+    for name in nested:
+        given = o.pop(name, None)
+        if given is not None and not isinstance(given, dict):
+            raise NsvitError(f"finetune key {name!r} must be a mapping of its keys, got {given!r}")
+        nested_o[name] = dict(given or {})
+        for k in [k for k in o if k.startswith(name + ".")]:
+            nested_o[name][k[len(name) + 1:]] = o.pop(k)
     cfg = build(FinetuneConfig, base, o, "finetune")
-    if synth_o:
-        cfg = dataclasses.replace(cfg, synth=build(SynthConfig, cfg.synth, synth_o, "synth"))
+    for name, sub in nested_o.items():
+        if sub:
+            cur = getattr(cfg, name)
+            cfg = dataclasses.replace(cfg, **{name: build(type(cur), cur, sub, name)})
     return check_config(cfg)
 
 
@@ -121,38 +133,6 @@ def ema_parts(parts: Adapter, ema) -> Adapter:
     return e
 
 
-class _Ctx:
-    """What a method sees at the start of a round."""
-
-    def __init__(self, engine, k: int):
-        self.e, self.k = engine, k
-        self.parts, self.cfg = engine.parts, engine.cfg
-        self.round_seed = engine.cfg.seed * 100_003 + k
-        self.info: dict[str, Any] = {}
-
-    def synth(self) -> torch.Tensor:
-        e, cfg = self.e, self.cfg
-        init = None
-        if cfg.noise_init == "warm" and e.noise is not None and e.last_ns_noise is not None:
-            init = e.last_ns_noise * cfg.warm_growth
-        scfg = dataclasses.replace(cfg.synth, seed=self.round_seed, num_noises=1)
-        bank = synthesize(e.parts, e.synth_images, scfg, init=init, progress=False)
-        e.last_ns_noise = bank.noises[0]
-        self.info.update(noise_norm=float(bank.norm[0]), mse_prob=float(bank.mse_prob[0]),
-                         batch_mse_prob=float(bank.batch_mse_prob[0]), match_rate=float(bank.match_rate[0]),
-                         synth_steps=int(bank.steps[0]), converged=bool(bank.converged[0]),
-                         synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]))
-        return bank.noises[0]
-
-    def ns_norm(self) -> float:
-        norms = self.e.random_norms
-        if norms:
-            n = float(norms[min(self.k, len(norms) - 1)])
-            self.info["noise_norm"] = n
-            return n
-        return float(self.synth().norm())
-
-
 class _LossModule(nn.Module):
     """The method's loss as a module, so DistributedDataParallel can wrap it (it calls forward)."""
 
@@ -166,12 +146,12 @@ class _LossModule(nn.Module):
 
 class Engine:
     def __init__(self, parts: Adapter, train: ImageDataset, cfg: FinetuneConfig, val: ImageDataset | None,
-                 out_dir: Path | None, random_norms: list[float] | None, progress: bool):
+                 out_dir: Path | None, progress: bool):
         self.parts, self.train, self.cfg, self.val = parts, train, cfg, val
-        self.out_dir, self.random_norms, self.progress = out_dir, random_norms, progress
-        self.method = get_method(cfg.method)
+        self.out_dir, self.progress = out_dir, progress
+        self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
-        if self.world > 1 and cfg.synth.mode == "reference" and cfg.method in ("ns", "random"):
+        if self.world > 1 and cfg.synth.mode == "reference" and self.method.needs_noise:
             raise NsvitError("synth mode reference runs in one process; use mode fast under torchrun")
         if cfg.batch_size % self.world or cfg.synth.batch_size % self.world:
             raise NsvitError(f"batch sizes ({cfg.batch_size}, synth {cfg.synth.batch_size}) must divide by the "
@@ -230,6 +210,29 @@ class Engine:
         return int(p["round"]), int(p["step"])
 
     # -- loop --
+    def round_seed(self, k: int) -> int:
+        return self.cfg.seed * 100_003 + k
+
+    def context(self, k: int) -> RoundContext:
+        """What the method sees in round k: it reads, the engine keeps its own state."""
+        return RoundContext(self.parts, k, self.round_seed(k), lambda: self.learn_noise(k))
+
+    def learn_noise(self, k: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Round k's ε-approximate noise (N, D) on the current model, warm-started from the last one
+        when ``noise_init="warm"``, and its synthesis statistics for the log."""
+        cfg = self.cfg
+        init = None
+        if cfg.noise_init == "warm" and self.noise is not None and self.last_ns_noise is not None:
+            init = self.last_ns_noise * cfg.warm_growth
+        scfg = dataclasses.replace(cfg.synth, seed=self.round_seed(k), num_noises=1)
+        bank = synthesize(self.parts, self.synth_images, scfg, init=init, progress=False)
+        self.last_ns_noise = bank.noises[0]
+        info = dict(noise_norm=float(bank.norm[0]), mse_prob=float(bank.mse_prob[0]),
+                    batch_mse_prob=float(bank.batch_mse_prob[0]), match_rate=float(bank.match_rate[0]),
+                    synth_steps=int(bank.steps[0]), converged=bool(bank.converged[0]),
+                    synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]))
+        return bank.noises[0], info
+
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.stream.next()[self.rank::self.world]
         return self.train.images[idx].to(self.device), self.train.labels[idx].to(self.device)
@@ -259,11 +262,11 @@ class Engine:
             t0 = time.perf_counter()
             if start_step == 0:
                 self.parts.eval()
-                ctx = _Ctx(self, k)
+                ctx = self.context(k)
                 self.noise = self.method.prepare(ctx)
                 self.round_info, self.round_losses = dict(ctx.info), {}
-            elif cfg.method in ("pgd", "trades"):  # rebuild the attack objects (no state of their own)
-                self.method.prepare(_Ctx(self, k))
+            elif self.method.rebuild_on_resume:  # objects the checkpoint does not hold (attacks); keep its noise
+                self.method.prepare(self.context(k))
             self.parts.train()
             for s in range(start_step, cfg.model_steps):
                 x, y = self.local_batch()
@@ -313,7 +316,7 @@ class Engine:
 
 def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = None, *,
              val_data: ImageDataset | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             random_norms: list[float] | None = None, progress: bool = True, **overrides: Any) -> FinetuneResult:
+             progress: bool = True, **overrides: Any) -> FinetuneResult:
     """Finetune ``model`` on ``train_data`` with one of the methods (Algorithm 1 for ``method="ns"``).
 
     Args:
@@ -325,8 +328,9 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
         out_dir: where checkpoints, log.jsonl, the Fig. 4 plot and the final weights go. A folder
             that holds another run is refused unless ``resume``.
         resume: continue from ``out_dir``'s checkpoint (start fresh if there is none).
-        random_norms: method random: the per-round NS noise norms to match (e.g. from an ns run's
-            history) instead of learning the NS noise each round.
+
+    A method's own settings are nested: ``pgd={"eps": 4 / 255}``, ``random={"norms": [...]}`` (the
+    per-round NS noise norms to match, e.g. from an ns run's history), or ``**{"trades.beta": 3}``.
     """
     cfg = make_config(config, overrides)
     parts = adapt(model)
@@ -337,7 +341,7 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and (out / STATE_FILE).exists() and not resume:
         raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another folder")
-    eng = Engine(parts, train_data, cfg, val_data, out, random_norms, progress)
+    eng = Engine(parts, train_data, cfg, val_data, out, progress)
     k0 = s0 = 0
     if resume and out is not None and (out / STATE_FILE).exists():
         k0, s0 = eng.restore()

@@ -10,17 +10,27 @@ from .engine import FinetuneConfig, make_config
 
 RUN_KEYS = {"model": None, "checkpoint": None, "pretrained": False, "num_classes": None, "data": "digits:train",
             "val_data": None, "max_images": None, "out": None}
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
+
+
+def packaged_configs() -> list[str]:
+    """Names of the YAML run files that ship with the package (``digits``, ``vit_s_imagenet``...)."""
+    return sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
 
 
 def find_config(name: str) -> Path:
-    """A path, or the name of a file in the repository's configs/ folder (``digits``)."""
-    p = Path(name)
-    for cand in (p, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    have = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))) if CONFIG_DIR.is_dir() else "none"
-    raise NsvitError(f"config {name!r} not found (a YAML path, or one of: {have})")
+    """The YAML file ``name`` names: an existing path (relative to the working directory or absolute)
+    first, else a packaged config by name (``digits``, ``digits.yaml``), which also answers the old
+    ``configs/digits.yaml`` spelling from a checkout's top level. Raises NsvitError naming the
+    packaged configs when none is found."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    if p.parent in (Path("."), Path("configs")):  # a bare name, or configs/<name> from before they moved
+        for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+            if cand.is_file():
+                return cand
+    raise NsvitError(f"config {name!r} not found (a YAML path, or one of: {', '.join(packaged_configs()) or 'none'})")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -1,34 +1,88 @@
-"""A finetuning method: what noise a round needs and the loss of one model step.
+"""A finetuning method: what a round needs and the loss of one model step.
 
 The engine owns the loop, optimiser, schedule, EMA, checkpoints and logs; a method only says
 
-    prepare(ctx) -> noise (N, D) or None     once per round (ctx.synth() learns ε-noise on the model)
+    prepare(ctx) -> noise (N, D) or None     once per round; ``ctx`` is a RoundContext
     loss(parts, x, y, noise) -> (loss, {name: float tensor})    once per model step, x pixels in [0, 1]
 
-A new method is one file in this folder and one entry in ``METHODS``.
+and declares its hyperparameters and traits on the class:
+
+    Config               a dataclass of its hyperparameters (None: it has none), nested in
+                         FinetuneConfig under the method's name like ``synth`` (``pgd.eps``)
+    moved_keys           old flat FinetuneConfig keys -> the Config field that replaced them
+    needs_noise          prepare() may learn the round's NS noise (``ctx.ns_noise()``)
+    rebuild_on_resume    prepare() builds objects the checkpoint does not hold (attacks), so a run
+                         resumed inside a round calls it again (and keeps the checkpoint's noise)
+
+A method reads the context and keeps its own objects; it never writes engine state. The engine
+names no method. A new method is one file in this folder, one entry in ``METHODS`` and, with a
+Config, one field of ``MethodConfigs`` (both in ``methods/__init__.py``).
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, ClassVar
+
 import torch
+
+from ...extras import load_torchattacks  # noqa: F401  (public home: nsvit_fast.extras)
+
+
+class RoundContext:
+    """What a method sees at the start of round ``round``: the model, the round's seed, the NS noise
+    on request, and a record for the round's log line.
+
+    ``parts`` is the model adapter (in eval mode while ``prepare`` runs); ``seed`` the round's
+    seed (``config seed * 100003 + round``). ``learn`` is the engine's synthesis of the round's
+    ε-approximate noise: it returns (noise (N, D), log values) and keeps the engine's own state
+    (the warm start) on the engine side."""
+
+    def __init__(self, parts, round: int, seed: int, learn: Callable[[], tuple[torch.Tensor, dict]]):
+        self.parts, self.round, self.seed = parts, round, seed
+        self._learn = learn
+        self.info: dict[str, Any] = {}
+
+    def ns_noise(self) -> torch.Tensor:
+        """The round's ε-approximate nullspace noise (N, D), learned on the current model (Alg. 1 line 14);
+        its synthesis statistics go into the round's record."""
+        noise, info = self._learn()
+        self.info.update(info)
+        return noise
+
+    def record(self, **values) -> None:
+        """Values for the round's line in log.jsonl (e.g. ``noise_norm``)."""
+        self.info.update(values)
 
 
 class Method:
-    name = "?"
+    """Base class: a method with no noise and no hyperparameters; subclasses set ``name`` and ``loss``."""
 
-    def prepare(self, ctx) -> torch.Tensor | None:
+    name: ClassVar[str] = "?"
+    Config: ClassVar[type | None] = None
+    moved_keys: ClassVar[dict[str, str]] = {}
+    needs_noise: ClassVar[bool] = False
+    rebuild_on_resume: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None):
+        """``config``: an instance of ``Config`` (its defaults when None)."""
+        self.config = config if config is not None or self.Config is None else self.Config()
+
+    def prepare(self, ctx: RoundContext) -> torch.Tensor | None:
+        """The round's noise (N, D) for ``loss``, or None."""
         return None
 
     def loss(self, parts, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None):
+        """(scalar loss, {name: detached scalar}) for one batch x (B, C, H, W) in [0, 1], labels y (B,)."""
         raise NotImplementedError
 
 
-def load_torchattacks():
-    try:
-        import torchattacks
-    except ImportError:
-        from ...errors import NsvitError
+def check_attack_config(where: str, eps: float, alpha: float, steps: int) -> None:
+    """Refuse an attack radius, step size or step count that cannot be meant."""
+    from ...errors import NsvitError
 
-        raise NsvitError("this needs torchattacks: pip install --no-deps torchattacks "
-                         "(--no-deps: its requests pin would downgrade other packages)") from None
-    return torchattacks
+    if not eps >= 0:
+        raise NsvitError(f"{where}.eps must be >= 0, got {eps}")
+    if not alpha > 0:
+        raise NsvitError(f"{where}.alpha must be > 0, got {alpha}")
+    if int(steps) < 1:
+        raise NsvitError(f"{where}.steps must be >= 1, got {steps}")

@@ -21,9 +21,10 @@ def fused_views(parts, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tens
 
 class NS(Method):
     name = "ns"
+    needs_noise = True
 
     def prepare(self, ctx):
-        return ctx.synth()
+        return ctx.ns_noise()
 
     def loss(self, parts, x, y, noise):
         z, zn = fused_views(parts, x, noise)
