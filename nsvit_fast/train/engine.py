@@ -15,6 +15,7 @@ the same noise (as the official code does) and synthesis, the main cost, is data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,11 +29,12 @@ from torch import nn
 
 from ..config import build
 from ..data.base import ImageDataset
-from ..errors import NsvitError, check_positive
+from ..errors import NsvitError, check_count, check_number, check_positive
 from ..io import write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
 from ..models.registry import adapt
+from ..runlock import run_lock
 from ..synth.batches import BatchStream
 from ..synth.engine import SynthConfig, synthesize
 from .. import distributed as dist_util
@@ -73,11 +75,17 @@ class FinetuneConfig:
 
 
 def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Every field in its range; NsvitError naming the first that is not."""
     get_method(cfg.method)
-    for name in ("rounds", "model_steps", "batch_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("rounds", "model_steps", "batch_size", "pgd_steps"):
+        check_count(name, getattr(cfg, name), 1)
+    for name in ("checkpoint_every", "val_images", "seed"):
+        check_count(name, getattr(cfg, name), 0)
     check_positive("lr", cfg.lr)
+    check_positive("warm_growth", cfg.warm_growth)
+    check_positive("pgd_alpha", cfg.pgd_alpha)
+    for name in ("weight_decay", "random_norm", "pgd_eps", "trades_beta"):
+        check_number(name, getattr(cfg, name), lo=0)
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be fresh or warm, got {cfg.noise_init!r}")
     if not 0 <= cfg.ema < 1:
@@ -85,6 +93,10 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     from ..synth.engine import check_config as check_synth
 
     check_synth(cfg.synth)
+    check_number("synth.weight_decay", cfg.synth.weight_decay, lo=0)
+    for name in ("boundary_lr", "boundary_grow"):
+        check_positive(f"synth.{name}", getattr(cfg.synth, name))
+    check_count("synth.boundary_iters", cfg.synth.boundary_iters, 1)
     return cfg
 
 
@@ -92,8 +104,13 @@ def make_config(base: FinetuneConfig | None = None, overrides: dict[str, Any] | 
     """FinetuneConfig from overrides, where ``synth`` may be a mapping (or ``synth.key`` flat keys)."""
     o = dict(overrides or {})
     base = base or FinetuneConfig()
-    synth_o = dict(o.pop("synth", None) or {})
-    for k in [k for k in o if k.startswith("synth.")]:
+    synth_o = o.pop("synth", None) or {}
+    if isinstance(synth_o, SynthConfig):
+        o["synth"], synth_o = synth_o, {}
+    elif not isinstance(synth_o, dict):
+        raise NsvitError(f"synth must be a mapping of synthesis keys (e.g. synth.eps=0.01), got {synth_o!r}")
+    synth_o = dict(synth_o)
+    for k in [k for k in o if isinstance(k, str) and k.startswith("synth.")]:
         synth_o[k[6:]] = o.pop(k)
     cfg = build(FinetuneConfig, base, o, "finetune")
     if synth_o:
@@ -323,7 +340,8 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
             or ``**{"synth.eps": 0.01}``).
         val_data: images scored after every round (validation accuracy in the log).
         out_dir: where checkpoints, log.jsonl, the Fig. 4 plot and the final weights go. A folder
-            that holds another run is refused unless ``resume``.
+            that holds another run is refused unless ``resume``; a folder in use by a running
+            finetune (its lock file held) is refused always.
         resume: continue from ``out_dir``'s checkpoint (start fresh if there is none).
         random_norms: method random: the per-round NS noise norms to match (e.g. from an ns run's
             history) instead of learning the NS noise each round.
@@ -335,18 +353,21 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
     parts.check_images(train_data.images[:1])
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and (out / STATE_FILE).exists() and not resume:
-        raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another folder")
-    eng = Engine(parts, train_data, cfg, val_data, out, random_norms, progress)
-    k0 = s0 = 0
-    if resume and out is not None and (out / STATE_FILE).exists():
-        k0, s0 = eng.restore()
-    if out is not None and eng.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", asdict(cfg))
-    eng.run(k0, s0)
-    if out is not None and eng.rank == 0:
-        save_model(parts, out / "model.safetensors", {"finetuned_by": f"nsvit-fast finetune ({cfg.method})"})
-        if eng.ema is not None:
-            save_model(ema_parts(parts, eng.ema), out / "model_ema.safetensors")
+    rank = dist_util.rank_world()[0]
+    with run_lock(out) if out is not None and rank == 0 else contextlib.nullcontext():
+        if out is not None and (out / STATE_FILE).exists() and not resume:
+            raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
+                             f"folder")
+        eng = Engine(parts, train_data, cfg, val_data, out, random_norms, progress)
+        k0 = s0 = 0
+        if resume and out is not None and (out / STATE_FILE).exists():
+            k0, s0 = eng.restore()
+        if out is not None and eng.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", asdict(cfg))
+        eng.run(k0, s0)
+        if out is not None and eng.rank == 0:
+            save_model(parts, out / "model.safetensors", {"finetuned_by": f"nsvit-fast finetune ({cfg.method})"})
+            if eng.ema is not None:
+                save_model(ema_parts(parts, eng.ema), out / "model_ema.safetensors")
     return FinetuneResult(parts, eng.history, out, eng.ema)
