@@ -415,10 +415,11 @@ def _cli(*args):
                             stderr=subprocess.PIPE, text=True, env=ENV)
 
 
+@pytest.mark.slow  # the first run must outlast the second's start-up: ~40 s of CPU
 def test_two_finetunes_on_one_folder_one_is_refused_the_other_intact(tmp_path):
     out = tmp_path / "run"
-    args = ["finetune", "--quiet", "method=plain", "rounds=2", "model_steps=20", "batch_size=32", "max_images=256",
-            "--out", str(out)]
+    args = ["finetune", "--quiet", "--out", str(out), "method=plain", "rounds=2", "model_steps=300", "batch_size=32",
+            "max_images=256"]
     first = _cli(*args, "seed=1")
     t0 = time.time()
     while not (out / ".nsvit.lock").exists() and first.poll() is None and time.time() - t0 < 300:
