@@ -1,23 +1,99 @@
 """The ``nsvit-fast`` command: a thin layer over the Python API, one subcommand per verb.
 
-A user's mistake (NsvitError) prints one line on stderr and exits with code 2.
+A user's mistake prints one line on stderr, ``nsvit-fast: error: ...``, and exits with code 2:
+NsvitError from the API, a bad argument (argparse's error, made one line), and a filesystem error
+(read-only folder, full disk, a file where a folder is expected). Python warnings raised while a
+command runs are held back and printed after it succeeds, one line each, so an error line is
+always the only line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
+import warnings
 
 from . import __version__
 from .errors import NsvitError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``nsvit-fast: error: ...`` and exit 2, no usage block."""
+
+    def error(self, message: str):
+        first = (message.strip().splitlines() or ["bad arguments"])[0]
+        self.exit(2, f"nsvit-fast: error: {first} (see {self.prog} --help)\n")
+
+
+# -- argument types: a bad value is argparse's one-line error, before anything runs --
+def count(lo: int = 1):
+    """A whole number >= lo."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text!r}")
+        return v
+    parse.__name__ = f"whole number >= {lo}"
+    return parse
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = True, hi_open: bool = False):
+    """A finite float in the interval (lo, hi] by default."""
+    rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}" \
+          f"{')' if hi_open or hi is None else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {rng}, got {text!r}") from None
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+                (hi is not None and (v >= hi if hi_open else v > hi)):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {rng}, got {text!r}")
+        return v
+    parse.__name__ = f"number in {rng}"
+    return parse
+
+
+def listof(item, what: str):
+    """Comma-separated values, each parsed by ``item``; at least one."""
+    def parse(text: str) -> list:
+        parts = [t.strip() for t in text.split(",")]
+        if not text.strip() or any(not t for t in parts):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}")
+        out = []
+        for t in parts:
+            try:
+                out.append(item(t))
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{t!r} in {text!r}: {e}") from None
+        return out
+    parse.__name__ = f"comma-separated {what}"
+    return parse
+
+
+def suite_folder(text: str) -> tuple[str, str]:
+    name, eq, path = text.partition("=")
+    if not eq or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"must be SUITE=PATH (e.g. imagenet-r=/data/imagenet-r), got {text!r}")
+    return name.strip(), path
+
+
+POSITIVE = number(0)
+SEED = count(0)
 
 
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--model", default=default, help="timm ViT name, or digits_vit (the embedded model)"
                    + (f"; default {default}" if default else ""))
     p.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (read weights-only)")
-    p.add_argument("--num-classes", type=int, help="head size (default: the checkpoint's)")
+    p.add_argument("--num-classes", type=count(1), help="head size (default: the checkpoint's)")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (network)")
 
 
@@ -62,7 +138,7 @@ def add_nullspace(sub) -> None:
                        description="Rank and nullspace dimension of the flattened patch projection "
                                    "(SVD in float64; rank = singular values > sigma_max * rtol).")
     _model_args(p)
-    p.add_argument("--rtol", type=float, help="rank tolerance relative to sigma_max "
+    p.add_argument("--rtol", type=number(0, 1, hi_open=True), help="rank tolerance relative to sigma_max "
                                               "(default max(D, C*r*r) * float32 eps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--table1", action="store_true", help="the paper's Table 1: eight timm ViTs, randomly initialised")
@@ -71,8 +147,10 @@ def add_nullspace(sub) -> None:
 
 # -- pretrain --
 def cmd_pretrain(args) -> int:
+    from .io import check_output_file
     from .pretrain import PretrainConfig, pretrain_digits
 
+    check_output_file(args.out, (".safetensors",))
     cfg = PretrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     _, m = pretrain_digits(cfg, out=args.out, progress=not args.quiet)
     print(f"digits_vit: val accuracy {m['val_acc']:.4f}, test accuracy {m['test_acc']:.4f}, "
@@ -84,10 +162,10 @@ def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train the embedded digits ViT from scratch",
                        description="Train digits_vit (img 32, patch 8, dim 96, depth 6) on scikit-learn's digits.")
     p.add_argument("--out", default="digits_vit.safetensors", help="output checkpoint (.safetensors)")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=count(1), default=60)
+    p.add_argument("--lr", type=POSITIVE, default=2e-3)
+    p.add_argument("--batch-size", type=count(1), default=64)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
@@ -95,7 +173,9 @@ def add_pretrain(sub) -> None:
 # -- demo --
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .io import check_output_dir
 
+    check_output_dir(args.out)
     run_demo(args.out, scale=args.scale, seed=args.seed, quick=args.quick)
     return 0
 
@@ -105,8 +185,8 @@ def add_demo(sub) -> None:
                        description="Exact nullspace (Fig. 2), ns / plain / random finetuning on one budget, "
                                    "robustness evaluation, a markdown report with figures.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--scale", type=float, default=10.0, help="noise norm / image norm (default 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=POSITIVE, default=10.0, help="noise norm / image norm (default 10)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quick", action="store_true", help="a 2-round finetuning budget (for a fast check)")
     p.set_defaults(func=cmd_demo)
 
@@ -115,7 +195,9 @@ def add_demo(sub) -> None:
 def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
     p.add_argument("--data", default=default, help=f"digits, synthetic, or an ImageFolder path (default {default})")
     p.add_argument("--split", default="train", help="split of digits/synthetic, or a sub-folder if present")
-    p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                   help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
@@ -123,18 +205,18 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 
     d = SynthConfig()
     g = p.add_argument_group("synthesis (defaults: the paper's)")
-    g.add_argument("--eps", type=float, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
-    g.add_argument("--lim", type=float, default=d.lim, help=f"init U(-lim, lim) (default {d.lim})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"noise learning rate (default {d.lr})")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    g.add_argument("--num-noises", type=int, default=d.num_noises, help="noises learned at once (default 1)")
+    g.add_argument("--eps", type=POSITIVE, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
+    g.add_argument("--lim", type=POSITIVE, default=d.lim, help=f"init U(-lim, lim) (default {d.lim})")
+    g.add_argument("--lr", type=POSITIVE, default=d.lr, help=f"noise learning rate (default {d.lr})")
+    g.add_argument("--max-steps", type=count(1), default=d.max_steps, help=f"default {d.max_steps}")
+    g.add_argument("--batch-size", type=count(1), default=d.batch_size, help=f"default {d.batch_size}")
+    g.add_argument("--num-noises", type=count(1), default=d.num_noises, help="noises learned at once (default 1)")
     g.add_argument("--mode", choices=["reference", "fast"], default=d.mode, help="default fast")
     g.add_argument("--schedule", choices=["paper", "boundary"], default=d.schedule, help="default paper")
     g.add_argument("--stop", choices=["batch", "heldout"], default=d.stop, help="default batch (the paper's)")
-    g.add_argument("--heldout", type=int, default=d.heldout, help=f"held-out images carved from the data "
+    g.add_argument("--heldout", type=count(0), default=d.heldout, help=f"held-out images carved from the data "
                                                                   f"(default {d.heldout}; 0: none)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=SEED, default=d.seed)
 
 
 def _synth_overrides(args) -> dict:
@@ -144,10 +226,14 @@ def _synth_overrides(args) -> dict:
 
 def cmd_synth(args) -> int:
     from .data import load_data
+    from .io import check_output_file
     from .synth import synthesize
 
+    check_output_file(args.out, (".safetensors",))
+    if args.log:
+        check_output_file(args.log, what="--log")
     parts = _load(args)
-    data = load_data(args.data, args.split, parts, args.max_images)
+    data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     bank = synthesize(parts, data, progress=not args.quiet, log=args.log, **_synth_overrides(args))
     bank.save(args.out)
     if args.json:
@@ -179,10 +265,13 @@ def add_synth(sub) -> None:
 # -- profile --
 def cmd_profile(args) -> int:
     from .data import load_data
+    from .io import check_output_file
     from .synth import profile_synth
 
+    if args.trace:
+        check_output_file(args.trace, (".json",), what="--trace")
     parts = _load(args)
-    data = load_data(args.data, args.split, parts, args.max_images)
+    data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = _synth_overrides(args)
     res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
     print(f"{args.steps} synthesis steps, mode {kw['mode']}, batch {kw['batch_size']}: {res['wall_ms']:.0f} ms "
@@ -203,13 +292,13 @@ def add_profile(sub) -> None:
     _model_args(p, default="digits_vit")
     _data_args(p)
     _synth_args(p)
-    p.add_argument("--steps", type=int, default=20, help="steps to profile (default 20)")
+    p.add_argument("--steps", type=count(1), default=20, help="steps to profile (default 20)")
     p.add_argument("--trace", default="synth_trace.json", help="Chrome trace output (default synth_trace.json)")
     p.set_defaults(func=cmd_profile)
 
 
 # -- finetune --
-def load_spec(spec: str | None, parts, max_images=None):
+def load_spec(spec: str | None, parts, max_images=None, on_bad_image: str = "error"):
     """``digits:val``, ``synthetic``, or a folder path -> ImageDataset (None for None)."""
     from .data import load_data
 
@@ -217,8 +306,8 @@ def load_spec(spec: str | None, parts, max_images=None):
         return None
     name, _, split = str(spec).partition(":")
     if name in ("digits", "synthetic"):
-        return load_data(name, split or "train", parts, max_images)
-    return load_data(str(spec), "train", parts, max_images)
+        return load_data(name, split or "train", parts, max_images, on_bad_image)
+    return load_data(str(spec), "train", parts, max_images, on_bad_image)
 
 
 def cmd_finetune(args) -> int:
@@ -226,21 +315,31 @@ def cmd_finetune(args) -> int:
     from .train import finetune
     from .train.yamlcfg import load_run, parse_overrides
 
+    import os
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # torchrun's; a hand-set bad value is the user's mistake
+        if os.environ.get(var, "0").strip().lstrip("-").isdigit() is False:
+            raise NsvitError(f"environment variable {var}={os.environ[var]!r} must be a whole number (torchrun sets it)")
     distributed = init_from_env()
     try:
         run, cfg = load_run(args.config, parse_overrides(args.overrides))
         for key in ("model", "checkpoint", "data", "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
+        from .io import check_output_dir
         from .models import load_model
+        from .train.engine import STATE_FILE
 
         if run["model"] is None and run["checkpoint"] is None:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
+        out = check_output_dir(run["out"] or f"runs/finetune-{cfg.method}")
+        if args.resume and not (out / STATE_FILE).is_file():
+            raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
+                             f"fresh run there)")
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
                            pretrained=bool(run["pretrained"]))
-        train = load_spec(run["data"], parts, run["max_images"])
-        val = load_spec(run["val_data"], parts, run["max_images"])
-        out = run["out"] or f"runs/finetune-{cfg.method}"
+        train = load_spec(run["data"], parts, run["max_images"], run["on_bad_image"])
+        val = load_spec(run["val_data"], parts, run["max_images"], run["on_bad_image"])
         res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet)
         if rank_world()[0] == 0:
             cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
@@ -268,7 +367,8 @@ def add_finetune(sub) -> None:
     p.add_argument("--data", help="training data: digits:train, synthetic, or an ImageFolder path")
     p.add_argument("--val-data", dest="val_data", help="validation data scored after each round")
     p.add_argument("--out", help="output folder (default runs/finetune-<method>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption "
+                                                         "(refused if --out holds no checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (synth.key for synthesis)")
     p.set_defaults(func=cmd_finetune)
@@ -277,20 +377,28 @@ def add_finetune(sub) -> None:
 # -- eval --
 def cmd_eval(args) -> int:
     from .eval import evaluate
+    from .io import check_output_dir
     from .models import load_model
 
+    check_output_dir(args.out)
     sep = ";" if (";" in args.suite or ":" in args.suite) else ","  # settings hold commas
     suites = [s for s in args.suite.split(sep) if s.strip()]
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
-    names = [n for n in (args.names or "").split(",") if n]
+    names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
     ckpts = [args.checkpoint] + [c for c in (args.compare or "").split(",") if c]
+    if len(names) > len(ckpts):
+        raise NsvitError(f"--names gives {len(names)} names for {len(ckpts)} model(s) (the model and each --compare)")
+    labels = [names[i] if i < len(names) else (args.model if ck is None else str(ck)) for i, ck in enumerate(ckpts)]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
     for i, ck in enumerate(ckpts):
         m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
-    data = load_spec(args.data, main, args.max_images)
-    folders = dict(kv.split("=", 1) for kv in args.folder) if args.folder else {}
+    data = load_spec(args.data, main, args.max_images, args.on_bad_image)
+    folders = dict(args.folder) if args.folder else {}
     bank = None
     if args.bank:
         from .synth import NoiseBank
@@ -299,7 +407,7 @@ def cmd_eval(args) -> int:
     classes = args.classes.split(",") if args.classes else (getattr(data, "classes", None)
                                                              if main.num_classes != 1000 else None)
     report = None
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         r = evaluate(models, data, suites, seed=seed, baseline=args.baseline, folders=folders, bank=bank,
                      model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet)
         report = r if report is None else report.merge(r)
@@ -320,13 +428,16 @@ def add_eval(sub) -> None:
     p.add_argument("--compare", help="more checkpoints of the same architecture, comma-separated")
     p.add_argument("--names", help="row names for the model and each --compare, comma-separated")
     p.add_argument("--data", default="digits:test", help="digits:test (default), synthetic, or an ImageFolder path")
-    p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                   help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
     p.add_argument("--suite", default="clean,fgsm,pgd,cw,autoattack,patchfool,corruptions,nullspace",
                    help="suites (default: everything that needs no folder)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (mean ± std over them)")
+    p.add_argument("--seeds", type=listof(SEED, "seeds >= 0"), default=[0],
+                   help="comma-separated seeds (mean ± std over them)")
     p.add_argument("--baseline", help="row name normalising mCE on non-ImageNet data (default: the first)")
     p.add_argument("--mce-reference", choices=["auto", "alexnet", "baseline"], default="auto")
-    p.add_argument("--folder", action="append", help="SUITE=PATH for folder suites (repeatable)")
+    p.add_argument("--folder", action="append", type=suite_folder, help="SUITE=PATH for folder suites (repeatable)")
     p.add_argument("--classes", help="the model's class names in output order (default: ImageNet's for 1000 "
                                      "classes, else the data's)")
     p.add_argument("--bank", help="NoiseBank file for the noisebank suite")
@@ -338,7 +449,9 @@ def add_eval(sub) -> None:
 # -- analysis: studies, watermark, targeted noise, fingerprints --
 def cmd_analyze(args) -> int:
     from .analysis import studies
+    from .io import check_output_dir
 
+    check_output_dir(args.out)
     if args.study == "trend":
         if not args.run:
             raise NsvitError("analyze trend needs --run DIR (a finetuning output folder)")
@@ -346,11 +459,10 @@ def cmd_analyze(args) -> int:
         print(f"trend over {res['rounds']} rounds -> {res['figure']}")
         return 0
     parts = _load(args)
-    data = load_spec(args.data, parts, args.max_images)
+    data = load_spec(args.data, parts, args.max_images, args.on_bad_image)
     kw = {"lim": args.lim, "seed": args.seed}
     if args.study == "fig3":
-        lams = [float(x) for x in args.lams.split(",")]
-        res = studies.fig3(parts, data, args.out, lams=lams, steps=args.steps, batch_size=args.batch_size, **kw)
+        res = studies.fig3(parts, data, args.out, lams=args.lams, steps=args.steps, batch_size=args.batch_size, **kw)
         print(f"{'lambda':>7s} {'norm':>8s} {'match':>7s} {'MSE-prob':>9s} {'perm. match':>12s} {'perm. MSE':>10s}")
         for r in res["rows"]:
             print(f"{r['lambda']:7g} {r['norm']:8.1f} {r['match_rate']:7.3f} {r['mse_prob']:9.4f} "
@@ -375,14 +487,15 @@ def add_analyze(sub) -> None:
     _data_args(p)
     p.add_argument("--out", default="runs/analysis", help="output folder (default runs/analysis)")
     p.add_argument("--run", help="trend: the finetuning output folder")
-    p.add_argument("--lim", type=float, default=3.0, help="noise init U(-lim, lim) (default 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lams", default="0,0.5,1,2,4,8", help="fig3: lambda values")
-    p.add_argument("--steps", type=int, default=300, help="fig3: optimisation steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--m", type=int, help="fig5: noises (default 100 on CUDA, 24 on the CPU)")
-    p.add_argument("--pairs", type=int, default=10, help="fig5: pairs for the convex grid (default 10)")
-    p.add_argument("--eps", type=float, default=0.03)
+    p.add_argument("--lim", type=POSITIVE, default=3.0, help="noise init U(-lim, lim) (default 3)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--lams", type=listof(number(0, lo_open=False), "lambdas >= 0"), default=[0, 0.5, 1, 2, 4, 8],
+                   help="fig3: lambda values (default 0,0.5,1,2,4,8)")
+    p.add_argument("--steps", type=count(1), default=300, help="fig3: optimisation steps (default 300)")
+    p.add_argument("--batch-size", type=count(1), default=64)
+    p.add_argument("--m", type=count(1), help="fig5: noises, >= 1 (default 100 on CUDA, 24 on the CPU)")
+    p.add_argument("--pairs", type=count(1), default=10, help="fig5: pairs for the convex grid (default 10)")
+    p.add_argument("--eps", type=POSITIVE, default=0.03)
     p.set_defaults(func=cmd_analyze)
 
 
@@ -404,8 +517,10 @@ def cmd_watermark(args) -> int:
     from .analysis.edit import watermark
     from .analysis.images import save_image
     from .io import write_json
+    from .io import check_output_file
     from .viz import image_grid
 
+    check_output_file(args.out, (".png",))
     parts = _load(args)
     x, mark = _image_pair(parts, args.image, args.mark)
     r = watermark(parts, x, mark, args.strength, args.iters)
@@ -433,9 +548,11 @@ def add_watermark(sub) -> None:
     _model_args(p, default="digits_vit")
     p.add_argument("--image", required=True, help="image file, or skimage:astronaut / chelsea / coffee ...")
     p.add_argument("--mark", default="logo", help="mark image of the same size, or 'logo' (default)")
-    p.add_argument("--out", default="runs/watermark.png", help="marked image (8-bit PNG); .json and _figure.png beside")
-    p.add_argument("--strength", type=float, default=0.5, help="weight of the mark in the target (default 0.5)")
-    p.add_argument("--iters", type=int, default=100, help="Dykstra iterations for the [0, 1] box (default 100)")
+    p.add_argument("--out", default="runs/watermark.png", help="marked image (8-bit PNG, so a .png name); .json and "
+                                                               "_figure.png beside")
+    p.add_argument("--strength", type=number(0, 1), default=0.5, help="weight of the mark in the target, in (0, 1] "
+                                                                      "(default 0.5)")
+    p.add_argument("--iters", type=count(1), default=100, help="Dykstra iterations for the [0, 1] box (default 100)")
     p.set_defaults(func=cmd_watermark)
 
 
@@ -456,6 +573,9 @@ def cmd_targeted(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:  # before the edit, not after it
         raise NsvitError(f"unknown saliency method {bad[0]!r} (methods: {', '.join(METHODS)})")
+    from .io import check_output_file
+
+    check_output_file(args.out, (".png",))
     parts = _load(args)
     a, b = _image_pair(parts, args.source, args.target, same_size=False)
     r = targeted(parts, a, b, args.iters)
@@ -487,8 +607,9 @@ def add_targeted(sub) -> None:
     _model_args(p, default="digits_vit")
     p.add_argument("--source", required=True, help="image file or skimage:NAME")
     p.add_argument("--target", required=True, help="image file or skimage:NAME (both are resized to the model's size)")
-    p.add_argument("--out", default="runs/targeted.png")
-    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--out", default="runs/targeted.png", help="result image (8-bit PNG, so a .png name); .json and "
+                                                               "_figure.png beside")
+    p.add_argument("--iters", type=count(1), default=100)
     p.add_argument("--saliency", default="attention,rollout,gradcam,chefer", help="maps to draw (comma-separated)")
     p.set_defaults(func=cmd_targeted)
 
@@ -499,13 +620,20 @@ def cmd_fingerprint(args) -> int:
     import torch
 
     from .analysis.fingerprint import Fingerprint, make_fingerprint, verify
-    from .io import write_json
+    from .io import check_output_dir, check_output_file, write_json
     from .viz import image_grid
 
-    parts = _load(args)
-    rep = Path(args.report)
+    rep = check_output_dir(args.report, "--report")
     if args.action == "make":
-        data = load_spec(args.data, parts, args.max_images)
+        check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
+    else:
+        fp = Fingerprint.load(args.fingerprint)  # checked before the suspect is loaded
+        if args.expect_digest and fp.meta["digest"] != args.expect_digest.strip().lower():
+            raise NsvitError(f"{args.fingerprint} has digest {fp.meta['digest']}, not the expected "
+                             f"{args.expect_digest.strip()}: it is not the fingerprint you recorded")
+    parts = _load(args)
+    if args.action == "make":
+        data = load_spec(args.data, parts, args.max_images, args.on_bad_image)
         fp = make_fingerprint(parts, data.images, n=args.n, scale=args.scale, seed=args.seed)
         fp.save(args.fingerprint)
         own = verify(parts, fp)
@@ -525,8 +653,8 @@ def cmd_fingerprint(args) -> int:
                    title=f"{parts.name}: fingerprint challenges (noisy images rescaled for display)")
         print(f"fingerprint of {parts.name}: {fp.meta['n']} challenges, nullspace dim {fp.meta['nullspace_dim']}, "
               f"owner score {own['score']:.1e} -> {args.fingerprint}; report in {rep}")
+        print(f"digest {fp.meta['digest']} (keep it apart from the file; verify --expect-digest checks it)")
         return 0
-    fp = Fingerprint.load(args.fingerprint)
     r = verify(parts, fp, args.threshold)
     write_json(rep / "fingerprint_verify.json", {"fingerprint": str(args.fingerprint), "suspect": parts.name,
                                                  "checkpoint": args.checkpoint, **r})
@@ -545,10 +673,13 @@ def add_fingerprint(sub) -> None:
     _model_args(p, default="digits_vit")
     _data_args(p, default="digits:val")
     p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
-    p.add_argument("--n", type=int, default=64, help="make: challenges (default 64)")
-    p.add_argument("--scale", type=float, default=2.0, help="make: noise norm / image norm (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, help="verify: decision threshold (default: the fingerprint's)")
+    p.add_argument("--n", type=count(1), default=64, help="make: challenges (default 64)")
+    p.add_argument("--scale", type=POSITIVE, default=2.0, help="make: noise norm / image norm (default 2)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--threshold", type=number(0, 1, hi_open=True),
+                   help="verify: decision threshold in (0, 1) (default: the fingerprint's)")
+    p.add_argument("--expect-digest", help="verify: refuse unless the fingerprint's digest is this one (printed by "
+                                           "make)")
     p.add_argument("--report", default="runs/fingerprint", help="folder for the JSON (and make's PNG)")
     p.set_defaults(func=cmd_fingerprint)
 
@@ -558,7 +689,7 @@ COMMANDS = [add_nullspace, add_pretrain, add_synth, add_profile, add_finetune, a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nsvit-fast", description="Robust ViTs by approximate nullspace augmented finetuning "
         "(Liu et al., CPAL 2025). Images are pixels in [0, 1]; models are timm ViTs or digits_vit.")
     parser.add_argument("--version", action="version", version=f"nsvit-fast {__version__}")
@@ -568,20 +699,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EISDIR,
+             errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "failed"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except NsvitError as e:
-        print(f"nsvit-fast: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nsvit-fast: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings(record=True) as caught:  # held back: an error line must be the only line
+        warnings.simplefilter("default")
+        try:
+            code = int(args.func(args) or 0)
+        except NsvitError as e:
+            print(f"nsvit-fast: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the filesystem said no (read-only, full disk...): the user's to fix
+            if e.errno not in FS_ERRORS:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"nsvit-fast: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("nsvit-fast: interrupted", file=sys.stderr)
+            return 130
+    for w in caught:
+        print(f"nsvit-fast: warning: {_one_line(w.message)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -27,6 +27,31 @@ def check_positive(name: str, value: float) -> float:
     return v
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """Return ``value`` as an int if it is a whole number >= ``minimum`` (bools and 1.7 are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if not (isinstance(value, float) and value.is_integer()):
+            raise NsvitError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    if int(value) < minimum:
+        raise NsvitError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite number in the given range (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise NsvitError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) \
+        or (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        rng = (f"{'(' if lo_open else '['}{'-inf' if lo is None else f'{lo:g}'}, "
+               f"{'inf' if hi is None else f'{hi:g}'}{')' if hi_open or hi is None else ']'}")
+        raise NsvitError(f"{name} must be a finite number in {rng}, got {value!r}")
+    return v
+
+
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """Raise :class:`NsvitError` if ``t`` holds NaN or inf (one host sync; call it on inputs, not in loops)."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -18,26 +18,98 @@ import torch
 from .errors import NsvitError
 
 
+def os_error(path: str | os.PathLike, e: OSError, what: str = "write") -> NsvitError:
+    """One line for a filesystem error: the path and the system's reason (no traceback)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return NsvitError(f"cannot {what} {path}: {reason}")
+
+
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), what: str = "--out") -> Path:
+    """Refuse an output file path that cannot be written, before any work is done.
+
+    Refused: a path that is a folder, a path under a file, a suffix not in ``suffixes`` (when given),
+    and a folder that cannot be created or written. Nothing is left behind: a folder created to
+    check writability is removed again."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
+    if path.is_dir():
+        raise NsvitError(f"{what} {path} is a folder; give a file name")
+    _check_dir(path.parent, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse an output folder that is a file, lies under a file, or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NsvitError(f"{what} {path} is a file, not a folder")
+    _check_dir(path, what)
+    return path
+
+
+def _check_dir(folder: Path, what: str) -> None:
+    folder = Path(folder) if str(folder) else Path(".")
+    existing = folder
+    while not existing.exists():  # the nearest existing ancestor decides
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise NsvitError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NsvitError(f"cannot write {folder}: {existing} is not writable")
+    if existing != folder:  # os.access trusts root: try for real, then remove what was made
+        made = []
+        try:
+            for p in reversed([folder, *folder.parents]):
+                if not p.exists():
+                    p.mkdir()
+                    made.append(p)
+        except OSError as e:
+            raise os_error(folder, e) from None
+        finally:
+            for p in reversed(made):
+                p.rmdir()
+    else:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".nsvit-write-check.", dir=folder)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise os_error(folder, e) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     The caller writes the whole file to the yielded path. On an exception the temporary file
-    is removed and ``path`` is untouched.
+    is removed and ``path`` is untouched. A filesystem error (read-only folder, full disk, a
+    folder where the file should be) raises NsvitError naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise NsvitError(f"cannot write {path}: it is a folder")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
         yield tmp
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(path, e) from None
+    except Exception as e:  # safetensors reports a failed write (full disk) as its own error type
+        if type(e).__name__ == "SafetensorError":
+            raise NsvitError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else 'write failed'}") from None
+        raise
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -109,4 +181,10 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except Exception as e:  # safetensors raises several types for truncated/corrupt files
         raise NsvitError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return tensors, {k: json.loads(v[5:]) if v.startswith("json:") else v for k, v in meta.items()}
+    decoded = {}
+    for k, v in meta.items():
+        try:
+            decoded[k] = json.loads(v[5:]) if v.startswith("json:") else v
+        except ValueError:
+            raise NsvitError(f"{path}: metadata {k!r} is not valid JSON (edited or corrupt file)") from None
+    return tensors, decoded

@@ -37,7 +37,7 @@ def test_nullspace_json_vit_small_patch32():
     (("nullspace", "--model", "vit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors"), "not found"),
     (("nullspace", "--model", "vit_smal_patch32_224"), "unknown timm model"),
     (("nullspace",), "give --model"),
-    (("pretrain", "--epochs", "0"), "epochs must be"),
+    (("pretrain", "--epochs", "0"), "--epochs: must be >= 1"),
     (("nullspace", "--model", "vit_tiny_patch16_224", "--pretrained"), "could not get pretrained"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg):
@@ -94,7 +94,7 @@ def test_synth_writes_a_bank(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (("synth", "--eps", "0"), "eps must be"), (("synth", "--lim", "-1"), "lim must be"),
+    (("synth", "--eps", "0"), "--eps: must be a finite number in (0, inf)"), (("synth", "--lim", "-1"), "--lim: must be a finite number"),
     (("synth", "--data", "/no/such/folder"), "neither"),
 ])
 def test_synth_user_errors(args, msg, tmp_path):
@@ -176,7 +176,7 @@ def test_watermark_targeted_fingerprint_commands(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (("watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee"), "give images of one size"),
     (("watermark", "--image", "/no/such.png"), "image not found"),
-    (("watermark", "--image", "skimage:coffee", "--strength", "2"), "strength must be in (0, 1]"),
+    (("watermark", "--image", "skimage:coffee", "--strength", "2"), "--strength: must be a finite number in (0, 1]"),
     (("watermark", "--model", "vit_base_patch8_224", "--image", "skimage:coffee"), "no patch-embedding nullspace"),
     (("fingerprint", "verify", "--fingerprint", "/no/fp.safetensors"), "no such file"),
     (("analyze", "trend"), "needs --run"),

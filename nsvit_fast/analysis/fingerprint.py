@@ -19,16 +19,41 @@ fingerprinted this way; the suspect must take the owner's input size.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import NsvitError, check_pixels
+from ..errors import NsvitError, check_count, check_finite, check_pixels, check_positive
 from ..io import load_tensors, save_tensors
 from ..nullspace import nullspace_basis
 
 THRESHOLD = 0.25
+TENSORS = ("images", "noise", "control")
+SIGNED = ("owner", "arch", "owner_weights", "n", "scale", "seed", "nullspace_dim", "threshold", "input_size")
+NORM_RTOL = 1e-3  # float32 round-off on norms of 3k-150k-element tensors is far below this
+
+
+def digest(images: torch.Tensor, noise: torch.Tensor, control: torch.Tensor, meta: dict) -> str:
+    """sha256 over the challenge tensors (dtype, shape, bytes) and the parameters in SIGNED."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(b"nsvit-fast/fingerprint/1\n")
+    for name, t in zip(TENSORS, (images, noise, control)):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    h.update(json.dumps({k: meta.get(k) for k in SIGNED}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def check_threshold(t, source: str = "threshold") -> float:
+    """A decision threshold must be a finite number in (0, 1): unrelated models score about 1."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 < t < 1:
+        raise NsvitError(f"{source} must be a finite number in (0, 1), got {t!r}")
+    return float(t)
 
 
 @dataclass
@@ -39,37 +64,81 @@ class Fingerprint:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        self.check(str(path))
         return save_tensors(path, {"images": self.images, "noise": self.noise, "control": self.control},
                             {"kind": "nsvit-fast/fingerprint", **self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "Fingerprint":
+        """Read and check a fingerprint file (see :meth:`check`); NsvitError if anything is off."""
         t, m = load_tensors(path)
         if m.get("kind") != "nsvit-fast/fingerprint":
             raise NsvitError(f"{path} is not a fingerprint made by nsvit-fast")
-        return cls(t["images"], t["noise"], t["control"], m)
+        missing = [k for k in TENSORS if k not in t]
+        if missing:
+            raise NsvitError(f"{path}: fingerprint lacks tensor {missing[0]!r} (edited or corrupt file)")
+        return cls(t["images"], t["noise"], t["control"], m).check(str(path))
+
+    def check(self, source: str = "fingerprint") -> "Fingerprint":
+        """Refuse a fingerprint that could give a wrong answer: tensors of unequal shapes, NaN/inf,
+        images outside [0, 1], a zero or rescaled noise or control (each must have ``scale`` x its
+        image's norm), a threshold outside (0, 1), or contents that do not match the stored digest
+        (an edit of the file). A file without a digest (made before digests existed) is refused:
+        make it again."""
+        x, v, r, m = self.images, self.noise, self.control, self.meta
+        if x.dim() != 4 or x.shape[0] < 1 or v.shape != x.shape or r.shape != x.shape:
+            raise NsvitError(f"{source}: images, noise and control must share one shape (K, C, H, W), got "
+                             f"{tuple(x.shape)}, {tuple(v.shape)}, {tuple(r.shape)}")
+        for name, t in zip(TENSORS, (x, v, r)):
+            if not t.is_floating_point():
+                raise NsvitError(f"{source}: {name} must be float, got {t.dtype}")
+            check_finite(f"{source}: {name}", t)
+        check_pixels(f"{source}: images", x)
+        check_threshold(m.get("threshold"), f"{source}: threshold")
+        scale = m.get("scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise NsvitError(f"{source}: scale must be a finite number > 0, got {scale!r}")
+        want = scale * x.double().flatten(1).norm(dim=1)
+        for name, t in (("noise", v), ("control", r)):
+            got = t.double().flatten(1).norm(dim=1)
+            bad = ~((got - want).abs() <= NORM_RTOL * want)
+            if bool(bad.any()) or bool((got == 0).any()):
+                i = int(bad.nonzero()[0]) if bool(bad.any()) else int((got == 0).nonzero()[0])
+                raise NsvitError(f"{source}: {name} {i} has norm {float(got[i]):.4g}, not scale x image norm "
+                                 f"= {float(want[i]):.4g} (zeroed or rescaled: edited file?)")
+        if "digest" not in m:
+            raise NsvitError(f"{source} has no integrity digest (made by an older nsvit-fast); make it again "
+                             f"with: nsvit-fast fingerprint make")
+        if m["digest"] != digest(x, v, r, m):
+            raise NsvitError(f"{source}: contents do not match the stored digest (the file was edited); "
+                             f"refused")
+        return self
 
 
 def make_fingerprint(parts, images: torch.Tensor, n: int = 64, scale: float = 2.0, seed: int = 0) -> Fingerprint:
     check_pixels("images", images)
+    check_count("n", n, 1)
+    check_positive("scale", scale)
     basis = nullspace_basis(parts)
     if basis.dim == 0:
         raise NsvitError(f"{parts.name} has no patch-embedding nullspace (embed dim {basis.embed_dim} >= "
                          f"C*r*r = {basis.input_dim}): this fingerprint needs one")
-    if scale <= 0:
-        raise NsvitError(f"scale must be > 0, got {scale}")
     g = torch.Generator().manual_seed(seed)
     x = images[torch.randperm(images.shape[0], generator=g)[:n]].float()
     norms = scale * x.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    if not bool((norms > 0).all()):
+        raise NsvitError("a challenge image is all black (norm 0): its noise would be 0; give other images")
     v = basis.sample(x.shape[0], norm=1.0, img_size=tuple(x.shape[-2:]), generator=g, dtype=torch.float64)
     r = torch.randn(x.shape, generator=g, dtype=torch.float64)
     r = r / r.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
     from ..models import weights_fingerprint
 
     meta = {"owner": parts.name, "arch": parts.arch, "owner_weights": weights_fingerprint(parts), "n": int(x.shape[0]),
-            "scale": scale, "seed": seed, "nullspace_dim": basis.dim, "threshold": THRESHOLD,
+            "scale": float(scale), "seed": seed, "nullspace_dim": basis.dim, "threshold": THRESHOLD,
             "input_size": list(x.shape[1:])}
-    return Fingerprint(x, (v * norms).float(), (r * norms).float(), meta)
+    noise, control = (v * norms).float(), (r * norms).float()
+    meta["digest"] = digest(x, noise, control, meta)
+    return Fingerprint(x, noise, control, meta)
 
 
 @torch.no_grad()
@@ -96,7 +165,10 @@ def score(parts, fp: Fingerprint, batch_size: int = 256) -> dict:
 
 
 def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
-    t = float(fp.meta.get("threshold", THRESHOLD) if threshold is None else threshold)
+    """Score ``parts`` against ``fp`` (checked first, see :meth:`Fingerprint.check`); ``verified`` is
+    score < threshold (the fingerprint's own unless given; it must lie in (0, 1))."""
+    fp.check()
+    t = check_threshold(fp.meta["threshold"] if threshold is None else threshold)
     s = score(parts, fp)
     return {**s, "threshold": t, "verified": s["score"] < t}
 

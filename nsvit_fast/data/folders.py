@@ -25,10 +25,58 @@ def pixel_transform(parts, train: bool = False):
                                                                                            "bicubic"))
 
 
+BAD_IMAGE = ("error", "skip")
+
+
+class BadImage(NsvitError):
+    """An image file that cannot be decoded (corrupt, truncated, or a decompression bomb)."""
+
+
+def read_rgb(path: str | Path):
+    """An image file as an RGB PIL image, decoded now.
+
+    Raises BadImage naming the file if it is corrupt or truncated, or if it is larger than PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 million pixels): such a file
+    is refused before it is decoded, not after it has filled the memory."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{path} is too large to decode safely ({str(e).split('(')[0].strip() or e}); "
+                       f"refused as a possible decompression bomb") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports bad data as any of these
+        raise BadImage(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                       f"; remove it, or set on_bad_image: skip") from None
+
+
+def check_no_symlink_loop(root: str | Path) -> None:
+    """Raise NsvitError if a symlinked folder under ``root`` points back at one of its ancestors
+    (torchvision's ImageFolder follows links and would read the same images over and over)."""
+    import os
+
+    root = Path(root)
+    for top, dirs, _ in os.walk(root, followlinks=True):
+        here = Path(top)
+        ancestors = {os.path.realpath(p) for p in [here, *here.parents][: len(here.relative_to(root).parts) + 1]}
+        for d in dirs:
+            sub = here / d
+            if sub.is_symlink() and os.path.realpath(sub) in ancestors:
+                raise NsvitError(f"{sub} is a symlink loop (it points back to {os.path.realpath(sub)}); remove it")
+
+
 def image_folder(root: str | Path, parts, train: bool = False):
     """A torchvision ImageFolder over ``root`` with this model's pixel transform.
 
-    Raises NsvitError if the folder is missing, has no class folders, or holds no images."""
+    Raises NsvitError if the folder is missing, has no class folders, holds no images, or holds a
+    symlink loop. Reading a corrupt image raises :class:`BadImage` naming the file."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
@@ -37,7 +85,8 @@ def image_folder(root: str | Path, parts, train: bool = False):
     classes = [p for p in root.iterdir() if p.is_dir()]
     if not classes:
         raise NsvitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    check_no_symlink_loop(root)
     try:
-        return ImageFolder(str(root), transform=pixel_transform(parts, train))
+        return ImageFolder(str(root), transform=pixel_transform(parts, train), loader=read_rgb)
     except FileNotFoundError as e:
         raise NsvitError(f"{root}: {str(e).splitlines()[0]}") from None

@@ -47,10 +47,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return load_tensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NsvitError(f"{path} is not a readable weights-only torch file (truncated, corrupt, or "
-                         f"pickled objects beyond tensors?): {first}") from None
+    except Exception as e:  # torch's own text advises weights_only=False: never repeat that advice
+        text = str(e)
+        if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+            import re
+
+            found = re.search(r"Unsupported (?:global|operand)[^\n.]*", text)
+            what = f" ({found.group(0).strip()})" if found else ""
+            raise NsvitError(f"{path} holds pickled Python objects beyond tensors{what}; refused (nsvit-fast reads "
+                             f"torch files weights-only): save a plain state dict or safetensors") from None
+        first = (text.strip().splitlines() or [type(e).__name__])[0]
+        raise NsvitError(f"{path} is not a readable torch file (truncated or corrupt?): {first}") from None
     for key in ("state_dict", "model", "model_state", "module"):  # common wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             meta = obj.get("metadata", {}) if isinstance(obj.get("metadata"), dict) else {}
@@ -70,7 +77,12 @@ def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``sd`` into ``model`` strictly; NsvitError on a key or shape mismatch or a NaN/inf weight."""
     sd = _clean_keys(sd)
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NsvitError(f"{source}: weight {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or inf "
+                             f"value(s); refused (a diverged or corrupt checkpoint)")
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -109,7 +121,15 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     if checkpoint is not None:
         sd, meta = read_weights(checkpoint)
     arch = meta.get("arch")
+    if arch is not None and not isinstance(arch, str):
+        raise NsvitError(f"{checkpoint}: metadata 'arch' must be a model name, got {arch!r}")
+    if not isinstance(meta.get("model_kwargs", {}), dict):
+        raise NsvitError(f"{checkpoint}: metadata 'model_kwargs' must be a mapping, got {meta['model_kwargs']!r}")
     model_kwargs = dict(meta.get("model_kwargs", {}))
+    if name == embedded.NAME and arch is not None and (
+            arch != embedded.ARCH or any(model_kwargs.get(k, v) != v for k, v in embedded.KWARGS.items()
+                                         if k != "num_classes")):
+        raise NsvitError(f"checkpoint {checkpoint} holds a {arch} {model_kwargs}, not a {embedded.NAME}")
     if name is None and arch is None:
         raise NsvitError("give a model name: the checkpoint does not say which architecture it holds")
     if name is not None and name != embedded.NAME and arch is not None and name != arch:
@@ -126,6 +146,12 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     if sd is not None:
         load_state(model, sd, str(checkpoint))
     mean, std = meta.get("mean"), meta.get("std")
+    for key, val in (("mean", mean), ("std", std)):
+        if val is not None and (not isinstance(val, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+                and (key == "mean" or v > 0) for v in val)):
+            raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of finite numbers"
+                             f"{' > 0' if key == 'std' else ''}, got {val!r}")
     if mean is not None and std is not None:  # models carry their own data config
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(mean), "std": tuple(std)}
     adapter = adapt(model, name=name if name != embedded.NAME else embedded.NAME)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NsvitError
+from ..errors import NsvitError, check_finite
 from ..io import load_tensors, save_tensors
 
 PER_NOISE = ("norm", "mse_prob", "match_rate", "steps", "converged", "batch_mse_prob")
@@ -66,6 +66,14 @@ class NoiseBank:
         t, meta = load_tensors(path)
         if meta.get("kind") != "nsvit-fast/noise-bank" or "noises" not in t:
             raise NsvitError(f"{path} is not a noise bank saved by nsvit-fast")
+        missing = [k for k in PER_NOISE if k not in t]
+        if missing:
+            raise NsvitError(f"{path}: noise bank lacks tensor {missing[0]!r} (edited or corrupt file)")
+        m = t["noises"].shape[0] if t["noises"].dim() == 3 else -1
+        if m < 1 or any(t[k].shape != (m,) for k in PER_NOISE):
+            raise NsvitError(f"{path}: noise bank tensors disagree in shape (noises {tuple(t['noises'].shape)}; "
+                             f"expected (M, N, D) and (M,) per noise)")
+        check_finite(f"{path}: noises", t["noises"])  # a NaN noise would poison every batch it touches
         bank = cls(t["noises"], *(t[k] for k in PER_NOISE), meta=meta)
         bank.converged = bank.converged.bool()
         if parts is not None:

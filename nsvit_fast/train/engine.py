@@ -15,6 +15,7 @@ the same noise (as the official code does) and synthesis, the main cost, is data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,11 +29,12 @@ from torch import nn
 
 from ..config import build
 from ..data.base import ImageDataset
-from ..errors import NsvitError, check_positive
+from ..errors import NsvitError, check_count, check_number, check_positive
 from ..io import write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
 from ..models.registry import adapt
+from ..runlock import run_lock
 from ..synth.batches import BatchStream
 from ..synth.engine import SynthConfig, synthesize
 from .. import distributed as dist_util
@@ -71,12 +73,16 @@ class FinetuneConfig(MethodConfigs):
 
 
 def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Every field in its range; NsvitError naming the first that is not."""
     method_for(cfg, cfg.method)
     check_method_configs(cfg)
     for name in ("rounds", "model_steps", "batch_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        check_count(name, getattr(cfg, name), 1)
+    for name in ("checkpoint_every", "val_images", "seed"):
+        check_count(name, getattr(cfg, name), 0)
     check_positive("lr", cfg.lr)
+    check_positive("warm_growth", cfg.warm_growth)
+    check_number("weight_decay", cfg.weight_decay, lo=0)
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be fresh or warm, got {cfg.noise_init!r}")
     if not 0 <= cfg.ema < 1:
@@ -84,6 +90,10 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     from ..synth.engine import check_config as check_synth
 
     check_synth(cfg.synth)
+    check_number("synth.weight_decay", cfg.synth.weight_decay, lo=0)
+    for name in ("boundary_lr", "boundary_grow"):
+        check_positive(f"synth.{name}", getattr(cfg.synth, name))
+    check_count("synth.boundary_iters", cfg.synth.boundary_iters, 1)
     return cfg
 
 
@@ -100,10 +110,12 @@ def make_config(base: FinetuneConfig | None = None, overrides: dict[str, Any] | 
     nested_o: dict[str, dict[str, Any]] = {}
     for name in nested:
         given = o.pop(name, None)
+        if dataclasses.is_dataclass(given) and isinstance(given, type(getattr(base, name))):
+            o[name], given = given, None  # a whole config object, e.g. synth=SynthConfig(...)
         if given is not None and not isinstance(given, dict):
             raise NsvitError(f"finetune key {name!r} must be a mapping of its keys, got {given!r}")
         nested_o[name] = dict(given or {})
-        for k in [k for k in o if k.startswith(name + ".")]:
+        for k in [k for k in o if isinstance(k, str) and k.startswith(name + ".")]:
             nested_o[name][k[len(name) + 1:]] = o.pop(k)
     cfg = build(FinetuneConfig, base, o, "finetune")
     for name, sub in nested_o.items():
@@ -326,7 +338,8 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
             or ``**{"synth.eps": 0.01}``).
         val_data: images scored after every round (validation accuracy in the log).
         out_dir: where checkpoints, log.jsonl, the Fig. 4 plot and the final weights go. A folder
-            that holds another run is refused unless ``resume``.
+            that holds another run is refused unless ``resume``; a folder in use by a running
+            finetune (its lock file held) is refused always.
         resume: continue from ``out_dir``'s checkpoint (start fresh if there is none).
 
     A method's own settings are nested: ``pgd={"eps": 4 / 255}``, ``random={"norms": [...]}`` (the
@@ -339,18 +352,21 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
     parts.check_images(train_data.images[:1])
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and (out / STATE_FILE).exists() and not resume:
-        raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another folder")
-    eng = Engine(parts, train_data, cfg, val_data, out, progress)
-    k0 = s0 = 0
-    if resume and out is not None and (out / STATE_FILE).exists():
-        k0, s0 = eng.restore()
-    if out is not None and eng.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", asdict(cfg))
-    eng.run(k0, s0)
-    if out is not None and eng.rank == 0:
-        save_model(parts, out / "model.safetensors", {"finetuned_by": f"nsvit-fast finetune ({cfg.method})"})
-        if eng.ema is not None:
-            save_model(ema_parts(parts, eng.ema), out / "model_ema.safetensors")
+    rank = dist_util.rank_world()[0]
+    with run_lock(out) if out is not None and rank == 0 else contextlib.nullcontext():
+        if out is not None and (out / STATE_FILE).exists() and not resume:
+            raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
+                             f"folder")
+        eng = Engine(parts, train_data, cfg, val_data, out, progress)
+        k0 = s0 = 0
+        if resume and out is not None and (out / STATE_FILE).exists():
+            k0, s0 = eng.restore()
+        if out is not None and eng.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", asdict(cfg))
+        eng.run(k0, s0)
+        if out is not None and eng.rank == 0:
+            save_model(parts, out / "model.safetensors", {"finetuned_by": f"nsvit-fast finetune ({cfg.method})"})
+            if eng.ema is not None:
+                save_model(ema_parts(parts, eng.ema), out / "model_ema.safetensors")
     return FinetuneResult(parts, eng.history, out, eng.ema)

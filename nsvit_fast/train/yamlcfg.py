@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import check_type
 from ..errors import NsvitError
 from .engine import FinetuneConfig, make_config
 
 RUN_KEYS = {"model": None, "checkpoint": None, "pretrained": False, "num_classes": None, "data": "digits:train",
-            "val_data": None, "max_images": None, "out": None}
+            "val_data": None, "max_images": None, "out": None, "on_bad_image": "error"}
+RUN_TYPES = {"model": str | None, "checkpoint": str | None, "pretrained": bool, "num_classes": int | None,
+             "data": str | None, "val_data": str | None, "max_images": int | None, "out": str | None,
+             "on_bad_image": str}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
 
 
@@ -41,7 +45,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, eq, val = it.partition("=")
         if not eq or not key:
             raise NsvitError(f"override {it!r} must be key=value (e.g. rounds=5 or synth.eps=0.01)")
-        out[key.strip()] = yaml.safe_load(val)
+        try:
+            out[key.strip()] = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise NsvitError(f"override {it!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return out
 
 
@@ -59,5 +66,8 @@ def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple
         if not isinstance(raw, dict):
             raise NsvitError(f"{p} must hold a mapping of keys")
     raw.update(overrides or {})
-    run = {k: raw.pop(k, v) for k, v in RUN_KEYS.items()}
+    run = {k: check_type(k, raw.pop(k, v), RUN_TYPES[k]) for k, v in RUN_KEYS.items()}
+    for k in ("num_classes", "max_images"):
+        if run[k] is not None and run[k] < 1:
+            raise NsvitError(f"{k} must be >= 1 (or null for the default), got {run[k]}")
     return run, make_config(None, raw)

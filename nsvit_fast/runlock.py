@@ -1,0 +1,85 @@
+"""One run per folder: an exclusive ``fcntl.flock`` on ``<folder>/.nsvit.lock`` for the whole run.
+
+The kernel drops a flock when its process dies (kill -9 included), so a lock left by a killed
+run never blocks ``--resume``: the file may remain, the lock does not. A second run on a folder
+in use fails at once with one line naming the running one (its pid, host and start time, which
+the holder writes into the lock file). The lock file is removed when the run ends; a folder that
+the lock itself created and that is still empty then (the run failed before writing anything) is
+removed too, so a refused run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import NsvitError
+
+LOCK_NAME = ".nsvit.lock"
+
+
+def holder(folder: str | os.PathLike) -> str:
+    """What the lock file says about the run holding it ("pid 123 on host since ..."), or ''."""
+    try:
+        return (Path(folder) / LOCK_NAME).read_text().strip()
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the run lock of ``folder`` (created if missing) for the duration of the block.
+
+    Raises:
+        NsvitError: the folder is in use by another run, or the lock file cannot be created.
+    """
+    folder = Path(folder)
+    made = [p for p in reversed([folder, *folder.parents]) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NsvitError(f"cannot create run folder {folder}: {e.strerror or e}") from None
+    path = folder / LOCK_NAME
+    fd = -1
+    try:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise NsvitError(f"cannot create the run lock {path}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise NsvitError(f"cannot lock {path}: {e.strerror or e}") from None
+                os.close(fd)
+                fd = -1
+                who = holder(folder) or "another process"
+                raise NsvitError(f"{folder} is in use by another nsvit-fast run ({who}); wait for it to end or "
+                                 f"use another --out") from None
+            try:  # the holder before us may have removed the file between our open and our lock
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            fd = -1
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield folder
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # still holding the lock: a waiter re-checks the inode
+            os.close(fd)
+        for p in reversed(made):  # folders this lock created and nothing else filled
+            with contextlib.suppress(OSError):
+                p.rmdir()

@@ -1,0 +1,460 @@
+"""Hostile input through the real CLI: every case exits 2 with exactly one stderr line starting
+``nsvit-fast: error:``, and changes no file and leaves none behind.
+
+Each case runs ``nsvit_fast.cli.main(argv)`` (what ``python -m nsvit_fast`` runs) in its own process:
+one runner subprocess imports nsvit-fast once and forks a child per case, with the case's working
+directory, environment and file-size limit, its stdout and stderr captured. Forking skips the
+~2 s import per case, which keeps ~90 cases well under two minutes; a few cases also go through
+``python -m nsvit_fast`` itself. Two finetunes on one folder are tested with real processes.
+"""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+
+RUNNER = r'''
+import json, os, resource, signal, sys, traceback
+import torch, timm, yaml, PIL.Image, safetensors.torch, torchvision.datasets  # paid once, before the forks
+import nsvit_fast, nsvit_fast.cli
+cases = json.load(sys.stdin)
+par = max(2, min(4, os.cpu_count() or 2))
+running, results = {}, {}
+def start(i, c):
+    pid = os.fork()
+    if pid:
+        running[pid] = i
+        return
+    code = 1
+    try:
+        os.chdir(c["cwd"])
+        os.environ.update(c.get("env", {}))
+        for fd, name in ((1, "out"), (2, "err")):
+            f = os.open(os.path.join(c["log"], name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        if c.get("fsize"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (c["fsize"], c["fsize"]))
+        try:
+            code = nsvit_fast.cli.main(c["argv"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+todo = list(enumerate(cases))
+while todo or running:
+    while todo and len(running) < par:
+        start(*todo.pop(0))
+    pid, status = os.wait()
+    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+json.dump([results[i] for i in range(len(cases))], sys.stdout)
+'''
+
+
+# -- hostile files --
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A PNG that claims w x h pixels (a decompression bomb as PIL sees it before decoding)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _folder(root: Path, n: int = 3) -> Path:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (40 * i, 100 if c == "a" else 200, 0)).save(root / c / f"{i}.png")
+    return root
+
+
+def _edit_tensors(src: Path, dst: Path, tensors=None, meta=None, drop=()):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        m = dict(f.metadata() or {})
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    t.update(tensors or {})
+    m.update(meta or {})
+    for k in drop:
+        t.pop(k, None)
+        m.pop(k, None)
+    save_file(t, str(dst), metadata=m)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from nsvit_fast import digits, load_model, save_model
+    from nsvit_fast.analysis.fingerprint import digest, make_fingerprint
+    from nsvit_fast.models import embedded
+    from nsvit_fast.synth import NoiseBank
+
+    a = tmp_path_factory.mktemp("assets")
+    good = embedded.CHECKPOINT
+    w = {k: v.clone() for k, v in load_model("digits_vit").model.state_dict().items()}
+    nan_w = {**w, "head.bias": w["head.bias"].clone().index_fill_(0, torch.tensor([3]), float("nan"))}
+    _edit_tensors(good, a / "nan.safetensors", nan_w)
+    _edit_tensors(good, a / "inf.safetensors", {"blocks.0.mlp.fc1.weight": w["blocks.0.mlp.fc1.weight"] * float("inf")})
+    _edit_tensors(good, a / "badjson.safetensors", meta={"model_kwargs": "json:{broken"})
+    _edit_tensors(good, a / "nokeys.safetensors", drop=("head.weight",))
+    small = load_model(embedded.ARCH, **{**embedded.KWARGS, "depth": 2})
+    save_model(small, a / "wrongarch.safetensors")
+    (a / "truncated.safetensors").write_bytes(good.read_bytes()[:5000])
+    (a / "random.safetensors").write_bytes(os.urandom(4096))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(a / "PWNED"),))
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, a / "evil.pt")
+    (a / "adir.safetensors").mkdir()
+    (a / "afile").write_text("a file, not a folder\n")
+
+    m, n, d = 1, 16, 96
+    bank = NoiseBank(torch.randn(m, n, d), *(torch.ones(m) for _ in range(3)), torch.ones(m, dtype=torch.long),
+                     torch.ones(m, dtype=torch.bool), torch.ones(m), meta={"eps": 0.03})
+    bank.save(a / "bank.safetensors")
+    _edit_tensors(a / "bank.safetensors", a / "bank_nan.safetensors",
+                  {"noises": torch.full((m, n, d), float("nan"))})
+    _edit_tensors(a / "bank.safetensors", a / "bank_inf.safetensors",
+                  {"noises": torch.full((m, n, d), float("inf"))})
+    _edit_tensors(a / "bank.safetensors", a / "bank_missing.safetensors", drop=("norm",))
+
+    parts = load_model("digits_vit")
+    fp = make_fingerprint(parts, digits("val").images, n=8)
+    fp.save(a / "fp.safetensors")
+    zero = torch.zeros_like(fp.noise)
+    _edit_tensors(a / "fp.safetensors", a / "fp_zero.safetensors", {"noise": zero})
+    _edit_tensors(a / "fp.safetensors", a / "fp_zero_resigned.safetensors", {"noise": zero},
+                  {"digest": digest(fp.images, zero, fp.control, fp.meta)})
+    tiny = fp.noise * 1e-6
+    _edit_tensors(a / "fp.safetensors", a / "fp_tiny_resigned.safetensors", {"noise": tiny},
+                  {"digest": digest(fp.images, tiny, fp.control, fp.meta)})
+    _edit_tensors(a / "fp.safetensors", a / "fp_thr_nan.safetensors", meta={"threshold": "json:NaN"})
+    _edit_tensors(a / "fp.safetensors", a / "fp_thr_abc.safetensors", meta={"threshold": "abc"})
+    _edit_tensors(a / "fp.safetensors", a / "fp_thr_big.safetensors", meta={"threshold": "json:5"})
+    _edit_tensors(a / "fp.safetensors", a / "fp_nocontrol.safetensors", drop=("control",))
+    _edit_tensors(a / "fp.safetensors", a / "fp_nodigest.safetensors", drop=("digest",))
+    img = fp.images.clone()
+    img[0, 0, 0, 0] = 1 - img[0, 0, 0, 0]
+    _edit_tensors(a / "fp.safetensors", a / "fp_images.safetensors", {"images": img})
+    _edit_tensors(a / "fp.safetensors", a / "fp_nan_noise.safetensors",
+                  {"noise": fp.noise.clone().index_fill_(0, torch.tensor([1]), float("nan"))})
+
+    _folder(a / "good")
+    corrupt = _folder(a / "corrupt")
+    (corrupt / "a" / "9.jpg").write_bytes((corrupt / "a" / "0.png").read_bytes()[:60])  # truncated
+    loop = _folder(a / "loop")
+    os.symlink(loop / "a", loop / "a" / "again")
+    bomb = _folder(a / "bomb")
+    _png_header_only(bomb / "b" / "big.png", 20000, 20000)
+    _png_header_only(a / "bomb.png", 20000, 20000)
+    (a / "empty_classes" / "a").mkdir(parents=True)
+    (a / "run_badlog").mkdir()
+    (a / "run_badlog" / "log.jsonl").write_text('{"round": 0, "noise_norm": 1.0}\n{"round": 1, "noi')
+    (a / "anchors.yaml").write_text("synth: &s {eps: 0.1}\nrounds: *s\n")
+    (a / "list.yaml").write_text("- rounds\n- 3\n")
+    (a / "bad.yaml").write_text("rounds: [1, 2\n")
+    (a / "types.yaml").write_text("rounds: 2\nout: 5\n")
+    return a
+
+
+FT = ["finetune", "--quiet", "rounds=1", "model_steps=1", "batch_size=16", "max_images=32", "val_data=null",
+      "method=plain"]
+EV = ["eval", "--suite", "clean", "--max-images", "8", "--quiet"]
+SY = ["synth", "--max-images", "32", "--max-steps", "2", "--batch-size", "16", "--heldout", "8", "--quiet"]
+
+# (id, argv, what the line must contain, options). {A}: the assets folder, {C}: the case's own folder.
+CASES = [
+    # arguments: one line from argparse, no usage block
+    ("unknown-flag", ["nullspace", "--bogus"], "unrecognized arguments", {}),
+    ("missing-required", ["watermark"], "required: --image", {}),
+    ("bad-choice", ["synth", "--mode", "turbo"], "invalid choice", {}),
+    ("no-command-arg", ["analyze"], "required: study", {}),
+    ("max-images-0", EV[:3] + ["--max-images", "0"], "--max-images: must be >= 1", {}),
+    ("max-images-neg", ["synth", "--max-images", "-5"], "--max-images: must be >= 1", {}),
+    ("max-images-word", ["eval", "--max-images", "ten"], "whole number", {}),
+    ("pretrain-batch-0", ["pretrain", "--batch-size", "0"], "--batch-size: must be >= 1", {}),
+    ("pretrain-epochs-neg", ["pretrain", "--epochs", "-1"], "--epochs", {}),
+    ("pretrain-lr-nan", ["pretrain", "--lr", "nan"], "--lr: must be a finite number", {}),
+    ("seeds-words", ["eval", "--seeds", "a,b"], "--seeds: 'a'", {}),
+    ("seeds-empty", ["eval", "--seeds", ","], "--seeds", {}),
+    ("seeds-neg", ["eval", "--seeds", "0,-1"], "--seeds", {}),
+    ("folder-no-eq", ["eval", "--folder", "imagenet-r"], "SUITE=PATH", {}),
+    ("lams-words", ["analyze", "fig3", "--lams", "a,b"], "--lams", {}),
+    ("lams-nan", ["analyze", "fig3", "--lams", "1,nan"], "--lams", {}),
+    ("fig5-m-0", ["analyze", "fig5", "--m", "0"], "--m: must be >= 1", {}),
+    ("fig5-pairs-0", ["analyze", "fig5", "--pairs", "0"], "--pairs", {}),
+    ("demo-scale-neg", ["demo", "--scale", "-1", "--out", "{C}/d"], "--scale", {}),
+    ("demo-scale-inf", ["demo", "--scale", "inf", "--out", "{C}/d"], "--scale", {}),
+    ("rtol-nan", ["nullspace", "--model", "digits_vit", "--rtol", "nan"], "--rtol", {}),
+    ("rtol-zero", ["nullspace", "--model", "digits_vit", "--rtol", "0"], "--rtol", {}),
+    ("iters-0", ["watermark", "--image", "skimage:coffee", "--iters", "0"], "--iters: must be >= 1", {}),
+    ("iters-neg", ["targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--iters", "-5"], "--iters", {}),
+    ("strength-nan", ["watermark", "--image", "skimage:coffee", "--strength", "nan"], "--strength", {}),
+    ("fp-n-0", ["fingerprint", "make", "--n", "0", "--fingerprint", "{C}/fp.safetensors"], "--n: must be >= 1", {}),
+    ("fp-scale-0", ["fingerprint", "make", "--scale", "0"], "--scale", {}),
+    ("fp-threshold-nan", ["fingerprint", "verify", "--threshold", "nan"], "--threshold", {}),
+    ("fp-threshold-2", ["fingerprint", "verify", "--threshold", "2"], "--threshold", {}),
+    ("synth-eps-nan", ["synth", "--eps", "nan"], "--eps", {}),
+    ("synth-noises-0", ["synth", "--num-noises", "0"], "--num-noises", {}),
+    ("synth-heldout-neg", ["synth", "--heldout", "-1"], "--heldout", {}),
+    ("profile-steps-0", ["profile", "synth", "--steps", "0"], "--steps", {}),
+    ("num-classes-0", ["nullspace", "--model", "digits_vit", "--num-classes", "0"], "--num-classes", {}),
+    # config overrides and YAML files: typed fields
+    ("ovr-rounds-abc", FT + ["rounds=abc", "--out", "{C}/o"], "rounds must be a whole number", {}),
+    ("ovr-rounds-float", FT + ["rounds=1.7", "--out", "{C}/o"], "rounds must be a whole number, got 1.7", {}),
+    ("ovr-batch-expr", FT + ["batch_size=10**9", "--out", "{C}/o"], "batch_size must be a whole number", {}),
+    ("ovr-ema-abc", FT + ["ema=abc", "--out", "{C}/o"], "ema must be a number", {}),
+    ("ovr-ema-1", FT + ["ema=1.5", "--out", "{C}/o"], "ema must be in [0, 1)", {}),
+    ("ovr-synth-5", FT + ["synth=5", "--out", "{C}/o"], "must be a mapping", {}),
+    ("ovr-wd-neg", FT + ["weight_decay=-5", "--out", "{C}/o"], "weight_decay must be", {}),
+    ("ovr-pgd-steps-0", FT + ["pgd.steps=0", "--out", "{C}/o"], "pgd.steps must be", {}),
+    ("ovr-old-flat-key", FT + ["pgd_steps=3", "--out", "{C}/o"], "use pgd.steps", {}),
+    ("ovr-ckpt-every-neg", FT + ["checkpoint_every=-1", "--out", "{C}/o"], "checkpoint_every must be >= 0", {}),
+    ("ovr-lr-nan", FT + ["lr=.nan", "--out", "{C}/o"], "lr must be a finite number", {}),
+    ("ovr-synth-eps-inf", FT + ["synth.eps=.inf", "--out", "{C}/o"], "synth.eps must be a finite number", {}),
+    ("ovr-bool-int", FT + ["tensorboard=3", "--out", "{C}/o"], "tensorboard must be true or false", {}),
+    ("ovr-int-bool", FT + ["rounds=true", "--out", "{C}/o"], "rounds must be a whole number", {}),
+    ("ovr-method-int", FT + ["method=5", "--out", "{C}/o"], "method must be a string", {}),
+    ("ovr-max-images-0", FT + ["max_images=0", "--out", "{C}/o"], "max_images must be >= 1", {}),
+    ("ovr-out-int", FT + ["out=5"], "out must be a string", {}),
+    ("ovr-bad-yaml", FT + ["rounds=[1", "--out", "{C}/o"], "not valid YAML", {}),
+    ("ovr-bad-image-mode", FT + ["on_bad_image=ignore", "--out", "{C}/o"], "on_bad_image must be", {}),
+    ("yaml-anchor", ["finetune", "--config", "{A}/anchors.yaml", "--out", "{C}/o"], "rounds must be a whole number", {}),
+    ("yaml-list", ["finetune", "--config", "{A}/list.yaml", "--out", "{C}/o"], "must hold a mapping", {}),
+    ("yaml-broken", ["finetune", "--config", "{A}/bad.yaml", "--out", "{C}/o"], "not valid YAML", {}),
+    ("yaml-types", ["finetune", "--config", "{A}/types.yaml"], "out must be a string", {}),
+    # output paths
+    ("out-jpg", ["watermark", "--image", "skimage:coffee", "--out", "{C}/x.jpg"], "must end in .png", {}),
+    ("out-is-dir", ["watermark", "--image", "skimage:coffee", "--out", "{A}/adir.safetensors"], "must end in .png", {}),
+    ("out-png-dir", ["targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--out", "{C}/d.png"],
+     "is a folder", {"mkdir": "d.png"}),
+    ("out-under-file", ["watermark", "--image", "skimage:coffee", "--out", "{A}/afile/x.png"], "is a file", {}),
+    ("out-dir-is-file", EV + ["--out", "{A}/afile"], "is a file, not a folder", {}),
+    ("out-readonly", SY + ["--out", "/sys/nsvit/b.safetensors"], "cannot write", {}),
+    ("trace-under-file", ["profile", "synth", "--trace", "{A}/afile/t.json"], "is a file", {}),
+    ("trace-suffix", ["profile", "synth", "--trace", "{C}/t.png"], "must end in .json", {}),
+    ("synth-out-suffix", SY + ["--out", "{C}/bank.npz"], "must end in .safetensors", {}),
+    ("log-under-file", SY + ["--out", "{C}/b.safetensors", "--log", "{A}/afile/l.jsonl"], "is a file", {}),
+    ("ft-out-file", FT + ["--out", "{A}/afile"], "is a file, not a folder", {}),
+    ("report-under-file", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--report",
+                           "{A}/afile/r"], "is a file", {}),
+    ("readonly-cwd", EV, "cannot write", {"cwd": "/sys/kernel"}),
+    ("full-disk", SY + ["--out", "{C}/b.safetensors"], "cannot write", {"fsize": 4096}),
+    # finetune run folders
+    ("resume-empty", FT + ["--out", "{C}/empty", "--resume"], "nothing to resume", {"mkdir": "empty"}),
+    ("resume-missing", FT + ["--out", "{C}/none", "--resume"], "nothing to resume", {}),
+    # checkpoints
+    ("ckpt-nan-eval", EV + ["--checkpoint", "{A}/nan.safetensors", "--out", "{C}/ev"], "NaN or inf", {}),
+    ("ckpt-inf-eval", EV + ["--checkpoint", "{A}/inf.safetensors", "--out", "{C}/ev"], "NaN or inf", {}),
+    ("ckpt-nan-nullspace", ["nullspace", "--checkpoint", "{A}/nan.safetensors"], "NaN or inf", {}),
+    ("ckpt-nan-compare", EV + ["--compare", "{A}/nan.safetensors", "--out", "{C}/ev"], "NaN or inf", {}),
+    ("ckpt-nan-finetune", FT + ["--checkpoint", "{A}/nan.safetensors", "--out", "{C}/o"], "NaN or inf", {}),
+    ("ckpt-wrong-arch", EV + ["--checkpoint", "{A}/wrongarch.safetensors", "--out", "{C}/ev"], "not a digits_vit", {}),
+    ("ckpt-bad-json", EV + ["--checkpoint", "{A}/badjson.safetensors", "--out", "{C}/ev"], "not valid JSON", {}),
+    ("ckpt-missing-key", EV + ["--checkpoint", "{A}/nokeys.safetensors", "--out", "{C}/ev"], "missing 1 key", {}),
+    ("ckpt-truncated", EV + ["--checkpoint", "{A}/truncated.safetensors", "--out", "{C}/ev"], "not a readable", {}),
+    ("ckpt-random", EV + ["--checkpoint", "{A}/random.safetensors", "--out", "{C}/ev"], "not a readable", {}),
+    ("ckpt-pickle", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/evil.pt"], "pickled Python objects", {}),
+    ("ckpt-dir", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/adir.safetensors"], "not found", {}),
+    ("names-too-many", EV + ["--names", "a,b,c", "--out", "{C}/ev"], "3 names for 1 model", {}),
+    ("names-dup", EV + ["--compare", "{A}/wrongarch.safetensors", "--names", "a,a", "--out", "{C}/ev"],
+     "share the row name", {}),
+    # noise banks
+    ("bank-nan", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_nan.safetensors", "--out", "{C}/ev"],
+     "NaN or inf", {}),
+    ("bank-inf", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_inf.safetensors", "--out", "{C}/ev"],
+     "NaN or inf", {}),
+    ("bank-missing", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_missing.safetensors", "--out",
+                               "{C}/ev"], "lacks tensor 'norm'", {}),
+    ("bank-is-fp", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/fp.safetensors", "--out", "{C}/ev"],
+     "not a noise bank", {}),
+    # fingerprints: an edited file must not verify anything
+    ("fp-zero-noise", ["fingerprint", "verify", "--fingerprint", "{A}/fp_zero.safetensors", "--report", "{C}/r"],
+     "noise 0 has norm 0", {}),
+    ("fp-zero-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_zero_resigned.safetensors", "--report",
+                          "{C}/r"], "noise 0 has norm 0", {}),
+    ("fp-tiny-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_tiny_resigned.safetensors", "--report",
+                          "{C}/r"], "zeroed or rescaled", {}),
+    ("fp-thr-nan", ["fingerprint", "verify", "--fingerprint", "{A}/fp_thr_nan.safetensors", "--report", "{C}/r"],
+     "threshold must be a finite number", {}),
+    ("fp-thr-abc", ["fingerprint", "verify", "--fingerprint", "{A}/fp_thr_abc.safetensors", "--report", "{C}/r"],
+     "threshold must be", {}),
+    ("fp-thr-big", ["fingerprint", "verify", "--fingerprint", "{A}/fp_thr_big.safetensors", "--report", "{C}/r"],
+     "threshold must be", {}),
+    ("fp-no-control", ["fingerprint", "verify", "--fingerprint", "{A}/fp_nocontrol.safetensors", "--report",
+                       "{C}/r"], "lacks tensor 'control'", {}),
+    ("fp-no-digest", ["fingerprint", "verify", "--fingerprint", "{A}/fp_nodigest.safetensors", "--report", "{C}/r"],
+     "no integrity digest", {}),
+    ("fp-edited-images", ["fingerprint", "verify", "--fingerprint", "{A}/fp_images.safetensors", "--report", "{C}/r"],
+     "do not match the stored digest", {}),
+    ("fp-nan-noise", ["fingerprint", "verify", "--fingerprint", "{A}/fp_nan_noise.safetensors", "--report", "{C}/r"],
+     "NaN or inf", {}),
+    ("fp-expect-digest", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--expect-digest", "00ff",
+                          "--report", "{C}/r"], "not the expected", {}),
+    ("fp-is-bank", ["fingerprint", "verify", "--fingerprint", "{A}/bank.safetensors", "--report", "{C}/r"],
+     "not a fingerprint", {}),
+    ("fp-make-out-suffix", ["fingerprint", "make", "--fingerprint", "{C}/fp.json", "--report", "{C}/r"],
+     "must end in .safetensors", {}),
+    # data folders and images
+    ("data-corrupt-synth", SY + ["--data", "{A}/corrupt", "--out", "{C}/b.safetensors"], "9.jpg is not a readable image",
+     {}),
+    ("data-corrupt-eval", EV + ["--data", "{A}/corrupt", "--out", "{C}/ev"], "9.jpg is not a readable image", {}),
+    ("data-symlink-loop", EV + ["--data", "{A}/loop", "--out", "{C}/ev"], "symlink loop", {}),
+    ("data-bomb", EV + ["--data", "{A}/bomb", "--out", "{C}/ev"], "decompression bomb", {}),
+    ("image-bomb", ["watermark", "--image", "{A}/bomb.png", "--out", "{C}/w.png"], "decompression bomb", {}),
+    ("image-not-image", ["watermark", "--image", "{A}/afile", "--out", "{C}/w.png"], "not a readable image", {}),
+    ("data-no-images", EV + ["--data", "{A}/empty_classes", "--out", "{C}/ev"], "", {}),
+    ("trend-truncated-log", ["analyze", "trend", "--run", "{A}/run_badlog", "--out", "{C}/an"], "line 2", {}),
+    # environment
+    ("env-world-size", FT + ["--out", "{C}/o"], "WORLD_SIZE", {"env": {"WORLD_SIZE": "two"}}),
+]
+
+
+def _snapshot(root: Path) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()  # a folder's own mtime may move (a write check); its entries may not
+            out[str(p.relative_to(root))] = (st.st_mode,) if p.is_dir() and not p.is_symlink() else \
+                (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _run_batch(cases: list[dict], timeout: int = 600) -> list[int]:
+    r = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), capture_output=True, text=True,
+                       timeout=timeout, env=ENV, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def _prepare(cases, assets: Path, root: Path) -> list[dict]:
+    out = []
+    for cid, argv, _, opt in cases:
+        case = root / "cases" / cid
+        log = root / "logs" / cid
+        case.mkdir(parents=True)
+        log.mkdir(parents=True)
+        if opt.get("mkdir"):
+            (case / opt["mkdir"]).mkdir()
+        sub = [a.replace("{A}", str(assets)).replace("{C}", str(case)) for a in argv]
+        out.append({"argv": sub, "cwd": opt.get("cwd", str(case)), "log": str(log), "env": opt.get("env", {}),
+                    "fsize": opt.get("fsize", 0)})
+    return out
+
+
+def test_every_hostile_case_is_one_line_exit_2_and_touches_nothing(assets, tmp_path):
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+    jobs = _prepare(CASES, assets, tmp_path)
+    before = {"assets": _snapshot(assets), "cases": _snapshot(tmp_path / "cases")}
+    t0 = time.perf_counter()
+    codes = _run_batch(jobs)
+    seconds = time.perf_counter() - t0
+    after = {"assets": _snapshot(assets), "cases": _snapshot(tmp_path / "cases")}
+    failures = []
+    for (cid, _, msg, _), job, code in zip(CASES, jobs, codes):
+        err = (Path(job["log"]) / "err").read_text()
+        lines = err.strip().splitlines()
+        ok = code == 2 and len(lines) == 1 and lines[0].startswith("nsvit-fast: error: ") and msg in lines[0]
+        ok = ok and "weights_only=False" not in err
+        if not ok:
+            failures.append(f"{cid}: exit {code}, stderr {err[-600:]!r}")
+    assert not failures, "\n".join(failures)
+    assert before == after, {k: set(before[k].items()) ^ set(after[k].items()) for k in before}
+    assert not (assets / "PWNED").exists()  # the pickle's payload never ran
+    print(f"{len(CASES)} hostile cases in {seconds:.1f} s")
+
+
+def test_entry_point_itself(tmp_path):
+    # the same promise through `python -m nsvit_fast`, warnings on: no usage block, no warning line
+    for args, msg in ((["eval", "--bogus"], "unrecognized arguments"),
+                      (["finetune", "rounds=abc", "--out", str(tmp_path / "o")], "rounds must be a whole number")):
+        r = subprocess.run([sys.executable, "-m", "nsvit_fast", *args], capture_output=True, text=True, env=ENV,
+                           timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_images_skipped_with_a_count(assets, tmp_path):
+    # the sane alternative to stopping: on_bad_image skip drops the file and says how many
+    jobs = _prepare([("skip", EV + ["--data", str(assets / "corrupt"), "--on-bad-image", "skip", "--out",
+                                    "{C}/ev"], "", {})], assets, tmp_path)
+    assert _run_batch(jobs) == [0]
+    err = (Path(jobs[0]["log"]) / "err").read_text()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nsvit-fast: warning: ") and "skipped 1 unreadable image(s)" in err
+    assert "9.jpg" in err and (tmp_path / "cases" / "skip" / "ev" / "report.json").is_file()
+
+
+def _cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "nsvit_fast", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+@pytest.mark.slow  # the first run must outlast the second's start-up: ~40 s of CPU
+def test_two_finetunes_on_one_folder_one_is_refused_the_other_intact(tmp_path):
+    out = tmp_path / "run"
+    args = ["finetune", "--quiet", "--out", str(out), "method=plain", "rounds=2", "model_steps=300", "batch_size=32",
+            "max_images=256"]
+    first = _cli(*args, "seed=1")
+    t0 = time.time()
+    while not (out / ".nsvit.lock").exists() and first.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    assert first.poll() is None, first.stderr.read()
+    second = _cli(*args, "seed=2")
+    assert second.wait(timeout=300) == 2
+    err = second.stderr.read().strip().splitlines()
+    assert first.poll() is None, "the first run ended before the second was refused: not a concurrency test"
+    assert len(err) == 1 and "in use by another nsvit-fast run (pid " + str(first.pid) in err[0], err
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert json.loads((out / "config.json").read_text())["seed"] == 1  # one run's files only
+    from nsvit_fast.io import load_tensors
+
+    assert load_tensors(out / "checkpoint.safetensors")[1]["config"]["seed"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert not (out / ".nsvit.lock").exists()
+
+
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    from nsvit_fast.runlock import run_lock
+
+    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    from nsvit_fast import NsvitError
+
+    with pytest.raises(NsvitError, match=f"in use by another nsvit-fast run \\(pid {holder.pid} "):
+        with run_lock(tmp_path):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / ".nsvit.lock").exists()  # the file stays, the lock went with the process
+    with run_lock(tmp_path):
+        assert str(os.getpid()) in (tmp_path / ".nsvit.lock").read_text()
+    assert not (tmp_path / ".nsvit.lock").exists()
