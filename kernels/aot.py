@@ -149,8 +149,10 @@ def compile_all(archs=ARCHS, shapes=tuple(SHAPES), dtypes=tuple(DTYPES), jobs: i
         for dt in dtypes:
             for launch in op_launches(shape, DTYPES[dt]):
                 for arch in archs:
-                    options, signature, constexprs, attrs = _specialise(launch, make_backend(GPUTarget("cuda", arch, 32)))
-                    key = (launch.name, arch, tuple(signature.items()), repr(sorted(constexprs.items())), repr(attrs))
+                    backend = make_backend(GPUTarget("cuda", arch, 32))
+                    options, signature, constexprs, attrs = _specialise(launch, backend)
+                    key = (launch.name, arch, tuple(signature.items()), repr(sorted(constexprs.items())), repr(attrs),
+                           options.num_warps, options.num_stages)
                     unique.setdefault(key, (launch, f"{shape} {dt}"))
     global _PENDING
     _PENDING = [(launch, arch, where) for (_, arch, *_), (launch, where) in unique.items()]

@@ -11,15 +11,16 @@ projections are available from either. One program handles ``BLOCK_P`` patches: 
 straight from the image layout (no patchify copy), forms the coefficients Q p in chunks of
 ``BLOCK_K`` basis vectors, and adds Q^T(Q p) back at the same image positions (no unpatchify
 copy). Output: a fresh tensor shaped like x. fp32 / fp16 / bf16 (fp32 accumulation); fp64 goes to
-the torch reference. An empty basis (k = 0) gives zeros (keep) or a copy of x (complement).
+the torch reference. An empty basis (k = 0) gives zeros (keep) or a copy of x (complement). The
+op is linear and self-adjoint, so its backward is the same projection of the incoming gradient.
+The basis is a constant (no gradient).
 
 Precision of the two ``tl.dot`` products (``DOT_PRECISION``): on sm_80 / sm_90 plain fp32 ``tl.dot``
 lowers to TF32 ``mma``, whose 10-bit mantissa breaks the fp32 tolerance (emulated on the test
 cases: errors up to 1.2e-3 against atol 1e-5). "tf32x3" (three TF32 products, the split
 a = hi + lo) stays on tensor cores and is within 8.5e-8 there, as "ieee" (7.5e-8) is; fp16 / bf16
 inputs fit their looser tolerances with plain TF32 (8.2e-4 against atol 1e-2). tests/test_ops.py
-re-checks these by emulation for whatever this table says. The op is linear and self-adjoint, so its backward is the same projection of
-the incoming gradient. The basis is a constant (no gradient).
+re-checks these by emulation for whatever this table says.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def _tiles(n: int, k: int, precision: str) -> dict:
     spilled (4-16 bytes, sm_80 and sm_90); 32 x 32 tiles with 8 warps compile without spills
     (checked for every launch by nsvit_fast.kernels.aot)."""
     cap, warps = (32, 8) if precision == "tf32x3" else (64, 4)
-    return dict(BLOCK_N=max(16, min(triton.next_power_of_2(n), cap)), BLOCK_K=max(16, min(triton.next_power_of_2(k), cap)),
-                num_warps=warps)
+    return dict(BLOCK_N=max(16, min(triton.next_power_of_2(n), cap)),
+                BLOCK_K=max(16, min(triton.next_power_of_2(k), cap)), num_warps=warps)
 
 
 class NullspaceProject(torch.autograd.Function):

@@ -245,8 +245,8 @@ def _ta_inputs(case, dtype=torch.float32, dev=None, frozen=False):
     g = torch.Generator().manual_seed(d)
     dev = dev or DEVICE["triton"]
     mk = lambda *s, grad=True: torch.randn(*s, generator=g).to(dev, dtype).requires_grad_(grad)  # noqa: E731
-    ins = (mk(b, n, d), mk(m, n, d) if m else None, mk(p, d, grad=not frozen), mk(p + n if emb else n, d, grad=not frozen),
-           mk(d, grad=not frozen), mk(d, grad=not frozen))
+    ins = (mk(b, n, d), mk(m, n, d) if m else None, mk(p, d, grad=not frozen),
+           mk(p + n if emb else n, d, grad=not frozen), mk(d, grad=not frozen), mk(d, grad=not frozen))
     return ins, emb, clean
 
 
@@ -352,14 +352,15 @@ def test_dispatch_forcing_and_errors(monkeypatch):
 ])
 def test_synthesis_through_forced_backends_matches_torch(forced, monkeypatch):
     """Synthesis with the forced backends, on their device, against the torch backend there: two
-    noises that both converge well inside the step budget (5 and 4 steps with torch), so the same
-    stop step is a real check; then the same noises and the same held-out MSE."""
+    noises that both converge well inside the step budget (4 and 3 of 12 steps here), so the same
+    stop steps are a real check; then the same noises and the same held-out MSE. (Small: the
+    interpreter runs every Triton program in Python.)"""
     from nsvit_fast.synth import synthesize
 
     dev = DEVICE[forced.split("=")[1].split(",")[0]]
     parts = load_model("digits_vit")
-    data = digits("train").subset(48)
-    kw = dict(lim=1.5, lr=0.1, batch_size=16, max_steps=12, heldout=16, num_noises=2, progress=False, device=dev)
+    data = digits("train").subset(24)
+    kw = dict(lim=1.5, lr=0.1, batch_size=8, max_steps=12, heldout=8, num_noises=2, progress=False, device=dev)
     runs = {}
     for name, env in (("torch", "torch"), ("forced", forced)):
         monkeypatch.setenv("NSVIT_BACKEND", env)
