@@ -41,11 +41,13 @@ cuda-check: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nsvit-fast demo --out runs/demo
 
-# builds the C++ extension first, so its tests run (and must: NSVIT_REQUIRE_EXT)
+# builds the C++ extension first, so its tests run (and must: NSVIT_REQUIRE_EXT); the Triton tests
+# (interpreter on the CPU, kernels on CUDA) and the sm_80 / sm_90 AOT compile must run too
 test: $(STAMP) $(EXT)
-	NSVIT_REQUIRE_EXT=1 $(PY) -m pytest -q
+	NSVIT_REQUIRE_EXT=1 NSVIT_REQUIRE_TRITON=1 $(PY) -m pytest -q
 
-# the benchmarks (idle machine please): results in bench/results/
+# the benchmarks (idle machine please): results in bench/results/ (ops: bench/results/<device>/);
+# on a GPU machine, after make ext-cuda: $(PY) bench/gpu_report.py
 bench: $(STAMP) $(EXT)
 	$(PY) bench/bench_ops.py
 	$(PY) bench/bench_synth.py

@@ -1,19 +1,23 @@
 """Op microbenchmarks (pytest-benchmark): every op, every backend available on the device, at the
 token / logit / image shapes of the digits model, ViT-S/32 and ViT-B/16. Forward + backward.
 
-    .venv/bin/python bench/bench_ops.py            # runs pytest-benchmark, writes bench/results/ops.{json,md}
-    .venv/bin/python -m pytest bench/bench_ops.py  # the raw pytest-benchmark table
+    .venv/bin/python bench/bench_ops.py [--device cpu|cuda] [--precision fp32|bf16|fp16]
+    .venv/bin/python -m pytest bench/bench_ops.py  # the raw pytest-benchmark table (device from
+                                                   # NSVIT_BENCH_DEVICE, dtype from NSVIT_BENCH_PRECISION)
 
-On the CPU the backends are torch and the compiled C++ extension (``make ext``); Triton runs on
-the CPU only under its interpreter, far too slow to time, so it is left out here and measured by
-bench/gpu_report.py on a CUDA machine. Times are CPU times on this machine.
+Results go to bench/results/<device kind>/ops.{json,md} (ops-bf16.*, ops-fp16.* for the other
+precisions): ``cpu`` or the GPU's name, so a GPU run never overwrites the CPU results or another
+GPU's. On the CPU the backends are torch and the compiled C++ extension (``make ext``); Triton
+runs on the CPU only under its interpreter, far too slow to time, so it is timed on CUDA only.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,8 +29,22 @@ import torch
 from nsvit_fast import ops
 from nsvit_fast.ops.dispatch import OPS
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEV = torch.device(os.environ.get("NSVIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+PRECISION = os.environ.get("NSVIT_BENCH_PRECISION", "fp32")
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_kind(dev: torch.device) -> str:
+    """The results folder's name: ``cpu``, or the GPU's name as a slug (nvidia-h100-80gb-hbm3)."""
+    if dev.type != "cuda":
+        return dev.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+
+
+def results_dir(dev: torch.device) -> Path:
+    return RESULTS / device_kind(dev)
+
 
 SIZES = {
     "prob_shift": {"digits M1": (1, 128, 10), "digits M8": (8, 128, 10), "ImageNet M1": (1, 128, 1000),
@@ -42,16 +60,17 @@ def backends_here(op: str) -> list[str]:
     return [b for b in OPS[op].impls if b not in skip and OPS[op].available[b](DEV)]
 
 
-def make_case(op: str, size):
+def make_case(op: str, size, dtype: torch.dtype | None = None):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    dtype = dtype or PRECISIONS[PRECISION]
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype)  # noqa: E731
     if op == "prob_shift":
         m, b, k = size
         zn, zc = r(m, b, k).requires_grad_(True), r(b, k)
         return lambda backend: ops.prob_shift(zn, zc, 0.03, backend=backend)[0].sum().backward()
     if op == "nullspace_project":
         b, hw, p, k, keep = size
-        q = torch.linalg.qr(torch.randn(3 * p * p, k, generator=g))[0].T.contiguous().to(DEV)
+        q = torch.linalg.qr(torch.randn(3 * p * p, k, generator=g))[0].T.contiguous().to(DEV)  # fp32 basis
         x = r(b, 3, hw, hw).requires_grad_(True)
         return lambda backend: ops.nullspace_project(x, q, (p, p), keep, backend=backend).sum().backward()
     b, n, d, m, pfx = size
@@ -71,7 +90,7 @@ CASES = [(op, name, be) for op, sizes in SIZES.items() for name in sizes for be 
 def test_op(benchmark, op, size, backend):
     fn = make_case(op, SIZES[op][size])
     benchmark.group = f"{op} {size}"
-    benchmark.extra_info.update(op=op, size=size, backend=backend, device=DEV.type)
+    benchmark.extra_info.update(op=op, size=size, backend=backend, device=device_kind(DEV), precision=PRECISION)
     if DEV.type == "cuda":
         benchmark(lambda: (fn(backend), torch.cuda.synchronize()))
     else:
@@ -83,32 +102,51 @@ def summarise(raw: dict) -> tuple[list[dict], str]:
     for bm in raw["benchmarks"]:
         e = bm["extra_info"]
         rows.append({"op": e["op"], "size": e["size"], "backend": e["backend"], "device": e["device"],
+                     "precision": e.get("precision", "fp32"),
                      "median_ms": round(bm["stats"]["median"] * 1e3, 4), "rounds": bm["stats"]["rounds"]})
     base = {(r["op"], r["size"]): r["median_ms"] for r in rows if r["backend"] == "torch"}
     for r in rows:
         r["torch_over_backend"] = round(base[(r["op"], r["size"])] / r["median_ms"], 3)
-    machine = f"{DEV.type.upper()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads"
-    md = [f"Machine: {machine}. Forward + backward, median of pytest-benchmark rounds.", "",
+    if DEV.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(DEV)}, torch {torch.__version__}"
+    else:
+        machine = f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, " \
+                  f"{torch.get_num_threads()} threads"
+    md = [f"Machine: {machine}. Inputs {PRECISION}. Forward + backward, median of pytest-benchmark rounds.", "",
           "| op | size | backend | median ms | speed-up over torch |", "|---|---|---|---|---|"]
     md += [f"| {r['op']} | {r['size']} | {r['backend']} | {r['median_ms']} | {r['torch_over_backend']} |" for r in rows]
     return rows, "\n".join(md) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    global DEV, PRECISION
     from nsvit_fast.io import write_json, write_text
 
+    ap = argparse.ArgumentParser(description="op microbenchmarks, results under bench/results/<device kind>/")
+    ap.add_argument("--device", default=str(DEV), help="cpu or cuda[:N] (default: cuda if there is one)")
+    ap.add_argument("--precision", default=PRECISION, choices=sorted(PRECISIONS), help="input dtype")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("bench_ops: error: --device cuda but no CUDA device here", file=sys.stderr)
+        return 2
+    env = dict(os.environ, NSVIT_BENCH_DEVICE=str(dev), NSVIT_BENCH_PRECISION=args.precision)
     with tempfile.TemporaryDirectory() as d:
         raw_path = Path(d) / "raw.json"
         subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                         f"--benchmark-json={raw_path}", "--benchmark-min-rounds=10", "--benchmark-warmup=on"],
-                       check=True)
+                       check=True, env=env)
         raw = json.loads(raw_path.read_text())
+    DEV, PRECISION = dev, args.precision  # for summarise's labels
     rows, md = summarise(raw)
-    write_json(RESULTS / "ops.json", {"device": DEV.type, "results": rows})
-    write_text(RESULTS / "ops.md", md)
+    stem = "ops" if args.precision == "fp32" else f"ops-{args.precision}"
+    out = results_dir(dev)
+    write_json(out / f"{stem}.json", {"device": device_kind(dev), "precision": args.precision, "results": rows})
+    write_text(out / f"{stem}.md", md)
     print(md)
+    print(f"written: {out / stem}.json, .md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,20 +1,32 @@
-"""GPU report: on a machine with a CUDA GPU, the op benchmarks for every backend (torch, triton,
-cuda) and the synthesis benchmark, in one table, with the achieved bandwidth of the memory-bound
-ops against the device's own copy bandwidth.
+"""GPU report: one command on a machine with a CUDA GPU runs every benchmark there and writes one
+report under bench/results/<device kind>/ (the GPU's name: a CPU result or another GPU's is never
+overwritten).
 
     make ext-cuda   # or NSVIT_BUILD_EXT=cuda .venv/bin/python setup.py build_ext --inplace
-    .venv/bin/python bench/gpu_report.py
+    .venv/bin/python bench/gpu_report.py [--precision fp32 bf16] [--repeats 5]
 
-Not run by this project's CI or on its CPU-only machines (it refuses to run without CUDA); its
-numbers belong next to the CPU results in the README once measured on a GPU.
+It runs, each as its own process:
+- bench/bench_ops.py --device cuda --precision P for each precision: every backend (torch, triton,
+  cuda), forward + backward;
+- the achieved bandwidth of each op and backend against the device's own copy bandwidth;
+- bench/bench_synth.py and bench/bench_finetune.py with --device cuda --precision P, but only if
+  they accept those flags (read from their --help): a script that does not would time the CPU
+  and label it with the GPU's name, so it is reported as not run instead.
+
+Refuses to run without CUDA (exit status 2): no GPU figure without a GPU run.
 """
 
 from __future__ import annotations
 
+import argparse
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 28) -> float:
@@ -30,50 +42,105 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 28) -> float:
     return 2 * nbytes * 20 / (time.perf_counter() - t) / 1e9
 
 
-def bytes_moved(op: str, size) -> int:
-    """Bytes an ideal kernel reads and writes (fp32), forward + backward."""
+def bytes_moved(op: str, size, itemsize: int = 4) -> int:
+    """Bytes an ideal kernel reads and writes, forward + backward (inputs of ``itemsize`` bytes;
+    gradients the ops keep in fp32 counted at 4)."""
     if op == "prob_shift":
         m, b, k = size
-        return 4 * (m * b * k * 3 + b * k)  # read noisy (fwd), write grad, read grad (bwd), read clean
+        return itemsize * (m * b * k + b * k) + 4 * 2 * m * b * k + itemsize * m * b * k  # read, grad w/r, grad out
     if op == "nullspace_project":
         b, hw, p, k, _ = size
-        return 4 * 4 * b * 3 * hw * hw  # read + write images, forward and backward
+        return itemsize * 4 * b * 3 * hw * hw  # read + write images, forward and backward
     b, n, d, m, pfx = size
     rows = b * (1 + m)
-    return 4 * (rows * (pfx + n) * d * 6 + b * n * d * 2)  # x, ln out; grads in; g; u and v
+    return itemsize * (rows * (pfx + n) * d * 4 + b * n * d * 2) + 4 * rows * (pfx + n) * d * 2  # x, ln, grads; g
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("gpu_report: no CUDA device here; run it on a GPU machine", file=sys.stderr)
-        return 2
-    import bench_ops  # noqa: E402  (same folder)
-    from bench_ops import SIZES, backends_here, make_case
+def bandwidth_table(precision: str, reps: int = 20) -> list[str]:
+    sys.path.insert(0, str(HERE))
+    import bench_ops
 
+    bench_ops.DEV, bench_ops.PRECISION = torch.device("cuda"), precision
+    itemsize = torch.empty(0, dtype=bench_ops.PRECISIONS[precision]).element_size()
     bw = copy_bandwidth_gbs()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s")
-    print(f"{'op':18s} {'size':12s} {'backend':8s} {'ms':>9s} {'GB/s':>8s} {'% of copy':>9s}")
-    for op, sizes in SIZES.items():
+    lines = [f"Copy bandwidth: {bw:.0f} GB/s. Inputs {precision}; forward + backward, mean of {reps} after 3 "
+             "warm-up.", "",
+             "| op | size | backend | ms | GB/s | % of copy |", "|---|---|---|---|---|---|"]
+    for op, sizes in bench_ops.SIZES.items():
         for name, size in sizes.items():
-            for be in backends_here(op):
-                fn = make_case(op, size)
+            for be in bench_ops.backends_here(op):
+                fn = bench_ops.make_case(op, size)
                 for _ in range(3):
                     fn(be)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                reps = 20
                 for _ in range(reps):
                     fn(be)
                 torch.cuda.synchronize()
                 ms = (time.perf_counter() - t) / reps * 1e3
-                gbs = bytes_moved(op, size) / (ms / 1e3) / 1e9
-                print(f"{op:18s} {name:12s} {be:8s} {ms:9.3f} {gbs:8.1f} {100 * gbs / bw:8.1f}%")
-    del bench_ops
-    import bench_synth
+                gbs = bytes_moved(op, size, itemsize) / (ms / 1e3) / 1e9
+                lines.append(f"| {op} | {name} | {be} | {ms:.3f} | {gbs:.1f} | {100 * gbs / bw:.1f}% |")
+    return lines
 
-    sys.argv = [sys.argv[0], "--repeats", "5"]
-    bench_synth.main()
-    return 0
+
+def accepts(script: str, *flags: str) -> bool:
+    """Whether ``script``'s --help lists every one of ``flags``."""
+    out = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True)
+    return out.returncode == 0 and all(f in out.stdout for f in flags)
+
+
+def run(cmd: list[str]) -> tuple[int, str]:
+    print("$", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    print(p.stdout[-4000:], p.stderr[-2000:], sep="\n", flush=True)
+    return p.returncode, p.stdout
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="all benchmarks on this CUDA machine, one report")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--repeats", type=int, default=5, help="repeats for bench_synth / bench_finetune")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_report: error: no CUDA device here; run it on a GPU machine", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(HERE))
+    from bench_ops import results_dir
+
+    from nsvit_fast.io import write_text
+
+    out_dir = results_dir(torch.device("cuda"))
+    name = torch.cuda.get_device_name()
+    report = [f"# GPU report: {name}", "", f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+              f"capability {'.'.join(map(str, torch.cuda.get_device_capability()))}.", ""]
+    failed = []
+    for precision in args.precision:
+        rc, _ = run([sys.executable, str(HERE / "bench_ops.py"), "--device", "cuda", "--precision", precision])
+        stem = "ops" if precision == "fp32" else f"ops-{precision}"
+        report += [f"## Ops, {precision} (bench_ops.py)", ""]
+        if rc == 0:
+            report += [(out_dir / f"{stem}.md").read_text(), "### Achieved bandwidth", ""]
+            report += bandwidth_table(precision) + [""]
+        else:
+            failed.append(f"bench_ops {precision}")
+            report += [f"bench_ops.py --precision {precision} failed (exit {rc}).", ""]
+    for script, extra in (("bench_synth.py", ["--repeats", str(args.repeats)]),
+                          ("bench_finetune.py", ["--repeats", str(args.repeats)])):
+        report += [f"## {script}", ""]
+        if not accepts(script, "--device", "--precision"):
+            report += [f"Not run: {script} does not accept --device / --precision yet, so it would time the "
+                       "CPU under this GPU's name.", ""]
+            continue
+        for precision in args.precision:
+            rc, stdout = run([sys.executable, str(HERE / script), "--device", "cuda", "--precision", precision, *extra])
+            if rc:
+                failed.append(f"{script} {precision}")
+            report += [f"### {precision} (exit {rc})", "", "```", stdout.strip()[-6000:], "```", ""]
+    path = write_text(out_dir / "gpu_report.md", "\n".join(report) + "\n")
+    print(f"written: {path}")
+    if failed:
+        print(f"gpu_report: error: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ at::Tensor nullspace_project_cpu(const at::Tensor& x_in, const at::Tensor& q_in,
   check(H % rh == 0 && W % rw == 0, "nullspace_project: image size is not a multiple of the patch");
   const int64_t n = C * rh * rw, gh = H / rh, gw = W / rw, P = B * gh * gw;
   check(q_in.size(1) == n, "nullspace_project: basis width != C * rh * rw");
-  auto x = x_in.contiguous();
-  auto q = q_in.to(x.scalar_type()).contiguous();
+  // fp16 / bf16 images are projected in fp32 (as every other backend accumulates) and cast back
+  auto dtype = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto x = x_in.to(dtype).contiguous();
+  auto q = q_in.to(dtype).contiguous();
   auto patches = at::empty({P, n}, x.options());
   auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nullspace_project_cpu", [&] {
@@ -97,7 +99,7 @@ at::Tensor nullspace_project_cpu(const at::Tensor& x_in, const at::Tensor& q_in,
             for (int64_t dx = 0; dx < rw; ++dx) *dst++ = src[c * H * W + dy * W + dx];
       }
     });
-    auto proj = at::mm(at::mm(patches, q.t()), q);  // BLAS
+    auto proj = at::mm(at::mm(patches, q.t()), q);  // BLAS; an empty basis (k = 0) gives zeros
     const scalar_t* pr = proj.data_ptr<scalar_t>();
     scalar_t* os = out.data_ptr<scalar_t>();
     // scatter back, subtracting for the complement
@@ -115,7 +117,7 @@ at::Tensor nullspace_project_cpu(const at::Tensor& x_in, const at::Tensor& q_in,
       }
     });
   });
-  return out;
+  return out.to(x_in.scalar_type());
 }
 
 // -- dispatch by device and bindings --

@@ -115,15 +115,23 @@ std::vector<at::Tensor> prob_shift_cuda(const at::Tensor& zn_in, const at::Tenso
   auto loss = at::empty({M}, f32), mse = at::empty({M}, f32);
   auto stop = at::empty({M}, zn.options().dtype(at::kBool));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zn.scalar_type(), "prob_shift_cuda", [&] {
-    rows_kernel<scalar_t><<<M * B, kThreads, 0, stream>>>(zn.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(),
-                                                        pc.defined() ? pc.data_ptr<scalar_t>() : nullptr,
-                                                        grad.data_ptr<float>(), dist.data_ptr<float>(),
-                                                        sq.data_ptr<float>(), B, K);
-  });
-  reduce_kernel<<<(M + 127) / 128, 128, 0, stream>>>(dist.data_ptr<float>(), sq.data_ptr<float>(), loss.data_ptr<float>(),
-                                                     mse.data_ptr<float>(), stop.data_ptr<bool>(), M, B, float(eps));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // a zero-size grid is a launch error: an empty input launches nothing (no rows: the means
+  // below are 0 / 0 = NaN, as torch's mean over an empty batch)
+  if (M > 0 && B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zn.scalar_type(), "prob_shift_cuda", [&] {
+      rows_kernel<scalar_t><<<M * B, kThreads, 0, stream>>>(zn.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(),
+                                                          pc.defined() ? pc.data_ptr<scalar_t>() : nullptr,
+                                                          grad.data_ptr<float>(), dist.data_ptr<float>(),
+                                                          sq.data_ptr<float>(), B, K);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (M > 0) {
+    reduce_kernel<<<(M + 127) / 128, 128, 0, stream>>>(dist.data_ptr<float>(), sq.data_ptr<float>(),
+                                                       loss.data_ptr<float>(), mse.data_ptr<float>(),
+                                                       stop.data_ptr<bool>(), M, B, float(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {loss, mse, stop, grad};
 }
 
@@ -134,17 +142,19 @@ at::Tensor nullspace_project_cuda(const at::Tensor& x_in, const at::Tensor& q_in
   const int B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int gh = H / rh, gw = W / rw;
   const int64_t P = (int64_t)B * gh * gw, n = (int64_t)C * rh * rw;
-  auto patches = at::empty({P, n}, x.options());
   auto out = at::empty_like(x);
+  if (P * n == 0) return out;  // empty images: nothing to launch (a zero-size grid is an error)
+  auto patches = at::empty({P, n}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = (int)std::min<int64_t>((P * n + 255) / 256, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nullspace_project_cuda", [&] {
     gather_kernel<scalar_t><<<blocks, 256, 0, stream>>>(x.data_ptr<scalar_t>(), patches.data_ptr<scalar_t>(), P, C, H, W,
                                                          rh, rw, gh, gw);
-    auto proj = at::mm(at::mm(patches, q.t()), q);  // cuBLAS
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto proj = at::mm(at::mm(patches, q.t()), q);  // cuBLAS; an empty basis (k = 0) gives zeros
     scatter_kernel<scalar_t><<<blocks, 256, 0, stream>>>(proj.data_ptr<scalar_t>(), patches.data_ptr<scalar_t>(),
                                                           out.data_ptr<scalar_t>(), P, C, H, W, rh, rw, gh, gw, keep);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -4,11 +4,18 @@ Each file holds the op's kernel(s) and its ``torch.autograd.Function``. They run
 or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported): correct there, thousands of times too slow to time. ``nsvit_fast.ops`` decides when
 to call them; call them directly only to test or benchmark a kernel.
+
+Every launch goes through :func:`launch`, so that :func:`record_launches` can list the launches
+an autograd Function really makes (kernel, grid, arguments, constexprs) without running them:
+``nsvit_fast.kernels.aot`` compiles exactly those for sm_80 / sm_90 with no GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 
 def interpreter() -> bool:
@@ -25,3 +32,43 @@ def available(device) -> bool:
 
     dev = torch.device(device)
     return dev.type == "cuda" or (dev.type == "cpu" and interpreter())
+
+
+@dataclass
+class Launch:
+    """One kernel launch as an autograd Function makes it."""
+
+    kernel: Any                      # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple                      # runtime arguments, in order (tensors, ints, floats)
+    constexprs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+
+_recording: list[Launch] | None = None
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
+    """Launch ``kernel[grid](*args, **constexprs)``; an empty grid (an empty input) launches
+    nothing (CUDA rejects a zero-size grid). Under :func:`record_launches` only record it."""
+    grid = tuple(int(g) for g in grid)
+    if _recording is not None:
+        _recording.append(Launch(kernel, grid, args, constexprs))
+        return
+    if all(grid):
+        kernel[grid](*args, **constexprs)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, :func:`launch` records instead of running (outputs stay uninitialised):
+    run an op on ``meta`` tensors to list its launches at any shape without memory or a GPU."""
+    global _recording
+    saved, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = saved

@@ -11,8 +11,16 @@ projections are available from either. One program handles ``BLOCK_P`` patches: 
 straight from the image layout (no patchify copy), forms the coefficients Q p in chunks of
 ``BLOCK_K`` basis vectors, and adds Q^T(Q p) back at the same image positions (no unpatchify
 copy). Output: a fresh tensor shaped like x. fp32 / fp16 / bf16 (fp32 accumulation); fp64 goes to
-the torch reference. The op is linear and self-adjoint, so its backward is the same projection of
-the incoming gradient. The basis is a constant (no gradient).
+the torch reference. An empty basis (k = 0) gives zeros (keep) or a copy of x (complement). The
+op is linear and self-adjoint, so its backward is the same projection of the incoming gradient.
+The basis is a constant (no gradient).
+
+Precision of the two ``tl.dot`` products (``DOT_PRECISION``): on sm_80 / sm_90 plain fp32 ``tl.dot``
+lowers to TF32 ``mma``, whose 10-bit mantissa breaks the fp32 tolerance (emulated on the test
+cases: errors up to 1.2e-3 against atol 1e-5). "tf32x3" (three TF32 products, the split
+a = hi + lo) stays on tensor cores and is within 8.5e-8 there, as "ieee" (7.5e-8) is; fp16 / bf16
+inputs fit their looser tolerances with plain TF32 (8.2e-4 against atol 1e-2). tests/test_ops.py
+re-checks these by emulation for whatever this table says.
 """
 
 from __future__ import annotations
@@ -21,10 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
+DOT_PRECISION = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
+
 
 @triton.jit
-def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, n, k,
-                    KEEP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, n, k, KEEP: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < total
@@ -43,7 +55,7 @@ def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, 
             off = (j // (RH * RW)) * H * W + ((j // RW) % RH) * W + (j % RW)
             xp = tl.load(x_ptr + base[:, None] + off[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
             qt = tl.load(q_ptr + kk[None, :] * n + j[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0)
-            coef += tl.dot(xp.to(tl.float32), qt.to(tl.float32))
+            coef += tl.dot(xp.to(tl.float32), qt.to(tl.float32), input_precision=PRECISION)
         for n0 in range(0, n, BLOCK_N):                                    # out (+)= coef Q_chunk
             j = n0 + ar_n
             jmask = j < n
@@ -51,7 +63,7 @@ def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, 
             ptrs = base[:, None] + off[None, :]
             m2 = rmask[:, None] & jmask[None, :]
             qc = tl.load(q_ptr + kk[:, None] * n + j[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
-            proj = tl.dot(coef, qc.to(tl.float32))
+            proj = tl.dot(coef, qc.to(tl.float32), input_precision=PRECISION)
             if k0 == 0:
                 if KEEP:
                     acc = proj
@@ -64,19 +76,32 @@ def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, 
 
 
 def project_forward(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
+    """The projection of every patch of ``x`` (B, C, H, W); a fresh tensor like ``x``."""
     x = x.contiguous()
     b, c, h, w = x.shape
     rh, rw = patch
     n, k = c * rh * rw, basis.shape[0]
+    if k == 0:  # nothing to project on: the kernel's loop over the basis would leave out unwritten
+        return torch.zeros_like(x) if keep else x.clone()
     q = basis.to(device=x.device, dtype=torch.float32).contiguous()
     out = torch.empty_like(x)
     per_img = (h // rh) * (w // rw)
     total = b * per_img
     block_p = 16
-    _project_kernel[(triton.cdiv(total, block_p),)](
-        x, out, q, total, per_img, w // rw, c, h, w, rh, rw, n, k, KEEP=keep, BLOCK_P=block_p,
-        BLOCK_N=max(16, min(triton.next_power_of_2(n), 64)), BLOCK_K=max(16, min(triton.next_power_of_2(k), 64)))
+    precision = DOT_PRECISION[x.dtype]
+    launch(_project_kernel, (triton.cdiv(total, block_p),),
+           x, out, q, total, per_img, w // rw, c, h, w, rh, rw, n, k, KEEP=bool(keep), PRECISION=precision,
+           BLOCK_P=block_p, **_tiles(n, k, precision))
     return out
+
+
+def _tiles(n: int, k: int, precision: str) -> dict:
+    """Tile sizes and warps. tf32x3 triples the dot operands: at 64 x 64 tiles with 4 warps ptxas
+    spilled (4-16 bytes, sm_80 and sm_90); 32 x 32 tiles with 8 warps compile without spills
+    (checked for every launch by nsvit_fast.kernels.aot)."""
+    cap, warps = (32, 8) if precision == "tf32x3" else (64, 4)
+    return dict(BLOCK_N=max(16, min(triton.next_power_of_2(n), cap)),
+                BLOCK_K=max(16, min(triton.next_power_of_2(k), cap)), num_warps=warps)
 
 
 class NullspaceProject(torch.autograd.Function):

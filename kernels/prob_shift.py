@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 
 @triton.jit
 def _rows_kernel(zn_ptr, zc_ptr, pc_ptr, dist_ptr, sq_ptr, grad_ptr, B, K, inv_b,
@@ -99,12 +101,16 @@ def prob_shift_forward(z_noisy: torch.Tensor, z_clean: torch.Tensor, eps: float,
     sq = torch.empty_like(dist)
     grad = torch.empty(m, b, k, device=dev, dtype=torch.float32)
     pc = p_clean.contiguous() if p_clean is not None else zc
-    block_k = min(triton.next_power_of_2(k), 1024)
-    _rows_kernel[(m * b,)](zn, zc, pc, dist, sq, grad, b, k, 1.0 / b, HAS_PC=p_clean is not None, BLOCK_K=block_k)
+    # an empty batch launches no rows; its means are NaN, as torch's mean over nothing
+    inv_b = 1.0 / b if b else float("nan")
+    block_k = min(triton.next_power_of_2(max(k, 1)), 1024)
+    launch(_rows_kernel, (m * b,), zn, zc, pc, dist, sq, grad, b, k, inv_b, HAS_PC=p_clean is not None,
+           BLOCK_K=block_k)
     loss = torch.empty(m, device=dev, dtype=torch.float32)
     mse = torch.empty_like(loss)
     stop = torch.empty(m, device=dev, dtype=torch.int8)
-    _reduce_kernel[(m,)](dist, sq, loss, mse, stop, b, 1.0 / b, float(eps), BLOCK_B=min(triton.next_power_of_2(b), 1024))
+    launch(_reduce_kernel, (m,), dist, sq, loss, mse, stop, b, inv_b, float(eps),
+           BLOCK_B=min(triton.next_power_of_2(max(b, 1)), 1024))
     return loss, mse, stop.bool(), grad
 
 

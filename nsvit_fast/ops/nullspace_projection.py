@@ -42,14 +42,16 @@ def check_inputs(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int]) -
 
 
 class _ExtProject(torch.autograd.Function):
+    # the extension converts the basis to its compute dtype (fp64 for fp64 images, else fp32): a
+    # basis rounded to fp16 / bf16 first would lose precision for nothing
     @staticmethod
     def forward(ctx, x, basis, patch, keep):
         ctx.basis, ctx.patch, ctx.keep = basis, patch, keep
-        return ext().nullspace_project(x.detach(), basis.to(x.dtype), patch[0], patch[1], keep)
+        return ext().nullspace_project(x.detach(), basis.detach(), patch[0], patch[1], keep)
 
     @staticmethod
     def backward(ctx, g):  # self-adjoint
-        return ext().nullspace_project(g.contiguous(), ctx.basis.to(g.dtype), ctx.patch[0], ctx.patch[1], ctx.keep), \
+        return ext().nullspace_project(g.contiguous(), ctx.basis, ctx.patch[0], ctx.patch[1], ctx.keep), \
             None, None, None
 
 
