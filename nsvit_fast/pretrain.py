@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .data import digits
 from .errors import check_positive
-from .models import embedded, load_model, save_model
+from .models import create_model, embedded, save_model
 from .models.base import Adapter
 
 
@@ -65,10 +65,7 @@ def pretrain_digits(cfg: PretrainConfig = PretrainConfig(), out: str | Path | No
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     tr, va, te = digits("train"), digits("val"), digits("test")
-    parts = load_model(embedded.ARCH, **embedded.KWARGS)
-    parts.model.pretrained_cfg = {**parts.model.pretrained_cfg, "mean": embedded.MEAN, "std": embedded.STD}
-    parts = type(parts)(parts.model, embedded.MEAN, embedded.STD, name=embedded.NAME)
-    parts.arch, parts.model_kwargs = embedded.ARCH, dict(embedded.KWARGS)
+    parts = create_model(embedded.ARCH, name=embedded.NAME, mean=embedded.MEAN, std=embedded.STD, **embedded.KWARGS)
     opt = torch.optim.AdamW(parts.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
@@ -91,9 +88,9 @@ def pretrain_digits(cfg: PretrainConfig = PretrainConfig(), out: str | Path | No
             sched.step()
         acc = accuracy(parts, va.images, va.labels)
         if acc >= best:
-            best, best_state = acc, {k: v.clone() for k, v in parts.model.state_dict().items()}
+            best, best_state = acc, {k: v.clone() for k, v in parts.weights().items()}
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{acc:.3f}", best=f"{best:.3f}")
-    parts.model.load_state_dict(best_state)
+    parts.load_weights(best_state, "the best epoch's weights")
     parts.eval()
     metrics = {"val_acc": best, "test_acc": accuracy(parts, te.images, te.labels),
                "train_seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg),

@@ -70,6 +70,10 @@ def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``sd`` into the timm ``model``, strictly (``Adapter.load_weights`` calls this).
+
+    Raises:
+        NsvitError: missing, unexpected or wrongly shaped keys, naming ``source``."""
     sd = _clean_keys(sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -122,27 +126,42 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         model_kwargs["num_classes"] = int(num_classes)
     elif sd is not None and "num_classes" not in model_kwargs and "head.weight" in _clean_keys(sd):
         model_kwargs["num_classes"] = int(_clean_keys(sd)["head.weight"].shape[0])
-    model = _create(arch, model_kwargs, pretrained and sd is None)
+    parts = create_model(arch, name=name or "", mean=meta.get("mean"), std=meta.get("std"),
+                         pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:
-        load_state(model, sd, str(checkpoint))
-    mean, std = meta.get("mean"), meta.get("std")
-    if mean is not None and std is not None:  # models carry their own data config
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(mean), "std": tuple(std)}
-    adapter = adapt(model, name=name if name != embedded.NAME else embedded.NAME)
-    adapter.arch, adapter.model_kwargs = arch, model_kwargs
-    adapter.eval()
-    return adapter
+        parts.load_weights(sd, str(checkpoint))
+    parts.eval()
+    return parts
+
+
+def create_model(arch: str, *, name: str = "", mean=None, std=None, pretrained: bool = False,
+                 **kwargs) -> Adapter:
+    """A new timm model (random init, or timm's pretrained weights), wrapped in its adapter, which
+    records ``arch`` and ``kwargs`` so that ``save_model`` / ``load_model`` can rebuild it.
+
+    Args:
+        arch: timm architecture name.
+        name: how reports name the model; by default ``arch``.
+        mean, std: normalisation; by default the architecture's timm data config's.
+        pretrained: download timm's pretrained weights (needs network).
+        **kwargs: timm constructor arguments (``img_size=...``, ``num_classes=...``).
+
+    Raises:
+        NsvitError: an unknown name (with near names), arguments timm refuses, weights that cannot
+            be downloaded, or an architecture no adapter serves.
+    """
+    model = _create(arch, kwargs, pretrained)
+    return adapt(model, mean, std, name or arch, arch=arch, model_kwargs=kwargs)
 
 
 def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it."""
-    meta = {"format": FORMAT, "nsvit_fast_version": __version__,
-            "arch": getattr(adapter, "arch", adapter.name),
-            "model_kwargs": getattr(adapter, "model_kwargs", {}),
+    """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it
+    (``arch``, ``model_kwargs``, mean and std) and ``metadata``; returns the path written."""
+    meta = {"format": FORMAT, "nsvit_fast_version": __version__, "arch": adapter.arch,
+            "model_kwargs": adapter.model_kwargs,
             "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
     meta.update(metadata or {})
-    sd = {k: v for k, v in adapter.model.state_dict().items()}
-    return save_tensors(path, sd, meta)
+    return save_tensors(path, dict(adapter.weights()), meta)
 
 
 def weights_fingerprint(adapter: Adapter) -> str:
@@ -150,7 +169,7 @@ def weights_fingerprint(adapter: Adapter) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for k, v in sorted(adapter.model.state_dict().items()):
+    for k, v in sorted(adapter.weights().items()):
         h.update(k.encode())
         h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
