@@ -23,6 +23,8 @@ from .models.base import Adapter
 
 @dataclass
 class PretrainConfig:
+    """The recipe of ``pretrain_digits`` (see the module docstring); epochs and lr must be > 0."""
+
     epochs: int = 60
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -35,11 +37,15 @@ class PretrainConfig:
 
 @torch.no_grad()
 def accuracy(parts: Adapter, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``parts`` on images (B, C, H, W) in [0, 1] with labels (B,), in eval mode;
+    the model's train/eval mode is restored after, also on error."""
     was = parts.training
     parts.eval()
-    hits = sum(int((parts(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum())
-               for i in range(0, len(labels), batch_size))
-    parts.train(was)
+    try:
+        hits = sum(int((parts(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum())
+                   for i in range(0, len(labels), batch_size))
+    finally:
+        parts.train(was)
     return hits / len(labels)
 
 
@@ -57,7 +63,11 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def pretrain_digits(cfg: PretrainConfig = PretrainConfig(), out: str | Path | None = None,
                     progress: bool = True) -> tuple[Adapter, dict]:
-    """Train ``digits_vit`` from random init; return (best model, metrics). Saves to ``out`` if given."""
+    """Train ``digits_vit`` from random init; return (the adapter with the best validation epoch's
+    weights, metrics: val_acc, test_acc, train_seconds, config, threads). Saves to ``out`` if given.
+
+    Raises:
+        NsvitError: epochs or lr not > 0."""
     from tqdm.auto import tqdm
 
     check_positive("epochs", cfg.epochs)

@@ -74,6 +74,10 @@ def test_unsupported_models_give_one_line_reasons():
     m.patch_embed.proj = nn.Conv2d(3, 192, kernel_size=16, stride=8, padding=4)
     with pytest.raises(NsvitError, match="overlapping"):
         adapt(m)
+    m = timm.create_model("vit_tiny_patch16_224", depth=1)
+    m.patch_embed.norm = nn.LayerNorm(192)  # a norm in the stem: the patch map is no longer linear
+    with pytest.raises(NsvitError, match="ends in a LayerNorm, which is not linear"):
+        adapt(m)
 
 
 def test_wrong_image_size_is_a_clear_error(digits_parts):

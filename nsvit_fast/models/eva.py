@@ -30,10 +30,7 @@ def matches(model: nn.Module) -> bool:
 
 
 class EvaAdapter(PatchEmbedAdapter):
-    """Adapter of timm's ``Eva``. Arguments as ``Adapter``.
-
-    Raises:
-        NsvitError: a patch stem that is not one non-overlapping linear projection."""
+    """Adapter of timm's ``Eva``; arguments and errors as ``PatchEmbedAdapter``."""
 
     family = "eva"
     serves = "timm Eva: EVA-02 and the RoPE ViTs"

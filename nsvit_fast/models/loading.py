@@ -39,7 +39,15 @@ def _create(arch: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict and metadata from a .safetensors file or a torch file (loaded with weights_only=True)."""
+    """State dict and metadata from a .safetensors file or a torch file (loaded with weights_only=True).
+
+    Returns:
+        (state dict keyed as timm names the parameters, metadata dict; {} for a plain torch file).
+        Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+
+    Raises:
+        NsvitError: a missing file, an unreadable or corrupt one, or one that holds no tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise NsvitError(f"checkpoint not found: {path}")
@@ -103,6 +111,15 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         num_classes: head size; by default the checkpoint's (or timm's default without one).
         pretrained: download timm's pretrained weights. Needs network: only when asked.
         **kwargs: extra timm constructor arguments (``img_size=...``).
+
+    Returns:
+        the adapter, in eval mode, recording ``arch`` and ``model_kwargs``; a checkpoint's own
+        mean/std (from its metadata) replace the architecture's.
+
+    Raises:
+        NsvitError: no name and no architecture in the checkpoint, a checkpoint of another
+            architecture, an unknown name, weights that do not fit, pretrained weights without
+            network, or an architecture no adapter serves.
     """
     sd, meta = (None, {})
     if name == embedded.NAME and checkpoint is None:
@@ -165,7 +182,8 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
 
 
 def weights_fingerprint(adapter: Adapter) -> str:
-    """A short hash of the model weights: noise banks and runs record which model they belong to."""
+    """A short hash (16 hex digits) of the model weights, over names and float32 values: noise banks
+    and runs record which model they belong to."""
     import hashlib
 
     h = hashlib.sha256()

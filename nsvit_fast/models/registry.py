@@ -13,6 +13,7 @@ from ..errors import NsvitError
 from . import eva, vit
 from .base import Adapter
 
+# family name -> (predicate on the timm model, adapter class); adapt() takes the first that matches
 FAMILIES: dict[str, tuple[Callable[[nn.Module], bool], type[Adapter]]] = {
     "vit": (vit.matches, vit.VitAdapter),
     "eva": (eva.matches, eva.EvaAdapter),
