@@ -235,3 +235,13 @@ def test_eva_saliency_maps():
     for m in METHODS:
         s = saliency(parts, x, m)
         assert s.shape == (2, 4, 4) and s.min() == 0 and abs(float(s.max()) - 1) < 1e-6, m
+
+
+def test_cli_nullspace_dispatches_to_the_eva_adapter(capsys):
+    import json
+
+    from nsvit_fast.cli import main
+
+    assert main(["nullspace", "--model", "eva02_tiny_patch14_224", "--json"]) in (0, None)
+    row = json.loads(capsys.readouterr().out)
+    assert row["model"] == "eva02_tiny_patch14_224" and row["nullspace_dim"] == 3 * 14 * 14 - 192
