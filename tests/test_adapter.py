@@ -74,6 +74,10 @@ def test_unsupported_models_give_one_line_reasons():
     m.patch_embed.proj = nn.Conv2d(3, 192, kernel_size=16, stride=8, padding=4)
     with pytest.raises(NsvitError, match="overlapping"):
         adapt(m)
+    m = timm.create_model("vit_tiny_patch16_224", depth=1)
+    m.patch_embed.norm = nn.LayerNorm(192)  # a norm in the stem: the patch map is no longer linear
+    with pytest.raises(NsvitError, match="ends in a LayerNorm, which is not linear"):
+        adapt(m)
 
 
 def test_wrong_image_size_is_a_clear_error(digits_parts):
@@ -93,3 +97,151 @@ def test_pretrained_offline_fails_with_one_line(monkeypatch):
     with pytest.raises(NsvitError, match="could not get pretrained weights") as e:
         load_model("vit_tiny_patch16_224", pretrained=True)
     assert "\n" not in str(e.value)
+
+
+# timm's Eva class: EVA-02 and the RoPE ViTs built on it (random init, small sizes for speed)
+EVA_VARIANTS = [
+    ("eva02_tiny_patch14_224", {"img_size": 64, "patch_size": 16, "depth": 2, "num_classes": 10}),  # abs + RoPE, SwiGLU
+    ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2, "num_classes": 10, "dynamic_img_size": True}),  # NHWC
+    ("vit_small_patch16_rope_224", {"img_size": 64, "depth": 2}),        # axial RoPE only, class token pool
+    ("vit_small_patch16_rope_mixed_224", {"img_size": 64, "depth": 2}),  # learned mixed RoPE, one per block
+    ("vit_small_patch16_rope_ape_224", {"img_size": 64, "depth": 2}),    # RoPE + absolute embedding
+    ("vit_medium_patch16_rope_reg1_gap_256", {"img_size": 64, "depth": 2}),  # a register, no class token
+]
+EVA_IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for n, kw in EVA_VARIANTS]
+
+
+def _eva(name, kw):
+    torch.manual_seed(0)
+    parts = load_model(name, **kw)
+    with torch.no_grad():
+        # timm starts the RoPE ViTs with layer scale 1e-5 and a head giving ~1e-3 logits: with
+        # layer scale 1 the blocks matter, and O(1) logits make a 1e-6 bound a real one
+        for n, p in parts.model.named_parameters():
+            if n.split(".")[-1] in ("gamma_1", "gamma_2"):
+                p.fill_(1.0)
+        torch.nn.init.normal_(parts.model.head.weight)
+    return parts
+
+
+@pytest.mark.parametrize("name,kw", EVA_VARIANTS, ids=EVA_IDS)
+def test_eva_encode_of_patch_embed_equals_model(name, kw):
+    parts = _eva(name, kw)
+    assert type(parts).__name__ == "EvaAdapter" and parts.family == "eva"
+    c, h, w = parts.data_config["input_size"]
+    x = torch.rand(2, c, h, w)
+    with torch.no_grad():
+        u = parts.patch_embed(x)
+        ref = parts.model(parts.normalize(x))
+        got = parts.encode(u)
+        assert u.shape == (2, parts.num_patches, parts.embed_dim)
+        assert got.shape == ref.shape == (2, parts.num_classes) and ref.abs().max() > 0.1
+        assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+        # the insertion point is live, and RoPE rotates noise and tokens alike (positions, not values)
+        v = torch.randn(u.shape[1:], generator=torch.Generator().manual_seed(0))
+        assert (parts.encode(u + v) - got).abs().max() > 1e-3
+        assert torch.equal(parts.encode_noisy(u, v[None], include_clean=True), parts.encode(torch.cat([u, u + v])))
+
+
+def test_eva_nullspace_noise_leaves_outputs_unchanged():
+    from nsvit_fast import nullspace_basis, verify_invariance
+
+    parts = _eva(*EVA_VARIANTS[0]).double()
+    ns = nullspace_basis(parts)
+    assert ns.dim == 3 * 16 * 16 - 192  # C r^2 - D for EVA-02 Ti at patch 16
+    x = torch.rand(4, 3, 64, 64, dtype=torch.float64)
+    v = ns.sample(4, norm=1.0, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = v * 10 * x.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    inv = verify_invariance(parts, x, v)
+    assert inv["noise_to_image_norm"] >= 10 - 1e-9
+    assert inv["patch_embed_rel"] <= 1e-10 and inv["logits_rel"] <= 1e-10
+    rnd = torch.randn_like(v) * (v.flatten(1).norm(dim=1) / 64 / 3 ** 0.5).reshape(-1, 1, 1, 1)
+    assert verify_invariance(parts, x, rnd)["logits_rel"] > 0.01  # the check can fail
+
+
+@pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {"img_size": 64, "depth": 2}),
+                                     ("vit_base_patch16_gap_224", {"img_size": 64, "depth": 2}),
+                                     EVA_VARIANTS[0], EVA_VARIANTS[5]],
+                         ids=["vit", "vit-gap", "eva02", "rope-reg-gap"])
+def test_adapter_interface_for_every_family(name, kw):
+    # what analysis and attacks read through the adapter: maps, hidden states, class token, transforms
+    parts = _eva(name, kw) if name in dict(EVA_VARIANTS) else load_model(name, **kw)
+    x = torch.rand(2, *parts.data_config["input_size"])
+    u = parts.patch_embed(x).requires_grad_()
+    ref = parts.encode(u).detach()
+    t = parts.num_prefix_tokens + parts.num_patches
+    for in_graph in (False, True):
+        logits, maps = parts.encode_with_attention(u, in_graph=in_graph)
+        assert (logits - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+        assert len(maps) == 2 and maps[0].shape[0] == 2 and maps[0].shape[2:] == (t, t)
+        assert torch.allclose(maps[-1].sum(-1), torch.ones(()), atol=1e-5)
+        du, = torch.autograd.grad(maps[-1][..., 0].sum(), u, retain_graph=True)  # column: rows sum to 1
+        assert du.abs().max() > 1e-6  # differentiable with respect to the tokens
+        if in_graph:  # the logits were computed from these very maps
+            g = torch.autograd.grad(logits.sum(), maps)
+            assert all(gi.abs().max() > 0 for gi in g)
+    logits, hidden = parts.encode_with_hidden(u)
+    assert len(hidden) == 2 and hidden[-1].shape == (2, t, parts.embed_dim)
+    assert torch.autograd.grad(logits.sum(), hidden[-1])[0].abs().max() > 0
+    assert parts.has_class_token == (name not in ("vit_base_patch16_gap_224", "vit_medium_patch16_rope_reg1_gap_256"))
+    cfg = parts.data_config
+    assert {"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"} <= set(cfg)
+    assert cfg["crop_pct"] == parts.model.pretrained_cfg["crop_pct"]
+    # nothing left behind: the fused attention is back, no hook stays on
+    assert all(getattr(b.attn, "fused_attn", True) for b in parts.model.blocks)
+    assert not any(b._forward_pre_hooks or any(m._forward_hooks for m in b.modules()) for b in parts.model.blocks)
+
+
+def test_architecture_record_rebuilds_the_model(tmp_path):
+    from nsvit_fast import save_model
+
+    parts = _eva(*EVA_VARIANTS[0])
+    assert parts.arch == "eva02_tiny_patch14_224" and parts.model_kwargs == EVA_VARIANTS[0][1]
+    save_model(parts, tmp_path / "m.safetensors")
+    again = load_model(checkpoint=tmp_path / "m.safetensors")
+    assert type(again) is type(parts) and again.arch == parts.arch and again.model_kwargs == parts.model_kwargs
+    assert again.data_config == parts.data_config
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), parts(x))
+
+
+def test_eva_synthesis_and_finetuning_run(tmp_path):
+    from nsvit_fast import digits
+    from nsvit_fast.synth import synthesize
+    from nsvit_fast.train import finetune
+
+    torch.manual_seed(0)
+    parts = load_model("eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=96, num_heads=3, depth=2,
+                       num_classes=10)
+    train = digits("train").subset(128)
+    bank = synthesize(parts, train, lim=1.0, max_steps=3, batch_size=32, heldout=0, progress=False)
+    assert bank.noises.shape[1:] == parts.token_shape and bank.noises.abs().max() > 0
+    before = {k: v.clone() for k, v in parts.weights().items()}
+    res = finetune(parts, train, method="ns", rounds=1, model_steps=1, batch_size=32, lr=1e-4,
+                   synth={"lim": 1.0, "max_steps": 3, "batch_size": 32, "heldout": 32}, out_dir=tmp_path,
+                   progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in parts.weights().items())
+    assert res.history[0]["noise_norm"] > 0
+    again = load_model(checkpoint=tmp_path / "model.safetensors")
+    assert type(again).__name__ == "EvaAdapter" and again.model_kwargs == parts.model_kwargs
+
+
+def test_eva_saliency_maps():
+    from nsvit_fast.analysis.saliency import METHODS, saliency
+
+    parts = _eva(*EVA_VARIANTS[0])
+    x = torch.rand(2, 3, 64, 64)
+    for m in METHODS:
+        s = saliency(parts, x, m)
+        assert s.shape == (2, 4, 4) and s.min() == 0 and abs(float(s.max()) - 1) < 1e-6, m
+
+
+def test_cli_nullspace_dispatches_to_the_eva_adapter(capsys):
+    import json
+
+    from nsvit_fast.cli import main
+
+    assert main(["nullspace", "--model", "eva02_tiny_patch14_224", "--json"]) in (0, None)
+    row = json.loads(capsys.readouterr().out)
+    assert row["model"] == "eva02_tiny_patch14_224" and row["nullspace_dim"] == 3 * 14 * 14 - 192

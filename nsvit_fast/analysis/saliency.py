@@ -25,14 +25,27 @@ def _norm(m: torch.Tensor) -> torch.Tensor:
 
 
 def saliency(parts, x: torch.Tensor, method: str = "rollout", target: torch.Tensor | None = None) -> torch.Tensor:
-    """Maps (B, gh, gw) in [0, 1] for images x (B, C, H, W); ``target`` classes for gradcam
-    (default: the predicted class)."""
+    """Saliency maps of an adapter for images x (B, C, H, W) in [0, 1].
+
+    Args:
+        parts: the model's adapter (``nsvit_fast.models.Adapter``).
+        method: one of ``METHODS`` (see the module docstring).
+        target: classes (B,) for the class-specific methods gradcam and chefer; by default the
+            predicted class.
+
+    Returns:
+        maps (B, gh, gw) on the patch grid, each normalised to [0, 1].
+
+    Raises:
+        NsvitError: an unknown method, images of the wrong shape, or a model whose attention the
+            adapter cannot read.
+    """
     from ..errors import NsvitError
 
     if method not in METHODS:
         raise NsvitError(f"unknown saliency method {method!r} (methods: {', '.join(METHODS)})")
     p0 = parts.num_prefix_tokens
-    has_cls = getattr(parts.model, "cls_token", None) is not None
+    has_cls = parts.has_class_token
     gh, gw = parts.grid_size
     if method == "gradcam":
         with torch.enable_grad():
@@ -63,27 +76,12 @@ def saliency(parts, x: torch.Tensor, method: str = "rollout", target: torch.Tens
 
 
 def _chefer(parts, x, target, p0: int, has_cls: bool) -> torch.Tensor:
-    from ..errors import NsvitError
-
-    # timm's fused attention never forms A, so switch each block to its explicit softmax path
-    # (same maths) and take A where it enters attn_drop: there it is in the graph.
-    attns = [getattr(blk, "attn", None) for blk in parts.model.blocks]
-    if not all(hasattr(a, "fused_attn") and hasattr(a, "attn_drop") for a in attns):
-        raise NsvitError(f"{parts.name}: chefer maps need timm's standard Attention blocks")
-    u = parts.patch_embed(x)  # before the hooks: a bad input raises with nothing left attached
-    maps: list[torch.Tensor] = []
-    saved = [a.fused_attn for a in attns]
-    hooks = [a.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(out)) for a in attns]
-    try:
-        for a in attns:
-            a.fused_attn = False
-        with torch.enable_grad():
-            logits = parts.encode_hooked(u, hooks)
-            cls = logits.argmax(-1) if target is None else target
-            grads = torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), maps)
-    finally:
-        for a, f in zip(attns, saved):
-            a.fused_attn = f
+    u = parts.patch_embed(x)  # a bad input raises here, before the adapter places any hook
+    with torch.enable_grad():
+        # the maps must be the ones the logits came from: the adapter's in-graph attention
+        logits, maps = parts.encode_with_attention(u, in_graph=True)
+        cls = logits.argmax(-1) if target is None else target
+        grads = torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), maps)
     t = maps[0].shape[-1]
     rel = torch.eye(t, device=x.device).expand(x.shape[0], -1, -1)
     for a, g in zip(maps, grads):

@@ -18,11 +18,10 @@ def pixel_transform(parts, train: bool = False):
     """timm's eval (or train) transform for this model, ending in pixels in [0, 1]."""
     from timm.data import create_transform
 
-    c, h, w = parts.data_config["input_size"]
+    cfg = parts.data_config
+    c, h, w = cfg["input_size"]
     return create_transform(input_size=(c, h, w), is_training=train, mean=(0.0,) * c, std=(1.0,) * c,
-                            crop_pct=getattr(parts.model, "pretrained_cfg", {}).get("crop_pct", 0.875),
-                            interpolation=getattr(parts.model, "pretrained_cfg", {}).get("interpolation",
-                                                                                           "bicubic"))
+                            crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"], interpolation=cfg["interpolation"])
 
 
 BAD_IMAGE = ("error", "skip")

@@ -7,7 +7,12 @@ Everything outside ``nsvit_fast.models`` sees a model only through this interfac
       --encode------->  logits (B, K)    prefix tokens, positional embedding, blocks, norm, pool, head
 
 Normalisation (mean, std from the model's own timm data config) happens inside ``patch_embed``,
-so attacks, corruptions and nullspace noise all work in pixel space.
+so attacks, corruptions and nullspace noise all work in pixel space. Besides the two halves an
+adapter answers what its users would otherwise read off the timm model: the attention maps and
+hidden states of the encoder (``encode_with_attention``, ``encode_with_hidden``), whether token 0
+is a class token (``has_class_token``), the transform settings (``data_config``), the weights
+(``weights``, ``load_weights``) and the architecture record (``arch``, ``model_kwargs``) that
+rebuilds it. A test greps the package so that nothing outside ``models/`` reaches past it.
 """
 
 from __future__ import annotations
@@ -21,16 +26,44 @@ from ..errors import NsvitError
 
 
 class Adapter(nn.Module):
-    """Base class of a model family's adapter. Subclasses fill in the geometry and the two halves."""
+    """Base class of a model family's adapter: one timm model split at the patch tokens.
+
+    Args:
+        model: the timm model; wrapped, not copied (training the adapter trains it).
+        mean, std: per-channel normalisation (1 or C values each) applied inside ``patch_embed``.
+        name: how reports name the model; by default the class name.
+        arch: the timm architecture that rebuilds the model (``timm.create_model(arch, **model_kwargs)``);
+            by default ``name``.
+        model_kwargs: the constructor arguments given with ``arch`` (``img_size``, ``num_classes``...).
+        data_config: timm's data config of the model (``timm.data.resolve_model_data_config``); by
+            default resolved from the model. Only its transform settings are kept (interpolation,
+            crop_pct, crop_mode): input size, mean and std are the adapter's own.
+
+    Raises:
+        NsvitError: mean/std of the wrong length, or a std that is not > 0.
+
+    Subclasses set the geometry attributes below before calling this constructor, and implement
+    ``patch_embed``, ``encode``, ``patch_projection``, ``encode_with_attention`` and
+    ``encode_with_hidden``.
+    """
 
     family: str = "?"
+    serves: str = ""  # which timm models, for the "not a supported family" message
 
-    def __init__(self, model: nn.Module, mean, std, name: str = ""):
+    def __init__(self, model: nn.Module, mean, std, name: str = "", *, arch: str | None = None,
+                 model_kwargs: dict[str, Any] | None = None, data_config: dict[str, Any] | None = None):
         super().__init__()
         self.model = model
         self.name = name or type(model).__name__
-        self.arch = self.name  # timm architecture; load_model sets it with the constructor kwargs
-        self.model_kwargs: dict[str, Any] = {}
+        self.arch = arch or self.name
+        self.model_kwargs: dict[str, Any] = dict(model_kwargs or {})
+        if data_config is None:
+            from timm.data import resolve_model_data_config
+
+            data_config = resolve_model_data_config(model)
+        self._transform = {"interpolation": data_config.get("interpolation", "bicubic"),
+                           "crop_pct": float(data_config.get("crop_pct", 0.875)),
+                           "crop_mode": data_config.get("crop_mode", "center")}
         c = self.in_chans
         mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
@@ -48,10 +81,12 @@ class Adapter(nn.Module):
     grid_size: tuple[int, int]
     embed_dim: int
     num_classes: int
-    num_prefix_tokens: int
+    num_prefix_tokens: int  # P: class / register / distillation tokens ahead of the N patch tokens
+    has_class_token: bool   # whether token 0 of the encoder sequence is a class token
 
     @property
     def num_patches(self) -> int:
+        """N = gh * gw patch tokens per image."""
         return self.grid_size[0] * self.grid_size[1]
 
     @property
@@ -61,25 +96,48 @@ class Adapter(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
+        """What a data pipeline needs: ``input_size`` (C, H, W), ``mean`` and ``std`` (C values each,
+        applied by the adapter itself: feed it pixels in [0, 1]), and timm's transform settings
+        ``interpolation``, ``crop_pct``, ``crop_mode`` for ``timm.data.create_transform``."""
         return {"input_size": (self.in_chans, *self.img_size),
-                "mean": tuple(self.mean.flatten().tolist()), "std": tuple(self.std.flatten().tolist())}
+                "mean": tuple(self.mean.flatten().tolist()), "std": tuple(self.std.flatten().tolist()),
+                **self._transform}
 
     # -- the two halves --
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, C, H, W) in [0, 1] -> the model's normalised input, (x - mean) / std."""
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def check_images(self, x: torch.Tensor) -> None:
-        """Shape check only (no host sync): (B, C, H, W) at the model's input size."""
+        """Shape check only (no host sync): (B, C, H, W) at the model's input size.
+
+        Raises:
+            NsvitError: any other shape."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
             raise NsvitError(f"{self.name} takes images (B, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
 
+    def check_tokens(self, u: torch.Tensor) -> None:
+        """Shape check of patch tokens: (B, N, D).
+
+        Raises:
+            NsvitError: any other shape."""
+        if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
+            raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
+                             f"got {tuple(u.shape)}")
+
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, C, H, W) in [0, 1] -> patch tokens u (B, N, D)."""
+        """Pixels (B, C, H, W) in [0, 1] -> patch tokens u (B, N, D).
+
+        Raises:
+            NsvitError: images of the wrong shape."""
         raise NotImplementedError
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
-        """Patch tokens u (B, N, D), noise already added -> logits (B, K)."""
+        """Patch tokens u (B, N, D), noise already added -> logits (B, K).
+
+        Raises:
+            NsvitError: tokens of the wrong shape."""
         raise NotImplementedError
 
     def encode_noisy(self, u: torch.Tensor, v: torch.Tensor | None, include_clean: bool = False,
@@ -92,11 +150,58 @@ class Adapter(nn.Module):
             rows.append((u[None] + v[:, None]).reshape(-1, *u.shape[1:]))
         return self.encode(torch.cat(rows) if len(rows) > 1 else rows[0])
 
+    def encode_with_attention(self, u: torch.Tensor, in_graph: bool = False
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode(u)`` and every block's attention probabilities, a list of L tensors
+        (B, heads, T, T) with T = P + N (rows: queries, softmax over keys; token order as in the
+        encoder: prefix tokens, then patches row-major).
+
+        Differentiable with respect to u. With ``in_graph`` the maps are the very tensors the
+        logits were computed from, so ``torch.autograd.grad(logits, maps)`` is defined (Chefer
+        relevance needs this); a family may then use a slower unfused attention path.
+
+        Raises:
+            NsvitError: tokens of the wrong shape, or blocks whose attention the family cannot read."""
+        raise NsvitError(f"{self.name}: the {self.family} adapter gives no attention maps")
+
+    def encode_with_hidden(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode(u)`` and the input tokens of every block, a list of L tensors (B, T, D), in the
+        graph (Grad-CAM differentiates the logits with respect to the last one).
+
+        Raises:
+            NsvitError: tokens of the wrong shape."""
+        raise NsvitError(f"{self.name}: the {self.family} adapter gives no hidden states")
+
+    def encode_hooked(self, u: torch.Tensor, hooks: list) -> torch.Tensor:
+        """``encode(u)`` with the given hook handles in place; removes them after, also on error."""
+        try:
+            return self.encode(u)
+        finally:
+            for h in hooks:
+                h.remove()
+
     def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The linear patch map in pixel space: weight (D, C, r, r) with 1/std folded in, bias (D,)."""
+        """The linear patch map in pixel space: weight (D, C, r, r) with 1/std folded in, bias (D,)
+        or None. ``patch_embed(x)`` is this map applied to each patch of ``x - mean``."""
         raise NotImplementedError
 
+    # -- weights --
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The wrapped model's state dict, keyed as timm names its parameters (what ``save_model``
+        writes and ``load_weights`` reads). The tensors are shared, not copied."""
+        return self.model.state_dict()
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Load a state dict keyed as ``weights()`` (a ``module.`` prefix from DDP is dropped).
+
+        Raises:
+            NsvitError: missing, unexpected or wrongly shaped keys, naming ``source``."""
+        from .loading import load_state
+
+        load_state(self.model, state, source)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, C, H, W) in [0, 1] -> logits (B, K): ``encode(patch_embed(x))``."""
         return self.encode(self.patch_embed(x))
 
     def extra_repr(self) -> str:

@@ -39,7 +39,15 @@ def _create(arch: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict and metadata from a .safetensors file or a torch file (loaded with weights_only=True)."""
+    """State dict and metadata from a .safetensors file or a torch file (loaded with weights_only=True).
+
+    Returns:
+        (state dict keyed as timm names the parameters, metadata dict; {} for a plain torch file).
+        Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+
+    Raises:
+        NsvitError: a missing file, an unreadable or corrupt one, or one that holds no tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise NsvitError(f"checkpoint not found: {path}")
@@ -77,7 +85,10 @@ def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``sd`` into ``model`` strictly; NsvitError on a key or shape mismatch or a NaN/inf weight."""
+    """Load ``sd`` into the timm ``model``, strictly (``Adapter.load_weights`` calls this).
+
+    Raises:
+        NsvitError: missing, unexpected or wrongly shaped keys, or a NaN/inf weight, naming ``source``."""
     sd = _clean_keys(sd)
     for k, v in sd.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -111,6 +122,15 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         num_classes: head size; by default the checkpoint's (or timm's default without one).
         pretrained: download timm's pretrained weights. Needs network: only when asked.
         **kwargs: extra timm constructor arguments (``img_size=...``).
+
+    Returns:
+        the adapter, in eval mode, recording ``arch`` and ``model_kwargs``; a checkpoint's own
+        mean/std (from its metadata) replace the architecture's.
+
+    Raises:
+        NsvitError: no name and no architecture in the checkpoint, a checkpoint of another
+            architecture, an unknown name, weights that do not fit, pretrained weights without
+            network, or an architecture no adapter serves.
     """
     sd, meta = (None, {})
     if name == embedded.NAME and checkpoint is None:
@@ -142,9 +162,6 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         model_kwargs["num_classes"] = int(num_classes)
     elif sd is not None and "num_classes" not in model_kwargs and "head.weight" in _clean_keys(sd):
         model_kwargs["num_classes"] = int(_clean_keys(sd)["head.weight"].shape[0])
-    model = _create(arch, model_kwargs, pretrained and sd is None)
-    if sd is not None:
-        load_state(model, sd, str(checkpoint))
     mean, std = meta.get("mean"), meta.get("std")
     for key, val in (("mean", mean), ("std", std)):
         if val is not None and (not isinstance(val, list) or not all(
@@ -152,31 +169,51 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
                 and (key == "mean" or v > 0) for v in val)):
             raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of finite numbers"
                              f"{' > 0' if key == 'std' else ''}, got {val!r}")
-    if mean is not None and std is not None:  # models carry their own data config
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(mean), "std": tuple(std)}
-    adapter = adapt(model, name=name if name != embedded.NAME else embedded.NAME)
-    adapter.arch, adapter.model_kwargs = arch, model_kwargs
-    adapter.eval()
-    return adapter
+    parts = create_model(arch, name=name or "", mean=mean, std=std,
+                         pretrained=pretrained and sd is None, **model_kwargs)
+    if sd is not None:
+        parts.load_weights(sd, str(checkpoint))
+    parts.eval()
+    return parts
+
+
+def create_model(arch: str, *, name: str = "", mean=None, std=None, pretrained: bool = False,
+                 **kwargs) -> Adapter:
+    """A new timm model (random init, or timm's pretrained weights), wrapped in its adapter, which
+    records ``arch`` and ``kwargs`` so that ``save_model`` / ``load_model`` can rebuild it.
+
+    Args:
+        arch: timm architecture name.
+        name: how reports name the model; by default ``arch``.
+        mean, std: normalisation; by default the architecture's timm data config's.
+        pretrained: download timm's pretrained weights (needs network).
+        **kwargs: timm constructor arguments (``img_size=...``, ``num_classes=...``).
+
+    Raises:
+        NsvitError: an unknown name (with near names), arguments timm refuses, weights that cannot
+            be downloaded, or an architecture no adapter serves.
+    """
+    model = _create(arch, kwargs, pretrained)
+    return adapt(model, mean, std, name or arch, arch=arch, model_kwargs=kwargs)
 
 
 def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it."""
-    meta = {"format": FORMAT, "nsvit_fast_version": __version__,
-            "arch": getattr(adapter, "arch", adapter.name),
-            "model_kwargs": getattr(adapter, "model_kwargs", {}),
+    """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it
+    (``arch``, ``model_kwargs``, mean and std) and ``metadata``; returns the path written."""
+    meta = {"format": FORMAT, "nsvit_fast_version": __version__, "arch": adapter.arch,
+            "model_kwargs": adapter.model_kwargs,
             "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
     meta.update(metadata or {})
-    sd = {k: v for k, v in adapter.model.state_dict().items()}
-    return save_tensors(path, sd, meta)
+    return save_tensors(path, dict(adapter.weights()), meta)
 
 
 def weights_fingerprint(adapter: Adapter) -> str:
-    """A short hash of the model weights: noise banks and runs record which model they belong to."""
+    """A short hash (16 hex digits) of the model weights, over names and float32 values: noise banks
+    and runs record which model they belong to."""
     import hashlib
 
     h = hashlib.sha256()
-    for k, v in sorted(adapter.model.state_dict().items()):
+    for k, v in sorted(adapter.weights().items()):
         h.update(k.encode())
         h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

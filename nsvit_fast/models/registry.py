@@ -1,43 +1,57 @@
 """Model families: each maps a predicate on the timm model to its adapter class.
 
-A new family (say, an EVA adapter) is one file in ``nsvit_fast/models/`` and one entry here.
+A new family is one file in ``nsvit_fast/models/`` and one entry here (``eva.py`` is one).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
 from ..errors import NsvitError
-from . import vit
+from . import eva, vit
 from .base import Adapter
 
+# family name -> (predicate on the timm model, adapter class); adapt() takes the first that matches
 FAMILIES: dict[str, tuple[Callable[[nn.Module], bool], type[Adapter]]] = {
     "vit": (vit.matches, vit.VitAdapter),
+    "eva": (eva.matches, eva.EvaAdapter),
 }
 
 
 def family_of(model: nn.Module) -> str | None:
+    """The name of the family (a key of ``FAMILIES``) whose predicate ``model`` meets, or None."""
     for fam, (match, _) in FAMILIES.items():
         if match(model):
             return fam
     return None
 
 
-def adapt(model: nn.Module, mean=None, std=None, name: str = "") -> Adapter:
-    """Wrap a timm model into its adapter. mean/std default to the model's timm data config."""
+def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | None = None,
+          model_kwargs: dict[str, Any] | None = None) -> Adapter:
+    """Wrap a timm model into its family's adapter (an adapter is returned as it is).
+
+    Args:
+        model: a timm model of a supported family (``FAMILIES``).
+        mean, std: normalisation, C values each; by default the model's timm data config's.
+        name: how reports name it; by default timm's architecture name.
+        arch, model_kwargs: the record that rebuilds it (``Adapter``); by default the name and {}.
+
+    Raises:
+        NsvitError: a model of no supported family, or one its family's adapter cannot serve
+            (e.g. a non-linear or overlapping patch stem).
+    """
     if isinstance(model, Adapter):
         return model
     name = name or getattr(model, "default_cfg", {}).get("architecture", "") or type(model).__name__
     fam = family_of(model)
     if fam is None:
         raise NsvitError(f"{name}: model class {type(model).__name__} is not a supported family "
-                         f"(supported: {', '.join(FAMILIES)}: timm VisionTransformer and its subclasses)")
-    if mean is None or std is None:
-        from timm.data import resolve_model_data_config
+                         f"(supported: {'; '.join(f'{f}: {c.serves}' for f, (_, c) in FAMILIES.items())})")
+    from timm.data import resolve_model_data_config
 
-        cfg = resolve_model_data_config(model)
-        mean = cfg["mean"] if mean is None else mean
-        std = cfg["std"] if std is None else std
-    return FAMILIES[fam][1](model, mean, std, name)
+    cfg = resolve_model_data_config(model)
+    mean = cfg["mean"] if mean is None else mean
+    std = cfg["std"] if std is None else std
+    return FAMILIES[fam][1](model, mean, std, name, arch=arch, model_kwargs=model_kwargs, data_config=cfg)

@@ -3,10 +3,14 @@
 ``encode`` calls the model's own ``_pos_embed``, ``patch_drop``, ``norm_pre``, ``blocks``, ``norm``
 and ``forward_head`` rather than copies of them, so prefix tokens (cls, registers, distillation),
 ``no_embed_class``, ``global_pool``, ``fc_norm`` and attention pooling behave exactly as in
-``model(x)``. Only this file knows timm's internals.
+``model(x)``. Only the adapter files know timm's internals; this one also holds the attention
+switches the attention maps need (``unfused_attention``, ``attention_in_graph``), which the EVA
+adapter shares.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -22,6 +26,7 @@ def _vit_class():
 
 
 def matches(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm VisionTransformer (or a subclass: DeiT-distilled...)."""
     return isinstance(model, _vit_class())
 
 
@@ -37,16 +42,56 @@ def check_linear_stem(model: nn.Module, name: str) -> None:
             or proj.dilation != (1, 1) or proj.groups != 1):
         raise NsvitError(f"{name}: overlapping or padded patch convolution (kernel {proj.kernel_size}, "
                          f"stride {proj.stride}, padding {proj.padding}); patches must not overlap")
+    if getattr(pe, "norm", None) is not None and not isinstance(pe.norm, nn.Identity):
+        raise NsvitError(f"{name}: the patch embedding ends in a {type(pe.norm).__name__}, which is not "
+                         f"linear; the adapter needs a single linear patch projection")
     if getattr(pe, "dynamic_img_pad", False):
         raise NsvitError(f"{name}: dynamic_img_pad pads partial patches; not supported")
     if pe.img_size is None:
         raise NsvitError(f"{name}: the patch embedding has no fixed img_size; create the model with one")
 
 
-class VitAdapter(Adapter):
-    family = "vit"
+@contextmanager
+def unfused_attention(attns: list[nn.Module]):
+    """Switch timm attention modules to their explicit softmax path (same maths; the fused kernel
+    never forms the attention matrix) for the duration; restored after, also on error."""
+    saved = [a.fused_attn for a in attns]
+    try:
+        for a in attns:
+            a.fused_attn = False
+        yield
+    finally:
+        for a, f in zip(attns, saved):
+            a.fused_attn = f
 
-    def __init__(self, model: nn.Module, mean, std, name: str = ""):
+
+def attention_in_graph(adapter: Adapter, attns: list, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``adapter.encode(u)`` on the unfused attention path, and each block's attention
+    probabilities (B, heads, T, T) taken where they leave ``attn_drop``: the tensors the logits
+    were computed from. Every module is checked before any hook is placed.
+
+    Raises:
+        NsvitError: a block whose attention has no ``fused_attn`` switch or ``attn_drop``."""
+    if not all(hasattr(a, "fused_attn") and hasattr(a, "attn_drop") for a in attns):
+        bad = next(type(a).__name__ for a in attns if not hasattr(a, "fused_attn") or not hasattr(a, "attn_drop"))
+        raise NsvitError(f"{adapter.name}: attention maps in the graph need timm attention blocks with an "
+                         f"unfused path, found {bad}")
+    adapter.check_tokens(u)
+    maps: list[torch.Tensor] = []
+    with unfused_attention(attns):
+        hooks = [a.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(out)) for a in attns]
+        logits = adapter.encode_hooked(u, hooks)
+    return logits, maps
+
+
+class PatchEmbedAdapter(Adapter):
+    """The part shared by families whose stem is timm's linear ``PatchEmbed`` (ViT, EVA): geometry,
+    ``patch_embed``, ``patch_projection`` and the hidden states. Arguments as ``Adapter``.
+
+    Raises:
+        NsvitError: a patch stem that is not one non-overlapping linear projection."""
+
+    def __init__(self, model: nn.Module, mean, std, name: str = "", **record):
         check_linear_stem(model, name or type(model).__name__)
         pe = model.patch_embed
         self.in_chans = pe.proj.in_channels
@@ -56,7 +101,8 @@ class VitAdapter(Adapter):
         self.embed_dim = pe.proj.out_channels
         self.num_classes = int(getattr(model, "num_classes", 0))
         self.num_prefix_tokens = int(model.num_prefix_tokens)
-        super().__init__(model, mean, std, name)
+        self.has_class_token = getattr(model, "cls_token", None) is not None
+        super().__init__(model, mean, std, name, **record)
         self._nhwc = bool(getattr(model, "dynamic_img_size", False))
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +110,38 @@ class VitAdapter(Adapter):
         u = self.model.patch_embed(self.normalize(x))
         return u.flatten(1, 2) if u.dim() == 4 else u  # dynamic_img_size models emit NHWC
 
+    def grid_tokens(self, u: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, D) in the layout the model's ``_pos_embed`` takes: (B, gh, gw, D) for
+        ``dynamic_img_size`` models, else unchanged."""
+        return u.reshape(u.shape[0], *self.grid_size, u.shape[-1]) if self._nhwc else u
+
+    def encode_with_hidden(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode(u)`` and the input tokens of every block [(B, P + N, D)], in the graph (Grad-CAM
+        reads the last block's input: with class-token pooling its output patch tokens never reach
+        the logits)."""
+        hidden: list[torch.Tensor] = []
+        hooks = [blk.register_forward_pre_hook(lambda mod, args: hidden.append(args[0])) for blk in self.model.blocks]
+        return self.encode_hooked(u, hooks), hidden
+
+    def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        proj = self.model.patch_embed.proj
+        w = proj.weight / self.std.to(proj.weight.dtype).reshape(1, -1, 1, 1)
+        return w, proj.bias
+
+
+class VitAdapter(PatchEmbedAdapter):
+    """Adapter of timm's ``VisionTransformer`` and its subclasses. Arguments as ``Adapter``.
+
+    Raises:
+        NsvitError: a patch stem that is not one non-overlapping linear projection."""
+
+    family = "vit"
+    serves = "timm VisionTransformer and its subclasses"
+
     def tokens(self, u: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, N, D) -> encoder input (B, P + N, D): prefix tokens and positional embedding."""
         m = self.model
-        if self._nhwc:
-            u = u.reshape(u.shape[0], *self.grid_size, u.shape[-1])
-        return m.norm_pre(m.patch_drop(m._pos_embed(u)))
+        return m.norm_pre(m.patch_drop(m._pos_embed(self.grid_tokens(u))))
 
     def blocks(self, t: torch.Tensor) -> torch.Tensor:
         """Encoder input (B, P + N, D) -> normed features (B, P + N, D)."""
@@ -80,20 +152,24 @@ class VitAdapter(Adapter):
         return self.model.forward_head(t)
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
-        if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
-            raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
-                             f"got {tuple(u.shape)}")
+        self.check_tokens(u)
         return self.head(self.blocks(self.tokens(u)))
 
-    def encode_with_attention(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode_with_attention(self, u: torch.Tensor, in_graph: bool = False
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``encode(u)`` and every block's attention probabilities [(B, heads, T, T)], T = P + N.
 
-        timm computes attention with a fused kernel that never forms the matrix, so it is rebuilt
-        here from the qkv projection (hooked) as softmax(q k^T * scale), after q_norm / k_norm as
-        timm applies them. Differentiable: PatchFool and the saliency maps backpropagate through it."""
+        timm computes attention with a fused kernel that never forms the matrix, so by default it
+        is rebuilt here from the qkv projection (hooked) as softmax(q k^T * scale), after q_norm /
+        k_norm as timm applies them: the logits stay the fused ``encode(u)``'s, and the maps are
+        differentiable with respect to u (PatchFool, attention rollout). With ``in_graph`` the
+        blocks run timm's unfused path and the maps are taken where they leave ``attn_drop``, so
+        the logits are computed from them (Chefer relevance)."""
+        attns = [getattr(blk, "attn", None) for blk in self.model.blocks]
+        if in_graph:
+            return attention_in_graph(self, attns, u)
         maps: list[torch.Tensor] = []
         hooks = []
-        attns = [getattr(blk, "attn", None) for blk in self.model.blocks]
         for attn in attns:  # all checked before any hook is placed
             if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
                 raise NsvitError(f"{self.name}: attention maps need timm's standard Attention blocks, "
@@ -108,22 +184,6 @@ class VitAdapter(Adapter):
 
             hooks.append(attn.qkv.register_forward_hook(hook))
         return self.encode_hooked(u, hooks), maps
-
-    def encode_with_hidden(self, u: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``encode(u)`` and the input tokens of every block [(B, P + N, D)], in the graph (Grad-CAM
-        reads the last block's input: with class-token pooling its output patch tokens never reach
-        the logits)."""
-        hidden: list[torch.Tensor] = []
-        hooks = [blk.register_forward_pre_hook(lambda mod, args: hidden.append(args[0])) for blk in self.model.blocks]
-        return self.encode_hooked(u, hooks), hidden
-
-    def encode_hooked(self, u: torch.Tensor, hooks: list) -> torch.Tensor:
-        """``encode(u)`` with the given hook handles in place; removes them after, also on error."""
-        try:
-            return self.encode(u)
-        finally:
-            for h in hooks:
-                h.remove()
 
     def _fusable_first_block(self):
         """(prefix (P, D), pos, embed_prefix, first block) when the first block can take its
@@ -155,8 +215,3 @@ class VitAdapter(Adapter):
         x = x + blk.drop_path1(blk.ls1(blk.attn(ln)))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return self.head(self.model.norm(self.model.blocks[1:](x)))
-
-    def patch_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        proj = self.model.patch_embed.proj
-        w = proj.weight / self.std.to(proj.weight.dtype).reshape(1, -1, 1, 1)
-        return w, proj.bias

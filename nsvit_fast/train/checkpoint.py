@@ -23,7 +23,7 @@ KIND = "nsvit-fast/finetune-state"
 def save_state(path: str | Path, *, parts, opt, sched, ema, stream, tensors: dict[str, torch.Tensor | None],
                progress: dict[str, Any], meta: dict[str, Any]) -> Path:
     """``tensors``: the run's own tensors (the round's noise, the last NS noise...); None values are skipped."""
-    t: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in parts.model.state_dict().items()}
+    t: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in parts.weights().items()}
     if ema is not None:
         t.update({f"ema/{k}": v for k, v in ema.module.state_dict().items()})
     osd = opt.state_dict()
@@ -48,9 +48,7 @@ def load_state(path: str | Path, *, parts, opt, sched, ema, stream) -> tuple[dic
     t, m = load_tensors(path)
     if m.get("kind") != KIND:
         raise NsvitError(f"{path} is not a finetuning checkpoint of nsvit-fast")
-    from ..models.loading import load_state as load_weights
-
-    load_weights(parts.model, {k[6:]: v for k, v in t.items() if k.startswith("model/")}, str(path))
+    parts.load_weights({k[6:]: v for k, v in t.items() if k.startswith("model/")}, str(path))
     if ema is not None:
         ema.module.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
     state: dict[int, dict] = {}

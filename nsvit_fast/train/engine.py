@@ -140,9 +140,8 @@ class FinetuneResult:
 
 def ema_parts(parts: Adapter, ema) -> Adapter:
     """The EMA weights wrapped like ``parts`` (same normalisation, architecture and kwargs)."""
-    e = adapt(ema.module, parts.data_config["mean"], parts.data_config["std"], parts.name + "+ema")
-    e.arch, e.model_kwargs = parts.arch, parts.model_kwargs
-    return e
+    return adapt(ema.module, parts.data_config["mean"], parts.data_config["std"], parts.name + "+ema",
+                 arch=parts.arch, model_kwargs=parts.model_kwargs)
 
 
 class _LossModule(nn.Module):
