@@ -2,7 +2,7 @@
 
 Nothing holds a whole folder: the dataset keeps (path, class) pairs and decodes each image in a
 worker, through the model's timm transform. Batch order comes from one seeded
-:class:`~nsvit_fast.synth.batches.BatchStream`, so
+:class:`~nsvit_fast.data.batches.BatchStream`, so
 
 - a resume replays the stream to the number of batches consumed, and ends in the batches (and, with
   augmentation, the same crops and flips) of an uninterrupted run;
@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import NsvitError
-from ..synth.batches import BatchStream
+from .batches import BatchStream
 
 AUGMENTS = ("rrc_flip", "none")
 
@@ -135,6 +135,7 @@ class StreamingData:
             raise NsvitError(f"batch_size must be >= 1, got {batch_size}")
         if int(workers) < 0:
             raise NsvitError(f"workers must be >= 0, got {workers}")
+        self.parts = parts
         self.dataset = SeededFolder(root, train_transform(parts, augment))
         self.batch_size, self.seed, self.augment = int(batch_size), int(seed), augment
         self.workers, self.device = int(workers), torch.device(device)
@@ -173,6 +174,19 @@ class StreamingData:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next()
+
+    def sample(self, n: int):
+        """``n`` images of the folder spread evenly over it (so over its classes), read through the
+        eval transform into an in-memory ImageDataset: held-out metrics, token statistics."""
+        from .base import ImageDataset
+        from .folders import pixel_transform
+
+        n = max(1, min(int(n), len(self.dataset)))
+        idx = torch.linspace(0, len(self.dataset) - 1, n).round().long().tolist()
+        eval_ds = SeededFolder.__new__(SeededFolder)
+        eval_ds.__dict__.update(self.dataset.__dict__, transform=pixel_transform(self.parts, train=False))
+        xs, ys = zip(*(eval_ds[i] for i in idx))
+        return ImageDataset(torch.stack(xs), torch.tensor(ys), self.classes, name=f"{self.dataset.name}[sample {n}]")
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "n": len(self.dataset), "batch_size": self.batch_size}

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from .batches import BatchStream
+from ..data.batches import BatchStream
 from .cache import CleanCache
 
 
@@ -25,6 +25,7 @@ class CachedSource:
 
     def __init__(self, cache: CleanCache, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.cache, self.rank, self.world = cache, rank, world
+        self.autocast = cache.autocast
         self.stream = BatchStream(cache.images.shape[0], batch_size, seed)
 
     def next(self):
