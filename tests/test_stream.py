@@ -94,6 +94,8 @@ def test_eval_loader_and_transforms(digits_parts, jpeg_folder):
 
 
 def test_stream_bad_input(digits_parts, tmp_path, jpeg_folder):
+    from PIL import Image
+
     with pytest.raises(NsvitError, match="not found"):
         StreamingData(tmp_path / "missing", digits_parts, batch_size=4)
     with pytest.raises(NsvitError, match="batch_size"):
@@ -101,9 +103,13 @@ def test_stream_bad_input(digits_parts, tmp_path, jpeg_folder):
     bad = tmp_path / "bad"
     (bad / "a").mkdir(parents=True)
     (bad / "a" / "x.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    s = StreamingData(bad, digits_parts, batch_size=1)
-    with pytest.raises(NsvitError, match="x.jpg"):
-        s.next()
+    for workers in (0, 1):  # in the process, and wrapped by torch in a worker: one line naming the file
+        with pytest.raises(NsvitError, match=r"^\S*x\.jpg is not a readable image[^\n]*$"):
+            StreamingData(bad, digits_parts, batch_size=1, workers=workers).next()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bad / "a" / "y.png")
+    skip = StreamingData(bad, digits_parts, batch_size=2, augment="none", on_bad_image="skip")
+    x, y = skip.next()
+    assert x.shape == (2, 3, 32, 32) and float(x.max()) == 0.0  # the readable image stands in for the bad one
 
 
 def test_runtime_device_and_precision():

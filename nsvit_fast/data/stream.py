@@ -50,19 +50,14 @@ class SeededFolder(Dataset):
     transform with Python's and torch's RNG seeded by ``seed`` (restored afterwards, so the caller's
     RNG streams are untouched when there are no workers)."""
 
-    def __init__(self, root: str | Path, transform, name: str | None = None):
-        from torchvision.datasets import ImageFolder
+    def __init__(self, root: str | Path, transform, name: str | None = None, on_bad_image: str = "error"):
+        from .folders import BAD_IMAGE, image_folder, read_rgb
 
-        root = Path(root)
-        if not root.is_dir():
-            raise NsvitError(f"data folder not found: {root}")
-        try:
-            # loader=None: keep only (path, class); nothing decoded here
-            folder = ImageFolder(str(root))
-        except FileNotFoundError as e:
-            raise NsvitError(f"{root}: {str(e).splitlines()[0]}") from None
-        self.samples, self.classes, self.loader = folder.samples, folder.classes, folder.loader
-        self.transform, self.name = transform, name or str(root)
+        if on_bad_image not in BAD_IMAGE:
+            raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
+        folder = image_folder(root, None, transform=None)  # checks the tree; keeps (path, class) only
+        self.samples, self.classes, self.loader = folder.samples, folder.classes, read_rgb
+        self.transform, self.name, self.on_bad_image = transform, name or str(root), on_bad_image
         if not self.samples:
             raise NsvitError(f"{root} holds no images")
 
@@ -71,11 +66,19 @@ class SeededFolder(Dataset):
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, 0)
+        from .folders import BadImage
+
         path, y = self.samples[i]
-        try:
-            img = self.loader(path)
-        except Exception as e:  # PIL raises many types for a bad file: name the file
-            raise NsvitError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        for j in range(len(self.samples)):
+            path, y = self.samples[(i + j) % len(self.samples)]
+            try:
+                img = self.loader(path)
+                break
+            except BadImage:
+                # skip: the next readable file in folder order takes its place, so batches keep their
+                # size and every rank and resume still agree on them
+                if self.on_bad_image != "skip":
+                    raise
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
@@ -130,13 +133,14 @@ class StreamingData:
 
     def __init__(self, root: str | Path, parts, batch_size: int, seed: int = 0, augment: str = "rrc_flip",
                  workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool = True,
-                 prefetch_factor: int = 2, device: torch.device | str = "cpu", rank: int = 0, world: int = 1):
+                 prefetch_factor: int = 2, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+                 on_bad_image: str = "error"):
         if int(batch_size) < 1:
             raise NsvitError(f"batch_size must be >= 1, got {batch_size}")
         if int(workers) < 0:
             raise NsvitError(f"workers must be >= 0, got {workers}")
         self.parts = parts
-        self.dataset = SeededFolder(root, train_transform(parts, augment))
+        self.dataset = SeededFolder(root, train_transform(parts, augment), on_bad_image=on_bad_image)
         self.batch_size, self.seed, self.augment = int(batch_size), int(seed), augment
         self.workers, self.device = int(workers), torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
@@ -166,7 +170,16 @@ class StreamingData:
         """The next batch (x, y) on the device."""
         if self._it is None:
             self._it = iter(self._loader())
-        x, y = next(self._it)
+        try:
+            x, y = next(self._it)
+        except NsvitError as e:  # from a worker, torch wraps the message in a traceback: keep our line
+            lines = str(e).strip().splitlines()
+            if len(lines) > 1:
+                last = lines[-1]
+                name = type(e).__name__
+                head = last.split(": ", 1)[0]
+                raise NsvitError(last.split(": ", 1)[1] if head.split(".")[-1] == name else last) from None
+            raise
         self.consumed += 1
         nb = self.pin_memory
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
