@@ -133,10 +133,11 @@ def exact_math():
 
 
 def device_kind(device: torch.device) -> str:
-    """A folder-safe name for results of this device: ``cpu-x86_64`` or e.g. ``cuda-NVIDIA_H100_80GB_HBM3``."""
-    import platform
+    """A folder-safe name for results of this device: ``cpu``, or the GPU's name as a slug
+    (``nvidia-h100-80gb-hbm3``), so benchmarks never overwrite another device's results."""
     import re
 
-    if device.type == "cuda":
-        return "cuda-" + re.sub(r"[^A-Za-z0-9._-]+", "_", torch.cuda.get_device_name(device))
-    return f"cpu-{platform.machine()}"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
