@@ -168,8 +168,9 @@ class _LossModule(nn.Module):
 
 class Engine:
     def __init__(self, parts: Adapter, train: ImageDataset | Path, cfg: FinetuneConfig, val: ImageDataset | None,
-                 out_dir: Path | None, progress: bool, runtime: Runtime):
+                 out_dir: Path | None, progress: bool, runtime: Runtime, on_bad_image: str = "error"):
         self.parts, self.train, self.cfg, self.val, self.rt = parts, train, cfg, val, runtime
+        self.on_bad_image = on_bad_image
         self.out_dir, self.progress = out_dir, progress
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
@@ -191,7 +192,8 @@ class Engine:
             self.stream = TensorBatches(train, cfg.batch_size, cfg.seed, self.rank, self.world, self.device)
         else:  # a folder, streamed: nothing holds it whole
             self.stream = StreamingData(train, parts, cfg.batch_size, cfg.seed, cfg.augment, cfg.workers,
-                                        device=self.device, rank=self.rank, world=self.world)
+                                        device=self.device, rank=self.rank, world=self.world,
+                                        on_bad_image=on_bad_image)
         self.scaler = runtime.grad_scaler()
         self.loss_module = dist_util.wrap(_LossModule(parts, self.method))
         self.noise: torch.Tensor | None = None
@@ -259,7 +261,8 @@ class Engine:
             data = self.train
         else:  # the round's own seeded stream over the folder, with the run's augmentation
             data = StreamingData(self.train, self.parts, scfg.batch_size, scfg.seed, cfg.augment, cfg.workers,
-                                 device=self.device, rank=self.rank, world=self.world)
+                                 device=self.device, rank=self.rank, world=self.world,
+                                 on_bad_image=self.on_bad_image)
         bank = synthesize(self.parts, data, scfg, init=init, progress=False, runtime=self.rt)
         self.last_ns_noise = bank.noises[0]
         info = dict(noise_norm=float(bank.norm[0]), mse_prob=float(bank.mse_prob[0]),
@@ -369,7 +372,7 @@ class Engine:
 def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfig | None = None, *,
              val_data: ImageDataset | str | Path | None = None, out_dir: str | Path | None = None,
              resume: bool = False, progress: bool = True, device: str | torch.device | None = "auto",
-             **overrides: Any) -> FinetuneResult:
+             on_bad_image: str = "error", **overrides: Any) -> FinetuneResult:
     """Finetune ``model`` on ``train_data`` with one of the methods (Algorithm 1 for ``method="ns"``).
 
     Args:
@@ -388,6 +391,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         resume: continue from ``out_dir``'s checkpoint (start fresh if there is none).
         device: ``auto`` (CUDA when available; under torchrun this rank's LOCAL_RANK GPU), ``cpu``,
             ``cuda``, ``cuda:N``; None keeps the model where it is.
+        on_bad_image: a streamed folder's unreadable file: ``error`` (stop, naming it) or ``skip``
+            (the next readable file takes its place).
 
     A method's own settings are nested: ``pgd={"eps": 4 / 255}``, ``random={"norms": [...]}`` (the
     per-round NS noise norms to match, e.g. from an ns run's history), or ``**{"trades.beta": 3}``.
@@ -418,7 +423,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if out is not None and (out / STATE_FILE).exists() and not resume:
             raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
                              f"folder")
-        eng = Engine(parts, train_data, cfg, val_data, out, progress, rt)
+        eng = Engine(parts, train_data, cfg, val_data, out, progress, rt, on_bad_image)
         k0 = s0 = 0
         if resume and out is not None and (out / STATE_FILE).exists():
             k0, s0 = eng.restore()
