@@ -445,7 +445,10 @@ def cmd_eval(args) -> int:
     from .io import check_output_dir
     from .models import load_model
 
+    from .runtime import Runtime
+
     check_output_dir(args.out)
+    rt = Runtime.create(args.device, args.precision or "fp32")  # before any model loads
     sep = ";" if (";" in args.suite or ":" in args.suite) else ","  # settings hold commas
     suites = [s for s in args.suite.split(sep) if s.strip()]
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
@@ -471,9 +474,6 @@ def cmd_eval(args) -> int:
         bank = NoiseBank.load(args.bank)
     classes = args.classes.split(",") if args.classes else (getattr(data, "classes", None)
                                                              if main.num_classes != 1000 else None)
-    from .runtime import Runtime
-
-    rt = Runtime.create(args.device, args.precision or "fp32")
     for m in models.values():
         m.to(rt.device)
     report = None
