@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,18 +27,12 @@ import torch
 
 from nsvit_fast import ops
 from nsvit_fast.ops.dispatch import OPS
+from nsvit_fast.runtime import device_kind
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEV = torch.device(os.environ.get("NSVIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 PRECISION = os.environ.get("NSVIT_BENCH_PRECISION", "fp32")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_kind(dev: torch.device) -> str:
-    """The results folder's name: ``cpu``, or the GPU's name as a slug (nvidia-h100-80gb-hbm3)."""
-    if dev.type != "cuda":
-        return dev.type
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
 
 
 def results_dir(dev: torch.device) -> Path:

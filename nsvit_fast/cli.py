@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 from .errors import NsvitError
@@ -232,9 +233,23 @@ def cmd_synth(args) -> int:
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")
-    parts = _load(args)
-    data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
-    bank = synthesize(parts, data, progress=not args.quiet, log=args.log, **_synth_overrides(args))
+    from .runtime import Runtime
+
+    rt = Runtime.create(args.device, args.precision or "fp32")
+    parts = _load(args).to(rt.device)
+    spec = args.data
+    if spec not in ("digits", "synthetic") and Path(spec, args.split).is_dir():
+        spec = str(Path(spec, args.split))  # --split names a sub-folder when there is one
+    root = stream_or_load(spec, parts, args.max_images, args.on_bad_image) \
+        if args.data not in ("digits", "synthetic") else None
+    if root is not None and not hasattr(root, "images"):  # a folder, streamed with the official augmentation
+        from .data.stream import StreamingData
+
+        data = StreamingData(root, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
+                             on_bad_image=args.on_bad_image)
+    else:
+        data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
+    bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
     bank.save(args.out)
     if args.json:
         print(json.dumps(bank.summary()))
@@ -259,6 +274,10 @@ def add_synth(sub) -> None:
     p.add_argument("--log", help="JSONL file receiving every stop check")
     p.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_args(p)
+    p.add_argument("--augment", default="rrc_flip", choices=("rrc_flip", "none"),
+                   help="a streamed folder (no --max-images): the official RandomResizedCrop + flip (default) or none")
+    p.add_argument("--workers", type=count(0), default=4, help="DataLoader workers for a streamed folder (default 4)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -310,6 +329,18 @@ def load_spec(spec: str | None, parts, max_images=None, on_bad_image: str = "err
     return load_data(str(spec), "train", parts, max_images, on_bad_image)
 
 
+def stream_or_load(spec: str | None, parts, max_images=None, on_bad_image: str = "error"):
+    """A folder path to stream (when no ``max_images`` cuts it), else :func:`load_spec`'s ImageDataset."""
+    from pathlib import Path
+
+    if spec is not None and max_images is None and str(spec).partition(":")[0] not in ("digits", "synthetic"):
+        root = Path(spec)
+        if not root.is_dir():
+            raise NsvitError(f"data {spec!r} is neither digits, synthetic nor an existing folder")
+        return root
+    return load_spec(spec, parts, max_images, on_bad_image)
+
+
 def cmd_finetune(args) -> int:
     from .distributed import init_from_env, rank_world
     from .train import finetune
@@ -320,9 +351,21 @@ def cmd_finetune(args) -> int:
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # torchrun's; a hand-set bad value is the user's mistake
         if os.environ.get(var, "0").strip().lstrip("-").isdigit() is False:
             raise NsvitError(f"environment variable {var}={os.environ[var]!r} must be a whole number (torchrun sets it)")
-    distributed = init_from_env()
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    distributed = init_from_env(device)
     try:
-        run, cfg = load_run(args.config, parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        for flag in ("precision", "workers"):
+            if getattr(args, flag) is not None:
+                overrides[flag] = getattr(args, flag)
+        if args.compile:
+            overrides["compile"] = True
+        if args.dry_run:  # a minute's check of a config on the user's own data: every stage once
+            overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
+                              "checkpoint_every": 0})
+        run, cfg = load_run(args.config, overrides)
         for key in ("model", "checkpoint", "data", "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
@@ -332,15 +375,18 @@ def cmd_finetune(args) -> int:
 
         if run["model"] is None and run["checkpoint"] is None:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
-        out = check_output_dir(run["out"] or f"runs/finetune-{cfg.method}")
+        out = check_output_dir(run["out"] or f"runs/{'dry-run' if args.dry_run else 'finetune'}-{cfg.method}")
         if args.resume and not (out / STATE_FILE).is_file():
             raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
                              f"fresh run there)")
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
                            pretrained=bool(run["pretrained"]))
-        train = load_spec(run["data"], parts, run["max_images"], run["on_bad_image"])
-        val = load_spec(run["val_data"], parts, run["max_images"], run["on_bad_image"])
-        res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet)
+        # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
+        # folder cut to max_images are read into memory, the fast path for small data
+        train = stream_or_load(run["data"], parts, run["max_images"], run["on_bad_image"])
+        val = stream_or_load(run["val_data"], parts, run["max_images"], run["on_bad_image"])
+        res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet,
+                       device=device, on_bad_image=run["on_bad_image"])
         if rank_world()[0] == 0:
             cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
             print(" ".join(f"{c:>12s}" for c in cols))
@@ -353,6 +399,18 @@ def cmd_finetune(args) -> int:
 
             dist.destroy_process_group()
     return 0
+
+
+def add_runtime_args(p, precision: bool = True) -> None:
+    """--device (and --precision) as every command that runs a model takes them."""
+    from .runtime import DEVICES, PRECISIONS
+
+    p.add_argument("--device", default="auto",
+                   help=f"{' | '.join(DEVICES)} (default auto: CUDA when available; under torchrun this rank's GPU)")
+    if precision:
+        p.add_argument("--precision", default=None, choices=PRECISIONS,
+                       help="autocast of the model: fp32 (default), tf32, bf16 (CPU and GPU), fp16 (GPU, with a "
+                            "GradScaler); the noise, its optimiser state and the exact-nullspace work stay fp32")
 
 
 def add_finetune(sub) -> None:
@@ -370,6 +428,13 @@ def add_finetune(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption "
                                                          "(refused if --out holds no checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_args(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks (off by default)")
+    p.add_argument("--workers", type=count(0), default=None,
+                   help="DataLoader workers for a streamed folder (config key workers, default 4)")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="check the config on your data in a minute: 1 round, 2 model steps, 3 synthesis steps, "
+                        "64 validation images (output in runs/dry-run-<method> unless --out)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (synth.key for synthesis)")
     p.set_defaults(func=cmd_finetune)
 
@@ -380,7 +445,10 @@ def cmd_eval(args) -> int:
     from .io import check_output_dir
     from .models import load_model
 
+    from .runtime import Runtime
+
     check_output_dir(args.out)
+    rt = Runtime.create(args.device, args.precision or "fp32")  # before any model loads
     sep = ";" if (";" in args.suite or ":" in args.suite) else ","  # settings hold commas
     suites = [s for s in args.suite.split(sep) if s.strip()]
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
@@ -406,10 +474,13 @@ def cmd_eval(args) -> int:
         bank = NoiseBank.load(args.bank)
     classes = args.classes.split(",") if args.classes else (getattr(data, "classes", None)
                                                              if main.num_classes != 1000 else None)
+    for m in models.values():
+        m.to(rt.device)
     report = None
     for seed in args.seeds:
-        r = evaluate(models, data, suites, seed=seed, baseline=args.baseline, folders=folders, bank=bank,
-                     model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet)
+        with rt.matmul_mode(), rt.autocast():  # attacks and corruptions run the model in its precision
+            r = evaluate(models, data, suites, seed=seed, baseline=args.baseline, folders=folders, bank=bank,
+                         model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet)
         report = r if report is None else report.merge(r)
     paths = report.save(args.out)
     print(report.table2())
@@ -433,6 +504,7 @@ def add_eval(sub) -> None:
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
     p.add_argument("--suite", default="clean,fgsm,pgd,cw,autoattack,patchfool,corruptions,nullspace",
                    help="suites (default: everything that needs no folder)")
+    add_runtime_args(p)
     p.add_argument("--seeds", type=listof(SEED, "seeds >= 0"), default=[0],
                    help="comma-separated seeds (mean ± std over them)")
     p.add_argument("--baseline", help="row name normalising mCE on non-ImageNet data (default: the first)")

@@ -21,14 +21,21 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env() -> bool:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed."""
+def init_from_env(device: str | torch.device | None = None) -> bool:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed.
+
+    The backend follows the run's device, not the machine: nccl (each rank on its LOCAL_RANK GPU)
+    when ``device`` is CUDA, gloo when it is the CPU, even on a machine that has GPUs. ``None``
+    keeps the old rule (nccl when CUDA exists)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return dist.is_available() and dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    if device is None:
+        cuda = torch.cuda.is_available()
+    else:
+        cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
 

@@ -71,11 +71,12 @@ def check_no_symlink_loop(root: str | Path) -> None:
                 raise NsvitError(f"{sub} is a symlink loop (it points back to {os.path.realpath(sub)}); remove it")
 
 
-def image_folder(root: str | Path, parts, train: bool = False):
+def image_folder(root: str | Path, parts, train: bool = False, transform="model"):
     """A torchvision ImageFolder over ``root`` with this model's pixel transform.
 
     Raises NsvitError if the folder is missing, has no class folders, holds no images, or holds a
-    symlink loop. Reading a corrupt image raises :class:`BadImage` naming the file."""
+    symlink loop. Reading a corrupt image raises :class:`BadImage` naming the file. ``transform``
+    replaces the model's pixel transform (None: PIL images)."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
@@ -86,6 +87,7 @@ def image_folder(root: str | Path, parts, train: bool = False):
         raise NsvitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     check_no_symlink_loop(root)
     try:
-        return ImageFolder(str(root), transform=pixel_transform(parts, train), loader=read_rgb)
+        return ImageFolder(str(root), transform=pixel_transform(parts, train) if transform == "model" else transform,
+                           loader=read_rgb)
     except FileNotFoundError as e:
         raise NsvitError(f"{root}: {str(e).splitlines()[0]}") from None

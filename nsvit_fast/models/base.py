@@ -94,6 +94,18 @@ class Adapter(nn.Module):
         """Shape (N, D) of one image's patch tokens, hence of one noise."""
         return (self.num_patches, self.embed_dim)
 
+    def compile_encoder(self, **kwargs) -> "Adapter":
+        """torch.compile each transformer block in place (``nn.Module.compile``: state-dict keys and
+        checkpoints are unchanged); ``kwargs`` go to torch.compile. Returns self.
+
+        Raises NsvitError for a family without a ``blocks`` sequence."""
+        blocks = getattr(self.model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential | nn.ModuleList):
+            raise NsvitError(f"{self.family} adapter has no block sequence to compile")
+        for b in blocks:
+            b.compile(**kwargs)
+        return self
+
     @property
     def data_config(self) -> dict[str, Any]:
         """What a data pipeline needs: ``input_size`` (C, H, W), ``mean`` and ``std`` (C values each,

@@ -9,6 +9,8 @@ rounds. Past ``max_bytes`` it stores nothing and computes per batch.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..models.base import Adapter
@@ -20,8 +22,9 @@ def weights_version(parts: Adapter) -> tuple:
 
 class CleanCache:
     def __init__(self, parts: Adapter, images: torch.Tensor, device: torch.device | None = None,
-                 max_bytes: int = 2 << 30, chunk: int = 256):
+                 max_bytes: int = 2 << 30, chunk: int = 256, autocast=contextlib.nullcontext):
         self.parts, self.images, self.chunk = parts, images, chunk
+        self.autocast = autocast  # the run's autocast (Runtime.autocast): forwards in its precision, values kept fp32
         self.device = device or next(parts.parameters()).device
         n, (t, d), k = images.shape[0], parts.token_shape, parts.num_classes
         self.store = n * (t * d + 2 * k) * 4 <= max_bytes
@@ -36,8 +39,10 @@ class CleanCache:
     @torch.profiler.record_function("clean_forward")
     def _compute(self, idx: torch.Tensor):
         x = self.images[idx].to(self.device, non_blocking=True)
-        u = self.parts.patch_embed(x)
-        z = self.parts.encode(u)
+        with self.autocast():
+            u = self.parts.patch_embed(x)
+            z = self.parts.encode(u)
+        u, z = u.float(), z.float()
         return u, z, z.softmax(-1)
 
     @torch.no_grad()

@@ -45,7 +45,10 @@ from ..models.base import Adapter
 from ..models.registry import adapt
 from .adamw import MaskedAdamW, cosine_lr
 from .bank import NoiseBank
-from .batches import BatchStream
+from ..data.batches import BatchStream
+from ..data.stream import StreamingData
+from ..runtime import Runtime
+from .sources import CachedSource, StreamSource
 from .cache import CleanCache
 from .metrics import noise_effect
 
@@ -248,16 +251,14 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
     bmse = torch.full((m_all,), float("nan"), device=device)
     blocked = torch.zeros(m_all, dtype=torch.long, device=device)
     active = torch.arange(m_all, device=device)
-    stream = BatchStream(cache.images.shape[0], cfg.batch_size, cfg.seed)
+    rank, world = rank_world()  # under torchrun: each rank its slice of the batch, means averaged
+    src = cache if isinstance(cache, StreamSource) else CachedSource(cache, cfg.batch_size, cfg.seed, rank, world)
     k = cfg.check_every or (1 if torch.device(device).type == "cpu" else 16)
     if cfg.stop == "heldout":
         k = 1  # a confirmation needs the host at the step the batch passes
     lam = None if lam is None else lam.to(device)
-    rank, world = rank_world()  # under torchrun: each rank its slice of the batch, means averaged
     for t in range(cfg.max_steps):
-        with _phase("data"):
-            idx = stream.next()[rank::world]
-        u, z, p = cache.get(idx)  # labels its own gather (data) and fills (clean_forward)
+        u, z, p = src.next()  # labels its own phases (data, clean_forward)
         b = u.shape[0]
         per = max(1, cfg.max_rows // b)
         grads = torch.empty(active.numel(), n_tok, dim, device=device)
@@ -265,8 +266,9 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
         for c in range(0, active.numel(), per):
             rows = active[c:c + per]
             vc = V[rows].requires_grad_(True)
-            with _phase("noisy_forward"):
-                zn = parts.encode_noisy(u, vc).reshape(vc.shape[0], b, -1)
+            with _phase("noisy_forward"), src.autocast():
+                zn = parts.encode_noisy(u, vc)
+            zn = zn.float().reshape(vc.shape[0], b, -1)  # the loss and stop test in fp32
             with _phase("loss_and_stop"):
                 loss, mse[c:c + per], _ = ops.prob_shift(zn, z, cfg.eps, p)
                 if lam is not None:
@@ -340,18 +342,24 @@ def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthCon
 def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Tensor | None = None,
                heldout_data=None, progress: bool = True, log: str | Path | None = None,
                device: str | torch.device | None = None, cache: CleanCache | None = None,
-               **overrides: Any) -> NoiseBank:
+               precision: str = "fp32", runtime: Runtime | None = None, **overrides: Any) -> NoiseBank:
     """Learn ε-approximate nullspace noise(s) for ``model`` on ``data``.
 
     Args:
         model: an adapter (``load_model(...)``) or a timm ViT.
-        data: an ImageDataset or an image tensor (B, C, H, W), pixels in [0, 1].
+        data: an ImageDataset or an image tensor (B, C, H, W), pixels in [0, 1], or a
+            :class:`~nsvit_fast.data.stream.StreamingData` folder (fast mode): its batches are
+            streamed and their clean logits computed per batch without a graph; the held-out
+            metrics use ``heldout_data`` or ``config.heldout`` images of the folder (eval transform).
         config: a SynthConfig; keyword ``overrides`` replace its fields (``eps=0.01, mode="reference"``).
         init: starting noise(s) (N, D) or (M, N, D) instead of U(-lim, lim); a warm start.
         heldout_data: images for the held-out metrics and ``stop="heldout"``; by default
             ``config.heldout`` images are carved out of ``data`` (seeded) and not trained on.
         log: path of a JSONL file that receives every check.
         device: where to compute (default: the model's device).
+        precision: fp32 | tf32 | bf16 | fp16: autocast of the model's forwards; the noise, its
+            AdamW state, the loss and the stop test stay fp32.
+        runtime: a :class:`~nsvit_fast.runtime.Runtime` (device and precision together) instead.
         cache: a CleanCache over the training images to reuse across calls (fast mode); it drops
             its entries by itself when the weights change. Its images replace the held-out split.
 
@@ -365,26 +373,40 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         run_cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.boundary_lr, stop="heldout")
     parts = adapt(model)
     t0 = time.perf_counter()
-    device = torch.device(device) if device is not None else next(parts.parameters()).device
+    rt = runtime or Runtime.create(device if device is not None else next(parts.parameters()).device, precision)
+    device = rt.device
     parts.to(device)
-    images = _images(data, parts)
-    if cache is not None:
-        if cache.parts is not parts or cache.images.shape[0] != images.shape[0]:
-            raise NsvitError("cache= must be a CleanCache of this model over the training images")
-        train = images
-        held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images
-    elif heldout_data is not None:
-        train, held_imgs = images, _images(heldout_data, parts, "heldout_data")
+    source = None
+    if isinstance(data, StreamingData):
+        if cfg.mode != "fast" or cache is not None:
+            raise NsvitError("a streamed folder runs in mode fast, without cache= (reference mode follows the "
+                             "official loop over an in-memory tensor)")
+        source = StreamSource(parts, data, rt.autocast)
+        held_imgs = _images(heldout_data if heldout_data is not None else data.sample(cfg.heldout or 256),
+                            parts, "heldout_data")
+        images = train = held_imgs  # the token RMS of lim_unit=token_rms is measured on these
     else:
-        train, held_imgs = split_heldout(images, cfg.heldout, cfg.seed)
+        images = _images(data, parts)
+        if cache is not None:
+            if cache.parts is not parts or cache.images.shape[0] != images.shape[0]:
+                raise NsvitError("cache= must be a CleanCache of this model over the training images")
+            train = images
+            held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images
+        elif heldout_data is not None:
+            train, held_imgs = images, _images(heldout_data, parts, "heldout_data")
+        else:
+            train, held_imgs = split_heldout(images, cfg.heldout, cfg.seed)
     lim_given = cfg.lim
     cfg, rms = resolve_lim(parts, cfg, train)
     run_cfg = dataclasses.replace(run_cfg, lim=cfg.lim, lim_unit="abs")
     v0 = initial_noises(parts, cfg, init)
     m = v0.shape[0]
-    if cfg.mode == "fast":
-        cache = cache or CleanCache(parts, train, device)
-    held = cache if cache is not None and held_imgs is train else CleanCache(parts, held_imgs, device)
+    if source is not None:
+        cache = source
+    elif cfg.mode == "fast":
+        cache = cache or CleanCache(parts, train, device, autocast=rt.autocast)
+    held = cache if isinstance(cache, CleanCache) and held_imgs is train else \
+        CleanCache(parts, held_imgs, device, autocast=rt.autocast)
     logger = _Log(log, cfg.max_steps, progress, f"synth {cfg.mode}/{cfg.schedule} x{m}")
 
     def confirm(v: torch.Tensor) -> torch.Tensor:
@@ -393,7 +415,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
 
     conf = confirm if run_cfg.stop == "heldout" else None
     try:
-        with frozen(parts, freeze=cfg.mode == "fast"):
+        with frozen(parts, freeze=cfg.mode == "fast"), rt.matmul_mode():
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
             synth_seconds = time.perf_counter() - t0
             if cfg.schedule == "boundary":
@@ -410,7 +432,8 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         meta={**{k: v for k, v in asdict(cfg).items()}, "lim_given": lim_given,
               "token_rms": rms, "model": parts.name,
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
-              "heldout_images": int(held_imgs.shape[0]), "train_images": int(train.shape[0]),
+              "heldout_images": int(held_imgs.shape[0]),
+              "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
               "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3)})
     if not bool(bank.converged.all()):
         bad = int((~bank.converged).sum())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import NsvitError
@@ -35,7 +37,9 @@ def noise_effect(parts: Adapter, noises: torch.Tensor, clean: CleanCache, max_ro
         per = max(1, max_rows // b)
         for j in range(0, m_total, per):
             v = noises[j:j + per].to(u)
-            zn = parts.encode((u[None] + v[:, None]).reshape(-1, *u.shape[1:])).reshape(v.shape[0], b, -1)
+            with getattr(clean, "autocast", contextlib.nullcontext)():
+                zn = parts.encode((u[None] + v[:, None]).reshape(-1, *u.shape[1:]))
+            zn = zn.float().reshape(v.shape[0], b, -1)
             mse[j:j + per] += (zn.softmax(-1) - p).pow(2).sum(-1).sum(-1)
             match[j:j + per] += (zn.argmax(-1) == z.argmax(-1)).float().sum(-1)
     return mse / n, match / n

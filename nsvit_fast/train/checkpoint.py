@@ -34,12 +34,17 @@ def save_state(path: str | Path, *, parts, opt, sched, ema, stream, tensors: dic
     t["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         t["rng/cuda"] = torch.cuda.get_rng_state()
+    # the batch order: an in-memory BatchStream (generator state, permutation, position) or a
+    # streamed folder (batches consumed): tensors here, numbers in the metadata
     ss = stream.state_dict()
-    t["stream/gen"] = ss["generator"]
-    if ss["perm"] is not None:
-        t["stream/perm"] = ss["perm"]
+    stream_meta = {}
+    for k, v in ss.items():
+        if isinstance(v, torch.Tensor):
+            t["stream/gen" if k == "generator" else f"stream/{k}"] = v
+        elif v is not None:
+            stream_meta[k] = v
     m = {"kind": KIND, "progress": progress, "param_groups": osd["param_groups"], "sched": sched.state_dict(),
-         "stream_pos": ss["pos"], **meta}
+         "stream_pos": ss.get("pos"), "stream": stream_meta, **meta}
     return save_tensors(path, t, m)
 
 
@@ -61,5 +66,8 @@ def load_state(path: str | Path, *, parts, opt, sched, ema, stream) -> tuple[dic
     torch.set_rng_state(t["rng/torch"])
     if "rng/cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state(t["rng/cuda"])
-    stream.load_state_dict({"generator": t["stream/gen"], "perm": t.get("stream/perm"), "pos": m["stream_pos"]})
+    if "stream/gen" in t:  # an in-memory BatchStream
+        stream.load_state_dict({"generator": t["stream/gen"], "perm": t.get("stream/perm"), "pos": m["stream_pos"]})
+    else:                  # a streamed folder
+        stream.load_state_dict(dict(m.get("stream", {})))
     return {k[4:]: v for k, v in t.items() if k.startswith("run/")}, m

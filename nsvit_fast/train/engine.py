@@ -35,7 +35,9 @@ from ..models.base import Adapter
 from ..models.loading import save_model
 from ..models.registry import adapt
 from ..runlock import run_lock
-from ..synth.batches import BatchStream
+from ..data.batches import TensorBatches
+from ..data.stream import AUGMENTS, StreamingData
+from ..runtime import Runtime, check_precision
 from ..synth.engine import SynthConfig, synthesize
 from .. import distributed as dist_util
 from .checkpoint import load_state, save_state
@@ -69,6 +71,10 @@ class FinetuneConfig(MethodConfigs):
     val_images: int = 0           # validation images per round (0: all given)
     tensorboard: bool = False
     seed: int = 0
+    precision: str = "fp32"       # fp32 | tf32 | bf16 | fp16: autocast of the model; noise, optimiser state, losses fp32
+    compile: bool = False         # torch.compile of the encoder (timm train.py's --torchcompile)
+    augment: str = "rrc_flip"     # streamed folders: the official RandomResizedCrop + flip | none (eval transform)
+    workers: int = 4              # streamed folders: DataLoader worker processes
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -83,6 +89,11 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     check_positive("lr", cfg.lr)
     check_positive("warm_growth", cfg.warm_growth)
     check_number("weight_decay", cfg.weight_decay, lo=0)
+    check_precision(cfg.precision)
+    if cfg.augment not in AUGMENTS:
+        raise NsvitError(f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    if int(cfg.workers) < 0:
+        raise NsvitError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be fresh or warm, got {cfg.noise_init!r}")
     if not 0 <= cfg.ema < 1:
@@ -156,9 +167,10 @@ class _LossModule(nn.Module):
 
 
 class Engine:
-    def __init__(self, parts: Adapter, train: ImageDataset, cfg: FinetuneConfig, val: ImageDataset | None,
-                 out_dir: Path | None, progress: bool):
-        self.parts, self.train, self.cfg, self.val = parts, train, cfg, val
+    def __init__(self, parts: Adapter, train: ImageDataset | Path, cfg: FinetuneConfig, val: ImageDataset | None,
+                 out_dir: Path | None, progress: bool, runtime: Runtime, on_bad_image: str = "error"):
+        self.parts, self.train, self.cfg, self.val, self.rt = parts, train, cfg, val, runtime
+        self.on_bad_image = on_bad_image
         self.out_dir, self.progress = out_dir, progress
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
@@ -167,8 +179,7 @@ class Engine:
         if cfg.batch_size % self.world or cfg.synth.batch_size % self.world:
             raise NsvitError(f"batch sizes ({cfg.batch_size}, synth {cfg.synth.batch_size}) must divide by the "
                              f"{self.world} processes")
-        self.device = next(parts.parameters()).device
-        self.synth_images = train.images
+        self.device = runtime.device
         total = cfg.rounds * cfg.model_steps
         self.opt = torch.optim.AdamW(parts.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
@@ -177,7 +188,13 @@ class Engine:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(parts.model, decay=cfg.ema)
-        self.stream = BatchStream(len(train), cfg.batch_size, cfg.seed)
+        if isinstance(train, ImageDataset):
+            self.stream = TensorBatches(train, cfg.batch_size, cfg.seed, self.rank, self.world, self.device)
+        else:  # a folder, streamed: nothing holds it whole
+            self.stream = StreamingData(train, parts, cfg.batch_size, cfg.seed, cfg.augment, cfg.workers,
+                                        device=self.device, rank=self.rank, world=self.world,
+                                        on_bad_image=on_bad_image)
+        self.scaler = runtime.grad_scaler()
         self.loss_module = dist_util.wrap(_LossModule(parts, self.method))
         self.noise: torch.Tensor | None = None
         self.last_ns_noise: torch.Tensor | None = None
@@ -195,6 +212,8 @@ class Engine:
         if self.out_dir is None or self.rank != 0:
             return
         progress = {"round": k, "step": s, "round_info": self.round_info, "round_losses": self.round_losses}
+        if self.scaler is not None:
+            progress["grad_scaler"] = self.scaler.state_dict()
         save_state(self.out_dir / STATE_FILE, parts=self.parts, opt=self.opt, sched=self.sched, ema=self.ema,
                    stream=self.stream, tensors={"noise": self.noise, "last_ns_noise": self.last_ns_noise},
                    progress=progress, meta=self.meta())
@@ -205,7 +224,7 @@ class Engine:
 
         _, m = load_tensors(path)  # check the identity before touching any state
         mine, theirs = asdict(self.cfg), m.get("config", {})
-        diff = [k for k in mine if k in theirs and mine[k] != theirs[k] and k != "checkpoint_every"]
+        diff = [k for k in mine if k in theirs and mine[k] != theirs[k] and k not in ("checkpoint_every", "workers")]
         if m.get("arch") != self.parts.arch or m.get("model_kwargs") != json.loads(json.dumps(self.parts.model_kwargs)):
             raise NsvitError(f"{path} belongs to another run (model {m.get('arch')} {m.get('model_kwargs')} there, "
                              f"{self.parts.arch} {self.parts.model_kwargs} here); use another --out")
@@ -218,6 +237,8 @@ class Engine:
         self.history = list(m.get("history", []))
         p = m["progress"]
         self.round_info, self.round_losses = dict(p.get("round_info", {})), dict(p.get("round_losses", {}))
+        if self.scaler is not None and "grad_scaler" in p:
+            self.scaler.load_state_dict(p["grad_scaler"])
         return int(p["round"]), int(p["step"])
 
     # -- loop --
@@ -236,7 +257,13 @@ class Engine:
         if cfg.noise_init == "warm" and self.noise is not None and self.last_ns_noise is not None:
             init = self.last_ns_noise * cfg.warm_growth
         scfg = dataclasses.replace(cfg.synth, seed=self.round_seed(k), num_noises=1)
-        bank = synthesize(self.parts, self.synth_images, scfg, init=init, progress=False)
+        if isinstance(self.train, ImageDataset):
+            data = self.train
+        else:  # the round's own seeded stream over the folder, with the run's augmentation
+            data = StreamingData(self.train, self.parts, scfg.batch_size, scfg.seed, cfg.augment, cfg.workers,
+                                 device=self.device, rank=self.rank, world=self.world,
+                                 on_bad_image=self.on_bad_image)
+        bank = synthesize(self.parts, data, scfg, init=init, progress=False, runtime=self.rt)
         self.last_ns_noise = bank.noises[0]
         info = dict(noise_norm=float(bank.norm[0]), mse_prob=float(bank.mse_prob[0]),
                     batch_mse_prob=float(bank.batch_mse_prob[0]), match_rate=float(bank.match_rate[0]),
@@ -245,8 +272,7 @@ class Engine:
         return bank.noises[0], info
 
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.stream.next()[self.rank::self.world]
-        return self.train.images[idx].to(self.device), self.train.labels[idx].to(self.device)
+        return self.stream.next()
 
     @torch.no_grad()
     def val_accuracy(self) -> float | None:
@@ -255,12 +281,24 @@ class Engine:
         parts = self.parts if self.ema is None else ema_parts(self.parts, self.ema)
         was = parts.training
         parts.eval()
-        n = self.cfg.val_images or len(self.val)
-        x, y = self.val.images[:n], self.val.labels[:n]
-        hits = sum(int((parts(x[i:i + 512].to(self.device)).argmax(-1).cpu() == y[i:i + 512]).sum())
-                   for i in range(0, n, 512))
+        n = self.cfg.val_images or (len(self.val) if isinstance(self.val, ImageDataset) else 0)
+        if isinstance(self.val, ImageDataset):
+            batches = ((self.val.images[i:i + 512], self.val.labels[i:i + 512]) for i in range(0, n, 512))
+        else:  # a folder, streamed in order through the eval transform
+            from ..data.stream import eval_loader
+
+            batches = eval_loader(self.val, self.parts, 256, self.cfg.workers, self.device.type == "cuda")
+        hits = seen = 0
+        with self.rt.autocast():
+            for x, y in batches:
+                if n:
+                    x, y = x[:n - seen], y[:n - seen]
+                hits += int((parts(x.to(self.device)).argmax(-1).cpu() == y).sum())
+                seen += len(y)
+                if n and seen >= n:
+                    break
         parts.train(was)
-        return hits / n
+        return hits / max(seen, 1)
 
     def run(self, start_round: int = 0, start_step: int = 0) -> None:
         from tqdm.auto import tqdm
@@ -281,10 +319,16 @@ class Engine:
             self.parts.train()
             for s in range(start_step, cfg.model_steps):
                 x, y = self.local_batch()
-                loss, parts_of_loss = self.loss_module(x, y, self.noise)
+                with self.rt.autocast():
+                    loss, parts_of_loss = self.loss_module(x, y, self.noise)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
+                if self.scaler is None:
+                    loss.backward()
+                    self.opt.step()
+                else:  # fp16: scaled loss, unscaled step, skipped when the gradients overflow
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
                 self.sched.step()
                 if self.ema is not None:
                     self.ema.update(self.parts.model)
@@ -325,30 +369,53 @@ class Engine:
         trend_figure(self.history, self.out_dir / "fig4_trend.png", title=f"{self.parts.name}: {self.cfg.method}")
 
 
-def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = None, *,
-             val_data: ImageDataset | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = True, **overrides: Any) -> FinetuneResult:
+def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfig | None = None, *,
+             val_data: ImageDataset | str | Path | None = None, out_dir: str | Path | None = None,
+             resume: bool = False, progress: bool = True, device: str | torch.device | None = "auto",
+             on_bad_image: str = "error", **overrides: Any) -> FinetuneResult:
     """Finetune ``model`` on ``train_data`` with one of the methods (Algorithm 1 for ``method="ns"``).
 
     Args:
-        model: an adapter or a timm ViT; trained in place.
-        train_data: ImageDataset, pixels in [0, 1] (also the synthesis data of ns / random).
+        model: an adapter or a timm ViT; trained in place (and moved to ``device``).
+        train_data: an ImageDataset (pixels in [0, 1], held in memory: the fast path for small data)
+            or the path of an ImageFolder tree, streamed through a DataLoader with ``config.workers``
+            workers and ``config.augment`` (the official RandomResizedCrop + flip by default). It is
+            also the synthesis data of ns / random.
         config: a FinetuneConfig; ``overrides`` replace fields (``rounds=5``, ``synth={"eps": 0.01}``
-            or ``**{"synth.eps": 0.01}``).
-        val_data: images scored after every round (validation accuracy in the log).
+            or ``**{"synth.eps": 0.01}``, ``precision="bf16"``).
+        val_data: images scored after every round (validation accuracy in the log): an ImageDataset
+            or a folder (streamed through the eval transform; ``val_images`` of them, 0 = all).
         out_dir: where checkpoints, log.jsonl, the Fig. 4 plot and the final weights go. A folder
             that holds another run is refused unless ``resume``; a folder in use by a running
             finetune (its lock file held) is refused always.
         resume: continue from ``out_dir``'s checkpoint (start fresh if there is none).
+        device: ``auto`` (CUDA when available; under torchrun this rank's LOCAL_RANK GPU), ``cpu``,
+            ``cuda``, ``cuda:N``; None keeps the model where it is.
+        on_bad_image: a streamed folder's unreadable file: ``error`` (stop, naming it) or ``skip``
+            (the next readable file takes its place).
 
     A method's own settings are nested: ``pgd={"eps": 4 / 255}``, ``random={"norms": [...]}`` (the
     per-round NS noise norms to match, e.g. from an ns run's history), or ``**{"trades.beta": 3}``.
+
+    Raises NsvitError for bad settings or data, and CUDA asked for where there is none.
     """
     cfg = make_config(config, overrides)
     parts = adapt(model)
-    if not isinstance(train_data, ImageDataset):
-        raise NsvitError(f"train_data must be an ImageDataset, got {type(train_data).__name__}")
-    parts.check_images(train_data.images[:1])
+    dev = next(parts.parameters()).device if device is None else device
+    rt = Runtime.create(dev, cfg.precision, cfg.compile)
+    parts.to(rt.device)
+    if isinstance(train_data, (str, Path)):
+        train_data = Path(train_data)
+        if not train_data.is_dir():
+            raise NsvitError(f"training data folder not found: {train_data}")
+    elif isinstance(train_data, ImageDataset):
+        parts.check_images(train_data.images[:1])
+    else:
+        raise NsvitError(f"train_data must be an ImageDataset or a folder path, got {type(train_data).__name__}")
+    if isinstance(val_data, str):
+        val_data = Path(val_data)
+    if cfg.compile:
+        parts.compile_encoder()
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
     rank = dist_util.rank_world()[0]
@@ -356,14 +423,15 @@ def finetune(model, train_data: ImageDataset, config: FinetuneConfig | None = No
         if out is not None and (out / STATE_FILE).exists() and not resume:
             raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
                              f"folder")
-        eng = Engine(parts, train_data, cfg, val_data, out, progress)
+        eng = Engine(parts, train_data, cfg, val_data, out, progress, rt, on_bad_image)
         k0 = s0 = 0
         if resume and out is not None and (out / STATE_FILE).exists():
             k0, s0 = eng.restore()
         if out is not None and eng.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "config.json", asdict(cfg))
-        eng.run(k0, s0)
+        with rt.matmul_mode():
+            eng.run(k0, s0)
         if out is not None and eng.rank == 0:
             save_model(parts, out / "model.safetensors", {"finetuned_by": f"nsvit-fast finetune ({cfg.method})"})
             if eng.ema is not None:

@@ -1,0 +1,143 @@
+"""Where and how a run computes: device, precision, torch.compile.
+
+One :class:`Runtime` travels with every engine; the CLI and the YAML configs only fill it.
+
+    device     auto | cpu | cuda | cuda:N      auto = CUDA when available; under torchrun each rank
+                                               takes its LOCAL_RANK GPU
+    precision  fp32 | tf32 | bf16 | fp16       autocast for the model's forward/backward; the noise,
+                                               its optimiser state and loss reductions stay fp32;
+                                               fp16 adds a GradScaler
+    compile    False | True                    torch.compile of the encoder (timm train.py's --torchcompile)
+
+The exact-nullspace work (basis, projection, invariance checks, watermark, targeted edits) runs in
+fp32/fp64 with TF32 off whatever the precision: :func:`exact_math` switches TF32 off for its block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NsvitError
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for ``spec``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``,
+    ``cuda:N``. Under torchrun (LOCAL_RANK set) ``auto`` and ``cuda`` mean this rank's GPU.
+
+    Raises NsvitError for an unknown spec, CUDA where there is none, or a GPU index past the count."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = (spec or "auto").strip().lower()
+    local = os.environ.get("LOCAL_RANK")
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "cuda"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        tail = spec[5:]
+        if spec != "cuda" and not tail.isdigit():
+            raise NsvitError(f"device must be one of {', '.join(DEVICES)}, got {spec!r}")
+        if not torch.cuda.is_available():
+            raise NsvitError(f"device {spec!r} asked for, but torch sees no CUDA GPU on this machine "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+        if spec == "cuda":
+            index = int(local) if local is not None else torch.cuda.current_device()
+        else:
+            index = int(tail)
+        if index >= torch.cuda.device_count():
+            raise NsvitError(f"device cuda:{index} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", index)
+    raise NsvitError(f"device must be one of {', '.join(DEVICES)}, got {spec!r}")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of PRECISIONS, else NsvitError."""
+    if precision not in PRECISIONS:
+        raise NsvitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+@dataclass
+class Runtime:
+    """Device, precision and compilation of one run. ``Runtime.create`` resolves and checks them."""
+
+    device: torch.device
+    precision: str = "fp32"
+    compile: bool = False
+
+    @classmethod
+    def create(cls, device: str | torch.device | None = "auto", precision: str = "fp32",
+               compile: bool = False) -> "Runtime":
+        rt = cls(resolve_device(device), check_precision(precision), bool(compile))
+        if rt.precision == "fp16" and rt.device.type == "cpu":
+            raise NsvitError("precision fp16 needs a CUDA device (CPU autocast is bf16); use --precision bf16")
+        return rt
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None for fp32/tf32)."""
+        return _AUTOCAST_DTYPE.get(self.precision)
+
+    def autocast(self):
+        """Autocast for the model's forward (and the backward through it); a no-op for fp32/tf32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> "torch.amp.GradScaler | None":
+        """A GradScaler for fp16 (its small range loses gradients without one), else None."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    @contextlib.contextmanager
+    def matmul_mode(self):
+        """TF32 matmuls for ``tf32`` (and under bf16/fp16 autocast, for the ops left in fp32); the
+        previous setting is restored on exit."""
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if self.precision != "fp32" else "highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+    def describe(self) -> dict:
+        """A JSON-able record for logs and benchmark results."""
+        d = {"device": str(self.device), "precision": self.precision, "compile": self.compile}
+        if self.device.type == "cuda":
+            d["device_name"] = torch.cuda.get_device_name(self.device)
+        return d
+
+
+@contextlib.contextmanager
+def exact_math():
+    """TF32 off (matmul and cuDNN) for the block: the exact-nullspace work must not lose 13 mantissa
+    bits to tensor cores, whatever precision the model otherwise runs in."""
+    old_mm = torch.get_float32_matmul_precision()
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old_mm)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+def device_kind(device: torch.device) -> str:
+    """A folder-safe name for results of this device: ``cpu``, or the GPU's name as a slug
+    (``nvidia-h100-80gb-hbm3``), so benchmarks never overwrite another device's results."""
+    import re
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")

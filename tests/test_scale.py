@@ -1,0 +1,158 @@
+"""The paper's workload on any device and precision: bf16 against fp32, torch.compile, streamed
+ImageFolder trees through synthesis and finetuning (resume after kill -9, torchrun), device errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nsvit_fast import digits, load_model
+from nsvit_fast.io import load_tensors
+from nsvit_fast.synth import synthesize
+from nsvit_fast.train import finetune
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    """The first 320 digits training images as PNG files in ImageFolder layout (real data, lossless)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("digit_folder")
+    tr = digits("train")
+    for i in range(320):
+        d = root / f"digit{int(tr.labels[i])}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray((tr.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_bf16_synthesis_reaches_eps_close_to_fp32(digits_parts):
+    """bf16 autocast of the model's forwards: the noise still passes the stop rule, and its held-out
+    MSE-prob is within 0.005 of fp32's (the stated tolerance; measured 8e-5 apart on this CPU)."""
+    train = digits("train")
+    banks = {p: synthesize(digits_parts, train, eps=0.03, lim=3.0, max_steps=300, progress=False, precision=p,
+                           device="cpu")
+             for p in ("fp32", "bf16")}
+    assert all(bool(b.converged.all()) for b in banks.values())
+    assert banks["bf16"].meta["precision"] == "bf16"
+    assert abs(float(banks["bf16"].mse_prob[0]) - float(banks["fp32"].mse_prob[0])) < 0.005
+    assert abs(int(banks["bf16"].steps[0]) - int(banks["fp32"].steps[0])) <= 5
+    # the noise and its optimiser stay fp32 whatever the model's precision
+    assert banks["bf16"].noises.dtype == torch.float32
+    assert not torch.equal(banks["bf16"].noises, banks["fp32"].noises)  # bf16 really ran
+
+
+def test_bf16_finetune_within_one_point_of_fp32():
+    train, test = digits("train"), digits("test")
+    acc = {}
+    for prec in ("fp32", "bf16"):
+        parts = load_model("digits_vit")
+        finetune(parts, train, method="ns", rounds=1, model_steps=10, lr=1e-4, batch_size=64, noise_init="fresh",
+                 synth={"lim": 3.0, "max_steps": 300}, precision=prec, progress=False, device="cpu")
+        with torch.no_grad():
+            acc[prec] = float((parts(test.images).argmax(-1) == test.labels).float().mean())
+    assert acc["fp32"] > 0.95
+    assert abs(acc["bf16"] - acc["fp32"]) <= 0.01, acc
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_losses():
+    train = digits("train")
+    hist = {}
+    for comp in (False, True):
+        torch._dynamo.reset()
+        parts = load_model("digits_vit")
+        res = finetune(parts, train, method="plain", rounds=1, model_steps=3, batch_size=32, lr=1e-4, compile=comp,
+                       progress=False, device="cpu")
+        hist[comp] = res.history[-1]["train_loss"]
+    assert hist[True] == pytest.approx(hist[False], abs=1e-4)
+
+
+def test_streamed_synthesis_and_finetune_on_a_folder(digits_parts, digit_folder, tmp_path):
+    from nsvit_fast.data.stream import StreamingData
+
+    data = StreamingData(digit_folder, digits_parts, batch_size=64, seed=0, augment="none", workers=1)
+    bank = synthesize(digits_parts, data, eps=0.03, lim=3.0, max_steps=300, heldout=64, progress=False)
+    assert bool(bank.converged.all()) and bank.meta["train_images"] == 320 and bank.meta["heldout_images"] == 64
+    assert data.consumed == int(bank.steps[0]) + 1  # one streamed batch per check, nothing read twice
+    parts = load_model("digits_vit")
+    res = finetune(parts, digit_folder, method="ns", rounds=1, model_steps=3, batch_size=32, workers=1,
+                   synth={"lim": 3.0, "max_steps": 20, "batch_size": 32, "heldout": 32}, val_data=digit_folder,
+                   val_images=64, progress=False, out_dir=tmp_path / "run", device="cpu")
+    h = res.history[-1]
+    assert h["synth_steps"] >= 1 and 0 <= h["val_acc"] <= 1 and h["train_loss"] > 0
+    assert load_tensors(tmp_path / "run" / "checkpoint.safetensors")[1]["stream"]["consumed"] == 3
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "nsvit_fast", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def _stream_args(folder, **over):
+    kv = {"rounds": 3, "model_steps": 4, "batch_size": 16, "checkpoint_every": 2, "synth.lim": 3,
+          "synth.lim_unit": "abs", "synth.max_steps": 30, "synth.batch_size": 32, "synth.heldout": 32,
+          "val_data": "null", **over}
+    return ["finetune", "--config", "digits", "--quiet", "--data", str(folder), "--device", "cpu", "--workers", "1",
+            *(f"{k}={v}" for k, v in kv.items())]
+
+
+def test_streamed_resume_after_kill_ends_in_the_same_weights(digit_folder, tmp_path):
+    """A streamed folder with the official augmentation, one worker: kill -9 after a checkpoint,
+    --resume, and the weights equal an uninterrupted run's bit for bit."""
+    args = _stream_args(digit_folder)
+    ref = _cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.wait(timeout=900) == 0, ref.stderr.read()
+    run = _cli(*args, "--out", str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    t0 = time.time()
+    while not ckpt.exists() and run.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert run.poll() is None, "the run finished before it could be killed"
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    meta = load_tensors(ckpt)[1]
+    assert (meta["progress"]["round"], meta["progress"]["step"]) < (3, 0) and "consumed" in meta["stream"]
+    res = _cli(*args, "--out", str(tmp_path / "run"), "--resume")
+    assert res.wait(timeout=900) == 0, res.stderr.read()
+    a, _ = load_tensors(tmp_path / "ref" / "model.safetensors")
+    b, _ = load_tensors(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_streamed_folder_matches_one_process(digit_folder, tmp_path):
+    args = _stream_args(digit_folder, rounds=2, model_steps=3, checkpoint_every=0)
+    one = _cli(*args, "--out", str(tmp_path / "one"))
+    assert one.wait(timeout=900) == 0, one.stderr.read()
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29541", "-m", "nsvit_fast", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    h1 = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [h["synth_steps"] for h in h1] == [h["synth_steps"] for h in h2]
+    assert [h["noise_norm"] for h in h1] == pytest.approx([h["noise_norm"] for h in h2], rel=1e-4)
+    a, _ = load_tensors(tmp_path / "one" / "model.safetensors")
+    b, _ = load_tensors(tmp_path / "two" / "model.safetensors")
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert float(diff.max()) <= 6 * 1e-4 and float(diff.mean()) < 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("cmd", [["finetune", "--dry-run"], ["synth", "--out", "x.safetensors"], ["eval"]])
+def test_cuda_where_there_is_none_is_one_line(cmd, tmp_path):
+    p = _cli(*cmd, "--device", "cuda", cwd=tmp_path)
+    assert p.wait(timeout=300) == 2
+    err = p.stderr.read().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nsvit-fast: error: device 'cuda'") and "no CUDA" in err[0]
+    assert list(tmp_path.iterdir()) == []
