@@ -3,12 +3,15 @@ and norm of the paper vs the boundary schedule; peak memory of reference vs fast
 
     .venv/bin/python bench/bench_synth.py                 # digits_vit and vit_small_patch32_224
     .venv/bin/python bench/bench_synth.py --models digits_vit --repeats 3
+    .venv/bin/python bench/bench_synth.py --lims 3,4,6,8    # only the README's lim table (synth_lims.*)
 
 All variants of one model run in one process, interleaved repeat by repeat, on the same model,
 batches and seed; the table reports medians over repeats. Peak memory is the growth of tensor
 memory during two steps (CPU: torch.profiler's allocation records; CUDA: max_memory_allocated).
 Writes bench/results/synth.json and synth.md and prints the table.
 Run it on an idle machine: a second busy process distorts CPU timings several-fold.
+The reference is the official loop (clean logits under no_grad, weight gradients computed), both
+modes on the official cosine schedule (SynthConfig defaults).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from nsvit_fast import digits, load_model, synthetic
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.synth.cache import CleanCache
-from nsvit_fast.synth.engine import SynthConfig, _fast, _Log, _reference_one, frozen, synthesize
+from nsvit_fast.synth.engine import SynthConfig, _fast, _Log, _reference_one, frozen, split_heldout, synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,8 +128,11 @@ def bench_model(name: str, repeats: int) -> dict:
            "floor_ms": round(fl, 2), "fast_over_floor": round(f / fl, 3), "reference_over_fast": round(r / f, 3)}
     warnings.simplefilter("ignore")
     sched = {}
+    # the same 256 (or a quarter) seeded images held out for both schedules, so both report held-out
+    # figures (stop=batch would otherwise train on all images and measure in-sample)
+    train, held = split_heldout(digits("train").images if name == "digits_vit" else data, 256, 0)
     for schedule in ("paper", "boundary"):
-        bank = synthesize(parts, digits("train") if name == "digits_vit" else data, lim=s["lim"],
+        bank = synthesize(parts, train, heldout_data=held, lim=s["lim"],
                           batch_size=s["batch"], schedule=schedule, progress=False,
                           max_steps=3000 if name == "digits_vit" else 50)
         sched[schedule] = bank
@@ -141,6 +147,38 @@ def bench_model(name: str, repeats: int) -> dict:
     row["fast_peak_mb"] = round(peak_mb(parts, data, mcfg, "fast", cache), 1)
     row["fast_over_reference_peak"] = round(row["fast_peak_mb"] / max(row["reference_peak_mb"], 1e-9), 3)
     return row
+
+
+def lim_rows(lims: list[float], max_steps: int = 3000) -> list[dict]:
+    """The README's lim table: paper vs boundary schedule on digits_vit (fast mode, eps 0.03, batch
+    128, seed 0), held-out figures on the same 256 seeded images as bench_model."""
+    parts = load_model("digits_vit")
+    train, held = split_heldout(digits("train").images, 256, 0)
+    warnings.simplefilter("ignore")
+    rows = []
+    for lim in lims:
+        row = {"lim": lim}
+        for schedule in ("paper", "boundary"):
+            b = synthesize(parts, train, heldout_data=held, lim=lim, batch_size=128, schedule=schedule,
+                           max_steps=max_steps, progress=False)
+            row.update({f"{schedule}_steps": int(b.steps[0]), f"{schedule}_converged": bool(b.converged[0]),
+                        f"{schedule}_norm": round(float(b.norm[0]), 1),
+                        f"{schedule}_heldout_mse": round(float(b.mse_prob[0]), 4),
+                        f"{schedule}_seconds": round(float(b.meta["seconds"]), 2)})
+        rows.append(row)
+    return rows
+
+
+def lim_table(rows: list[dict], machine: str) -> str:
+    def cell(r, k):
+        steps = f"{r[k + '_steps']}" if r[k + "_converged"] else f"did not converge in {r[k + '_steps']}"
+        return f"{steps}, {r[k + '_norm']}, {r[k + '_heldout_mse']}"
+
+    lines = [f"Machine: {machine}", "", "| lim | paper: steps, norm, held-out MSE | boundary: steps, norm, held-out MSE |"
+             " paper s | boundary s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['lim']:g} | {cell(r, 'paper')} | {cell(r, 'boundary')} | {r['paper_seconds']} | "
+              f"{r['boundary_seconds']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict], machine: str) -> str:
@@ -163,9 +201,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lims", help="run only the lim table at these lims (comma-separated)")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if args.lims:
+        rows = lim_rows([float(v) for v in args.lims.split(",")])
+        write_json(RESULTS / "synth_lims.json", {"machine": machine, "results": rows})
+        md = lim_table(rows, machine)
+        write_text(RESULTS / "synth_lims.md", md)
+        print(md)
+        return
     rows = [bench_model(m, args.repeats) for m in args.models.split(",")]
     write_json(RESULTS / "synth.json", {"machine": machine, "results": rows})
     md = table(rows, machine)
