@@ -234,4 +234,4 @@ def test_suite_runs_the_authors_attack():
     parts, test = load_model("digits_vit"), digits("test")
     rep = evaluate({"m": parts}, test, ["patchfool:steps=3"], max_images=8, progress=False)
     rec = [r for r in rep.records if r.suite == "patchfool"]
-    assert rec and "attack_mode=attention" in rec[0].setting and 0 <= rec[0].value <= 1
+    assert rec and "attack_mode=attention" in rec[0].setting and 0 <= rec[0].value <= 100  # accuracy in %
