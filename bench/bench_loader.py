@@ -91,6 +91,26 @@ def ns_step_rate(rt, batch: int, steps: int) -> tuple[float, float]:
     return ms, batch / (ms / 1e3)
 
 
+FINETUNE = ["finetune", "--config", "vit_s_imagenet", "--model", "vit_tiny_patch16_224", "--quiet", "--device", "cpu",
+            "--workers", "1", "num_classes=10", "rounds=1", "model_steps=2", "synth.max_steps=2", "batch_size=16",
+            "synth.batch_size=16", "val_data=null"]
+
+
+def finetune_rss(folder: Path, out: Path) -> float:
+    """Peak RSS (MB) of the issue's command: a streaming finetune + synthesis of ViT-Ti/16 on
+    ``folder`` (1 round, 2 model steps, 2 synthesis steps, batch 16), measured in a wrapper process
+    (the largest of its descendants: the finetune process itself; its worker is smaller)."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "sys.stderr.write(r.stderr[-2000:]) if r.returncode else None; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if r.returncode == 0 else -1)")
+    p = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "nsvit_fast", *FINETUNE,
+                        "--data", str(folder), "--out", str(out)], capture_output=True, text=True)
+    mb = float(p.stdout.strip().splitlines()[-1])
+    if mb < 0:
+        raise SystemExit(f"the finetune on {folder} failed: {p.stderr[-1500:]}")
+    return mb
+
+
 def rss_child(folder: str, batches: int, batch: int) -> None:
     """In a child process: stream ``batches`` batches with 1 worker, print the peak RSS (MB) of this
     process plus its worker."""
@@ -151,6 +171,12 @@ def main() -> None:
                 rss[name] = json.loads(p.stdout.strip().splitlines()[-1])
             res["loader_rss_mb"] = rss
             res["loader_rss_10n_over_n"] = round(rss["10n"]["rss_mb"] / rss["n"]["rss_mb"], 3)
+            ft = {name: round(finetune_rss(folder, Path(tmp) / f"run-{name}"), 1)
+                  for name, folder in (("n", small), ("10n", big))}
+            res["finetune_rss_mb"] = ft
+            res["rss_ratio_10n_over_n"] = round(ft["10n"] / ft["n"], 3)
+            if args.images == 2000:
+                res["rss_ratio_20k_over_2k"] = res["rss_ratio_10n_over_n"]
     write_json(out_dir / "loader.json", res)
     lr = res["loader_images_per_s"]
     md = [f"# Loader benchmark ({rt.describe()['device']}, {rt.precision}; {res['cpus']} CPUs, torch {torch.__version__})",
@@ -158,6 +184,10 @@ def main() -> None:
     md += [f"| {w} | {r} |" for w, r in lr.items()]
     md += ["", f"ViT-S/16 224 ns step (batch {step_batch}, clean + noisy views): {res['ns_step_ms']} ms, "
            f"{res['ns_step_images_per_s']} images/s consumed."]
+    if "rss_ratio_10n_over_n" in res:
+        md += [f"Peak RSS of a streaming finetune + synthesis (ViT-Ti/16, 1 round, batch 16): "
+               f"{res['finetune_rss_mb']['n']:.0f} MB ({args.images} JPEGs) vs {res['finetune_rss_mb']['10n']:.0f} MB "
+               f"({10 * args.images}); ratio {res['rss_ratio_10n_over_n']}."]
     if "loader_rss_10n_over_n" in res:
         md += [f"Peak RSS streaming {args.rss_batches} batches: {res['loader_rss_mb']['n']['rss_mb']:.0f} MB "
                f"({args.images} images) vs {res['loader_rss_mb']['10n']['rss_mb']:.0f} MB ({10 * args.images}); "

@@ -3,12 +3,15 @@ and norm of the paper vs the boundary schedule; peak memory of reference vs fast
 
     .venv/bin/python bench/bench_synth.py                 # digits_vit and vit_small_patch32_224
     .venv/bin/python bench/bench_synth.py --models digits_vit --repeats 3
+    .venv/bin/python bench/bench_synth.py --lims 3,4,6,8    # only the README's lim table (synth_lims.*)
 
 All variants of one model run in one process, interleaved repeat by repeat, on the same model,
 batches and seed; the table reports medians over repeats. Peak memory is the growth of tensor
 memory during two steps (CPU: torch.profiler's allocation records; CUDA: max_memory_allocated).
 Writes bench/results/synth.json and synth.md and prints the table.
 Run it on an idle machine: a second busy process distorts CPU timings several-fold.
+The reference is the official loop (clean logits under no_grad, weight gradients computed), both
+modes on the official cosine schedule (SynthConfig defaults).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from nsvit_fast import digits, load_model, synthetic
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.synth.cache import CleanCache
-from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, synthesize
+from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,7 +120,7 @@ def peak_mb(parts, data, cfg, mode: str, cache) -> float:
         return (max(totals) - totals[0] + 0.0) / 2**20 if totals else float("nan")
 
 
-def bench_model(name: str, repeats: int) -> dict:
+def bench_model(name: str, repeats: int, time_to_eps: bool = True) -> dict:
     parts, data, s = setup(name)
     cfg = SynthConfig(eps=1e-12, max_steps=s["steps"], batch_size=s["batch"], lim=s["lim"])
     cache = CleanCache(parts, data)
@@ -130,9 +133,24 @@ def bench_model(name: str, repeats: int) -> dict:
     row = {"model": name, "batch_size": s["batch"], "reference_ms": round(r, 2), "fast_ms": round(f, 2),
            "floor_ms": round(fl, 2), "fast_over_floor": round(f / fl, 3), "reference_over_fast": round(r / f, 3)}
     warnings.simplefilter("ignore")
-    sched = {}
+    if time_to_eps:
+        row.update(schedules(parts, data, name, s))
+    row["lim"] = s["lim"]
+    mcfg = SynthConfig(eps=1e-12, max_steps=2, batch_size=s["batch"], lim=s["lim"])
+    row["reference_peak_mb"] = round(peak_mb(parts, data, mcfg, "reference", cache), 1)
+    row["fast_peak_mb"] = round(peak_mb(parts, data, mcfg, "fast", cache), 1)
+    row["fast_over_reference_peak"] = round(row["fast_peak_mb"] / max(row["reference_peak_mb"], 1e-9), 3)
+    return row
+
+
+def schedules(parts, data, name: str, s: dict) -> dict:
+    """Time to ε, steps, norm and held-out MSE of the paper and the boundary schedule."""
+    row, sched = {}, {}
+    # the same 256 (or a quarter) seeded images held out for both schedules, so both report held-out
+    # figures (stop=batch would otherwise train on all images and measure in-sample)
+    train, held = split_heldout(digits("train").images if name == "digits_vit" else data, 256, 0)
     for schedule in ("paper", "boundary"):
-        bank = synthesize(parts, digits("train") if name == "digits_vit" else data, lim=s["lim"],
+        bank = synthesize(parts, train, heldout_data=held, lim=s["lim"],
                           batch_size=s["batch"], schedule=schedule, progress=False,
                           max_steps=3000 if name == "digits_vit" else 50)
         sched[schedule] = bank
@@ -141,12 +159,42 @@ def bench_model(name: str, repeats: int) -> dict:
         row[f"{k}_norm"] = round(float(b.norm[0]), 2)
         row[f"{k}_heldout_mse"] = round(float(b.mse_prob[0]), 4)
         row[f"{k}_steps"] = int(b.steps[0])
-    row["lim"] = s["lim"]
-    mcfg = SynthConfig(eps=1e-12, max_steps=2, batch_size=s["batch"], lim=s["lim"])
-    row["reference_peak_mb"] = round(peak_mb(parts, data, mcfg, "reference", cache), 1)
-    row["fast_peak_mb"] = round(peak_mb(parts, data, mcfg, "fast", cache), 1)
-    row["fast_over_reference_peak"] = round(row["fast_peak_mb"] / max(row["reference_peak_mb"], 1e-9), 3)
     return row
+
+
+def lim_rows(lims: list[float], max_steps: int = 3000, done=None) -> list[dict]:
+    """The README's lim table: paper vs boundary schedule on digits_vit (fast mode, eps 0.03, batch
+    128, seed 0), held-out figures on the same 256 seeded images as bench_model. ``done(rows)`` is
+    called after each lim (partial results survive a long run)."""
+    parts = load_model("digits_vit")
+    train, held = split_heldout(digits("train").images, 256, 0)
+    warnings.simplefilter("ignore")
+    rows = []
+    for lim in lims:
+        row = {"lim": lim}
+        for schedule in ("paper", "boundary"):
+            b = synthesize(parts, train, heldout_data=held, lim=lim, batch_size=128, schedule=schedule,
+                           max_steps=max_steps, progress=False)
+            row.update({f"{schedule}_steps": int(b.steps[0]), f"{schedule}_converged": bool(b.converged[0]),
+                        f"{schedule}_norm": round(float(b.norm[0]), 1),
+                        f"{schedule}_heldout_mse": round(float(b.mse_prob[0]), 4),
+                        f"{schedule}_seconds": round(float(b.meta["seconds"]), 2)})
+        rows.append(row)
+        if done:
+            done(rows)
+    return rows
+
+
+def lim_table(rows: list[dict], machine: str) -> str:
+    def cell(r, k):
+        steps = f"{r[k + '_steps']}" if r[k + "_converged"] else f"did not converge in {r[k + '_steps']}"
+        return f"{steps}, {r[k + '_norm']}, {r[k + '_heldout_mse']}"
+
+    lines = [f"Machine: {machine}", "", "| lim | paper: steps, norm, held-out MSE | boundary: steps, norm, held-out MSE |"
+             " paper s | boundary s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['lim']:g} | {cell(r, 'paper')} | {cell(r, 'boundary')} | {r['paper_seconds']} | "
+              f"{r['boundary_seconds']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict], machine: str) -> str:
@@ -169,10 +217,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lims", help="run only the lim table at these lims (comma-separated)")
+    ap.add_argument("--no-time-to-eps", action="store_true",
+                    help="skip the paper/boundary time-to-eps runs (their keys are then absent); for a busy machine")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    rows = [bench_model(m, args.repeats) for m in args.models.split(",")]
+    if args.lims:
+        def save(rows):
+            write_json(RESULTS / "synth_lims.json", {"machine": machine, "results": rows})
+            write_text(RESULTS / "synth_lims.md", lim_table(rows, machine))
+
+        rows = lim_rows([float(v) for v in args.lims.split(",")], done=save)
+        print(lim_table(rows, machine))
+        return
+    rows = [bench_model(m, args.repeats, not args.no_time_to_eps) for m in args.models.split(",")]
     write_json(RESULTS / "synth.json", {"machine": machine, "results": rows})
     md = table(rows, machine)
     write_text(RESULTS / "synth.md", md)

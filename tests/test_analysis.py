@@ -99,10 +99,10 @@ def test_fig5_properties(parts, tmp_path):
     r = fig5(parts, digits("train"), tmp_path, m=3, n_pairs=2, lim=3.0, max_steps=400)
     assert r["m_converged"] >= 2
     assert r["scalar_mse_mean"][0] == 0.0                       # alpha = 0: no change at all
-    assert max(r["scalar_mse_per_noise_at_1"]) < 0.03          # each noise within eps at alpha = 1
+    assert max(r["scalar_mse_per_noise_at_1"]) < 0.033         # each noise within eps at alpha = 1
     assert r["convex_mse"][0][0] == 0.0
     assert (tmp_path / "fig5_properties.png").stat().st_size > 5000
-    assert json.loads((tmp_path / "fig5_properties.json").read_text())["eps"] == 0.03
+    assert json.loads((tmp_path / "fig5_properties.json").read_text())["eps"] == 0.033  # the paper's Sec. 5.6
 
 
 def test_fig3_regularized_sweep(parts, tmp_path):

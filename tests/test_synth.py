@@ -35,6 +35,127 @@ def test_reference_and_fast_take_the_same_trajectory(parts, train):
     assert ref.mse_prob[0] == pytest.approx(float(fast.mse_prob[0]), abs=1e-5)
 
 
+# --- the official loop, transcribed verbatim as an oracle ---------------------------------------
+# NS-ViT (Liu-Hy/NS-ViT) utils.py: encoder_forward and encoder_level_epsilon_noise, with only what
+# cannot run here changed: no .cuda()/DDP branches, the prints and tqdm dropped, ``delta_x`` drawn
+# from a seeded generator (so the caller can pass the same init), and timm >= 0.9's
+# ``forward_head`` where timm 0.4.12 applied ``pre_logits`` and ``head`` to the class token.
+# ``loader`` yields normalised images as the official loaders do.
+
+def official_encoder_forward(model, x):
+    mdl = model
+    cls_token = mdl.cls_token
+    pos_embed = mdl.pos_embed
+    pos_drop = mdl.pos_drop
+    blocks = mdl.blocks
+    norm = mdl.norm
+
+    x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    x = pos_drop(x + pos_embed)
+    x = blocks(x)
+    x = norm(x)
+    return x  # official: mdl.pre_logits(x[:, 0]); forward_head below takes the class token
+
+
+def official_encoder_level_epsilon_noise(model, loader, delta_x, rounds, nlr, eps, img_ratio):
+    from torch.optim import AdamW
+    from torch.optim.lr_scheduler import CosineAnnealingLR
+
+    model.eval()
+    model.zero_grad()
+    mdl = model
+    patch_embed = mdl.patch_embed
+    delta_x = delta_x.clone()
+    delta_x.requires_grad = True
+
+    optimizer = AdamW([delta_x], lr=nlr)
+    scheduler = CosineAnnealingLR(optimizer, len(loader) * rounds)
+    n_steps = 0
+    for i in range(rounds):
+        for st, (imgs, lab) in enumerate(loader):
+            assert delta_x.requires_grad == True  # noqa: E712
+            if st > int(img_ratio * len(loader)) - 1:
+                break
+
+            with torch.no_grad():
+                og_preds = mdl.forward_head(mdl.forward_features(imgs))
+
+            optimizer.zero_grad()
+
+            x = patch_embed(imgs)
+            x = x + delta_x
+
+            preds = mdl.forward_head(official_encoder_forward(model, x))
+
+            p_og = torch.softmax(og_preds, dim=-1)
+            p_alt = torch.softmax(preds, dim=-1)
+            mse_probs = (((p_og - p_alt) ** 2).sum(dim=-1)).mean()
+            if mse_probs < eps:
+                return delta_x, n_steps, True
+            error_mult = (((preds - og_preds) ** 2).sum(dim=-1) ** 0.5).mean()
+            error_mult.backward()
+            optimizer.step()
+            scheduler.step()
+            n_steps += 1
+    return delta_x, n_steps, False
+
+
+class _Loader:
+    """A loader of ``n_batches`` batches per pass whose first ``used`` batches come from the same
+    seeded BatchStream as synthesize, so the official loop sees synthesize's batches in its order.
+    The official loop fetches batch ``used`` and breaks before using it: that one is a placeholder
+    (a shuffling DataLoader draws a fresh permutation each pass, so it never matters there)."""
+
+    def __init__(self, parts, images, batch_size, n_batches, used, seed):
+        from nsvit_fast.synth.batches import BatchStream
+
+        self.parts, self.images, self.n, self.used = parts, images, n_batches, used
+        self.stream = BatchStream(images.shape[0], batch_size, seed)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for st in range(self.n):
+            if st < self.used:
+                yield self.parts.normalize(self.images[self.stream.next()]), None
+            else:
+                yield None, None
+
+
+def test_reference_mode_is_the_official_loop(parts, train):
+    # 3 rounds of a 40-batch loader at img_ratio 0.1: at most 12 steps and cosine T_max = 120, as
+    # SynthConfig's official schedule for max_steps = 12; MSE-prob falls from 0.92 to pass eps at step 6
+    images = train.images[:256]
+    init = (torch.rand(16, 96, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 3.0
+    kw = dict(batch_size=32, max_steps=12, eps=0.06, seed=0, heldout=32, progress=False)
+    ref = synthesize(parts, images, mode="reference", init=init, **kw)
+    fast = synthesize(parts, images, mode="fast", init=init, **kw)
+    model = parts.model
+    v, steps, done = official_encoder_level_epsilon_noise(
+        model, _Loader(parts, images, 32, 40, 4, seed=0), init[None], rounds=3, nlr=0.1, eps=0.06, img_ratio=0.1)
+    v = v.detach()[0]
+    assert all(p.grad is not None for p in model.parameters())  # the official loop computes weight grads
+    model.zero_grad()
+    assert done and 3 <= steps < 12
+    assert (int(ref.steps[0]), bool(ref.converged[0])) == (steps, done)
+    assert (int(fast.steps[0]), bool(fast.converged[0])) == (steps, done)
+    assert (ref.noises[0] - v).abs().max() <= 1e-6 * float(v.abs().max())
+    assert (fast.noises[0] - v).abs().max() <= 1e-5 * float(v.abs().max())
+    # the old schedule (T_max = max_steps: the lr halves by step 6) leaves the official trajectory
+    old = synthesize(parts, images, mode="fast", init=init, lr_schedule="max_steps", **kw)
+    assert int(old.steps[0]) != steps or (old.noises[0] - v).abs().max() > 1e-3 * float(v.abs().max())
+
+
+def test_official_schedule_keeps_the_lr_near_its_base():
+    from nsvit_fast.synth.engine import lr_t_max
+
+    cfg = SynthConfig()
+    assert lr_t_max(cfg) == 30000 and cosine_lr(cfg.lr, 2999, lr_t_max(cfg)) > 0.097
+    assert lr_t_max(SynthConfig(lr_t_max=30030)) == 30030
+    assert lr_t_max(SynthConfig(lr_schedule="max_steps")) == 3000
+
+
 def test_many_noises_equal_one_at_a_time(parts, train):
     init = torch.stack([(torch.rand(16, 96, generator=torch.Generator().manual_seed(s)) * 2 - 1) * lim
                         for s, lim in ((1, 3.0), (2, 4.0), (3, 3.5))])

@@ -8,6 +8,11 @@ ImageNet-C folders (``<root>/<corruption>/<severity>/<class>/...``) are read as 
 mCE (Hendrycks & Dietterich 2019): CE_c = sum_s err(c, s) / sum_s err_ref(c, s), mCE = 100 mean_c CE_c.
 On ImageNet the reference is AlexNet (its published mean errors per corruption below); on other
 data it is a baseline model the caller names (by default the un-finetuned model).
+
+AlexNet's errors were measured on the original ImageNet-C files. Normalising errors on corruptions
+made on the fly by ``imagecorruptions-imaug`` by them gives an approximate mCE (recorded with the
+setting ``ref=alexnet(approx)``); the pre-generated ImageNet-C folders (suite ``imagenet-c``) give
+the number comparable with published ones.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@
 
 Modes (same mathematics, same trajectory for the same seed and batches):
 
-- ``reference``: the official loop as it is (see shared/reference-notes.md): clean logits
-  recomputed each step, weights keep requires_grad (their gradients computed and discarded),
-  the patch embedding twice, a host sync per step, torch.optim.AdamW + CosineAnnealingLR. The
-  oracle and the benchmark baseline; one noise at a time.
+- ``reference``: the official loop (NS-ViT ``utils.encoder_level_epsilon_noise``) step for step:
+  clean logits recomputed each step under ``no_grad``, the model's weights keep requires_grad
+  (their gradients are computed, accumulated and discarded), the patch embedding twice, a host
+  sync per step, torch.optim.AdamW + CosineAnnealingLR. A verbatim transcription of the official
+  loop in tests/test_synth.py takes the same trajectory. The benchmark baseline; one noise at a time.
 - ``fast``: weights frozen for the duration, clean tokens/logits computed once per image without a
   graph (:class:`CleanCache`), the stop test taken from the same forward as the loss, one noisy
   forward and one input-only backward per step, stop flags read by the host every ``check_every``
@@ -17,9 +18,25 @@ Modes (same mathematics, same trajectory for the same seed and batches):
   computation, each stopping on its own: a finished noise is frozen by the masked AdamW at once and
   dropped from the computation at the next check.
 
+Learning-rate schedule (``lr_schedule``): ``official`` (default) is the official code's
+``CosineAnnealingLR(optimizer, len(loader) * rounds)``. The official loop runs at most
+``rounds * int(img_ratio * len(loader))`` steps (img_ratio 0.1; ImageNet at batch 128, 3 rounds:
+3 x 1001 = 3003, the paper's T = 3000) but anneals over all ``rounds * len(loader)`` batches, so
+T_max is 1 / img_ratio = 10 times the step budget and the lr stays near ``lr`` for the whole descent
+(0.0976 at step 3000 of 30,000). Here T_max = ``lr_t_max`` when given (30030 reproduces the ImageNet
+run exactly), else ``OFFICIAL_T_MAX_RATIO * max_steps``: it does not depend on the size of the
+data given, which for a small set would make the cosine cycle many times. ``max_steps`` anneals
+to 0 at ``max_steps`` (T_max = max_steps; this project's schedule before issue 13, not the paper's).
+
 Stop rules: ``batch`` (the paper's: the current batch passes) and ``heldout`` (a passing batch must
 be confirmed on a fixed held-out set; after a failed confirmation the noise goes on and is not
-re-checked for ``heldout_every`` steps). Every bank records held-out metrics whichever rule ran.
+re-checked for ``heldout_every`` steps).
+
+Held-out images: only ``stop="heldout"`` (and ``schedule="boundary"``, which uses it) carves
+``heldout`` images out of the data (seeded); they are not trained on. Under ``stop="batch"``
+(Algorithm 1) every image is trained on, and the bank's metrics (``mse_prob``, ``match_rate``) are
+measured on ``heldout_data`` when given, else on a seeded sample of ``heldout`` training images
+that stays in training: in-sample figures, recorded as ``meta["heldout_source"] = "train_sample"``.
 """
 
 from __future__ import annotations
@@ -56,6 +73,8 @@ MODES = ("reference", "fast")
 _phase = torch.profiler.record_function  # phase labels for `nsvit-fast profile synth`
 SCHEDULES = ("paper", "boundary")
 STOPS = ("batch", "heldout")
+LR_SCHEDULES = ("official", "max_steps")
+OFFICIAL_T_MAX_RATIO = 10  # official T_max / step budget = len(loader)*rounds / (rounds*img_ratio*len(loader))
 
 
 @dataclass
@@ -66,6 +85,8 @@ class SynthConfig:
     lim: float = 3.0             # init v ~ U(-lim, lim)
     lim_unit: str = "abs"        # abs | token_rms: lim in units of the RMS of the model's clean patch tokens
     lr: float = 0.1              # AdamW learning rate of the noise
+    lr_schedule: str = "official"  # official (cosine over 10 x max_steps, as the official code) | max_steps
+    lr_t_max: int = 0            # lr_schedule=official: cosine T_max (0: OFFICIAL_T_MAX_RATIO * max_steps)
     weight_decay: float = 0.01   # AdamW default, as the official code
     max_steps: int = 3000        # T
     batch_size: int = 128        # B
@@ -73,7 +94,7 @@ class SynthConfig:
     mode: str = "fast"           # reference | fast
     schedule: str = "paper"      # paper | boundary
     stop: str = "batch"          # batch (paper) | heldout
-    heldout: int = 256           # images carved from the data for held-out metrics (0: measure on the data)
+    heldout: int = 256           # stop=heldout: images carved out (not trained on); stop=batch: metrics sample
     heldout_every: int = 10      # stop=heldout: steps between confirmations of one noise
     check_every: int = 0         # host reads the stop flags every k steps; 0: 1 on CPU, 16 on CUDA
     max_rows: int = 2048         # (noise, image) rows in one forward; more are chunked
@@ -96,11 +117,24 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
         raise NsvitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.stop not in STOPS:
         raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise NsvitError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if int(cfg.lr_t_max) < 0 or (cfg.lr_t_max and cfg.lr_schedule != "official"):
+        raise NsvitError(f"lr_t_max must be >= 0 and is set with lr_schedule=official only, got {cfg.lr_t_max} "
+                         f"with lr_schedule={cfg.lr_schedule}")
     if cfg.lim_unit not in ("abs", "token_rms"):
         raise NsvitError(f"lim_unit must be abs or token_rms, got {cfg.lim_unit!r}")
     if cfg.heldout < 0 or cfg.check_every < 0:
         raise NsvitError("heldout and check_every must be >= 0")
     return cfg
+
+
+def lr_t_max(cfg: SynthConfig) -> int:
+    """The cosine schedule's T_max (the lr for the update at 0-based step t is
+    ``lr * (1 + cos(pi * t / T_max)) / 2``)."""
+    if cfg.lr_schedule == "max_steps":
+        return int(cfg.max_steps)
+    return int(cfg.lr_t_max) or OFFICIAL_T_MAX_RATIO * int(cfg.max_steps)
 
 
 @contextlib.contextmanager
@@ -143,6 +177,21 @@ def split_heldout(images: torch.Tensor, n_held: int, seed: int) -> tuple[torch.T
         return images, images
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
     return images[perm[h:].sort().values], images[perm[:h].sort().values]
+
+
+def metric_images(images: torch.Tensor, cfg: SynthConfig, heldout: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(training images, images the bank's metrics are measured on, their source).
+
+    ``heldout`` given: all images train, metrics on ``heldout`` ("given"). ``stop="heldout"``:
+    :func:`split_heldout` carves ``cfg.heldout`` images out ("carved"). ``stop="batch"``
+    (Algorithm 1): every image trains and the metrics use the same seeded ``cfg.heldout`` images,
+    left in training ("train_sample"; all of them with heldout = 0)."""
+    if heldout is not None:
+        return images, heldout, "given"
+    if cfg.stop == "heldout":
+        return *split_heldout(images, cfg.heldout, cfg.seed), "carved"
+    return images, split_heldout(images, cfg.heldout, cfg.seed)[1], "train_sample"
 
 
 @torch.no_grad()
@@ -203,17 +252,20 @@ class _Log:
 
 def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
                    confirm: Callable | None, log: _Log):
-    """The official loop for one noise. Returns (v (N, D), steps, converged, last batch MSE-prob)."""
+    """The official loop for one noise (``encoder_level_epsilon_noise``), the held-out confirmation
+    of ``stop="heldout"`` aside. Returns (v (N, D), steps, converged, last batch MSE-prob)."""
     v = v0[None].to(device).clone().requires_grad_(True)  # (1, N, D), broadcast over the batch
     opt = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lr_t_max(cfg))
     stream = BatchStream(images.shape[0], cfg.batch_size, cfg.seed)
     blocked_until, mse_val = 0, float("nan")
+    parts.zero_grad()  # once, as the official loop: the weight gradients then accumulate, unused
     for t in range(cfg.max_steps):
         with _phase("data"):
             x = images[stream.next()].to(device)
-        with _phase("clean_forward"):
-            z = parts.encode(parts.patch_embed(x))             # recomputed every step, with a graph
+        with _phase("clean_forward"), torch.no_grad():
+            z = parts.encode(parts.patch_embed(x))             # recomputed every step, no graph
+        opt.zero_grad()
         with _phase("noisy_forward"):
             z_noisy = parts.encode(parts.patch_embed(x) + v)   # patch embedding a second time
         with _phase("loss_and_stop"):
@@ -226,11 +278,9 @@ def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: 
                 return v.detach()[0], t, True, mse_val
             blocked_until = t + cfg.heldout_every
         with _phase("loss_and_stop"):
-            loss = ((z_noisy - z) ** 2).sum(-1).sqrt().mean()
+            loss = (((z_noisy - z) ** 2).sum(-1) ** 0.5).mean()
         with _phase("backward"):
-            opt.zero_grad()
-            parts.zero_grad(set_to_none=True)                  # weight gradients: computed, then dropped
-            loss.backward()
+            loss.backward()                                    # weight gradients too (requires_grad)
         with _phase("optimizer"):
             opt.step()
             sched.step()
@@ -254,6 +304,7 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
     rank, world = rank_world()  # under torchrun: each rank its slice of the batch, means averaged
     src = cache if isinstance(cache, StreamSource) else CachedSource(cache, cfg.batch_size, cfg.seed, rank, world)
     k = cfg.check_every or (1 if torch.device(device).type == "cpu" else 16)
+    t_max = lr_t_max(cfg)
     if cfg.stop == "heldout":
         k = 1  # a confirmation needs the host at the step the batch passes
     lam = None if lam is None else lam.to(device)
@@ -291,7 +342,7 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
             bmse[active] = torch.where(live, mse, bmse[active])
             steps[active] = torch.where(fire, torch.full_like(steps[active], t), steps[active])
             done[active] |= fire
-            opt.step(V, grads, active, ~done[active], t + 1, cosine_lr(cfg.lr, t, cfg.max_steps))
+            opt.step(V, grads, active, ~done[active], t + 1, cosine_lr(cfg.lr, t, t_max))
         if (t + 1) % k == 0 or t == cfg.max_steps - 1:
             with _phase("host_sync"):
                 log.check(t, mse.cpu(), V[active].flatten(1).norm(dim=1).cpu(), int(active.numel()))
@@ -353,8 +404,10 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
             metrics use ``heldout_data`` or ``config.heldout`` images of the folder (eval transform).
         config: a SynthConfig; keyword ``overrides`` replace its fields (``eps=0.01, mode="reference"``).
         init: starting noise(s) (N, D) or (M, N, D) instead of U(-lim, lim); a warm start.
-        heldout_data: images for the held-out metrics and ``stop="heldout"``; by default
-            ``config.heldout`` images are carved out of ``data`` (seeded) and not trained on.
+        heldout_data: images for the bank's metrics and ``stop="heldout"``. By default
+            ``stop="heldout"`` carves ``config.heldout`` images out of ``data`` (seeded, not trained
+            on), and ``stop="batch"`` trains on all of ``data`` and measures the metrics on a seeded
+            sample of it (``meta["heldout_source"]``: given | carved | train_sample).
         log: path of a JSONL file that receives every check.
         device: where to compute (default: the model's device).
         precision: fp32 | tf32 | bf16 | fp16: autocast of the model's forwards; the noise, its
@@ -363,7 +416,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         cache: a CleanCache over the training images to reuse across calls (fast mode); it drops
             its entries by itself when the weights change. Its images replace the held-out split.
 
-    Returns a NoiseBank of M noises (M, N, D) with held-out MSE-prob, match rate, norms, steps.
+    Returns a NoiseBank of M noises (M, N, D) with MSE-prob, match rate, norms, steps.
     A noise that never passes the stop rule within max_steps comes back with converged=False and a
     warning.
     """
@@ -382,8 +435,10 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
             raise NsvitError("a streamed folder runs in mode fast, without cache= (reference mode follows the "
                              "official loop over an in-memory tensor)")
         source = StreamSource(parts, data, rt.autocast)
+        # metrics on heldout_data, else on a sample of the folder (eval transform) that stays in training
         held_imgs = _images(heldout_data if heldout_data is not None else data.sample(cfg.heldout or 256),
                             parts, "heldout_data")
+        held_source = "given" if heldout_data is not None else "train_sample"
         images = train = held_imgs  # the token RMS of lim_unit=token_rms is measured on these
     else:
         images = _images(data, parts)
@@ -392,10 +447,10 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 raise NsvitError("cache= must be a CleanCache of this model over the training images")
             train = images
             held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images
-        elif heldout_data is not None:
-            train, held_imgs = images, _images(heldout_data, parts, "heldout_data")
+            held_source = "given" if heldout_data is not None else "train"
         else:
-            train, held_imgs = split_heldout(images, cfg.heldout, cfg.seed)
+            held_given = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else None
+            train, held_imgs, held_source = metric_images(images, run_cfg, held_given)
     lim_given = cfg.lim
     cfg, rms = resolve_lim(parts, cfg, train)
     run_cfg = dataclasses.replace(run_cfg, lim=cfg.lim, lim_unit="abs")
@@ -432,7 +487,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         meta={**{k: v for k, v in asdict(cfg).items()}, "lim_given": lim_given,
               "token_rms": rms, "model": parts.name,
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
-              "heldout_images": int(held_imgs.shape[0]),
+              "heldout_images": int(held_imgs.shape[0]), "heldout_source": held_source,
               "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
               "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3)})
     if not bool(bank.converged.all()):

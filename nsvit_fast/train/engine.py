@@ -49,11 +49,11 @@ NOISE_INITS = ("fresh", "warm")
 
 @dataclass
 class FinetuneConfig(MethodConfigs):
-    """Defaults are the paper's (App. C): K = 20 rounds of S = 40 steps, AdamW lr 1e-5, batch 128,
-    except ``noise_init="warm"``: measured on digits over 3 seeds, warm-started noise gives the same
-    robustness as the paper's fresh draw with 3.6x less synthesis time (bench/results/methods.md).
-    Its norm grows by about the growth factor each round, so warm norms are not the paper's; set
-    ``noise_init="fresh"`` for Algorithm 1 exactly.
+    """Defaults are the paper's (App. C, Algorithm 1): K = 20 rounds of S = 40 steps, AdamW lr 1e-5,
+    batch 128, a fresh U(-lim, lim) noise each round. ``noise_init="warm"`` is a documented
+    accelerator, not Algorithm 1: it starts each round from the last noise x ``warm_growth``;
+    measured on digits over 3 seeds (bench/results/methods.md) it needs 3.6x less synthesis time for
+    robustness within 1 std of fresh, while the noise norm grows each round (to about 590).
 
     Each method's own hyperparameters are nested under its name, inherited from MethodConfigs
     (``cfg.pgd.eps``, ``cfg.trades.beta``, ``cfg.random.norm``), as synthesis is under ``synth``."""
@@ -65,7 +65,7 @@ class FinetuneConfig(MethodConfigs):
     weight_decay: float = 0.01    # AdamW's default, as the paper ("default hyperparameters")
     batch_size: int = 128
     ema: float = 0.0              # EMA decay of the weights for evaluation (0: off; DAT used 0.9998)
-    noise_init: str = "warm"      # warm (last round's noise x warm_growth) | fresh (the paper: U(-lim, lim))
+    noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last round's noise x warm_growth)
     warm_growth: float = 1.25
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
     val_images: int = 0           # validation images per round (0: all given)
