@@ -215,13 +215,18 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=["reference", "fast"], default=d.mode, help="default fast")
     g.add_argument("--schedule", choices=["paper", "boundary"], default=d.schedule, help="default paper")
     g.add_argument("--stop", choices=["batch", "heldout"], default=d.stop, help="default batch (the paper's)")
-    g.add_argument("--heldout", type=count(0), default=d.heldout, help=f"held-out images carved from the data "
-                                                                  f"(default {d.heldout}; 0: none)")
+    g.add_argument("--heldout", type=count(0), default=d.heldout, help=f"held-out images: carved out of the data for "
+                   f"--stop heldout; a metrics sample left in training for --stop batch (default {d.heldout})")
+    g.add_argument("--lr-schedule", dest="lr_schedule", choices=["official", "max_steps"], default=d.lr_schedule,
+                   help="cosine over 10 x max-steps as the official code (default), or over max-steps")
+    g.add_argument("--lr-t-max", dest="lr_t_max", type=count(0), default=d.lr_t_max,
+                   help="official schedule's T_max (default 0: 10 x max-steps; 30030 is the official ImageNet run)")
     g.add_argument("--seed", type=SEED, default=d.seed)
 
 
 def _synth_overrides(args) -> dict:
-    keys = ("eps", "lim", "lr", "max_steps", "batch_size", "num_noises", "mode", "schedule", "stop", "heldout", "seed")
+    keys = ("eps", "lim", "lr", "max_steps", "batch_size", "num_noises", "mode", "schedule", "stop", "heldout", "seed",
+            "lr_schedule", "lr_t_max")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -540,7 +545,8 @@ def cmd_analyze(args) -> int:
             print(f"{r['lambda']:7g} {r['norm']:8.1f} {r['match_rate']:7.3f} {r['mse_prob']:9.4f} "
                   f"{r['permuted_match_rate']:12.3f} {r['permuted_mse_prob']:10.4f}")
     else:
-        res = studies.fig5(parts, data, args.out, m=args.m, n_pairs=args.pairs, eps=args.eps, **kw)
+        res = studies.fig5(parts, data, args.out, m=args.m, n_pairs=args.pairs,
+                           **({} if args.eps is None else {"eps": args.eps}), **kw)
         print(f"{res['m_converged']} of {res['m_requested']} noises within eps {res['eps']} on held-out data "
               f"({res['synth_seconds']:.0f} s to learn); MSE-prob of alpha v:")
         print("  " + " ".join(f"{a:g}:{m:.4f}" for a, m in zip(res["alphas"][::2], res["scalar_mse_mean"][::2])))
@@ -567,7 +573,8 @@ def add_analyze(sub) -> None:
     p.add_argument("--batch-size", type=count(1), default=64)
     p.add_argument("--m", type=count(1), help="fig5: noises, >= 1 (default 100 on CUDA, 24 on the CPU)")
     p.add_argument("--pairs", type=count(1), default=10, help="fig5: pairs for the convex grid (default 10)")
-    p.add_argument("--eps", type=POSITIVE, default=0.03)
+    p.add_argument("--eps", type=POSITIVE, default=None,
+                   help="fig5: ε (default: the paper's Sec. 5.6 value, 0.033)")
     p.set_defaults(func=cmd_analyze)
 
 
