@@ -25,12 +25,16 @@ def test128():
     return digits("test").subset(128)
 
 
-@pytest.mark.parametrize("name,kw", [("fgsm", {"eps": 8 / 255}), ("pgd", {}), ("pgd_l2", {"eps": 1.0}),
-                                     ("cw", {"steps": 20})])
-def test_attacks_lower_accuracy(parts, test128, name, kw):
+# accuracy on the first 128 test digits under each attack at seed 0, measured with the committed
+# digits_vit (clean 127/128); the tolerance is two images, for round-off on other machines
+@pytest.mark.parametrize("name,kw,pinned", [("fgsm", {"eps": 4 / 255}, 104 / 128), ("fgsm", {"eps": 8 / 255}, 59 / 128),
+                                            ("pgd", {}, 90 / 128), ("pgd_l2", {"eps": 1.0}, 48 / 128),
+                                            ("cw", {"steps": 20}, 24 / 128)])
+def test_attacks_lower_accuracy(parts, test128, name, kw, pinned):
     clean = accuracy(parts, test128.images, test128.labels)
     adv = attack_accuracy(parts, test128.images, test128.labels, name, **kw)
     assert adv < clean - 0.05
+    assert adv == pytest.approx(pinned, abs=2 / 128)
 
 
 def test_autoattack_on_a_subset(parts, test128):
