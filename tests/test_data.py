@@ -56,6 +56,46 @@ def test_image_folder_with_real_photos(tmp_path):
         assert parts(ds.images).shape == (3, 1000)
 
 
+def _eval_pixels(path, size, crop_pct, interpolation):
+    """timm's eval transform by hand: shorter side to floor(size / crop_pct), centre crop, [0, 1]."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    short = int(size / crop_pct)
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize((nw, nh), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation])
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    img = img.crop((left, top, left + size, top + size))
+    return torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
+
+
+def test_folder_transform_follows_the_models_data_config(tmp_path):
+    # resize / centre crop / interpolation come from the model's pretrained config: checked by hand
+    # on non-square photos (cat 451x300, coffee 600x400) for timm's own setting and an edited one
+    from PIL import Image
+    from skimage import data as skd
+
+    from nsvit_fast import image_folder, load_model
+
+    for cls, fn in (("cat", skd.chelsea), ("coffee", skd.coffee)):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(fn()).save(tmp_path / cls / "0.png")
+    parts = load_model("vit_tiny_patch16_224", depth=1)
+    cfg = dict(parts.model.pretrained_cfg)
+    assert (cfg["crop_pct"], cfg["interpolation"]) == (0.9, "bicubic")
+    outs = []
+    for crop_pct, interp in ((0.9, "bicubic"), (1.0, "bilinear")):
+        parts.model.pretrained_cfg = {**cfg, "crop_pct": crop_pct, "interpolation": interp}
+        ds = image_folder(tmp_path, parts)
+        for i, (path, _) in enumerate(ds.samples):
+            x = ds[i][0]
+            assert x.shape == (3, 224, 224)
+            assert torch.allclose(x, _eval_pixels(path, 224, crop_pct, interp), atol=1e-6), (path, crop_pct)
+        outs.append(ds[0][0])
+    assert (outs[0] - outs[1]).abs().mean() > 0.01  # the setting matters
+
+
 def test_data_bad_input(tmp_path):
     with pytest.raises(NsvitError, match="neither"):
         load_data(str(tmp_path / "missing"))

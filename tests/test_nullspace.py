@@ -1,5 +1,10 @@
 """The exact patch-embedding nullspace: Table 1, basis, projection, sampling and invariance."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -7,19 +12,30 @@ from nsvit_fast import NsvitError, load_model, nullspace_basis, verify_invarianc
 from nsvit_fast.nullspace import TABLE1, patchify, unpatchify
 
 
-@pytest.mark.parametrize("name,paper", TABLE1)
-def test_table1_dimensions(name, paper):
-    # randomly initialised weights are full rank: C*r*r - D where positive, as the paper reports
+def test_table1_from_the_command_line():
+    # `nsvit-fast nullspace --table1`: randomly initialised weights are full rank, so C*r*r - D
+    # where positive, as the paper reports; one process for all eight models (the SVDs dominate)
+    r = subprocess.run([sys.executable, "-m", "nsvit_fast", "nullspace", "--table1", "--json"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["model"], x["paper"]) for x in rows] == TABLE1
+    for x in rows:
+        assert x["rank"] + x["nullspace_dim"] == x["input_dim"] == 3 * x["patch_size"] ** 2
+        if x["model"] != "vit_base_patch16_224":
+            assert x["nullspace_dim"] == max(0, x["input_dim"] - x["embed_dim"]) == x["paper"]
+        else:  # square map: only a numerical deficit, see below
+            assert x["input_dim"] == x["embed_dim"] and x["nullspace_dim"] <= 2
+
+
+def test_table1_square_map_counts_the_singular_values_under_the_tolerance():
+    # vit_base_patch16_224 (768 = 768; paper: 2 from pretrained weights): only numerical rank deficits;
+    # the count is exactly the singular values under the tolerance
     torch.manual_seed(0)
-    ns = nullspace_basis(load_model(name, depth=1))  # depth does not touch the patch embedding
-    if ns.input_dim != ns.embed_dim:
-        assert ns.dim == max(0, ns.input_dim - ns.embed_dim) == paper
-    else:
-        # square map (vit_base_patch16_224, paper: 2 from pretrained weights): only numerical
-        # rank deficits; the count is exactly the singular values under the tolerance
-        s = ns.singular_values
-        assert ns.dim == int((s <= s[0] * ns.rtol).sum()) <= 2
-        assert nullspace_basis(load_model(name, depth=1), rtol=0.0).dim == 0
+    ns = nullspace_basis(load_model("vit_base_patch16_224", depth=1))  # depth does not touch the patch embedding
+    s = ns.singular_values
+    assert ns.input_dim == ns.embed_dim and ns.dim == int((s <= s[0] * ns.rtol).sum()) <= 2
+    assert nullspace_basis(load_model("vit_base_patch16_224", depth=1), rtol=0.0).dim == 0
 
 
 def test_basis_is_orthonormal_and_in_the_kernel(digits_parts):
