@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .data import digits
 from .errors import check_positive
+from .eval.accuracy import accuracy
 from .models import embedded, load_model, save_model
 from .models.base import Adapter
 
@@ -31,16 +32,6 @@ class PretrainConfig:
     label_smoothing: float = 0.1
     augment: bool = True
     seed: int = 0
-
-
-@torch.no_grad()
-def accuracy(parts: Adapter, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    was = parts.training
-    parts.eval()
-    hits = sum(int((parts(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum())
-               for i in range(0, len(labels), batch_size))
-    parts.train(was)
-    return hits / len(labels)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

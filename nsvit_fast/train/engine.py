@@ -29,6 +29,7 @@ from torch import nn
 from ..config import build
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_positive
+from ..eval.accuracy import accuracy
 from ..io import write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
@@ -237,19 +238,12 @@ class Engine:
         idx = self.stream.next()[self.rank::self.world]
         return self.train.images[idx].to(self.device), self.train.labels[idx].to(self.device)
 
-    @torch.no_grad()
     def val_accuracy(self) -> float | None:
         if self.val is None:
             return None
         parts = self.parts if self.ema is None else ema_parts(self.parts, self.ema)
-        was = parts.training
-        parts.eval()
         n = self.cfg.val_images or len(self.val)
-        x, y = self.val.images[:n], self.val.labels[:n]
-        hits = sum(int((parts(x[i:i + 512].to(self.device)).argmax(-1).cpu() == y[i:i + 512]).sum())
-                   for i in range(0, n, 512))
-        parts.train(was)
-        return hits / n
+        return accuracy(parts, self.val.images[:n], self.val.labels[:n])
 
     def run(self, start_round: int = 0, start_step: int = 0) -> None:
         from tqdm.auto import tqdm
