@@ -193,6 +193,10 @@ SUITES: dict[str, Suite] = {
                                                           "(<corruption>/<severity>/<class>): accuracy, mCE"),
 }
 
+# what `nsvit-fast eval` runs when no --suite is given: every suite that needs no folder or bank,
+# PGD-L2 left out (the paper reports L-inf attacks)
+DEFAULT_SUITES = ("clean", "fgsm", "pgd", "cw", "autoattack", "patchfool", "corruptions", "nullspace")
+
 
 def suite_help() -> str:
     """One line per suite of SUITES: name, what it measures, its settings with their defaults, and
