@@ -507,8 +507,11 @@ def add_eval(sub) -> None:
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
-    p.add_argument("--suite", default="clean,fgsm,pgd,cw,autoattack,patchfool,corruptions,nullspace",
-                   help="suites (default: everything that needs no folder)")
+    from .eval.suite import DEFAULT_SUITES
+
+    p.add_argument("--suite", default=",".join(DEFAULT_SUITES),
+                   help=f"suites (default: {','.join(DEFAULT_SUITES)}: everything that needs no folder; "
+                        f"`python -c 'import nsvit_fast.eval as e; print(e.suite_help())'` lists all with settings)")
     add_runtime_args(p)
     p.add_argument("--seeds", type=listof(SEED, "seeds >= 0"), default=[0],
                    help="comma-separated seeds (mean ± std over them)")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .data import digits
 from .errors import check_positive
+from .eval.accuracy import accuracy
 from .models import create_model, embedded, save_model
 from .models.base import Adapter
 
@@ -33,20 +34,6 @@ class PretrainConfig:
     label_smoothing: float = 0.1
     augment: bool = True
     seed: int = 0
-
-
-@torch.no_grad()
-def accuracy(parts: Adapter, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``parts`` on images (B, C, H, W) in [0, 1] with labels (B,), in eval mode;
-    the model's train/eval mode is restored after, also on error."""
-    was = parts.training
-    parts.eval()
-    try:
-        hits = sum(int((parts(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum())
-                   for i in range(0, len(labels), batch_size))
-    finally:
-        parts.train(was)
-    return hits / len(labels)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from nsvit_fast import NsvitError, digits, load_model
-from nsvit_fast.eval import (ALEXNET_ERR, CORRUPTIONS, Report, accuracy, attack_accuracy, corrupt, evaluate,
-                             make_attack, mce, mce_imagenet, parse_suite)
+from nsvit_fast.eval import (ALEXNET_ERR, ATTACKS, CORRUPTIONS, SUITES, Report, Suite, accuracy, attack_accuracy,
+                             corrupt, eval_mode, evaluate, make_attack, mce, mce_imagenet, parse_suite, suite_help)
 from nsvit_fast.eval.ood import folder_accuracy
+from nsvit_fast.eval.patchfool import patchfool_lite
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,70 @@ def test_adversarial_images_in_range_and_budget(parts, test128, name, kw, norm):
     d = (xa - x).flatten(1)
     size = d.abs().max(1).values if norm == "inf" else d.norm(dim=1)
     assert float(size.max()) <= kw["eps"] + 1e-5
+
+
+def test_patchfool_lite_suite_is_the_function_batched_with_one_generator(parts):
+    # 160 images: two batches of 128 and 32, one generator seeded once and drawn from in turn
+    data = digits("test").subset(160)
+    rep = evaluate(parts, data, ["patchfool_lite:steps=3"], seed=5, progress=False)
+    g, hits = torch.Generator().manual_seed(5), 0
+    for i in (0, 128):
+        x, y = data.images[i:i + 128], data.labels[i:i + 128]
+        xa = patchfool_lite(parts, x, y, steps=3, generator=g)
+        with torch.no_grad():
+            hits += int((parts(xa).argmax(-1) == y).sum())
+    assert rep.values(parts.name, "patchfool_lite", "n_patches=1,steps=3") == [100 * hits / 160]
+
+
+def test_eval_mode_restores_the_mode_on_exception():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    for was in (True, False):
+        model.train(was)
+        with pytest.raises(RuntimeError, match="boom"):
+            with eval_mode(model) as m:
+                assert m is model and not model.training and not model[1].training
+                raise RuntimeError("boom")
+        assert model.training is was and model[1].training is was
+
+
+def test_an_attack_that_raises_leaves_a_training_model_training(test128):
+    model = load_model("digits_vit")
+    model.train()
+    x, y = test128.images[:8], test128.labels[:8]
+    bad = torch.full_like(y, 10)  # 10 classes: the attack's cross-entropy raises inside torchattacks
+    with pytest.raises(IndexError):
+        attack_accuracy(model, x, bad, "fgsm")
+    assert model.training and all(m.training for m in model.modules())
+    with pytest.raises(NsvitError, match="num_patch must be in"):  # PatchFool, through the suite's attack loop
+        evaluate(model, test128.subset(8), ["patchfool:num_patch=0"], progress=False)
+    assert model.training
+    with pytest.raises(NsvitError, match="takes images"):  # the clean accuracy loop: images of the wrong size
+        accuracy(model, torch.rand(4, 3, 8, 8), y[:4])
+    assert model.training
+    with pytest.raises(NsvitError, match="empty"):
+        accuracy(model, x[:0], y[:0])
+
+
+def test_suite_registry_defaults_settings_and_a_new_suite(parts, monkeypatch):
+    # one place for the defaults: the attack registry's settings are the suite's
+    for name, spec in ATTACKS.items():
+        assert parse_suite(name) == (name, spec.defaults)
+    assert parse_suite("pgd:steps=3")[1] == {"eps": 4 / 255, "alpha": 1 / 255, "steps": 3}
+    assert all(name in suite_help() for name in SUITES)
+    data = digits("test").subset(16)
+    rep = evaluate(parts, data, ["nullspace", "nullspace:scale=3"], progress=False)
+    assert {r.setting for r in rep.records} == {"scale=10", "scale=3"}
+    # a new suite is one registry entry: evaluate runs it, with its settings, and names no suite
+    seen = []
+
+    def run(r, model, p, kw):
+        seen.append(kw)
+        r.report.add(model, r.seed, "top2", "", "acc", 100 * float(
+            (p(r.images).topk(2, -1).indices == r.labels[:, None]).any(-1).float().mean()))
+
+    monkeypatch.setitem(SUITES, "top2", Suite(run, {"k": 2}, help="top-2 accuracy"))
+    rep = evaluate(parts, data, ["clean", "top2:k=2"], progress=False)
+    assert seen == [{"k": 2}] and rep.values(parts.name, "top2")[0] >= rep.values(parts.name, "clean")[0]
 
 
 def test_corruption_severity_lowers_accuracy(parts, test128):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NsvitError, check_count, check_finite, check_pixels, check_positive
+from ..eval.accuracy import eval_mode
 from ..io import load_tensors, save_tensors
 from ..nullspace import nullspace_basis
 
@@ -146,19 +147,17 @@ def score(parts, fp: Fingerprint, batch_size: int = 256) -> dict:
     if tuple(fp.images.shape[1:]) != (parts.in_chans, *parts.img_size):
         raise NsvitError(f"the suspect takes images {(parts.in_chans, *parts.img_size)}, the fingerprint holds "
                          f"{tuple(fp.images.shape[1:])}")
-    was = parts.training
-    parts.eval()
     dev = next(parts.parameters()).device
     dn = dr = agree = 0.0
-    for i in range(0, fp.images.shape[0], batch_size):
-        x = fp.images[i:i + batch_size].to(dev)
-        z = parts(x)
-        zn = parts(x + fp.noise[i:i + batch_size].to(dev))
-        zr = parts(x + fp.control[i:i + batch_size].to(dev))
-        dn += float((zn - z).norm(dim=1).sum())
-        dr += float((zr - z).norm(dim=1).sum())
-        agree += float((zn.argmax(-1) == z.argmax(-1)).float().sum())
-    parts.train(was)
+    with eval_mode(parts):
+        for i in range(0, fp.images.shape[0], batch_size):
+            x = fp.images[i:i + batch_size].to(dev)
+            z = parts(x)
+            zn = parts(x + fp.noise[i:i + batch_size].to(dev))
+            zr = parts(x + fp.control[i:i + batch_size].to(dev))
+            dn += float((zn - z).norm(dim=1).sum())
+            dr += float((zr - z).norm(dim=1).sum())
+            agree += float((zn.argmax(-1) == z.argmax(-1)).float().sum())
     n = fp.images.shape[0]
     return {"score": dn / max(dr, 1e-30), "nullspace_change": dn / n, "control_change": dr / n,
             "prediction_agreement": agree / n}

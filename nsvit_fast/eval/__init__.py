@@ -1,9 +1,16 @@
-"""Evaluation: attacks in pixel space, corruptions and mCE, OOD folders, nullspace metrics, reports."""
+"""Evaluation: attacks in pixel space, corruptions and mCE, OOD folders, nullspace metrics, reports.
 
-from .attacks import ATTACKS, accuracy, attack_accuracy, make_attack
+``SUITES`` is the registry of named suites (``evaluate`` runs them), ``ATTACKS`` the registry of
+attacks (``attack_accuracy`` runs them); ``accuracy`` and ``eval_mode`` are the one accuracy loop
+and mode switch the whole package uses.
+"""
+
+from .accuracy import accuracy, eval_mode
+from .attacks import ATTACKS, AttackSpec, attack_accuracy, make_attack
 from .corruptions import ALEXNET_ERR, CORRUPTIONS, corrupt, mce, mce_imagenet
 from .report import Report
-from .suite import SUITES, evaluate, parse_suite
+from .suite import DEFAULT_SUITES, SUITES, Suite, evaluate, parse_suite, suite_help
 
-__all__ = ["ATTACKS", "accuracy", "attack_accuracy", "make_attack", "ALEXNET_ERR", "CORRUPTIONS", "corrupt",
-           "mce", "mce_imagenet", "Report", "SUITES", "evaluate", "parse_suite"]
+__all__ = ["ATTACKS", "AttackSpec", "accuracy", "eval_mode", "attack_accuracy", "make_attack", "ALEXNET_ERR",
+           "CORRUPTIONS", "corrupt", "mce", "mce_imagenet", "Report", "DEFAULT_SUITES", "SUITES", "Suite",
+           "evaluate", "parse_suite", "suite_help"]

@@ -1,4 +1,9 @@
-"""Accuracy under standard attacks, in pixel space [0, 1] through torchattacks.
+"""Accuracy under adversarial attacks, in pixel space [0, 1]: one registry of attacks, one loop.
+
+An attack is an ``AttackSpec``: a factory ``(parts, seed=..., **settings) -> attack`` where the
+attack is a callable ``(images, labels) -> adversarial images`` (a torchattacks ``Attack``), with
+its settings and their defaults written here once. ``attack_accuracy`` is the one loop that runs
+any of them: seeded, batched, the model in eval mode and given back in its own mode.
 
 The official code fed torchattacks normalised tensors although torchattacks expects (and clamps
 to) pixels in [0, 1]; here the adapter normalises inside the model, so attacks see pixels.
@@ -6,59 +11,103 @@ to) pixels in [0, 1]; here the adapter normalises inside the model, so attacks s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import torch
 
 from ..errors import NsvitError
 from ..extras import load_torchattacks
+from .accuracy import eval_mode
 
-ATTACKS = {  # name -> (torchattacks class, defaults)
-    "fgsm": ("FGSM", {"eps": 1 / 255}),                                   # the paper's setting
-    "pgd": ("PGD", {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10, "random_start": True}),
-    "pgd_l2": ("PGDL2", {"eps": 0.5, "alpha": 0.1, "steps": 10, "random_start": True}),
-    "cw": ("CW", {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}),
-    "autoattack": ("AutoAttack", {"norm": "Linf", "eps": 4 / 255, "version": "standard"}),
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack: how to build it and its settings.
+
+    Attributes:
+        factory: ``(parts, seed=int, **kw) -> attack``; the attack maps (images (B, C, H, W) in
+            [0, 1], labels (B,)) to adversarial images of the same shape, in [0, 1].
+        defaults: the settings a user may change (``fgsm:eps=4/255``), with their defaults; they
+            name the result in a report. ``n`` is the loop's: attack only the first ``n`` images.
+        fixed: constructor arguments that are not settings (PGD's random start).
+        batch_size: images per attack call.
+    """
+
+    factory: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    defaults: dict[str, Any]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 256
+
+
+def _torchattacks(cls: str, seeded: bool = False, classes: bool = False):
+    """A factory for torchattacks' ``cls``; ``seeded`` attacks take the seed themselves (AutoAttack),
+    ``classes`` ones the model's class count."""
+
+    def make(parts, seed: int = 0, **kw):
+        if seeded:
+            kw.setdefault("seed", seed)
+        if classes:
+            kw.setdefault("n_classes", parts.num_classes)
+        return getattr(load_torchattacks(), cls)(parts, **kw)
+
+    return make
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "fgsm": AttackSpec(_torchattacks("FGSM"), {"eps": 1 / 255}),                      # the paper's setting
+    "pgd": AttackSpec(_torchattacks("PGD"), {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}, {"random_start": True}),
+    "pgd_l2": AttackSpec(_torchattacks("PGDL2"), {"eps": 0.5, "alpha": 0.1, "steps": 10}, {"random_start": True}),
+    "cw": AttackSpec(_torchattacks("CW"), {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}),
+    "autoattack": AttackSpec(_torchattacks("AutoAttack", seeded=True, classes=True), {"eps": 4 / 255, "n": 64},
+                             {"norm": "Linf", "version": "standard"}),
 }
 
 
-def make_attack(parts, name: str, seed: int = 0, **kw):
-    if name not in ATTACKS:
-        raise NsvitError(f"unknown attack {name!r} (attacks: {', '.join(ATTACKS)})")
+def _spec(attack: str | AttackSpec) -> AttackSpec:
+    if isinstance(attack, AttackSpec):
+        return attack
+    if attack not in ATTACKS:
+        raise NsvitError(f"unknown attack {attack!r} (attacks: {', '.join(ATTACKS)})")
+    return ATTACKS[attack]
+
+
+def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
+    """Build ``attack`` (a name in ATTACKS or an AttackSpec) on ``parts`` with its defaults updated by
+    ``kw``; returns a callable (images, labels) -> adversarial images. The loop setting ``n`` is
+    ignored here. Raises NsvitError for an unknown attack or a negative eps."""
+    spec = _spec(attack)
     if kw.get("eps", 0) < 0:
         raise NsvitError(f"attack eps must be >= 0, got {kw['eps']}")
-    cls, defaults = ATTACKS[name]
-    if name == "autoattack":  # it seeds itself
-        kw.setdefault("seed", seed)
-    return getattr(load_torchattacks(), cls)(parts, **{**defaults, **kw})
+    kw = {**spec.fixed, **spec.defaults, **kw}
+    kw.pop("n", None)
+    return spec.factory(parts, seed=seed, **kw)
 
 
-@torch.no_grad()
-def accuracy(parts, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    was = parts.training
-    parts.eval()
-    dev = next(parts.parameters()).device
-    hits = sum(int((parts(images[i:i + batch_size].to(dev)).argmax(-1).cpu() == labels[i:i + batch_size]).sum())
-               for i in range(0, len(labels), batch_size))
-    parts.train(was)
-    return hits / len(labels)
-
-
-def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, name: str, batch_size: int = 256,
-                    seed: int = 0, **kw) -> float:
-    """Accuracy on adversarial images made by attack ``name`` (seeded), batched."""
-    was = parts.training
-    parts.eval()
-    atk = make_attack(parts, name, seed=seed, **kw)
+def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: str | AttackSpec,
+                    batch_size: int | None = None, seed: int = 0, **kw) -> float:
+    """Top-1 accuracy (a fraction) on the adversarial images that ``attack`` (a name in ATTACKS or an
+    AttackSpec, settings ``kw`` over its defaults) makes from ``images`` (B, C, H, W) in [0, 1] and
+    ``labels`` (B,). With the setting ``n``, only the first ``n`` images. Seeded: the global torch
+    RNG is seeded with ``seed`` and restored afterwards; the model runs in eval mode and is given
+    back in its own mode, also when the attack raises. Raises NsvitError as make_attack does."""
+    spec = _spec(attack)
+    n = kw.get("n", spec.defaults.get("n"))
+    if n is not None:
+        images, labels = images[:int(n)], labels[:int(n)]
+    batch_size = batch_size or spec.batch_size
     dev = next(parts.parameters()).device
     state = torch.get_rng_state()
-    torch.manual_seed(seed)
     hits = 0
     try:
-        for i in range(0, len(labels), batch_size):
-            x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
-            x_adv = atk(x, y)  # needs gradients: outside no_grad
-            with torch.no_grad():
-                hits += int((parts(x_adv).argmax(-1) == y).sum())
+        with eval_mode(parts):
+            atk = make_attack(parts, spec, seed=seed, **kw)
+            torch.manual_seed(seed)
+            for i in range(0, len(labels), batch_size):
+                x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+                x_adv = atk(x, y)  # needs gradients: outside no_grad
+                with torch.no_grad():
+                    hits += int((parts(x_adv).argmax(-1) == y).sum())
     finally:
         torch.set_rng_state(state)
-        parts.train(was)
     return hits / len(labels)

@@ -96,6 +96,8 @@ def mce(err: dict[str, list[float]], reference: dict[str, list[float]] | dict[st
 
 
 def mce_imagenet(err: dict[str, list[float]]) -> float:
+    """mCE (in %) against AlexNet's published ImageNet-C errors; ``err`` maps corruption names to
+    error fractions per severity. Raises NsvitError for a corruption AlexNet has no number for."""
     missing = [c for c in err if c not in ALEXNET_ERR]
     if missing:
         raise NsvitError(f"no AlexNet reference for {missing}")

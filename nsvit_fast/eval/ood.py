@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NsvitError
+from .accuracy import eval_mode
 
 SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-sketch": None,
           "stylized": None, "damagenet": None}  # expected class count (None: all of the model's)
@@ -72,12 +73,10 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     dev = next(parts.parameters()).device
     keep = torch.full((len(names),), float("-inf"), device=dev)
     keep[to_model.to(dev)] = 0.0
-    was = parts.training
-    parts.eval()
     hits = n = 0
-    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
-        z = parts(x.to(dev)) + keep
-        hits += int((z.argmax(-1).cpu() == to_model[y]).sum())
-        n += len(y)
-    parts.train(was)
+    with eval_mode(parts):
+        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
+            z = parts(x.to(dev)) + keep
+            hits += int((z.argmax(-1).cpu() == to_model[y]).sum())
+            n += len(y)
     return hits / max(n, 1)

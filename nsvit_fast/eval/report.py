@@ -31,6 +31,9 @@ APPROX_ALEXNET = "alexnet(approx)"  # mCE on on-the-fly corruptions normalised b
 
 @dataclass
 class Record:
+    """One number: ``value`` of ``metric`` ("acc", "mce", "match_rate"...) for ``model`` under ``suite``
+    at ``setting`` (e.g. "eps=1/255", "fog@3", "" for none), with the seed of the run."""
+
     model: str
     seed: int
     suite: str
@@ -40,21 +43,30 @@ class Record:
 
 
 class Report:
+    """Every number of an evaluation as Records; aggregates them over seeds and renders Table 2,
+    CSV, JSON and plots. ``evaluate`` returns one; ``Report.load`` reads a saved one back."""
+
     def __init__(self, records: list[Record] | None = None):
         self.records: list[Record] = list(records or [])
 
     def add(self, model: str, seed: int, suite: str, setting: str, metric: str, value: float) -> None:
+        """Append one Record (seed cast to int, value to float)."""
         self.records.append(Record(model, int(seed), suite, setting, metric, float(value)))
 
     def merge(self, other: "Report") -> "Report":
+        """A new Report with this one's records, then ``other``'s (e.g. runs of other seeds)."""
         return Report(self.records + other.records)
 
     @property
     def models(self) -> list[str]:
+        """Model names in the order they first appear."""
         return list(dict.fromkeys(r.model for r in self.records))
 
     # -- aggregation --
     def values(self, model: str, suite: str, setting: str | None = None, metric: str | None = None) -> list[float]:
+        """The values (one per seed and setting) of ``model`` on ``suite``; ``metric`` defaults to the
+        suite's headline (mCE for corruptions, match rate for the nullspace suites, else accuracy),
+        ``setting`` None takes every setting. Empty when there are none."""
         metric = metric or HEADLINE.get(suite, "acc")
         return [r.value for r in self.records if r.model == model and r.suite == suite and r.metric == metric
                 and (setting is None or r.setting == setting)]
@@ -70,6 +82,7 @@ class Report:
         return [(s, st, LABELS[s] + (f" ({st})" if s in multi and st else "")) for s, st in heads]
 
     def cell(self, model: str, suite: str, setting: str) -> tuple[float, float, int] | None:
+        """(mean, std over seeds (0 for one), count) of the headline values, or None when there are none."""
         v = self.values(model, suite, setting)
         if not v:
             return None
@@ -90,6 +103,8 @@ class Report:
 
     # -- rendering --
     def table2(self) -> str:
+        """Markdown table in the paper's Table 2 layout (models as rows, mean ± std over seeds, the
+        Average) and a note naming the seeds. Raises NsvitError when the report is empty."""
         cols = self.columns()
         if not cols:
             raise NsvitError("the report holds no results")
@@ -112,16 +127,19 @@ class Report:
         return "\n".join(lines) + "\n\n" + note + "\n"
 
     def to_dict(self) -> dict:
+        """JSON-ready dict: {"kind": "nsvit-fast/report", "records": [...]}."""
         return {"kind": "nsvit-fast/report", "records": [asdict(r) for r in self.records]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
+        """Inverse of to_dict. Raises NsvitError when ``d`` is not an nsvit-fast report."""
         if d.get("kind") != "nsvit-fast/report":
             raise NsvitError("not an nsvit-fast report")
         return cls([Record(**r) for r in d["records"]])
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
+        """Read a report.json. Raises NsvitError for a missing file, invalid JSON or another kind."""
         p = Path(path)
         if not p.is_file():
             raise NsvitError(f"no such report: {p}")
@@ -131,6 +149,7 @@ class Report:
             raise NsvitError(f"{p} is not valid JSON: {e}") from None
 
     def to_csv(self) -> str:
+        """CSV text, one row per record: model, seed, suite, setting, metric, value (repr, exact)."""
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["model", "seed", "suite", "setting", "metric", "value"])
@@ -139,6 +158,8 @@ class Report:
         return buf.getvalue()
 
     def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+        """Write report.json, report.csv, report.md (Table 2) and, with ``plots``, the figures into
+        ``out_dir`` (atomically); returns {kind: path}."""
         out = Path(out_dir)
         paths = {"json": write_json(out / "report.json", self.to_dict()), "csv": write_text(out / "report.csv", self.to_csv()),
                  "md": write_text(out / "report.md", "# Robustness report\n\n" + self.table2())}
@@ -148,6 +169,8 @@ class Report:
 
     # -- plots --
     def plots(self, out: Path) -> dict[str, Path]:
+        """Bar chart of accuracy per suite (suites.png) and accuracy per corruption severity
+        (corruptions.png), those the records allow; returns {kind: path}."""
         from ..viz import bars_figure
 
         paths = {}

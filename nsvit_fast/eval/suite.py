@@ -1,23 +1,26 @@
 """evaluate(): the paper's robustness suites on any adapter, batched and seeded, into a Report.
 
-Suites (``name`` or ``name:key=value,...`` to change a setting):
+``SUITES`` is the registry: one ``Suite`` per name, holding its runner, its settings with their
+defaults, and what it needs (a folder, a NoiseBank). ``suite_help()`` lists them all, settings
+included. A suite is named as ``name`` or ``name:key=value,...`` to change a setting:
 
     clean        top-1 accuracy
-    fgsm         FGSM L-inf, eps 1/255 (the paper's)                         torchattacks
-    pgd          PGD L-inf, eps 4/255, step 1/255, 10 steps, random start    torchattacks
-    pgd_l2       PGD L2, eps 0.5, step 0.1, 10 steps                          torchattacks
-    cw           CW-L2, c 1, kappa 0, 50 steps, lr 0.01                       torchattacks
-    autoattack   AutoAttack standard, L-inf eps 4/255, on the first ``n`` images (default 64)
+    fgsm, pgd, pgd_l2, cw, autoattack
+                 accuracy under the attack of that name in ``attacks.ATTACKS`` (torchattacks),
+                 its defaults written there once (FGSM's eps 1/255 is the paper's)
     patchfool    Patch-Fool as its authors wrote it: 1 patch chosen by block-4 attention, attention-aware
-                 loss with PCGrad, Adam 0.22 + StepLR(10, 0.95), 250 steps (nsvit_fast.eval.patchfool)
+                 loss with PCGrad, Adam 0.22 + StepLR(10, 0.95), 250 steps (nsvit_fast.eval.patchfool),
+                 through the same attack loop
     patchfool_lite  this project's faster patch attack, not Patch-Fool: 1 patch, 30 steps
     corruptions  15 corruptions x 5 severities on the fly; per-severity accuracy, mean corruption
                  accuracy and mCE (AlexNet reference on 1000-class models, else the baseline model)
-    nullspace    exact patch-embedding nullspace noise at 10x the image norm: match rate, MSE-prob
+    nullspace    exact patch-embedding nullspace noise at ``scale`` x the image norm: match rate, MSE-prob
     noisebank    a NoiseBank's noises: match rate, MSE-prob (``bank=``)
     imagenet-a, imagenet-r, imagenet-v2, imagenet-sketch, stylized, damagenet, imagenet-c
                  folders given in ``folders={suite: path}``
 
+A new suite is one ``Suite`` entry; a new attack one ``AttackSpec`` (a factory ``(parts, seed=...,
+**settings)`` returning an attack ``(images, labels) -> adversarial images``, and its defaults).
 Every model sees the same images and seeds; corrupted images are made once per (corruption,
 severity) and reused across models.
 """
@@ -25,30 +28,210 @@ severity) and reused across models.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from ..errors import NsvitError
 from ..models.registry import adapt
-from .attacks import accuracy, attack_accuracy
+from .accuracy import accuracy, eval_mode
+from .attacks import ATTACKS, AttackSpec, attack_accuracy
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
 from .ood import folder_accuracy
 from .report import APPROX_ALEXNET, Report
 
-ATTACK_DEFAULTS = {
-    "fgsm": ("fgsm", {"eps": 1 / 255}),
-    "pgd": ("pgd", {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}),
-    "pgd_l2": ("pgd_l2", {"eps": 0.5, "alpha": 0.1, "steps": 10}),
-    "cw": ("cw", {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}),
-    "autoattack": ("autoattack", {"eps": 4 / 255, "n": 64}),
-    "patchfool": (None, {"num_patch": 1, "patch_select": "attn", "atten_select": 4, "attack_mode": "attention",
-                         "atten_loss_weight": 0.002, "lr": 0.22, "steps": 250, "step_size": 10, "gamma": 0.95}),
-    "patchfool_lite": (None, {"n_patches": 1, "steps": 30}),
+
+@dataclass
+class Run:
+    """What every suite of one ``evaluate`` call shares: the images, seed, report and options.
+
+    ``corr_err`` collects each model's corruption errors (model -> corruption -> per severity), so
+    the baseline's normalise the others' mCE; ``corrupted`` holds the corrupted images, made once.
+    """
+
+    report: Report
+    images: torch.Tensor
+    labels: torch.Tensor
+    seed: int
+    baseline: str
+    folders: dict[str, str]
+    bank: Any = None
+    model_classes: list[str] | None = None
+    mce_reference: str = "auto"
+    max_images: int | None = None
+    corrupted: CorruptionSet | None = None
+    corr_err: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One suite: ``run(run, model_name, parts, settings)`` adds its records to ``run.report``.
+
+    Attributes:
+        run: the runner; ``settings`` are ``defaults`` updated by the user's ``name:key=value``.
+        defaults: the settings the suite takes, with their defaults (empty: it takes none).
+        needs: "folder" (a path in ``folders``) or "bank" (a NoiseBank), checked before any model runs.
+        help: what it measures, one line (its settings are listed from ``defaults``).
+    """
+
+    run: Callable[[Run, str, Any, dict[str, Any]], None]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    needs: str | None = None
+    help: str = ""
+
+
+def _clean(run: Run, model: str, parts, kw: dict) -> None:
+    run.report.add(model, run.seed, "clean", "", "acc", 100 * accuracy(parts, run.images, run.labels))
+
+
+def _attack_suite(suite: str, spec: AttackSpec, help: str) -> Suite:
+    """A suite that reports accuracy under ``spec``'s attack, through the one attack loop."""
+
+    def go(run: Run, model: str, parts, kw: dict) -> None:
+        acc = attack_accuracy(parts, run.images, run.labels, spec, seed=run.seed, **kw)
+        run.report.add(model, run.seed, suite, fmt_setting(kw), "acc", 100 * acc)
+
+    return Suite(go, spec.defaults, help=help)
+
+
+def _patchfool(parts, seed: int = 0, **kw):
+    """The authors' Patch-Fool (a torchattacks Attack), seeded once for all batches."""
+    from .patchfool import PatchFool
+
+    return PatchFool(parts, seed=seed, **kw)
+
+
+def _patchfool_lite(parts, seed: int = 0, **kw):
+    """patchfool_lite as an attack (images, labels) -> adversarial images: one generator seeded once
+    and drawn from batch after batch (nsvit_fast.eval.patchfool)."""
+    from .patchfool import patchfool_lite
+
+    g = torch.Generator().manual_seed(seed)
+    return lambda x, y: patchfool_lite(parts, x, y, generator=g, **kw)
+
+
+def _patchfool_defaults() -> dict[str, Any]:
+    """PatchFool's settings with its authors' defaults, read from the class (written once, there)."""
+    import inspect
+
+    from .patchfool import PatchFool
+
+    return {k: p.default for k, p in inspect.signature(PatchFool.__init__).parameters.items()
+            if k not in ("self", "model", "seed")}
+
+
+PATCHFOOL = AttackSpec(_patchfool, _patchfool_defaults(), batch_size=128)
+PATCHFOOL_LITE = AttackSpec(_patchfool_lite, {"n_patches": 1, "steps": 30}, batch_size=128)
+
+
+def _corruptions(run: Run, model: str, parts, kw: dict) -> None:
+    if run.corrupted is None:  # made once, for every model
+        run.corrupted = CorruptionSet(run.images, run.seed)
+    err = {}
+    for c in CORRUPTIONS:
+        err[c] = []
+        for s in SEVERITIES:
+            acc = accuracy(parts, run.corrupted.get(c, s), run.labels)
+            run.report.add(model, run.seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
+            err[c].append(1 - acc)
+    run.corr_err[model] = err
+    mean_acc = 100 * (1 - sum(map(sum, err.values())) / (len(CORRUPTIONS) * len(SEVERITIES)))
+    run.report.add(model, run.seed, "corruption_acc", "", "acc", mean_acc)
+    ref = run.mce_reference
+    if ref == "auto":
+        ref = "alexnet" if parts.num_classes == 1000 else "baseline"
+    value = mce_imagenet(err) if ref == "alexnet" else mce(err, run.corr_err[run.baseline])
+    # AlexNet's errors come from the original ImageNet-C files, not these corruptions: approximate
+    run.report.add(model, run.seed, "corruptions", f"ref={APPROX_ALEXNET if ref == 'alexnet' else run.baseline}",
+                   "mce", value)
+
+
+def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
+    from .nullspace_metrics import exact_noise_effect
+
+    r = exact_noise_effect(parts, run.images, seed=run.seed, **kw)
+    for k, v in r.items():
+        run.report.add(model, run.seed, "nullspace", fmt_setting(kw), k, 100 * v if k == "match_rate" else v)
+
+
+def _noisebank(run: Run, model: str, parts, kw: dict) -> None:
+    from .nullspace_metrics import bank_effect
+
+    r = bank_effect(parts, run.bank, run.images)
+    setting = f"eps={run.bank.meta.get('eps')}"
+    run.report.add(model, run.seed, "noisebank", setting, "match_rate", 100 * r["match_rate"])
+    run.report.add(model, run.seed, "noisebank", setting, "mse_prob", r["mse_prob"])
+
+
+def _imagenet_c(run: Run, model: str, parts, kw: dict) -> None:
+    err = {}
+    root = Path(run.folders["imagenet-c"])
+    for c in CORRUPTIONS:
+        for s in SEVERITIES:
+            d = root / c / str(s)
+            if d.is_dir():
+                acc = folder_accuracy(parts, d, f"imagenet-c/{c}/{s}", run.model_classes, max_images=run.max_images)
+                run.report.add(model, run.seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
+                err.setdefault(c, []).append(1 - acc)
+    if not err:
+        raise NsvitError(f"imagenet-c: no <corruption>/<severity> folders under {root}")
+    run.corr_err[model] = err
+    run.report.add(model, run.seed, "corruptions", "ref=alexnet", "mce", mce_imagenet(err))
+
+
+def _folder_suite(suite: str) -> Suite:
+    """An OOD folder suite: top-1 accuracy on ``folders[suite]``, logits masked to its classes."""
+
+    def go(run: Run, model: str, parts, kw: dict) -> None:
+        acc = folder_accuracy(parts, run.folders[suite], suite, run.model_classes, max_images=run.max_images)
+        run.report.add(model, run.seed, suite, "", "acc", 100 * acc)
+
+    return Suite(go, needs="folder", help=f"{suite} folder (ImageFolder tree): top-1 accuracy")
+
+
+_ATTACK_HELP = {
+    "fgsm": "FGSM, L-inf (eps 1/255 is the paper's); torchattacks",
+    "pgd": "PGD, L-inf, random start; torchattacks",
+    "pgd_l2": "PGD, L2, random start; torchattacks",
+    "cw": "CW-L2; torchattacks",
+    "autoattack": "AutoAttack standard, L-inf, on the first n images; torchattacks",
 }
-SUITES = ["clean", *ATTACK_DEFAULTS, "corruptions", "nullspace", "noisebank", *OOD_SUITES, "imagenet-c"]
+
+SUITES: dict[str, Suite] = {
+    "clean": Suite(_clean, help="top-1 accuracy"),
+    **{name: _attack_suite(name, spec, _ATTACK_HELP[name]) for name, spec in ATTACKS.items()},
+    "patchfool": _attack_suite("patchfool", PATCHFOOL, "Patch-Fool as its authors wrote it (Fu et al., ICLR 2022): "
+                                                       "attention-aware adversarial patch"),
+    "patchfool_lite": _attack_suite("patchfool_lite", PATCHFOOL_LITE, "this project's faster patch attack, not "
+                                                                      "Patch-Fool: Adam in pixel space, 30 steps"),
+    "corruptions": Suite(_corruptions, help="15 corruptions x 5 severities on the fly: accuracy, mean corruption "
+                                            "accuracy, mCE (AlexNet reference on 1000 classes, else the baseline)"),
+    "nullspace": Suite(_nullspace, {"scale": 10}, help="exact patch-embedding nullspace noise at scale x the "
+                                                        "image norm: match rate, MSE-prob"),
+    "noisebank": Suite(_noisebank, needs="bank", help="a NoiseBank's noises: match rate, MSE-prob"),
+    **{name: _folder_suite(name) for name in OOD_SUITES},
+    "imagenet-c": Suite(_imagenet_c, needs="folder", help="pre-generated ImageNet-C folder "
+                                                          "(<corruption>/<severity>/<class>): accuracy, mCE"),
+}
+
+# what `nsvit-fast eval` runs when no --suite is given: every suite that needs no folder or bank,
+# PGD-L2 left out (the paper reports L-inf attacks)
+DEFAULT_SUITES = ("clean", "fgsm", "pgd", "cw", "autoattack", "patchfool", "corruptions", "nullspace")
+
+
+def suite_help() -> str:
+    """One line per suite of SUITES: name, what it measures, its settings with their defaults, and
+    what it needs; for ``--help`` texts and the README."""
+    lines = []
+    for name, suite in SUITES.items():
+        extra = [fmt_setting(suite.defaults)] if suite.defaults else []
+        extra += [f"needs a {suite.needs}"] if suite.needs else []
+        lines.append(f"{name:<16} {suite.help}" + (f" [{'; '.join(extra)}]" if extra else ""))
+    return "\n".join(lines)
 
 
 def _num(v: str):
@@ -64,7 +247,11 @@ def _num(v: str):
 
 
 def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"fgsm:eps=4/255"`` -> ("fgsm", {"eps": 0.0157}); unknown suites and keys are errors."""
+    """``"fgsm:eps=4/255"`` -> ("fgsm", {"eps": 0.0157}): the suite's name and its settings, the
+    registry's defaults updated by the ones given. Values are numbers (ints, floats or fractions),
+    or words where the default is a word (patchfool:attack_mode=ce).
+    Raises NsvitError for an unknown suite (naming the nearest), an unknown key, a value that is
+    not a number (where the default is one), or a negative eps."""
     name, _, rest = spec.strip().partition(":")
     if name not in SUITES:
         import difflib
@@ -73,7 +260,7 @@ def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
         raise NsvitError(f"unknown suite {name!r}" + (f" (did you mean {near[0]!r}?)" if near else
                                                     f" (suites: {', '.join(SUITES)})"))
     kw: dict[str, Any] = {}
-    defaults = ATTACK_DEFAULTS.get(name, (None, {}))[1]
+    defaults = SUITES[name].defaults
     for part in filter(None, rest.split(",")):
         k, eq, v = part.partition("=")
         if not eq:
@@ -89,45 +276,13 @@ def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def fmt_setting(kw: dict[str, Any]) -> str:
+    """Settings as a report writes them: {"eps": 4/255, "steps": 10} -> "eps=4/255,steps=10"."""
     def f(v):
         if isinstance(v, float) and 0 < v < 1 and abs(v * 255 - round(v * 255)) < 1e-6:
             return f"{round(v * 255)}/255"
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     return ",".join(f"{k}={f(v)}" for k, v in kw.items())
-
-
-def _attack_acc(parts, name: str, kw: dict, x, y, seed: int) -> float:
-    if name == "patchfool":
-        from .patchfool import PatchFool
-
-        atk = PatchFool(parts, seed=seed, **kw)
-        dev = next(parts.parameters()).device
-        hits = 0
-        for i in range(0, len(y), 128):
-            xa = atk(x[i:i + 128].to(dev), y[i:i + 128].to(dev))
-            with torch.no_grad():
-                hits += int((parts(xa).argmax(-1).cpu() == y[i:i + 128]).sum())
-        return hits / len(y)
-    if name == "patchfool_lite":
-        from .patchfool import patchfool_lite
-
-        g = torch.Generator().manual_seed(seed)
-        dev = next(parts.parameters()).device
-        was = parts.training
-        parts.eval()
-        hits = 0
-        for i in range(0, len(y), 128):
-            xa = patchfool_lite(parts, x[i:i + 128].to(dev), y[i:i + 128].to(dev), generator=g, **kw)
-            hits += int((parts(xa).argmax(-1).cpu() == y[i:i + 128]).sum())
-        parts.train(was)
-        return hits / len(y)
-    kw = dict(kw)
-    if name == "autoattack":
-        n = int(kw.pop("n"))
-        x, y = x[:n], y[:n]
-        kw.update(n_classes=parts.num_classes)
-    return attack_accuracy(parts, x, y, ATTACK_DEFAULTS[name][0], seed=seed, **kw)
 
 
 def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline: str | None = None,
@@ -143,12 +298,19 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         folders: paths of the folder suites, e.g. {"imagenet-r": "/data/imagenet-r"}.
         bank: a NoiseBank for the ``noisebank`` suite.
         mce_reference: "alexnet", "baseline" or "auto" (AlexNet for 1000-class models).
+        model_classes: the models' class names, for folder suites on models without 1000 classes.
+        max_images: evaluate on the first ``max_images`` images (and at most that many per folder).
+        progress, log: print (or pass to ``log``) one timing line per model and suite.
+
+    Returns a Report with one record per (model, suite, setting, metric), at ``seed``. The model is
+    put in eval mode for each suite and given back in its own mode. Raises NsvitError for an unknown
+    suite or setting, a baseline that is not a model, or a missing folder or NoiseBank, all before
+    any model runs.
     """
     if not isinstance(models, dict):
         models = {getattr(models, "name", "model"): models}
     models = {k: adapt(m) for k, m in models.items()}
     specs = [parse_suite(s) for s in suites]
-    folders = dict(folders or {})
     x, y = data.images, data.labels
     if max_images:
         x, y = x[:max_images], y[:max_images]
@@ -156,70 +318,21 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
+    run = Run(Report(), x, y, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images)
     for suite, _ in specs:
-        if (suite in OOD_SUITES or suite == "imagenet-c") and suite not in folders:
+        needs = SUITES[suite].needs
+        if needs == "folder" and suite not in run.folders:
             raise NsvitError(f"suite {suite} needs its folder: folders={{'{suite}': PATH}} (--folder {suite}=PATH)")
-        if suite == "noisebank" and bank is None:
-            raise NsvitError("suite noisebank needs a NoiseBank (bank=..., --bank FILE)")
+        if needs == "bank" and bank is None:
+            raise NsvitError(f"suite {suite} needs a NoiseBank (bank=..., --bank FILE)")
     say = log or (print if progress else (lambda *_: None))
-    report = Report()
-    corrupted = CorruptionSet(x, seed) if any(s == "corruptions" for s, _ in specs) else None
-    corr_err: dict[str, dict[str, list[float]]] = {}
     # the baseline first: its corruption errors normalise everyone's mCE
     for name in sorted(names, key=lambda n: n != baseline):
         parts = models[name]
         for suite, kw in specs:
             t0 = time.perf_counter()
+            with eval_mode(parts):  # every suite, the nullspace metrics too
+                SUITES[suite].run(run, name, parts, kw)
             setting = fmt_setting(kw)
-            if suite == "clean":
-                report.add(name, seed, suite, "", "acc", 100 * accuracy(parts, x, y))
-            elif suite in ATTACK_DEFAULTS:
-                report.add(name, seed, suite, setting, "acc", 100 * _attack_acc(parts, suite, kw, x, y, seed))
-            elif suite == "corruptions":
-                err = {}
-                for c in CORRUPTIONS:
-                    err[c] = []
-                    for s in SEVERITIES:
-                        acc = accuracy(parts, corrupted.get(c, s), y)
-                        report.add(name, seed, suite, f"{c}@{s}", "acc", 100 * acc)
-                        err[c].append(1 - acc)
-                corr_err[name] = err
-                mean_acc = 100 * (1 - sum(map(sum, err.values())) / (len(CORRUPTIONS) * len(SEVERITIES)))
-                report.add(name, seed, "corruption_acc", "", "acc", mean_acc)
-                ref = mce_reference if mce_reference != "auto" else ("alexnet" if parts.num_classes == 1000 else "baseline")
-                value = mce_imagenet(err) if ref == "alexnet" else mce(err, corr_err[baseline])
-                # AlexNet's errors come from the original ImageNet-C files, not these corruptions
-                report.add(name, seed, suite, f"ref={APPROX_ALEXNET if ref == 'alexnet' else baseline}", "mce", value)
-            elif suite == "nullspace":
-                from .nullspace_metrics import exact_noise_effect
-
-                r = exact_noise_effect(parts, x, seed=seed)
-                for k, v in r.items():
-                    report.add(name, seed, suite, "scale=10", k, 100 * v if k == "match_rate" else v)
-            elif suite == "noisebank":
-                from .nullspace_metrics import bank_effect
-
-                r = bank_effect(parts, bank, x)
-                report.add(name, seed, suite, f"eps={bank.meta.get('eps')}", "match_rate", 100 * r["match_rate"])
-                report.add(name, seed, suite, f"eps={bank.meta.get('eps')}", "mse_prob", r["mse_prob"])
-            elif suite == "imagenet-c":
-                from pathlib import Path
-
-                err = {}
-                root = Path(folders[suite])
-                for c in CORRUPTIONS:
-                    for s in SEVERITIES:
-                        d = root / c / str(s)
-                        if d.is_dir():
-                            acc = folder_accuracy(parts, d, f"imagenet-c/{c}/{s}", model_classes, max_images=max_images)
-                            report.add(name, seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
-                            err.setdefault(c, []).append(1 - acc)
-                if not err:
-                    raise NsvitError(f"imagenet-c: no <corruption>/<severity> folders under {root}")
-                corr_err[name] = err
-                report.add(name, seed, "corruptions", "ref=alexnet", "mce", mce_imagenet(err))
-            else:  # OOD folders
-                acc = folder_accuracy(parts, folders[suite], suite, model_classes, max_images=max_images)
-                report.add(name, seed, suite, "", "acc", 100 * acc)
             say(f"  {name} {suite}{':' + setting if setting else ''}: {time.perf_counter() - t0:.1f} s")
-    return report
+    return run.report

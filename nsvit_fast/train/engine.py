@@ -30,6 +30,7 @@ from torch import nn
 from ..config import build
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_count, check_number, check_positive
+from ..eval.accuracy import accuracy, eval_mode
 from ..io import write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
@@ -274,30 +275,26 @@ class Engine:
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.stream.next()
 
-    @torch.no_grad()
     def val_accuracy(self) -> float | None:
         if self.val is None:
             return None
         parts = self.parts if self.ema is None else ema_parts(self.parts, self.ema)
-        was = parts.training
-        parts.eval()
-        n = self.cfg.val_images or (len(self.val) if isinstance(self.val, ImageDataset) else 0)
         if isinstance(self.val, ImageDataset):
-            batches = ((self.val.images[i:i + 512], self.val.labels[i:i + 512]) for i in range(0, n, 512))
-        else:  # a folder, streamed in order through the eval transform
-            from ..data.stream import eval_loader
+            n = self.cfg.val_images or len(self.val)
+            with self.rt.autocast():
+                return accuracy(parts, self.val.images[:n], self.val.labels[:n])
+        # a folder, streamed in order through the eval transform; val_images of it (0: all)
+        from ..data.stream import eval_loader
 
-            batches = eval_loader(self.val, self.parts, 256, self.cfg.workers, self.device.type == "cuda")
-        hits = seen = 0
-        with self.rt.autocast():
-            for x, y in batches:
+        n, hits, seen = self.cfg.val_images, 0, 0
+        with torch.no_grad(), eval_mode(parts), self.rt.autocast():
+            for x, y in eval_loader(self.val, self.parts, 256, self.cfg.workers, self.device.type == "cuda"):
                 if n:
                     x, y = x[:n - seen], y[:n - seen]
                 hits += int((parts(x.to(self.device)).argmax(-1).cpu() == y).sum())
                 seen += len(y)
                 if n and seen >= n:
                     break
-        parts.train(was)
         return hits / max(seen, 1)
 
     def run(self, start_round: int = 0, start_step: int = 0) -> None:
