@@ -314,6 +314,8 @@ class Engine:
             elif self.method.rebuild_on_resume:  # objects the checkpoint does not hold (attacks); keep its noise
                 self.method.prepare(self.context(k))
             self.parts.train()
+            pending: dict[str, torch.Tensor] = {}  # loss sums kept on the device until a checkpoint or the round's end
+            host = self.device.type == "cpu"
             for s in range(start_step, cfg.model_steps):
                 x, y = self.local_batch()
                 with self.rt.autocast():
@@ -330,12 +332,15 @@ class Engine:
                 if self.ema is not None:
                     self.ema.update(self.parts.model)
                 for name, v in {"loss": loss.detach(), **parts_of_loss}.items():  # running means over the round
-                    self.round_losses[name] = self.round_losses.get(name, 0.0) + float(v) / cfg.model_steps
+                    pending[name] = pending.get(name, 0.0) + torch.as_tensor(v).detach().double() / cfg.model_steps
                 bar.update(1)
-                bar.set_postfix(round=k, loss=f"{float(loss.detach()):.3f}")
+                if host or (s + 1) % 16 == 0:  # on CUDA the loss is read back every 16 steps, not every step
+                    bar.set_postfix(round=k, loss=f"{float(loss.detach()):.3f}")
                 step = k * cfg.model_steps + s + 1
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and s + 1 < cfg.model_steps:
+                    self.fold_losses(pending)
                     self.save(k, s + 1)
+            self.fold_losses(pending)
             start_step = 0
             self.parts.eval()
             rec = {"round": k, **self.round_info, **{f"train_{n}": round(v, 5) for n, v in self.round_losses.items()},
@@ -345,6 +350,12 @@ class Engine:
             self.save(k + 1, 0)
             self.write_logs(rec)
         bar.close()
+
+    def fold_losses(self, pending: dict[str, torch.Tensor]) -> None:
+        """Adds the device-side loss sums to the round's running means (one host sync) and empties them."""
+        for name, v in pending.items():
+            self.round_losses[name] = self.round_losses.get(name, 0.0) + float(v)
+        pending.clear()
 
     def write_logs(self, rec: dict) -> None:
         if self.out_dir is None or self.rank != 0:
