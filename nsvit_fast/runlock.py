@@ -22,6 +22,19 @@ from typing import Iterator
 from .errors import NsvitError
 
 LOCK_NAME = ".nsvit.lock"
+_HELD: set[int] = set()  # lock fds this process holds
+
+
+def _close_in_child() -> None:
+    # a forked child (a DataLoader worker) inherits the lock's fd; it must not keep the lock alive
+    # after its parent is killed, so it closes its copy (the parent's lock stays held)
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def holder(folder: str | os.PathLike) -> str:
@@ -71,6 +84,7 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                 break
             os.close(fd)
             fd = -1
+        _HELD.add(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
@@ -79,6 +93,7 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # still holding the lock: a waiter re-checks the inode
+            _HELD.discard(fd)
             os.close(fd)
         for p in reversed(made):  # folders this lock created and nothing else filled
             with contextlib.suppress(OSError):

@@ -34,12 +34,13 @@ def main(out: Path) -> None:
     def local_batch(self):
         # the engine's own slicing, observed: the global batch it drew and the rows it returned
         drawn = []
-        nxt = self.stream.next
-        self.stream.next = lambda: drawn.append(nxt()) or drawn[-1]
+        order = self.stream.stream  # the in-memory batches' BatchStream: the global batch's indices
+        nxt = order.next
+        order.next = lambda: drawn.append(nxt()) or drawn[-1]
         try:
             x, y = real(self)
         finally:
-            del self.stream.next
+            del order.next
         glob = drawn[0].tolist()
         mine = [i for i in glob if any(torch.equal(train.images[i], row) for row in x)]
         steps.append({"global": glob, "mine": mine, "rows": x.shape[0]})

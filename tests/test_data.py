@@ -81,12 +81,19 @@ def test_folder_transform_follows_the_models_data_config(tmp_path):
     for cls, fn in (("cat", skd.chelsea), ("coffee", skd.coffee)):
         (tmp_path / cls).mkdir()
         Image.fromarray(fn()).save(tmp_path / cls / "0.png")
+    import timm
+
+    from nsvit_fast.models.vit import VitAdapter
+
     parts = load_model("vit_tiny_patch16_224", depth=1)
-    cfg = dict(parts.model.pretrained_cfg)
+    cfg = parts.data_config
     assert (cfg["crop_pct"], cfg["interpolation"]) == (0.9, "bicubic")
     outs = []
     for crop_pct, interp in ((0.9, "bicubic"), (1.0, "bilinear")):
-        parts.model.pretrained_cfg = {**cfg, "crop_pct": crop_pct, "interpolation": interp}
+        # a model whose data config has other transform settings: the adapter declares them
+        parts = VitAdapter(timm.create_model("vit_tiny_patch16_224", depth=1), cfg["mean"], cfg["std"],
+                           data_config={**cfg, "crop_pct": crop_pct, "interpolation": interp})
+        assert (parts.data_config["crop_pct"], parts.data_config["interpolation"]) == (crop_pct, interp)
         ds = image_folder(tmp_path, parts)
         for i, (path, _) in enumerate(ds.samples):
             x = ds[i][0]

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,9 +58,12 @@ def test_each_method_runs_a_round_and_changes_the_weights(method, train, tmp_pat
     assert torch.equal(again.model.head.weight, parts.model.head.weight)
 
 
-def _ctx(parts, **overrides):
-    """What a method's prepare() reads: the model, the config, the round's seed and NS norm."""
-    return SimpleNamespace(parts=parts, cfg=make_config(None, overrides), round_seed=7, ns_norm=lambda: 5.5)
+def _ctx(parts, ns_norm: float = 5.5):
+    """What a method's prepare() sees: the model, round 0 with seed 7, and an NS noise of norm ns_norm."""
+    from nsvit_fast.train.methods import RoundContext
+
+    noise = torch.ones(parts.token_shape)
+    return RoundContext(parts, 0, 7, lambda: (noise * ns_norm / noise.norm(), {"noise_norm": ns_norm}))
 
 
 def _sign_steps(x, start, grad_of, eps, alpha, steps):
@@ -128,7 +130,8 @@ def test_random_noise_norm_and_loss_by_hand(batch):
     assert v.shape == parts.token_shape and float(v.norm()) == pytest.approx(5.5, rel=1e-6)
     r = torch.randn(parts.token_shape, generator=torch.Generator().manual_seed(7))  # seeded by the round
     assert torch.allclose(v, r * 5.5 / r.norm(), atol=1e-6)
-    assert float(m.prepare(_ctx(parts, random_norm=2.0)).norm()) == pytest.approx(2.0, rel=1e-6)
+    fixed = METHODS["random"](make_config(None, {"random.norm": 2.0}).random)
+    assert float(fixed.prepare(_ctx(parts)).norm()) == pytest.approx(2.0, rel=1e-6)
     loss = m.loss(parts, x, y, v)[0].detach()
     with torch.no_grad():
         u = parts.patch_embed(x)
