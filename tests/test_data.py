@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import eval_pixels
+
 from nsvit_fast import NsvitError, digits, load_data, synthetic
 from nsvit_fast.data import ImageDataset
 
@@ -56,20 +58,6 @@ def test_image_folder_with_real_photos(tmp_path):
         assert parts(ds.images).shape == (3, 1000)
 
 
-def _eval_pixels(path, size, crop_pct, interpolation):
-    """timm's eval transform by hand: shorter side to floor(size / crop_pct), centre crop, [0, 1]."""
-    from PIL import Image
-
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    short = int(size / crop_pct)
-    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    img = img.resize((nw, nh), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation])
-    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-    img = img.crop((left, top, left + size, top + size))
-    return torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
-
-
 def test_folder_transform_follows_the_models_data_config(tmp_path):
     # resize / centre crop / interpolation come from the model's pretrained config: checked by hand
     # on non-square photos (cat 451x300, coffee 600x400) for timm's own setting and an edited one
@@ -98,7 +86,7 @@ def test_folder_transform_follows_the_models_data_config(tmp_path):
         for i, (path, _) in enumerate(ds.samples):
             x = ds[i][0]
             assert x.shape == (3, 224, 224)
-            assert torch.allclose(x, _eval_pixels(path, 224, crop_pct, interp), atol=1e-6), (path, crop_pct)
+            assert torch.allclose(x, eval_pixels(path, 224, crop_pct, interp), atol=1e-6), (path, crop_pct)
         outs.append(ds[0][0])
     assert (outs[0] - outs[1]).abs().mean() > 0.01  # the setting matters
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import eval_pixels
+
 from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.eval import (ALEXNET_ERR, ATTACKS, CORRUPTIONS, SUITES, Report, Suite, accuracy, attack_accuracy,
                              corrupt, eval_mode, evaluate, make_attack, mce, mce_imagenet, parse_suite, suite_help)
@@ -206,20 +208,6 @@ def test_ood_folder_accuracy_and_errors(parts, tmp_path):
         folder_accuracy(parts, tmp_path / "nope", "imagenet-r", model_classes=names)
 
 
-def _eval_pixels(path, size, crop_pct, interpolation):
-    """timm's eval transform by hand: shorter side to floor(size / crop_pct), centre crop, [0, 1]."""
-    from PIL import Image
-
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    short = int(size / crop_pct)
-    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    img = img.resize((nw, nh), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation])
-    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-    img = img.crop((left, top, left + size, top + size))
-    return torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
-
-
 def test_ood_subset_folder_with_wnids_masks_the_logits(tmp_path):
     # ImageNet-A / -R layout: 200 of a 1000-class model's classes, folders named by ImageNet wnids.
     # The digits model gets a 1000-way head: digit d is output 100 d; the 190 other folder classes
@@ -252,7 +240,7 @@ def test_ood_subset_folder_with_wnids_masks_the_logits(tmp_path):
         Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(f)
     acc = folder_accuracy(parts, tmp_path, "imagenet-a")
     # by hand: the model's own transform (crop_pct 0.9, bicubic), then argmax over the folder's classes
-    x = torch.stack([_eval_pixels(f, 32, 0.9, "bicubic") for f, _ in files])
+    x = torch.stack([eval_pixels(f, 32, 0.9, "bicubic") for f, _ in files])
     want = torch.tensor([k for _, k in files])
     with torch.no_grad():
         z = parts(x)
