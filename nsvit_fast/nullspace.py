@@ -17,29 +17,11 @@ from typing import Iterable
 
 import torch
 
+from . import ops
 from .errors import NsvitError
 from .models.base import Adapter
 from .models.registry import adapt
-
-
-def patchify(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, P, C*r*r), patches in row-major grid order, each flattened as (C, r, r)
-    to match the conv weight's layout. No copy beyond one permute."""
-    b, c, h, w = x.shape
-    ph, pw = patch
-    if h % ph or w % pw:
-        raise NsvitError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-    x = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // ph) * (w // pw), c * ph * pw)
-
-
-def unpatchify(p: torch.Tensor, chans: int, grid: tuple[int, int], patch: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (B, P, C*r*r) -> (B, C, H, W)."""
-    b = p.shape[0]
-    gh, gw = grid
-    ph, pw = patch
-    x = p.reshape(b, gh, gw, chans, ph, pw).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, chans, gh * ph, gw * pw)
+from .ops import patchify, unpatchify
 
 
 def default_rtol(shape: tuple[int, int]) -> float:
@@ -108,8 +90,6 @@ class PatchNullspace:
 
         All patches of all images go through one op (``nsvit_fast.ops.nullspace_project``: fused
         patchify / products / unpatchify; no Python loop over patches)."""
-        from . import ops
-
         self._check_images(images)
         if images.shape[2] % self.patch_size[0] or images.shape[3] % self.patch_size[1]:
             raise NsvitError(f"image size {images.shape[2]}x{images.shape[3]} is not a multiple of the patch size "

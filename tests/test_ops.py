@@ -205,7 +205,7 @@ def test_nullspace_kernel_dot_precision_fits_tolerance(dtype):
     if os.environ.get("NSVIT_REQUIRE_TRITON") != "1":
         pytest.importorskip("triton")
     from nsvit_fast.kernels.nullspace_projection import DOT_PRECISION
-    from nsvit_fast.nullspace import patchify
+    from nsvit_fast.ops import patchify
 
     def worst(precision):
         excess = []

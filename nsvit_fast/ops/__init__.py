@@ -14,6 +14,7 @@ from . import nullspace_projection as _nullspace_projection
 from . import prob_shift as _prob_shift
 from . import token_assembly as _token_assembly
 from .dispatch import backend_for, backends, call, register
+from .patches import patchify, unpatchify
 
 
 def prob_shift(z_noisy, z_clean, eps, p_clean=None, backend=None):
@@ -35,4 +36,4 @@ TOLERANCES = {"prob_shift": _prob_shift.TOLERANCE, "nullspace_project": _nullspa
               "token_assembly": _token_assembly.TOLERANCE}
 
 __all__ = ["call", "register", "backend_for", "backends", "prob_shift", "nullspace_project", "token_assembly",
-           "TOLERANCES"]
+           "patchify", "unpatchify", "TOLERANCES"]

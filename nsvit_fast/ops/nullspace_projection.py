@@ -14,14 +14,13 @@ import torch
 from ..errors import NsvitError
 from ._backends import cpp_ok, cuda_ok, ext, triton_ok
 from .dispatch import register
+from .patches import patchify, unpatchify
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12),
              torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
 def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
-    from ..nullspace import patchify, unpatchify
-
     b, c, h, w = x.shape
     q = basis.to(device=x.device, dtype=x.dtype)
     p = patchify(x, patch)
