@@ -1,16 +1,28 @@
-"""The adapter boundary holds: outside ``nsvit_fast/models/`` no code reaches into the timm model.
+"""The package's boundaries hold.
+
+The adapter boundary: outside ``nsvit_fast/models/`` no code reaches into the timm model.
 
 A grep, so it also catches code that no test runs. Allowed outside models/: the adapter's own
 interface (``nsvit_fast/models/base.py``), and handing the whole wrapped module to a library that
 takes any nn.Module (``ModelEmaV3(parts.model)``): that reads no internals.
+
+The public API is documented (every name in an ``__all__``), and no module points readers to files
+that are not in the repository.
 """
 
+import dataclasses
+import importlib
+import inspect
+import pkgutil
 import re
+import types
 from pathlib import Path
 
 import nsvit_fast
+import nsvit_fast.kernels
 
 PACKAGE = Path(nsvit_fast.__file__).resolve().parent
+KERNELS = Path(nsvit_fast.kernels.__file__).resolve().parent
 
 # attribute access through the wrapped model, and timm internals by name
 FORBIDDEN = {
@@ -57,3 +69,129 @@ def test_the_grep_finds_what_it_forbids(tmp_path):
     (tmp_path / "leaky.py").write_text("\n".join(leaks) + "\nok = parts.encode(u)  # parts.model.blocks in a comment\n")
     bad = violations(tmp_path)
     assert [b.split(":")[1] for b in bad] == ["1", "2", "2", "3", "4", "5"], bad
+
+
+# -- the public API is documented --
+
+def _own_doc(obj) -> str:
+    """obj's own docstring: a dataclass's generated ``Name(field: type, ...)`` and a docstring
+    inherited from a base class do not count."""
+    doc = vars(obj).get("__doc__") if inspect.isclass(obj) else obj.__doc__
+    doc = (doc or "").strip()
+    if inspect.isclass(obj) and doc.startswith(f"{obj.__name__}("):
+        return ""
+    return doc
+
+
+def _method_doc(cls, attr: str) -> str:
+    # an override documented in a base class of the package (Method.loss for NS.loss) counts
+    for base in cls.__mro__:
+        if attr in vars(base) and base.__module__.startswith(PACKAGE_NAME):
+            value = vars(base)[attr]
+            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            if (fn.__doc__ or "").strip():
+                return fn.__doc__
+    return ""
+
+
+PACKAGE_NAME = "nsvit_fast"
+
+
+def public_modules() -> list:
+    """nsvit_fast, every subpackage (nsvit_fast.kernels included) and every module with an __all__."""
+    mods = [nsvit_fast]
+    for info in pkgutil.walk_packages(nsvit_fast.__path__, "nsvit_fast."):
+        if info.name.rsplit(".", 1)[-1].startswith("_") or info.name == "nsvit_fast.kernels.aot":
+            continue  # private modules; aot is a build tool (python -m nsvit_fast.kernels.aot)
+        mod = importlib.import_module(info.name)
+        if info.ispkg or hasattr(mod, "__all__"):
+            mods.append(mod)
+    if not any(m.__name__ == "nsvit_fast.kernels" for m in mods):
+        mods.append(importlib.import_module("nsvit_fast.kernels"))
+    return mods
+
+
+def undocumented(modules) -> list[str]:
+    """Every public function and class in each module's ``__all__`` without a docstring of its own,
+    and every public method / property of such a class (defined in the package) without one."""
+    out, seen = [], set()
+    for mod in modules:
+        names = getattr(mod, "__all__", None)
+        if names is None:
+            out.append(f"{mod.__name__}: a package without __all__")
+            continue
+        for name in names:
+            obj = getattr(mod, name)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            where = f"{obj.__module__}.{obj.__qualname__}"
+            if not obj.__module__.startswith(PACKAGE_NAME):
+                continue  # re-exported from a library
+            if not _own_doc(obj):
+                out.append(where)
+            if not inspect.isclass(obj):
+                continue
+            for attr, value in vars(obj).items():
+                fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                if attr.startswith("_") or not inspect.isfunction(fn):
+                    continue
+                if not _method_doc(obj, attr):
+                    out.append(f"{where}.{attr}")
+    return sorted(set(out))
+
+
+def test_every_public_name_has_a_docstring():
+    # analysis/ and data/ are documented on their own branch; until it merges they are listed here
+    missing = undocumented(public_modules())
+    assert not missing, f"{len(missing)} public names without a docstring:\n" + "\n".join(missing)
+
+
+def test_the_docstring_walk_finds_what_is_missing():
+    # the check can fail: each kind of gap, in a module built here, is named; documented ones are not
+    @dataclasses.dataclass
+    class Auto:  # only the generated "Auto(x: int)"
+        x: int
+
+    class Base:
+        def step(self):
+            """Documented once, in the base."""
+
+    class Child(Base):
+        def step(self):  # inherits Base.step's docstring: fine
+            return 1
+
+        def run(self):
+            return 2
+
+        @property
+        def size(self):
+            return 3
+
+        def _private(self):
+            return 4
+
+    def documented():
+        """Has one."""
+
+    def bare():
+        return 5
+
+    mod = types.ModuleType("nsvit_fast.fake")
+    for obj in (Auto, Base, Child, documented, bare):
+        obj.__module__ = mod.__name__
+        setattr(mod, obj.__name__, obj)
+    mod.__all__ = ["Auto", "Child", "documented", "bare", "CONSTANT"]
+    mod.CONSTANT = 6
+    names = [m.rsplit(".", 1)[-1] if "<locals>" not in m else m.split("<locals>.", 1)[1]
+             for m in undocumented([mod])]
+    assert names == ["Auto", "Child", "Child.run", "Child.size", "bare"], names
+    nameless = types.ModuleType("nsvit_fast.bare_package")
+    assert undocumented([nameless]) == ["nsvit_fast.bare_package: a package without __all__"]
+
+
+def test_no_module_points_to_files_outside_the_repository():
+    # the project's working notes (shared/reference-notes.md) are not shipped: cite the official code
+    bad = [f"{p.relative_to(PACKAGE.parent)}" for p in sorted(PACKAGE.rglob("*.py")) + sorted(KERNELS.rglob("*.py"))
+           if "shared/reference-notes" in p.read_text() or "reference-notes.md" in p.read_text()]
+    assert not bad, bad
