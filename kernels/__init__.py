@@ -19,6 +19,7 @@ from typing import Any
 
 
 def interpreter() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` in the environment)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -45,6 +46,7 @@ class Launch:
 
     @property
     def name(self) -> str:
+        """The kernel function's name (``_rows_kernel``), also for a wrapped JITFunction."""
         return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
 
 
@@ -72,3 +74,6 @@ def record_launches():
         yield _recording
     finally:
         _recording = saved
+
+
+__all__ = ["interpreter", "available", "Launch", "launch", "record_launches"]

@@ -79,6 +79,10 @@ def op_launches(shape: str, dtype: torch.dtype) -> list[Launch]:
 
 @dataclass
 class Compiled:
+    """What compiling one launch for one architecture gave: the kernel's name, sm_<arch>, the
+    signature and constexprs it was specialised to, the cubin's size, ptxas's register and spill
+    counts (bytes), and the compile time in seconds."""
+
     kernel: str
     arch: int
     signature: str
@@ -181,6 +185,11 @@ def _compile_pending(i: int) -> tuple[bool, dict]:
 
 
 def main(argv=None) -> int:
+    """``python -m nsvit_fast.kernels.aot [--arch 80 90] [--jobs N] [--json FILE]``: compile every
+    launch the ops make, print one line per compile, write the full report to FILE (atomically).
+
+    Returns 0 when every launch compiled to a cubin without spills, else 1 (failures and spills are
+    printed to stderr)."""
     ap = argparse.ArgumentParser(prog="python -m nsvit_fast.kernels.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 = sm_80)")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles")

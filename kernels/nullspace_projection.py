@@ -105,15 +105,27 @@ def _tiles(n: int, k: int, precision: str) -> dict:
 
 
 class NullspaceProject(torch.autograd.Function):
+    """Autograd wrapper of :func:`project_forward`: the projection is linear and self-adjoint, so
+    backward projects the incoming gradient the same way. No gradient for the basis."""
+
     @staticmethod
     def forward(ctx, x, basis, patch, keep):
+        """x (B, C, H, W), basis (k, C*r_h*r_w), patch (r_h, r_w), keep -> projected x (fresh)."""
         ctx.basis, ctx.patch, ctx.keep = basis, patch, keep
         return project_forward(x, basis, patch, keep)
 
     @staticmethod
     def backward(ctx, g):
+        """The same projection of g (B, C, H, W); None for basis, patch and keep."""
         return project_forward(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
 
 
 def nullspace_project(x, basis, patch, keep):
+    """Differentiable batched projection of the patches of x (B, C, H, W) with the orthonormal
+    basis (k, n): ``Q^T Q p`` (keep) or ``p - Q^T Q p``; a fresh tensor like x (fp32 / fp16 /
+    bf16, fp32 accumulation). CUDA tensors, or CPU ones under the interpreter. Shapes are not
+    checked here: ``nsvit_fast.ops.nullspace_project`` checks them."""
     return NullspaceProject.apply(x, basis, tuple(patch), bool(keep))
+
+
+__all__ = ["nullspace_project", "project_forward", "NullspaceProject", "DOT_PRECISION"]

@@ -120,6 +120,8 @@ class ProbShift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_noisy, z_clean, eps, p_clean=None):
+        """(M, B, K), (B, K), eps, optional (B, K) -> loss, mse (M,) fp32, stop (M,) bool; saves
+        the (M, B, K) fp32 gradient rows for backward."""
         loss, mse, stop, grad = prob_shift_forward(z_noisy, z_clean, eps, p_clean)
         ctx.save_for_backward(grad)
         ctx.in_dtype = z_noisy.dtype
@@ -128,9 +130,17 @@ class ProbShift(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_mse, g_stop):
+        """Gradient w.r.t. z_noisy (M, B, K) in its dtype: the saved rows times g_loss[m]; None for
+        the constants."""
         (grad,) = ctx.saved_tensors
         return (grad * g_loss.reshape(-1, 1, 1)).to(ctx.in_dtype), None, None, None
 
 
 def prob_shift(z_noisy, z_clean, eps, p_clean=None):
+    """Differentiable probability-shift loss (module docstring): z_noisy (M, B, K), z_clean (B, K),
+    optional p_clean (B, K) -> ``(loss, mse, stop)``, each (M,); gradient to z_noisy only. Shapes
+    are not checked here: ``nsvit_fast.ops.prob_shift`` checks them."""
     return ProbShift.apply(z_noisy, z_clean, eps, p_clean)
+
+
+__all__ = ["prob_shift", "prob_shift_forward", "ProbShift"]

@@ -135,8 +135,13 @@ def _sum(g, start, inner, count, outer, n_out, d, block_d, dtype):
 
 
 class TokenAssembly(torch.autograd.Function):
+    """Autograd wrapper of the fused assembly + LayerNorm (module docstring for the rows and the
+    backward's reductions)."""
+
     @staticmethod
     def forward(ctx, u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean):
+        """Launch the forward; returns x, ln (R, P + N, D) in u's dtype and saves x with the
+        per-row LayerNorm mean and rstd (fp32) for backward."""
         u = u.contiguous()
         bsz, n, d = u.shape
         m = 0 if v is None else v.shape[0]
@@ -160,6 +165,8 @@ class TokenAssembly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gx, gln):
+        """Gradients for u, v, prefix, pos, weight and bias (None where autograd does not ask, and
+        for the non-tensor arguments); a missing incoming gradient counts as zeros."""
         x, mean, rstd, weight = ctx.saved_tensors
         bsz, n, d, m, p, clean_b, embed_prefix, block_d, has_v, pre_dtype, pos_dtype = ctx.meta
         r, t = x.shape[0], p + n
@@ -193,4 +200,10 @@ class TokenAssembly(torch.autograd.Function):
 
 
 def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
+    """Differentiable fused token assembly (module docstring): u (B, N, D), v (M, N, D) or None,
+    prefix (P, D), pos (P + N, D) or (N, D), weight / bias (D,) -> x, ln (R, P + N, D). Shapes are
+    not checked; D must be <= 8192."""
     return TokenAssembly.apply(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
+
+
+__all__ = ["token_assembly", "TokenAssembly"]

@@ -99,15 +99,16 @@ PACKAGE_NAME = "nsvit_fast"
 
 def public_modules() -> list:
     """nsvit_fast, every subpackage (nsvit_fast.kernels included) and every module with an __all__."""
-    mods = [nsvit_fast]
-    for info in pkgutil.walk_packages(nsvit_fast.__path__, "nsvit_fast."):
-        if info.name.rsplit(".", 1)[-1].startswith("_") or info.name == "nsvit_fast.kernels.aot":
-            continue  # private modules; aot is a build tool (python -m nsvit_fast.kernels.aot)
+    mods = [nsvit_fast, nsvit_fast.kernels]
+    # kernels/ installs as nsvit_fast.kernels from its own folder, so it is walked on its own
+    infos = [*pkgutil.walk_packages(nsvit_fast.__path__, "nsvit_fast."),
+             *pkgutil.walk_packages(nsvit_fast.kernels.__path__, "nsvit_fast.kernels.")]
+    for info in infos:
+        if info.name.rsplit(".", 1)[-1].startswith("_") or info.name in {m.__name__ for m in mods}:
+            continue  # private modules (_C, _backends)
         mod = importlib.import_module(info.name)
         if info.ispkg or hasattr(mod, "__all__"):
             mods.append(mod)
-    if not any(m.__name__ == "nsvit_fast.kernels" for m in mods):
-        mods.append(importlib.import_module("nsvit_fast.kernels"))
     return mods
 
 

@@ -18,14 +18,17 @@ def ext():
 
 
 def cpp_ok(dev: torch.device) -> bool:
+    """True on the CPU when the extension is built."""
     return dev.type == "cpu" and ext() is not None
 
 
 def cuda_ok(dev: torch.device) -> bool:
+    """True on CUDA when the extension is built with its CUDA ops."""
     return dev.type == "cuda" and ext() is not None and bool(ext().has_cuda())
 
 
 def triton_ok(dev: torch.device) -> bool:
+    """True where the Triton kernels can run on ``dev`` (see ``nsvit_fast.kernels.available``)."""
     try:
         from ..kernels import available
     except ImportError:

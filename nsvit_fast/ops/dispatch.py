@@ -19,6 +19,9 @@ from ..errors import NsvitError
 
 @dataclass
 class Op:
+    """One op's registry entry: its implementations, their availability tests and, per device
+    type, the order in which backends are tried."""
+
     name: str
     impls: dict[str, Callable] = field(default_factory=dict)
     available: dict[str, Callable[[torch.device], bool]] = field(default_factory=dict)
@@ -56,6 +59,21 @@ def _forced(op: str) -> str | None:
 
 
 def backend_for(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """The backend that runs ``op`` on ``device``.
+
+    Args:
+        op: a registered op name (``prob_shift``, ``nullspace_project``, ``token_assembly``).
+        device: where the op's tensors live.
+        backend: force this backend; else ``NSVIT_BACKEND`` (one backend for all ops, or
+            ``op=backend,...``) forces one; else the first available in the device's preference order.
+
+    Returns:
+        the backend's name; ``torch`` when nothing in the preference order is available.
+
+    Raises:
+        NsvitError: an unknown op, or a forced backend that the op lacks or that is not
+        available on the device.
+    """
     o = OPS.get(op)
     if o is None:
         raise NsvitError(f"unknown op {op!r} (ops: {', '.join(sorted(OPS))})")
@@ -74,7 +92,9 @@ def backend_for(op: str, device: torch.device | str, backend: str | None = None)
 
 
 def call(op: str, *args, backend: str | None = None, device=None, **kwargs):
-    """Run ``op`` with the chosen backend. ``device`` defaults to the first tensor argument's."""
+    """Run ``op`` with the backend :func:`backend_for` chooses; returns what the implementation
+    returns. ``device`` defaults to the first tensor argument's (the CPU if there is none).
+    Raises NsvitError as :func:`backend_for` does."""
     if device is None:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     chosen = backend_for(op, device, backend)  # raises for an unknown op or backend
@@ -82,4 +102,6 @@ def call(op: str, *args, backend: str | None = None, device=None, **kwargs):
 
 
 def backends(op: str) -> list[str]:
+    """The backends registered for ``op`` (available or not), in registration order; [] for an
+    unknown op."""
     return list(OPS[op].impls) if op in OPS else []

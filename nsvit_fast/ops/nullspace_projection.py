@@ -21,6 +21,8 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol
 
 
 def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
+    """Torch reference, the definition of the op (arguments and result as
+    :func:`nsvit_fast.ops.nullspace_project`): patchify, two products, unpatchify, in x's dtype."""
     b, c, h, w = x.shape
     q = basis.to(device=x.device, dtype=x.dtype)
     p = patchify(x, patch)
@@ -30,6 +32,8 @@ def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[i
 
 
 def check_inputs(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int]) -> None:
+    """Raise NsvitError unless x is (B, C, H, W) with H, W multiples of ``patch`` and the basis
+    is (k, C * r_h * r_w)."""
     if x.dim() != 4 or basis.dim() != 2:
         raise NsvitError(f"nullspace_project: images must be (B, C, H, W) and the basis (k, n), got "
                          f"{tuple(x.shape)} and {tuple(basis.shape)}")
@@ -55,10 +59,14 @@ class _ExtProject(torch.autograd.Function):
 
 
 def nullspace_project_ext(x, basis, patch, keep):
+    """The compiled (C++ on the CPU, CUDA) backend; computes in fp64 for fp64 images, else fp32,
+    and returns x's dtype."""
     return _ExtProject.apply(x, basis, tuple(patch), bool(keep))
 
 
 def nullspace_project_triton(x, basis, patch, keep):
+    """The Triton backend (``nsvit_fast.kernels.nullspace_projection``), fp32 accumulation; fp64
+    images go to the torch reference to keep its precision."""
     if x.dtype == torch.float64:  # the kernel accumulates in fp32; fp64 keeps the reference's precision
         return nullspace_project_torch(x, basis, patch, keep)
     from ..kernels.nullspace_projection import nullspace_project

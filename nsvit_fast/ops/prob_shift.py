@@ -24,6 +24,8 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol
 
 
 def check_inputs(z_noisy: torch.Tensor, z_clean: torch.Tensor, p_clean: torch.Tensor | None) -> None:
+    """Raise NsvitError unless z_noisy is (M, B, K), z_clean (B, K) and p_clean None or (B, K),
+    on one device, in a floating-point dtype (what every backend assumes)."""
     if z_noisy.dim() != 3 or z_clean.dim() != 2 or tuple(z_noisy.shape[1:]) != tuple(z_clean.shape):
         raise NsvitError(f"prob_shift: z_noisy must be (M, B, K) and z_clean (B, K), got {tuple(z_noisy.shape)} "
                          f"and {tuple(z_clean.shape)}")
@@ -66,10 +68,14 @@ class _ExtProbShift(torch.autograd.Function):
 
 
 def prob_shift_ext(z_noisy, z_clean, eps, p_clean=None):
+    """The compiled (C++ on the CPU, CUDA) backend; same arguments and results as the torch
+    reference, loss in float32. Needs the extension built with the matching device."""
     return _ExtProbShift.apply(z_noisy, z_clean, eps, p_clean)
 
 
 def prob_shift_triton(z_noisy, z_clean, eps, p_clean=None):
+    """The Triton backend (``nsvit_fast.kernels.prob_shift``); same arguments and results as the
+    torch reference, loss and mse in float32."""
     from ..kernels.prob_shift import prob_shift
 
     return prob_shift(z_noisy, z_clean, eps, p_clean)

@@ -23,6 +23,8 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol
 
 
 def token_assembly_torch(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
+    """Torch reference, the definition of the op (arguments and results as
+    :func:`nsvit_fast.ops.token_assembly`): a cat, an add and ``F.layer_norm`` in timm's order."""
     b, n, d = u.shape
     parts = [u] if include_clean else []
     if v is not None and v.shape[0]:
@@ -37,6 +39,8 @@ def token_assembly_torch(u, v, prefix, pos, weight, bias, eps, embed_prefix=True
 
 
 def token_assembly_triton(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
+    """The Triton backend (``nsvit_fast.kernels.token_assembly``): the same results without
+    materialising the broadcast u + v, LayerNorm fused; D <= 8192."""
     from ..kernels.token_assembly import token_assembly
 
     return token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
