@@ -40,6 +40,11 @@ class PatchNullspace:
         row_basis: (rank, n) float64, orthonormal rows spanning the row space.
         singular_values: (min(D, n),) float64, descending.
         rtol: rank tolerance relative to the largest singular value.
+        in_chans, patch_size, embed_dim: C, (r_h, r_w) and D of the patch embedding.
+        img_size: the model's input size (H, W), the default of :meth:`sample`; None if unknown.
+
+    Built by :func:`nullspace_basis`; all methods take and return tensors on the input's device
+    and dtype (the bases are cast to it).
     """
 
     basis: torch.Tensor
@@ -53,17 +58,22 @@ class PatchNullspace:
 
     @property
     def dim(self) -> int:
+        """k, the nullspace dimension (the paper's Table 1 column)."""
         return self.basis.shape[0]
 
     @property
     def rank(self) -> int:
+        """The rank of W under ``rtol``; ``dim + rank == input_dim``."""
         return self.row_basis.shape[0]
 
     @property
     def input_dim(self) -> int:
+        """n = C * r_h * r_w, the length of a flattened patch."""
         return self.basis.shape[1]
 
     def summary(self, model: str = "") -> dict:
+        """One row of the Table 1 layout: model, patch_size (an int when square), input_dim,
+        embed_dim, rank, nullspace_dim (JSON-ready)."""
         r = self.patch_size
         return {"model": model, "patch_size": r[0] if r[0] == r[1] else list(r), "input_dim": self.input_dim,
                 "embed_dim": self.embed_dim, "rank": self.rank, "nullspace_dim": self.dim}
@@ -76,7 +86,8 @@ class PatchNullspace:
     def project_patches(self, p: torch.Tensor, complement: bool = False) -> torch.Tensor:
         """Project flattened patches (..., n) onto null(W) (or, with complement, the row space).
 
-        Uses the smaller of the two bases: P_null p = B^T B p = p - R^T R p."""
+        Uses the smaller of the two bases: P_null p = B^T B p = p - R^T R p. Returns (..., n).
+        Raises NsvitError when the last dimension is not ``input_dim``."""
         if p.shape[-1] != self.input_dim:
             raise NsvitError(f"patches have {p.shape[-1]} values, the nullspace lives in {self.input_dim}")
         small_is_null = self.dim <= self.rank
@@ -89,7 +100,9 @@ class PatchNullspace:
         """Project every non-overlapping patch of images (B, C, H, W) onto null(W); returns (B, C, H, W).
 
         All patches of all images go through one op (``nsvit_fast.ops.nullspace_project``: fused
-        patchify / products / unpatchify; no Python loop over patches)."""
+        patchify / products / unpatchify; no Python loop over patches), differentiable w.r.t. images.
+        Raises NsvitError for images that are not (B, C, H, W) with the model's C, or whose size is
+        not a multiple of the patch."""
         self._check_images(images)
         if images.shape[2] % self.patch_size[0] or images.shape[3] % self.patch_size[1]:
             raise NsvitError(f"image size {images.shape[2]}x{images.shape[3]} is not a multiple of the patch size "
@@ -101,18 +114,34 @@ class PatchNullspace:
     def coefficients(self, images: torch.Tensor) -> torch.Tensor:
         """Least-squares coefficients (B, P, k) of each patch of images (B, C, H, W) in the basis.
 
-        The basis is orthonormal, so the least-squares solution of min ||B^T c - p|| is c = B p."""
+        The basis is orthonormal, so the least-squares solution of min ||B^T c - p|| is c = B p.
+        P = (H / r_h) * (W / r_w) in row-major grid order. Raises NsvitError for images that are
+        not (B, C, H, W) with the model's C, or whose size is not a multiple of the patch."""
         self._check_images(images)
         return patchify(images, self.patch_size) @ self._mat("null", images).T
 
     def from_coefficients(self, coef: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, P, k) coefficients -> nullspace images (B, C, H, W) on a grid of patches."""
+        """(B, P, k) coefficients -> nullspace images (B, C, g_h * r_h, g_w * r_w) on the
+        ``grid`` (g_h, g_w) of patches, P = g_h * g_w; the inverse of :meth:`coefficients` on null(W)."""
         return unpatchify(coef @ self._mat("null", coef), self.in_chans, grid, self.patch_size)
 
     def sample(self, n: int, norm: float | None = None, *, img_size: tuple[int, int] | None = None,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """n random nullspace images (n, C, H, W): Gaussian coefficients for every patch, each image
-        scaled to Frobenius norm ``norm`` if given."""
+        scaled to Frobenius norm ``norm`` if given.
+
+        Args:
+            n: how many images.
+            norm: the L2 norm of each image (pixel units); None leaves the Gaussian scale.
+            img_size: (H, W); defaults to the model's ``img_size``. A size that is not a multiple
+                of the patch leaves the remainder out: the images are (n, C, g_h * r_h, g_w * r_w)
+                with g_h = H // r_h, g_w = W // r_w.
+            generator: for reproducible draws (CPU).
+            dtype: of the result (computed in float64).
+
+        Raises:
+            NsvitError: the patch embedding has no nullspace (dim 0), or no image size is known.
+        """
         if self.dim == 0:
             raise NsvitError(f"the patch embedding has no nullspace (embed dim {self.embed_dim} >= "
                              f"input dim {self.input_dim}, rank {self.rank})")
@@ -132,7 +161,20 @@ class PatchNullspace:
 
 
 def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
-    """The exact patch-embedding nullspace of a model (adapter or timm ViT), in pixel space."""
+    """The exact patch-embedding nullspace of a model (adapter or timm ViT), in pixel space.
+
+    Args:
+        model: an Adapter or a supported timm ViT (wrapped with :func:`nsvit_fast.adapt`).
+        rtol: rank tolerance relative to the largest singular value; default
+            :func:`default_rtol` (max(D, n) * float32 eps).
+
+    Returns:
+        a :class:`PatchNullspace` from the float64 SVD of the whole (D, C*r*r) projection
+        (normalisation folded in), on the CPU.
+
+    Raises:
+        NsvitError: the weight holds NaN or inf, rtol < 0, or the model is not a supported ViT.
+    """
     parts = adapt(model)
     w, _ = parts.patch_projection()
     d = w.shape[0]
@@ -154,8 +196,18 @@ def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
 def verify_invariance(model, images: torch.Tensor, noise: torch.Tensor) -> dict:
     """How much adding ``noise`` (pixel space, same shape as images) changes the model.
 
-    Returns max |change| / max |clean value| for the patch embedding and for the logits, the
-    fraction of unchanged predictions, and the ratio of noise norm to image norm (per image, min).
+    Args:
+        model: an Adapter or a supported timm ViT (run as it is: call ``.eval()`` first for dropout).
+        images: (B, C, H, W) pixels in [0, 1].
+        noise: pixel-space noise of the images' shape (e.g. :meth:`PatchNullspace.sample`).
+
+    Returns:
+        ``{"patch_embed_rel", "logits_rel"}``: max |change| / max |clean value| of the patch tokens
+        and of the logits; ``"predictions_match"``: the fraction of unchanged argmax predictions;
+        ``"noise_to_image_norm"``: the smallest per-image ratio of noise norm to image norm.
+
+    Raises:
+        NsvitError: noise and images differ in shape.
     """
     parts = adapt(model)
     if noise.shape != images.shape:
@@ -183,7 +235,10 @@ def nullspace_table(names: Iterable[str], rtol: float | None = None, seed: int =
 
     Where C*r*r == D (ViT-B/16: 768 = 768) the map is square and its nullspace is purely
     numerical: random init gives 0 or 1 singular values under the tolerance depending on the draw;
-    the paper's 2 came from pretrained weights."""
+    the paper's 2 came from pretrained weights.
+
+    Returns a list of :meth:`PatchNullspace.summary` rows; ``kwargs`` go to :func:`load_model`
+    (e.g. ``pretrained=True``). Raises NsvitError as :func:`load_model` does for an unknown name."""
     from .models.loading import load_model
 
     rows = []

@@ -19,6 +19,10 @@ def cosine_lr(base_lr: float, step: int, total: int) -> float:
 
 
 class MaskedAdamW:
+    """AdamW state (first and second moments, zeros) for a tensor of ``shape`` on ``device``;
+    :meth:`step` updates selected rows of the caller's tensor in place. ``lr`` is kept for the
+    caller; each step takes its own rate (see :func:`cosine_lr`)."""
+
     def __init__(self, shape, device, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999),
                  eps: float = 1e-8, dtype=torch.float32):
         self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps

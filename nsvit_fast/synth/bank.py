@@ -48,21 +48,33 @@ class NoiseBank:
 
     @property
     def token_shape(self) -> tuple[int, int]:
+        """(N, D), the shape of one noise (the model's patch tokens)."""
         return tuple(self.noises.shape[1:])
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready per-noise lists (norm, mse_prob, match_rate rounded to 6 digits; steps;
+        converged) with ``num_noises`` and every ``meta`` entry."""
         f = lambda t: [round(float(x), 6) for x in t]  # noqa: E731
         return {"num_noises": len(self), "norm": f(self.norm), "mse_prob": f(self.mse_prob),
                 "match_rate": f(self.match_rate), "steps": [int(s) for s in self.steps],
                 "converged": [bool(c) for c in self.converged], **{k: v for k, v in self.meta.items()}}
 
     def save(self, path: str | Path) -> Path:
+        """Write the bank to a safetensors file (atomically; ``meta`` in its header, noises as
+        float32). Returns the path written."""
         tensors = {"noises": self.noises.float(), **{k: getattr(self, k) for k in PER_NOISE}}
         tensors["converged"] = tensors["converged"].to(torch.uint8)
         return save_tensors(path, tensors, {"kind": "nsvit-fast/noise-bank", **self.meta})
 
     @classmethod
     def load(cls, path: str | Path, parts=None) -> "NoiseBank":
+        """Read a bank written by :meth:`save`; with ``parts``, also :meth:`check_model` it.
+
+        Raises:
+            NsvitError: the file is missing or not a noise bank, lacks a per-noise tensor, its
+                tensors disagree in shape, a noise holds NaN / inf, or (with parts) the noise shape
+                does not fit the model. Warns when the bank was learned on other weights.
+        """
         t, meta = load_tensors(path)
         if meta.get("kind") != "nsvit-fast/noise-bank" or "noises" not in t:
             raise NsvitError(f"{path} is not a noise bank saved by nsvit-fast")

@@ -17,10 +17,25 @@ from ..models.base import Adapter
 
 
 def weights_version(parts: Adapter) -> tuple:
+    """A value that changes whenever any parameter is written in place (torch's version counters)
+    or replaced: compare two to know whether cached clean values are still valid."""
     return tuple((id(p), p._version) for p in parts.parameters())
 
 
 class CleanCache:
+    """Clean (u, z, p) of ``images`` (n, C, H, W) under ``parts``, filled lazily, valid while the
+    weights stay put (see the module docstring).
+
+    Args:
+        parts: the model adapter (its weights are read, never written).
+        images: (n, C, H, W) pixels in [0, 1], on any device; indexed per batch.
+        device: where the cached values live (default: the model's).
+        max_bytes: the store's size limit (u (n, N, D) + z, p (n, K) in fp32); past it nothing is
+            stored and every :meth:`get` computes its batch.
+        chunk: images per forward when filling.
+        autocast: a context factory for the forwards (``Runtime.autocast``); values are kept fp32.
+    """
+
     def __init__(self, parts: Adapter, images: torch.Tensor, device: torch.device | None = None,
                  max_bytes: int = 2 << 30, chunk: int = 256, autocast=contextlib.nullcontext):
         self.parts, self.images, self.chunk = parts, images, chunk
@@ -47,7 +62,9 @@ class CleanCache:
 
     @torch.no_grad()
     def get(self, idx: torch.Tensor):
-        """Clean (u (B, N, D), z (B, K), p (B, K)) of images ``idx`` (a CPU index tensor)."""
+        """Clean (u (B, N, D), z (B, K), p (B, K)) of images ``idx`` (a CPU index tensor of B
+        indices), fp32 on the cache's device, no graph. Fills the missing entries first; a change
+        of weights since the last call empties the store."""
         if not self.store:
             return self._compute(idx)
         v = weights_version(self.parts)  # entries belong to these weights only

@@ -105,6 +105,9 @@ class SynthConfig:
 
 
 def check_config(cfg: SynthConfig) -> SynthConfig:
+    """Return ``cfg`` unchanged if every field is in range; raise NsvitError naming the first one
+    that is not (eps, lim, lr > 0; counts >= 1; mode, schedule, stop, lr_schedule and lim_unit one
+    of theirs; lr_t_max only with lr_schedule official; heldout, check_every >= 0)."""
     check_positive("eps", cfg.eps)
     check_positive("lim", cfg.lim)
     check_positive("lr", cfg.lr)
@@ -211,6 +214,9 @@ def resolve_lim(parts: Adapter, cfg: SynthConfig, images: torch.Tensor) -> tuple
 
 
 def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) -> torch.Tensor:
+    """The starting noises (M, N, D) float32 on the CPU: ``U(-lim, lim)`` from ``cfg.seed`` with
+    M = ``cfg.num_noises`` when ``init`` is None, else a copy of ``init`` ((N, D) or (M, N, D)).
+    Raises NsvitError for an init of the wrong shape or holding NaN / inf."""
     n, d = parts.token_shape
     if init is None:
         g = torch.Generator().manual_seed(cfg.seed)

@@ -29,6 +29,7 @@ class CachedSource:
         self.stream = BatchStream(cache.images.shape[0], batch_size, seed)
 
     def next(self):
+        """This rank's slice of the next batch: clean (u (b, N, D), z (b, K), p (b, K)), fp32."""
         with torch.profiler.record_function("data"):
             idx = self.stream.next()[self.rank::self.world]
         return self.cache.get(idx)  # labels its own gather (data) and fills (clean_forward)
@@ -43,6 +44,7 @@ class StreamSource:
 
     @torch.no_grad()
     def next(self):
+        """The folder's next batch: clean (u (b, N, D), z (b, K), p (b, K)), fp32, no graph."""
         with torch.profiler.record_function("data"):
             x, _ = self.data.next()
         with torch.profiler.record_function("clean_forward"), self.autocast():

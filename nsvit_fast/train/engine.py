@@ -139,6 +139,10 @@ def make_config(base: FinetuneConfig | None = None, overrides: dict[str, Any] | 
 
 @dataclass
 class FinetuneResult:
+    """What :func:`finetune` returns: the finetuned model (trained in place), one log record per
+    round (as in log.jsonl), the output folder (None without one) and the timm EMA module (None
+    without ``ema``)."""
+
     parts: Adapter
     history: list[dict]
     out_dir: Path | None
@@ -168,6 +172,13 @@ class _LossModule(nn.Module):
 
 
 class Engine:
+    """One finetuning run: optimiser, cosine schedule, EMA, batch stream, checkpoints and logs
+    around a method's ``prepare`` / ``loss`` (built by :func:`finetune`, which holds the run lock).
+
+    Raises NsvitError for ``synth.mode="reference"`` under several processes (when the method
+    needs noise) and for batch sizes that do not divide by the number of processes.
+    """
+
     def __init__(self, parts: Adapter, train: ImageDataset | Path, cfg: FinetuneConfig, val: ImageDataset | None,
                  out_dir: Path | None, progress: bool, runtime: Runtime, on_bad_image: str = "error"):
         self.parts, self.train, self.cfg, self.val, self.rt = parts, train, cfg, val, runtime
@@ -206,10 +217,14 @@ class Engine:
 
     # -- state --
     def meta(self) -> dict[str, Any]:
+        """The run's identity and history for the checkpoint header: config, model name, arch,
+        model kwargs, per-round records."""
         return {"config": asdict(self.cfg), "model": self.parts.name, "arch": self.parts.arch,
                 "model_kwargs": self.parts.model_kwargs, "history": self.history}
 
     def save(self, k: int, s: int) -> None:
+        """Checkpoint (on rank 0, with an out_dir) the state to resume at round ``k``, step ``s``:
+        weights, optimiser, schedule, EMA, batch stream, noises, round records (written atomically)."""
         if self.out_dir is None or self.rank != 0:
             return
         progress = {"round": k, "step": s, "round_info": self.round_info, "round_losses": self.round_losses}
@@ -220,6 +235,9 @@ class Engine:
                    progress=progress, meta=self.meta())
 
     def restore(self) -> tuple[int, int]:
+        """Load the out_dir checkpoint into this engine (in place) and return (round, step) to
+        resume at. Raises NsvitError when the checkpoint belongs to another run (another model or
+        config; checkpoint_every and workers may differ)."""
         path = self.out_dir / STATE_FILE
         from ..io import load_tensors
 
@@ -244,6 +262,7 @@ class Engine:
 
     # -- loop --
     def round_seed(self, k: int) -> int:
+        """Round k's seed: config seed * 100003 + k (the noise and the method's draws)."""
         return self.cfg.seed * 100_003 + k
 
     def context(self, k: int) -> RoundContext:
@@ -273,9 +292,12 @@ class Engine:
         return bank.noises[0], info
 
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next training batch: images (b, C, H, W) in [0, 1] and labels (b,), on the device."""
         return self.stream.next()
 
     def val_accuracy(self) -> float | None:
+        """Accuracy of the model to evaluate (the EMA copy when EMA runs) on the first
+        ``val_images`` validation images (0: all); None without validation data."""
         if self.val is None:
             return None
         parts = self.parts if self.ema is None else ema_parts(self.parts, self.ema)
@@ -298,6 +320,10 @@ class Engine:
         return hits / max(seen, 1)
 
     def run(self, start_round: int = 0, start_step: int = 0) -> None:
+        """Rounds ``start_round``.. of ``model_steps`` steps each, from ``start_step`` in the first:
+        a fresh round calls the method's ``prepare`` (its noise), then every step one optimiser
+        update on ``loss``; checkpoints every ``checkpoint_every`` steps and at each round's end,
+        where the round's record is appended to the history and the logs are written."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -358,6 +384,9 @@ class Engine:
         pending.clear()
 
     def write_logs(self, rec: dict) -> None:
+        """On rank 0 with an out_dir: rewrite log.jsonl with the history, add ``rec``'s numbers to
+        TensorBoard if enabled, redraw the Fig. 4 trend. Raises NsvitError when TensorBoard is
+        asked for and not installed."""
         if self.out_dir is None or self.rank != 0:
             return
         write_text(self.out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))

@@ -20,6 +20,10 @@ def fused_views(parts, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tens
 
 
 class NS(Method):
+    """The paper's method: each round learns one ε-approximate nullspace noise on the current
+    model; each step's loss is CE on the clean images plus CE on the same images with that noise
+    added to their patch tokens (equal weights)."""
+
     name = "ns"
     needs_noise = True
 

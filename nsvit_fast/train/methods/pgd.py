@@ -27,6 +27,9 @@ class PGDConfig:
 
 
 class PGD(Method):
+    """Madry PGD adversarial training: ``prepare`` builds torchattacks.PGD on the round's model,
+    ``loss`` is CE on its x_adv only (``ce_adv`` in the log)."""
+
     name = "pgd"
     Config = PGDConfig
     moved_keys = {"pgd_eps": "eps", "pgd_alpha": "alpha", "pgd_steps": "steps"}

@@ -8,6 +8,8 @@ from .base import Method
 
 
 class Plain(Method):
+    """The control: CE on the clean batch, no noise."""
+
     name = "plain"
 
     def loss(self, parts, x, y, noise):

@@ -33,6 +33,10 @@ class RandomConfig:
 
 
 class RandomNoise(Method):
+    """NS's loss with a Gaussian token-space noise instead of the learned one (the ablation):
+    per round a seeded Gaussian (N, D) scaled to ``random.norm``, else to ``random.norms[round]``
+    (the last entry past its end), else to the norm of the round's learned NS noise."""
+
     name = "random"
     Config = RandomConfig
     moved_keys = {"random_norm": "norm"}

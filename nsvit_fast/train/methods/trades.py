@@ -32,6 +32,10 @@ class TRADESConfig:
 
 
 class TRADES(Method):
+    """TRADES: ``prepare`` builds torchattacks.TPGD on the round's model; ``loss`` is
+    CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), batch mean, clean and adversarial
+    images in one forward."""
+
     name = "trades"
     Config = TRADESConfig
     moved_keys = {"trades_beta": "beta", "pgd_eps": "eps", "pgd_alpha": "alpha", "pgd_steps": "steps"}
