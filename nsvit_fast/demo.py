@@ -38,6 +38,10 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
 
 
 def nullspace_stage(out: Path, scale: float, num_images: int, seed: int, log) -> dict:
+    """The demo's first stage on the embedded digits model: test accuracy on ``num_images`` test
+    images, the exact nullspace (Table 1 row), invariance to seeded nullspace noise of ``scale``
+    times each image's norm in float32 and float64, and the Fig. 2 panel written to ``out``.
+    ``log`` takes one line at a time. Returns the stage's record (JSON-ready)."""
     t0 = time.perf_counter()
     parts = load_model("digits_vit")
     test = digits("test").subset(num_images)
@@ -74,6 +78,11 @@ QUICK_SUITES = ["clean", "fgsm", "fgsm:eps=8/255", "pgd"]
 
 
 def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
+    """The demo's second stage: finetune the digits model with ns, plain and random (random
+    matching ns's per-round noise norms) from ``configs/digits.yaml`` (``quick``: 2 rounds of 5
+    steps, 300 synthesis steps), resuming from ``out/finetune/<method>``; the Fig. 4 trend; the
+    evaluation suites against the pretrained model, saved under ``out/eval``. Returns the config,
+    Table 2, the report, histories and seconds per method."""
     import warnings
 
     from .train import finetune

@@ -16,6 +16,8 @@ from torch import nn
 
 
 def rank_world() -> tuple[int, int]:
+    """(this process's rank, number of processes) in the default process group; (0, 1) when
+    torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -120,16 +120,22 @@ def _umask() -> int:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`); returns the path. Missing parent
+    folders are made. Raises NsvitError as :func:`atomic_path` does."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Write ``obj`` as indented JSON plus a newline, atomically; returns the path. Raises
+    NsvitError as :func:`atomic_path` does, TypeError for an object JSON cannot hold."""
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path. Raises NsvitError as
+    :func:`atomic_path` does."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)

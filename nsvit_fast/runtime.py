@@ -78,6 +78,12 @@ class Runtime:
     @classmethod
     def create(cls, device: str | torch.device | None = "auto", precision: str = "fp32",
                compile: bool = False) -> "Runtime":
+        """Resolve ``device`` (:func:`resolve_device`) and check ``precision``.
+
+        Raises:
+            NsvitError: an unknown device or precision, CUDA where there is none, or fp16 on the
+            CPU (CPU autocast is bf16).
+        """
         rt = cls(resolve_device(device), check_precision(precision), bool(compile))
         if rt.precision == "fp16" and rt.device.type == "cpu":
             raise NsvitError("precision fp16 needs a CUDA device (CPU autocast is bf16); use --precision bf16")

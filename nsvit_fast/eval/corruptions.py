@@ -76,6 +76,8 @@ class CorruptionSet:
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
     def get(self, name: str, severity: int) -> torch.Tensor:
+        """The images (B, C, H, W) under corruption ``name`` at ``severity`` (1-5), made on first
+        use (seeded) and kept. Raises NsvitError as :func:`corrupt` does."""
         key = (name, severity)
         if key not in self._cache:
             self._cache[key] = corrupt(self.images, name, severity, self.seed)

@@ -21,6 +21,9 @@ SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-s
 
 
 def model_class_names(parts, model_classes: list[str] | None = None) -> list[str]:
+    """The names of the model's K outputs, in order: ``model_classes`` when given, timm's ImageNet
+    synsets (``n01440764`` ...) for a 1000-class model. Raises NsvitError for any other model
+    without ``model_classes``."""
     if model_classes is not None:
         return list(model_classes)
     if parts.num_classes == 1000:

@@ -163,6 +163,9 @@ class PatchFool(_attack_base()):
         return grad
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Adversarial images (B, C, H, W) in [0, 1] for images in [0, 1] and labels (B,): only
+        the chosen patches change; the perturbation is optimised in normalised space (as the
+        authors') and kept within the valid pixel range."""
         parts = self.model
         x = images.clone().detach().to(self.device)
         y = labels.clone().detach().to(self.device)

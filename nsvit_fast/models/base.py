@@ -217,5 +217,7 @@ class Adapter(nn.Module):
         return self.encode(self.patch_embed(x))
 
     def extra_repr(self) -> str:
+        """The adapter's geometry in ``repr(parts)``: name, family, image and patch size, token
+        shape (N, D), classes."""
         return (f"name={self.name!r}, family={self.family!r}, img_size={self.img_size}, "
                 f"patch_size={self.patch_size}, tokens={self.token_shape}, classes={self.num_classes}")

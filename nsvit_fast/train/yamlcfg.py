@@ -38,6 +38,8 @@ def find_config(name: str) -> Path:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["rounds=5", "synth.eps=0.01"]`` -> ``{"rounds": 5, "synth.eps": 0.01}``, each value read
+    as YAML. Raises NsvitError for an item without ``key=`` or with a value that is not YAML."""
     import yaml
 
     out = {}
