@@ -43,7 +43,10 @@ def _lib():
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
-    """Corrupt pixels (B, C, H, W) in [0, 1] with ``name`` at ``severity`` (1-5); seeded, same shape."""
+    """Corrupt pixels (B, C, H, W) in [0, 1] with ``name`` at ``severity`` (1-5); seeded, same shape.
+
+    Returns a new tensor in [0, 1]. Raises NsvitError for an unknown corruption, a severity outside
+    1-5, or images smaller than the corruptions need."""
     if name not in CORRUPTIONS:
         raise NsvitError(f"unknown corruption {name!r} (corruptions: {', '.join(CORRUPTIONS)})")
     if severity not in SEVERITIES:
@@ -86,7 +89,10 @@ class CorruptionSet:
 
 def mce(err: dict[str, list[float]], reference: dict[str, list[float]] | dict[str, float]) -> float:
     """100 * mean_c (sum_s err[c][s] / sum_s ref[c][s]); a float reference is a per-corruption mean
-    over severities (AlexNet's published numbers), so its sum is 5 x the mean."""
+    over severities (AlexNet's published numbers), so its sum is 5 x the mean.
+
+    ``err`` maps corruption names to error fractions per severity; every name must be in
+    ``reference``. Raises NsvitError when a reference error sums to 0."""
     ces = []
     for c, e in err.items():
         ref = reference[c]

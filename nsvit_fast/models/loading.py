@@ -199,7 +199,9 @@ def create_model(arch: str, *, name: str = "", mean=None, std=None, pretrained: 
 
 def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it
-    (``arch``, ``model_kwargs``, mean and std) and ``metadata``; returns the path written."""
+    (``arch``, ``model_kwargs``, mean and std) and ``metadata``; returns the path written.
+    ``metadata`` values must be JSON-serialisable. Raises NsvitError when the file cannot be
+    written (a folder at ``path``, no permission, a full disk)."""
     meta = {"format": FORMAT, "nsvit_fast_version": __version__, "arch": adapter.arch,
             "model_kwargs": adapter.model_kwargs,
             "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
@@ -209,7 +211,8 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
 
 def weights_fingerprint(adapter: Adapter) -> str:
     """A short hash (16 hex digits) of the model weights, over names and float32 values: noise banks
-    and runs record which model they belong to."""
+    and runs record which model they belong to. Reads every weight as float32 on the CPU, so the
+    same weights give the same hash on any device and in any dtype that holds them exactly."""
     import hashlib
 
     h = hashlib.sha256()

@@ -79,7 +79,8 @@ OFFICIAL_T_MAX_RATIO = 10  # official T_max / step budget = len(loader)*rounds /
 
 @dataclass
 class SynthConfig:
-    """Synthesis settings; defaults are the paper's (App. C)."""
+    """Synthesis settings; defaults are the paper's (App. C). One comment per field says what it
+    sets; :func:`check_config` checks the ranges (``synthesize`` calls it)."""
 
     eps: float = 0.03            # ε of the ε-approximate nullspace (MSE of probabilities)
     lim: float = 3.0             # init v ~ U(-lim, lim)
@@ -424,7 +425,15 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
 
     Returns a NoiseBank of M noises (M, N, D) with MSE-prob, match rate, norms, steps.
     A noise that never passes the stop rule within max_steps comes back with converged=False and a
-    warning.
+    warning. The model's weights are not changed (the reference mode's weight gradients are
+    discarded, ``requires_grad`` flags and ``.grad`` restored); it is moved to ``device``.
+
+    Raises:
+        NsvitError: a setting out of range or an unknown key (:func:`check_config`), data that is
+        not an ImageDataset / image tensor / StreamingData, empty or outside [0, 1] or of the wrong
+        image shape, an ``init`` of the wrong shape or not finite, a streamed folder with
+        ``mode="reference"`` or ``cache=``, a ``cache`` of another model or image set, or an
+        unavailable device / precision.
     """
     cfg = check_config(build(SynthConfig, config, overrides, "synthesis"))
     run_cfg = cfg
@@ -510,7 +519,16 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
     for a fixed number of steps, no early stop, one noise per value of ``lam``, all in one batch.
 
     The bank's meta adds the permutation control (each noise's elements shuffled, seeded) scored by
-    the same held-out metrics: ``permuted_mse_prob`` and ``permuted_match_rate``, and ``lam``."""
+    the same held-out metrics: ``permuted_mse_prob`` and ``permuted_match_rate``, and ``lam``.
+
+    Args:
+        model, data, heldout_data, progress, log: as :func:`synthesize` (data in memory).
+        lam: one λ or a list; one noise (N, D) is learned per value.
+        steps: descent steps for every noise (``max_steps``); none stops early.
+        config, overrides: SynthConfig settings (``lim``, ``lr``, ``batch_size``...); mode is fast.
+
+    Returns a NoiseBank with len(lam) noises. Raises NsvitError for a λ that is negative or not
+    finite, and as :func:`synthesize` for bad settings or data."""
     lams = torch.as_tensor(lam if isinstance(lam, (list, tuple)) else [lam], dtype=torch.float32).flatten()
     if not bool(torch.isfinite(lams).all()) or bool((lams < 0).any()):
         raise NsvitError(f"lam must be finite and >= 0, got {lams.tolist()}")

@@ -29,7 +29,8 @@ def profile_synth(model, data, steps: int = 20, trace: str | Path | None = "synt
     """Run ``steps`` descent steps (eps forced tiny so nothing stops) under the profiler.
 
     Returns {"phases": {phase: {"ms", "pct"}}, "wall_ms", "ms_per_step", "steps", "mode"} and writes
-    the Chrome trace (open it in chrome://tracing or https://ui.perfetto.dev)."""
+    the Chrome trace (open it in chrome://tracing or https://ui.perfetto.dev), atomically.
+    Raises NsvitError as :func:`~nsvit_fast.synth.synthesize` does for bad settings or data."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep kineto's startup chatter off the terminal
     from torch.profiler import ProfilerActivity, profile
 

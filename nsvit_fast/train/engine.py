@@ -111,7 +111,11 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def make_config(base: FinetuneConfig | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
     """FinetuneConfig from overrides, where a nested config (``synth``, a method's own) may be a
-    mapping or ``synth.key`` flat keys. An old flat method key (``pgd_eps``) is refused with its new name."""
+    mapping or ``synth.key`` flat keys. An old flat method key (``pgd_eps``) is refused with its new name.
+
+    Returns a checked FinetuneConfig (``base`` or the defaults, with ``overrides`` applied). Raises
+    NsvitError for an unknown key (naming the nearest one), a value of the wrong type or out of
+    range, or a moved key."""
     o = dict(overrides or {})
     base = base or FinetuneConfig()
     for k in o:
