@@ -7,6 +7,9 @@ Liu, Singh, Li, Wang (CPAL 2025). Public API::
     basis = ns.nullspace_basis(parts)               # exact patch-embedding nullspace
     noise = basis.sample(8, norm=100.0)             # pixel-space noise the model cannot see
     ns.verify_invariance(parts, images, noise)
+
+"The official code" in the docstrings is the paper's public implementation,
+https://github.com/Liu-Hy/NS-ViT; the ``reference`` synthesis mode follows it step for step.
 """
 
 __version__ = "0.1.0"

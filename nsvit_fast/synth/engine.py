@@ -6,10 +6,11 @@
 
 Modes (same mathematics, same trajectory for the same seed and batches):
 
-- ``reference``: the official loop (NS-ViT ``utils.encoder_level_epsilon_noise``) step for step:
-  clean logits recomputed each step under ``no_grad``, the model's weights keep requires_grad
-  (their gradients are computed, accumulated and discarded), the patch embedding twice, a host
-  sync per step, torch.optim.AdamW + CosineAnnealingLR. A verbatim transcription of the official
+- ``reference``: the official loop (``encoder_level_epsilon_noise`` in ``utils.py`` of the official
+  code, https://github.com/Liu-Hy/NS-ViT) step for step: clean logits recomputed each step under
+  ``no_grad``, the model's weights keep requires_grad (their gradients are computed, accumulated
+  and discarded), the patch embedding twice, a host sync per step, torch.optim.AdamW +
+  CosineAnnealingLR. A verbatim transcription of the official
   loop in tests/test_synth.py takes the same trajectory. The benchmark baseline; one noise at a time.
 - ``fast``: weights frozen for the duration, clean tokens/logits computed once per image without a
   graph (:class:`CleanCache`), the stop test taken from the same forward as the loss, one noisy
