@@ -196,3 +196,22 @@ def test_no_module_points_to_files_outside_the_repository():
     bad = [f"{p.relative_to(PACKAGE.parent)}" for p in sorted(PACKAGE.rglob("*.py")) + sorted(KERNELS.rglob("*.py"))
            if "shared/reference-notes" in p.read_text() or "reference-notes.md" in p.read_text()]
     assert not bad, bad
+
+
+def test_readme_layout_names_every_module():
+    # the README's Layout section matches the tree: each package folder and module is named in it
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    words = set(re.findall(r"[\w.]+", layout))
+    missing = []
+    for root, prefix in ((PACKAGE, "nsvit_fast"), (KERNELS, "kernels")):
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            if path.name == "__init__.py" and rel.parent != Path("."):
+                continue  # a package is named by its folder
+            if path.stem not in words and path.name not in words:
+                missing.append(f"{prefix}/{rel}")
+        for folder in sorted(p for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__"):
+            if f"{folder.name}/" not in layout:
+                missing.append(f"{prefix}/{folder.relative_to(root)}/")
+    assert not missing, f"README Layout does not mention: {missing}"
