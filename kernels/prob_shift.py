@@ -27,6 +27,16 @@ from . import launch
 
 
 @triton.jit
+def _load_block(zn_row, zc_row, k0, offs, K):
+    # one BLOCK_K block of a (noisy, clean) row pair in fp32, zeros past K; both passes read rows so
+    k = k0 + offs
+    mask = k < K
+    xn = tl.load(zn_row + k, mask=mask, other=0.0).to(tl.float32)
+    xc = tl.load(zc_row + k, mask=mask, other=0.0).to(tl.float32)
+    return k, mask, xn, xc
+
+
+@triton.jit
 def _rows_kernel(zn_ptr, zc_ptr, pc_ptr, dist_ptr, sq_ptr, grad_ptr, B, K, inv_b,
                  HAS_PC: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)          # row = m * B + b
@@ -41,10 +51,7 @@ def _rows_kernel(zn_ptr, zc_ptr, pc_ptr, dist_ptr, sq_ptr, grad_ptr, B, K, inv_b
     s_c = tl.zeros((), tl.float32)
     d2 = tl.zeros((), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        xn = tl.load(zn_row + k, mask=mask, other=0.0).to(tl.float32)
-        xc = tl.load(zc_row + k, mask=mask, other=0.0).to(tl.float32)
+        k, mask, xn, xc = _load_block(zn_row, zc_row, k0, offs, K)
         diff = xn - xc
         d2 += tl.sum(diff * diff, axis=0)
         new_n = tl.maximum(m_n, tl.max(tl.where(mask, xn, -float("inf")), axis=0))
@@ -59,10 +66,7 @@ def _rows_kernel(zn_ptr, zc_ptr, pc_ptr, dist_ptr, sq_ptr, grad_ptr, B, K, inv_b
     # pass 2: squared probability shift, and the gradient row
     sq = tl.zeros((), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        xn = tl.load(zn_row + k, mask=mask, other=0.0).to(tl.float32)
-        xc = tl.load(zc_row + k, mask=mask, other=0.0).to(tl.float32)
+        k, mask, xn, xc = _load_block(zn_row, zc_row, k0, offs, K)
         pn = tl.exp(xn - m_n) / s_n
         if HAS_PC:
             pc = tl.load(pc_ptr + b * K + k, mask=mask, other=0.0).to(tl.float32)
