@@ -20,6 +20,7 @@ import torch
 from . import ops
 from .errors import NsvitError
 from .models.base import Adapter
+from .models.loading import load_model
 from .models.registry import adapt
 from .ops import patchify, unpatchify
 
@@ -239,8 +240,6 @@ def nullspace_table(names: Iterable[str], rtol: float | None = None, seed: int =
 
     Returns a list of :meth:`PatchNullspace.summary` rows; ``kwargs`` go to :func:`load_model`
     (e.g. ``pretrained=True``). Raises NsvitError as :func:`load_model` does for an unknown name."""
-    from .models.loading import load_model
-
     rows = []
     for name in names:
         torch.manual_seed(seed)

@@ -10,6 +10,7 @@ The public API is documented (every name in an ``__all__``), and no module point
 that are not in the repository.
 """
 
+import ast
 import dataclasses
 import importlib
 import inspect
@@ -215,3 +216,36 @@ def test_readme_layout_names_every_module():
             if f"{folder.name}/" not in layout:
                 missing.append(f"{prefix}/{folder.relative_to(root)}/")
     assert not missing, f"README Layout does not mention: {missing}"
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(module imported, inside a function) for every import in a file, relative ones resolved
+    against nsvit_fast."""
+    tree = ast.parse(path.read_text())
+    pkg = ["nsvit_fast", *path.relative_to(PACKAGE).parent.parts]
+    out = []
+
+    def visit(node, in_def):
+        for child in ast.iter_child_nodes(node):
+            inner = in_def or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                out.extend((a.name, inner) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = pkg[:len(pkg) - child.level + 1] if child.level else []
+                mod = ".".join(base + ([child.module] if child.module else []))
+                out.extend((f"{mod}.{a.name}" if not child.module else mod, inner) for a in child.names)
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def test_nullspace_uses_ops_and_ops_never_imports_nullspace():
+    # one direction only (issue 14): the patch layout lives in ops.patches, nullspace imports ops
+    # at module level, and no op reaches back into nullspace (not even inside a function)
+    back = [f"{p.relative_to(PACKAGE)}: {m}" for p in sorted((PACKAGE / "ops").rglob("*.py"))
+            for m, _ in _imports(p) if m.startswith("nsvit_fast.nullspace")]
+    assert not back, back
+    local = [m for m, inside in _imports(PACKAGE / "nullspace.py") if inside and m.startswith("nsvit_fast.ops")]
+    assert not local, local
+    assert any(m.startswith("nsvit_fast.ops") for m, inside in _imports(PACKAGE / "nullspace.py") if not inside)
