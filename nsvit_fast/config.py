@@ -75,3 +75,6 @@ def build(cls: type[T], base: T | None = None, overrides: Mapping[str, Any] | No
         checked[k] = check_type(f"synth.{k}" if where == "synth" else k, v, hints[k])
     obj = base if base is not None else cls()
     return dataclasses.replace(obj, **checked)
+
+
+__all__ = ["check_type", "build"]

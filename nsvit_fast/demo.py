@@ -180,3 +180,6 @@ C↓ is mCE relative to the pretrained model (so it scores 100); C acc is the me
 
 ![corruptions](eval/corruptions.png)
 """
+
+
+__all__ = ["run_demo", "nullspace_stage", "finetune_stage", "format_nullspace_rows", "SUITES", "QUICK_SUITES"]

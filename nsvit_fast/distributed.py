@@ -57,3 +57,6 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
+
+
+__all__ = ["rank_world", "init_from_env", "wrap", "all_mean"]

@@ -70,3 +70,6 @@ def check_pixels(name: str, x: torch.Tensor, *, tol: float = 1e-6) -> torch.Tens
     if lo < -tol or hi > 1 + tol:
         raise NsvitError(f"{name} must be pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
     return x
+
+
+__all__ = ["NsvitError", "check_positive", "check_count", "check_number", "check_finite", "check_pixels"]

@@ -17,3 +17,6 @@ def load_torchattacks():
         raise NsvitError("this needs torchattacks: pip install --no-deps torchattacks "
                          "(--no-deps: its requests pin would downgrade other packages)") from None
     return torchattacks
+
+
+__all__ = ["load_torchattacks"]

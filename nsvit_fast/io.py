@@ -194,3 +194,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         except ValueError:
             raise NsvitError(f"{path}: metadata {k!r} is not valid JSON (edited or corrupt file)") from None
     return tensors, decoded
+
+
+__all__ = ["os_error", "check_output_file", "check_output_dir", "atomic_path", "write_text", "write_json",
+           "write_bytes", "save_figure", "save_tensors", "load_tensors"]

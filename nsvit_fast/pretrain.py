@@ -95,3 +95,6 @@ def pretrain_digits(cfg: PretrainConfig = PretrainConfig(), out: str | Path | No
     if out is not None:
         save_model(parts, out, {"trained_by": "nsvit-fast pretrain", "metrics": metrics})
     return parts, metrics
+
+
+__all__ = ["PretrainConfig", "pretrain_digits"]

@@ -98,3 +98,6 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         for p in reversed(made):  # folders this lock created and nothing else filled
             with contextlib.suppress(OSError):
                 p.rmdir()
+
+
+__all__ = ["LOCK_NAME", "holder", "run_lock"]

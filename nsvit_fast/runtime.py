@@ -147,3 +147,6 @@ def device_kind(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+__all__ = ["DEVICES", "PRECISIONS", "resolve_device", "check_precision", "Runtime", "exact_math", "device_kind"]

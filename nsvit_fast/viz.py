@@ -95,3 +95,6 @@ def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path: str | Path, tit
     out = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return out
+
+
+__all__ = ["pyplot", "nullspace_noise_figure", "bars_figure", "image_grid"]
