@@ -37,7 +37,8 @@ def available(device) -> bool:
 
 @dataclass
 class Launch:
-    """One kernel launch as an autograd Function makes it."""
+    """One kernel launch as an autograd Function makes it: the @triton.jit function, the grid,
+    the runtime arguments in order (tensors, ints, floats) and the constexpr keyword arguments."""
 
     kernel: Any                      # the @triton.jit function
     grid: tuple[int, ...]

@@ -34,7 +34,10 @@ OPS: dict[str, Op] = {}
 def register(op: str, backend: str, fn: Callable, available: Callable[[torch.device], bool] = lambda d: True,
              prefer_on: tuple[str, ...] = ()) -> None:
     """Register ``fn`` as ``op``'s ``backend`` implementation; ``prefer_on`` device types put it
-    ahead of those already registered there (the torch reference registers first, last in line)."""
+    ahead of those already registered there (the torch reference registers first, last in line).
+
+    ``available(device) -> bool`` says where ``fn`` can run (checked per call). Registering a
+    backend again replaces it and its place in the order. Called at import by each op's module."""
     o = OPS.setdefault(op, Op(op))
     o.impls[backend] = fn
     o.available[backend] = available

@@ -39,7 +39,8 @@ def get_method(name: str, config: Any = None) -> Method:
 
 
 def method_for(cfg: MethodConfigs, name: str) -> Method:
-    """Method ``name`` with its nested config taken from ``cfg`` (a FinetuneConfig)."""
+    """Method ``name`` with its nested config taken from ``cfg`` (a FinetuneConfig; None for a
+    method without one). Raises NsvitError for an unknown name, as :func:`get_method`."""
     return get_method(name, getattr(cfg, name, None))
 
 

@@ -13,7 +13,11 @@ from .base import Method
 
 
 def fused_views(parts, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the clean and noisy views, (B, K) each, from one encoder pass over 2B token sets."""
+    """Logits of the clean and noisy views, (B, K) each, from one encoder pass over 2B token sets.
+
+    ``x``: images (B, C, H, W) in [0, 1]; ``noise``: one token-space noise (N, D), added to every
+    image's patch tokens (cast to their dtype and device). The patch embedding runs once; the
+    graph reaches the model's weights through both views."""
     u = parts.patch_embed(x)
     z = parts.encode_noisy(u, noise.to(u)[None], include_clean=True)
     return z[: x.shape[0]], z[x.shape[0]:]
