@@ -70,15 +70,28 @@ class Fingerprint:
                             {"kind": "nsvit-fast/fingerprint", **self.meta})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Fingerprint":
-        """Read and check a fingerprint file (see :meth:`check`); NsvitError if anything is off."""
+    def load(cls, path: str | Path, expect_digest: str | None = None) -> "Fingerprint":
+        """Read and check a fingerprint file (see :meth:`check`).
+
+        Args:
+            path: a file written by :meth:`save`.
+            expect_digest: the digest the owner recorded at make time; the file must carry it.
+
+        Raises:
+            NsvitError: a missing or unreadable file, a file that is not a fingerprint, anything
+                :meth:`check` refuses, or a digest other than ``expect_digest``.
+        """
         t, m = load_tensors(path)
         if m.get("kind") != "nsvit-fast/fingerprint":
             raise NsvitError(f"{path} is not a fingerprint made by nsvit-fast")
         missing = [k for k in TENSORS if k not in t]
         if missing:
             raise NsvitError(f"{path}: fingerprint lacks tensor {missing[0]!r} (edited or corrupt file)")
-        return cls(t["images"], t["noise"], t["control"], m).check(str(path))
+        fp = cls(t["images"], t["noise"], t["control"], m).check(str(path))
+        if expect_digest is not None and fp.meta["digest"] != str(expect_digest).strip().lower():
+            raise NsvitError(f"{path} has digest {fp.meta['digest']}, not the expected "
+                             f"{str(expect_digest).strip()}: it is not the fingerprint you recorded")
+        return fp
 
     def check(self, source: str = "fingerprint") -> "Fingerprint":
         """Refuse a fingerprint that could give a wrong answer: tensors of unequal shapes, NaN/inf,
