@@ -79,6 +79,16 @@ def listof(item, what: str):
     return parse
 
 
+def one_of(names, what: str):
+    """One of ``names`` (an engine's constant), for comma-separated lists of them."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r} ({what}s: {', '.join(names)})")
+        return text
+    parse.__name__ = what
+    return parse
+
+
 def suite_folder(text: str) -> tuple[str, str]:
     name, eq, path = text.partition("=")
     if not eq or not name.strip() or not path.strip():
@@ -193,16 +203,22 @@ def add_demo(sub) -> None:
 
 
 # -- synth --
-def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
-    p.add_argument("--data", default=default, help=f"digits, synthetic, or an ImageFolder path (default {default})")
-    p.add_argument("--split", default="train", help="split of digits/synthetic, or a sub-folder if present")
+def _data_args(p: argparse.ArgumentParser, default: str = "digits", split: str = "train") -> None:
+    """--data (one spec, parsed by nsvit_fast.data.parse_spec), --split, --max-images, --on-bad-image."""
+    from .data import BAD_IMAGE, SPLIT_FOLDERS
+
+    p.add_argument("--data", default=default, help=f"digits[:split], synthetic[:split], or an ImageFolder path "
+                                                   f"(default {default})")
+    p.add_argument("--split", help=f"split of digits / synthetic (default {split}), or the split folder "
+                                   f"({', '.join(SPLIT_FOLDERS)}) of a --data folder that holds them")
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
-    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+    p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
     from .synth import SynthConfig
+    from .synth.engine import LR_SCHEDULES, MODES, SCHEDULES, STOPS
 
     d = SynthConfig()
     g = p.add_argument_group("synthesis (defaults: the paper's)")
@@ -212,12 +228,12 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=count(1), default=d.max_steps, help=f"default {d.max_steps}")
     g.add_argument("--batch-size", type=count(1), default=d.batch_size, help=f"default {d.batch_size}")
     g.add_argument("--num-noises", type=count(1), default=d.num_noises, help="noises learned at once (default 1)")
-    g.add_argument("--mode", choices=["reference", "fast"], default=d.mode, help="default fast")
-    g.add_argument("--schedule", choices=["paper", "boundary"], default=d.schedule, help="default paper")
-    g.add_argument("--stop", choices=["batch", "heldout"], default=d.stop, help="default batch (the paper's)")
+    g.add_argument("--mode", choices=MODES, default=d.mode, help="default fast")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="default paper")
+    g.add_argument("--stop", choices=STOPS, default=d.stop, help="default batch (the paper's)")
     g.add_argument("--heldout", type=count(0), default=d.heldout, help=f"held-out images: carved out of the data for "
                    f"--stop heldout; a metrics sample left in training for --stop batch (default {d.heldout})")
-    g.add_argument("--lr-schedule", dest="lr_schedule", choices=["official", "max_steps"], default=d.lr_schedule,
+    g.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="cosine over 10 x max-steps as the official code (default), or over max-steps")
     g.add_argument("--lr-t-max", dest="lr_t_max", type=count(0), default=d.lr_t_max,
                    help="official schedule's T_max (default 0: 10 x max-steps; 30030 is the official ImageNet run)")
@@ -231,7 +247,7 @@ def _synth_overrides(args) -> dict:
 
 
 def cmd_synth(args) -> int:
-    from .data import load_data
+    from .data import stream_or_load
     from .io import check_output_file
     from .synth import synthesize
 
@@ -242,18 +258,12 @@ def cmd_synth(args) -> int:
 
     rt = Runtime.create(args.device, args.precision or "fp32")
     parts = _load(args).to(rt.device)
-    spec = args.data
-    if spec not in ("digits", "synthetic") and Path(spec, args.split).is_dir():
-        spec = str(Path(spec, args.split))  # --split names a sub-folder when there is one
-    root = stream_or_load(spec, parts, args.max_images, args.on_bad_image) \
-        if args.data not in ("digits", "synthetic") else None
-    if root is not None and not hasattr(root, "images"):  # a folder, streamed with the official augmentation
+    data = stream_or_load(args.data, parts, args.split, args.max_images, args.on_bad_image)
+    if isinstance(data, Path):  # a folder, streamed with the official augmentation
         from .data.stream import StreamingData
 
-        data = StreamingData(root, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
+        data = StreamingData(data, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
                              on_bad_image=args.on_bad_image)
-    else:
-        data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
     bank.save(args.out)
     if args.json:
@@ -280,7 +290,9 @@ def add_synth(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_args(p)
-    p.add_argument("--augment", default="rrc_flip", choices=("rrc_flip", "none"),
+    from .data.stream import AUGMENTS
+
+    p.add_argument("--augment", default="rrc_flip", choices=AUGMENTS,
                    help="a streamed folder (no --max-images): the official RandomResizedCrop + flip (default) or none")
     p.add_argument("--workers", type=count(0), default=4, help="DataLoader workers for a streamed folder (default 4)")
     p.set_defaults(func=cmd_synth)
@@ -308,44 +320,23 @@ def cmd_profile(args) -> int:
     return 0
 
 
+PROFILED = {"synth": cmd_profile}  # what `profile` can profile: each one's command
+
+
 def add_profile(sub) -> None:
     p = sub.add_parser("profile", help="profile noise synthesis by phase (torch.profiler)",
                        description="Run a few synthesis steps under torch.profiler; print time per phase and "
                                    "write a Chrome trace.")
-    p.add_argument("what", choices=["synth"], help="what to profile")
+    p.add_argument("what", choices=PROFILED, help="what to profile")
     _model_args(p, default="digits_vit")
     _data_args(p)
     _synth_args(p)
     p.add_argument("--steps", type=count(1), default=20, help="steps to profile (default 20)")
     p.add_argument("--trace", default="synth_trace.json", help="Chrome trace output (default synth_trace.json)")
-    p.set_defaults(func=cmd_profile)
+    p.set_defaults(func=lambda args: PROFILED[args.what](args))
 
 
 # -- finetune --
-def load_spec(spec: str | None, parts, max_images=None, on_bad_image: str = "error"):
-    """``digits:val``, ``synthetic``, or a folder path -> ImageDataset (None for None)."""
-    from .data import load_data
-
-    if spec is None:
-        return None
-    name, _, split = str(spec).partition(":")
-    if name in ("digits", "synthetic"):
-        return load_data(name, split or "train", parts, max_images, on_bad_image)
-    return load_data(str(spec), "train", parts, max_images, on_bad_image)
-
-
-def stream_or_load(spec: str | None, parts, max_images=None, on_bad_image: str = "error"):
-    """A folder path to stream (when no ``max_images`` cuts it), else :func:`load_spec`'s ImageDataset."""
-    from pathlib import Path
-
-    if spec is not None and max_images is None and str(spec).partition(":")[0] not in ("digits", "synthetic"):
-        root = Path(spec)
-        if not root.is_dir():
-            raise NsvitError(f"data {spec!r} is neither digits, synthetic nor an existing folder")
-        return root
-    return load_spec(spec, parts, max_images, on_bad_image)
-
-
 def cmd_finetune(args) -> int:
     from .distributed import init_from_env, rank_world
     from .train import finetune
@@ -388,8 +379,10 @@ def cmd_finetune(args) -> int:
                            pretrained=bool(run["pretrained"]))
         # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
         # folder cut to max_images are read into memory, the fast path for small data
-        train = stream_or_load(run["data"], parts, run["max_images"], run["on_bad_image"])
-        val = stream_or_load(run["val_data"], parts, run["max_images"], run["on_bad_image"])
+        from .data import stream_or_load
+
+        train = stream_or_load(run["data"], parts, None, run["max_images"], run["on_bad_image"])
+        val = stream_or_load(run["val_data"], parts, None, run["max_images"], run["on_bad_image"], default_split="val")
         res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet,
                        device=device, on_bad_image=run["on_bad_image"])
         if rank_world()[0] == 0:
@@ -470,7 +463,10 @@ def cmd_eval(args) -> int:
         m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
-    data = load_spec(args.data, main, args.max_images, args.on_bad_image)
+    from .data import load_data
+
+    # a bare digits / synthetic is their test split, a folder is read as given: never a train split by default
+    data = load_data(args.data, None, main, args.max_images, args.on_bad_image, default_split="test")
     folders = dict(args.folder) if args.folder else {}
     bank = None
     if args.bank:
@@ -503,11 +499,15 @@ def add_eval(sub) -> None:
     _model_args(p, default="digits_vit")
     p.add_argument("--compare", help="more checkpoints of the same architecture, comma-separated")
     p.add_argument("--names", help="row names for the model and each --compare, comma-separated")
-    p.add_argument("--data", default="digits:test", help="digits:test (default), synthetic, or an ImageFolder path")
+    from .data import BAD_IMAGE
+
+    p.add_argument("--data", default="digits:test",
+                   help="digits:test (default; a bare digits or synthetic is its test split), or an ImageFolder "
+                        "path, read as given (a folder of split folders is refused: give FOLDER/val)")
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
-    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+    p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
-    from .eval.suite import DEFAULT_SUITES
+    from .eval.suite import DEFAULT_SUITES, MCE_REFERENCES
 
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES),
                    help=f"suites (default: {','.join(DEFAULT_SUITES)}: everything that needs no folder; "
@@ -516,7 +516,7 @@ def add_eval(sub) -> None:
     p.add_argument("--seeds", type=listof(SEED, "seeds >= 0"), default=[0],
                    help="comma-separated seeds (mean ± std over them)")
     p.add_argument("--baseline", help="row name normalising mCE on non-ImageNet data (default: the first)")
-    p.add_argument("--mce-reference", choices=["auto", "alexnet", "baseline"], default="auto")
+    p.add_argument("--mce-reference", choices=MCE_REFERENCES, default="auto")
     p.add_argument("--folder", action="append", type=suite_folder, help="SUITE=PATH for folder suites (repeatable)")
     p.add_argument("--classes", help="the model's class names in output order (default: ImageNet's for 1000 "
                                      "classes, else the data's)")
@@ -538,8 +538,10 @@ def cmd_analyze(args) -> int:
         res = studies.trend(args.run, args.out)
         print(f"trend over {res['rounds']} rounds -> {res['figure']}")
         return 0
+    from .data import load_data
+
     parts = _load(args)
-    data = load_spec(args.data, parts, args.max_images, args.on_bad_image)
+    data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = {"lim": args.lim, "seed": args.seed}
     if args.study == "fig3":
         res = studies.fig3(parts, data, args.out, lams=args.lams, steps=args.steps, batch_size=args.batch_size, **kw)
@@ -559,11 +561,13 @@ def cmd_analyze(args) -> int:
 
 
 def add_analyze(sub) -> None:
+    from .analysis.studies import STUDIES
+
     p = sub.add_parser("analyze", help="the paper's studies: fig3 (Eq. 4 sweep), fig5 (nullspace properties), trend",
                        description="fig3: Sec. 3.3 / Fig. 3 (Eq. 4 over lambda, with the permuted control); fig5: "
                                    "Sec. 5.6 / Fig. 5 (scalar multiples and convex combinations of m noises); trend: "
                                    "Fig. 4 from a finetuning run's log. Each writes a PNG and a JSON.")
-    p.add_argument("study", choices=["fig3", "fig5", "trend"])
+    p.add_argument("study", choices=STUDIES)
     _model_args(p, default="digits_vit")
     _data_args(p)
     p.add_argument("--out", default="runs/analysis", help="output folder (default runs/analysis)")
@@ -581,42 +585,16 @@ def add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
-def _image_pair(parts, a: str, b: str, same_size: bool = True):
-    """Two images resized to the model's input size; a watermark must match its image's size."""
-    from .analysis.images import fit, logo, read_image
-
-    x = read_image(a)
-    y = logo(tuple(x.shape[-2:])) if b == "logo" else read_image(b)
-    if same_size and x.shape != y.shape:
-        raise NsvitError(f"{b} is {y.shape[-1]}x{y.shape[-2]} but {a} is {x.shape[-1]}x{x.shape[-2]}: give images of "
-                         f"one size (both are then resized to the model's {parts.img_size[1]}x{parts.img_size[0]})")
-    return fit(x, parts.img_size)[None], fit(y, parts.img_size)[None]
-
-
 def cmd_watermark(args) -> int:
-    from pathlib import Path
-
-    from .analysis.edit import watermark
-    from .analysis.images import save_image
-    from .io import write_json
+    from .analysis import run_watermark
     from .io import check_output_file
-    from .viz import image_grid
 
-    check_output_file(args.out, (".png",))
+    check_output_file(args.out, (".png",))  # before the model loads
     parts = _load(args)
-    x, mark = _image_pair(parts, args.image, args.mark)
-    r = watermark(parts, x, mark, args.strength, args.iters)
-    out = Path(args.out)
-    save_image(r["marked"][0], out)
-    nums = {k: v for k, v in r.items() if not hasattr(v, "shape")}
-    write_json(out.with_suffix(".json"), {"image": args.image, "mark": args.mark, "strength": args.strength, **nums})
-    v = r["noise"][0]
-    image_grid([[(x[0], "image"), (r["target"][0], f"target ({args.strength:g} mark)"),
-                 (r["marked"][0], f"marked, PSNR {r['psnr_to_target']:.1f} dB to target"),
-                 (0.5 + v / (2 * v.abs().max()), "nullspace noise (scaled)")]],
-               out.with_name(out.stem + "_figure.png"), title=f"{parts.name}: watermark through the nullspace")
+    r = run_watermark(parts, args.image, args.out, mark=args.mark, strength=args.strength, iters=args.iters)
     f, q = r["float"], r["png_8bit"]
-    print(f"marked -> {out}: PSNR to target {r['psnr_to_target']:.2f} dB (image itself {r['psnr_target_to_image']:.2f} dB)")
+    print(f"marked -> {args.out}: PSNR to target {r['psnr_to_target']:.2f} dB (image itself "
+          f"{r['psnr_target_to_image']:.2f} dB)")
     print(f"float: patch embedding change {f['patch_embed_rel']:.2e}, logits {f['logits_rel']:.2e}, predictions "
           f"kept {f['predictions_match']:.0%}; as 8-bit PNG: logits {q['logits_rel']:.2e}, kept {q['predictions_match']:.0%}")
     return 0
@@ -626,7 +604,8 @@ def add_watermark(sub) -> None:
     p = sub.add_parser("watermark", help="overlay a mark through the patch-embedding nullspace (App. E)",
                        description="Per patch, the nullspace noise that brings the image closest to "
                                    "(1 - strength) image + strength mark, pixels kept in [0, 1] (Dykstra's "
-                                   "projections); the model's output does not change.")
+                                   "projections); the model's output does not change. "
+                                   "API: nsvit_fast.analysis.run_watermark.")
     _model_args(p, default="digits_vit")
     p.add_argument("--image", required=True, help="image file, or skimage:astronaut / chelsea / coffee ...")
     p.add_argument("--mark", default="logo", help="mark image of the same size, or 'logo' (default)")
@@ -639,121 +618,76 @@ def add_watermark(sub) -> None:
 
 
 def cmd_targeted(args) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .analysis.edit import targeted
-    from .analysis.images import save_image
-    from .analysis.saliency import saliency
-    from .io import write_json
-    from .viz import image_grid
-
-    from .analysis.saliency import METHODS
-
-    methods = [m for m in args.saliency.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:  # before the edit, not after it
-        raise NsvitError(f"unknown saliency method {bad[0]!r} (methods: {', '.join(METHODS)})")
+    from .analysis import run_targeted
     from .io import check_output_file
 
-    check_output_file(args.out, (".png",))
+    check_output_file(args.out, (".png",))  # before the model loads
     parts = _load(args)
-    a, b = _image_pair(parts, args.source, args.target, same_size=False)
-    r = targeted(parts, a, b, args.iters)
-    out = Path(args.out)
-    save_image(r["result"][0], out)
-    with torch.no_grad():
-        za, zb, zr = parts(a), parts(b), parts(r["result"])
-    rows = [[(a[0], f"source: class {int(za.argmax())}"), (b[0], f"target: class {int(zb.argmax())}"),
-             (r["result"][0], f"result: class {int(zr.argmax())}")]]
-    cls = za.argmax(-1)
-    for m in methods:
-        rows.append([(saliency(parts, img, m, target=cls)[0], f"{m}") for img in (a, b, r["result"])])
-    image_grid(rows, out.with_name(out.stem + "_figure.png"),
-               title=f"{parts.name}: targeted nullspace noise (columns: source, target, result)")
-    nums = {k: v for k, v in r.items() if not hasattr(v, "shape")}
-    write_json(out.with_suffix(".json"), {"source": args.source, "target": args.target, **nums})
-    print(f"result -> {out}: L2 to target {r['l2_result_to_target']:.2f} (source was {r['l2_source_to_target']:.2f}), "
-          f"PSNR to target {r['psnr_result_to_target']:.2f} dB")
+    r = run_targeted(parts, args.source, args.target, args.out, iters=args.iters, maps=args.saliency)
+    print(f"result -> {args.out}: L2 to target {r['l2_result_to_target']:.2f} (source was "
+          f"{r['l2_source_to_target']:.2f}), PSNR to target {r['psnr_result_to_target']:.2f} dB")
     print(f"logits vs source: max relative change {r['logits_rel_to_source']:.2e}, predictions kept "
           f"{r['predictions_match_source']:.0%}")
     return 0
 
 
 def add_targeted(sub) -> None:
+    from .analysis.saliency import METHODS
+
     p = sub.add_parser("targeted", help="an image that looks like B but is A to the model (App. F)",
                        description="Targeted nullspace noise: source + v with v in the patch-embedding nullspace, "
                                    "as close to the target as the nullspace allows; the model's logits stay the "
-                                   "source's. Writes the result, a JSON and a figure with saliency maps.")
+                                   "source's. Writes the result, a JSON and a figure with saliency maps. "
+                                   "API: nsvit_fast.analysis.run_targeted.")
     _model_args(p, default="digits_vit")
     p.add_argument("--source", required=True, help="image file or skimage:NAME")
     p.add_argument("--target", required=True, help="image file or skimage:NAME (both are resized to the model's size)")
     p.add_argument("--out", default="runs/targeted.png", help="result image (8-bit PNG, so a .png name); .json and "
                                                                "_figure.png beside")
     p.add_argument("--iters", type=count(1), default=100)
-    p.add_argument("--saliency", default="attention,rollout,gradcam,chefer", help="maps to draw (comma-separated)")
+    p.add_argument("--saliency", type=listof(one_of(METHODS, "saliency method"), "saliency methods"),
+                   default=list(METHODS), help=f"maps to draw, comma-separated (default {','.join(METHODS)})")
     p.set_defaults(func=cmd_targeted)
 
 
 def cmd_fingerprint(args) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .analysis.fingerprint import Fingerprint, make_fingerprint, verify
-    from .io import check_output_dir, check_output_file, write_json
-    from .viz import image_grid
+    from .analysis import Fingerprint, run_fingerprint_make, run_fingerprint_verify
+    from .io import check_output_dir, check_output_file
 
     rep = check_output_dir(args.report, "--report")
     if args.action == "make":
         check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
-    else:
-        fp = Fingerprint.load(args.fingerprint)  # checked before the suspect is loaded
-        if args.expect_digest and fp.meta["digest"] != args.expect_digest.strip().lower():
-            raise NsvitError(f"{args.fingerprint} has digest {fp.meta['digest']}, not the expected "
-                             f"{args.expect_digest.strip()}: it is not the fingerprint you recorded")
+    else:  # checked before the suspect is loaded
+        Fingerprint.load(args.fingerprint, args.expect_digest or None)
     parts = _load(args)
     if args.action == "make":
-        data = load_spec(args.data, parts, args.max_images, args.on_bad_image)
-        fp = make_fingerprint(parts, data.images, n=args.n, scale=args.scale, seed=args.seed)
-        fp.save(args.fingerprint)
-        own = verify(parts, fp)
-        write_json(rep / "fingerprint_make.json", {"fingerprint": str(args.fingerprint), **fp.meta, "owner_check": own})
+        from .data import load_data
 
-        def show(t):  # noisy challenges leave [0, 1]: min-max scaled for display
-            return (t - t.min()) / (t.max() - t.min())
-
-        with torch.no_grad():
-            rows = []
-            for i in range(min(3, fp.images.shape[0])):
-                x = fp.images[i]
-                pred = [int(parts(t[None]).argmax()) for t in (x, x + fp.noise[i], x + fp.control[i])]
-                rows.append([(x, f"challenge: class {pred[0]}"), (show(x + fp.noise[i]), f"+ nullspace: class {pred[1]}"),
-                             (show(x + fp.control[i]), f"+ control: class {pred[2]}")])
-        image_grid(rows, rep / "fingerprint_make.png",
-                   title=f"{parts.name}: fingerprint challenges (noisy images rescaled for display)")
-        print(f"fingerprint of {parts.name}: {fp.meta['n']} challenges, nullspace dim {fp.meta['nullspace_dim']}, "
-              f"owner score {own['score']:.1e} -> {args.fingerprint}; report in {rep}")
-        print(f"digest {fp.meta['digest']} (keep it apart from the file; verify --expect-digest checks it)")
+        data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image, default_split="val")
+        r = run_fingerprint_make(parts, data, args.fingerprint, rep, n=args.n, scale=args.scale, seed=args.seed)
+        print(f"fingerprint of {parts.name}: {r['n']} challenges, nullspace dim {r['nullspace_dim']}, "
+              f"owner score {r['owner_check']['score']:.1e} -> {args.fingerprint}; report in {rep}")
+        print(f"digest {r['digest']} (keep it apart from the file; verify --expect-digest checks it)")
         return 0
-    r = verify(parts, fp, args.threshold)
-    write_json(rep / "fingerprint_verify.json", {"fingerprint": str(args.fingerprint), "suspect": parts.name,
-                                                 "checkpoint": args.checkpoint, **r})
+    r = run_fingerprint_verify(parts, args.fingerprint, rep, threshold=args.threshold,
+                               expect_digest=args.expect_digest or None, checkpoint=args.checkpoint)
     print(f"score {r['score']:.4f} (threshold {r['threshold']}): {'VERIFIED' if r['verified'] else 'not verified'}; "
           f"prediction agreement {r['prediction_agreement']:.3f}; report in {rep}")
     return 0
 
 
 def add_fingerprint(sub) -> None:
+    from .analysis.apps import FINGERPRINT_ACTIONS
+
     p = sub.add_parser("fingerprint", help="make or verify a nullspace fingerprint of a model",
                        description="make: challenge images and noises in the owner's exact patch-embedding "
                                    "nullspace. verify: score a suspect (0 = owner, ~1 = unrelated); derived models "
                                    "(finetuned, pruned, quantised) stay below the threshold. A suspect that "
-                                   "retrains its patch embedding escapes.")
-    p.add_argument("action", choices=["make", "verify"])
+                                   "retrains its patch embedding escapes. API: nsvit_fast.analysis."
+                                   "run_fingerprint_make / run_fingerprint_verify.")
+    p.add_argument("action", choices=FINGERPRINT_ACTIONS)
     _model_args(p, default="digits_vit")
-    _data_args(p, default="digits:val")
+    _data_args(p, default="digits", split="val")
     p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
     p.add_argument("--n", type=count(1), default=64, help="make: challenges (default 64)")
     p.add_argument("--scale", type=POSITIVE, default=2.0, help="make: noise norm / image norm (default 2)")

@@ -27,7 +27,22 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def nullspace_edit(parts, x: torch.Tensor, target: torch.Tensor, iters: int = 100, box: bool = True):
-    """v (B, C, H, W) in N moving x towards target; returns (v, box violation)."""
+    """The noise v in the nullspace N (every patch) that brings x + v closest to ``target``.
+
+    Args:
+        parts: the model's adapter.
+        x, target: (B, C, H, W) pixels in [0, 1], the same shape.
+        iters: Dykstra iterations between N and the box (ignored without ``box``).
+        box: keep x + v in [0, 1]; without it, the closed form v = P_N(target - x).
+
+    Returns:
+        (v, violation): v (B, C, H, W) in ``x``'s dtype, exactly in N; violation the largest amount
+        by which x + v leaves [0, 1] (0 without a box residual).
+
+    Raises:
+        NsvitError: pixels outside [0, 1] or not finite, shapes that differ, or a model without a
+            patch-embedding nullspace.
+    """
     check_pixels("image", x)
     check_pixels("target", target)
     if x.shape != target.shape:
@@ -63,8 +78,22 @@ def _quantised(img: torch.Tensor) -> torch.Tensor:
 
 
 def watermark(parts, image: torch.Tensor, mark: torch.Tensor, strength: float = 0.5, iters: int = 100) -> dict:
-    """Overlay ``mark`` on ``image`` ((B, C, H, W) both, pixels) through the nullspace: the target
-    is (1 - strength) image + strength mark. Returns the marked images and the numbers."""
+    """Overlay ``mark`` on ``image`` through the nullspace (paper App. E).
+
+    Args:
+        parts: the model's adapter.
+        image, mark: (B, C, H, W) pixels in [0, 1], the same shape (the model's input size).
+        strength: weight of the mark in the target (1 - strength) image + strength mark, in (0, 1].
+        iters: Dykstra iterations for the [0, 1] box.
+
+    Returns:
+        {"marked", "target", "noise": (B, C, H, W) tensors, "psnr_to_target", "psnr_to_image",
+        "psnr_target_to_image" (dB), "box_violation", "float" and "png_8bit": {"patch_embed_rel",
+        "logits_rel", "predictions_match"} for the float result and for it saved as 8 bits}.
+
+    Raises:
+        NsvitError: a strength outside (0, 1], a mark of another size, and as :func:`nullspace_edit`.
+    """
     if not 0 < strength <= 1:
         raise NsvitError(f"strength must be in (0, 1], got {strength}")
     if mark.shape != image.shape:
@@ -80,7 +109,22 @@ def watermark(parts, image: torch.Tensor, mark: torch.Tensor, strength: float = 
 
 
 def targeted(parts, source: torch.Tensor, target: torch.Tensor, iters: int = 100) -> dict:
-    """An image that looks like ``target`` to a person but gives the model ``source``'s output."""
+    """An image that looks like ``target`` to a person but gives the model ``source``'s output (App. F).
+
+    Args:
+        parts: the model's adapter.
+        source, target: (B, C, H, W) pixels in [0, 1], the same shape (the model's input size).
+        iters: Dykstra iterations for the [0, 1] box.
+
+    Returns:
+        {"result", "noise": (B, C, H, W) tensors (result = source + noise), "box_violation",
+        "l2_result_to_target", "l2_source_to_target", "l2_result_to_source" (mean per image),
+        "psnr_result_to_target", "logits_rel_to_source", "predictions_match_source",
+        "png_8bit": the invariance numbers of the result saved as 8 bits}.
+
+    Raises:
+        NsvitError: as :func:`nullspace_edit`.
+    """
     v, viol = nullspace_edit(parts, source, target, iters)
     result = source + v
     with torch.no_grad():

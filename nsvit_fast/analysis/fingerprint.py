@@ -59,26 +59,50 @@ def check_threshold(t, source: str = "threshold") -> float:
 
 @dataclass
 class Fingerprint:
+    """A fingerprint: K challenges and their noises, all (K, C, H, W) float32.
+
+    Attributes:
+        images: challenge pixels in [0, 1].
+        noise: per challenge, a noise in the owner's exact nullspace of norm ``scale`` x the image's.
+        control: per challenge, a random-direction noise of the same norm.
+        meta: owner, arch, owner_weights, n, scale, seed, nullspace_dim, threshold, input_size and
+            the sha256 ``digest`` over all of it (see :func:`digest`).
+    """
+
     images: torch.Tensor
     noise: torch.Tensor
     control: torch.Tensor
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        """Check (see :meth:`check`) and write the fingerprint as safetensors, atomically; returns the path."""
         self.check(str(path))
         return save_tensors(path, {"images": self.images, "noise": self.noise, "control": self.control},
                             {"kind": "nsvit-fast/fingerprint", **self.meta})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Fingerprint":
-        """Read and check a fingerprint file (see :meth:`check`); NsvitError if anything is off."""
+    def load(cls, path: str | Path, expect_digest: str | None = None) -> "Fingerprint":
+        """Read and check a fingerprint file (see :meth:`check`).
+
+        Args:
+            path: a file written by :meth:`save`.
+            expect_digest: the digest the owner recorded at make time; the file must carry it.
+
+        Raises:
+            NsvitError: a missing or unreadable file, a file that is not a fingerprint, anything
+                :meth:`check` refuses, or a digest other than ``expect_digest``.
+        """
         t, m = load_tensors(path)
         if m.get("kind") != "nsvit-fast/fingerprint":
             raise NsvitError(f"{path} is not a fingerprint made by nsvit-fast")
         missing = [k for k in TENSORS if k not in t]
         if missing:
             raise NsvitError(f"{path}: fingerprint lacks tensor {missing[0]!r} (edited or corrupt file)")
-        return cls(t["images"], t["noise"], t["control"], m).check(str(path))
+        fp = cls(t["images"], t["noise"], t["control"], m).check(str(path))
+        if expect_digest is not None and fp.meta["digest"] != str(expect_digest).strip().lower():
+            raise NsvitError(f"{path} has digest {fp.meta['digest']}, not the expected "
+                             f"{str(expect_digest).strip()}: it is not the fingerprint you recorded")
+        return fp
 
     def check(self, source: str = "fingerprint") -> "Fingerprint":
         """Refuse a fingerprint that could give a wrong answer: tensors of unequal shapes, NaN/inf,
@@ -117,6 +141,23 @@ class Fingerprint:
 
 
 def make_fingerprint(parts, images: torch.Tensor, n: int = 64, scale: float = 2.0, seed: int = 0) -> Fingerprint:
+    """A fingerprint of ``parts`` (see the module docstring).
+
+    Args:
+        parts: the owner's adapter.
+        images: (N, C, H, W) pixels in [0, 1] at the model's input size; n of them, drawn with
+            ``seed``, become the challenges (all of them if N < n).
+        n: challenges, >= 1.
+        scale: noise norm / image norm, > 0.
+        seed: challenge draw and noise directions.
+
+    Returns:
+        a :class:`Fingerprint` with K = min(n, N) challenges and its digest in ``meta``.
+
+    Raises:
+        NsvitError: images outside [0, 1], n < 1, scale <= 0, an all-black challenge, or a model
+            without a patch-embedding nullspace.
+    """
     check_pixels("images", images)
     check_count("n", n, 1)
     check_positive("scale", scale)
@@ -164,8 +205,23 @@ def score(parts, fp: Fingerprint, batch_size: int = 256) -> dict:
 
 
 def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
-    """Score ``parts`` against ``fp`` (checked first, see :meth:`Fingerprint.check`); ``verified`` is
-    score < threshold (the fingerprint's own unless given; it must lie in (0, 1))."""
+    """Score a suspect against a fingerprint.
+
+    Args:
+        parts: the suspect's adapter (it must take the fingerprint's input size).
+        fp: the fingerprint, checked first (see :meth:`Fingerprint.check`).
+        threshold: in (0, 1); None: the fingerprint's own.
+
+    Returns:
+        {"score": mean nullspace change / mean control change of the logits (0 for the owner, ~1 for
+        an unrelated model), "nullspace_change", "control_change" (mean logit L2 per challenge),
+        "prediction_agreement" (share of challenges whose prediction the nullspace noise keeps),
+        "threshold", "verified": score < threshold}.
+
+    Raises:
+        NsvitError: a fingerprint :meth:`Fingerprint.check` refuses, a threshold outside (0, 1), or a
+            suspect of another input size.
+    """
     fp.check()
     t = check_threshold(fp.meta["threshold"] if threshold is None else threshold)
     s = score(parts, fp)

@@ -12,8 +12,20 @@ from ..errors import NsvitError
 SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "coins", "moon")
 
 
-def read_image(spec: str) -> torch.Tensor:
-    """``skimage:astronaut`` (bundled, offline) or a file path -> (3, H, W) pixels in [0, 1]."""
+def read_image(spec: str | Path) -> torch.Tensor:
+    """Read one image as pixels.
+
+    Args:
+        spec: ``skimage:NAME`` (one of ``SKIMAGE``, bundled with scikit-image, offline) or a file path.
+
+    Returns:
+        (3, H, W) float32 pixels in [0, 1] (grey images copied to three channels, alpha dropped).
+
+    Raises:
+        NsvitError: an unknown scikit-image photo or a missing file; BadImage (an NsvitError) for a
+            corrupt file or a decompression bomb.
+    """
+    spec = str(spec)
     import numpy as np
 
     if spec.startswith("skimage:"):
@@ -37,14 +49,15 @@ def read_image(spec: str) -> torch.Tensor:
 
 
 def fit(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (C, H, W) to the model's input size (bilinear, antialiased)."""
+    """Resize (C, H, W) to ``size`` = (H', W') (bilinear, antialiased); returns (C, H', W') in [0, 1]
+    (``img`` itself when it already has that size)."""
     if tuple(img.shape[-2:]) == tuple(size):
         return img
     return F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
 def save_image(img: torch.Tensor, path: str | Path) -> Path:
-    """(3, H, W) in [0, 1] -> 8-bit PNG, atomically."""
+    """Write (3, H, W) pixels (clamped to [0, 1], rounded to 8 bits) as a PNG, atomically; returns the path."""
     import numpy as np
     from PIL import Image
 
@@ -58,7 +71,7 @@ def save_image(img: torch.Tensor, path: str | Path) -> Path:
 
 
 def logo(size: tuple[int, int], text: str = "NS") -> torch.Tensor:
-    """A simple mark for demos: white text on black, (3, H, W)."""
+    """A simple mark for demos: ``text`` in white, centred on black; (3, H, W) for ``size`` = (H, W)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -73,3 +86,23 @@ def logo(size: tuple[int, int], text: str = "NS") -> torch.Tensor:
     d.text(((w - (box[2] - box[0])) / 2 - box[0], (h - (box[3] - box[1])) / 2 - box[1]), text, fill=(255, 255, 255),
            font=font)
     return torch.from_numpy(np.asarray(im).astype(np.float32) / 255).permute(2, 0, 1).contiguous()
+
+
+def load_pair(parts, a: str | Path, b: str | Path, same_size: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images resized to the model's input size, each (1, 3, H, W) in [0, 1].
+
+    Args:
+        parts: the model's adapter (its ``img_size``).
+        a: an image file or ``skimage:NAME``.
+        b: the same; ``logo`` gives :func:`logo` at ``a``'s size.
+        same_size: refuse images of different sizes (a watermark must match its image).
+
+    Raises:
+        NsvitError: as :func:`read_image`, or images of different sizes when ``same_size``.
+    """
+    x = read_image(a)
+    y = logo(tuple(x.shape[-2:])) if str(b) == "logo" else read_image(b)
+    if same_size and x.shape != y.shape:
+        raise NsvitError(f"{b} is {y.shape[-1]}x{y.shape[-2]} but {a} is {x.shape[-1]}x{x.shape[-2]}: give images of "
+                         f"one size (both are then resized to the model's {parts.img_size[1]}x{parts.img_size[0]})")
+    return fit(x, parts.img_size)[None], fit(y, parts.img_size)[None]

@@ -23,6 +23,24 @@ from ..viz import pyplot
 
 
 def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), steps: int = 300, **synth) -> dict:
+    """Fig. 3: Eq. 4 (keep the output, grow the noise norm, weighed by lambda) for each lambda.
+
+    Args:
+        parts: the model's adapter.
+        data: an ImageDataset (or (N, C, H, W) pixels in [0, 1]); held-out images are carved out of it.
+        out: folder receiving ``fig3_regularized.png`` and ``fig3_regularized.json``.
+        lams: the lambda values, one noise each.
+        steps: optimisation steps per noise.
+        **synth: settings of :func:`nsvit_fast.synth.synthesize_regularized` (lim, seed, batch_size, ...).
+
+    Returns:
+        the JSON's contents: {"study": "fig3", "steps", "rows": one {"lambda", "norm", "match_rate",
+        "mse_prob", "permuted_match_rate", "permuted_mse_prob"} per lambda, "heldout_images",
+        "figure": the PNG's path}.
+
+    Raises:
+        NsvitError: bad data or settings (as synthesis raises them), or an unwritable ``out``.
+    """
     out = Path(out)
     bank = synthesize_regularized(parts, data, lam=list(lams), steps=steps, progress=False, **synth)
     rows = [{"lambda": lam, "norm": float(bank.norm[i]), "match_rate": float(bank.match_rate[i]),
@@ -63,6 +81,29 @@ FIG5_EPS = 0.033  # the paper's Sec. 5.6 learns the Fig. 5 noises at eps 0.033 (
 
 def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, eps: float = FIG5_EPS,
          seed: int = 0, **synth) -> dict:
+    """Fig. 5: properties of the approximate nullspace from m noises learned at ``eps``.
+
+    Args:
+        parts: the model's adapter.
+        data: an ImageDataset (or (N, C, H, W) pixels in [0, 1]); the noises stop on images held out
+            of it (``stop="heldout"``), and every MSE-prob is measured there.
+        out: folder receiving ``fig5_properties.png`` and ``fig5_properties.json``.
+        m: noises to learn (default 100 on CUDA, as the paper, 24 on the CPU); at least 2.
+        n_pairs: random pairs (i, j) averaged in the heatmap of alpha1 v_i + alpha2 v_j.
+        eps: the stop threshold (default the paper's Sec. 5.6 value, ``FIG5_EPS``).
+        seed: noise initialisation, held-out split and pair draw.
+        **synth: further settings of :func:`nsvit_fast.synth.synthesize` (lim, batch_size, ...).
+
+    Returns:
+        the JSON's contents: {"study": "fig5", "m_requested", "m_converged", "n_pairs", "eps", "device",
+        "alphas", "scalar_mse_mean", "scalar_mse_std" (over noises, per alpha),
+        "scalar_mse_per_noise_at_1", "grid", "convex_mse" (len(grid) x len(grid), rows alpha1),
+        "convex_line_max" (largest mean on alpha1 + alpha2 = 1), "noise_norms", "synth_seconds",
+        "figure"}.
+
+    Raises:
+        NsvitError: m < 2, fewer than 2 noises reaching eps, bad data or settings, or an unwritable ``out``.
+    """
     out = Path(out)
     cuda = next(parts.parameters()).device.type == "cuda"
     m = m or (100 if cuda else 24)
@@ -125,6 +166,19 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
 
 
 def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Fig. 4: noise norm, MSE-prob, synthesis steps and metrics across a finetuning run's rounds.
+
+    Args:
+        run_dir: a finetuning output folder (it holds ``log.jsonl``, one JSON record per round).
+        out: folder receiving ``fig4_trend.png`` and ``fig4_trend.json`` (default ``run_dir``).
+
+    Returns:
+        the JSON's contents: {"study": "trend", "run", "rounds", "series": {key: one value per round}
+        for each of noise_norm, mse_prob, synth_steps, val_acc, train_loss the log has, "figure"}.
+
+    Raises:
+        NsvitError: no log, an empty log, or a line that is not JSON (naming it).
+    """
     from ..train.plots import trend_figure
 
     run = Path(run_dir)
@@ -147,3 +201,6 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
            "series": {k: [h.get(k) for h in hist] for k in keys if any(k in h for h in hist)}, "figure": str(png)}
     write_json(out / "fig4_trend.json", res)
     return res
+
+
+STUDIES = {"fig3": fig3, "fig5": fig5, "trend": trend}  # the studies by name, as ``nsvit-fast analyze`` takes them

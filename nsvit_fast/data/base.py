@@ -13,6 +13,15 @@ class ImageDataset(Dataset):
 
     Engines that can work on whole tensors (synthesis, evaluation) read ``.images`` and ``.labels``
     directly instead of going through a DataLoader.
+
+    Args:
+        images: (N, C, H, W) float pixels in [0, 1], N >= 1.
+        labels: (N,) class indices (stored as int64).
+        classes: class names, index = label (default "0" .. str(max label)).
+        name: shown in messages and ``repr``.
+
+    Raises:
+        NsvitError: no images, images not 4-D, outside [0, 1] or not finite, or labels of another length.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None,
@@ -35,10 +44,12 @@ class ImageDataset(Dataset):
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images."""
         return tuple(self.images.shape[-2:])
 
     def subset(self, n: int | None = None, *, generator: torch.Generator | None = None) -> "ImageDataset":
-        """The first n images (or a random n if a generator is given)."""
+        """The first n images (a random n if a generator is given) as a new ImageDataset sharing the
+        classes; ``self`` when n is None or >= len(self)."""
         if n is None or n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=generator)[:n] if generator is not None else torch.arange(n)

@@ -15,7 +15,16 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def pixel_transform(parts, train: bool = False):
-    """timm's eval (or train) transform for this model, ending in pixels in [0, 1]."""
+    """timm's transform for this model: PIL image -> (C, H, W) float32 pixels in [0, 1].
+
+    Args:
+        parts: the model's adapter; its ``data_config`` gives input size, crop_pct, crop_mode and
+            interpolation (normalisation is switched off: the adapter normalises).
+        train: timm's train transform (random resized crop, flip) instead of resize + centre crop.
+
+    Returns:
+        a torchvision ``Compose`` (timm's ``create_transform``).
+    """
     from timm.data import create_transform
 
     cfg = parts.data_config
@@ -74,9 +83,19 @@ def check_no_symlink_loop(root: str | Path) -> None:
 def image_folder(root: str | Path, parts, train: bool = False, transform="model"):
     """A torchvision ImageFolder over ``root`` with this model's pixel transform.
 
-    Raises NsvitError if the folder is missing, has no class folders, holds no images, or holds a
-    symlink loop. Reading a corrupt image raises :class:`BadImage` naming the file. ``transform``
-    replaces the model's pixel transform (None: PIL images)."""
+    Args:
+        root: ``root/<class>/<image>``; class index = position of the class folder in sorted order.
+        parts: the model's adapter (for :func:`pixel_transform`); unused when ``transform`` is given.
+        train: the train transform instead of the eval one.
+        transform: replaces the model's pixel transform (None: PIL images).
+
+    Returns:
+        the ImageFolder: item i is ((C, H, W) pixels in [0, 1], class index) with the model's transform.
+
+    Raises:
+        NsvitError: the folder is missing, has no class folders, holds no images, or holds a symlink
+            loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming the file.
+    """
     from torchvision.datasets import ImageFolder
 
     root = Path(root)

@@ -7,10 +7,26 @@ import torch.nn.functional as F
 
 from .base import ImageDataset
 
+SPLITS = ("train", "val", "test")  # as a data spec (synthetic:SPLIT): 512 / 256 / 256 images, seeds 0 / 1 / 2
+
 
 def synthetic(n: int = 256, num_classes: int = 10, img_size: int = 32, channels: int = 3,
               noise: float = 0.1, seed: int = 0) -> ImageDataset:
-    """n images (n, channels, img_size, img_size) in [0, 1]; labels cycle over the classes."""
+    """A seeded, learnable image set: class c is a smooth random template (4x4 uniform noise,
+    bilinearly upsampled) plus Gaussian pixel noise of std ``noise``, clamped to [0, 1].
+
+    Args:
+        n: images; labels cycle over the classes (0, 1, ..., num_classes - 1, 0, ...).
+        num_classes, img_size, channels: the set's shape.
+        noise: std of the per-pixel Gaussian noise.
+        seed: templates and noise come from one generator seeded with it (same seed, same set).
+
+    Returns:
+        an ImageDataset: images (n, channels, img_size, img_size) float32, labels (n,) int64.
+
+    Raises:
+        NsvitError: n = 0 (an empty set).
+    """
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
     templates = F.interpolate(coarse, size=(img_size, img_size), mode="bilinear", align_corners=False)

@@ -221,6 +221,7 @@ SUITES: dict[str, Suite] = {
 # what `nsvit-fast eval` runs when no --suite is given: every suite that needs no folder or bank,
 # PGD-L2 left out (the paper reports L-inf attacks)
 DEFAULT_SUITES = ("clean", "fgsm", "pgd", "cw", "autoattack", "patchfool", "corruptions", "nullspace")
+MCE_REFERENCES = ("auto", "alexnet", "baseline")  # what normalises mCE (evaluate's mce_reference)
 
 
 def suite_help() -> str:

@@ -1,0 +1,203 @@
+"""The CLI is a thin layer: one data-spec parser (in data/), the analysis commands write through the
+API's run_* functions, option choices are the engines' constants, --split is honoured, and
+evaluation never picks a split folder (least of all train/) on its own. In-process through
+``nsvit_fast.cli.main``, the same code path as the console script."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsvit_fast import NsvitError, digits
+from nsvit_fast.cli import build_parser, main
+from nsvit_fast.data import parse_spec, stream_or_load
+
+CLI = Path(__file__).resolve().parents[1] / "nsvit_fast" / "cli.py"
+
+
+def cli(capsys, *args):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error(code, err, msg):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("nsvit-fast: error:") and msg in lines[0], err
+
+
+# -- option choices are the engines' constants, not lists restated by hand --
+HAND_WRITTEN = re.compile(r"choices\s*=\s*[\[\(]\s*[\"']")
+
+
+def test_cli_restates_no_choices_by_hand():
+    src = CLI.read_text()
+    assert not HAND_WRITTEN.findall(src), HAND_WRITTEN.findall(src)
+    # the pattern itself catches the old style
+    assert HAND_WRITTEN.search('p.add_argument("--mode", choices=["reference", "fast"])')
+    assert HAND_WRITTEN.search("p.add_argument('--augment', choices=('rrc_flip', 'none'))")
+
+
+def test_choices_are_the_engines_objects():
+    from nsvit_fast.analysis.apps import FINGERPRINT_ACTIONS
+    from nsvit_fast.analysis.studies import STUDIES
+    from nsvit_fast.data import BAD_IMAGE
+    from nsvit_fast.data.stream import AUGMENTS
+    from nsvit_fast.eval.suite import MCE_REFERENCES
+    from nsvit_fast.runtime import PRECISIONS
+    from nsvit_fast.synth.engine import LR_SCHEDULES, MODES, SCHEDULES, STOPS
+
+    want = {"--mode": MODES, "--schedule": SCHEDULES, "--stop": STOPS, "--lr-schedule": LR_SCHEDULES,
+            "--on-bad-image": BAD_IMAGE, "--augment": AUGMENTS, "--precision": PRECISIONS,
+            "--mce-reference": MCE_REFERENCES, "study": STUDIES, "action": FINGERPRINT_ACTIONS}
+    seen = set()
+    subs = build_parser()._subparsers._group_actions[0].choices
+    for name, p in subs.items():
+        for a in p._actions:
+            if a.choices is None or a.dest == "help":
+                continue
+            key = a.option_strings[0] if a.option_strings else a.dest
+            if key == "what":  # profile's targets: the command's own dispatch table
+                continue
+            assert key in want and a.choices is want[key], (name, key, a.choices)
+            seen.add(key)
+    assert seen == set(want)
+
+
+# -- one data-spec parser --
+def test_parse_spec_named_sets_and_splits():
+    assert parse_spec("digits") == parse_spec("digits:train") == parse_spec("digits", "train")
+    assert parse_spec("digits:val").split == parse_spec("digits", "val").split == "val"
+    assert parse_spec("digits", default_split="test").split == "test"
+    assert parse_spec("synthetic:test").kind == "synthetic"
+    for spec, split, msg in (("digits:val", "test", "names split 'val' but split 'test'"),
+                             ("digits:", None, "ends in ':'"), ("digits:nope", None, "digits has splits"),
+                             ("synthetic:all", None, "synthetic has splits"), ("/no/such/dir", None, "neither"),
+                             ("", None, "must be digits")):
+        with pytest.raises(NsvitError, match=re.escape(msg)):
+            parse_spec(spec, split)
+    assert "load_spec" not in CLI.read_text()  # the CLI's own copy is gone
+
+
+def _digit_folder(root: Path, split: str, n_per_class: int, shift: int = 0) -> Path:
+    """digits test images as 32x32 PNGs in root/split/<class>; ``shift`` files each under a wrong class."""
+    from PIL import Image
+
+    ds = digits("test")
+    for c in range(10):
+        (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+    for c in range(10):
+        for k, i in enumerate((ds.labels == c).nonzero()[:n_per_class, 0].tolist()):
+            arr = (ds.images[i].permute(1, 2, 0) * 255).round().byte().numpy()
+            Image.fromarray(arr).save(root / split / str((c + shift) % 10) / f"{k}.png")
+    return root / split
+
+
+def test_folder_of_split_folders_needs_a_split(tmp_path):
+    _digit_folder(tmp_path, "train", 1)
+    _digit_folder(tmp_path, "val", 1)
+    with pytest.raises(NsvitError, match="holds the split folders train, val"):
+        parse_spec(tmp_path)
+    assert parse_spec(tmp_path, "val").root == tmp_path / "val"
+    assert parse_spec(tmp_path / "val").root == tmp_path / "val"  # a class tree is read as given
+    with pytest.raises(NsvitError, match="has no split folder 'test'"):
+        parse_spec(tmp_path, "test")
+    with pytest.raises(NsvitError, match="holds no split folders"):
+        parse_spec(tmp_path / "val", "train")
+    assert stream_or_load(str(tmp_path), None, "val") == tmp_path / "val"  # a folder streams as its split
+
+
+def test_eval_never_evaluates_a_train_folder(tmp_path, capsys):
+    # train/ holds every digit under the wrong class: evaluating on it would score about 0%
+    _digit_folder(tmp_path, "train", 2, shift=1)
+    val = _digit_folder(tmp_path, "val", 2)
+    code, _, err = cli(capsys, "eval", "--data", tmp_path, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
+    one_error(code, err, f"{tmp_path} holds the split folders train, val")
+    assert not (tmp_path / "ev" / "report.json").exists()
+    code, _, err = cli(capsys, "eval", "--data", val, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "ev" / "report.json").read_text())["records"]
+    assert len(rec) == 1 and rec[0]["value"] >= 90  # the val folder, correctly labelled
+
+
+def test_eval_of_a_bare_named_set_is_its_test_split(tmp_path, capsys):
+    code, _, err = cli(capsys, "eval", "--data", "digits", "--suite", "clean", "--out", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    code, _, err = cli(capsys, "eval", "--data", "digits:test", "--suite", "clean", "--out", tmp_path / "b", "--quiet")
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["records"] for d in "ab")
+    assert a == b
+    code, _, err = cli(capsys, "eval", "--data", "digits:train", "--suite", "clean", "--out", tmp_path / "c",
+                       "--quiet")
+    assert code == 0, err  # train only when asked for, and then it scores differently
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["records"][0]["value"] != a[0]["value"]
+
+
+# -- --split is honoured --
+def _member_of(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    return ((x[:, None] - pool[None]).flatten(2).abs().amax(-1) == 0).any(1)
+
+
+def test_fingerprint_make_follows_split(tmp_path, capsys):
+    test, val = digits("test").images, digits("val").images
+    for split, pool, other in ((None, val, test), ("test", test, val)):
+        fp = tmp_path / f"{split}.safetensors"
+        args = ["fingerprint", "make", "--n", "8", "--fingerprint", fp, "--report", tmp_path / "rep"]
+        code, _, err = cli(capsys, *args, *(["--split", split] if split else []))
+        assert code == 0, err
+        from nsvit_fast.analysis import Fingerprint
+
+        imgs = Fingerprint.load(fp).images
+        assert _member_of(imgs, pool).all() and not _member_of(imgs, other).any(), split
+    code, _, err = cli(capsys, "fingerprint", "make", "--data", "digits:val", "--split", "test",
+                       "--fingerprint", tmp_path / "x.safetensors", "--report", tmp_path / "rep")
+    one_error(code, err, "names split 'val' but split 'test' was given")
+
+
+def test_analyze_follows_split(tmp_path, capsys):
+    held = {}
+    for split in ("val", "test"):
+        out = tmp_path / split
+        code, _, err = cli(capsys, "analyze", "fig3", "--split", split, "--steps", "1", "--lams", "0", "--out", out)
+        assert code == 0, err
+        held[split] = json.loads((out / "fig3_regularized.json").read_text())["heldout_images"]
+    # a quarter of each split is held out: 200 val images, 397 test images
+    assert held == {"val": 50, "test": 99}
+
+
+# -- the analysis commands write through the API --
+def test_cli_builds_no_figures_or_json():
+    src = CLI.read_text()
+    for name in ("image_grid", "write_json", "save_image", "save_figure", "pyplot"):
+        assert name not in src, name
+
+
+def test_watermark_cli_and_api_write_the_same(tmp_path, capsys):
+    from nsvit_fast import load_model
+    from nsvit_fast.analysis import run_watermark
+
+    code, _, err = cli(capsys, "watermark", "--image", "skimage:coffee", "--strength", "0.4", "--iters", "20",
+                       "--out", tmp_path / "cli.png")
+    assert code == 0, err
+    torch.manual_seed(0)
+    api = run_watermark(load_model("digits_vit"), "skimage:coffee", tmp_path / "api.png", strength=0.4, iters=20)
+    assert json.loads((tmp_path / "cli.json").read_text()) == json.loads((tmp_path / "api.json").read_text()) == api
+    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "api.png").read_bytes()
+    assert (tmp_path / "api_figure.png").stat().st_size > 5000
+
+
+def test_targeted_refuses_an_unknown_map_before_work(tmp_path, capsys):
+    code, _, err = cli(capsys, "targeted", "--source", "skimage:coffee", "--target", "skimage:cat",
+                       "--saliency", "rollout,lrp", "--out", tmp_path / "t.png")
+    one_error(code, err, "unknown saliency method 'lrp'")
+    from nsvit_fast import load_model
+    from nsvit_fast.analysis import run_targeted
+
+    with pytest.raises(NsvitError, match="unknown saliency method 'lrp'"):
+        run_targeted(load_model("digits_vit"), "skimage:coffee", "skimage:cat", tmp_path / "t.png", maps=["lrp"])
+    assert not list(tmp_path.iterdir())
