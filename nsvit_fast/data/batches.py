@@ -16,6 +16,8 @@ class BatchStream:
         self._perm, self._pos = None, 0
 
     def next(self) -> torch.Tensor:
+        """The next batch's image indices (batch_size,), int64: consecutive slices of one seeded
+        permutation; a new permutation when fewer than batch_size indices are left (the rest dropped)."""
         if self._perm is None or self._pos + self.b > self.n:
             self._perm, self._pos = torch.randperm(self.n, generator=self.g), 0
         idx = self._perm[self._pos:self._pos + self.b]
