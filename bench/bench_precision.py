@@ -37,7 +37,7 @@ SETTINGS = {  # model -> batch for both steps, steps per timing
     "digits_vit": dict(batch=128, steps=10),
     "vit_small_patch16_224": dict(batch=8, steps=2),
 }
-QUICK = dict(batch=16, steps=1)
+QUICK = dict(batch=8, steps=1)
 
 
 def machine_line(rt) -> str:
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
-    ap.add_argument("--quick", action="store_true", help="digits_vit, batch 16, 1 step, 1 repeat: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="digits_vit, batch 8, 1 step, 1 repeat: a smoke run")
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     try:
