@@ -470,7 +470,12 @@ def cmd_eval(args) -> int:
         m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
-    data = load_spec(args.data, main, args.max_images, args.on_bad_image)
+    if Path(args.data).is_dir():  # a folder streams through the eval transform, batch by batch, never read whole
+        from .eval.source import FolderImages
+
+        data = FolderImages(args.data, main, args.max_images, args.workers, rt.device.type == "cuda", args.on_bad_image)
+    else:
+        data = load_spec(args.data, main, args.max_images, args.on_bad_image)
     folders = dict(args.folder) if args.folder else {}
     bank = None
     if args.bank:
@@ -505,6 +510,7 @@ def add_eval(sub) -> None:
     p.add_argument("--names", help="row names for the model and each --compare, comma-separated")
     p.add_argument("--data", default="digits:test", help="digits:test (default), synthetic, or an ImageFolder path")
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
+    p.add_argument("--workers", type=count(0), default=0, help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
     from .eval.suite import DEFAULT_SUITES
