@@ -19,7 +19,6 @@ overwrites the CPU's results.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics

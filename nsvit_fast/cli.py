@@ -510,7 +510,8 @@ def add_eval(sub) -> None:
     p.add_argument("--names", help="row names for the model and each --compare, comma-separated")
     p.add_argument("--data", default="digits:test", help="digits:test (default), synthetic, or an ImageFolder path")
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
-    p.add_argument("--workers", type=count(0), default=0, help="DataLoader workers decoding a --data folder (default 0)")
+    p.add_argument("--workers", type=count(0), default=0,
+                   help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
     from .eval.suite import DEFAULT_SUITES
