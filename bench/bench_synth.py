@@ -4,11 +4,17 @@ and norm of the paper vs the boundary schedule; peak memory of reference vs fast
     .venv/bin/python bench/bench_synth.py                 # digits_vit and vit_small_patch32_224
     .venv/bin/python bench/bench_synth.py --models digits_vit --repeats 3
     .venv/bin/python bench/bench_synth.py --lims 3,4,6,8    # only the README's lim table (synth_lims.*)
+    .venv/bin/python bench/bench_synth.py --device cuda --precision bf16
+    .venv/bin/python bench/bench_synth.py --quick --out /tmp/r    # digits, 1 step: a smoke run
 
 All variants of one model run in one process, interleaved repeat by repeat, on the same model,
 batches and seed; the table reports medians over repeats. Peak memory is the growth of tensor
 memory during two steps (CPU: torch.profiler's allocation records; CUDA: max_memory_allocated).
-Writes bench/results/synth.json and synth.md and prints the table.
+``--device`` (auto, cpu, cuda, cuda:N) and ``--precision`` (fp32, tf32, bf16, fp16) go through
+nsvit_fast.runtime.Runtime, as in the engines: the model's forwards under its autocast, the noise
+and losses fp32. Writes <out>/<device kind>/synth.json and synth.md (synth-<precision>.* for
+precisions other than fp32; ``--out`` defaults to bench/results), so a GPU run never overwrites
+the CPU's results, and prints the table.
 Run it on an idle machine: a second busy process distorts CPU timings several-fold.
 The reference is the official loop (clean logits under no_grad, weight gradients computed), both
 modes on the official cosine schedule (SynthConfig defaults).
@@ -17,11 +23,13 @@ modes on the official cosine schedule (SynthConfig defaults).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -30,7 +38,9 @@ from pathlib import Path
 import torch
 
 from nsvit_fast import digits, load_model, synthetic
+from nsvit_fast.errors import NsvitError
 from nsvit_fast.io import write_json, write_text
+from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.synth.cache import CleanCache
 from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
 
@@ -40,12 +50,19 @@ SETTINGS = {  # model -> (data, batch, steps per timing, lim for time-to-ε)
     "digits_vit": dict(batch=128, steps=20, lim=6.0),
     "vit_small_patch32_224": dict(batch=16, steps=4, lim=3.0),
 }
+QUICK = dict(batch=8, steps=1, lim=6.0)  # --quick: digits_vit only, a smoke run of every code path
 
 
-def setup(name: str):
+def sync(rt: Runtime) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def setup(name: str, rt: Runtime, quick: bool = False):
     torch.manual_seed(0)
-    parts = load_model(name)
-    s = SETTINGS[name]
+    parts = load_model(name).to(rt.device)
+    s = QUICK if quick else SETTINGS[name]
     if name == "digits_vit":
         data = digits("train").images
     else:  # no pretrained weights offline: random init, seeded synthetic 224 px images
@@ -53,43 +70,51 @@ def setup(name: str):
     return parts, data, s
 
 
-def time_reference(parts, data, cfg, steps):
+def time_reference(parts, data, cfg, steps, rt: Runtime):
+    """The official loop has no autocast of its own: under bf16/fp16 its forwards run in ``rt``'s."""
     log = SynthLog(None, steps, False, "")
-    with frozen(parts, freeze=False):
+    with frozen(parts, freeze=False), rt.matmul_mode(), rt.autocast():
+        sync(rt)
         t0 = time.perf_counter()
         descend(parts, data, torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim),
-                dataclasses.replace(cfg, mode="reference"), "cpu", None, log)
+                dataclasses.replace(cfg, mode="reference"), rt.device, None, log)
+        sync(rt)
         return (time.perf_counter() - t0) / steps * 1e3
 
 
-def time_fast(parts, data, cfg, steps, cache):
+def time_fast(parts, data, cfg, steps, cache, rt: Runtime):
     log = SynthLog(None, steps, False, "")
-    with frozen(parts):
+    with frozen(parts), rt.matmul_mode():
         cache.all()  # steady state: the clean tokens were computed in an earlier epoch or round
+        sync(rt)
         t0 = time.perf_counter()
         descend(parts, data, torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim),
-                dataclasses.replace(cfg, mode="fast"), "cpu", None, log, cache)
+                dataclasses.replace(cfg, mode="fast"), rt.device, None, log, cache)
+        sync(rt)
         return (time.perf_counter() - t0) / steps * 1e3
 
 
-def time_floor(parts, data, cfg, steps, cache):
+def time_floor(parts, data, cfg, steps, cache, rt: Runtime):
     """One noisy forward + one input-only backward per step, nothing else (weights frozen, u cached)."""
     n = data.shape[0]
-    with frozen(parts):
+    with frozen(parts), rt.matmul_mode():
         cache.all()
-        v = torch.zeros(1, *parts.token_shape).uniform_(-cfg.lim, cfg.lim)
+        v = torch.zeros(1, *parts.token_shape, device=rt.device).uniform_(-cfg.lim, cfg.lim)
+        sync(rt)
         t0 = time.perf_counter()
         for t in range(steps):
-            idx = torch.arange(t * cfg.batch_size, (t + 1) * cfg.batch_size) % n
+            idx = (torch.arange(t * cfg.batch_size, (t + 1) * cfg.batch_size) % n).to(rt.device)
             u, z, _ = cache.u[idx], cache.z[idx], None
             vc = v.requires_grad_(True)
-            zn = parts.encode(u + vc)
-            g, = torch.autograd.grad(torch.linalg.vector_norm(zn - z, dim=-1).mean(), vc)
+            with rt.autocast():
+                zn = parts.encode(u + vc)
+            g, = torch.autograd.grad(torch.linalg.vector_norm(zn.float() - z, dim=-1).mean(), vc)
             v = (vc - 0.1 * g.sign()).detach()
+        sync(rt)
         return (time.perf_counter() - t0) / steps * 1e3
 
 
-def peak_mb(parts, data, cfg, mode: str, cache) -> float:
+def peak_mb(parts, data, cfg, mode: str, cache, rt: Runtime) -> float:
     """Peak tensor memory (MB) above the starting point during ``cfg.max_steps`` steps of ``mode``.
 
     CUDA: max_memory_allocated. CPU: the allocator's running total from torch.profiler's memory
@@ -101,13 +126,14 @@ def peak_mb(parts, data, cfg, mode: str, cache) -> float:
         mcfg = dataclasses.replace(cfg, mode=mode)
 
         def run():
-            descend(parts, data, v0, mcfg, "cpu", None, log, cache)
+            with rt.matmul_mode(), (rt.autocast() if mode == "reference" else contextlib.nullcontext()):
+                descend(parts, data, v0, mcfg, rt.device, None, log, cache)
 
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)
+            base = torch.cuda.memory_allocated(rt.device)
             run()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
+            return (torch.cuda.max_memory_allocated(rt.device) - base) / 2**20
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -120,30 +146,33 @@ def peak_mb(parts, data, cfg, mode: str, cache) -> float:
         return (max(totals) - totals[0] + 0.0) / 2**20 if totals else float("nan")
 
 
-def bench_model(name: str, repeats: int, time_to_eps: bool = True) -> dict:
-    parts, data, s = setup(name)
+def bench_model(name: str, repeats: int, time_to_eps: bool = True, rt: Runtime | None = None,
+                quick: bool = False) -> dict:
+    rt = rt or Runtime.create("cpu")
+    parts, data, s = setup(name, rt, quick)
     cfg = SynthConfig(eps=1e-12, max_steps=s["steps"], batch_size=s["batch"], lim=s["lim"])
-    cache = CleanCache(parts, data)
+    cache = CleanCache(parts, data, rt.device, autocast=rt.autocast)
     ref, fast, floor = [], [], []
     for _ in range(repeats):  # interleaved, side by side
-        ref.append(time_reference(parts, data, cfg, s["steps"]))
-        fast.append(time_fast(parts, data, cfg, s["steps"], cache))
-        floor.append(time_floor(parts, data, cfg, s["steps"], cache))
+        ref.append(time_reference(parts, data, cfg, s["steps"], rt))
+        fast.append(time_fast(parts, data, cfg, s["steps"], cache, rt))
+        floor.append(time_floor(parts, data, cfg, s["steps"], cache, rt))
     r, f, fl = statistics.median(ref), statistics.median(fast), statistics.median(floor)
-    row = {"model": name, "batch_size": s["batch"], "reference_ms": round(r, 2), "fast_ms": round(f, 2),
+    row = {"model": name, "precision": rt.precision, "batch_size": s["batch"], "reference_ms": round(r, 2),
+           "fast_ms": round(f, 2),
            "floor_ms": round(fl, 2), "fast_over_floor": round(f / fl, 3), "reference_over_fast": round(r / f, 3)}
     warnings.simplefilter("ignore")
     if time_to_eps:
-        row.update(schedules(parts, data, name, s))
+        row.update(schedules(parts, data, name, s, rt))
     row["lim"] = s["lim"]
     mcfg = SynthConfig(eps=1e-12, max_steps=2, batch_size=s["batch"], lim=s["lim"])
-    row["reference_peak_mb"] = round(peak_mb(parts, data, mcfg, "reference", cache), 1)
-    row["fast_peak_mb"] = round(peak_mb(parts, data, mcfg, "fast", cache), 1)
+    row["reference_peak_mb"] = round(peak_mb(parts, data, mcfg, "reference", cache, rt), 1)
+    row["fast_peak_mb"] = round(peak_mb(parts, data, mcfg, "fast", cache, rt), 1)
     row["fast_over_reference_peak"] = round(row["fast_peak_mb"] / max(row["reference_peak_mb"], 1e-9), 3)
     return row
 
 
-def schedules(parts, data, name: str, s: dict) -> dict:
+def schedules(parts, data, name: str, s: dict, rt: Runtime) -> dict:
     """Time to ε, steps, norm and held-out MSE of the paper and the boundary schedule."""
     row, sched = {}, {}
     # the same 256 (or a quarter) seeded images held out for both schedules, so both report held-out
@@ -151,7 +180,7 @@ def schedules(parts, data, name: str, s: dict) -> dict:
     train, held = split_heldout(digits("train").images if name == "digits_vit" else data, 256, 0)
     for schedule in ("paper", "boundary"):
         bank = synthesize(parts, train, heldout_data=held, lim=s["lim"],
-                          batch_size=s["batch"], schedule=schedule, progress=False,
+                          batch_size=s["batch"], schedule=schedule, progress=False, runtime=rt,
                           max_steps=3000 if name == "digits_vit" else 50)
         sched[schedule] = bank
     for k, b in sched.items():
@@ -162,11 +191,12 @@ def schedules(parts, data, name: str, s: dict) -> dict:
     return row
 
 
-def lim_rows(lims: list[float], max_steps: int = 3000, done=None) -> list[dict]:
+def lim_rows(lims: list[float], max_steps: int = 3000, done=None, rt: Runtime | None = None) -> list[dict]:
     """The README's lim table: paper vs boundary schedule on digits_vit (fast mode, eps 0.03, batch
     128, seed 0), held-out figures on the same 256 seeded images as bench_model. ``done(rows)`` is
     called after each lim (partial results survive a long run)."""
-    parts = load_model("digits_vit")
+    rt = rt or Runtime.create("cpu")
+    parts = load_model("digits_vit").to(rt.device)
     train, held = split_heldout(digits("train").images, 256, 0)
     warnings.simplefilter("ignore")
     rows = []
@@ -174,7 +204,7 @@ def lim_rows(lims: list[float], max_steps: int = 3000, done=None) -> list[dict]:
         row = {"lim": lim}
         for schedule in ("paper", "boundary"):
             b = synthesize(parts, train, heldout_data=held, lim=lim, batch_size=128, schedule=schedule,
-                           max_steps=max_steps, progress=False)
+                           max_steps=max_steps, progress=False, runtime=rt)
             row.update({f"{schedule}_steps": int(b.steps[0]), f"{schedule}_converged": bool(b.converged[0]),
                         f"{schedule}_norm": round(float(b.norm[0]), 1),
                         f"{schedule}_heldout_mse": round(float(b.mse_prob[0]), 4),
@@ -213,30 +243,48 @@ def table(rows: list[dict], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lims", help="run only the lim table at these lims (comma-separated)")
     ap.add_argument("--no-time-to-eps", action="store_true",
                     help="skip the paper/boundary time-to-eps runs (their keys are then absent); for a busy machine")
-    args = ap.parse_args()
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
+    ap.add_argument("--quick", action="store_true",
+                    help="digits_vit, batch 8, 1 step, 1 repeat, no time to eps: a smoke run, not a measurement")
+    args = ap.parse_args(argv)
+    try:
+        rt = Runtime.create(args.device, args.precision)
+    except NsvitError as e:
+        print(f"bench_synth: error: {e}", file=sys.stderr)
+        return 2
+    out = args.out / device_kind(rt.device)
+    suffix = "" if rt.precision == "fp32" else f"-{rt.precision}"
+    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, " \
+              f"{rt.precision}"
     if args.lims:
         def save(rows):
-            write_json(RESULTS / "synth_lims.json", {"machine": machine, "results": rows})
-            write_text(RESULTS / "synth_lims.md", lim_table(rows, machine))
+            write_json(out / f"synth_lims{suffix}.json", {"machine": machine, "results": rows})
+            write_text(out / f"synth_lims{suffix}.md", lim_table(rows, machine))
 
-        rows = lim_rows([float(v) for v in args.lims.split(",")], done=save)
+        rows = lim_rows([float(v) for v in args.lims.split(",")], done=save, rt=rt)
         print(lim_table(rows, machine))
-        return
-    rows = [bench_model(m, args.repeats, not args.no_time_to_eps) for m in args.models.split(",")]
-    write_json(RESULTS / "synth.json", {"machine": machine, "results": rows})
+        return 0
+    models = ["digits_vit"] if args.quick else args.models.split(",")
+    rows = [bench_model(m, 1 if args.quick else args.repeats, not (args.no_time_to_eps or args.quick), rt, args.quick)
+            for m in models]
+    write_json(out / f"synth{suffix}.json", {"machine": machine, "device": device_kind(rt.device),
+                                            "precision": rt.precision, "quick": args.quick, "results": rows})
     md = table(rows, machine)
-    write_text(RESULTS / "synth.md", md)
+    write_text(out / f"synth{suffix}.md", md)
     print(md)
+    print(f"written: {out / ('synth' + suffix)}.json, .md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,9 +9,12 @@ It runs, each as its own process:
 - bench/bench_ops.py --device cuda --precision P for each precision: every backend (torch, triton,
   cuda), forward + backward;
 - the achieved bandwidth of each op and backend against the device's own copy bandwidth;
-- bench/bench_synth.py and bench/bench_finetune.py with --device cuda --precision P, but only if
-  they accept those flags (read from their --help): a script that does not would time the CPU
-  and label it with the GPU's name, so it is reported as not run instead.
+- bench/bench_synth.py and bench/bench_finetune.py --device cuda --precision P for each precision;
+- bench/bench_precision.py --device cuda --precisions fp32,...: the ns finetuning and synthesis
+  step times of each precision against fp32, interleaved in one process.
+
+Every script resolves the device through nsvit_fast.runtime and writes its own files under the
+same bench/results/<device kind>/ folder as this report.
 
 Refuses to run without CUDA (exit status 2): no GPU figure without a GPU run.
 """
@@ -83,12 +86,6 @@ def bandwidth_table(precision: str, reps: int = 20) -> list[str]:
     return lines
 
 
-def accepts(script: str, *flags: str) -> bool:
-    """Whether ``script``'s --help lists every one of ``flags``."""
-    out = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True)
-    return out.returncode == 0 and all(f in out.stdout for f in flags)
-
-
 def run(cmd: list[str]) -> tuple[int, str]:
     print("$", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -99,7 +96,7 @@ def run(cmd: list[str]) -> tuple[int, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="all benchmarks on this CUDA machine, one report")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--repeats", type=int, default=5, help="repeats for bench_synth / bench_finetune")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats for bench_synth / bench_finetune / bench_precision")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_report: error: no CUDA device here; run it on a GPU machine", file=sys.stderr)
@@ -127,15 +124,17 @@ def main(argv=None) -> int:
     for script, extra in (("bench_synth.py", ["--repeats", str(args.repeats)]),
                           ("bench_finetune.py", ["--repeats", str(args.repeats)])):
         report += [f"## {script}", ""]
-        if not accepts(script, "--device", "--precision"):
-            report += [f"Not run: {script} does not accept --device / --precision yet, so it would time the "
-                       "CPU under this GPU's name.", ""]
-            continue
         for precision in args.precision:
             rc, stdout = run([sys.executable, str(HERE / script), "--device", "cuda", "--precision", precision, *extra])
             if rc:
                 failed.append(f"{script} {precision}")
             report += [f"### {precision} (exit {rc})", "", "```", stdout.strip()[-6000:], "```", ""]
+    precisions = ["fp32"] + [p for p in args.precision if p != "fp32"]
+    rc, stdout = run([sys.executable, str(HERE / "bench_precision.py"), "--device", "cuda", "--precisions",
+                      ",".join(precisions), "--repeats", str(args.repeats)])
+    if rc:
+        failed.append("bench_precision.py")
+    report += ["## bench_precision.py: step time against fp32", "", f"(exit {rc})", "", stdout.strip()[-6000:], ""]
     path = write_text(out_dir / "gpu_report.md", "\n".join(report) + "\n")
     print(f"written: {path}")
     if failed:

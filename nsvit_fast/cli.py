@@ -463,10 +463,17 @@ def cmd_eval(args) -> int:
         m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
-    from .data import load_data
+    from .data import load_data, parse_spec
 
     # a bare digits / synthetic is their test split, a folder is read as given: never a train split by default
-    data = load_data(args.data, None, main, args.max_images, args.on_bad_image, default_split="test")
+    spec = parse_spec(args.data, None, default_split="test")
+    if spec.kind == "folder":  # streams through the eval transform, batch by batch, never read whole
+        from .eval.source import FolderImages
+
+        data = FolderImages(spec.root, main, args.max_images, args.workers, rt.device.type == "cuda",
+                            args.on_bad_image)
+    else:
+        data = load_data(args.data, None, main, args.max_images, args.on_bad_image, default_split="test")
     folders = dict(args.folder) if args.folder else {}
     bank = None
     if args.bank:
@@ -505,6 +512,8 @@ def add_eval(sub) -> None:
                    help="digits:test (default; a bare digits or synthetic is its test split), or an ImageFolder "
                         "path, read as given (a folder of split folders is refused: give FOLDER/val)")
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
+    p.add_argument("--workers", type=count(0), default=0,
+                   help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
     from .eval.suite import DEFAULT_SUITES, MCE_REFERENCES

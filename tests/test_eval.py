@@ -265,3 +265,53 @@ def test_bad_input(parts):
         corrupt(torch.rand(2, 3, 16, 16), "fog", 1)
     with pytest.raises(NsvitError, match="needs a NoiseBank"):
         evaluate(parts, data, ["noisebank"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def digit_test_folder(tmp_path_factory):
+    """The first 40 test digits as PNG files in ImageFolder layout (real data)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("digit_test_folder")
+    te = digits("test")
+    for i in range(40):
+        d = root / f"digit{int(te.labels[i])}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray((te.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_streamed_folder_eval_gives_the_in_memory_numbers(parts, digit_test_folder, monkeypatch):
+    """evaluate() on a folder path streams it batch by batch (the in-memory reader is never called)
+    and every suite's numbers equal those of the same folder read into memory: clean, two attacks
+    (PGD's random start drawn batch after batch), corruptions (batches corrupted at their offsets
+    vs the whole set at once) and the exact-nullspace metrics."""
+    import nsvit_fast.data as data_mod
+    import nsvit_fast.eval.suite as suite_mod
+    from nsvit_fast.eval.source import FolderImages
+
+    suites = ["clean", "fgsm:eps=4/255", "pgd:steps=2", "corruptions", "nullspace"]
+    # 24 of the 40 images, spread over the folder as the in-memory reader picks them
+    memory = data_mod.load_data(str(digit_test_folder), parts=parts, max_images=24)
+    monkeypatch.setattr(suite_mod, "ACC_BATCH", 10)  # several batches, the last one short
+    # three of the 15 corruptions keep the test short: two random ones (their seeding is what
+    # batching could break) and a deterministic one
+    monkeypatch.setattr(suite_mod, "CORRUPTIONS", ("gaussian_noise", "impulse_noise", "jpeg_compression"))
+    kw = dict(progress=False, mce_reference="alexnet")  # one model: no baseline to normalise by
+    ref = evaluate(parts, memory, suites, **kw)
+
+    def no_whole_read(*a, **k):
+        raise AssertionError("the folder was read whole")
+
+    monkeypatch.setattr(data_mod, "_materialise", no_whole_read)
+    seen = []
+    batches = FolderImages.batches
+    monkeypatch.setattr(FolderImages, "batches", lambda self, b, n=None: (seen.append(b), batches(self, b, n))[1])
+    streamed = evaluate(parts, str(digit_test_folder), suites, max_images=24, **kw)
+    assert max(seen) <= 256 and 10 in seen  # batch by batch, at each suite's batch size
+    key = lambda r: (r.suite, r.setting, r.metric)  # noqa: E731
+    a = {key(r): r.value for r in ref.records}
+    b = {key(r): r.value for r in streamed.records}
+    assert len(a) == 3 + 15 + 2 + 4 and a.keys() == b.keys()  # clean, attacks; corruptions, mean, mCE; nullspace
+    assert a == b
+    assert a[("clean", "", "acc")] > 90 and a[("corruptions", "gaussian_noise@5", "acc")] < a[("clean", "", "acc")]

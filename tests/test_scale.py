@@ -32,6 +32,22 @@ def digit_folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def digit_jpeg_folder(tmp_path_factory):
+    """The same 320 digits as JPEG files (PIL, quality 90, fixed): the lossy format of ImageNet's
+    folders, decoded by the same loader."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("digit_jpeg_folder")
+    tr = digits("train")
+    for i in range(320):
+        d = root / f"digit{int(tr.labels[i])}"
+        d.mkdir(exist_ok=True)
+        img = Image.fromarray((tr.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        img.save(d / f"{i}.JPEG", format="JPEG", quality=90)
+    return root
+
+
 def test_bf16_synthesis_reaches_eps_close_to_fp32(digits_parts):
     """bf16 autocast of the model's forwards: the noise still passes the stop rule, and its held-out
     MSE-prob is within 0.005 of fp32's (the stated tolerance; measured 8e-5 apart on this CPU)."""
@@ -104,10 +120,11 @@ def _stream_args(folder, **over):
             *(f"{k}={v}" for k, v in kv.items())]
 
 
-def test_streamed_resume_after_kill_ends_in_the_same_weights(digit_folder, tmp_path):
-    """A streamed folder with the official augmentation, one worker: kill -9 after a checkpoint,
+def test_streamed_resume_after_kill_ends_in_the_same_weights(digit_jpeg_folder, tmp_path):
+    """A streamed JPEG folder with the official augmentation, one worker: kill -9 after a checkpoint,
     --resume, and the weights equal an uninterrupted run's bit for bit."""
-    args = _stream_args(digit_folder)
+    assert {p.suffix for p in digit_jpeg_folder.rglob("*.*")} == {".JPEG"}
+    args = _stream_args(digit_jpeg_folder)
     ref = _cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.wait(timeout=900) == 0, ref.stderr.read()
     run = _cli(*args, "--out", str(tmp_path / "run"))
@@ -156,3 +173,35 @@ def test_cuda_where_there_is_none_is_one_line(cmd, tmp_path):
     err = p.stderr.read().strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nsvit-fast: error: device 'cuda'") and "no CUDA" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.mark.parametrize("script,flag,stem", [("bench_synth", "--precision", "synth-bf16"),
+                                              ("bench_finetune", "--precision", "finetune-bf16"),
+                                              ("bench_precision", "--precisions", "precision")])
+def test_bench_scripts_take_device_and_precision(script, flag, stem, tmp_path):
+    """Each benchmark runs a tiny bf16 configuration on the CPU and writes only under OUT/cpu/ (never
+    the committed results), and refuses CUDA where there is none with one line and exit 2."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(_BENCH), os.environ.get("PYTHONPATH", "")])}
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(_BENCH, f"{script}.py"), *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=600)
+    p = run("--device", "cpu", flag, "fp32,bf16" if script == "bench_precision" else "bf16", "--quick",
+            "--out", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(f.name for f in (tmp_path / "r").rglob("*")) == ["cpu", f"{stem}.json", f"{stem}.md"]
+    res = json.loads((tmp_path / "r" / "cpu" / f"{stem}.json").read_text())
+    assert res["device"] == "cpu" and res["quick"] is True
+    if script == "bench_precision":
+        row = res["results"][0]
+        assert row["ns_step_ms_bf16"] > 0 and row["synth_step_ms_fp32"] > 0 and row["ns_step_bf16_over_fp32"] > 0
+    elif script == "bench_synth":
+        assert res["precision"] == "bf16" and res["results"][0]["fast_ms"] > 0
+    else:
+        assert res["precision"] == "bf16" and res["fused_ms"] > 0 and res["fresh_synth_steps"] == [2]
+    if not torch.cuda.is_available():
+        p = run("--device", "cuda", "--out", str(tmp_path / "c"))
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}: error: device 'cuda'"), p.stderr
+        assert not (tmp_path / "c").exists()

@@ -91,23 +91,34 @@ def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: s
     ``labels`` (B,). With the setting ``n``, only the first ``n`` images. Seeded: the global torch
     RNG is seeded with ``seed`` and restored afterwards; the model runs in eval mode and is given
     back in its own mode, also when the attack raises. Raises NsvitError as make_attack does."""
+    from .source import TensorImages
+
+    return attack_accuracy_on(parts, TensorImages(images, labels), attack, batch_size, seed, **kw)
+
+
+def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | None = None, seed: int = 0,
+                       **kw) -> float:
+    """:func:`attack_accuracy` over an :class:`~nsvit_fast.eval.source.EvalImages` (in memory or a
+    streamed folder): the attack runs batch by batch and the hits are summed, so a folder of any
+    size is attacked holding one batch. Returns the accuracy as a fraction; NsvitError on no images."""
     spec = _spec(attack)
     n = kw.get("n", spec.defaults.get("n"))
-    if n is not None:
-        images, labels = images[:int(n)], labels[:int(n)]
     batch_size = batch_size or spec.batch_size
     dev = next(parts.parameters()).device
     state = torch.get_rng_state()
-    hits = 0
+    hits = seen = 0
     try:
         with eval_mode(parts):
             atk = make_attack(parts, spec, seed=seed, **kw)
             torch.manual_seed(seed)
-            for i in range(0, len(labels), batch_size):
-                x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+            for x, y in data.batches(batch_size, None if n is None else int(n)):
+                x, y = x.to(dev), y.to(dev)
                 x_adv = atk(x, y)  # needs gradients: outside no_grad
                 with torch.no_grad():
                     hits += int((parts(x_adv).argmax(-1) == y).sum())
+                seen += len(y)
     finally:
         torch.set_rng_state(state)
-    return hits / len(labels)
+    if seen == 0:
+        raise NsvitError("accuracy of an empty image set is undefined")
+    return hits / seen

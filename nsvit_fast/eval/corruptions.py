@@ -42,8 +42,12 @@ def _lib():
     return imagecorruptions
 
 
-def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
-    """Corrupt pixels (B, C, H, W) in [0, 1] with ``name`` at ``severity`` (1-5); seeded, same shape.
+def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0, start: int = 0) -> torch.Tensor:
+    """Corrupt pixels (B, C, H, W) in [0, 1] with ``name`` at ``severity`` (1-5); same shape.
+
+    Seeded per image from (seed, corruption, severity, start + its index in the batch): image i of
+    a set gets the same corruption whether the set is corrupted whole or batch by batch (``start``
+    being the batch's offset), so a streamed folder matches the in-memory path.
 
     Returns a new tensor in [0, 1]. Raises NsvitError for an unknown corruption, a severity outside
     1-5, or images smaller than the corruptions need."""
@@ -57,13 +61,19 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
                          f"(imagecorruptions), got {h}x{w}")
     ic = _lib()
     state = np.random.get_state()  # the library draws from numpy's global RNG
-    np.random.seed((seed * 1_000_003 + CORRUPTIONS.index(name) * 7 + severity) % 2**32)
+
+    def one(i: int, a: np.ndarray) -> np.ndarray:
+        key = [seed, CORRUPTIONS.index(name), severity, start + i]
+        np.random.seed(key)
+        # impulse_noise draws from skimage's own generator, not numpy's global one: it takes a seed
+        kw = {"seed": np.random.SeedSequence(key).generate_state(1)[0]} if name == "impulse_noise" else {}
+        return np.asarray(ic.corrupt(a, corruption_name=name, severity=severity, **kw))[:h, :w, :3]
+
     try:
         arr = (images.detach().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         if c == 1:
             arr = np.repeat(arr, 3, axis=3)
-        out = np.stack([np.asarray(ic.corrupt(a, corruption_name=name, severity=severity))[:h, :w, :3]
-                        for a in arr]).astype(np.float32) / 255.0
+        out = np.stack([one(i, a) for i, a in enumerate(arr)]).astype(np.float32) / 255.0
     finally:
         np.random.set_state(state)
     t = torch.from_numpy(out).permute(0, 3, 1, 2)

@@ -10,11 +10,19 @@ from ..synth.cache import CleanCache
 from ..synth.metrics import noise_effect
 
 
+def _batches(images, batch_size: int):
+    """Image batches of a tensor (N, C, H, W) or of an EvalImages (in memory or a streamed folder)."""
+    if isinstance(images, torch.Tensor):
+        return (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+    return (x for x, _ in images.batches(batch_size))
+
+
 @torch.no_grad()
-def exact_noise_effect(parts, images: torch.Tensor, scale: float = 10.0, seed: int = 0,
+def exact_noise_effect(parts, images, scale: float = 10.0, seed: int = 0,
                        batch_size: int = 256) -> dict:
     """Exact nullspace noise of norm ``scale`` x each image's norm: match rate, MSE-prob and the
-    largest relative logit change. Returns an empty dict for a model with no nullspace."""
+    largest relative logit change, over ``images`` (N, C, H, W) or an EvalImages, batch by batch.
+    Returns an empty dict for a model with no nullspace."""
     basis = nullspace_basis(parts)
     if basis.dim == 0:
         return {}
@@ -22,22 +30,32 @@ def exact_noise_effect(parts, images: torch.Tensor, scale: float = 10.0, seed: i
     dev = next(parts.parameters()).device
     match = mse = 0.0
     rel = 0.0
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size]
+    n = 0
+    for x in _batches(images, batch_size):
+        n += x.shape[0]
         v = basis.sample(x.shape[0], norm=1.0, img_size=tuple(x.shape[-2:]), generator=g, dtype=torch.float64)
         v = (v * scale * x.double().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)).float()
         z, zn = parts(x.to(dev)), parts((x + v).to(dev))
         match += float((z.argmax(-1) == zn.argmax(-1)).sum())
         mse += float((z.softmax(-1) - zn.softmax(-1)).pow(2).sum(-1).sum())
         rel = max(rel, float((zn - z).abs().max() / z.abs().max()))
-    n = images.shape[0]
     return {"match_rate": match / n, "mse_prob": mse / n, "logits_rel": rel, "nullspace_dim": basis.dim}
 
 
-def bank_effect(parts, bank, images: torch.Tensor) -> dict:
-    """Match rate and MSE-prob of every noise of a NoiseBank on ``images`` (mean and per noise)."""
+def bank_effect(parts, bank, images, batch_size: int = 256) -> dict:
+    """Match rate and MSE-prob of every noise of a NoiseBank on ``images`` (N, C, H, W) or an
+    EvalImages, batch by batch (each batch's clean values computed once): mean and per noise."""
     bank.check_model(parts)
     dev = next(parts.parameters()).device
-    mse, match = noise_effect(parts, bank.noises.to(dev), CleanCache(parts, images))
+    noises = bank.noises.to(dev)
+    mse = torch.zeros(noises.shape[0], device=dev)
+    match = torch.zeros(noises.shape[0], device=dev)
+    n = 0
+    for x in _batches(images, batch_size):
+        m, a = noise_effect(parts, noises, CleanCache(parts, x))
+        mse += m * x.shape[0]
+        match += a * x.shape[0]
+        n += x.shape[0]
+    mse, match = mse / n, match / n
     return {"match_rate": float(match.mean()), "mse_prob": float(mse.mean()),
             "per_noise_match": match.cpu().tolist(), "per_noise_mse": mse.cpu().tolist()}

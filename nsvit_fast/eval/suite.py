@@ -21,8 +21,11 @@ included. A suite is named as ``name`` or ``name:key=value,...`` to change a set
 
 A new suite is one ``Suite`` entry; a new attack one ``AttackSpec`` (a factory ``(parts, seed=...,
 **settings)`` returning an attack ``(images, labels) -> adversarial images``, and its defaults).
-Every model sees the same images and seeds; corrupted images are made once per (corruption,
-severity) and reused across models.
+Every model sees the same images and seeds. The images come through one
+:class:`~nsvit_fast.eval.source.EvalImages`: in memory, or a folder streamed batch by batch through
+the model's eval transform (never read whole), with the same numbers either way. In memory,
+corrupted images are made once per (corruption, severity) and reused across models; streamed, each
+batch is corrupted as it passes.
 """
 
 from __future__ import annotations
@@ -37,25 +40,28 @@ import torch
 
 from ..errors import NsvitError
 from ..models.registry import adapt
-from .accuracy import accuracy, eval_mode
-from .attacks import ATTACKS, AttackSpec, attack_accuracy
-from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, mce, mce_imagenet
+from .accuracy import eval_mode
+from .attacks import ATTACKS, AttackSpec, attack_accuracy_on
+from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
 from .ood import folder_accuracy
 from .report import APPROX_ALEXNET, Report
+from .source import EvalImages, TensorImages, as_eval_images
+
+ACC_BATCH = 512  # images per forward for clean and corrupted accuracy
 
 
 @dataclass
 class Run:
     """What every suite of one ``evaluate`` call shares: the images, seed, report and options.
 
-    ``corr_err`` collects each model's corruption errors (model -> corruption -> per severity), so
-    the baseline's normalise the others' mCE; ``corrupted`` holds the corrupted images, made once.
+    ``data`` hands out the images in batches (in memory or streamed). ``corr_err`` collects each
+    model's corruption errors (model -> corruption -> per severity), so the baseline's normalise the
+    others' mCE; ``corrupted`` holds the corrupted images of in-memory data, made once.
     """
 
     report: Report
-    images: torch.Tensor
-    labels: torch.Tensor
+    data: EvalImages
     seed: int
     baseline: str
     folders: dict[str, str]
@@ -65,6 +71,22 @@ class Run:
     max_images: int | None = None
     corrupted: CorruptionSet | None = None
     corr_err: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images (N, C, H, W) of in-memory data; a streamed folder has none (use ``data.batches``)."""
+        return self._tensors().images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """All labels (N,) of in-memory data; a streamed folder has none (use ``data.batches``)."""
+        return self._tensors().labels
+
+    def _tensors(self) -> TensorImages:
+        if not isinstance(self.data, TensorImages):
+            raise NsvitError("this suite needs the images in memory; a streamed folder is read batch by batch "
+                             "(run.data.batches(batch_size)); pass nsvit_fast.data.load_data's ImageDataset instead")
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -84,15 +106,29 @@ class Suite:
     help: str = ""
 
 
+@torch.no_grad()
+def batch_accuracy(parts, batches) -> float:
+    """Top-1 accuracy (a fraction) over (x, y) batches, each moved to the model's device; the caller
+    holds eval mode. Raises NsvitError on no images."""
+    dev = next(parts.parameters()).device
+    hits = seen = 0
+    for x, y in batches:
+        hits += int((parts(x.to(dev)).argmax(-1).cpu() == y.cpu()).sum())
+        seen += len(y)
+    if seen == 0:
+        raise NsvitError("accuracy of an empty image set is undefined")
+    return hits / seen
+
+
 def _clean(run: Run, model: str, parts, kw: dict) -> None:
-    run.report.add(model, run.seed, "clean", "", "acc", 100 * accuracy(parts, run.images, run.labels))
+    run.report.add(model, run.seed, "clean", "", "acc", 100 * batch_accuracy(parts, run.data.batches(ACC_BATCH)))
 
 
 def _attack_suite(suite: str, spec: AttackSpec, help: str) -> Suite:
     """A suite that reports accuracy under ``spec``'s attack, through the one attack loop."""
 
     def go(run: Run, model: str, parts, kw: dict) -> None:
-        acc = attack_accuracy(parts, run.images, run.labels, spec, seed=run.seed, **kw)
+        acc = attack_accuracy_on(parts, run.data, spec, seed=run.seed, **kw)
         run.report.add(model, run.seed, suite, fmt_setting(kw), "acc", 100 * acc)
 
     return Suite(go, spec.defaults, help=help)
@@ -128,14 +164,37 @@ PATCHFOOL = AttackSpec(_patchfool, _patchfool_defaults(), batch_size=128)
 PATCHFOOL_LITE = AttackSpec(_patchfool_lite, {"n_patches": 1, "steps": 30}, batch_size=128)
 
 
+def _corruption_accuracies(run: Run, parts) -> dict[tuple[str, int], float]:
+    """Accuracy per (corruption, severity). In memory: the corrupted sets made once for every model.
+    Streamed: one pass over the folder, each batch corrupted 75 ways as it passes. The corruption
+    of an image depends on its index only (``corrupt``'s ``start``), so both give the same images."""
+    if isinstance(run.data, TensorImages):
+        if run.corrupted is None:
+            run.corrupted = CorruptionSet(run.data.images, run.seed)
+        labels = run.data.labels
+        return {(c, s): batch_accuracy(parts, TensorImages(run.corrupted.get(c, s), labels).batches(ACC_BATCH))
+                for c in CORRUPTIONS for s in SEVERITIES}
+    dev = next(parts.parameters()).device
+    hits = {(c, s): 0 for c in CORRUPTIONS for s in SEVERITIES}
+    seen = 0
+    with torch.no_grad():
+        for x, y in run.data.batches(ACC_BATCH):
+            for key in hits:
+                pred = parts(corrupt(x, *key, seed=run.seed, start=seen).to(dev)).argmax(-1).cpu()
+                hits[key] += int((pred == y).sum())
+            seen += len(y)
+    if seen == 0:
+        raise NsvitError("accuracy of an empty image set is undefined")
+    return {key: h / seen for key, h in hits.items()}
+
+
 def _corruptions(run: Run, model: str, parts, kw: dict) -> None:
-    if run.corrupted is None:  # made once, for every model
-        run.corrupted = CorruptionSet(run.images, run.seed)
+    accs = _corruption_accuracies(run, parts)
     err = {}
     for c in CORRUPTIONS:
         err[c] = []
         for s in SEVERITIES:
-            acc = accuracy(parts, run.corrupted.get(c, s), run.labels)
+            acc = accs[(c, s)]
             run.report.add(model, run.seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
             err[c].append(1 - acc)
     run.corr_err[model] = err
@@ -153,7 +212,7 @@ def _corruptions(run: Run, model: str, parts, kw: dict) -> None:
 def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
     from .nullspace_metrics import exact_noise_effect
 
-    r = exact_noise_effect(parts, run.images, seed=run.seed, **kw)
+    r = exact_noise_effect(parts, run.data, seed=run.seed, **kw)
     for k, v in r.items():
         run.report.add(model, run.seed, "nullspace", fmt_setting(kw), k, 100 * v if k == "match_rate" else v)
 
@@ -161,7 +220,7 @@ def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
 def _noisebank(run: Run, model: str, parts, kw: dict) -> None:
     from .nullspace_metrics import bank_effect
 
-    r = bank_effect(parts, run.bank, run.images)
+    r = bank_effect(parts, run.bank, run.data)
     setting = f"eps={run.bank.meta.get('eps')}"
     run.report.add(model, run.seed, "noisebank", setting, "match_rate", 100 * r["match_rate"])
     run.report.add(model, run.seed, "noisebank", setting, "mse_prob", r["mse_prob"])
@@ -290,10 +349,13 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
              folders: dict[str, str] | None = None, bank=None, model_classes: list[str] | None = None,
              mce_reference: str = "auto", max_images: int | None = None, progress: bool = True,
              log=None) -> Report:
-    """Evaluate one model (adapter or timm ViT) or several ({name: model}) on ``data`` (ImageDataset,
-    pixels in [0, 1]) and the named suites; returns a Report.
+    """Evaluate one model (adapter or timm ViT) or several ({name: model}) on ``data`` and the named
+    suites; returns a Report.
 
     Args:
+        data: an ImageDataset (pixels in [0, 1], in memory), an EvalImages, or the path of an
+            ImageFolder tree (ImageNet val, ...), streamed batch by batch through the first model's
+            eval transform and never read whole; every suite gives the same numbers either way.
         baseline: the model (a key of ``models``) whose corruption errors normalise mCE on non-ImageNet
             data; default the first model (pass the un-finetuned model first).
         folders: paths of the folder suites, e.g. {"imagenet-r": "/data/imagenet-r"}.
@@ -312,14 +374,12 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         models = {getattr(models, "name", "model"): models}
     models = {k: adapt(m) for k, m in models.items()}
     specs = [parse_suite(s) for s in suites]
-    x, y = data.images, data.labels
-    if max_images:
-        x, y = x[:max_images], y[:max_images]
     names = list(models)
+    source = as_eval_images(data, models[names[0]], max_images)
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
-    run = Run(Report(), x, y, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images)
+    run = Run(Report(), source, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images)
     for suite, _ in specs:
         needs = SUITES[suite].needs
         if needs == "folder" and suite not in run.folders:

@@ -1,0 +1,108 @@
+"""Evaluation images handed out in order, batch by batch: held in memory, or streamed from a folder.
+
+Every suite reads its images through :meth:`EvalImages.batches`, so a suite's loop is one loop for
+both: attacks run per batch and hits are summed. :class:`TensorImages` slices tensors already in
+memory (digits, small sets); :class:`FolderImages` streams an ImageFolder tree (ImageNet val, -C,
+-A, -R, ...) through :func:`nsvit_fast.data.stream.eval_loader`'s DataLoader and the model's timm
+eval transform, holding one batch at a time. Both give the same batches of the same images in the
+same order, so the numbers agree.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import NsvitError
+
+
+class EvalImages(ABC):
+    """The interface: ``len()`` images with labels, ``classes`` (names or None), ``batches``."""
+
+    classes: list[str] | None = None
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The number of images."""
+
+    @abstractmethod
+    def batches(self, batch_size: int, n: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x (B, C, H, W) pixels in [0, 1], y (B,) int64) on the CPU, in order, ``batch_size`` at a
+        time (the last batch may be smaller); only the first ``n`` images if given."""
+
+
+class TensorImages(EvalImages):
+    """Images (N, C, H, W) and labels (N,) already in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None):
+        if len(images) != len(labels):
+            raise NsvitError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, n: int | None = None):
+        end = len(self) if n is None else min(int(n), len(self))
+        for i in range(0, end, int(batch_size)):
+            j = min(i + int(batch_size), end)
+            yield self.images[i:j], self.labels[i:j]
+
+
+class FolderImages(EvalImages):
+    """An ImageFolder tree streamed through the model's eval transform (resize, centre crop), never
+    read whole. ``max_images`` keeps that many images spread evenly over the folder (the same ones
+    :func:`nsvit_fast.data.load_data` reads into memory). ``workers`` DataLoader workers decode;
+    ``pin_memory`` for CUDA. An unreadable file stops the run naming it (``on_bad_image="error"``) or,
+    with ``"skip"``, the next readable file takes its place (the in-memory path leaves it out)."""
+
+    def __init__(self, root: str | Path, parts, max_images: int | None = None, workers: int = 0,
+                 pin_memory: bool = False, on_bad_image: str = "error"):
+        from ..data.folders import pixel_transform
+        from ..data.stream import SeededFolder
+
+        root = Path(root)
+        if not root.is_dir():
+            raise NsvitError(f"data folder not found: {root}")
+        self.dataset = SeededFolder(root, pixel_transform(parts, train=False), str(root), on_bad_image)
+        self.classes = list(self.dataset.classes)
+        n_all = len(self.dataset)
+        n = n_all if max_images is None else min(n_all, int(max_images))
+        self.indices = torch.linspace(0, n_all - 1, n).round().long().tolist() if n < n_all else None
+        self.workers, self.pin_memory, self.root = int(workers), bool(pin_memory), root
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.indices is None else len(self.indices)
+
+    def batches(self, batch_size: int, n: int | None = None):
+        from torch.utils.data import DataLoader, Subset
+
+        keep = list(range(len(self.dataset))) if self.indices is None else self.indices
+        if n is not None:
+            keep = keep[:int(n)]
+        ds = self.dataset if len(keep) == len(self.dataset) else Subset(self.dataset, keep)
+        yield from DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.workers,
+                              pin_memory=self.pin_memory)
+
+
+def as_eval_images(data, parts=None, max_images: int | None = None, **folder_kw) -> EvalImages:
+    """``data`` as EvalImages: an ImageDataset (its first ``max_images``), an EvalImages as it is,
+    or a folder path (streamed through ``parts``' eval transform; ``folder_kw`` to FolderImages).
+    Raises NsvitError for anything else, or a folder without the model."""
+    from ..data.base import ImageDataset
+
+    if isinstance(data, EvalImages):
+        return data
+    if isinstance(data, ImageDataset):
+        x, y = data.images, data.labels
+        if max_images:
+            x, y = x[:max_images], y[:max_images]
+        return TensorImages(x, y, getattr(data, "classes", None))
+    if isinstance(data, (str, Path)):
+        if parts is None:
+            raise NsvitError("a folder of images needs the model (for its input size and transform)")
+        return FolderImages(data, parts, max_images, **folder_kw)
+    raise NsvitError(f"data must be an ImageDataset, EvalImages or a folder path, got {type(data).__name__}")
