@@ -8,10 +8,10 @@ from nsvit_fast import NsvitError, adapt, load_model
 
 # (timm name, constructor overrides): real architectures, random init; depth cut where it only costs time
 VARIANTS = [
-    ("vit_tiny_patch16_224", {}),
-    ("vit_small_patch16_224", {}),
-    ("vit_base_patch16_224", {}),
-    ("vit_small_patch32_224", {}),
+    ("vit_tiny_patch16_224", {}),                            # the full depth once: the rest cut it
+    ("vit_small_patch16_224", {"depth": 2}),
+    ("vit_base_patch16_224", {"depth": 2}),
+    ("vit_small_patch32_224", {"depth": 2}),
     ("vit_base_patch16_gap_224", {"depth": 2}),              # global average pool, fc_norm, no cls
     ("vit_medium_patch16_reg4_gap_256", {"depth": 2}),       # 4 register tokens, img 256
     ("vit_base_patch16_siglip_224", {"depth": 2, "num_classes": 10}),  # attention pooling head ('map')

@@ -24,15 +24,19 @@ def parts():
 
 
 def test_reference_and_fast_take_the_same_trajectory(parts, train):
-    # lim 4: a real descent of ~50 steps from MSE-prob ~1 into eps
-    kw = dict(lim=4.0, batch_size=64, max_steps=400, progress=False)
+    # two noises (the reference loop runs them one after the other, fast mode together): real
+    # descents of 20-25 steps from MSE-prob ~0.5 into eps, each stopping on its own step
+    init = (torch.rand(2, 16, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 3
+    kw = dict(batch_size=64, max_steps=200, progress=False, init=init)
     ref = synthesize(parts, train, mode="reference", **kw)
     fast = synthesize(parts, train, mode="fast", **kw)
-    assert bool(ref.converged[0]) and bool(fast.converged[0])
-    assert ref.steps[0] > 20 and int(ref.steps[0]) == int(fast.steps[0])
-    assert (ref.noises - fast.noises).abs().max() <= 1e-5 * max(1.0, float(ref.noises.abs().max()))
-    assert ref.batch_mse_prob[0] < 0.03 and fast.batch_mse_prob[0] == pytest.approx(float(ref.batch_mse_prob[0]), abs=1e-6)
-    assert ref.mse_prob[0] == pytest.approx(float(fast.mse_prob[0]), abs=1e-5)
+    assert ref.converged.all() and fast.converged.all()
+    assert ref.steps.max() > 20 and ref.steps.tolist() == fast.steps.tolist()
+    assert len(set(ref.steps.tolist())) == 2
+    assert (ref.noises - fast.noises).abs().max() <= 1e-5 * float(ref.noises.abs().max())
+    assert (ref.batch_mse_prob < 0.03).all()
+    assert fast.batch_mse_prob.tolist() == pytest.approx(ref.batch_mse_prob.tolist(), abs=1e-6)
+    assert fast.mse_prob.tolist() == pytest.approx(ref.mse_prob.tolist(), abs=1e-5)
 
 
 # --- the official loop, transcribed verbatim as an oracle ---------------------------------------
@@ -158,22 +162,14 @@ def test_official_schedule_keeps_the_lr_near_its_base():
 
 def test_many_noises_equal_one_at_a_time(parts, train):
     init = torch.stack([(torch.rand(16, 96, generator=torch.Generator().manual_seed(s)) * 2 - 1) * lim
-                        for s, lim in ((1, 3.0), (2, 4.0), (3, 3.5))])
-    kw = dict(batch_size=64, max_steps=300, progress=False)
-    many = synthesize(parts, train, init=init, max_rows=100, **kw)  # chunked: 1 noise x 64 rows per forward
+                        for s, lim in ((1, 3.0), (2, 3.0), (3, 2.5))])
+    kw = dict(batch_size=32, max_steps=300, progress=False)
+    many = synthesize(parts, train, init=init, max_rows=50, **kw)  # chunked: 1 noise x 32 rows per forward
     assert len(many) == 3 and len(set(many.steps.tolist())) > 1  # each stopped on its own
     for i in range(3):
         one = synthesize(parts, train, init=init[i], **kw)
         assert int(one.steps[0]) == int(many.steps[i])
         assert (one.noises[0] - many.noises[i]).abs().max() <= 1e-4
-
-
-def test_reference_mode_many_noises_loop(parts, train):
-    init = (torch.rand(2, 16, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 3
-    kw = dict(batch_size=64, max_steps=200, progress=False, init=init)
-    ref, fast = synthesize(parts, train, mode="reference", **kw), synthesize(parts, train, **kw)
-    assert ref.steps.tolist() == fast.steps.tolist()
-    assert (ref.noises - fast.noises).abs().max() <= 1e-5 * float(ref.noises.abs().max())
 
 
 def test_fast_mode_does_no_extra_work(parts, train, monkeypatch):
