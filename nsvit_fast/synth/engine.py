@@ -72,6 +72,7 @@ from .metrics import noise_effect
 MODES = ("reference", "fast")
 _phase = torch.profiler.record_function  # phase labels for `nsvit-fast profile synth`
 SCHEDULES = ("paper", "boundary")
+INIT_SCALES = ("none", "boundary")
 STOPS = ("batch", "heldout")
 LR_SCHEDULES = ("official", "max_steps")
 OFFICIAL_T_MAX_RATIO = 10  # official T_max / step budget = len(loader)*rounds / (rounds*img_ratio*len(loader))
@@ -101,6 +102,7 @@ class SynthConfig:
     boundary_lr: float = 6.0     # schedule=boundary: descent learning rate = lr * boundary_lr
     boundary_iters: int = 8      # schedule=boundary: bisection steps on the scale
     boundary_grow: float = 4.0   # schedule=boundary: largest scale tried
+    init_scale: str = "none"     # none | boundary: a given init is first scaled to the ε boundary (forward only)
     seed: int = 0
 
 
@@ -117,6 +119,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
         raise NsvitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.stop not in STOPS:
         raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
+    if cfg.init_scale not in INIT_SCALES:
+        raise NsvitError(f"init_scale must be one of {', '.join(INIT_SCALES)}, got {cfg.init_scale!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise NsvitError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if int(cfg.lr_t_max) < 0 or (cfg.lr_t_max and cfg.lr_schedule != "official"):
@@ -352,8 +356,10 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
     return V, steps, done.clone(), bmse
 
 
-def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig) -> torch.Tensor:
-    """Scale each noise up to the ε boundary on the held-out set (forward passes only).
+def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale each noise up to the ε boundary on the held-out set (forward passes only): returns the
+    scaled noises (M, N, D), the scales (M,) and the held-out MSE-prob at scale 1 (M,).
 
     MSE-prob is not always monotone in the scale (a noise found from a large init can sit in a
     valley that is narrow in scale), so this follows the good interval that contains s = 1:
@@ -364,8 +370,9 @@ def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
     k = max(1, int(math.floor(math.log(cfg.boundary_grow) / math.log(g) + 1e-9)))
     grid = g ** torch.arange(k + 1, dtype=torch.float32, device=V.device)           # 1, g, ..., g^k
     m = V.shape[0]
-    ok = torch.stack([noise_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0] < cfg.eps
-                      for i in range(k + 1)], 1)                                      # (M, k+1)
+    mses = torch.stack([noise_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0]
+                        for i in range(k + 1)], 1)                                    # (M, k+1)
+    ok = mses < cfg.eps
     first_bad = torch.where(ok.all(1), torch.full((m,), k + 1, device=V.device),
                             (~ok).float().argmax(1))
     lo = torch.where(first_bad > 0, grid[(first_bad - 1).clamp_min(0)], torch.zeros(m, device=V.device))
@@ -376,7 +383,7 @@ def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
         good = noise_effect(parts, V, held, cfg.max_rows, scales=mid)[0] < cfg.eps
         lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
     lo = torch.where(first_bad > k, grid[-1], lo)  # good all the way: keep the largest scale tried
-    return V * lo.reshape(-1, 1, 1)
+    return V * lo.reshape(-1, 1, 1), lo, mses[:, 0]
 
 
 def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
@@ -471,10 +478,14 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     conf = confirm if run_cfg.stop == "heldout" else None
     try:
         with frozen(parts, freeze=cfg.mode == "fast"), rt.matmul_mode():
+            init_stats = {}
+            if cfg.init_scale == "boundary" and init is not None:  # the given noise, grown along its good interval
+                v0, scale, mse1 = _to_boundary(parts, v0.to(device), held, cfg)
+                init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
             synth_seconds = time.perf_counter() - t0
             if cfg.schedule == "boundary":
-                V = _to_boundary(parts, V, held, cfg)
+                V = _to_boundary(parts, V, held, cfg)[0]
             with torch.no_grad():
                 mse, match = noise_effect(parts, V, held, cfg.max_rows)
     finally:
@@ -489,7 +500,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "heldout_source": held_source,
               "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
-              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3)})
+              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3), **init_stats})
     if not bool(bank.converged.all()):
         bad = int((~bank.converged).sum())
         warnings.warn(f"{bad} of {m} noise(s) did not pass the stop rule within max_steps={cfg.max_steps} "

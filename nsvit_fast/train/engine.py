@@ -45,7 +45,7 @@ from .checkpoint import load_state, save_state
 from .methods import DEFAULT_METHOD, MethodConfigs, RoundContext, check_method_configs, method_for, moved_key_error
 
 STATE_FILE = "checkpoint.safetensors"
-NOISE_INITS = ("fresh", "warm")
+NOISE_INITS = ("fresh", "warm", "warm_boundary")
 
 
 @dataclass
@@ -96,7 +96,7 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if int(cfg.workers) < 0:
         raise NsvitError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.noise_init not in NOISE_INITS:
-        raise NsvitError(f"noise_init must be fresh or warm, got {cfg.noise_init!r}")
+        raise NsvitError(f"noise_init must be one of {', '.join(NOISE_INITS)}, got {cfg.noise_init!r}")
     if not 0 <= cfg.ema < 1:
         raise NsvitError(f"ema must be in [0, 1), got {cfg.ema}")
     from ..synth.engine import check_config as check_synth
@@ -255,9 +255,13 @@ class Engine:
         when ``noise_init="warm"``, and its synthesis statistics for the log."""
         cfg = self.cfg
         init = None
-        if cfg.noise_init == "warm" and self.noise is not None and self.last_ns_noise is not None:
-            init = self.last_ns_noise * cfg.warm_growth
         scfg = dataclasses.replace(cfg.synth, seed=self.round_seed(k), num_noises=1)
+        if cfg.noise_init != "fresh" and self.noise is not None and self.last_ns_noise is not None:
+            if cfg.noise_init == "warm":
+                init = self.last_ns_noise * cfg.warm_growth
+            else:  # warm_boundary: the last noise, scaled to the ε boundary on the updated model
+                init = self.last_ns_noise
+                scfg = dataclasses.replace(scfg, init_scale="boundary")
         if isinstance(self.train, ImageDataset):
             data = self.train
         else:  # the round's own seeded stream over the folder, with the run's augmentation
@@ -270,6 +274,8 @@ class Engine:
                     batch_mse_prob=float(bank.batch_mse_prob[0]), match_rate=float(bank.match_rate[0]),
                     synth_steps=int(bank.steps[0]), converged=bool(bank.converged[0]),
                     synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]))
+        if "init_mse_prob" in bank.meta:  # warm_boundary: the last noise's drift on the updated model, its growth
+            info.update(init_mse_prob=bank.meta["init_mse_prob"][0], init_scale_factor=bank.meta["init_scale_factor"][0])
         return bank.noises[0], info
 
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
