@@ -246,8 +246,9 @@ def test_init_scale_boundary_grows_a_warm_start_to_the_edge_of_eps(parts, train)
     cache = CleanCache(parts, held.images)
     mse_at = lambda a: noise_effect(parts, (small * a)[None], cache)[0][0].item()
     assert bank.meta["init_mse_prob"][0] == pytest.approx(mse_at(1.0), rel=1e-4)
-    assert s > 1.25 and mse_at(s) < 0.03    # grown, and still inside ε on the held-out images
-    assert mse_at(s * 1.02) >= 0.03         # at its edge: 2% more leaves ε
+    assert s > 1.25                                 # grown
+    assert 0.8 * 0.03 <= mse_at(s) < 0.03           # to just inside ε on the held-out images
+    assert mse_at(s * 1.15) >= 0.03                 # near its edge: 15% more leaves ε
     with pytest.raises(NsvitError, match="init_scale"):
         synthesize(parts, train, init=small, init_scale="grow", max_steps=5, progress=False)
 

@@ -55,6 +55,10 @@ class FinetuneConfig(MethodConfigs):
     accelerator, not Algorithm 1: it starts each round from the last noise x ``warm_growth``;
     measured on digits over 3 seeds (bench/results/methods.md) it needs 3.6x less synthesis time for
     robustness within 1 std of fresh, while the noise norm grows each round (to about 590).
+    ``noise_init="warm_boundary"`` (the ``*_fast`` configs; bench/results/noise_cost.md) learns round
+    0's noise with ``synth`` as configured (the fast configs: ``schedule: boundary``), and starts every
+    later round from the last noise grown to just inside ε on held-out images in forward passes only
+    (``synth.init_scale="boundary"``), followed by the paper's descent and stop rule.
 
     Each method's own hyperparameters are nested under its name, inherited from MethodConfigs
     (``cfg.pgd.eps``, ``cfg.trades.beta``, ``cfg.random.norm``), as synthesis is under ``synth``."""
@@ -66,7 +70,7 @@ class FinetuneConfig(MethodConfigs):
     weight_decay: float = 0.01    # AdamW's default, as the paper ("default hyperparameters")
     batch_size: int = 128
     ema: float = 0.0              # EMA decay of the weights for evaluation (0: off; DAT used 0.9998)
-    noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last round's noise x warm_growth)
+    noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last noise x warm_growth) | warm_boundary
     warm_growth: float = 1.25
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
     val_images: int = 0           # validation images per round (0: all given)
@@ -259,9 +263,9 @@ class Engine:
         if cfg.noise_init != "fresh" and self.noise is not None and self.last_ns_noise is not None:
             if cfg.noise_init == "warm":
                 init = self.last_ns_noise * cfg.warm_growth
-            else:  # warm_boundary: the last noise, scaled to the ε boundary on the updated model
+            else:  # warm_boundary: the last noise grown to just inside ε on the updated model, then the paper's descent
                 init = self.last_ns_noise
-                scfg = dataclasses.replace(scfg, init_scale="boundary")
+                scfg = dataclasses.replace(scfg, init_scale="boundary", schedule="paper")
         if isinstance(self.train, ImageDataset):
             data = self.train
         else:  # the round's own seeded stream over the folder, with the run's augmentation
