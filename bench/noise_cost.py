@@ -142,6 +142,14 @@ def render(summary, metrics, rows, report, machine, args) -> str:
         norm = ms([r["noise_norm"][-1] for r in rs]) if rs[0]["noise_norm"] else "–"
         lines.append(f"| {v} | {ms([r['wall_seconds'] for r in rs])} | {ms([r['synth_seconds'] for r in rs])} | "
                      f"{ms([sum(r['synth_steps']) for r in rs])} | {norm} |")
+    drift = [d for r in rows for d in r["drift_mse"]]
+    growth = [g for r in rows for g in r["growth"]]
+    if drift:
+        lines += ["", f"Drift: at the start of rounds 1-{args.rounds - 1} the last noise's held-out MSE-prob on the "
+                  f"updated model was {statistics.mean(drift):.4f} on average (min {min(drift):.4f}, max "
+                  f"{max(drift):.4f}): finetuning on a noise makes the model more tolerant of it, so the "
+                  f"noise is grown, by x{statistics.mean(growth):.2f} per round on average "
+                  f"(min {min(growth):.2f}, max {max(growth):.2f})."]
     lines += ["", "| metric | Algorithm 1 | fast | within 1 std |", "|---|---|---|---|"]
     lines += [f"| {m['metric']}{' (mCE)' if m['metric_key'] == 'mce' else ''} | {m['alg1_mean']:.2f} ± "
               f"{m['alg1_std']:.2f} | {m['fast_mean']:.2f} ± {m['fast_std']:.2f} | {m['within_1std']} |"

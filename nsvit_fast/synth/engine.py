@@ -103,6 +103,7 @@ class SynthConfig:
     boundary_iters: int = 8      # schedule=boundary: bisection steps on the scale
     boundary_grow: float = 4.0   # schedule=boundary: largest scale tried
     init_scale: str = "none"     # none | boundary: a given init is first scaled to just inside ε (forward only)
+    init_min_scale: float = 1.0  # init_scale=boundary: scale at least this much (> 1: the descent then moves it)
     seed: int = 0
 
 
@@ -110,6 +111,7 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
     check_positive("eps", cfg.eps)
     check_positive("lim", cfg.lim)
     check_positive("lr", cfg.lr)
+    check_positive("init_min_scale", cfg.init_min_scale)
     for name in ("max_steps", "batch_size", "num_noises", "max_rows", "heldout_every"):
         if int(getattr(cfg, name)) < 1:
             raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -523,6 +525,9 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
             init_stats = {}
             if cfg.init_scale == "boundary" and init is not None:  # the given noise, grown along its good interval
                 v0, scale, mse1 = _grow_to_eps(parts, v0.to(device), held, cfg)
+                if cfg.init_min_scale > 1:  # a noise the model ignores only at its own scale would stall at 1
+                    up = (cfg.init_min_scale / scale).clamp_min(1.0)
+                    v0, scale = v0 * up.reshape(-1, 1, 1), scale * up
                 init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
             synth_seconds = time.perf_counter() - t0
