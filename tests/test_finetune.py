@@ -187,6 +187,32 @@ def test_warm_start_scales_the_previous_noise(train, monkeypatch):
     assert inits[1].norm().item() == pytest.approx(1.25 * res.history[0]["noise_norm"], rel=1e-4)
 
 
+def test_warm_boundary_starts_from_the_last_noise_grown_to_eps(train, monkeypatch):
+    import nsvit_fast.train.engine as eng
+
+    calls = []
+    real = eng.synthesize
+
+    def spy(parts, data, cfg, *a, init=None, **kw):
+        calls.append((None if init is None else init.clone(), cfg.init_scale))
+        return real(parts, data, cfg, *a, init=init, **kw)
+
+    monkeypatch.setattr(eng, "synthesize", spy)
+    res = finetune(load_model("digits_vit"), train, rounds=3, model_steps=2, batch_size=32, lr=1e-4,
+                   noise_init="warm_boundary", synth=FAST_SYNTH, progress=False)
+    assert calls[0] == (None, "none")  # round 0 is Algorithm 1's fresh draw
+    h = res.history
+    for k in (1, 2):
+        init, scale = calls[k]
+        assert scale == "boundary"
+        assert init.norm().item() == pytest.approx(h[k - 1]["noise_norm"], rel=1e-5)  # the last noise, unscaled
+        # the drift of the last noise on the updated model, and the growth found for it, are logged
+        assert 0 <= h[k]["init_mse_prob"] < 1
+        assert h[k]["init_scale_factor"] >= 1.25 - 1e-6  # grown to ε, and at least by warm_growth
+        if h[k]["synth_steps"] == 0:  # passed at once: the round's noise is the grown one
+            assert h[k]["noise_norm"] == pytest.approx(h[k]["init_scale_factor"] * init.norm().item(), rel=1e-4)
+
+
 def test_ema_and_tensorboard(train, tmp_path):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -232,6 +232,23 @@ def test_boundary_schedule_sits_inside_eps(parts, train):
     assert noise_effect(parts, bank.noises * 1.1, cache)[0][0] >= 0.03 * 0.9
 
 
+def test_init_scale_boundary_grows_a_warm_start_to_the_edge_of_eps(parts, train):
+    held = train.subset(128)
+    v = synthesize(parts, train, lim=3.0, batch_size=64, max_steps=600, progress=False).noises[0]
+    small = v * 0.5                        # well inside ε: its good interval reaches past 1
+    bank = synthesize(parts, train, init=small, init_scale="boundary", heldout_data=held, batch_size=64,
+                      max_steps=600, progress=False)
+    s = bank.meta["init_scale_factor"][0]
+    cache = CleanCache(parts, held.images)
+    mse_at = lambda a: noise_effect(parts, (small * a)[None], cache)[0][0].item()
+    assert bank.meta["init_mse_prob"][0] == pytest.approx(mse_at(1.0), rel=1e-4)
+    assert s > 1.25                                 # grown
+    assert 0.8 * 0.03 <= mse_at(s) < 0.03           # to just inside ε on the held-out images
+    assert mse_at(s * 1.15) >= 0.03                 # near its edge: 15% more leaves ε
+    with pytest.raises(NsvitError, match="init_scale"):
+        synthesize(parts, train, init=small, init_scale="grow", max_steps=5, progress=False)
+
+
 def test_regularized_eq4_and_permutation_control(parts, train):
     bank = synthesize_regularized(parts, train, lam=[0.0, 1.0, 4.0], steps=60, batch_size=64, lim=3.0,
                                   progress=False)

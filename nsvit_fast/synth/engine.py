@@ -73,6 +73,7 @@ from .metrics import noise_effect
 MODES = ("reference", "fast")
 _phase = torch.profiler.record_function  # phase labels for `nsvit-fast profile synth`
 SCHEDULES = ("paper", "boundary")
+INIT_SCALES = ("none", "boundary")
 STOPS = ("batch", "heldout")
 LR_SCHEDULES = ("official", "max_steps")
 OFFICIAL_T_MAX_RATIO = 10  # official T_max / step budget = len(loader)*rounds / (rounds*img_ratio*len(loader))
@@ -103,6 +104,8 @@ class SynthConfig:
     boundary_lr: float = 6.0     # schedule=boundary: descent learning rate = lr * boundary_lr
     boundary_iters: int = 8      # schedule=boundary: bisection steps on the scale
     boundary_grow: float = 4.0   # schedule=boundary: largest scale tried
+    init_scale: str = "none"     # none | boundary: a given init is first scaled to just inside ε (forward only)
+    init_min_scale: float = 1.0  # init_scale=boundary: scale at least this much (> 1: the descent then moves it)
     seed: int = 0
 
 
@@ -113,6 +116,7 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
     check_positive("eps", cfg.eps)
     check_positive("lim", cfg.lim)
     check_positive("lr", cfg.lr)
+    check_positive("init_min_scale", cfg.init_min_scale)
     for name in ("max_steps", "batch_size", "num_noises", "max_rows", "heldout_every"):
         if int(getattr(cfg, name)) < 1:
             raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -122,6 +126,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
         raise NsvitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.stop not in STOPS:
         raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
+    if cfg.init_scale not in INIT_SCALES:
+        raise NsvitError(f"init_scale must be one of {', '.join(INIT_SCALES)}, got {cfg.init_scale!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise NsvitError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if int(cfg.lr_t_max) < 0 or (cfg.lr_t_max and cfg.lr_schedule != "official"):
@@ -360,8 +366,10 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
     return V, steps, done.clone(), bmse
 
 
-def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig) -> torch.Tensor:
-    """Scale each noise up to the ε boundary on the held-out set (forward passes only).
+def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale each noise up to the ε boundary on the held-out set (forward passes only): returns the
+    scaled noises (M, N, D), the scales (M,) and the held-out MSE-prob at scale 1 (M,).
 
     MSE-prob is not always monotone in the scale (a noise found from a large init can sit in a
     valley that is narrow in scale), so this follows the good interval that contains s = 1:
@@ -372,8 +380,13 @@ def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
     k = max(1, int(math.floor(math.log(cfg.boundary_grow) / math.log(g) + 1e-9)))
     grid = g ** torch.arange(k + 1, dtype=torch.float32, device=V.device)           # 1, g, ..., g^k
     m = V.shape[0]
-    ok = torch.stack([noise_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0] < cfg.eps
-                      for i in range(k + 1)], 1)                                      # (M, k+1)
+    cols = []
+    for i in range(k + 1):  # up the grid until every noise has failed once: later scales are never used
+        cols.append(noise_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0])
+        if bool((torch.stack(cols, 1) >= cfg.eps).any(1).all()):
+            break
+    mses = torch.stack(cols + [torch.full((m,), float("inf"), device=V.device)] * (k + 1 - len(cols)), 1)
+    ok = mses < cfg.eps                                                               # (M, k+1)
     first_bad = torch.where(ok.all(1), torch.full((m,), k + 1, device=V.device),
                             (~ok).float().argmax(1))
     lo = torch.where(first_bad > 0, grid[(first_bad - 1).clamp_min(0)], torch.zeros(m, device=V.device))
@@ -384,7 +397,45 @@ def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
         good = noise_effect(parts, V, held, cfg.max_rows, scales=mid)[0] < cfg.eps
         lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
     lo = torch.where(first_bad > k, grid[-1], lo)  # good all the way: keep the largest scale tried
-    return V * lo.reshape(-1, 1, 1)
+    return V * lo.reshape(-1, 1, 1), lo, mses[:, 0]
+
+
+GROW_TARGET = 0.9  # init_scale=boundary aims at 0.9 ε and accepts [0.8, 1) ε: inside, near the edge
+
+
+def _grow_to_eps(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale each noise to just inside the ε boundary on the held-out set, in forward passes only.
+
+    A secant search on log MSE-prob against log scale (near a nullspace noise MSE-prob grows about
+    as the square of the scale, the first slope taken), aiming at ``GROW_TARGET`` ε and stopping in
+    [0.8, 1) ε: one forward at scale 1, then at most ``boundary_iters`` more, scales kept within
+    [1 / boundary_grow, boundary_grow] and to x4 per step. :func:`_to_boundary`'s grid and bisection
+    find the edge more exactly with about 15 forwards; a warm start needs only a point near it, as
+    the descent's stop test follows. Returns the scaled noises (M, N, D), the scales (M,) (the
+    largest scale seen inside ε; the smallest tried when none was) and the MSE-prob at scale 1 (M,)."""
+    m, dev, eps = V.shape[0], V.device, cfg.eps
+    s = torch.ones(m, device=dev)
+    mse = noise_effect(parts, V, held, cfg.max_rows)[0]
+    mse1 = mse.clone()
+    best = torch.where(mse < eps, s, torch.zeros_like(s))
+    smallest = s.clone()
+    slope = torch.full((m,), 2.0, device=dev)
+    for _ in range(cfg.boundary_iters):
+        near = (mse < eps) & (mse >= 0.8 * eps)
+        if bool(near.all()):
+            break
+        step = ((GROW_TARGET * eps) / mse.clamp_min(1e-12)) ** (1 / slope)
+        s_new = torch.where(near, s, (s * step.clamp(0.25, 4.0)).clamp(1 / cfg.boundary_grow, cfg.boundary_grow))
+        mse_new = noise_effect(parts, V, held, cfg.max_rows, scales=s_new)[0]
+        moved = s_new != s
+        fit = (mse_new.clamp_min(1e-12).log() - mse.clamp_min(1e-12).log()) / (s_new.log() - s.log())
+        slope = torch.where(moved & fit.isfinite(), fit.clamp(0.5, 4.0), slope)
+        s, mse = s_new, torch.where(moved, mse_new, mse)
+        best = torch.where((mse < eps) & (s > best), s, best)
+        smallest = torch.minimum(smallest, s)
+    scale = torch.where(best > 0, best, smallest)
+    return V * scale.reshape(-1, 1, 1), scale, mse1
 
 
 def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
@@ -487,10 +538,17 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     conf = confirm if run_cfg.stop == "heldout" else None
     try:
         with frozen(parts, freeze=cfg.mode == "fast"), rt.matmul_mode():
+            init_stats = {}
+            if cfg.init_scale == "boundary" and init is not None:  # the given noise, grown along its good interval
+                v0, scale, mse1 = _grow_to_eps(parts, v0.to(device), held, cfg)
+                if cfg.init_min_scale > 1:  # a noise the model ignores only at its own scale would stall at 1
+                    up = (cfg.init_min_scale / scale).clamp_min(1.0)
+                    v0, scale = v0 * up.reshape(-1, 1, 1), scale * up
+                init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
             synth_seconds = time.perf_counter() - t0
             if cfg.schedule == "boundary":
-                V = _to_boundary(parts, V, held, cfg)
+                V = _to_boundary(parts, V, held, cfg)[0]
             with torch.no_grad():
                 mse, match = noise_effect(parts, V, held, cfg.max_rows)
     finally:
@@ -505,7 +563,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "heldout_source": held_source,
               "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
-              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3)})
+              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3), **init_stats})
     if not bool(bank.converged.all()):
         bad = int((~bank.converged).sum())
         warnings.warn(f"{bad} of {m} noise(s) did not pass the stop rule within max_steps={cfg.max_steps} "

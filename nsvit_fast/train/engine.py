@@ -45,7 +45,7 @@ from .checkpoint import load_state, save_state
 from .methods import DEFAULT_METHOD, MethodConfigs, RoundContext, check_method_configs, method_for, moved_key_error
 
 STATE_FILE = "checkpoint.safetensors"
-NOISE_INITS = ("fresh", "warm")
+NOISE_INITS = ("fresh", "warm", "warm_boundary")
 
 
 @dataclass
@@ -55,6 +55,13 @@ class FinetuneConfig(MethodConfigs):
     accelerator, not Algorithm 1: it starts each round from the last noise x ``warm_growth``;
     measured on digits over 3 seeds (bench/results/methods.md) it needs 3.6x less synthesis time for
     robustness within 1 std of fresh, while the noise norm grows each round (to about 590).
+    ``noise_init="warm_boundary"`` (the ``*_fast`` configs; bench/results/noise_cost.md) learns round
+    0's noise with ``synth`` as configured (the fast configs: ``schedule: boundary``), and starts every
+    later round from the last noise grown to just inside ε on held-out images in forward passes only
+    (``synth.init_scale="boundary"``), and by at least ``warm_growth``, followed by the paper's descent
+    and stop rule. The floor matters: after a few rounds the model ignores the noise at exactly its own
+    scale but not at 1.1x (a valley narrow in scale), and a pure rescale would then stall at x1 with
+    the noise far inside ε (measured: MSE-prob 0.0005 from round 4 on, digits seed 0).
 
     Each method's own hyperparameters are nested under its name, inherited from MethodConfigs
     (``cfg.pgd.eps``, ``cfg.trades.beta``, ``cfg.random.norm``), as synthesis is under ``synth``."""
@@ -66,7 +73,7 @@ class FinetuneConfig(MethodConfigs):
     weight_decay: float = 0.01    # AdamW's default, as the paper ("default hyperparameters")
     batch_size: int = 128
     ema: float = 0.0              # EMA decay of the weights for evaluation (0: off; DAT used 0.9998)
-    noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last round's noise x warm_growth)
+    noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last noise x warm_growth) | warm_boundary
     warm_growth: float = 1.25
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
     val_images: int = 0           # validation images per round (0: all given)
@@ -96,7 +103,7 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if int(cfg.workers) < 0:
         raise NsvitError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.noise_init not in NOISE_INITS:
-        raise NsvitError(f"noise_init must be fresh or warm, got {cfg.noise_init!r}")
+        raise NsvitError(f"noise_init must be one of {', '.join(NOISE_INITS)}, got {cfg.noise_init!r}")
     if not 0 <= cfg.ema < 1:
         raise NsvitError(f"ema must be in [0, 1), got {cfg.ema}")
     from ..synth.engine import check_config as check_synth
@@ -278,9 +285,13 @@ class Engine:
         when ``noise_init="warm"``, and its synthesis statistics for the log."""
         cfg = self.cfg
         init = None
-        if cfg.noise_init == "warm" and self.noise is not None and self.last_ns_noise is not None:
-            init = self.last_ns_noise * cfg.warm_growth
         scfg = dataclasses.replace(cfg.synth, seed=self.round_seed(k), num_noises=1)
+        if cfg.noise_init != "fresh" and self.noise is not None and self.last_ns_noise is not None:
+            if cfg.noise_init == "warm":
+                init = self.last_ns_noise * cfg.warm_growth
+            else:  # warm_boundary: the last noise grown to just inside ε on the updated model, then the paper's descent
+                init = self.last_ns_noise
+                scfg = dataclasses.replace(scfg, init_scale="boundary", init_min_scale=cfg.warm_growth, schedule="paper")
         if isinstance(self.train, ImageDataset):
             data = self.train
         else:  # the round's own seeded stream over the folder, with the run's augmentation
@@ -293,6 +304,8 @@ class Engine:
                     batch_mse_prob=float(bank.batch_mse_prob[0]), match_rate=float(bank.match_rate[0]),
                     synth_steps=int(bank.steps[0]), converged=bool(bank.converged[0]),
                     synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]))
+        if "init_mse_prob" in bank.meta:  # warm_boundary: the last noise's drift on the updated model, its growth
+            info.update(init_mse_prob=bank.meta["init_mse_prob"][0], init_scale_factor=bank.meta["init_scale_factor"][0])
         return bank.noises[0], info
 
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

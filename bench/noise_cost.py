@@ -1,0 +1,162 @@
+"""Whole-run noise cost: Algorithm 1 (a fresh noise each round) against the fast noise and plain finetuning.
+
+    .venv/bin/python bench/noise_cost.py --seeds 0,1,2          # about 40 minutes on 2 CPU cores
+
+The paper's K = 20 rounds of S = 40 model steps on the embedded digits setting (configs/digits.yaml),
+three runs per seed, interleaved so that they share the machine's state: ``plain``, ``ns`` with
+``noise_init=fresh`` (Algorithm 1) and ``ns`` with the fast noise (``noise_init=warm_boundary``, the
+``digits_fast`` config). Every final model is scored on the demo's suite (clean, FGSM 1/4/8 per 255,
+PGD-10, CW, the authors' PatchFool, the 15 x 5 corruptions) on the 397 digits test images.
+
+Writes bench/results/noise_cost.json and noise_cost.md:
+- ``synth_ratio_vs_fresh``: the fast runs' whole-run synthesis seconds over Algorithm 1's (summed over seeds);
+- ``ns_over_plain_wall``: the fast ns run's wall time over plain finetuning's (summed over seeds);
+- per Table-2 metric, mean ± std over seeds of each variant and whether the fast one is within one
+  std of Algorithm 1 (the issue's bar). CPU timings: run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from nsvit_fast import digits, load_model
+from nsvit_fast.demo import SUITES
+from nsvit_fast.eval import evaluate
+from nsvit_fast.eval.report import HEADLINE, Report
+from nsvit_fast.io import write_json, write_text
+from nsvit_fast.train import finetune
+from nsvit_fast.train.yamlcfg import load_run, parse_overrides
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GOAL = {"synth_ratio_vs_fresh": 0.15, "ns_over_plain_wall": 2.2}
+VARIANTS = {"plain": ("digits", {"method": "plain"}),
+            "ns (Algorithm 1)": ("digits", {"method": "ns", "noise_init": "fresh"}),
+            "ns fast": ("digits_fast", {"method": "ns"})}
+
+
+def run_seed(seed: int, rounds: int, overrides: dict, suites: list[str], test, train, val) -> tuple[list, Report]:
+    rows, models = [], {"pretrained": load_model("digits_vit")}
+    for name, (config, kw) in VARIANTS.items():
+        _, cfg = load_run(config, {"rounds": rounds, "seed": seed, **overrides})
+        parts = load_model("digits_vit")
+        t0 = time.perf_counter()
+        res = finetune(parts, train, cfg, val_data=val, progress=False, **kw)
+        secs = time.perf_counter() - t0
+        h = res.history
+        rows.append({"variant": name, "seed": seed, "noise_init": cfg.noise_init if kw["method"] == "ns" else None,
+                     "wall_seconds": round(secs, 2),
+                     "synth_seconds": round(sum(x.get("synth_seconds", 0.0) for x in h), 2),
+                     "synth_steps": [x.get("synth_steps") for x in h],
+                     "noise_norm": [round(x["noise_norm"], 1) for x in h if "noise_norm" in x],
+                     "heldout_mse": [round(x["mse_prob"], 4) for x in h if "mse_prob" in x],
+                     "drift_mse": [round(x["init_mse_prob"], 4) for x in h if "init_mse_prob" in x],
+                     "growth": [round(x["init_scale_factor"], 3) for x in h if "init_scale_factor" in x]})
+        print({k: v for k, v in rows[-1].items() if k not in ("heldout_mse", "drift_mse", "growth")}, flush=True)
+        models[name] = parts
+    report = evaluate(models, test, suites, seed=seed, baseline="pretrained", progress=False)
+    return rows, report
+
+
+def compare(report: Report, ref: str, fast: str) -> list[dict]:
+    """Per headline column: mean ± std of Algorithm 1 and of the fast noise, and the 1-std test."""
+    out = []
+    for suite, setting, label in report.columns():
+        a, b = report.cell(ref, suite, setting), report.cell(fast, suite, setting)
+        if a is None or b is None:
+            continue
+        out.append({"metric": label, "suite": suite, "setting": setting, "metric_key": HEADLINE.get(suite, "acc"),
+                    "alg1_mean": round(a[0], 2), "alg1_std": round(a[1], 2),
+                    "fast_mean": round(b[0], 2), "fast_std": round(b[1], 2),
+                    "within_1std": abs(b[0] - a[0]) <= a[1]})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rounds", type=int, default=20, help="K (the paper's 20)")
+    ap.add_argument("--suites", default=",".join(SUITES), help="the demo's suites by default")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for noise_cost.json / .md")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of both configs")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    train, val, test = digits("train"), digits("val"), digits("test")
+    rows, report = [], Report()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        r, rep = run_seed(seed, args.rounds, parse_overrides(args.overrides), args.suites.split(","), test, train, val)
+        rows += r
+        report = report.merge(rep)
+
+    def total(variant, key):
+        return sum(r[key] for r in rows if r["variant"] == variant)
+
+    fresh, fast, plain = "ns (Algorithm 1)", "ns fast", "plain"
+    metrics = compare(report, fresh, fast)
+    summary = {
+        "synth_ratio_vs_fresh": round(total(fast, "synth_seconds") / total(fresh, "synth_seconds"), 4),
+        "ns_over_plain_wall": round(total(fast, "wall_seconds") / total(plain, "wall_seconds"), 3),
+        "alg1_over_plain_wall": round(total(fresh, "wall_seconds") / total(plain, "wall_seconds"), 3),
+        "synth_steps_ratio_vs_fresh": round(sum(sum(r["synth_steps"]) for r in rows if r["variant"] == fast)
+                                            / sum(sum(r["synth_steps"]) for r in rows if r["variant"] == fresh), 4),
+        "metrics_within_1std": f"{sum(m['within_1std'] for m in metrics)} of {len(metrics)}",
+    }
+    summary["goals_met"] = {"synth_ratio_vs_fresh": summary["synth_ratio_vs_fresh"] <= GOAL["synth_ratio_vs_fresh"],
+                            "ns_over_plain_wall": summary["ns_over_plain_wall"] <= GOAL["ns_over_plain_wall"],
+                            "metrics_within_1std": all(m["within_1std"] for m in metrics)}
+    machine = (f"CPU ({platform.machine()}, {platform.processor() or 'unknown model'}), torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    out = Path(args.out)
+    write_json(out / "noise_cost.json", {"machine": machine, "rounds": args.rounds, "seeds": args.seeds,
+                                          "overrides": args.overrides, **summary, "goal": GOAL,
+                                          "metrics": metrics, "rows": rows, "report": report.to_dict()})
+    md = render(summary, metrics, rows, report, machine, args)
+    write_text(out / "noise_cost.md", md)
+    print(md)
+
+
+def render(summary, metrics, rows, report, machine, args) -> str:
+    def ms(vals):
+        return f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+
+    lines = [f"# Whole-run noise cost, digits_vit, K = {args.rounds}, S = 40, seeds {args.seeds}", "",
+             f"{machine}. Wall and synthesis seconds summed over the seeds' runs, which ran interleaved.", "",
+             "| figure | measured | goal | met |", "|---|---|---|---|",
+             f"| synth_ratio_vs_fresh | {summary['synth_ratio_vs_fresh']:.3f} | ≤ {GOAL['synth_ratio_vs_fresh']} | "
+             f"{summary['goals_met']['synth_ratio_vs_fresh']} |",
+             f"| ns_over_plain_wall | {summary['ns_over_plain_wall']:.2f} | ≤ {GOAL['ns_over_plain_wall']} | "
+             f"{summary['goals_met']['ns_over_plain_wall']} |",
+             f"| Table-2 metrics within 1 std of Algorithm 1 | {summary['metrics_within_1std']} | all | "
+             f"{summary['goals_met']['metrics_within_1std']} |", "",
+             f"Algorithm 1's ns run takes {summary['alg1_over_plain_wall']:.2f}x plain's wall time; the fast noise "
+             f"takes {summary['synth_steps_ratio_vs_fresh']:.3f}x its descent steps.", "",
+             "| variant | wall s | synthesis s | synthesis steps | final noise norm |", "|---|---|---|---|---|"]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == v]
+        norm = ms([r["noise_norm"][-1] for r in rs]) if rs[0]["noise_norm"] else "–"
+        lines.append(f"| {v} | {ms([r['wall_seconds'] for r in rs])} | {ms([r['synth_seconds'] for r in rs])} | "
+                     f"{ms([sum(r['synth_steps']) for r in rs])} | {norm} |")
+    drift = [d for r in rows for d in r["drift_mse"]]
+    growth = [g for r in rows for g in r["growth"]]
+    if drift:
+        lines += ["", f"Drift: at the start of rounds 1-{args.rounds - 1} the last noise's held-out MSE-prob on the "
+                  f"updated model was {statistics.mean(drift):.4f} on average (min {min(drift):.4f}, max "
+                  f"{max(drift):.4f}): finetuning on a noise makes the model more tolerant of it, so the "
+                  f"noise is grown, by x{statistics.mean(growth):.2f} per round on average "
+                  f"(min {min(growth):.2f}, max {max(growth):.2f})."]
+    lines += ["", "| metric | Algorithm 1 | fast | within 1 std |", "|---|---|---|---|"]
+    lines += [f"| {m['metric']}{' (mCE)' if m['metric_key'] == 'mce' else ''} | {m['alg1_mean']:.2f} ± "
+              f"{m['alg1_std']:.2f} | {m['fast_mean']:.2f} ± {m['fast_std']:.2f} | {m['within_1std']} |"
+              for m in metrics]
+    lines += ["", "All models (mean ± std over seeds):", "", report.table2()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
