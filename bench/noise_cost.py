@@ -78,6 +78,17 @@ def compare(report: Report, ref: str, fast: str) -> list[dict]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -85,7 +96,17 @@ def main() -> None:
     ap.add_argument("--suites", default=",".join(SUITES), help="the demo's suites by default")
     ap.add_argument("--out", default=str(RESULTS), help="folder for noise_cost.json / .md")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of both configs")
+    ap.add_argument("--render", metavar="JSON", help="only write noise_cost.md again from a noise_cost.json")
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        d = json.loads(Path(args.render).read_text())
+        args.rounds, args.seeds = d["rounds"], d["seeds"]
+        md = render(d, d["metrics"], d["rows"], Report.from_dict(d["report"]), d["machine"], args)
+        write_text(Path(args.out) / "noise_cost.md", md)
+        print(md)
+        return
     warnings.simplefilter("ignore")
     train, val, test = digits("train"), digits("val"), digits("test")
     rows, report = [], Report()
@@ -110,8 +131,7 @@ def main() -> None:
     summary["goals_met"] = {"synth_ratio_vs_fresh": summary["synth_ratio_vs_fresh"] <= GOAL["synth_ratio_vs_fresh"],
                             "ns_over_plain_wall": summary["ns_over_plain_wall"] <= GOAL["ns_over_plain_wall"],
                             "metrics_within_1std": all(m["within_1std"] for m in metrics)}
-    machine = (f"CPU ({platform.machine()}, {platform.processor() or 'unknown model'}), torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = f"CPU ({platform.machine()}, {cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
     out = Path(args.out)
     write_json(out / "noise_cost.json", {"machine": machine, "rounds": args.rounds, "seeds": args.seeds,
                                           "overrides": args.overrides, **summary, "goal": GOAL,
@@ -141,7 +161,7 @@ def render(summary, metrics, rows, report, machine, args) -> str:
         rs = [r for r in rows if r["variant"] == v]
         norm = ms([r["noise_norm"][-1] for r in rs]) if rs[0]["noise_norm"] else "–"
         lines.append(f"| {v} | {ms([r['wall_seconds'] for r in rs])} | {ms([r['synth_seconds'] for r in rs])} | "
-                     f"{ms([sum(r['synth_steps']) for r in rs])} | {norm} |")
+                     f"{ms([sum(x or 0 for x in r['synth_steps']) for r in rs])} | {norm} |")
     drift = [d for r in rows for d in r["drift_mse"]]
     growth = [g for r in rows for g in r["growth"]]
     if drift:
