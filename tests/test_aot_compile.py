@@ -20,10 +20,17 @@ if os.environ.get("NSVIT_REQUIRE_TRITON") != "1":
 
 
 def jit_kernels() -> set[str]:
-    """Names of the @triton.jit functions in the kernel files (read from source: in this process
-    they are interpreter objects)."""
+    """Names of the launched @triton.jit kernels in the kernel files (read from source: in this
+    process they are interpreter objects). A jit function called as ``name(...)`` from another
+    kernel is a device helper, inlined into its callers and compiled with them."""
     root = Path(__file__).resolve().parent.parent / "kernels"
-    return {m for f in KERNEL_FILES for m in re.findall(r"@triton\.jit\s*\ndef (\w+)", (root / f).read_text())}
+    names = set()
+    for f in KERNEL_FILES:
+        text = (root / f).read_text()
+        for m in re.findall(r"@triton\.jit\s*\ndef (\w+)", text):
+            if not re.search(rf"(?<!def ){m}\(", text):
+                names.add(m)
+    return names
 
 
 @pytest.mark.slow
