@@ -57,7 +57,8 @@ class FolderImages(EvalImages):
     read whole. ``max_images`` keeps that many images spread evenly over the folder (the same ones
     :func:`nsvit_fast.data.load_data` reads into memory). ``workers`` DataLoader workers decode;
     ``pin_memory`` for CUDA. An unreadable file stops the run naming it (``on_bad_image="error"``) or,
-    with ``"skip"``, the next readable file takes its place (the in-memory path leaves it out)."""
+    with ``"skip"``, is left out of the batch and counted, as the in-memory path does: one warning
+    per pass names how many and the first (a substitute would count another image twice)."""
 
     def __init__(self, root: str | Path, parts, max_images: int | None = None, workers: int = 0,
                  pin_memory: bool = False, on_bad_image: str = "error"):
@@ -73,6 +74,7 @@ class FolderImages(EvalImages):
         n = n_all if max_images is None else min(n_all, int(max_images))
         self.indices = torch.linspace(0, n_all - 1, n).round().long().tolist() if n < n_all else None
         self.workers, self.pin_memory, self.root = int(workers), bool(pin_memory), root
+        self._warned = False
 
     def __len__(self) -> int:
         return len(self.dataset) if self.indices is None else len(self.indices)
@@ -83,9 +85,51 @@ class FolderImages(EvalImages):
         keep = list(range(len(self.dataset))) if self.indices is None else self.indices
         if n is not None:
             keep = keep[:int(n)]
-        ds = self.dataset if len(keep) == len(self.dataset) else Subset(self.dataset, keep)
-        yield from DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.workers,
-                              pin_memory=self.pin_memory)
+        ds = _Droppable(self.dataset)
+        ds = ds if len(keep) == len(self.dataset) else Subset(ds, keep)
+        bad: list[str] = []
+        for x, y, b in DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.workers,
+                                  pin_memory=self.pin_memory, collate_fn=_collate):
+            bad += b
+            if len(y):
+                yield x, y
+        if bad and not self._warned:  # once per run, though every suite makes a pass
+            import warnings
+
+            self._warned = True
+            warnings.warn(f"{self.root}: skipped {len(bad)} unreadable image(s) (on_bad_image: skip), "
+                          f"e.g. {bad[0]}", stacklevel=2)
+
+
+class _Droppable(torch.utils.data.Dataset):
+    """A SeededFolder's images through its transform, an unreadable one (under on_bad_image skip)
+    given back as (None, label, path) for the collate to leave out, instead of being replaced."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        from ..data.folders import BadImage
+
+        path, y = self.folder.samples[i]
+        try:
+            img = self.folder.loader(path)
+        except BadImage:
+            if self.folder.on_bad_image != "skip":
+                raise
+            return None, y, str(path)
+        return self.folder.transform(img).clamp_(0, 1), y, None
+
+
+def _collate(items):
+    keep = [(x, y) for x, y, _ in items if x is not None]
+    bad = [p for x, _, p in items if x is None]
+    if not keep:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in keep]), torch.tensor([y for _, y in keep], dtype=torch.long), bad
 
 
 def as_eval_images(data, parts=None, max_images: int | None = None, **folder_kw) -> EvalImages:
