@@ -106,4 +106,4 @@ def test_wheel_install_finetunes_digits_outside_the_checkout(tmp_path):
     bad = subprocess.run([cli, "finetune", "--config", "nope", "--out", "x"], capture_output=True, text=True,
                          timeout=300, env=env, cwd=work)
     assert bad.returncode == 2 and "nsvit-fast: error: config 'nope' not found" in bad.stderr
-    assert "digits, vit_b_imagenet, vit_s_imagenet" in bad.stderr
+    assert "digits, digits_fast, vit_b_imagenet, vit_b_imagenet_fast, vit_s_imagenet, vit_s_imagenet_fast" in bad.stderr
