@@ -84,8 +84,8 @@ def cpu_model() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux)
+        return platform.processor() or "unknown model"
     return platform.processor() or "unknown model"
 
 
