@@ -25,15 +25,14 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nsvit_fast import digits, load_model
-from nsvit_fast.errors import NsvitError
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.train import finetune
-from nsvit_fast.train.methods import fused_views
 from nsvit_fast.train.yamlcfg import load_run
+
+from common import add_runtime_args, ns_step, runtime_or_none, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,22 +40,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def step_ms(parts, opt, x, y, v, fused: bool, n: int, rt: Runtime | None = None) -> float:
     rt = rt or Runtime.create("cpu")
     parts.train()
-    sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
-    sync()
+    sync(rt)
     t0 = time.perf_counter()
     with rt.matmul_mode():
         for _ in range(n):
-            with rt.autocast():
-                if fused:
-                    z, zn = fused_views(parts, x, v)
-                else:  # the official code: patch embedding and encoder twice
-                    z = parts.encode(parts.patch_embed(x))
-                    zn = parts.encode(parts.patch_embed(x) + v)
-                loss = F.cross_entropy(z.float(), y) + F.cross_entropy(zn.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    sync()
+            ns_step(parts, opt, x, y, v, rt, fused)
+    sync(rt)
     return (time.perf_counter() - t0) / n * 1e3
 
 
@@ -65,17 +54,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=6, help="rounds for fresh vs warm synthesis time")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
-    ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
+    add_runtime_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
     ap.add_argument("--quick", action="store_true",
                     help="batch 8, 1 step, 1 repeat, 1-round ns runs of 2 model and 2 synthesis steps: a smoke "
                          "run, not a measurement")
     args = ap.parse_args(argv)
-    try:
-        rt = Runtime.create(args.device, args.precision)
-    except NsvitError as e:
-        print(f"bench_finetune: error: {e}", file=sys.stderr)
+    rt = runtime_or_none("bench_finetune", args.device, args.precision)
+    if rt is None:
         return 2
     warnings.simplefilter("ignore")
     _, cfg = load_run("digits")

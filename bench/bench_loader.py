@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from common import add_runtime_args, ns_step, runtime_or_none, sync
 
 ROOT = Path(__file__).resolve().parent
 
@@ -64,27 +65,20 @@ def loader_rate(folder: Path, parts, workers: int, batch: int, seconds: float) -
 def ns_step_rate(rt, batch: int, steps: int) -> tuple[float, float]:
     """(ms per ns step, images per second) for ViT-S/16 224, random init, on rt's device/precision."""
     from nsvit_fast import load_model
-    from nsvit_fast.train.methods.ns import fused_views
 
-    parts = load_model("vit_small_patch16_224").to(rt.device).train()
+    parts = load_model("vit_small_patch16_224").to(rt.device)
     opt = torch.optim.AdamW(parts.parameters(), lr=0.0)
     x = torch.rand(batch, 3, 224, 224, device=rt.device)
     y = torch.randint(0, 1000, (batch,), device=rt.device)
     v = torch.randn(parts.token_shape, device=rt.device)
+    parts.train()
     times = []
     with rt.matmul_mode():
         for i in range(steps + 1):
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
+            sync(rt)
             t0 = time.perf_counter()
-            with rt.autocast():
-                z, zn = fused_views(parts, x, v)
-                loss = F.cross_entropy(z.float(), y) + F.cross_entropy(zn.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
+            ns_step(parts, opt, x, y, v, rt)
+            sync(rt)
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
     ms = float(np.median(times)) * 1e3
@@ -130,15 +124,14 @@ def rss_child(folder: str, batches: int, batch: int) -> None:
     print(json.dumps({"rss_mb": me + kids, "self_mb": me, "worker_mb": kids}))
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000, help="N (the RSS comparison also writes 10 N)")
     ap.add_argument("--batch", type=int, default=64, help="loader batch")
     ap.add_argument("--seconds", type=float, default=8.0, help="time per loader setting")
     ap.add_argument("--step-batch", type=int, default=0, help="ns step batch (0: 128 on CUDA, 8 on the CPU)")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="fp32")
+    add_runtime_args(ap)
     ap.add_argument("--rss-batches", type=int, default=30)
     ap.add_argument("--no-rss", action="store_true", help="skip the N vs 10 N RSS comparison")
     ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "BATCHES", "BATCH"), help=argparse.SUPPRESS)
@@ -148,9 +141,11 @@ def main() -> None:
 
     from nsvit_fast import load_model
     from nsvit_fast.io import write_json, write_text
-    from nsvit_fast.runtime import Runtime, device_kind
+    from nsvit_fast.runtime import device_kind
 
-    rt = Runtime.create(args.device, args.precision)
+    rt = runtime_or_none("bench_loader", args.device, args.precision)
+    if rt is None:
+        return 2
     out_dir = ROOT / "results" / device_kind(rt.device)
     res = {"runtime": rt.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "images": args.images, "loader_batch": args.batch}
@@ -194,7 +189,8 @@ def main() -> None:
                f"ratio {res['loader_rss_10n_over_n']}."]
     write_text(out_dir / "loader.md", "\n".join(md) + "\n")
     print("\n".join(md))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,8 +19,6 @@ overwrites the CPU's results.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from common import add_runtime_args, machine_line, ns_step, runtime_or_none, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,14 +36,6 @@ SETTINGS = {  # model -> batch for both steps, steps per timing
     "vit_small_patch16_224": dict(batch=8, steps=2),
 }
 QUICK = dict(batch=8, steps=1)
-
-
-def machine_line(rt) -> str:
-    if rt.device.type == "cuda":
-        return f"{torch.cuda.get_device_name(rt.device)}, torch {torch.__version__}"
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    return f"CPU ({model}, {os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def setup(name: str, batch: int, device: torch.device):
@@ -61,21 +52,13 @@ def setup(name: str, batch: int, device: torch.device):
 
 def ns_step_ms(parts, opt, x, y, noise, rt, n: int) -> float:
     """Mean ms of ``n`` ns finetuning steps under ``rt``'s precision."""
-    from nsvit_fast.train.methods.ns import fused_views
-
     parts.train()
-    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-    sync()
+    sync(rt)
     t0 = time.perf_counter()
     with rt.matmul_mode():
         for _ in range(n):
-            with rt.autocast():
-                z, zn = fused_views(parts, x, noise)
-                loss = F.cross_entropy(z.float(), y) + F.cross_entropy(zn.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    sync()
+            ns_step(parts, opt, x, y, noise, rt)
+    sync(rt)
     return (time.perf_counter() - t0) / n * 1e3
 
 
@@ -89,11 +72,10 @@ def synth_step_ms(parts, x, rt, n: int) -> float:
     cache = CleanCache(parts, x, rt.device, autocast=rt.autocast)
     with frozen(parts), rt.matmul_mode():
         cache.all()  # steady state: clean values computed once per round, not per step
-        sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-        sync()
+        sync(rt)
         t0 = time.perf_counter()
         descend(parts, x, v0, cfg, rt.device, None, SynthLog(None, n, False, ""), cache)
-        sync()
+        sync(rt)
     return (time.perf_counter() - t0) / n * 1e3
 
 
@@ -141,12 +123,11 @@ def table(rows: list[dict], precisions: list[str], machine: str) -> str:
 
 
 def main(argv=None) -> int:
-    from nsvit_fast.errors import NsvitError
     from nsvit_fast.io import write_json, write_text
-    from nsvit_fast.runtime import Runtime, device_kind
+    from nsvit_fast.runtime import device_kind
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    add_runtime_args(ap, precision=False)
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated; the first is the baseline")
     ap.add_argument("--models", default=",".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=5)
@@ -154,11 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="digits_vit, batch 8, 1 step, 1 repeat: a smoke run")
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    try:
-        rts = [Runtime.create(args.device, p) for p in precisions]
-    except NsvitError as e:
-        print(f"bench_precision: error: {e}", file=sys.stderr)
-        return 2
+    rts = []
+    for p in precisions:  # the first bad one is the one error line
+        rts.append(runtime_or_none("bench_precision", args.device, p))
+        if rts[-1] is None:
+            return 2
     dev = rts[0].device
     warnings.simplefilter("ignore")
     models = ["digits_vit"] if args.quick else args.models.split(",")

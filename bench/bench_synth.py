@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 from nsvit_fast import digits, load_model, synthetic
-from nsvit_fast.errors import NsvitError
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.synth.cache import CleanCache
 from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
+
+from common import add_runtime_args, runtime_or_none, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,12 +52,6 @@ SETTINGS = {  # model -> (data, batch, steps per timing, lim for time-to-ε)
     "vit_small_patch32_224": dict(batch=16, steps=4, lim=3.0),
 }
 QUICK = dict(batch=8, steps=1, lim=6.0)  # --quick: digits_vit only, a smoke run of every code path
-
-
-def sync(rt: Runtime) -> None:
-    """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
 
 
 def setup(name: str, rt: Runtime, quick: bool = False):
@@ -250,16 +245,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lims", help="run only the lim table at these lims (comma-separated)")
     ap.add_argument("--no-time-to-eps", action="store_true",
                     help="skip the paper/boundary time-to-eps runs (their keys are then absent); for a busy machine")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
-    ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
+    add_runtime_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
     ap.add_argument("--quick", action="store_true",
                     help="digits_vit, batch 8, 1 step, 1 repeat, no time to eps: a smoke run, not a measurement")
     args = ap.parse_args(argv)
-    try:
-        rt = Runtime.create(args.device, args.precision)
-    except NsvitError as e:
-        print(f"bench_synth: error: {e}", file=sys.stderr)
+    rt = runtime_or_none("bench_synth", args.device, args.precision)
+    if rt is None:
         return 2
     out = args.out / device_kind(rt.device)
     suffix = "" if rt.precision == "fp32" else f"-{rt.precision}"

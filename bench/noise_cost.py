@@ -34,6 +34,8 @@ from nsvit_fast.io import write_json, write_text
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run, parse_overrides
 
+from common import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = {"synth_ratio_vs_fresh": 0.15, "ns_over_plain_wall": 2.2}
 VARIANTS = {"plain": ("digits", {"method": "plain"}),
@@ -76,17 +78,6 @@ def compare(report: Report, ref: str, fast: str) -> list[dict]:
                     "fast_mean": round(b[0], 2), "fast_std": round(b[1], 2),
                     "within_1std": abs(b[0] - a[0]) <= a[1]})
     return out
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # no /proc (not Linux)
-        return platform.processor() or "unknown model"
-    return platform.processor() or "unknown model"
 
 
 def main() -> None:

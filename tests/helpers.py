@@ -1,4 +1,4 @@
-"""Hand computations shared by several test files."""
+"""Hand computations and data writers shared by several test files."""
 
 import numpy as np
 import torch
@@ -16,3 +16,23 @@ def eval_pixels(path, size, crop_pct, interpolation):
     top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
     img = img.crop((left, top, left + size, top + size))
     return torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
+
+
+def save_pixels(x, path, **save_kw):
+    """A [0, 1] CHW tensor as an 8-bit image file (format from the suffix, e.g. .png lossless)."""
+    from PIL import Image
+
+    Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path, **save_kw)
+
+
+def write_digits_folder(root, split="train", n=320, suffix=".png", **save_kw):
+    """The first ``n`` images of a digits split in ImageFolder layout, root/digit<label>/<i><suffix>
+    (real data; JPEG with e.g. ``suffix=".JPEG", quality=90``). Returns root."""
+    from nsvit_fast import digits
+
+    ds = digits(split)
+    for i in range(n):
+        d = root / f"digit{int(ds.labels[i])}"
+        d.mkdir(exist_ok=True)
+        save_pixels(ds.images[i], d / f"{i}{suffix}", **save_kw)
+    return root

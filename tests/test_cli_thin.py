@@ -14,6 +14,8 @@ from nsvit_fast import NsvitError, digits
 from nsvit_fast.cli import build_parser, main
 from nsvit_fast.data import parse_spec, stream_or_load
 
+from helpers import save_pixels
+
 CLI = Path(__file__).resolve().parents[1] / "nsvit_fast" / "cli.py"
 
 
@@ -86,15 +88,12 @@ def test_parse_spec_named_sets_and_splits():
 
 def _digit_folder(root: Path, split: str, n_per_class: int, shift: int = 0) -> Path:
     """digits test images as 32x32 PNGs in root/split/<class>; ``shift`` files each under a wrong class."""
-    from PIL import Image
-
     ds = digits("test")
     for c in range(10):
         (root / split / str(c)).mkdir(parents=True, exist_ok=True)
     for c in range(10):
         for k, i in enumerate((ds.labels == c).nonzero()[:n_per_class, 0].tolist()):
-            arr = (ds.images[i].permute(1, 2, 0) * 255).round().byte().numpy()
-            Image.fromarray(arr).save(root / split / str((c + shift) % 10) / f"{k}.png")
+            save_pixels(ds.images[i], root / split / str((c + shift) % 10) / f"{k}.png")
     return root / split
 
 

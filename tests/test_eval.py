@@ -3,13 +3,11 @@ Average against hand-computed values, OOD folders, reports round-trip, bad input
 
 import csv
 import io
-import json
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import eval_pixels
+from helpers import eval_pixels, save_pixels, write_digits_folder
 
 from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.eval import (ALEXNET_ERR, ATTACKS, CORRUPTIONS, SUITES, Report, Suite, accuracy, attack_accuracy,
@@ -183,13 +181,11 @@ def test_evaluate_two_models_with_relative_mce(parts):
 
 
 def _write_folder(root, images, labels, classes):
-    from PIL import Image
-
     for c in classes:
         (root / c).mkdir(parents=True)
     for i, (x, y) in enumerate(zip(images, labels)):
         if str(int(y)) in classes:
-            Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(root / str(int(y)) / f"{i}.png")
+            save_pixels(x, root / str(int(y)) / f"{i}.png")
 
 
 def test_ood_folder_accuracy_and_errors(parts, tmp_path):
@@ -225,8 +221,6 @@ def test_ood_subset_folder_with_wnids_masks_the_logits(tmp_path):
     parts.model.head, parts.num_classes = head, 1000
     wnids = ImageNetInfo().label_names()
     data = digits("test")
-    from PIL import Image
-
     files = []                                           # (path, model class of its folder)
     for i, k in enumerate(held.tolist()):
         (tmp_path / wnids[k]).mkdir()
@@ -236,8 +230,7 @@ def test_ood_subset_folder_with_wnids_masks_the_logits(tmp_path):
         if k % 100:                                      # one image in each of the other folders
             files.append((tmp_path / wnids[k] / "x.png", k))
     for j, (f, _) in enumerate(files):
-        x = data.images[j % 100]
-        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(f)
+        save_pixels(data.images[j % 100], f)
     acc = folder_accuracy(parts, tmp_path, "imagenet-a")
     # by hand: the model's own transform (crop_pct 0.9, bicubic), then argmax over the folder's classes
     x = torch.stack([eval_pixels(f, 32, 0.9, "bicubic") for f, _ in files])
@@ -270,15 +263,7 @@ def test_bad_input(parts):
 @pytest.fixture(scope="module")
 def digit_test_folder(tmp_path_factory):
     """The first 40 test digits as PNG files in ImageFolder layout (real data)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("digit_test_folder")
-    te = digits("test")
-    for i in range(40):
-        d = root / f"digit{int(te.labels[i])}"
-        d.mkdir(exist_ok=True)
-        Image.fromarray((te.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(d / f"{i}.png")
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("digit_test_folder"), "test", 40)
 
 
 def test_streamed_folder_eval_gives_the_in_memory_numbers(parts, digit_test_folder, monkeypatch):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,35 +16,21 @@ from nsvit_fast.io import load_tensors
 from nsvit_fast.synth import synthesize
 from nsvit_fast.train import finetune
 
+from helpers import write_digits_folder
+
 
 @pytest.fixture(scope="module")
 def digit_folder(tmp_path_factory):
     """The first 320 digits training images as PNG files in ImageFolder layout (real data, lossless)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("digit_folder")
-    tr = digits("train")
-    for i in range(320):
-        d = root / f"digit{int(tr.labels[i])}"
-        d.mkdir(exist_ok=True)
-        Image.fromarray((tr.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(d / f"{i}.png")
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("digit_folder"), "train", 320)
 
 
 @pytest.fixture(scope="module")
 def digit_jpeg_folder(tmp_path_factory):
     """The same 320 digits as JPEG files (PIL, quality 90, fixed): the lossy format of ImageNet's
     folders, decoded by the same loader."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("digit_jpeg_folder")
-    tr = digits("train")
-    for i in range(320):
-        d = root / f"digit{int(tr.labels[i])}"
-        d.mkdir(exist_ok=True)
-        img = Image.fromarray((tr.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        img.save(d / f"{i}.JPEG", format="JPEG", quality=90)
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("digit_jpeg_folder"), "train", 320, ".JPEG",
+                               format="JPEG", quality=90)
 
 
 def test_bf16_synthesis_reaches_eps_close_to_fp32(digits_parts):
