@@ -43,10 +43,13 @@ VARIANTS = {"plain": ("digits", {"method": "plain"}),
             "ns fast": ("digits_fast", {"method": "ns"})}
 
 
-def run_seed(seed: int, rounds: int, overrides: dict, suites: list[str], test, train, val) -> tuple[list, Report]:
+def run_seed(seed: int, rounds: int, overrides: dict, suites: list[str], test, train, val,
+             variants: dict = VARIANTS) -> tuple[list, Report]:
     rows, models = [], {"pretrained": load_model("digits_vit")}
-    for name, (config, kw) in VARIANTS.items():
-        _, cfg = load_run(config, {"rounds": rounds, "seed": seed, **overrides})
+    for name, (config, kw) in variants.items():
+        kw = dict(kw)
+        extra = kw.pop("overrides", {})
+        _, cfg = load_run(config, {"rounds": rounds, "seed": seed, **overrides, **extra})
         parts = load_model("digits_vit")
         t0 = time.perf_counter()
         res = finetune(parts, train, cfg, val_data=val, progress=False, **kw)
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--suites", default=",".join(SUITES), help="the demo's suites by default")
     ap.add_argument("--out", default=str(RESULTS), help="folder for noise_cost.json / .md")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of both configs")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=K=V[,K=V]",
+                    help="another fast variant: digits_fast with these overrides, e.g. 'cap 8=warm_max_growth=8'")
     ap.add_argument("--render", metavar="JSON", help="only write noise_cost.md again from a noise_cost.json")
     args = ap.parse_args()
     if args.render:
@@ -100,9 +105,15 @@ def main() -> None:
         return
     warnings.simplefilter("ignore")
     train, val, test = digits("train"), digits("val"), digits("test")
+    variants = dict(VARIANTS)
+    for spec in args.also:
+        name, _, kvs = spec.partition("=")
+        variants[f"ns fast, {name.strip()}"] = ("digits_fast", {"method": "ns",
+                                                               "overrides": parse_overrides(kvs.split(","))})
     rows, report = [], Report()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        r, rep = run_seed(seed, args.rounds, parse_overrides(args.overrides), args.suites.split(","), test, train, val)
+        r, rep = run_seed(seed, args.rounds, parse_overrides(args.overrides), args.suites.split(","), test, train, val,
+                          variants)
         rows += r
         report = report.merge(rep)
 
@@ -122,6 +133,10 @@ def main() -> None:
     summary["goals_met"] = {"synth_ratio_vs_fresh": summary["synth_ratio_vs_fresh"] <= GOAL["synth_ratio_vs_fresh"],
                             "ns_over_plain_wall": summary["ns_over_plain_wall"] <= GOAL["ns_over_plain_wall"],
                             "metrics_within_1std": all(m["within_1std"] for m in metrics)}
+    summary["others"] = {v: {"synth_ratio_vs_fresh": round(total(v, "synth_seconds") / total(fresh, "synth_seconds"), 4),
+                             "ns_over_plain_wall": round(total(v, "wall_seconds") / total(plain, "wall_seconds"), 3),
+                             "metrics": compare(report, fresh, v)}
+                         for v in variants if v not in VARIANTS}
     machine = f"CPU ({platform.machine()}, {cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
     out = Path(args.out)
     write_json(out / "noise_cost.json", {"machine": machine, "rounds": args.rounds, "seeds": args.seeds,
@@ -153,8 +168,8 @@ def render(summary, metrics, rows, report, machine, args) -> str:
         norm = ms([r["noise_norm"][-1] for r in rs]) if rs[0]["noise_norm"] else "–"
         lines.append(f"| {v} | {ms([r['wall_seconds'] for r in rs])} | {ms([r['synth_seconds'] for r in rs])} | "
                      f"{ms([sum(x or 0 for x in r['synth_steps']) for r in rs])} | {norm} |")
-    drift = [d for r in rows for d in r["drift_mse"]]
-    growth = [g for r in rows for g in r["growth"]]
+    drift = [d for r in rows if r["variant"] == "ns fast" for d in r["drift_mse"]]
+    growth = [g for r in rows if r["variant"] == "ns fast" for g in r["growth"]]
     if drift:
         lines += ["", f"Drift: at the start of rounds 1-{args.rounds - 1} the last noise's held-out MSE-prob on the "
                   f"updated model was {statistics.mean(drift):.4f} on average (min {min(drift):.4f}, max "
@@ -165,6 +180,14 @@ def render(summary, metrics, rows, report, machine, args) -> str:
     lines += [f"| {m['metric']}{' (mCE)' if m['metric_key'] == 'mce' else ''} | {m['alg1_mean']:.2f} ± "
               f"{m['alg1_std']:.2f} | {m['fast_mean']:.2f} ± {m['fast_std']:.2f} | {m['within_1std']} |"
               for m in metrics]
+    if summary.get("others"):
+        lines += ["", "Other fast variants (digits_fast with the overrides named), against the same Algorithm 1 and plain "
+                  "runs:", "", "| variant | synth_ratio_vs_fresh | ns_over_plain_wall | within 1 std | outside |",
+                  "|---|---|---|---|---|"]
+        for v, o in summary["others"].items():
+            out = ", ".join(f"{m['metric']} {m['fast_mean']:.2f}" for m in o["metrics"] if not m["within_1std"])
+            lines.append(f"| {v} | {o['synth_ratio_vs_fresh']:.3f} | {o['ns_over_plain_wall']:.2f} | "
+                         f"{sum(m['within_1std'] for m in o['metrics'])} of {len(o['metrics'])} | {out or '–'} |")
     lines += ["", "All models (mean ± std over seeds):", "", report.table2()]
     return "\n".join(lines) + "\n"
 

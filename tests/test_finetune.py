@@ -213,6 +213,30 @@ def test_warm_boundary_starts_from_the_last_noise_grown_to_eps(train, monkeypatc
             assert h[k]["noise_norm"] == pytest.approx(h[k]["init_scale_factor"] * init.norm().item(), rel=1e-4)
 
 
+def test_warm_max_growth_caps_the_noise_norm(train, monkeypatch):
+    """warm_max_growth=1.3: each round's grown start is at most 1.3x round 0's norm; without the cap
+    the x1.25 floor would compound to 1.56x by round 2, so the cap must bind at least once."""
+    import nsvit_fast.train.engine as eng
+
+    calls = []
+    real = eng.synthesize
+
+    def spy(parts, data, cfg, *a, init=None, **kw):
+        calls.append(None if init is None else float(init.norm()))
+        return real(parts, data, cfg, *a, init=init, **kw)
+
+    monkeypatch.setattr(eng, "synthesize", spy)
+    res = finetune(load_model("digits_vit"), train, rounds=4, model_steps=2, batch_size=32, lr=1e-4,
+                   noise_init="warm_boundary", warm_max_growth=1.3, synth=FAST_SYNTH, progress=False)
+    h, cap = res.history, 1.3 * res.history[0]["noise_norm"]
+    starts = [h[k]["init_scale_factor"] * calls[k] for k in (1, 2, 3)]  # the grown noise each round starts from
+    assert all(s <= cap * (1 + 1e-5) for s in starts), (starts, cap)
+    assert any(s == pytest.approx(cap, rel=1e-5) for s in starts), (starts, cap)
+    with pytest.raises(NsvitError, match="warm_max_growth must be >= 0"):
+        finetune(load_model("digits_vit"), train, rounds=1, noise_init="warm_boundary", warm_max_growth=-1.0,
+                 progress=False)
+
+
 def test_ema_and_tensorboard(train, tmp_path):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -106,6 +106,7 @@ class SynthConfig:
     boundary_grow: float = 4.0   # schedule=boundary: largest scale tried
     init_scale: str = "none"     # none | boundary: a given init is first scaled to just inside ε (forward only)
     init_min_scale: float = 1.0  # init_scale=boundary: scale at least this much (> 1: the descent then moves it)
+    init_max_scale: float = 0.0  # init_scale=boundary: scale at most this much, over init_min_scale (0: no cap)
     seed: int = 0
 
 
@@ -117,6 +118,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
     check_positive("lim", cfg.lim)
     check_positive("lr", cfg.lr)
     check_positive("init_min_scale", cfg.init_min_scale)
+    if not cfg.init_max_scale >= 0:
+        raise NsvitError(f"init_max_scale must be >= 0 (0: no cap), got {cfg.init_max_scale}")
     for name in ("max_steps", "batch_size", "num_noises", "max_rows", "heldout_every"):
         if int(getattr(cfg, name)) < 1:
             raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -544,6 +547,9 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 if cfg.init_min_scale > 1:  # a noise the model ignores only at its own scale would stall at 1
                     up = (cfg.init_min_scale / scale).clamp_min(1.0)
                     v0, scale = v0 * up.reshape(-1, 1, 1), scale * up
+                if cfg.init_max_scale > 0:  # a norm cap: the direction carries on at the capped norm
+                    down = (cfg.init_max_scale / scale).clamp_max(1.0)
+                    v0, scale = v0 * down.reshape(-1, 1, 1), scale * down
                 init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
             synth_seconds = time.perf_counter() - t0

@@ -75,6 +75,7 @@ class FinetuneConfig(MethodConfigs):
     ema: float = 0.0              # EMA decay of the weights for evaluation (0: off; DAT used 0.9998)
     noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last noise x warm_growth) | warm_boundary
     warm_growth: float = 1.25
+    warm_max_growth: float = 0.0  # warm_boundary: the noise's norm at most this many times round 0's (0: no cap)
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
     val_images: int = 0           # validation images per round (0: all given)
     tensorboard: bool = False
@@ -96,6 +97,8 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         check_count(name, getattr(cfg, name), 0)
     check_positive("lr", cfg.lr)
     check_positive("warm_growth", cfg.warm_growth)
+    if not cfg.warm_max_growth >= 0:
+        raise NsvitError(f"warm_max_growth must be >= 0 (0: no cap), got {cfg.warm_max_growth}")
     check_number("weight_decay", cfg.weight_decay, lo=0)
     check_precision(cfg.precision)
     if cfg.augment not in AUGMENTS:
@@ -291,7 +294,12 @@ class Engine:
                 init = self.last_ns_noise * cfg.warm_growth
             else:  # warm_boundary: the last noise grown to just inside ε on the updated model, then the paper's descent
                 init = self.last_ns_noise
-                scfg = dataclasses.replace(scfg, init_scale="boundary", init_min_scale=cfg.warm_growth, schedule="paper")
+                cap = 0.0
+                if cfg.warm_max_growth > 0:  # round 0's norm from the history, so a resumed run keeps its cap
+                    norm0 = next(h["noise_norm"] for h in self.history if "noise_norm" in h)
+                    cap = cfg.warm_max_growth * norm0 / float(init.norm())
+                scfg = dataclasses.replace(scfg, init_scale="boundary", init_min_scale=cfg.warm_growth,
+                                           init_max_scale=cap, schedule="paper")
         if isinstance(self.train, ImageDataset):
             data = self.train
         else:  # the round's own seeded stream over the folder, with the run's augmentation
