@@ -23,7 +23,11 @@ def test_pretrain_reproduces_the_committed_checkpoint(tmp_path, digits_parts, di
     assert m["val_acc"] == pytest.approx(committed["val_acc"], abs=2 / 200)
     assert committed["test_acc"] == accuracy(digits_parts, digits_test.images, digits_test.labels)
     with torch.no_grad():
-        agree = (parts(digits_test.images).argmax(-1) == digits_parts(digits_test.images).argmax(-1)).float().mean()
-    assert float(agree) >= 0.98
+        p_new, p_old = parts(digits_test.images).softmax(-1), digits_parts(digits_test.images).softmax(-1)
+    assert float((p_new.argmax(-1) == p_old.argmax(-1)).float().mean()) >= 0.98
+    # accuracy alone misses a changed recipe: without label smoothing the test accuracy was the same
+    # 99.50% and validation within 1 image, but the mean top probability rose from 0.904 to 0.982
+    # (measured). Round-off moves it by far less (0.0 on this CPU: the retrain was bit-identical).
+    assert float(p_new.max(-1).values.mean()) == pytest.approx(float(p_old.max(-1).values.mean()), abs=0.02)
     again = load_model("digits_vit", checkpoint=tmp_path / "d.safetensors")
     assert accuracy(again, digits_test.images, digits_test.labels) == pytest.approx(m["test_acc"])

@@ -543,7 +543,13 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         with frozen(parts, freeze=cfg.mode == "fast"), rt.matmul_mode():
             init_stats = {}
             if cfg.init_scale == "boundary" and init is not None:  # the given noise, grown along its good interval
-                v0, scale, mse1 = _grow_to_eps(parts, v0.to(device), held, cfg)
+                v0 = v0.to(device)
+                if 0 < cfg.init_max_scale <= cfg.init_min_scale:  # the cap binds whatever the search finds: skip it
+                    mse1 = noise_effect(parts, v0, held, cfg.max_rows)[0]  # the drift, for the log
+                    scale = torch.full((m,), float(cfg.init_max_scale), device=device)
+                    v0 = v0 * cfg.init_max_scale
+                else:
+                    v0, scale, mse1 = _grow_to_eps(parts, v0, held, cfg)
                 if cfg.init_min_scale > 1:  # a noise the model ignores only at its own scale would stall at 1
                     up = (cfg.init_min_scale / scale).clamp_min(1.0)
                     v0, scale = v0 * up.reshape(-1, 1, 1), scale * up
