@@ -107,3 +107,26 @@ def test_wheel_install_finetunes_digits_outside_the_checkout(tmp_path):
                          timeout=300, env=env, cwd=work)
     assert bad.returncode == 2 and "nsvit-fast: error: config 'nope' not found" in bad.stderr
     assert "digits, digits_fast, vit_b_imagenet, vit_b_imagenet_fast, vit_s_imagenet, vit_s_imagenet_fast" in bad.stderr
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("base", ["digits", "vit_s_imagenet", "vit_b_imagenet"])
+def test_fast_twin_differs_from_its_config_only_in_the_noise(base):
+    """The README's promise: a `_fast` config is its base with the fast noise (warm_boundary, the
+    norm cap of bench/results/noise_cost.md, round 0 on the boundary schedule), nothing else."""
+    from dataclasses import asdict
+
+    from nsvit_fast.train.yamlcfg import load_run
+
+    (run0, cfg0), (run1, cfg1) = load_run(base), load_run(f"{base}_fast")
+    assert run0 == run1
+    a, b = _flat(asdict(cfg0)), _flat(asdict(cfg1))
+    diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    assert diff == {"noise_init": ("fresh", "warm_boundary"), "warm_max_growth": (0.0, 4.0),
+                    "synth.schedule": ("paper", "boundary")}

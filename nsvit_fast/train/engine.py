@@ -61,7 +61,10 @@ class FinetuneConfig(MethodConfigs):
     (``synth.init_scale="boundary"``), and by at least ``warm_growth``, followed by the paper's descent
     and stop rule. The floor matters: after a few rounds the model ignores the noise at exactly its own
     scale but not at 1.1x (a valley narrow in scale), and a pure rescale would then stall at x1 with
-    the noise far inside ε (measured: MSE-prob 0.0005 from round 4 on, digits seed 0).
+    the noise far inside ε (measured: MSE-prob 0.0005 from round 4 on, digits seed 0). With the
+    floor the norm compounds (x1.25 per round); ``warm_max_growth`` > 0 caps it at that many times
+    round 0's norm (from the history, so a resumed run keeps the cap): at the cap the growth search
+    is skipped and the last noise's direction carries on at the capped norm.
 
     Each method's own hyperparameters are nested under its name, inherited from MethodConfigs
     (``cfg.pgd.eps``, ``cfg.trades.beta``, ``cfg.random.norm``), as synthesis is under ``synth``."""
