@@ -29,6 +29,7 @@ import torch
 from nsvit_fast import digits, load_model
 from nsvit_fast.demo import SUITES
 from nsvit_fast.eval import evaluate
+from nsvit_fast.errors import NsvitError
 from nsvit_fast.eval.report import HEADLINE, Report
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.train import finetune
@@ -108,6 +109,12 @@ def main() -> None:
     variants = dict(VARIANTS)
     for spec in args.also:
         name, _, kvs = spec.partition("=")
+        try:
+            if not name.strip() or not kvs:
+                raise NsvitError(f"--also wants NAME=key=value[,key=value], got {spec!r}")
+            load_run("digits_fast", parse_overrides(kvs.split(",")))  # a bad key or value fails here, not an hour in
+        except NsvitError as e:
+            ap.error(str(e))
         variants[f"ns fast, {name.strip()}"] = ("digits_fast", {"method": "ns",
                                                                "overrides": parse_overrides(kvs.split(","))})
     rows, report = [], Report()
