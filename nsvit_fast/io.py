@@ -64,13 +64,17 @@ def _check_dir(folder: Path, what: str) -> None:
         try:
             for p in reversed([folder, *folder.parents]):
                 if not p.exists():
-                    p.mkdir()
+                    try:
+                        p.mkdir()
+                    except FileExistsError:  # another rank (torchrun) made it meanwhile: not ours to remove
+                        continue
                     made.append(p)
         except OSError as e:
             raise os_error(folder, e) from None
         finally:
             for p in reversed(made):
-                p.rmdir()
+                with contextlib.suppress(OSError):  # another rank is using it now (or removed it): leave it
+                    p.rmdir()
     else:
         try:
             fd, tmp = tempfile.mkstemp(prefix=".nsvit-write-check.", dir=folder)
