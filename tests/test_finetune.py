@@ -237,6 +237,59 @@ def test_warm_max_growth_caps_the_noise_norm(train, monkeypatch):
                  progress=False)
 
 
+def test_noise_bank_learns_m_noises_once_and_uses_them_in_turn(train, monkeypatch, tmp_path):
+    """noise_bank=3: round 0 is one batched descent of 3 fresh draws, each on batch_size // 3 images;
+    round k starts from noise k mod 3 as the bank last held it, capped at warm_max_growth x that
+    noise's own round-0 norm, and writes the result back. A run stopped after round 2 and resumed
+    from its checkpoint ends in the same weights as one that ran through."""
+    import nsvit_fast.train.engine as eng
+
+    calls = []
+    real = eng.synthesize
+
+    def spy(parts, data, cfg, *a, init=None, **kw):
+        bank = real(parts, data, cfg, *a, init=init, **kw)
+        calls.append(dict(m=cfg.num_noises, batch=cfg.batch_size, init=None if init is None else init.clone(),
+                          cap=cfg.init_max_scale, out=bank.noises.clone()))
+        return bank
+
+    monkeypatch.setattr(eng, "synthesize", spy)
+    kw = dict(rounds=5, model_steps=2, batch_size=32, lr=1e-4, noise_init="warm_boundary", noise_bank=3,
+              warm_max_growth=1.3, synth=FAST_SYNTH, progress=False)
+    res = finetune(load_model("digits_vit"), train, out_dir=tmp_path / "ref", **kw)
+    h = res.history
+    assert (calls[0]["m"], calls[0]["batch"], calls[0]["init"]) == (3, FAST_SYNTH["batch_size"] // 3, None)
+    assert [c["m"] for c in calls[1:]] == [1] * 4 and [r["bank_member"] for r in h] == [0, 1, 2, 0, 1]
+    bank = calls[0]["out"].clone()
+    assert len({round(float(v.norm()), 3) for v in bank}) == 3  # three different draws
+    assert h[0]["bank_norms"] == pytest.approx([float(v.norm()) for v in bank], rel=1e-5)
+    for k in range(1, 5):
+        j = k % 3
+        assert torch.equal(calls[k]["init"], bank[j])  # the bank's noise j as it last was
+        assert calls[k]["cap"] == pytest.approx(1.3 * h[0]["bank_norms"][j] / float(bank[j].norm()), rel=1e-5)
+        bank[j] = calls[k]["out"][0]
+    # stopped at the start of round 3 (its checkpoint holds the bank), then resumed
+    def stop(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return spy(*a, **k)
+
+    calls.clear()
+    monkeypatch.setattr(eng, "synthesize", stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(load_model("digits_vit"), train, out_dir=tmp_path / "run", **kw)
+    monkeypatch.setattr(eng, "synthesize", spy)
+    again = finetune(load_model("digits_vit"), train, out_dir=tmp_path / "run", resume=True, **kw)
+    assert [r["bank_member"] for r in again.history] == [0, 1, 2, 0, 1]
+    a, b = res.parts.state_dict(), again.parts.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(NsvitError, match="noise_bank 2 needs noise_init warm_boundary"):
+        finetune(load_model("digits_vit"), train, rounds=1, noise_bank=2, progress=False)
+    with pytest.raises(NsvitError, match="noise_bank must be >= 1"):
+        finetune(load_model("digits_vit"), train, rounds=1, noise_init="warm_boundary", noise_bank=0,
+                 progress=False)
+
+
 def test_ema_and_tensorboard(train, tmp_path):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

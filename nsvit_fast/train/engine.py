@@ -79,6 +79,7 @@ class FinetuneConfig(MethodConfigs):
     noise_init: str = "fresh"     # fresh (Algorithm 1: U(-lim, lim)) | warm (last noise x warm_growth) | warm_boundary
     warm_growth: float = 1.25
     warm_max_growth: float = 0.0  # warm_boundary: the noise's norm at most this many times round 0's (0: no cap)
+    noise_bank: int = 1           # warm_boundary: round 0 learns this many noises at once, rounds use them in turn
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
     val_images: int = 0           # validation images per round (0: all given)
     tensorboard: bool = False
@@ -110,6 +111,12 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise NsvitError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be one of {', '.join(NOISE_INITS)}, got {cfg.noise_init!r}")
+    check_count("noise_bank", cfg.noise_bank, 1)
+    if cfg.noise_bank > 1 and cfg.noise_init != "warm_boundary":
+        raise NsvitError(f"noise_bank {cfg.noise_bank} needs noise_init warm_boundary, got {cfg.noise_init!r}")
+    if cfg.noise_bank > cfg.synth.batch_size:
+        raise NsvitError(f"noise_bank {cfg.noise_bank} is more than synth.batch_size {cfg.synth.batch_size}: "
+                         "each noise of the bank descends on synth.batch_size // noise_bank images")
     if not 0 <= cfg.ema < 1:
         raise NsvitError(f"ema must be in [0, 1), got {cfg.ema}")
     from ..synth.engine import check_config as check_synth
@@ -288,21 +295,30 @@ class Engine:
 
     def learn_noise(self, k: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Round k's ε-approximate noise (N, D) on the current model, warm-started from the last one
-        when ``noise_init="warm"``, and its synthesis statistics for the log."""
+        when ``noise_init`` is warm or warm_boundary, and its synthesis statistics for the log.
+
+        With ``noise_bank`` M > 1 (warm_boundary), the first round learns M noises from M fresh draws
+        in one batched descent, each on ``synth.batch_size // M`` images so that a step costs what one
+        noise's costs; round k then uses noise k mod M, grown to ε on the current model and descended
+        as a single warm_boundary noise, and puts it back. ``self.last_ns_noise`` is then (M, N, D)."""
         cfg = self.cfg
         init = None
         scfg = dataclasses.replace(cfg.synth, seed=self.round_seed(k), num_noises=1)
+        m, j = cfg.noise_bank, k % cfg.noise_bank
         if cfg.noise_init != "fresh" and self.noise is not None and self.last_ns_noise is not None:
             if cfg.noise_init == "warm":
                 init = self.last_ns_noise * cfg.warm_growth
             else:  # warm_boundary: the last noise grown to just inside ε on the updated model, then the paper's descent
-                init = self.last_ns_noise
+                init = self.last_ns_noise[j] if m > 1 else self.last_ns_noise
                 cap = 0.0
                 if cfg.warm_max_growth > 0:  # round 0's norm from the history, so a resumed run keeps its cap
-                    norm0 = next(h["noise_norm"] for h in self.history if "noise_norm" in h)
+                    first = next(h for h in self.history if "noise_norm" in h)
+                    norm0 = first["bank_norms"][j] if m > 1 else first["noise_norm"]
                     cap = cfg.warm_max_growth * norm0 / float(init.norm())
                 scfg = dataclasses.replace(scfg, init_scale="boundary", init_min_scale=cfg.warm_growth,
                                            init_max_scale=cap, schedule="paper")
+        elif m > 1:  # the bank's first round: M fresh draws at once, the same rows per step as one noise
+            scfg = dataclasses.replace(scfg, num_noises=m, batch_size=scfg.batch_size // m)
         if isinstance(self.train, ImageDataset):
             data = self.train
         else:  # the round's own seeded stream over the folder, with the run's augmentation
@@ -310,14 +326,24 @@ class Engine:
                                  device=self.device, rank=self.rank, world=self.world,
                                  on_bad_image=self.on_bad_image)
         bank = synthesize(self.parts, data, scfg, init=init, progress=False, runtime=self.rt)
-        self.last_ns_noise = bank.noises[0]
-        info = dict(noise_norm=float(bank.norm[0]), mse_prob=float(bank.mse_prob[0]),
-                    batch_mse_prob=float(bank.batch_mse_prob[0]), match_rate=float(bank.match_rate[0]),
-                    synth_steps=int(bank.steps[0]), converged=bool(bank.converged[0]),
+        i = j if bank.noises.shape[0] > 1 else 0  # the noise this round uses
+        if m == 1:
+            self.last_ns_noise = bank.noises[0]
+        elif bank.noises.shape[0] == m:
+            self.last_ns_noise = bank.noises.clone()
+        else:
+            self.last_ns_noise[j] = bank.noises[0]
+        info = dict(noise_norm=float(bank.norm[i]), mse_prob=float(bank.mse_prob[i]),
+                    batch_mse_prob=float(bank.batch_mse_prob[i]), match_rate=float(bank.match_rate[i]),
+                    synth_steps=int(bank.steps.max()), converged=bool(bank.converged.all()),
                     synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]))
+        if bank.noises.shape[0] > 1:  # the bank's norms: each noise's cap is measured from its own
+            info.update(bank_norms=[float(x) for x in bank.norm], bank_member=j)
+        elif m > 1:
+            info.update(bank_member=j)
         if "init_mse_prob" in bank.meta:  # warm_boundary: the last noise's drift on the updated model, its growth
             info.update(init_mse_prob=bank.meta["init_mse_prob"][0], init_scale_factor=bank.meta["init_scale_factor"][0])
-        return bank.noises[0], info
+        return bank.noises[i], info
 
     def local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next training batch: images (b, C, H, W) in [0, 1] and labels (b,), on the device."""
