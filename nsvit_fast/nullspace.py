@@ -19,7 +19,6 @@ import torch
 
 from . import ops
 from .errors import NsvitError
-from .models.base import Adapter
 from .models.loading import load_model
 from .models.registry import adapt
 from .ops import patchify, unpatchify

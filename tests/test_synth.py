@@ -2,7 +2,6 @@
 stop rules, the boundary schedule, NoiseBank round trips, and bad input."""
 
 import json
-import warnings
 
 import pytest
 import torch

@@ -68,7 +68,7 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     from ..data.folders import pixel_transform
 
     names = model_class_names(parts, model_classes)
-    classes = check_folder(root, suite, names)
+    check_folder(root, suite, names)
     ds = ImageFolder(str(root), transform=pixel_transform(parts))
     to_model = torch.tensor([names.index(c) for c in ds.classes])
     if max_images is not None and max_images < len(ds):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NsvitError
-from ..train.methods.base import load_torchattacks
+from ..extras import load_torchattacks
 
 PATCH_SELECTS = ("attn", "saliency", "random")
 ATTACK_MODES = ("attention", "ce")

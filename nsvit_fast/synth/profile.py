@@ -14,8 +14,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import build
 from ..io import atomic_path
 from ..models.registry import adapt

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +63,11 @@ class FinetuneConfig(MethodConfigs):
     the noise far inside ε (measured: MSE-prob 0.0005 from round 4 on, digits seed 0). With the
     floor the norm compounds (x1.25 per round); ``warm_max_growth`` > 0 caps it at that many times
     round 0's norm (from the history, so a resumed run keeps the cap): at the cap the growth search
-    is skipped and the last noise's direction carries on at the capped norm.
+    is skipped and the last noise's direction carries on at the capped norm. ``noise_bank`` M > 1
+    (warm_boundary only) learns M noises from M fresh draws in round 0's one batched descent, each
+    on ``synth.batch_size // M`` images (a step then costs what one noise's does), and round k uses
+    noise k mod M, grown and descended as above and put back; each noise is capped from its own
+    round-0 norm. More directions than one, as Algorithm 1 has a new one each round.
 
     Each method's own hyperparameters are nested under its name, inherited from MethodConfigs
     (``cfg.pgd.eps``, ``cfg.trades.beta``, ``cfg.random.norm``), as synthesis is under ``synth``."""
