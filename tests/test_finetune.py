@@ -288,6 +288,10 @@ def test_noise_bank_learns_m_noises_once_and_uses_them_in_turn(train, monkeypatc
     with pytest.raises(NsvitError, match="noise_bank must be >= 1"):
         finetune(load_model("digits_vit"), train, rounds=1, noise_init="warm_boundary", noise_bank=0,
                  progress=False)
+    # a whole float from the API is stored as the int it stands for (noise k mod M indexes a tensor)
+    from nsvit_fast.train.engine import make_config
+    cfg = make_config(None, {"noise_init": "warm_boundary", "noise_bank": 2.0, "rounds": 3.0})
+    assert type(cfg.noise_bank) is int and type(cfg.rounds) is int and (cfg.noise_bank, cfg.rounds) == (2, 3)
 
 
 def test_ema_and_tensorboard(train, tmp_path):

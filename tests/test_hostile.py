@@ -233,6 +233,8 @@ CASES = [
     ("ovr-wd-neg", FT + ["weight_decay=-5", "--out", "{C}/o"], "weight_decay must be", {}),
     ("ovr-pgd-steps-0", FT + ["pgd.steps=0", "--out", "{C}/o"], "pgd.steps must be", {}),
     ("ovr-old-flat-key", FT + ["pgd_steps=3", "--out", "{C}/o"], "use pgd.steps", {}),
+    ("ovr-noise-bank-0", FT + ["noise_bank=0", "--out", "{C}/o"], "noise_bank must be >= 1", {}),
+    ("ovr-noise-bank-fresh", FT + ["noise_bank=2", "--out", "{C}/o"], "needs noise_init warm_boundary", {}),
     ("ovr-ckpt-every-neg", FT + ["checkpoint_every=-1", "--out", "{C}/o"], "checkpoint_every must be >= 0", {}),
     ("ovr-lr-nan", FT + ["lr=.nan", "--out", "{C}/o"], "lr must be a finite number", {}),
     ("ovr-synth-eps-inf", FT + ["synth.eps=.inf", "--out", "{C}/o"], "synth.eps must be a finite number", {}),

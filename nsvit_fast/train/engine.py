@@ -98,10 +98,11 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     """Every field in its range; NsvitError naming the first that is not."""
     method_for(cfg, cfg.method)
     check_method_configs(cfg)
+    # stored back as ints: 2.0 from the API passes the check and must not reach range() or k % m
     for name in ("rounds", "model_steps", "batch_size"):
-        check_count(name, getattr(cfg, name), 1)
+        setattr(cfg, name, check_count(name, getattr(cfg, name), 1))
     for name in ("checkpoint_every", "val_images", "seed"):
-        check_count(name, getattr(cfg, name), 0)
+        setattr(cfg, name, check_count(name, getattr(cfg, name), 0))
     check_positive("lr", cfg.lr)
     check_positive("warm_growth", cfg.warm_growth)
     if not cfg.warm_max_growth >= 0:
@@ -114,7 +115,7 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise NsvitError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be one of {', '.join(NOISE_INITS)}, got {cfg.noise_init!r}")
-    check_count("noise_bank", cfg.noise_bank, 1)
+    cfg.noise_bank = check_count("noise_bank", cfg.noise_bank, 1)
     if cfg.noise_bank > 1 and cfg.noise_init != "warm_boundary":
         raise NsvitError(f"noise_bank {cfg.noise_bank} needs noise_init warm_boundary, got {cfg.noise_init!r}")
     if cfg.noise_bank > cfg.synth.batch_size:

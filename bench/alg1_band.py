@@ -1,0 +1,75 @@
+"""Does Algorithm 1 on fresh seeds pass issue 16's bar against Algorithm 1 on other seeds?
+
+    .venv/bin/python bench/alg1_band.py bench/results/noise_cost.json bench/results/noise_bank_seeds345/noise_cost.json
+
+No runs: reads two noise_cost.json files written by bench/noise_cost.py on different seeds. For each
+Table-2 metric it puts the second file's Algorithm 1 mean against the first file's Algorithm 1
+mean ± std (the bar "within one std" asks this of the fast noise), and the same the other way
+round. A bar that Algorithm 1 fails against itself measures the seeds' spread, not the noise.
+Writes bench/results/alg1_band.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nsvit_fast.io import write_json, write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(ap: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+        metrics = {m["metric"]: (float(m["alg1_mean"]), float(m["alg1_std"]), float(m["fast_mean"]))
+                   for m in d["metrics"]}
+        return {"path": path, "seeds": str(d["seeds"]), "metrics": metrics}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
+
+
+def against(band: dict, other: dict) -> list[dict]:
+    rows = []
+    for name, (mean, std, _) in band["metrics"].items():
+        if name not in other["metrics"]:
+            continue
+        x = other["metrics"][name][0]
+        rows.append({"metric": name, "band_mean": mean, "band_std": std, "other_alg1": x,
+                     "within_1std": abs(x - mean) <= std})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("first", help="a noise_cost.json")
+    ap.add_argument("second", help="a noise_cost.json on other seeds")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for alg1_band.json / .md")
+    args = ap.parse_args()
+    a, b = load(ap, args.first), load(ap, args.second)
+    if a["seeds"] == b["seeds"]:
+        ap.error(f"both files are on seeds {a['seeds']}: the point is two different sets")
+    out = {"pairs": []}
+    md = ["# Algorithm 1 against its own band on other seeds (issue 16's bar)", "",
+          "No runs: from the noise_cost.json files named. CPU results (digits, K = 20, S = 40).", ""]
+    for band, other in ((a, b), (b, a)):
+        rows = against(band, other)
+        n = sum(r["within_1std"] for r in rows)
+        out["pairs"].append({"band": band["path"], "band_seeds": band["seeds"], "other": other["path"],
+                             "other_seeds": other["seeds"], "within": n, "of": len(rows), "rows": rows})
+        md += [f"Algorithm 1 on seeds {other['seeds']} against Algorithm 1's band on seeds {band['seeds']}: "
+               f"**{n} of {len(rows)}** within one std.", "",
+               f"| metric | band (seeds {band['seeds']}) | Algorithm 1, seeds {other['seeds']} | within |",
+               "|---|---|---|---|"]
+        md += [f"| {r['metric']} | {r['band_mean']:.2f} ± {r['band_std']:.2f} | {r['other_alg1']:.2f} | "
+               f"{'yes' if r['within_1std'] else 'no'} |" for r in rows]
+        md.append("")
+    outdir = Path(args.out)
+    write_json(outdir / "alg1_band.json", out)
+    write_text(outdir / "alg1_band.md", "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

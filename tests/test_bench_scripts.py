@@ -1,0 +1,55 @@
+"""The bench scripts' own input checks and the no-run report of bench/alg1_band.py, through the
+scripts themselves (subprocesses, as a user runs them)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = ROOT / "bench" / "results"
+
+
+def run(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_alg1_band_reads_two_seed_sets_and_scores_algorithm_1_against_itself(tmp_path):
+    a, b = RES / "noise_cost.json", RES / "noise_bank_seeds345" / "noise_cost.json"
+    p = run(ROOT / "bench" / "alg1_band.py", a, b, "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = json.loads((tmp_path / "alg1_band.json").read_text())
+    first = out["pairs"][0]
+    # recomputed here from the two files, so a wrong comparison in the script fails
+    da, db = json.loads(a.read_text()), json.loads(b.read_text())
+    band = {m["metric"]: (m["alg1_mean"], m["alg1_std"]) for m in da["metrics"]}
+    other = {m["metric"]: m["alg1_mean"] for m in db["metrics"]}
+    want = {k: abs(other[k] - band[k][0]) <= band[k][1] for k in band if k in other}
+    assert {r["metric"]: r["within_1std"] for r in first["rows"]} == want
+    assert first["within"] == sum(want.values()) and first["of"] == len(want) == 9
+    assert f"**{first['within']} of 9**" in (tmp_path / "alg1_band.md").read_text()
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["{A}", "{A}"], "both files are on seeds"),
+    (["{A}", "README.md"], "not a noise_cost.json"),
+    (["{A}", "missing.json"], "not a noise_cost.json"),
+])
+def test_alg1_band_bad_input_is_one_line_exit_2(argv, line, tmp_path):
+    a = str(RES / "noise_cost.json")
+    p = run(ROOT / "bench" / "alg1_band.py", *[x.replace("{A}", a) for x in argv], "--out", tmp_path)
+    assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "alg1_band.json").exists()
+
+
+@pytest.mark.parametrize("also, line", [
+    ("bank 2", "NAME=key=value"),
+    ("bank=noise_bogus=2", "noise_bogus"),
+    ("bank=noise_bank=zero", "noise_bank"),
+])
+def test_noise_cost_bad_also_fails_before_any_run(also, line, tmp_path):
+    p = run(ROOT / "bench" / "noise_cost.py", "--also", also, "--out", tmp_path)
+    assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not list(tmp_path.iterdir())
