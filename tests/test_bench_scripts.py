@@ -53,3 +53,18 @@ def test_noise_cost_bad_also_fails_before_any_run(also, line, tmp_path):
     p = run(ROOT / "bench" / "noise_cost.py", "--also", also, "--out", tmp_path)
     assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_confirm_share_counts_the_held_out_reads_of_a_real_round_0(tmp_path):
+    p = run(ROOT / "bench" / "confirm_share.py", "--seeds", "0", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    (r,) = json.loads((tmp_path / "confirm_share.json").read_text())["rows"]
+    # the boundary schedule stops on a confirmed held-out pass: at least one read, the last one passing
+    assert r["confirmations"] >= 1 and r["passed"] == 1 and r["descent_steps"] > 0
+    assert 0 < r["confirm_seconds"] < r["loop_seconds"] and r["confirm_share"] < 0.5
+
+
+@pytest.mark.parametrize("seeds", ["a", "-1", ""])
+def test_confirm_share_bad_seeds_exit_2(seeds, tmp_path):
+    p = run(ROOT / "bench" / "confirm_share.py", "--seeds", seeds, "--out", tmp_path)
+    assert p.returncode == 2 and "--seeds" in p.stderr and "Traceback" not in p.stderr
