@@ -193,6 +193,30 @@ def test_fast_mode_does_no_extra_work(parts, train, monkeypatch):
     assert all(p.requires_grad for p in parts.parameters())  # and the flags are restored
 
 
+def test_sparse_checks_run_no_masked_out_steps(parts, train, monkeypatch):
+    """check_every 16 (the CUDA default, tried here on the CPU): a warm start that passes at once runs
+    the same noisy forwards as checking every step, not 15 more whose results are masked out; and
+    a fresh descent ends in the same noise either way."""
+    calls = {"n": 0}
+    orig = type(parts).encode_noisy
+
+    def counted(self, *a, **kw):
+        calls["n"] += 1
+        return orig(self, *a, **kw)
+
+    kw = dict(lim=4.0, batch_size=64, max_steps=400, heldout=0, progress=False)
+    every = {k: synthesize(parts, train, check_every=k, **kw) for k in (1, 16)}
+    assert torch.equal(every[1].noises, every[16].noises) and torch.equal(every[1].steps, every[16].steps)
+    monkeypatch.setattr(type(parts), "encode_noisy", counted)
+    ran = {}
+    for k in (1, 16):
+        calls["n"] = 0
+        bank = synthesize(parts, train, init=every[1].noises * 0.5, check_every=k, **kw)
+        assert int(bank.steps[0]) == 0
+        ran[k] = calls["n"]
+    assert ran[16] == ran[1]
+
+
 def test_weights_untouched_and_modes_restored(parts, train):
     before = {k: v.clone() for k, v in parts.state_dict().items()}
     parts.train()

@@ -15,7 +15,8 @@ Modes (same mathematics, same trajectory for the same seed and batches):
 - ``fast``: weights frozen for the duration, clean tokens/logits computed once per image without a
   graph (:class:`CleanCache`), the stop test taken from the same forward as the loss, one noisy
   forward and one input-only backward per step, stop flags read by the host every ``check_every``
-  steps (1 on the CPU, where reading is free; 16 on CUDA). Many noises are optimised in one batched
+  steps (1 on the CPU, where reading is free; 16 on CUDA) and at steps 1, 2, 4, 8, ... (a warm start
+  often passes at once). Many noises are optimised in one batched
   computation, each stopping on its own: a finished noise is frozen by the masked AdamW at once and
   dropped from the computation at the next check.
 
@@ -99,7 +100,7 @@ class SynthConfig:
     stop: str = "batch"          # batch (paper) | heldout
     heldout: int = 256           # stop=heldout: images carved out (not trained on); stop=batch: metrics sample
     heldout_every: int = 10      # stop=heldout: steps between confirmations of one noise
-    check_every: int = 0         # host reads the stop flags every k steps; 0: 1 on CPU, 16 on CUDA
+    check_every: int = 0         # host reads the stop flags every k steps (and at 1, 2, 4, ...); 0: 1 on CPU, 16 on CUDA
     max_rows: int = 2048         # (noise, image) rows in one forward; more are chunked
     boundary_lr: float = 6.0     # schedule=boundary: descent learning rate = lr * boundary_lr
     boundary_iters: int = 8      # schedule=boundary: bisection steps on the scale
@@ -360,7 +361,9 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
             steps[active] = torch.where(fire, torch.full_like(steps[active], t), steps[active])
             done[active] |= fire
             opt.step(V, grads, active, ~done[active], t + 1, cosine_lr(cfg.lr, t, t_max))
-        if (t + 1) % k == 0 or t == cfg.max_steps - 1:
+        # also at steps 1, 2, 4, 8, ...: a warm-started noise often passes at once, and waiting for
+        # step k would run up to k - 1 steps whose results are masked out anyway
+        if (t + 1) % k == 0 or (t + 1) & t == 0 or t == cfg.max_steps - 1:
             with _phase("host_sync"):
                 log.check(t, mse.cpu(), V[active].flatten(1).norm(dim=1).cpu(), int(active.numel()))
                 active = active[~done[active]]
