@@ -60,11 +60,13 @@ def run_seed(seed: int, rounds: int, overrides: dict, suites: list[str], test, t
                      "wall_seconds": round(secs, 2),
                      "synth_seconds": round(sum(x.get("synth_seconds", 0.0) for x in h), 2),
                      "synth_steps": [x.get("synth_steps") for x in h],
+                     "synth_seconds_per_round": [round(x.get("synth_seconds", 0.0), 3) for x in h],
                      "noise_norm": [round(x["noise_norm"], 1) for x in h if "noise_norm" in x],
                      "heldout_mse": [round(x["mse_prob"], 4) for x in h if "mse_prob" in x],
                      "drift_mse": [round(x["init_mse_prob"], 4) for x in h if "init_mse_prob" in x],
                      "growth": [round(x["init_scale_factor"], 3) for x in h if "init_scale_factor" in x]})
-        print({k: v for k, v in rows[-1].items() if k not in ("heldout_mse", "drift_mse", "growth")}, flush=True)
+        print({k: v for k, v in rows[-1].items() if k not in ("heldout_mse", "drift_mse", "growth",
+                                                              "synth_seconds_per_round")}, flush=True)
         models[name] = parts
     report = evaluate(models, test, suites, seed=seed, baseline="pretrained", progress=False)
     return rows, report
@@ -144,7 +146,9 @@ def main() -> None:
                              "ns_over_plain_wall": round(total(v, "wall_seconds") / total(plain, "wall_seconds"), 3),
                              "metrics": compare(report, fresh, v)}
                          for v in variants if v not in VARIANTS}
-    machine = f"CPU ({platform.machine()}, {cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    # finetune's device "auto" put the runs on CUDA where there is one: label the timings by it
+    machine = (f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}" if torch.cuda.is_available() else
+               f"CPU ({platform.machine()}, {cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     out = Path(args.out)
     write_json(out / "noise_cost.json", {"machine": machine, "rounds": args.rounds, "seeds": args.seeds,
                                           "overrides": args.overrides, **summary, "goal": GOAL,
