@@ -61,12 +61,16 @@ def run_seed(seed: int, rounds: int, overrides: dict, suites: list[str], test, t
                      "synth_seconds": round(sum(x.get("synth_seconds", 0.0) for x in h), 2),
                      "synth_steps": [x.get("synth_steps") for x in h],
                      "synth_seconds_per_round": [round(x.get("synth_seconds", 0.0), 3) for x in h],
+                     # where the synthesis time went, summed over the rounds (setup, grow, descent, ...)
+                     "synth_phase_seconds": {k: round(sum(x["synth_phase_seconds"][k] for x in h
+                                                          if "synth_phase_seconds" in x), 3)
+                                             for k in (h[0].get("synth_phase_seconds") or {})},
                      "noise_norm": [round(x["noise_norm"], 1) for x in h if "noise_norm" in x],
                      "heldout_mse": [round(x["mse_prob"], 4) for x in h if "mse_prob" in x],
                      "drift_mse": [round(x["init_mse_prob"], 4) for x in h if "init_mse_prob" in x],
                      "growth": [round(x["init_scale_factor"], 3) for x in h if "init_scale_factor" in x]})
         print({k: v for k, v in rows[-1].items() if k not in ("heldout_mse", "drift_mse", "growth",
-                                                              "synth_seconds_per_round")}, flush=True)
+                                                              "synth_seconds_per_round", "synth_phase_seconds")}, flush=True)
         models[name] = parts
     report = evaluate(models, test, suites, seed=seed, baseline="pretrained", progress=False)
     return rows, report

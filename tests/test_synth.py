@@ -268,6 +268,10 @@ def test_init_scale_boundary_grows_a_warm_start_to_the_edge_of_eps(parts, train)
     assert s > 1.25                                 # grown
     assert 0.8 * 0.03 <= mse_at(s) < 0.03           # to just inside ε on the held-out images
     assert mse_at(s * 1.15) >= 0.03                 # near its edge: 15% more leaves ε
+    # the call's time split by phase: the search is charged to grow, and the phases add up to the call
+    ph = bank.meta["phase_seconds"]
+    assert list(ph) == ["setup", "grow", "descent", "to_boundary", "metrics"] and min(ph.values()) >= 0
+    assert ph["grow"] > 0 and sum(ph.values()) <= bank.meta["seconds"] <= sum(ph.values()) + 0.5
     with pytest.raises(NsvitError, match="init_scale"):
         synthesize(parts, train, init=small, init_scale="grow", max_steps=5, progress=False)
 

@@ -481,7 +481,9 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         cache: a CleanCache over the training images to reuse across calls (fast mode); it drops
             its entries by itself when the weights change. Its images replace the held-out split.
 
-    Returns a NoiseBank of M noises (M, N, D) with MSE-prob, match rate, norms, steps.
+    Returns a NoiseBank of M noises (M, N, D) with MSE-prob, match rate, norms, steps;
+    ``meta["phase_seconds"]`` splits the call's time into setup (images, lim, clean caches), grow
+    (a warm start's growth search), descent, to_boundary and metrics (the final held-out forward).
     A noise that never passes the stop rule within max_steps comes back with converged=False and a
     warning. The model's weights are not changed (the reference mode's weight gradients are
     discarded, ``requires_grad`` flags and ``.grad`` restored); it is moved to ``device``.
@@ -536,6 +538,15 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     held = cache if isinstance(cache, CleanCache) and held_imgs is train else \
         CleanCache(parts, held_imgs, device, autocast=rt.autocast)
     logger = _Log(log, cfg.max_steps, progress, f"synth {cfg.mode}/{cfg.schedule} x{m}")
+    marks = [t0]
+
+    def mark() -> float:  # seconds since the last mark; synchronised so a CUDA phase is charged to itself
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        return round(marks[-1] - marks[-2], 4)
+
+    phases = {"setup": mark()}
 
     def confirm(v: torch.Tensor) -> torch.Tensor:
         mse, _ = noise_effect(parts, v.reshape(-1, *parts.token_shape), held, cfg.max_rows)
@@ -560,12 +571,16 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                     down = (cfg.init_max_scale / scale).clamp_max(1.0)
                     v0, scale = v0 * down.reshape(-1, 1, 1), scale * down
                 init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
+            phases["grow"] = mark()
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
+            phases["descent"] = mark()
             synth_seconds = time.perf_counter() - t0
             if cfg.schedule == "boundary":
                 V = _to_boundary(parts, V, held, cfg)[0]
+            phases["to_boundary"] = mark()
             with torch.no_grad():
                 mse, match = noise_effect(parts, V, held, cfg.max_rows)
+            phases["metrics"] = mark()
     finally:
         logger.close()
     from ..models import weights_fingerprint
@@ -578,7 +593,8 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
               "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "heldout_source": held_source,
               "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
-              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3), **init_stats})
+              "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3),
+              "phase_seconds": phases, **init_stats})
     if not bool(bank.converged.all()):
         bad = int((~bank.converged).sum())
         warnings.warn(f"{bad} of {m} noise(s) did not pass the stop rule within max_steps={cfg.max_steps} "

@@ -340,7 +340,8 @@ class Engine:
         info = dict(noise_norm=float(bank.norm[i]), mse_prob=float(bank.mse_prob[i]),
                     batch_mse_prob=float(bank.batch_mse_prob[i]), match_rate=float(bank.match_rate[i]),
                     synth_steps=int(bank.steps.max()), converged=bool(bank.converged.all()),
-                    synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]))
+                    synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]),
+                    synth_phase_seconds=dict(bank.meta["phase_seconds"]))
         if bank.noises.shape[0] > 1:  # the bank's norms: each noise's cap is measured from its own
             info.update(bank_norms=[float(x) for x in bank.norm], bank_member=j)
         elif m > 1:
