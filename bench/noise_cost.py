@@ -163,8 +163,8 @@ def main() -> None:
 
 
 def render(summary, metrics, rows, report, machine, args) -> str:
-    def ms(vals):
-        return f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+    def ms(vals, d=1):
+        return f"{statistics.mean(vals):.{d}f}" + (f" ± {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else "")
 
     lines = [f"# Whole-run noise cost, digits_vit, K = {args.rounds}, S = 40, seeds {args.seeds}", "",
              f"{machine}. Wall and synthesis seconds summed over the seeds' runs, which ran interleaved.", "",
@@ -183,6 +183,14 @@ def render(summary, metrics, rows, report, machine, args) -> str:
         norm = ms([r["noise_norm"][-1] for r in rs]) if rs[0]["noise_norm"] else "–"
         lines.append(f"| {v} | {ms([r['wall_seconds'] for r in rs])} | {ms([r['synth_seconds'] for r in rs])} | "
                      f"{ms([sum(x or 0 for x in r['synth_steps']) for r in rs])} | {norm} |")
+    phased = [r for r in rows if r.get("synth_phase_seconds")]  # results written before the phases lack them
+    if phased:
+        names = list(phased[0]["synth_phase_seconds"])
+        lines += ["", "Where the synthesis time went, seconds per run (summed over its rounds; mean ± std over seeds):",
+                  "", f"| variant | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+        for v in dict.fromkeys(r["variant"] for r in phased):
+            rs = [r for r in phased if r["variant"] == v]
+            lines.append(f"| {v} | " + " | ".join(ms([r["synth_phase_seconds"][k] for r in rs], 2) for k in names) + " |")
     drift = [d for r in rows if r["variant"] == "ns fast" for d in r["drift_mse"]]
     growth = [g for r in rows if r["variant"] == "ns fast" for g in r["growth"]]
     if drift:

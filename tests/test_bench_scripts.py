@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "bench" / "results"
@@ -53,6 +54,27 @@ def test_noise_cost_bad_also_fails_before_any_run(also, line, tmp_path):
     p = run(ROOT / "bench" / "noise_cost.py", "--also", also, "--out", tmp_path)
     assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_noise_cost_short_run_reports_where_synthesis_time_went(tmp_path):
+    """Two rounds of the three variants, scored on the clean suite: the device is named, and each
+    run's synthesis time is split by phase, the warm start's growth search charged to grow."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "noise_cost.py"), "--seeds", "0", "--rounds", "2",
+                        "--suites", "clean", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    d = json.loads((tmp_path / "noise_cost.json").read_text())
+    cuda = torch.cuda.is_available()  # the runs used CUDA where there is one: the timings are labelled so
+    assert ("(CUDA)" in d["machine"]) == cuda and d["machine"].startswith("CPU") != cuda
+    rows = {r["variant"]: r for r in d["rows"]}
+    assert list(rows) == ["plain", "ns (Algorithm 1)", "ns fast"] and rows["plain"]["synth_phase_seconds"] == {}
+    for v in ("ns (Algorithm 1)", "ns fast"):
+        ph, total = rows[v]["synth_phase_seconds"], sum(rows[v]["synth_seconds_per_round"])
+        assert list(ph) == ["setup", "grow", "descent", "to_boundary", "metrics"]
+        assert 0.5 * total <= sum(ph.values()) <= total + 0.01 and ph["descent"] > 0
+    assert rows["ns fast"]["synth_phase_seconds"]["grow"] > rows["ns (Algorithm 1)"]["synth_phase_seconds"]["grow"]
+    assert "Where the synthesis time went" in (tmp_path / "noise_cost.md").read_text()
 
 
 def test_confirm_share_counts_the_held_out_reads_of_a_real_round_0(tmp_path):
