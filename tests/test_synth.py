@@ -276,6 +276,41 @@ def test_init_scale_boundary_grows_a_warm_start_to_the_edge_of_eps(parts, train)
         synthesize(parts, train, init=small, init_scale="grow", max_steps=5, progress=False)
 
 
+def test_grow_walk_and_floor_start_at_the_floor_in_fewer_forwards(parts, train, monkeypatch):
+    """warm_boundary's growth searches: walk never tries below init_min_scale and ends inside ε in
+    no more held-out forwards than the secant search; floor takes the floor with one forward (the drift)."""
+    from nsvit_fast.synth import engine
+
+    held = train.subset(128)
+    small = synthesize(parts, train, lim=3.0, batch_size=64, max_steps=600, progress=False).noises[0] * 0.5
+    cache = CleanCache(parts, held.images)
+    mse_at = lambda a: noise_effect(parts, (small * a)[None], cache)[0][0].item()
+    calls = []
+    real = engine.noise_effect
+
+    def counted(parts_, v, clean, max_rows=2048, scales=None):
+        if clean.images.shape[0] == held.images.shape[0]:  # held-out forwards only, not the descent's
+            calls.append(1.0 if scales is None else float(scales[0]))
+        return real(parts_, v, clean, max_rows, scales=scales)
+
+    monkeypatch.setattr(engine, "noise_effect", counted)
+    used, out = {}, {}
+    for search in ("secant", "walk", "floor"):
+        calls.clear()
+        bank = synthesize(parts, train, init=small, init_scale="boundary", init_min_scale=1.25, heldout_data=held,
+                          batch_size=64, max_steps=600, progress=False, grow_search=search)
+        used[search], out[search] = calls[:-1], bank.meta["init_scale_factor"][0]  # the last is the metrics forward
+    monkeypatch.undo()
+    assert used["walk"][0] == 1.0 and min(used["walk"][1:]) >= 1.25  # the drift, then never below the floor
+    assert len(used["walk"]) <= len(used["secant"])  # (the finetuned case, where secant overshoots: bench/noise_cost.py)
+    s = out["walk"]
+    assert s >= 1.25 and mse_at(s) < 0.03             # grown, inside ε
+    assert mse_at(s) >= 0.8 * 0.03 or mse_at(s * 1.25) >= 0.03  # near its edge: x1.25 more leaves ε
+    assert used["floor"] == [1.0] and out["floor"] == pytest.approx(1.25)
+    with pytest.raises(NsvitError, match="grow_search"):
+        synthesize(parts, train, init=small, init_scale="boundary", grow_search="bisect", max_steps=5, progress=False)
+
+
 def test_regularized_eq4_and_permutation_control(parts, train):
     bank = synthesize_regularized(parts, train, lam=[0.0, 1.0, 4.0], steps=60, batch_size=64, lim=3.0,
                                   progress=False)

@@ -75,6 +75,7 @@ MODES = ("reference", "fast")
 _phase = torch.profiler.record_function  # phase labels for `nsvit-fast profile synth`
 SCHEDULES = ("paper", "boundary")
 INIT_SCALES = ("none", "boundary")
+GROW_SEARCHES = ("secant", "walk", "floor")
 STOPS = ("batch", "heldout")
 LR_SCHEDULES = ("official", "max_steps")
 OFFICIAL_T_MAX_RATIO = 10  # official T_max / step budget = len(loader)*rounds / (rounds*img_ratio*len(loader))
@@ -108,6 +109,7 @@ class SynthConfig:
     init_scale: str = "none"     # none | boundary: a given init is first scaled to just inside ε (forward only)
     init_min_scale: float = 1.0  # init_scale=boundary: scale at least this much (> 1: the descent then moves it)
     init_max_scale: float = 0.0  # init_scale=boundary: scale at most this much, over init_min_scale (0: no cap)
+    grow_search: str = "secant"  # init_scale=boundary: secant (from scale 1) | walk (up from init_min_scale) | floor (none)
     seed: int = 0
 
 
@@ -132,6 +134,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
         raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
     if cfg.init_scale not in INIT_SCALES:
         raise NsvitError(f"init_scale must be one of {', '.join(INIT_SCALES)}, got {cfg.init_scale!r}")
+    if cfg.grow_search not in GROW_SEARCHES:
+        raise NsvitError(f"grow_search must be one of {', '.join(GROW_SEARCHES)}, got {cfg.grow_search!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise NsvitError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if int(cfg.lr_t_max) < 0 or (cfg.lr_t_max and cfg.lr_schedule != "official"):
@@ -444,6 +448,58 @@ def _grow_to_eps(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
     return V * scale.reshape(-1, 1, 1), scale, mse1
 
 
+def _grow_walk(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_grow_to_eps`'s job in fewer forwards when a floor f = ``init_min_scale`` > 1 is set.
+
+    The secant search starts at scale 1 and, MSE-prob being steep and not monotone in the scale
+    (x1.77 can take it from 0.009 to 0.33), overshoots both ways for most of its iterations, then
+    the caller raises its answer to f anyway. This walk never tries below f: one forward at scale 1
+    (the drift, for the log), then f, f g, f g^2, ... (g = 1.25) up to the cap (``init_max_scale``,
+    else ``boundary_grow``) until one reaches 0.8 ε; a step past ε is bisected (at most 2 steps) and
+    the largest scale seen inside ε is kept. A floor already past ε is kept: the descent pulls it
+    back. With f = 1 and the noise already past ε, it steps down by g (to ``1 / boundary_grow``).
+    Each noise walks alone (M is 1 in a warm-started round). Returns what :func:`_grow_to_eps` does."""
+    g, eps = 1.25, cfg.eps
+    f = max(1.0, cfg.init_min_scale)
+    top = max(f, cfg.init_max_scale if cfg.init_max_scale > 0 else cfg.boundary_grow)
+
+    def mse_at(v: torch.Tensor, s: float) -> float:
+        return float(noise_effect(parts, v, held, cfg.max_rows, scales=torch.full((1,), s, device=v.device))[0][0])
+
+    mse1 = noise_effect(parts, V, held, cfg.max_rows)[0]
+    scales = []
+    for i in range(V.shape[0]):
+        v, e1 = V[i:i + 1], float(mse1[i])
+        s, e = (1.0, e1) if f == 1.0 else (f, mse_at(v, f))
+        if e >= eps:
+            while f == 1.0 and e >= eps and s > 1 / cfg.boundary_grow:  # drifted out: back inside
+                s = max(s / g, 1 / cfg.boundary_grow)
+                e = mse_at(v, s)
+            scales.append(s)
+            continue
+        lo, hi = s, None
+        while e < 0.8 * eps and lo < top:
+            s = min(lo * g, top)
+            e = mse_at(v, s)
+            if e >= eps:
+                hi = s
+                break
+            lo = s
+        for _ in range(2 if hi is not None else 0):
+            mid = (lo * hi) ** 0.5
+            e = mse_at(v, mid)
+            if e < eps:
+                lo = mid
+                if e >= 0.8 * eps:
+                    break
+            else:
+                hi = mid
+        scales.append(lo)
+    scale = torch.tensor(scales, dtype=torch.float32, device=V.device)
+    return V * scale.reshape(-1, 1, 1), scale, mse1
+
+
 def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
             confirm: Callable | None, log: _Log, cache: CleanCache | None = None):
     """The descent alone, in ``cfg.mode``: (V (M, N, D), steps (M,), converged (M,), batch MSE (M,)).
@@ -558,10 +614,14 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
             init_stats = {}
             if cfg.init_scale == "boundary" and init is not None:  # the given noise, grown along its good interval
                 v0 = v0.to(device)
-                if 0 < cfg.init_max_scale <= cfg.init_min_scale:  # the cap binds whatever the search finds: skip it
+                capped = 0 < cfg.init_max_scale <= cfg.init_min_scale  # the cap binds whatever the search finds
+                if capped or cfg.grow_search == "floor":  # no search: the floor, or the cap below it
                     mse1 = noise_effect(parts, v0, held, cfg.max_rows)[0]  # the drift, for the log
-                    scale = torch.full((m,), float(cfg.init_max_scale), device=device)
-                    v0 = v0 * cfg.init_max_scale
+                    s0 = cfg.init_max_scale if capped else cfg.init_min_scale
+                    scale = torch.full((m,), float(s0), device=device)
+                    v0 = v0 * s0
+                elif cfg.grow_search == "walk":
+                    v0, scale, mse1 = _grow_walk(parts, v0, held, cfg)
                 else:
                     v0, scale, mse1 = _grow_to_eps(parts, v0, held, cfg)
                 if cfg.init_min_scale > 1:  # a noise the model ignores only at its own scale would stall at 1
