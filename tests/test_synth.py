@@ -311,6 +311,40 @@ def test_grow_walk_and_floor_start_at_the_floor_in_fewer_forwards(parts, train, 
         synthesize(parts, train, init=small, init_scale="boundary", grow_search="bisect", max_steps=5, progress=False)
 
 
+def test_a_noise_at_its_cap_that_passes_at_once_costs_one_heldout_forward(parts, train, monkeypatch):
+    """A warm start already at its norm cap (the cap's ratio is 1 to float32 precision) is used as
+    it is; when the descent passes at step 0 the bank's metrics reuse the drift's forward."""
+    from nsvit_fast.synth import engine
+
+    held = train.subset(128)
+    v = synthesize(parts, train, lim=3.0, batch_size=64, max_steps=600, progress=False).noises[0] * 0.5
+    calls = []
+    real = engine.noise_effect
+
+    def counted(parts_, noises, clean, max_rows=2048, scales=None):
+        if clean.images.shape[0] == held.images.shape[0]:
+            calls.append(noises.detach().clone())
+        return real(parts_, noises, clean, max_rows, scales=scales)
+
+    monkeypatch.setattr(engine, "noise_effect", counted)
+    kw = dict(init_scale="boundary", init_min_scale=1.25, heldout_data=held, batch_size=64, max_steps=600,
+              progress=False)
+    bank = synthesize(parts, train, init=v, init_max_scale=1 + 1e-7, **kw)
+    assert int(bank.steps[0]) == 0 and torch.equal(bank.noises[0], v)  # at the cap: not rescaled, not moved
+    assert len(calls) == 1 and bank.meta["init_scale_factor"] == [1.0]   # the drift's forward only
+    monkeypatch.undo()
+    mse, match = noise_effect(parts, bank.noises, CleanCache(parts, held.images))
+    assert bank.mse_prob[0] == mse[0] and bank.match_rate[0] == match[0]
+    assert bank.meta["init_mse_prob"][0] == pytest.approx(float(mse[0]))
+    # a cap below 1 scales it down, and the metrics are measured again on the scaled noise
+    monkeypatch.setattr(engine, "noise_effect", counted)
+    calls.clear()
+    bank = synthesize(parts, train, init=v, init_max_scale=0.9, **kw)
+    assert len(calls) == 2 and torch.allclose(bank.noises[0], v * 0.9)
+    monkeypatch.undo()
+    assert bank.mse_prob[0] == noise_effect(parts, bank.noises, CleanCache(parts, held.images))[0][0]
+
+
 def test_regularized_eq4_and_permutation_control(parts, train):
     bank = synthesize_regularized(parts, train, lam=[0.0, 1.0, 4.0], steps=60, batch_size=64, lim=3.0,
                                   progress=False)
