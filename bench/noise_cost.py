@@ -8,7 +8,8 @@ three runs per seed, interleaved so that they share the machine's state: ``plain
 ``digits_fast`` config). Every final model is scored on the demo's suite (clean, FGSM 1/4/8 per 255,
 PGD-10, CW, the authors' PatchFool, the 15 x 5 corruptions) on the 397 digits test images.
 
-Writes bench/results/noise_cost.json and noise_cost.md:
+Writes bench/results/noise_cost.json, noise_cost.md and noise_cost.png (synthesis seconds per round;
+each metric's distance from Algorithm 1 in units of its std):
 - ``synth_ratio_vs_fresh``: the fast runs' whole-run synthesis seconds over Algorithm 1's (summed over seeds);
 - ``ns_over_plain_wall``: the fast ns run's wall time over plain finetuning's (summed over seeds);
 - per Table-2 metric, mean ± std over seeds of each variant and whether the fast one is within one
@@ -18,6 +19,7 @@ Writes bench/results/noise_cost.json and noise_cost.md:
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -95,19 +97,23 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=20, help="K (the paper's 20)")
     ap.add_argument("--suites", default=",".join(SUITES), help="the demo's suites by default")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for noise_cost.json / .md")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for noise_cost.json / .md / .png")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of both configs")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=K=V[,K=V]",
                     help="another fast variant: digits_fast with these overrides, e.g. 'cap 8=warm_max_growth=8'")
-    ap.add_argument("--render", metavar="JSON", help="only write noise_cost.md again from a noise_cost.json")
+    ap.add_argument("--render", metavar="JSON", help="only write noise_cost.md and .png again from a noise_cost.json")
     args = ap.parse_args()
     if args.render:
-        import json
-
-        d = json.loads(Path(args.render).read_text())
+        try:
+            d = json.loads(Path(args.render).read_text())
+            if not isinstance(d, dict) or not {"rows", "metrics", "report", "machine"} <= d.keys():
+                raise ValueError
+        except (OSError, ValueError):
+            ap.error(f"--render: {args.render} is not a noise_cost.json")
         args.rounds, args.seeds = d["rounds"], d["seeds"]
         md = render(d, d["metrics"], d["rows"], Report.from_dict(d["report"]), d["machine"], args)
         write_text(Path(args.out) / "noise_cost.md", md)
+        figure(d, Path(args.out) / "noise_cost.png")
         print(md)
         return
     warnings.simplefilter("ignore")
@@ -159,7 +165,70 @@ def main() -> None:
                                           "metrics": metrics, "rows": rows, "report": report.to_dict()})
     md = render(summary, metrics, rows, report, machine, args)
     write_text(out / "noise_cost.md", md)
+    figure(json.loads((out / "noise_cost.json").read_text()), out / "noise_cost.png")
     print(md)
+
+
+BAND_CLIP = 5.0  # std units; Algorithm 1's clean std is below one test image, so a gap can be 10+ stds
+
+
+def figure(d: dict, path: Path) -> dict:
+    """noise_cost.png from a noise_cost.json: left, synthesis seconds per round (mean over seeds, log
+    scale; descent steps for results that predate the per-round seconds) of each ns variant; right, each Table-2 metric's gap to Algorithm 1 in units of Algorithm 1's
+    std, signed so that up is more robust (mCE flipped), the shaded band being the issue's bar.
+    Returns the plotted values: {"per_round": {variant: [s, ...]}, "gap": {variant: {metric: stds}}}."""
+    from nsvit_fast.io import save_figure
+    from nsvit_fast.viz import pyplot
+
+    ns = [r for r in d["rows"] if r.get("noise_init")]
+    # results written before the per-round seconds were logged have the per-round descent steps only
+    key = "synth_seconds_per_round" if all("synth_seconds_per_round" in r for r in ns) else "synth_steps"
+    per_round = {}
+    for v in dict.fromkeys(r["variant"] for r in ns):
+        runs = [r[key] for r in ns if r["variant"] == v]
+        per_round[v] = [statistics.mean(x) for x in zip(*runs)]
+    gap = {}
+    for v, ms in {"ns fast": d["metrics"], **{k: o["metrics"] for k, o in d.get("others", {}).items()}}.items():
+        gap[v] = {m["metric"]: (-1 if m["metric_key"] == "mce" else 1) * (m["fast_mean"] - m["alg1_mean"])
+                  / max(m["alg1_std"], 1e-9) for m in ms}
+    plt = pyplot()
+    # one colour per variant in both panels
+    color = {v: f"C{i}" for i, v in enumerate(dict.fromkeys([*per_round, *gap]))}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    for v, ys in per_round.items():
+        a.plot(range(len(ys)), ys, marker="o", ms=3, label=v, color=color[v])
+    a.xaxis.get_major_locator().set_params(integer=True)
+    if key == "synth_steps":  # a warm round can take 0 steps
+        a.set_yscale("symlog", linthresh=1)
+    else:
+        a.set_yscale("log")
+    a.set_xlabel("round")
+    a.set_ylabel(("synthesis seconds" if key == "synth_seconds_per_round" else "descent steps") + " (mean over seeds)")
+    a.set_title(f"Noise synthesis per round, seeds {d['seeds']}", fontsize=9)
+    a.legend(fontsize=7)
+    names = list(next(iter(gap.values()))) if gap else []
+    w = 0.8 / max(1, len(gap))
+    b.axhspan(-1, 1, color="0.88", label="within 1 std of Algorithm 1")
+    b.axhline(0, color="0.5", lw=0.8)
+    for i, (v, g) in enumerate(gap.items()):
+        xs = [j + (i - (len(gap) - 1) / 2) * w for j in range(len(names))]
+        ys = [max(-BAND_CLIP, min(BAND_CLIP, g[n])) for n in names]
+        b.bar(xs, ys, w, label=v, color=color[v])
+        for x, y, n in zip(xs, ys, names):
+            if y != g[n]:  # clipped: print the real gap on the bar
+                b.text(x, y * 0.93, f"{g[n]:.0f}" if abs(g[n]) < 1e6 else "∞", ha="center",
+                       va="top" if y > 0 else "bottom", fontsize=6, color="white")
+    b.set_xticks(range(len(names)), [n.replace("FGSM (eps=", "FGSM ").rstrip(")") for n in names],
+                 rotation=30, ha="right", fontsize=7)
+    b.set_ylim(-BAND_CLIP - 0.3, BAND_CLIP + 0.3)
+    b.set_ylabel(f"(variant - Alg. 1) / Alg. 1 std, up = more robust\n(clipped at ±{BAND_CLIP:g})", fontsize=8)
+    b.set_title("Table-2 metrics against Algorithm 1", fontsize=9)
+    b.legend(fontsize=7, loc="lower left")
+    fig.suptitle(d["machine"], fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return {"per_round": per_round, "gap": gap}
 
 
 def render(summary, metrics, rows, report, machine, args) -> str:

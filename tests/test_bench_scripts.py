@@ -56,6 +56,49 @@ def test_noise_cost_bad_also_fails_before_any_run(also, line, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_noise_cost_render_rewrites_the_stored_report_and_draws_its_figure(tmp_path):
+    """--render of a stored run gives back its committed noise_cost.md byte for byte, and a PNG."""
+    src = RES / "grow_search"
+    p = run(ROOT / "bench" / "noise_cost.py", "--render", src / "noise_cost.json", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "noise_cost.md").read_text() == (src / "noise_cost.md").read_text()
+    assert (tmp_path / "noise_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_noise_cost_figure_plots_per_round_means_and_signed_std_gaps(tmp_path):
+    """The figure's values, recomputed here from the JSON: per-round synthesis seconds averaged over
+    seeds, and each metric's gap to Algorithm 1 in its stds with mCE flipped (lower mCE is better)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import noise_cost
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
+    got = noise_cost.figure(d, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+    assert list(got["per_round"]) == ["ns (Algorithm 1)", "ns fast", "ns fast, walk", "ns fast, floor"]
+    seeds = [r for r in d["rows"] if r["variant"] == "ns fast, floor"]
+    assert len(seeds) == 3 and got["per_round"]["ns fast, floor"][0] == pytest.approx(
+        sum(r["synth_seconds_per_round"][0] for r in seeds) / 3)
+    # round 0 learns from a fresh draw; the warm rounds after it cost a fraction of that
+    assert max(got["per_round"]["ns fast, floor"][1:]) < 0.2 * got["per_round"]["ns fast, floor"][0]
+    m = {x["metric"]: x for x in d["others"]["ns fast, floor"]["metrics"]}
+    cw, mce = m["CW"], next(x for x in m.values() if x["metric_key"] == "mce")
+    assert got["gap"]["ns fast, floor"]["CW"] == pytest.approx((cw["fast_mean"] - cw["alg1_mean"]) / cw["alg1_std"])
+    assert got["gap"]["ns fast, floor"][mce["metric"]] == pytest.approx(
+        (mce["alg1_mean"] - mce["fast_mean"]) / mce["alg1_std"])
+    # the 1-std verdicts in the JSON and the figure's band agree
+    assert {k: abs(g) <= 1 for k, g in got["gap"]["ns fast, floor"].items()} == {
+        k: x["within_1std"] for k, x in m.items()}
+
+
+@pytest.mark.parametrize("bad", ["missing.json", "README.md", "pyproject.toml"])
+def test_noise_cost_render_bad_file_is_one_line_exit_2(bad, tmp_path):
+    p = run(ROOT / "bench" / "noise_cost.py", "--render", bad, "--out", tmp_path)
+    assert p.returncode == 2 and "not a noise_cost.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_noise_cost_short_run_reports_where_synthesis_time_went(tmp_path):
     """Two rounds of the three variants, scored on the clean suite: the device is named, and each
