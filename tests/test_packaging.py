@@ -119,7 +119,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("base", ["digits", "vit_s_imagenet", "vit_b_imagenet"])
 def test_fast_twin_differs_from_its_config_only_in_the_noise(base):
     """The README's promise: a `_fast` config is its base with the fast noise (warm_boundary, the
-    norm cap of bench/results/noise_cost.md, round 0 on the boundary schedule), nothing else."""
+    norm cap of bench/results/noise_cost.md, round 0 on the boundary schedule, the floor growth of
+    bench/results/grow_search*), nothing else."""
     from dataclasses import asdict
 
     from nsvit_fast.train.yamlcfg import load_run
@@ -129,4 +130,4 @@ def test_fast_twin_differs_from_its_config_only_in_the_noise(base):
     a, b = _flat(asdict(cfg0)), _flat(asdict(cfg1))
     diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     assert diff == {"noise_init": ("fresh", "warm_boundary"), "warm_max_growth": (0.0, 4.0),
-                    "synth.schedule": ("paper", "boundary")}
+                    "synth.schedule": ("paper", "boundary"), "synth.grow_search": ("secant", "floor")}
