@@ -106,7 +106,7 @@ def main() -> None:
     if args.render:
         try:
             d = json.loads(Path(args.render).read_text())
-            if not isinstance(d, dict) or not {"rows", "metrics", "report", "machine"} <= d.keys():
+            if not isinstance(d, dict) or not {"rows", "metrics", "report", "machine", "rounds", "seeds"} <= d.keys():
                 raise ValueError
         except (OSError, ValueError):
             ap.error(f"--render: {args.render} is not a noise_cost.json")
@@ -174,8 +174,9 @@ BAND_CLIP = 5.0  # std units; Algorithm 1's clean std is below one test image, s
 
 def figure(d: dict, path: Path) -> dict:
     """noise_cost.png from a noise_cost.json: left, synthesis seconds per round (mean over seeds, log
-    scale; descent steps for results that predate the per-round seconds) of each ns variant; right, each Table-2 metric's gap to Algorithm 1 in units of Algorithm 1's
-    std, signed so that up is more robust (mCE flipped), the shaded band being the issue's bar.
+    scale; descent steps for results that predate the per-round seconds) of each ns variant; right,
+    each Table-2 metric's gap to Algorithm 1 in units of Algorithm 1's std, signed so that up is more
+    robust (mCE flipped), the shaded band being the issue's bar.
     Returns the plotted values: {"per_round": {variant: [s, ...]}, "gap": {variant: {metric: stds}}}."""
     from nsvit_fast.io import save_figure
     from nsvit_fast.viz import pyplot

@@ -92,8 +92,16 @@ def test_noise_cost_figure_plots_per_round_means_and_signed_std_gaps(tmp_path):
         k: x["within_1std"] for k, x in m.items()}
 
 
-@pytest.mark.parametrize("bad", ["missing.json", "README.md", "pyproject.toml"])
+@pytest.mark.parametrize("bad", ["missing.json", "README.md", "pyproject.toml", "{}", "[1]", "no rounds"])
 def test_noise_cost_render_bad_file_is_one_line_exit_2(bad, tmp_path):
+    if bad in ("{}", "[1]", "no rounds"):  # JSON, but not a noise_cost.json (or a hand-cut one)
+        d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
+        d.pop("rounds")
+        (tmp_path / "in").mkdir()
+        f = tmp_path / "in" / "bad.json"
+        f.write_text(json.dumps(d) if bad == "no rounds" else bad)
+        bad, tmp_path = f, tmp_path / "out"
+        tmp_path.mkdir()
     p = run(ROOT / "bench" / "noise_cost.py", "--render", bad, "--out", tmp_path)
     assert p.returncode == 2 and "not a noise_cost.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not list(tmp_path.iterdir())
