@@ -111,9 +111,10 @@ def test_noise_cost_render_bad_file_is_one_line_exit_2(bad, tmp_path):
 def test_noise_cost_short_run_reports_where_synthesis_time_went(tmp_path):
     """Two rounds of the three variants, scored on the clean suite: the device is named, and each
     run's synthesis time is split by phase, the warm start's growth search charged to grow."""
+    # half the config's lim and 10 model steps: descents of tens of steps, not hundreds (25 s, not 72 s)
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "noise_cost.py"), "--seeds", "0", "--rounds", "2",
-                        "--suites", "clean", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                        "--suites", "clean", "--out", str(tmp_path), "synth.lim=3", "model_steps=10"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     d = json.loads((tmp_path / "noise_cost.json").read_text())
     cuda = torch.cuda.is_available()  # the runs used CUDA where there is one: the timings are labelled so
