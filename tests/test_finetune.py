@@ -375,8 +375,8 @@ RESUME_ARGS = ["finetune", "--config", "digits", "--quiet", "rounds=3", "model_s
 
 
 def test_resume_after_kill_ends_in_the_same_weights(tmp_path):
+    # the uninterrupted run and the one to kill side by side (one thread each): bitwise equal either way
     ref = _run_cli(*RESUME_ARGS, "--out", str(tmp_path / "ref"))
-    assert ref.wait(timeout=600) == 0, ref.stderr.read()
     run = _run_cli(*RESUME_ARGS, "--out", str(tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     t0 = time.time()
@@ -386,6 +386,7 @@ def test_resume_after_kill_ends_in_the_same_weights(tmp_path):
     assert run.poll() is None, "the run finished before it could be killed"
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
     assert not (tmp_path / "run" / "model.safetensors").exists()
     progress = load_tensors(ckpt)[1]["progress"]
     assert (progress["round"], progress["step"]) < (3, 0)

@@ -110,8 +110,7 @@ def test_streamed_resume_after_kill_ends_in_the_same_weights(digit_jpeg_folder, 
     --resume, and the weights equal an uninterrupted run's bit for bit."""
     assert {p.suffix for p in digit_jpeg_folder.rglob("*.*")} == {".JPEG"}
     args = _stream_args(digit_jpeg_folder)
-    ref = _cli(*args, "--out", str(tmp_path / "ref"))
-    assert ref.wait(timeout=900) == 0, ref.stderr.read()
+    ref = _cli(*args, "--out", str(tmp_path / "ref"))  # side by side with the run to kill, one thread each
     run = _cli(*args, "--out", str(tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     t0 = time.time()
@@ -121,6 +120,7 @@ def test_streamed_resume_after_kill_ends_in_the_same_weights(digit_jpeg_folder, 
     assert run.poll() is None, "the run finished before it could be killed"
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
+    assert ref.wait(timeout=900) == 0, ref.stderr.read()
     meta = load_tensors(ckpt)[1]
     assert (meta["progress"]["round"], meta["progress"]["step"]) < (3, 0) and "consumed" in meta["stream"]
     res = _cli(*args, "--out", str(tmp_path / "run"), "--resume")
