@@ -1,4 +1,5 @@
-"""The console script end to end, in a subprocess as a user runs it."""
+"""The console script end to end, in a subprocess as a user runs it. Its bad-input cases live in
+test_hostile.py, which runs them all in one forked batch."""
 
 import json
 import subprocess
@@ -34,21 +35,6 @@ def test_nullspace_json_vit_small_patch32():
     out = json.loads(r.stdout)
     assert out == {"model": "vit_small_patch32_224", "patch_size": 32, "input_dim": 3072, "embed_dim": 384,
                    "rank": 384, "nullspace_dim": 2688}
-
-
-@pytest.mark.parametrize("args,msg", [
-    (("nullspace", "--model", "resnet18"), "not a supported family"),
-    (("nullspace", "--model", "vit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors"), "not found"),
-    (("nullspace", "--model", "vit_smal_patch32_224"), "unknown timm model"),
-    (("nullspace",), "give --model"),
-    (("pretrain", "--epochs", "0"), "--epochs: must be >= 1"),
-    (("nullspace", "--model", "vit_tiny_patch16_224", "--pretrained"), "could not get pretrained"),
-])
-def test_user_errors_exit_2_with_one_line(args, msg):
-    r = run(*args)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nsvit-fast: error:") and msg in lines[0], r.stderr
 
 
 def test_demo_writes_figure_and_report(tmp_path):
@@ -97,16 +83,6 @@ def test_synth_writes_a_bank(tmp_path):
     assert (tmp_path / "log.jsonl").read_text().count("\n") >= max(summary["steps"])
 
 
-@pytest.mark.parametrize("args,msg", [
-    (("synth", "--eps", "0"), "--eps: must be a finite number in (0, inf)"), (("synth", "--lim", "-1"), "--lim: must be a finite number"),
-    (("synth", "--data", "/no/such/folder"), "neither"),
-])
-def test_synth_user_errors(args, msg, tmp_path):
-    r = run(*args, "--out", str(tmp_path / "b.safetensors"), "--quiet")
-    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not (tmp_path / "b.safetensors").exists()
-
-
 def test_profile_synth_reports_phases(tmp_path):
     trace = tmp_path / "trace.json"
     r = run("profile", "synth", "--steps", "5", "--batch-size", "32", "--trace", str(trace))
@@ -117,20 +93,6 @@ def test_profile_synth_reports_phases(tmp_path):
               if l.split() and l.split()[0] in ("noisy_forward", "backward")}
     assert shares["noisy_forward"] + shares["backward"] > 50  # the floor dominates the fast step
     assert json.loads(trace.read_text())["traceEvents"]
-
-
-@pytest.mark.parametrize("args,msg", [
-    (("finetune", "method=magic"), "unknown method 'magic'"),
-    (("finetune", "roundz=3"), "did you mean 'rounds'"),
-    (("finetune", "synth.epss=0.1"), "did you mean 'eps'"),
-    (("finetune", "--config", "nope"), "config 'nope' not found"),
-    (("finetune", "rounds"), "must be key=value"),
-    (("finetune", "--data", "/no/such/dir"), "neither"),
-])
-def test_finetune_user_errors(args, msg, tmp_path):
-    r = run(*args, "--out", str(tmp_path / "o"), "--quiet")
-    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not (tmp_path / "o" / "checkpoint.safetensors").exists()
 
 
 def test_eval_compares_checkpoints_and_writes_a_report(tmp_path):
@@ -149,16 +111,6 @@ def test_eval_compares_checkpoints_and_writes_a_report(tmp_path):
     assert (tmp_path / "ev" / "suites.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("args,msg", [
-    (("eval", "--suite", "fgms"), "unknown suite"), (("eval", "--suite", "imagenet-a"), "needs its folder"),
-    (("eval", "--suite", "clean", "--folder", "imagenet-a=/nope", "--suite", "imagenet-a"), "folder not found"),
-    (("eval", "--suite", "fgsm:eps=-2/255"), "eps must be >= 0"),
-])
-def test_eval_user_errors(args, msg, tmp_path):
-    r = run(*args, "--out", str(tmp_path / "ev"), "--quiet")
-    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
 def test_watermark_targeted_fingerprint_commands(tmp_path):
     r = run("watermark", "--image", "skimage:coffee", "--out", str(tmp_path / "wm.png"))
     assert r.returncode == 0, r.stderr
@@ -175,17 +127,3 @@ def test_watermark_targeted_fingerprint_commands(tmp_path):
     r = run("fingerprint", "verify", "--fingerprint", str(tmp_path / "fp.safetensors"), "--report", str(rep))
     assert r.returncode == 0 and "VERIFIED" in r.stdout
     assert json.loads((rep / "fingerprint_verify.json").read_text())["score"] < 1e-4
-
-
-@pytest.mark.parametrize("args,msg", [
-    (("watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee"), "give images of one size"),
-    (("watermark", "--image", "/no/such.png"), "image not found"),
-    (("watermark", "--image", "skimage:coffee", "--strength", "2"), "--strength: must be a finite number in (0, 1]"),
-    (("watermark", "--model", "vit_base_patch8_224", "--image", "skimage:coffee"), "no patch-embedding nullspace"),
-    (("fingerprint", "verify", "--fingerprint", "/no/fp.safetensors"), "no such file"),
-    (("analyze", "trend"), "needs --run"),
-    (("targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--saliency", "lrp"), "unknown saliency method"),
-])
-def test_analysis_user_errors(args, msg, tmp_path):
-    r = run(*args, "--out", str(tmp_path / "o.png")) if args[0] == "watermark" else run(*args)
-    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
