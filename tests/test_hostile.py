@@ -372,6 +372,10 @@ CASES = [
     ("saliency-unknown", ["targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--saliency", "lrp"],
      "unknown saliency method", {}),
 ]
+if not torch.cuda.is_available():  # asking for the GPU a machine lacks
+    CASES += [(f"no-cuda-{cmd[0]}", [*cmd, "--device", "cuda"],
+               "device 'cuda' asked for, but torch sees no CUDA", {})
+              for cmd in (["finetune", "--dry-run"], ["synth", "--out", "x.safetensors"], ["eval"])]
 
 
 def _snapshot(root: Path) -> dict:

@@ -150,16 +150,6 @@ def test_torchrun_on_a_streamed_folder_matches_one_process(digit_folder, tmp_pat
     assert float(diff.max()) <= 6 * 1e-4 and float(diff.mean()) < 1e-6
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-@pytest.mark.parametrize("cmd", [["finetune", "--dry-run"], ["synth", "--out", "x.safetensors"], ["eval"]])
-def test_cuda_where_there_is_none_is_one_line(cmd, tmp_path):
-    p = _cli(*cmd, "--device", "cuda", cwd=tmp_path)
-    assert p.wait(timeout=300) == 2
-    err = p.stderr.read().strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("nsvit-fast: error: device 'cuda'") and "no CUDA" in err[0]
-    assert list(tmp_path.iterdir()) == []
-
-
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
