@@ -1,9 +1,11 @@
-"""The console script end to end, in a subprocess as a user runs it. Its bad-input cases live in
-test_hostile.py, which runs them all in one forked batch."""
+"""The subcommands end to end through ``nsvit_fast.cli.main``, in process (the console script's code
+path; a subprocess each cost ~5 s of imports), and the demo and --help in a subprocess as a user
+runs them. The bad-input cases live in test_hostile.py, which runs them all in one forked batch."""
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,19 @@ from nsvit_fast.cli import build_parser, main
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "nsvit_fast", *args], capture_output=True, text=True,
                           timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) -> (exit code, stdout, stderr) of nsvit_fast.cli.main(args), in this process."""
+    def call(*args):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return call
 
 
 def test_help_on_every_subcommand(capsys):
@@ -29,8 +44,8 @@ def test_help_on_every_subcommand(capsys):
     assert r.returncode == 0 and "usage: nsvit-fast finetune" in r.stdout
 
 
-def test_nullspace_json_vit_small_patch32():
-    r = run("nullspace", "--model", "vit_small_patch32_224", "--json")
+def test_nullspace_json_vit_small_patch32(cli):
+    r = cli("nullspace", "--model", "vit_small_patch32_224", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out == {"model": "vit_small_patch32_224", "patch_size": 32, "input_dim": 3072, "embed_dim": 384,
@@ -69,9 +84,9 @@ def test_demo_writes_figure_and_report(tmp_path):
     assert len((tmp_path / "eval" / "report.csv").read_text().splitlines()) == 1 + 4 * 4  # header + models x suites
 
 
-def test_synth_writes_a_bank(tmp_path):
+def test_synth_writes_a_bank(cli, tmp_path):
     out = tmp_path / "bank.safetensors"
-    r = run("synth", "--data", "digits", "--lim", "4", "--batch-size", "64", "--num-noises", "2",
+    r = cli("synth", "--data", "digits", "--lim", "4", "--batch-size", "64", "--num-noises", "2",
             "--out", str(out), "--log", str(tmp_path / "log.jsonl"), "--quiet", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -83,9 +98,9 @@ def test_synth_writes_a_bank(tmp_path):
     assert (tmp_path / "log.jsonl").read_text().count("\n") >= max(summary["steps"])
 
 
-def test_profile_synth_reports_phases(tmp_path):
+def test_profile_synth_reports_phases(cli, tmp_path):
     trace = tmp_path / "trace.json"
-    r = run("profile", "synth", "--steps", "5", "--batch-size", "32", "--trace", str(trace))
+    r = cli("profile", "synth", "--steps", "5", "--batch-size", "32", "--trace", str(trace))
     assert r.returncode == 0, r.stderr
     for phase in ("noisy_forward", "backward", "optimizer", "host_sync"):
         assert phase in r.stdout
@@ -95,14 +110,14 @@ def test_profile_synth_reports_phases(tmp_path):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
-def test_eval_compares_checkpoints_and_writes_a_report(tmp_path):
+def test_eval_compares_checkpoints_and_writes_a_report(cli, tmp_path):
     from nsvit_fast import load_model, save_model
 
     other = load_model("digits_vit")
     with torch.no_grad():
         other.model.head.bias.add_(torch.linspace(-1, 1, 10))
     ck = save_model(other, tmp_path / "other.safetensors")
-    r = run("eval", "--suite", "clean;fgsm:eps=8/255", "--max-images", "48", "--compare", str(ck),
+    r = cli("eval", "--suite", "clean;fgsm:eps=8/255", "--max-images", "48", "--compare", str(ck),
             "--names", "base,shifted", "--seeds", "0,1", "--out", str(tmp_path / "ev"), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "| model | Clean | FGSM | Average |" in r.stdout and "| base |" in r.stdout and "| shifted |" in r.stdout
@@ -111,19 +126,19 @@ def test_eval_compares_checkpoints_and_writes_a_report(tmp_path):
     assert (tmp_path / "ev" / "suites.png").stat().st_size > 1000
 
 
-def test_watermark_targeted_fingerprint_commands(tmp_path):
-    r = run("watermark", "--image", "skimage:coffee", "--out", str(tmp_path / "wm.png"))
+def test_watermark_targeted_fingerprint_commands(cli, tmp_path):
+    r = cli("watermark", "--image", "skimage:coffee", "--out", str(tmp_path / "wm.png"))
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "wm.json").read_text())
     assert out["float"]["predictions_match"] == 1.0 and (tmp_path / "wm_figure.png").is_file()
-    r = run("targeted", "--source", "skimage:astronaut", "--target", "skimage:chelsea", "--out", str(tmp_path / "t.png"))
+    r = cli("targeted", "--source", "skimage:astronaut", "--target", "skimage:chelsea", "--out", str(tmp_path / "t.png"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "t.json").read_text())["logits_rel_to_source"] < 1e-5
     rep = tmp_path / "rep"
-    r = run("fingerprint", "make", "--fingerprint", str(tmp_path / "fp.safetensors"), "--n", "32", "--report", str(rep))
+    r = cli("fingerprint", "make", "--fingerprint", str(tmp_path / "fp.safetensors"), "--n", "32", "--report", str(rep))
     assert r.returncode == 0, r.stderr
     assert json.loads((rep / "fingerprint_make.json").read_text())["owner_check"]["verified"]
     assert (rep / "fingerprint_make.png").stat().st_size > 5000
-    r = run("fingerprint", "verify", "--fingerprint", str(tmp_path / "fp.safetensors"), "--report", str(rep))
+    r = cli("fingerprint", "verify", "--fingerprint", str(tmp_path / "fp.safetensors"), "--report", str(rep))
     assert r.returncode == 0 and "VERIFIED" in r.stdout
     assert json.loads((rep / "fingerprint_verify.json").read_text())["score"] < 1e-4
