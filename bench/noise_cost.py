@@ -12,14 +12,16 @@ Writes bench/results/noise_cost.json, noise_cost.md and noise_cost.png (synthesi
 each metric's distance from Algorithm 1 in units of its std):
 - ``synth_ratio_vs_fresh``: the fast runs' whole-run synthesis seconds over Algorithm 1's (summed over seeds);
 - ``ns_over_plain_wall``: the fast ns run's wall time over plain finetuning's (summed over seeds);
-- per Table-2 metric, mean ± std over seeds of each variant and whether the fast one is within one
-  std of Algorithm 1 (the issue's bar). CPU timings: run it on an idle machine.
+- per Table-2 metric, mean ± std over seeds of each variant, whether the fast one is within one
+  std of Algorithm 1 (the issue's bar) and its signed gap in those stds (+ more robust); the metrics
+  it is more than one std *less* robust on are named apart. CPU timings: run it on an idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -148,6 +150,7 @@ def main() -> None:
         "synth_steps_ratio_vs_fresh": round(sum(sum(r["synth_steps"]) for r in rows if r["variant"] == fast)
                                             / sum(sum(r["synth_steps"]) for r in rows if r["variant"] == fresh), 4),
         "metrics_within_1std": f"{sum(m['within_1std'] for m in metrics)} of {len(metrics)}",
+        "metrics_worse_by_1std": [m["metric"] for m in metrics if std_gap(m) < -1],
     }
     summary["goals_met"] = {"synth_ratio_vs_fresh": summary["synth_ratio_vs_fresh"] <= GOAL["synth_ratio_vs_fresh"],
                             "ns_over_plain_wall": summary["ns_over_plain_wall"] <= GOAL["ns_over_plain_wall"],
@@ -169,6 +172,18 @@ def main() -> None:
     print(md)
 
 
+def std_gap(m: dict) -> float:
+    """A compare() row's gap to Algorithm 1 in Algorithm 1's stds, signed so that + is more robust
+    (mCE flipped: lower is better); ±inf where Algorithm 1's seeds agreed exactly (std 0) and it differs."""
+    diff = (-1 if m["metric_key"] == "mce" else 1) * (m["fast_mean"] - m["alg1_mean"])
+    return diff / m["alg1_std"] if m["alg1_std"] > 0 else math.copysign(math.inf, diff) if diff else 0.0
+
+
+def worse(metrics: list[dict]) -> str:
+    """The metrics more than 1 std less robust than Algorithm 1, named, or 'none'."""
+    return ", ".join(m["metric"] for m in metrics if std_gap(m) < -1) or "none"
+
+
 BAND_CLIP = 5.0  # std units; Algorithm 1's clean std is below one test image, so a gap can be 10+ stds
 
 
@@ -188,10 +203,8 @@ def figure(d: dict, path: Path) -> dict:
     for v in dict.fromkeys(r["variant"] for r in ns):
         runs = [r[key] for r in ns if r["variant"] == v]
         per_round[v] = [statistics.mean(x) for x in zip(*runs)]
-    gap = {}
-    for v, ms in {"ns fast": d["metrics"], **{k: o["metrics"] for k, o in d.get("others", {}).items()}}.items():
-        gap[v] = {m["metric"]: (-1 if m["metric_key"] == "mce" else 1) * (m["fast_mean"] - m["alg1_mean"])
-                  / max(m["alg1_std"], 1e-9) for m in ms}
+    gap = {v: {m["metric"]: std_gap(m) for m in ms}
+           for v, ms in {"ns fast": d["metrics"], **{k: o["metrics"] for k, o in d.get("others", {}).items()}}.items()}
     plt = pyplot()
     # one colour per variant in both panels
     color = {v: f"C{i}" for i, v in enumerate(dict.fromkeys([*per_round, *gap]))}
@@ -217,7 +230,7 @@ def figure(d: dict, path: Path) -> dict:
         b.bar(xs, ys, w, label=v, color=color[v])
         for x, y, n in zip(xs, ys, names):
             if y != g[n]:  # clipped: print the real gap on the bar
-                b.text(x, y * 0.93, f"{g[n]:.0f}" if abs(g[n]) < 1e6 else "∞", ha="center",
+                b.text(x, y * 0.93, f"{g[n]:.0f}" if math.isfinite(g[n]) else "∞", ha="center",
                        va="top" if y > 0 else "bottom", fontsize=6, color="white")
     b.set_xticks(range(len(names)), [n.replace("FGSM (eps=", "FGSM ").rstrip(")") for n in names],
                  rotation=30, ha="right", fontsize=7)
@@ -244,7 +257,8 @@ def render(summary, metrics, rows, report, machine, args) -> str:
              f"| ns_over_plain_wall | {summary['ns_over_plain_wall']:.2f} | ≤ {GOAL['ns_over_plain_wall']} | "
              f"{summary['goals_met']['ns_over_plain_wall']} |",
              f"| Table-2 metrics within 1 std of Algorithm 1 | {summary['metrics_within_1std']} | all | "
-             f"{summary['goals_met']['metrics_within_1std']} |", "",
+             f"{summary['goals_met']['metrics_within_1std']} |",
+             f"| Table-2 metrics less robust than Algorithm 1 by > 1 std | {worse(metrics)} | – | – |", "",
              f"Algorithm 1's ns run takes {summary['alg1_over_plain_wall']:.2f}x plain's wall time; the fast noise "
              f"takes {summary['synth_steps_ratio_vs_fresh']:.3f}x its descent steps.", "",
              "| variant | wall s | synthesis s | synthesis steps | final noise norm |", "|---|---|---|---|---|"]
@@ -269,16 +283,18 @@ def render(summary, metrics, rows, report, machine, args) -> str:
                   f"{max(drift):.4f}): finetuning on a noise makes the model more tolerant of it, so the "
                   f"noise is grown, by x{statistics.mean(growth):.2f} per round on average "
                   f"(min {min(growth):.2f}, max {max(growth):.2f})."]
-    lines += ["", "| metric | Algorithm 1 | fast | within 1 std |", "|---|---|---|---|"]
+    lines += ["", "Gap: (fast − Algorithm 1) / Algorithm 1's std, + when the fast noise is more robust (mCE flipped).",
+              "", "| metric | Algorithm 1 | fast | gap (stds) | within 1 std |", "|---|---|---|---|---|"]
     lines += [f"| {m['metric']}{' (mCE)' if m['metric_key'] == 'mce' else ''} | {m['alg1_mean']:.2f} ± "
-              f"{m['alg1_std']:.2f} | {m['fast_mean']:.2f} ± {m['fast_std']:.2f} | {m['within_1std']} |"
-              for m in metrics]
+              f"{m['alg1_std']:.2f} | {m['fast_mean']:.2f} ± {m['fast_std']:.2f} | {std_gap(m):+.1f} | "
+              f"{m['within_1std']} |" for m in metrics]
     if summary.get("others"):
         lines += ["", "Other fast variants (digits_fast with the overrides named), against the same Algorithm 1 and plain "
-                  "runs:", "", "| variant | synth_ratio_vs_fresh | ns_over_plain_wall | within 1 std | outside |",
+                  "runs:", "", "| variant | synth_ratio_vs_fresh | ns_over_plain_wall | within 1 std | outside (gap) |",
                   "|---|---|---|---|---|"]
         for v, o in summary["others"].items():
-            out = ", ".join(f"{m['metric']} {m['fast_mean']:.2f}" for m in o["metrics"] if not m["within_1std"])
+            out = ", ".join(f"{m['metric']} {m['fast_mean']:.2f} ({std_gap(m):+.1f})" for m in o["metrics"]
+                            if not m["within_1std"])
             lines.append(f"| {v} | {o['synth_ratio_vs_fresh']:.3f} | {o['ns_over_plain_wall']:.2f} | "
                          f"{sum(m['within_1std'] for m in o['metrics'])} of {len(o['metrics'])} | {out or '–'} |")
     lines += ["", "All models (mean ± std over seeds):", "", report.table2()]

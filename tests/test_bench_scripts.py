@@ -2,6 +2,7 @@
 scripts themselves (subprocesses, as a user runs them)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,39 @@ def test_noise_cost_figure_plots_per_round_means_and_signed_std_gaps(tmp_path):
     # the 1-std verdicts in the JSON and the figure's band agree
     assert {k: abs(g) <= 1 for k, g in got["gap"]["ns fast, floor"].items()} == {
         k: x["within_1std"] for k, x in m.items()}
+
+
+def test_noise_cost_report_signs_each_gap_and_names_the_metrics_that_are_worse():
+    """The .md gives each metric's gap in Algorithm 1's stds (+ more robust, mCE flipped) beside the
+    1-std verdict, and names the metrics more than 1 std less robust: none in the stored run; CW once
+    its fast mean is edited 2 stds below Algorithm 1's."""
+    from types import SimpleNamespace
+
+    from nsvit_fast.eval.report import Report
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import noise_cost
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
+    args = SimpleNamespace(rounds=d["rounds"], seeds=d["seeds"])
+
+    def md(d):
+        return noise_cost.render(d, d["metrics"], d["rows"], Report.from_dict(d["report"]), d["machine"], args)
+
+    cw = next(m for m in d["metrics"] if m["metric"] == "CW")
+    gap = (cw["fast_mean"] - cw["alg1_mean"]) / cw["alg1_std"]
+    text = md(d)
+    assert "| Table-2 metrics less robust than Algorithm 1 by > 1 std | none |" in text
+    assert f"| CW | {cw['alg1_mean']:.2f} ± {cw['alg1_std']:.2f} | {cw['fast_mean']:.2f} ± {cw['fast_std']:.2f} | " \
+           f"{gap:+.1f} | {cw['within_1std']} |" in text
+    cw["fast_mean"] = cw["alg1_mean"] - 2 * cw["alg1_std"]
+    assert "| Table-2 metrics less robust than Algorithm 1 by > 1 std | CW |" in md(d)
+    # Algorithm 1's seeds agreeing exactly (std 0, as Clean on seeds 3-5): any difference is infinite stds
+    mce = next(m for m in d["metrics"] if m["metric_key"] == "mce")
+    mce.update(alg1_std=0.0, fast_mean=mce["alg1_mean"] + 1)
+    assert noise_cost.std_gap(mce) == -math.inf and noise_cost.worse(d["metrics"]) == "CW, C↓"
 
 
 @pytest.mark.parametrize("bad", ["missing.json", "README.md", "pyproject.toml", "{}", "[1]", "no rounds"])
