@@ -4,8 +4,8 @@
 Each case runs ``nsvit_fast.cli.main(argv)`` (what ``python -m nsvit_fast`` runs) in its own process:
 one runner subprocess imports nsvit-fast once and forks a child per case, with the case's working
 directory, environment and file-size limit, its stdout and stderr captured. Forking skips the
-~3 s import per case (the subcommands' lazy imports included), which keeps ~115 cases to about
-12 s on 2 cores; a few cases also go through ``python -m nsvit_fast`` itself. Two finetunes on
+~3 s import per case (the subcommands' lazy imports included), which keeps ~145 cases to about
+14 s on 2 cores; a few cases also go through ``python -m nsvit_fast`` itself. Two finetunes on
 one folder are tested with real processes.
 """
 
