@@ -39,7 +39,8 @@ def test_attacks_lower_accuracy(parts, test128, name, kw, pinned):
 
 
 def test_autoattack_on_a_subset(parts, test128):
-    x, y = test128.images[:16], test128.labels[:16]
+    # 4 images (clean 4 of 4, 3 of 4 survive, measured): its time goes on the images it cannot break
+    x, y = test128.images[:4], test128.labels[:4]
     assert attack_accuracy(parts, x, y, "autoattack", n_classes=10) < accuracy(parts, x, y)
 
 
