@@ -1,5 +1,5 @@
-"""The bench scripts' own input checks and the no-run report of bench/alg1_band.py, through the
-scripts themselves (subprocesses, as a user runs them)."""
+"""The bench scripts' own input checks and the no-run reports of bench/alg1_band.py and
+bench/pool_seeds.py, through the scripts themselves (subprocesses, as a user runs them)."""
 
 import json
 import math
@@ -44,6 +44,42 @@ def test_alg1_band_bad_input_is_one_line_exit_2(argv, line, tmp_path):
     p = run(ROOT / "bench" / "alg1_band.py", *[x.replace("{A}", a) for x in argv], "--out", tmp_path)
     assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "alg1_band.json").exists()
+
+
+def test_pool_seeds_pools_per_seed_values_and_pairs_them_by_seed(tmp_path):
+    a, b = RES / "grow_search" / "noise_cost.json", RES / "grow_search_seeds345" / "noise_cost.json"
+    p = run(ROOT / "bench" / "pool_seeds.py", a, b, "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = json.loads((tmp_path / "pooled_seeds.json").read_text())
+    assert out["seeds"] == [0, 1, 2, 3, 4, 5] and list(out["variants"]) == ["ns fast", "ns fast, floor"]
+    rows = {r["metric"]: r for r in out["variants"]["ns fast, floor"]}
+    # recomputed from the two files' records, so a wrong pooling or pairing fails
+    recs = [r for f in (a, b) for r in json.loads(f.read_text())["report"]["records"]
+            if r["suite"] == "fgsm" and r["setting"] == "eps=8/255" and r["metric"] == "acc"]
+    alg1 = {r["seed"]: r["value"] for r in recs if r["model"] == "ns (Algorithm 1)"}
+    fast = {r["seed"]: r["value"] for r in recs if r["model"] == "ns fast, floor"}
+    assert sorted(alg1) == sorted(fast) == list(range(6))
+    r = rows["FGSM (eps=8/255)"]
+    assert r["alg1_mean"] == round(sum(alg1.values()) / 6, 2) and r["variant_mean"] == round(sum(fast.values()) / 6, 2)
+    assert r["signed_diff"] > 0 and r["gap_stds"] == pytest.approx(r["signed_diff"] / r["alg1_std"], abs=0.02)
+    # every seed's fast run beat its own Algorithm 1 run on FGSM 8/255: a paired test sees it
+    assert all(fast[k] > alg1[k] for k in alg1) and r["paired_p"] < 0.05
+    assert r["within_1std"] == (abs(r["variant_mean"] - r["alg1_mean"]) <= r["alg1_std"])
+    assert rows["C↓"]["metric_key"] == "mce"
+    assert "## ns fast, floor: within 1 std on" in (tmp_path / "pooled_seeds.md").read_text()
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["{A}", "{A}"], "are in an earlier file too"),
+    (["{A}"], "at least two"),
+    (["{A}", "README.md"], "not a noise_cost.json"),
+    (["{A}", "missing.json"], "not a noise_cost.json"),
+])
+def test_pool_seeds_bad_input_is_one_line_exit_2(argv, line, tmp_path):
+    a = str(RES / "grow_search" / "noise_cost.json")
+    p = run(ROOT / "bench" / "pool_seeds.py", *[x.replace("{A}", a) for x in argv], "--out", tmp_path)
+    assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("also, line", [

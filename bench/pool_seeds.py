@@ -1,0 +1,126 @@
+"""Issue 16's metric bar over more seeds: pool noise_cost.json files run on different seeds.
+
+    .venv/bin/python bench/pool_seeds.py bench/results/grow_search/noise_cost.json \
+        bench/results/grow_search_seeds345/noise_cost.json
+
+No runs: the per-seed Table-2 values of each file's models are pooled (seeds 0-2 and 3-5 give six
+per model). For every ns variant present in all files, per metric: Algorithm 1's mean ± std over
+the pooled seeds, the variant's, the issue's verdict (within one of Algorithm 1's stds) and the
+signed gap in those stds (+ more robust, mCE flipped), and a paired t-test on the per-seed
+differences (each seed's runs start from the same pretrained model and draw the same data order),
+so a gap that three seeds could not tell from the seeds' spread can be told apart from it.
+Timings are not pooled: the files may come from different machines.
+Writes bench/results/pooled_seeds.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from scipy import stats
+
+from nsvit_fast.eval.report import HEADLINE, Report
+from nsvit_fast.io import write_json, write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALG1 = "ns (Algorithm 1)"
+
+
+def load(ap: argparse.ArgumentParser, path: str) -> tuple[list[int], Report]:
+    try:
+        d = json.loads(Path(path).read_text())
+        rep = Report.from_dict(d["report"])
+        seeds = sorted({r.seed for r in rep.records})
+        if not isinstance(d.get("rows"), list) or ALG1 not in rep.models or not seeds:
+            raise ValueError("no Algorithm 1 runs")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
+    return seeds, rep
+
+
+def per_seed(rep: Report, model: str, suite: str, setting: str) -> dict[int, float]:
+    metric = HEADLINE.get(suite, "acc")
+    return {r.seed: r.value for r in rep.records
+            if r.model == model and r.suite == suite and r.setting == setting and r.metric == metric}
+
+
+def compare(rep: Report, variant: str) -> list[dict]:
+    """Per headline column, Algorithm 1 against ``variant`` over the seeds both have."""
+    rows = []
+    for suite, setting, label in rep.columns():
+        a, b = per_seed(rep, ALG1, suite, setting), per_seed(rep, variant, suite, setting)
+        seeds = sorted(a.keys() & b.keys())
+        if len(seeds) < 2:
+            continue
+        xa, xb = [a[s] for s in seeds], [b[s] for s in seeds]
+        sign = -1 if HEADLINE.get(suite, "acc") == "mce" else 1
+        ma, sa, mb = statistics.mean(xa), statistics.stdev(xa), statistics.mean(xb)
+        diff = sign * (mb - ma)
+        gap = diff / sa if sa > 0 else (None if diff else 0.0)  # None: Algorithm 1's seeds agreed exactly
+        d = [y - x for x, y in zip(xa, xb)]
+        # all differences equal (e.g. both always 99.50): no spread to test against
+        p = float(stats.ttest_rel(xb, xa).pvalue) if statistics.pstdev(d) > 0 else (1.0 if not any(d) else 0.0)
+        rows.append({"metric": label, "metric_key": HEADLINE.get(suite, "acc"), "seeds": seeds,
+                     "alg1_mean": round(ma, 2), "alg1_std": round(sa, 2),
+                     "variant_mean": round(mb, 2), "variant_std": round(statistics.stdev(xb), 2),
+                     "signed_diff": round(diff, 2), "gap_stds": None if gap is None else round(gap, 2),
+                     "within_1std": abs(mb - ma) <= sa,
+                     "paired_p": round(p, 4)})
+    return rows
+
+
+def gap(r: dict) -> str:
+    if r["gap_stds"] is None:
+        return "+inf" if r["signed_diff"] > 0 else "−inf"
+    return f"{r['gap_stds']:+.1f}"
+
+
+def render(out: dict) -> str:
+    lines = ["# Issue 16's metric bar over pooled seeds", "",
+             f"No runs: per-seed values pooled from {', '.join(f'`{f}`' for f in out['files'])} "
+             f"(seeds {out['seeds']}). Gap: (variant − Algorithm 1) / Algorithm 1's std, + when the variant is "
+             "more robust (mCE flipped). p: paired t-test on the per-seed differences, two-sided.", ""]
+    for v, rows in out["variants"].items():
+        n = sum(r["within_1std"] for r in rows)
+        sig = [f"{r['metric']} ({'+' if r['signed_diff'] > 0 else '−'})" for r in rows if r["paired_p"] < 0.05]
+        lines += [f"## {v}: within 1 std on {n} of {len(rows)}; paired p < 0.05 on "
+                  f"{', '.join(sig) if sig else 'none'}", "",
+                  "| metric | Algorithm 1 | variant | gap (stds) | within 1 std | paired p |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']}{' (mCE)' if r['metric_key'] == 'mce' else ''} | {r['alg1_mean']:.2f} ± "
+                  f"{r['alg1_std']:.2f} | {r['variant_mean']:.2f} ± {r['variant_std']:.2f} | {gap(r)} | "
+                  f"{r['within_1std']} | {r['paired_p']:.3f} |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", help="noise_cost.json files, each on its own seeds")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for pooled_seeds.json / .md")
+    args = ap.parse_args()
+    if len(args.files) < 2:
+        ap.error("give at least two noise_cost.json files on different seeds")
+    loaded = [load(ap, f) for f in args.files]
+    seen: set[int] = set()
+    for f, (seeds, _) in zip(args.files, loaded):
+        if seen & set(seeds):
+            ap.error(f"{f}: seeds {sorted(seen & set(seeds))} are in an earlier file too; pool disjoint seeds")
+        seen |= set(seeds)
+    rep = Report()
+    for _, r in loaded:
+        rep = rep.merge(r)
+    # the ns variants every file ran
+    common = set.intersection(*(set(r.models) for _, r in loaded))
+    variants = [m for m in rep.models if m in common and m.startswith("ns") and m != ALG1]
+    out = {"files": args.files, "seeds": sorted(seen), "variants": {v: compare(rep, v) for v in variants}}
+    write_json(Path(args.out) / "pooled_seeds.json", out)
+    md = render(out)
+    write_text(Path(args.out) / "pooled_seeds.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
