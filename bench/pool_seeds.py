@@ -82,7 +82,8 @@ def render(out: dict) -> str:
     lines = ["# Issue 16's metric bar over pooled seeds", "",
              f"No runs: per-seed values pooled from {', '.join(f'`{f}`' for f in out['files'])} "
              f"(seeds {out['seeds']}). Gap: (variant − Algorithm 1) / Algorithm 1's std, + when the variant is "
-             "more robust (mCE flipped). p: paired t-test on the per-seed differences, two-sided.", ""]
+             "more robust (mCE flipped). p: paired t-test on the per-seed differences, two-sided, "
+             "not corrected for the number of metrics.", ""]
     for v, rows in out["variants"].items():
         n = sum(r["within_1std"] for r in rows)
         sig = [f"{r['metric']} ({'+' if r['signed_diff'] > 0 else '−'})" for r in rows if r["paired_p"] < 0.05]
