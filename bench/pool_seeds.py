@@ -10,7 +10,7 @@ signed gap in those stds (+ more robust, mCE flipped), and a paired t-test on th
 differences (each seed's runs start from the same pretrained model and draw the same data order),
 so a gap that three seeds could not tell from the seeds' spread can be told apart from it.
 Timings are not pooled: the files may come from different machines.
-Writes bench/results/pooled_seeds.{json,md}.
+Writes bench/results/pooled_seeds.{json,md,png} (the figure: per-seed differences, in Algorithm 1's stds).
 """
 
 from __future__ import annotations
@@ -66,10 +66,41 @@ def compare(rep: Report, variant: str) -> list[dict]:
         rows.append({"metric": label, "metric_key": HEADLINE.get(suite, "acc"), "seeds": seeds,
                      "alg1_mean": round(ma, 2), "alg1_std": round(sa, 2),
                      "variant_mean": round(mb, 2), "variant_std": round(statistics.stdev(xb), 2),
-                     "signed_diff": round(diff, 2), "gap_stds": None if gap is None else round(gap, 2),
+                     "signed_diff": round(diff, 2), "per_seed_diff": [round(sign * x, 3) for x in d], "gap_stds": None if gap is None else round(gap, 2),
                      "within_1std": abs(mb - ma) <= sa,
                      "paired_p": round(p, 4)})
     return rows
+
+
+def figure(out: dict, path: Path) -> None:
+    """pooled_seeds.png: per variant, each metric's per-seed differences to Algorithm 1 (dots; +
+    more robust, mCE flipped) and their mean (bar), in units of Algorithm 1's std over the pooled
+    seeds; the shaded band is the issue's bar, a star marks paired p < 0.05."""
+    from nsvit_fast.io import save_figure
+    from nsvit_fast.viz import pyplot
+
+    plt = pyplot()
+    vs = list(out["variants"])
+    fig, axes = plt.subplots(1, len(vs), figsize=(5.5 * len(vs), 3.8), squeeze=False, sharey=True)
+    for ax, v in zip(axes[0], vs):
+        rows = [r for r in out["variants"][v] if r["alg1_std"] > 0]  # a std of 0 has no unit to draw in
+        ax.axhspan(-1, 1, color="0.88", label="within 1 std of Algorithm 1")
+        ax.axhline(0, color="0.5", lw=0.8)
+        for i, r in enumerate(rows):
+            ys = [x / r["alg1_std"] for x in r["per_seed_diff"]]
+            ax.bar(i, r["signed_diff"] / r["alg1_std"], 0.6, color="C0", alpha=0.6)
+            ax.plot([i] * len(ys), ys, "o", ms=3, color="C3")
+            if r["paired_p"] < 0.05:
+                ax.text(i, max(ys + [0]) + 0.3, "*", ha="center", fontsize=11)
+        ax.set_xticks(range(len(rows)), [r["metric"].replace("FGSM (eps=", "FGSM ").rstrip(")") for r in rows],
+                      rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{v} vs Algorithm 1, seeds {out['seeds'][0]}-{out['seeds'][-1]} (dots: seeds, *: p < 0.05)",
+                     fontsize=8)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel("(variant − Alg. 1) / Alg. 1 std, up = more robust", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def gap(r: dict) -> str:
@@ -120,6 +151,7 @@ def main() -> None:
     write_json(Path(args.out) / "pooled_seeds.json", out)
     md = render(out)
     write_text(Path(args.out) / "pooled_seeds.md", md)
+    figure(out, Path(args.out) / "pooled_seeds.png")
     print(md)
 
 

@@ -67,6 +67,10 @@ def test_pool_seeds_pools_per_seed_values_and_pairs_them_by_seed(tmp_path):
     assert r["within_1std"] == (abs(r["variant_mean"] - r["alg1_mean"]) <= r["alg1_std"])
     assert rows["C↓"]["metric_key"] == "mce"
     assert "## ns fast, floor: within 1 std on" in (tmp_path / "pooled_seeds.md").read_text()
+    # the figure's dots: each seed's difference, whose mean is the bar
+    assert r["per_seed_diff"] == pytest.approx([fast[k] - alg1[k] for k in range(6)], abs=1e-3)
+    assert sum(r["per_seed_diff"]) / 6 == pytest.approx(r["signed_diff"], abs=0.01)
+    assert (tmp_path / "pooled_seeds.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("argv, line", [
