@@ -66,7 +66,8 @@ def compare(rep: Report, variant: str) -> list[dict]:
         rows.append({"metric": label, "metric_key": HEADLINE.get(suite, "acc"), "seeds": seeds,
                      "alg1_mean": round(ma, 2), "alg1_std": round(sa, 2),
                      "variant_mean": round(mb, 2), "variant_std": round(statistics.stdev(xb), 2),
-                     "signed_diff": round(diff, 2), "per_seed_diff": [round(sign * x, 3) for x in d], "gap_stds": None if gap is None else round(gap, 2),
+                     "signed_diff": round(diff, 2), "per_seed_diff": [round(sign * x, 3) for x in d],
+                     "gap_stds": None if gap is None else round(gap, 2),
                      "within_1std": abs(mb - ma) <= sa,
                      "paired_p": round(p, 4)})
     return rows
@@ -114,13 +115,15 @@ def render(out: dict) -> str:
              f"No runs: per-seed values pooled from {', '.join(f'`{f}`' for f in out['files'])} "
              f"(seeds {out['seeds']}). Gap: (variant − Algorithm 1) / Algorithm 1's std, + when the variant is "
              "more robust (mCE flipped). p: paired t-test on the per-seed differences, two-sided, "
-             "not corrected for the number of metrics.", ""]
+             "not corrected for the number of metrics."
+             + (f" Renamed: {'; '.join(out['renamed'])}." if out.get("renamed") else ""), ""]
     for v, rows in out["variants"].items():
         n = sum(r["within_1std"] for r in rows)
         sig = [f"{r['metric']} ({'+' if r['signed_diff'] > 0 else '−'})" for r in rows if r["paired_p"] < 0.05]
         lines += [f"## {v}: within 1 std on {n} of {len(rows)}; paired p < 0.05 on "
                   f"{', '.join(sig) if sig else 'none'}", "",
-                  "| metric | Algorithm 1 | variant | gap (stds) | within 1 std | paired p |", "|---|---|---|---|---|---|"]
+                  "| metric | Algorithm 1 | variant | gap (stds) | within 1 std | paired p |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['metric']}{' (mCE)' if r['metric_key'] == 'mce' else ''} | {r['alg1_mean']:.2f} ± "
                   f"{r['alg1_std']:.2f} | {r['variant_mean']:.2f} ± {r['variant_std']:.2f} | {gap(r)} | "
                   f"{r['within_1std']} | {r['paired_p']:.3f} |" for r in rows]
@@ -132,10 +135,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="noise_cost.json files, each on its own seeds")
     ap.add_argument("--out", default=str(RESULTS), help="folder for pooled_seeds.json / .md")
+    ap.add_argument("--rename", action="append", default=[], metavar="N:OLD=NEW",
+                    help="call file N's (from 1) variant OLD NEW, where the files name one variant differently "
+                         "(e.g. '1:ns fast=ns fast, floor' for a run made after floor became digits_fast's)")
     args = ap.parse_args()
     if len(args.files) < 2:
         ap.error("give at least two noise_cost.json files on different seeds")
     loaded = [load(ap, f) for f in args.files]
+    for spec in args.rename:
+        n, _, names = spec.partition(":")
+        old, _, new = names.partition("=")
+        if not n.isdigit() or not 1 <= int(n) <= len(loaded) or not old or not new:
+            ap.error(f"--rename wants N:OLD=NEW with N a file's place (1-{len(loaded)}), got {spec!r}")
+        rep = loaded[int(n) - 1][1]
+        if old not in rep.models or new in rep.models:
+            ap.error(f"--rename {spec!r}: file {n} has models {rep.models}")
+        for r in rep.records:
+            if r.model == old:
+                r.model = new
     seen: set[int] = set()
     for f, (seeds, _) in zip(args.files, loaded):
         if seen & set(seeds):
@@ -147,7 +164,8 @@ def main() -> None:
     # the ns variants every file ran
     common = set.intersection(*(set(r.models) for _, r in loaded))
     variants = [m for m in rep.models if m in common and m.startswith("ns") and m != ALG1]
-    out = {"files": args.files, "seeds": sorted(seen), "variants": {v: compare(rep, v) for v in variants}}
+    out = {"files": args.files, "renamed": args.rename, "seeds": sorted(seen),
+           "variants": {v: compare(rep, v) for v in variants}}
     write_json(Path(args.out) / "pooled_seeds.json", out)
     md = render(out)
     write_text(Path(args.out) / "pooled_seeds.md", md)

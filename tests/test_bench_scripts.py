@@ -73,15 +73,33 @@ def test_pool_seeds_pools_per_seed_values_and_pairs_them_by_seed(tmp_path):
     assert (tmp_path / "pooled_seeds.png").stat().st_size > 10_000
 
 
+def test_pool_seeds_rename_lines_up_a_variant_two_files_name_differently(tmp_path):
+    # warm_cap1 ran after floor became digits_fast's search ("ns fast" there), grow_search_seeds345
+    # before it ("ns fast, floor" there; its "ns fast" is the secant search)
+    a, b = RES / "warm_cap1" / "noise_cost.json", RES / "grow_search_seeds345" / "noise_cost.json"
+    p = run(ROOT / "bench" / "pool_seeds.py", a, b, "--rename", "1:ns fast=ns fast, floor", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = json.loads((tmp_path / "pooled_seeds.json").read_text())
+    assert list(out["variants"]) == ["ns fast, floor"] and out["renamed"] == ["1:ns fast=ns fast, floor"]
+    clean = next(r for r in out["variants"]["ns fast, floor"] if r["metric"] == "Clean")
+    recs = [r for f, name in ((a, "ns fast"), (b, "ns fast, floor"))
+            for r in json.loads(f.read_text())["report"]["records"]
+            if r["model"] == name and r["suite"] == "clean" and r["metric"] == "acc"]
+    assert len(recs) == 6 and clean["variant_mean"] == round(sum(r["value"] for r in recs) / 6, 2)
+
+
 @pytest.mark.parametrize("argv, line", [
     (["{A}", "{A}"], "are in an earlier file too"),
     (["{A}"], "at least two"),
+    (["{A}", "{B}", "--rename", "3:ns fast=x"], "--rename wants N:OLD=NEW"),
+    (["{A}", "{B}", "--rename", "1:ns fastt=x"], "file 1 has models"),
+    (["{A}", "{B}", "--rename", "1:ns fast=ns fast, floor"], "file 1 has models"),
     (["{A}", "README.md"], "not a noise_cost.json"),
     (["{A}", "missing.json"], "not a noise_cost.json"),
 ])
 def test_pool_seeds_bad_input_is_one_line_exit_2(argv, line, tmp_path):
-    a = str(RES / "grow_search" / "noise_cost.json")
-    p = run(ROOT / "bench" / "pool_seeds.py", *[x.replace("{A}", a) for x in argv], "--out", tmp_path)
+    a, b = str(RES / "grow_search" / "noise_cost.json"), str(RES / "grow_search_seeds345" / "noise_cost.json")
+    p = run(ROOT / "bench" / "pool_seeds.py", *[x.replace("{A}", a).replace("{B}", b) for x in argv], "--out", tmp_path)
     assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not list(tmp_path.iterdir())
 
