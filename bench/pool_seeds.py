@@ -23,7 +23,8 @@ from pathlib import Path
 from scipy import stats
 
 from nsvit_fast.eval.report import HEADLINE, Report
-from nsvit_fast.io import write_json, write_text
+from nsvit_fast.errors import NsvitError
+from nsvit_fast.io import check_output_dir, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALG1 = "ns (Algorithm 1)"
@@ -141,6 +142,10 @@ def main() -> None:
     args = ap.parse_args()
     if len(args.files) < 2:
         ap.error("give at least two noise_cost.json files on different seeds")
+    try:  # before any reading: a folder that cannot take the results is one line, not a traceback at the end
+        check_output_dir(args.out)
+    except NsvitError as e:
+        ap.error(str(e))
     loaded = [load(ap, f) for f in args.files]
     for spec in args.rename:
         n, _, names = spec.partition(":")

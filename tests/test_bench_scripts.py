@@ -94,12 +94,15 @@ def test_pool_seeds_rename_lines_up_a_variant_two_files_name_differently(tmp_pat
     (["{A}", "{B}", "--rename", "3:ns fast=x"], "--rename wants N:OLD=NEW"),
     (["{A}", "{B}", "--rename", "1:ns fastt=x"], "file 1 has models"),
     (["{A}", "{B}", "--rename", "1:ns fast=ns fast, floor"], "file 1 has models"),
+    (["{A}", "{B}", "--out", "/sys/nsvit"], "cannot"),
+    (["{A}", "{B}", "--out", "{A}"], "is a file, not a folder"),
     (["{A}", "README.md"], "not a noise_cost.json"),
     (["{A}", "missing.json"], "not a noise_cost.json"),
 ])
 def test_pool_seeds_bad_input_is_one_line_exit_2(argv, line, tmp_path):
     a, b = str(RES / "grow_search" / "noise_cost.json"), str(RES / "grow_search_seeds345" / "noise_cost.json")
-    p = run(ROOT / "bench" / "pool_seeds.py", *[x.replace("{A}", a).replace("{B}", b) for x in argv], "--out", tmp_path)
+    # the case's own --out, if any, comes last and wins
+    p = run(ROOT / "bench" / "pool_seeds.py", "--out", tmp_path, *[x.replace("{A}", a).replace("{B}", b) for x in argv])
     assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not list(tmp_path.iterdir())
 
