@@ -17,6 +17,8 @@ from pathlib import Path
 
 from nsvit_fast.io import write_json, write_text
 
+from common import Parser, out_dir
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -42,10 +44,10 @@ def against(band: dict, other: dict) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("first", help="a noise_cost.json")
     ap.add_argument("second", help="a noise_cost.json on other seeds")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for alg1_band.json / .md")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for alg1_band.json / .md")
     args = ap.parse_args()
     a, b = load(ap, args.first), load(ap, args.second)
     if a["seeds"] == b["seeds"]:
@@ -65,7 +67,7 @@ def main() -> None:
         md += [f"| {r['metric']} | {r['band_mean']:.2f} ± {r['band_std']:.2f} | {r['other_alg1']:.2f} | "
                f"{'yes' if r['within_1std'] else 'no'} |" for r in rows]
         md.append("")
-    outdir = Path(args.out)
+    outdir = args.out
     write_json(outdir / "alg1_band.json", out)
     write_text(outdir / "alg1_band.md", "\n".join(md))
     print("\n".join(md))

@@ -14,7 +14,6 @@ bench/results), so a GPU run never overwrites the CPU's results, and prints the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -32,7 +31,7 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run
 
-from common import add_runtime_args, ns_step, runtime_or_none, sync
+from common import Parser, add_runtime_args, count, ns_step, out_dir, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,19 +49,17 @@ def step_ms(parts, opt, x, y, v, fused: bool, n: int, rt: Runtime | None = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=6, help="rounds for fresh vs warm synthesis time")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=count(1), default=5)
+    ap.add_argument("--steps", type=count(1), default=20)
+    ap.add_argument("--rounds", type=count(1), default=6, help="rounds for fresh vs warm synthesis time")
     add_runtime_args(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="results root; files go to OUT/<device kind>/")
     ap.add_argument("--quick", action="store_true",
                     help="batch 8, 1 step, 1 repeat, 1-round ns runs of 2 model and 2 synthesis steps: a smoke "
                          "run, not a measurement")
     args = ap.parse_args(argv)
-    rt = runtime_or_none("bench_finetune", args.device, args.precision)
-    if rt is None:
-        return 2
+    rt = ap.runtime(args.device, args.precision)
     warnings.simplefilter("ignore")
     _, cfg = load_run("digits")
     run_kw = dict(device=rt.device, precision=rt.precision, progress=False)

@@ -7,7 +7,7 @@ and the peak RSS of a streaming pass over N vs 10 N JPEG images.
 JPEGs (224-256 px crops of scikit-image's photos) are written to a temporary folder. Each loader
 setting runs for --seconds after a warm-up batch; the ns step (clean + noisy views as one 2B batch,
 CE + CE, AdamW) runs --steps times. RSS figures come from separate processes, each streaming the
-same number of batches from its folder. Writes bench/results/<device kind>/loader.{json,md}.
+same number of batches from its folder. Writes bench/results/<device kind>/loader.{json,md} (or under --out).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import add_runtime_args, ns_step, runtime_or_none, sync
+from common import POSITIVE, Parser, add_runtime_args, count, ns_step, out_dir, sync
 
 ROOT = Path(__file__).resolve().parent
 
@@ -125,14 +125,17 @@ def rss_child(folder: str, batches: int, batch: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=2000, help="N (the RSS comparison also writes 10 N)")
-    ap.add_argument("--batch", type=int, default=64, help="loader batch")
-    ap.add_argument("--seconds", type=float, default=8.0, help="time per loader setting")
-    ap.add_argument("--step-batch", type=int, default=0, help="ns step batch (0: 128 on CUDA, 8 on the CPU)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=count(10), default=2000,
+                    help="N, at least one per class (10); the RSS comparison also writes 10 N")
+    ap.add_argument("--batch", type=count(1), default=64, help="loader batch")
+    ap.add_argument("--seconds", type=POSITIVE, default=8.0, help="time per loader setting")
+    ap.add_argument("--step-batch", type=count(0), default=0, help="ns step batch (0: 128 on CUDA, 8 on the CPU)")
+    ap.add_argument("--steps", type=count(1), default=3)
     add_runtime_args(ap)
-    ap.add_argument("--rss-batches", type=int, default=30)
+    ap.add_argument("--out", type=out_dir, default=ROOT / "results",
+                    help="results root; files go to OUT/<device kind>/")
+    ap.add_argument("--rss-batches", type=count(1), default=30)
     ap.add_argument("--no-rss", action="store_true", help="skip the N vs 10 N RSS comparison")
     ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "BATCHES", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,10 +146,8 @@ def main() -> int:
     from nsvit_fast.io import write_json, write_text
     from nsvit_fast.runtime import device_kind
 
-    rt = runtime_or_none("bench_loader", args.device, args.precision)
-    if rt is None:
-        return 2
-    out_dir = ROOT / "results" / device_kind(rt.device)
+    rt = ap.runtime(args.device, args.precision)
+    dest = args.out / device_kind(rt.device)
     res = {"runtime": rt.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "images": args.images, "loader_batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +173,7 @@ def main() -> int:
             res["rss_ratio_10n_over_n"] = round(ft["10n"] / ft["n"], 3)
             if args.images == 2000:
                 res["rss_ratio_20k_over_2k"] = res["rss_ratio_10n_over_n"]
-    write_json(out_dir / "loader.json", res)
+    write_json(dest / "loader.json", res)
     lr = res["loader_images_per_s"]
     md = [f"# Loader benchmark ({rt.describe()['device']}, {rt.precision}; {res['cpus']} CPUs, torch {torch.__version__})",
           "", "| workers | images/s delivered |", "|---|---|"]
@@ -187,7 +188,7 @@ def main() -> int:
         md += [f"Peak RSS streaming {args.rss_batches} batches: {res['loader_rss_mb']['n']['rss_mb']:.0f} MB "
                f"({args.images} images) vs {res['loader_rss_mb']['10n']['rss_mb']:.0f} MB ({10 * args.images}); "
                f"ratio {res['loader_rss_10n_over_n']}."]
-    write_text(out_dir / "loader.md", "\n".join(md) + "\n")
+    write_text(dest / "loader.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

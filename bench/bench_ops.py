@@ -13,7 +13,6 @@ runs on the CPU only under its interpreter, far too slow to time, so it is timed
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -115,14 +114,14 @@ def main(argv=None) -> int:
     global DEV, PRECISION
     from nsvit_fast.io import write_json, write_text
 
-    ap = argparse.ArgumentParser(description="op microbenchmarks, results under bench/results/<device kind>/")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, when this file is imported by pytest
+    from common import Parser
+
+    ap = Parser(description="op microbenchmarks, results under bench/results/<device kind>/")
     ap.add_argument("--device", default=str(DEV), help="cpu or cuda[:N] (default: cuda if there is one)")
     ap.add_argument("--precision", default=PRECISION, choices=sorted(PRECISIONS), help="input dtype")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("bench_ops: error: --device cuda but no CUDA device here", file=sys.stderr)
-        return 2
+    dev = ap.runtime(args.device).device  # a bad name, or CUDA where there is none, is one error line
     env = dict(os.environ, NSVIT_BENCH_DEVICE=str(dev), NSVIT_BENCH_PRECISION=args.precision)
     with tempfile.TemporaryDirectory() as d:
         raw_path = Path(d) / "raw.json"

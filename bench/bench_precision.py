@@ -18,7 +18,6 @@ overwrites the CPU's results.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_runtime_args, machine_line, ns_step, runtime_or_none, sync
+from common import Parser, add_runtime_args, count, listof, machine_line, ns_step, one_of, out_dir, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -126,23 +125,21 @@ def main(argv=None) -> int:
     from nsvit_fast.io import write_json, write_text
     from nsvit_fast.runtime import device_kind
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     add_runtime_args(ap, precision=False)
-    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated; the first is the baseline")
-    ap.add_argument("--models", default=",".join(SETTINGS))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
+    ap.add_argument("--precisions", type=listof(str, "precisions"), default=["fp32", "bf16"],
+                    help="comma-separated; the first is the baseline (default fp32,bf16)")
+    ap.add_argument("--models", type=listof(one_of(SETTINGS, "model"), "models"), default=list(SETTINGS),
+                    help=f"comma-separated (default {','.join(SETTINGS)})")
+    ap.add_argument("--repeats", type=count(1), default=5)
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="results root; files go to OUT/<device kind>/")
     ap.add_argument("--quick", action="store_true", help="digits_vit, batch 8, 1 step, 1 repeat: a smoke run")
     args = ap.parse_args(argv)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    rts = []
-    for p in precisions:  # the first bad one is the one error line
-        rts.append(runtime_or_none("bench_precision", args.device, p))
-        if rts[-1] is None:
-            return 2
+    precisions = args.precisions
+    rts = [ap.runtime(args.device, p) for p in precisions]  # the first bad one is the one error line
     dev = rts[0].device
     warnings.simplefilter("ignore")
-    models = ["digits_vit"] if args.quick else args.models.split(",")
+    models = ["digits_vit"] if args.quick else args.models
     repeats = 1 if args.quick else args.repeats
     rows = [bench_model(m, precisions, repeats, dev, args.quick) for m in models]
     machine = machine_line(rts[0])

@@ -22,7 +22,6 @@ modes on the official cosine schedule (SynthConfig defaults).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -43,7 +42,7 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.synth.cache import CleanCache
 from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
 
-from common import add_runtime_args, runtime_or_none, sync
+from common import POSITIVE, Parser, add_runtime_args, count, listof, one_of, out_dir, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -239,20 +238,20 @@ def table(rows: list[dict], machine: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(SETTINGS))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--lims", help="run only the lim table at these lims (comma-separated)")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=listof(one_of(SETTINGS, "model"), "models"), default=list(SETTINGS),
+                    help=f"comma-separated (default {','.join(SETTINGS)})")
+    ap.add_argument("--repeats", type=count(1), default=5)
+    ap.add_argument("--lims", type=listof(POSITIVE, "numbers > 0"),
+                    help="run only the lim table at these lims (comma-separated)")
     ap.add_argument("--no-time-to-eps", action="store_true",
                     help="skip the paper/boundary time-to-eps runs (their keys are then absent); for a busy machine")
     add_runtime_args(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results root; files go to OUT/<device kind>/")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="results root; files go to OUT/<device kind>/")
     ap.add_argument("--quick", action="store_true",
                     help="digits_vit, batch 8, 1 step, 1 repeat, no time to eps: a smoke run, not a measurement")
     args = ap.parse_args(argv)
-    rt = runtime_or_none("bench_synth", args.device, args.precision)
-    if rt is None:
-        return 2
+    rt = ap.runtime(args.device, args.precision)
     out = args.out / device_kind(rt.device)
     suffix = "" if rt.precision == "fp32" else f"-{rt.precision}"
     dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -263,10 +262,10 @@ def main(argv=None) -> int:
             write_json(out / f"synth_lims{suffix}.json", {"machine": machine, "results": rows})
             write_text(out / f"synth_lims{suffix}.md", lim_table(rows, machine))
 
-        rows = lim_rows([float(v) for v in args.lims.split(",")], done=save, rt=rt)
+        rows = lim_rows(args.lims, done=save, rt=rt)
         print(lim_table(rows, machine))
         return 0
-    models = ["digits_vit"] if args.quick else args.models.split(",")
+    models = ["digits_vit"] if args.quick else args.models
     rows = [bench_model(m, 1 if args.quick else args.repeats, not (args.no_time_to_eps or args.quick), rt, args.quick)
             for m in models]
     write_json(out / f"synth{suffix}.json", {"machine": machine, "device": device_kind(rt.device),

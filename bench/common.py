@@ -1,6 +1,7 @@
-"""What the benchmark scripts share: the --device / --precision flags resolved through
-nsvit_fast.runtime (a bad one is one error line and exit 2, as in the CLI), the machine line,
-the GPU sync a timer needs, and the ns finetuning step the engine runs.
+"""What the benchmark scripts share: their argument parser and argument types (a bad value is one
+error line, ``<script>: error: ...``, and exit 2 before anything runs, as in the CLI), the
+--device / --precision flags resolved through nsvit_fast.runtime, the machine line, the GPU sync a
+timer needs, and the ns finetuning step the engine runs.
 
 The scripts run as ``python bench/<script>.py``, so this file is importable as ``common``.
 """
@@ -10,13 +11,52 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from nsvit_fast.cli import POSITIVE, SEED, count, listof, number, one_of
 from nsvit_fast.errors import NsvitError
+from nsvit_fast.io import check_output_dir
 from nsvit_fast.runtime import Runtime
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``<script>: error: ...`` and exit 2, no usage block.
+    A bench run can take an hour, so every argument is checked here, before the first one."""
+
+    def error(self, message: str):
+        first = (message.strip().splitlines() or ["bad arguments"])[0]
+        self.exit(2, f"{self.prog}: error: {first} (see {self.prog} --help)\n")
+
+    def check(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, with an NsvitError (a bad config key, say) as this parser's error line."""
+        try:
+            return fn(*args, **kwargs)
+        except NsvitError as e:
+            self.error(str(e))
+
+    def runtime(self, device: str, precision: str = "fp32") -> Runtime:
+        """The engines' Runtime for --device / --precision; a bad one (or CUDA asked for on a machine
+        without it) is this parser's error line."""
+        return self.check(Runtime.create, device, precision)
+
+
+def out_dir(text: str) -> Path:
+    """An output folder that exists or can be made, and can be written (argparse type)."""
+    try:
+        return check_output_dir(text, what="folder")
+    except NsvitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seeds(text: str) -> list[int]:
+    """Comma-separated seeds >= 0, none twice (argparse type)."""
+    out = listof(SEED, "seeds >= 0")(text)
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
+    return out
 
 
 def add_runtime_args(ap: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -24,15 +64,6 @@ def add_runtime_args(ap: argparse.ArgumentParser, precision: bool = True) -> Non
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     if precision:
         ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
-
-
-def runtime_or_none(prog: str, device: str, precision: str = "fp32") -> Runtime | None:
-    """The Runtime, or None after printing ``<prog>: error: ...`` (the caller then returns 2)."""
-    try:
-        return Runtime.create(device, precision)
-    except NsvitError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return None
 
 
 def sync(rt: Runtime) -> None:
@@ -75,3 +106,7 @@ def ns_step(parts, opt, x, y, v, rt: Runtime, fused: bool = True) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+__all__ = ["Parser", "out_dir", "seeds", "POSITIVE", "SEED", "count", "listof", "number", "one_of", "add_runtime_args",
+           "sync", "cpu_model", "machine_line", "ns_step"]

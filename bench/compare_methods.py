@@ -5,13 +5,12 @@
 Same budget for every method (configs/digits.yaml: K rounds x S steps). random matches the per-round
 norm of the same seed's ns run (the paper's Table 4 control). Each final model is scored on the
 397 digits test images: clean, FGSM at 1/255 (the paper's), 4/255 and 8/255, PGD-10 at 4/255.
-Writes bench/results/methods.json and methods.md (mean ± std over seeds) and prints the table.
+Writes bench/results/methods.json and methods.md (or to --out) (mean ± std over seeds) and prints the table.
 CPU timings: run it on an idle machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -24,7 +23,10 @@ from nsvit_fast import digits, load_model
 from nsvit_fast.eval import accuracy, attack_accuracy
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.train import finetune
-from nsvit_fast.train.yamlcfg import load_run
+from nsvit_fast.train.methods import METHODS
+from nsvit_fast.train.yamlcfg import load_run, parse_overrides
+
+from common import Parser, listof, one_of, out_dir, seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = [("clean", None, {}), ("fgsm_1", "fgsm", {"eps": 1 / 255}), ("fgsm_4", "fgsm", {"eps": 4 / 255}),
@@ -40,23 +42,23 @@ def score(parts, test) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--config", default="digits")
-    ap.add_argument("--variants", default="ns,ns_warm,plain,random")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    ap.add_argument("--config", default="digits", help="a config name or YAML path (default digits)")
+    ap.add_argument("--variants", type=listof(one_of([*METHODS, "ns_warm"], "variant"), "variants"),
+                    default=["ns", "ns_warm", "plain", "random"], help="comma-separated (default ns,ns_warm,plain,random)")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for methods.json / .md")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = ap.parse_args()
-    from nsvit_fast.train.yamlcfg import parse_overrides
-
+    run, cfg = ap.check(load_run, args.config, ap.check(parse_overrides, args.overrides))
     warnings.simplefilter("ignore")
-    run, cfg = load_run(args.config, parse_overrides(args.overrides))
     train, val, test = digits("train"), digits("val"), digits("test")
     rows = []
     base = load_model("digits_vit")
     rows.append({"variant": "pretrained", "seed": None, **score(base, test)})
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         ns_norms = None
-        for variant in args.variants.split(","):
+        for variant in args.variants:
             parts = load_model("digits_vit")
             kw = dict(seed=seed)
             if variant == "ns_warm":
@@ -79,10 +81,10 @@ def main() -> None:
             rows.append(row)
             print({k: v for k, v in row.items() if k not in ("synth_steps", "heldout_mse")}, flush=True)
     machine = f"CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-    write_json(RESULTS / "methods.json", {"machine": machine, "config": args.config, "overrides": args.overrides,
+    write_json(args.out / "methods.json", {"machine": machine, "config": args.config, "overrides": args.overrides,
                                           "rows": rows})
     md = summarise(rows, machine)
-    write_text(RESULTS / "methods.md", md)
+    write_text(args.out / "methods.md", md)
     print(md)
 
 

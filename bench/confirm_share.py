@@ -13,7 +13,6 @@ Writes bench/results/confirm_share.{json,md}. CPU timings: run it on an idle mac
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -26,7 +25,7 @@ from nsvit_fast import digits, load_model
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.train.yamlcfg import load_run
 
-from common import cpu_model
+from common import Parser, cpu_model, out_dir, seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,32 +59,22 @@ def measure(seed: int, cfg) -> dict:
             "confirm_share": round(s["confirm_s"] / s["loop_s"], 4)}
 
 
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be whole numbers separated by commas, got {text!r}")
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
-    return seeds
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
-    ap.add_argument("--out", default=str(RESULTS), help="folder for confirm_share.json / .md")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for confirm_share.json / .md")
     args = ap.parse_args()
     _, cfg = load_run("digits_fast", {})
     measure(args.seeds[0], cfg)  # warm-up: first-call costs are not the confirmation's
     rows = [measure(seed, cfg) for seed in args.seeds]
     machine = f"CPU ({cpu_model()}, {os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads"
-    write_json(Path(args.out) / "confirm_share.json", {"machine": machine, "rows": rows})
+    write_json(args.out / "confirm_share.json", {"machine": machine, "rows": rows})
     md = ["# Held-out confirmations in the fast noise's round 0 (digits_fast)", "",
           f"{machine}. Seconds inside the confirmation callback against the whole descent loop.", "",
           "| seed | descent steps | confirmations (passed) | confirm s | loop s | share |", "|---|---|---|---|---|---|"]
     md += [f"| {r['seed']} | {r['descent_steps']} | {r['confirmations']} ({r['passed']}) | {r['confirm_seconds']:.2f} | "
            f"{r['loop_seconds']:.2f} | {100 * r['confirm_share']:.1f} % |" for r in rows]
-    write_text(Path(args.out) / "confirm_share.md", "\n".join(md) + "\n")
+    write_text(args.out / "confirm_share.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

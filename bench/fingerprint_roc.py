@@ -4,13 +4,14 @@ evasion the docs warn about (patch embedding re-initialised and retrained).
 
     .venv/bin/python bench/fingerprint_roc.py
 
-Writes bench/results/fingerprint.json, .md (scores, AUC, the threshold's error rates) and .png.
+Writes bench/results/fingerprint.json, .md (scores, AUC, the threshold's error rates) and .png (or to --out).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -22,8 +23,15 @@ from nsvit_fast.models import embedded
 from nsvit_fast.pretrain import PretrainConfig, pretrain_digits
 from nsvit_fast.train import finetune
 
+from common import Parser, out_dir
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
 
 def main() -> None:
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for fingerprint.json / .md / .png")
+    args = ap.parse_args()
     warnings.simplefilter("ignore")
     train = digits("train")
     owner = load_model("digits_vit")
@@ -63,15 +71,15 @@ def main() -> None:
     roc = population_roc(rows)
     auc, tpr, fpr = roc["auc"], roc["true_positive_rate"], roc["false_positive_rate"]
     res = {**roc, "rows": rows}
-    roc_figure(rows, roc, "bench/results/fingerprint.png",
+    roc_figure(rows, roc, args.out / "fingerprint.png",
                title="Fingerprint of digits_vit: scores of derived, unrelated and evading models (CPU run)")
-    write_json("bench/results/fingerprint.json", res)
+    write_json(args.out / "fingerprint.json", res)
     md = [f"Fingerprint of digits_vit (128 challenges, scale 2): AUC {auc:.3f} (derived vs unrelated); "
           f"at threshold {THRESHOLD}: {tpr:.0%} of derived models verified, {fpr:.0%} of unrelated ones.", "",
           "| group | model | score | prediction agreement | verified |", "|---|---|---|---|---|"]
     md += [f"| {r['group']} | {r['model']} | {r['score']:.4f} | {r['prediction_agreement']:.3f} | {r['verified']} |"
            for r in rows]
-    write_text("bench/results/fingerprint.md", "\n".join(md) + "\n")
+    write_text(args.out / "fingerprint.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

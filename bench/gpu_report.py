@@ -21,7 +21,6 @@ Refuses to run without CUDA (exit status 2): no GPU figure without a GPU run.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -94,14 +93,15 @@ def run(cmd: list[str]) -> tuple[int, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="all benchmarks on this CUDA machine, one report")
+    sys.path.insert(0, str(HERE))
+    from common import Parser, count
+
+    ap = Parser(description="all benchmarks on this CUDA machine, one report")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--repeats", type=int, default=5, help="repeats for bench_synth / bench_finetune / bench_precision")
+    ap.add_argument("--repeats", type=count(1), default=5, help="repeats for bench_synth / bench_finetune / bench_precision")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("gpu_report: error: no CUDA device here; run it on a GPU machine", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(HERE))
+        ap.error("no CUDA device here; run it on a GPU machine")
     from bench_ops import results_dir
 
     from nsvit_fast.io import write_text

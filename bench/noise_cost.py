@@ -19,7 +19,6 @@ each metric's distance from Algorithm 1 in units of its std):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -33,13 +32,12 @@ import torch
 from nsvit_fast import digits, load_model
 from nsvit_fast.demo import SUITES
 from nsvit_fast.eval import evaluate
-from nsvit_fast.errors import NsvitError
 from nsvit_fast.eval.report import HEADLINE, Report
 from nsvit_fast.io import write_json, write_text
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run, parse_overrides
 
-from common import cpu_model
+from common import Parser, count, cpu_model, listof, one_of, out_dir, seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = {"synth_ratio_vs_fresh": 0.15, "ns_over_plain_wall": 2.2}
@@ -95,11 +93,12 @@ def compare(report: Report, ref: str, fast: str) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--rounds", type=int, default=20, help="K (the paper's 20)")
-    ap.add_argument("--suites", default=",".join(SUITES), help="the demo's suites by default")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for noise_cost.json / .md / .png")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    ap.add_argument("--rounds", type=count(1), default=20, help="K (the paper's 20)")
+    ap.add_argument("--suites", type=listof(one_of(SUITES, "suite"), "suites"), default=list(SUITES),
+                    help="comma-separated; the demo's suites by default")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for noise_cost.json / .md / .png")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of both configs")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=K=V[,K=V]",
                     help="another fast variant: digits_fast with these overrides, e.g. 'cap 8=warm_max_growth=8'")
@@ -114,27 +113,28 @@ def main() -> None:
             ap.error(f"--render: {args.render} is not a noise_cost.json")
         args.rounds, args.seeds = d["rounds"], d["seeds"]
         md = render(d, d["metrics"], d["rows"], Report.from_dict(d["report"]), d["machine"], args)
-        write_text(Path(args.out) / "noise_cost.md", md)
-        figure(d, Path(args.out) / "noise_cost.png")
+        write_text(args.out / "noise_cost.md", md)
+        figure(d, args.out / "noise_cost.png")
         print(md)
         return
-    warnings.simplefilter("ignore")
-    train, val, test = digits("train"), digits("val"), digits("test")
+    # every config a run will load, loaded now: a bad key or value fails here, not an hour in
+    overrides = ap.check(parse_overrides, args.overrides)
+    for config in ("digits", "digits_fast"):
+        ap.check(load_run, config, {"rounds": args.rounds, **overrides})
+    seed_list, args.seeds = args.seeds, ",".join(map(str, args.seeds))  # stored as the text given, as before
     variants = dict(VARIANTS)
     for spec in args.also:
         name, _, kvs = spec.partition("=")
-        try:
-            if not name.strip() or not kvs:
-                raise NsvitError(f"--also wants NAME=key=value[,key=value], got {spec!r}")
-            load_run("digits_fast", parse_overrides(kvs.split(",")))  # a bad key or value fails here, not an hour in
-        except NsvitError as e:
-            ap.error(str(e))
-        variants[f"ns fast, {name.strip()}"] = ("digits_fast", {"method": "ns",
-                                                               "overrides": parse_overrides(kvs.split(","))})
+        if not name.strip() or not kvs:
+            ap.error(f"--also wants NAME=key=value[,key=value], got {spec!r}")
+        extra = ap.check(parse_overrides, kvs.split(","))
+        ap.check(load_run, "digits_fast", {"rounds": args.rounds, **overrides, **extra})
+        variants[f"ns fast, {name.strip()}"] = ("digits_fast", {"method": "ns", "overrides": extra})
+    warnings.simplefilter("ignore")
+    train, val, test = digits("train"), digits("val"), digits("test")
     rows, report = [], Report()
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        r, rep = run_seed(seed, args.rounds, parse_overrides(args.overrides), args.suites.split(","), test, train, val,
-                          variants)
+    for seed in seed_list:
+        r, rep = run_seed(seed, args.rounds, overrides, args.suites, test, train, val, variants)
         rows += r
         report = report.merge(rep)
 
@@ -162,7 +162,7 @@ def main() -> None:
     # finetune's device "auto" put the runs on CUDA where there is one: label the timings by it
     machine = (f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}" if torch.cuda.is_available() else
                f"CPU ({platform.machine()}, {cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    out = Path(args.out)
+    out = args.out
     write_json(out / "noise_cost.json", {"machine": machine, "rounds": args.rounds, "seeds": args.seeds,
                                           "overrides": args.overrides, **summary, "goal": GOAL,
                                           "metrics": metrics, "rows": rows, "report": report.to_dict()})

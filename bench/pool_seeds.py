@@ -23,8 +23,9 @@ from pathlib import Path
 from scipy import stats
 
 from nsvit_fast.eval.report import HEADLINE, Report
-from nsvit_fast.errors import NsvitError
-from nsvit_fast.io import check_output_dir, write_json, write_text
+from nsvit_fast.io import write_json, write_text
+
+from common import Parser, out_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALG1 = "ns (Algorithm 1)"
@@ -133,19 +134,15 @@ def render(out: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="noise_cost.json files, each on its own seeds")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for pooled_seeds.json / .md")
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for pooled_seeds.json / .md")
     ap.add_argument("--rename", action="append", default=[], metavar="N:OLD=NEW",
                     help="call file N's (from 1) variant OLD NEW, where the files name one variant differently "
                          "(e.g. '1:ns fast=ns fast, floor' for a run made after floor became digits_fast's)")
     args = ap.parse_args()
     if len(args.files) < 2:
         ap.error("give at least two noise_cost.json files on different seeds")
-    try:  # before any reading: a folder that cannot take the results is one line, not a traceback at the end
-        check_output_dir(args.out)
-    except NsvitError as e:
-        ap.error(str(e))
     loaded = [load(ap, f) for f in args.files]
     for spec in args.rename:
         n, _, names = spec.partition(":")
@@ -171,10 +168,10 @@ def main() -> None:
     variants = [m for m in rep.models if m in common and m.startswith("ns") and m != ALG1]
     out = {"files": args.files, "renamed": args.rename, "seeds": sorted(seen),
            "variants": {v: compare(rep, v) for v in variants}}
-    write_json(Path(args.out) / "pooled_seeds.json", out)
+    write_json(args.out / "pooled_seeds.json", out)
     md = render(out)
-    write_text(Path(args.out) / "pooled_seeds.md", md)
-    figure(out, Path(args.out) / "pooled_seeds.png")
+    write_text(args.out / "pooled_seeds.md", md)
+    figure(out, args.out / "pooled_seeds.png")
     print(md)
 
 

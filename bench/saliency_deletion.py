@@ -4,19 +4,24 @@ A faithful map gives a large drop for its top patch and none for its bottom patc
 
     .venv/bin/python bench/saliency_deletion.py
 
-Writes bench/results/saliency.json and .md. CPU timings.
+Writes bench/results/saliency.json and .md (or to --out). CPU timings.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 from nsvit_fast import digits, load_model
 from nsvit_fast.analysis.saliency import METHODS, saliency
 from nsvit_fast.io import write_json, write_text
+
+from common import Parser, out_dir
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def blank(parts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -29,6 +34,9 @@ def blank(parts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for saliency.json / .md")
+    args = ap.parse_args()
     torch.manual_seed(0)
     parts = load_model("digits_vit")
     x = digits("test").images
@@ -52,13 +60,13 @@ def main() -> None:
                      "drop_bottom": drop(blank(parts, x, s.argmin(1))), "ms_per_image": ms})
     res = {"model": "digits_vit", "images": len(x), "machine": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads",
            "rows": rows}
-    write_json("bench/results/saliency.json", res)
+    write_json(args.out / "saliency.json", res)
     md = [f"Deletion check, digits_vit, {len(x)} test images, {res['machine']}: mean loss of the predicted "
           "class's probability when one 8x8 patch is blanked.", "",
           "| map | top patch blanked | bottom patch blanked | ms per image |", "|---|---|---|---|"]
     f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
     md += [f"| {r['method']} | {f(r['drop_top'])} | {f(r['drop_bottom'])} | {f(r['ms_per_image'], 2)} |" for r in rows]
-    write_text("bench/results/saliency.md", "\n".join(md) + "\n")
+    write_text(args.out / "saliency.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

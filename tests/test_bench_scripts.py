@@ -34,18 +34,6 @@ def test_alg1_band_reads_two_seed_sets_and_scores_algorithm_1_against_itself(tmp
     assert f"**{first['within']} of 9**" in (tmp_path / "alg1_band.md").read_text()
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["{A}", "{A}"], "both files are on seeds"),
-    (["{A}", "README.md"], "not a noise_cost.json"),
-    (["{A}", "missing.json"], "not a noise_cost.json"),
-])
-def test_alg1_band_bad_input_is_one_line_exit_2(argv, line, tmp_path):
-    a = str(RES / "noise_cost.json")
-    p = run(ROOT / "bench" / "alg1_band.py", *[x.replace("{A}", a) for x in argv], "--out", tmp_path)
-    assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "alg1_band.json").exists()
-
-
 def test_pool_seeds_pools_per_seed_values_and_pairs_them_by_seed(tmp_path):
     a, b = RES / "grow_search" / "noise_cost.json", RES / "grow_search_seeds345" / "noise_cost.json"
     p = run(ROOT / "bench" / "pool_seeds.py", a, b, "--out", tmp_path)
@@ -86,36 +74,6 @@ def test_pool_seeds_rename_lines_up_a_variant_two_files_name_differently(tmp_pat
             for r in json.loads(f.read_text())["report"]["records"]
             if r["model"] == name and r["suite"] == "clean" and r["metric"] == "acc"]
     assert len(recs) == 6 and clean["variant_mean"] == round(sum(r["value"] for r in recs) / 6, 2)
-
-
-@pytest.mark.parametrize("argv, line", [
-    (["{A}", "{A}"], "are in an earlier file too"),
-    (["{A}"], "at least two"),
-    (["{A}", "{B}", "--rename", "3:ns fast=x"], "--rename wants N:OLD=NEW"),
-    (["{A}", "{B}", "--rename", "1:ns fastt=x"], "file 1 has models"),
-    (["{A}", "{B}", "--rename", "1:ns fast=ns fast, floor"], "file 1 has models"),
-    (["{A}", "{B}", "--out", "/sys/nsvit"], "cannot"),
-    (["{A}", "{B}", "--out", "{A}"], "is a file, not a folder"),
-    (["{A}", "README.md"], "not a noise_cost.json"),
-    (["{A}", "missing.json"], "not a noise_cost.json"),
-])
-def test_pool_seeds_bad_input_is_one_line_exit_2(argv, line, tmp_path):
-    a, b = str(RES / "grow_search" / "noise_cost.json"), str(RES / "grow_search_seeds345" / "noise_cost.json")
-    # the case's own --out, if any, comes last and wins
-    p = run(ROOT / "bench" / "pool_seeds.py", "--out", tmp_path, *[x.replace("{A}", a).replace("{B}", b) for x in argv])
-    assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("also, line", [
-    ("bank 2", "NAME=key=value"),
-    ("bank=noise_bogus=2", "noise_bogus"),
-    ("bank=noise_bank=zero", "noise_bank"),
-])
-def test_noise_cost_bad_also_fails_before_any_run(also, line, tmp_path):
-    p = run(ROOT / "bench" / "noise_cost.py", "--also", also, "--out", tmp_path)
-    assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert not list(tmp_path.iterdir())
 
 
 def test_noise_cost_render_rewrites_the_stored_report_and_draws_its_figure(tmp_path):
@@ -193,21 +151,6 @@ def test_noise_cost_report_signs_each_gap_and_names_the_metrics_that_are_worse()
     assert noise_cost.std_gap(mce) == -math.inf and noise_cost.worse(d["metrics"]) == "CW, C↓"
 
 
-@pytest.mark.parametrize("bad", ["missing.json", "README.md", "pyproject.toml", "{}", "[1]", "no rounds"])
-def test_noise_cost_render_bad_file_is_one_line_exit_2(bad, tmp_path):
-    if bad in ("{}", "[1]", "no rounds"):  # JSON, but not a noise_cost.json (or a hand-cut one)
-        d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
-        d.pop("rounds")
-        (tmp_path / "in").mkdir()
-        f = tmp_path / "in" / "bad.json"
-        f.write_text(json.dumps(d) if bad == "no rounds" else bad)
-        bad, tmp_path = f, tmp_path / "out"
-        tmp_path.mkdir()
-    p = run(ROOT / "bench" / "noise_cost.py", "--render", bad, "--out", tmp_path)
-    assert p.returncode == 2 and "not a noise_cost.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert not list(tmp_path.iterdir())
-
-
 @pytest.mark.slow
 def test_noise_cost_short_run_reports_where_synthesis_time_went(tmp_path):
     """Two rounds of the three variants, scored on the clean suite: the device is named, and each
@@ -239,7 +182,177 @@ def test_confirm_share_counts_the_held_out_reads_of_a_real_round_0(tmp_path):
     assert 0 < r["confirm_seconds"] < r["loop_seconds"] and r["confirm_share"] < 0.5
 
 
-@pytest.mark.parametrize("seeds", ["a", "-1", ""])
-def test_confirm_share_bad_seeds_exit_2(seeds, tmp_path):
-    p = run(ROOT / "bench" / "confirm_share.py", "--seeds", seeds, "--out", tmp_path)
-    assert p.returncode == 2 and "--seeds" in p.stderr and "Traceback" not in p.stderr
+# -- bad input: every script checks its arguments before it runs anything --
+# Each case runs the script as __main__ (runpy) in a process forked from one runner that imported
+# torch and nsvit-fast once: ~70 cases in seconds, not ~3 s of imports each. A case the script
+# wrongly accepts starts its run; the alarm ends it and the case fails.
+BENCH_RUNNER = r'''
+import json, os, runpy, signal, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import torch, timm, scipy.stats, matplotlib, skimage.data, PIL.Image  # paid once, before the forks
+import nsvit_fast, nsvit_fast.cli, nsvit_fast.train, nsvit_fast.eval, nsvit_fast.analysis, nsvit_fast.synth
+import nsvit_fast.demo, nsvit_fast.viz, nsvit_fast.pretrain, common
+cases = json.load(sys.stdin)
+running, results = {}, {}
+def start(i, c):
+    pid = os.fork()
+    if pid:
+        running[pid] = i
+        return
+    code = 1
+    try:
+        os.chdir(c["cwd"])
+        for fd, name in ((1, "out"), (2, "err")):
+            f = os.open(os.path.join(c["log"], name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        signal.alarm(60)
+        sys.argv = [c["script"], *c["argv"]]
+        try:
+            runpy.run_path(c["script"], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+todo = list(enumerate(cases))
+while todo or running:
+    while todo and len(running) < 2:
+        start(*todo.pop(0))
+    pid, status = os.wait()
+    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+json.dump([results[i] for i in range(len(cases))], sys.stdout)
+'''
+
+NO_CUDA = not torch.cuda.is_available()
+# script, argv, what the one error line says. {A}, {B}: stored noise_cost.json files on seeds 0-2
+# and 3-5; {RO}: a folder that cannot be made; {FILE}: a file; {J:name}: a hostile JSON (see below).
+# Scripts with --out get "--out <empty folder>" first, so a case's own --out wins and nothing else
+# gets written.
+BENCH_CASES = [
+    ("noise_cost.py", ["--out", "{RO}"], "cannot write"),
+    ("noise_cost.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("noise_cost.py", ["--render", "{A}", "--out", "{RO}"], "cannot write"),
+    ("noise_cost.py", ["--render", "{A}", "--out", "{FILE}"], "is a file, not a folder"),
+    ("noise_cost.py", ["--seeds", "a"], "argument --seeds: 'a' in 'a': must be a whole number"),
+    ("noise_cost.py", ["--seeds", "-1"], "must be >= 0"),
+    ("noise_cost.py", ["--seeds", ""], "must be comma-separated seeds"),
+    ("noise_cost.py", ["--seeds", "0,1,0"], "a seed appears twice"),
+    ("noise_cost.py", ["--rounds", "0"], "argument --rounds: must be >= 1"),
+    ("noise_cost.py", ["--rounds", "two"], "argument --rounds"),
+    ("noise_cost.py", ["--suites", "clean,bogus"], "unknown suite 'bogus'"),
+    ("noise_cost.py", ["--suites", ""], "must be comma-separated suites"),
+    ("noise_cost.py", ["bogus_key=1"], "unknown finetune key 'bogus_key'"),
+    ("noise_cost.py", ["lr=nan"], "lr"),
+    ("noise_cost.py", ["model_steps=0"], "model_steps"),
+    ("noise_cost.py", ["--also", "bank 2"], "NAME=key=value"),
+    ("noise_cost.py", ["--also", "bank=noise_bogus=2"], "noise_bogus"),
+    ("noise_cost.py", ["--also", "bank=noise_bank=zero"], "noise_bank"),
+    ("noise_cost.py", ["--render", "missing.json"], "not a noise_cost.json"),
+    ("noise_cost.py", ["--render", "README.md"], "not a noise_cost.json"),
+    ("noise_cost.py", ["--render", "pyproject.toml"], "not a noise_cost.json"),
+    ("noise_cost.py", ["--render", "{J:empty}"], "not a noise_cost.json"),
+    ("noise_cost.py", ["--render", "{J:list}"], "not a noise_cost.json"),
+    ("noise_cost.py", ["--render", "{J:no_rounds}"], "not a noise_cost.json"),
+    ("alg1_band.py", ["{N}", "{N}"], "both files are on seeds"),
+    ("alg1_band.py", ["{N}", "README.md"], "not a noise_cost.json"),
+    ("alg1_band.py", ["{N}", "missing.json"], "not a noise_cost.json"),
+    ("alg1_band.py", ["{A}", "{B}", "--out", "{RO}"], "cannot write"),
+    ("alg1_band.py", ["{A}", "{B}", "--out", "{FILE}"], "is a file, not a folder"),
+    ("pool_seeds.py", ["{A}", "{A}"], "are in an earlier file too"),
+    ("pool_seeds.py", ["{A}"], "at least two"),
+    ("pool_seeds.py", ["{A}", "{B}", "--rename", "3:ns fast=x"], "--rename wants N:OLD=NEW"),
+    ("pool_seeds.py", ["{A}", "{B}", "--rename", "1:ns fastt=x"], "file 1 has models"),
+    ("pool_seeds.py", ["{A}", "{B}", "--rename", "1:ns fast=ns fast, floor"], "file 1 has models"),
+    ("pool_seeds.py", ["{A}", "{B}", "--out", "{RO}"], "cannot write"),
+    ("pool_seeds.py", ["{A}", "{B}", "--out", "{A}"], "is a file, not a folder"),
+    ("pool_seeds.py", ["{A}", "README.md"], "not a noise_cost.json"),
+    ("pool_seeds.py", ["{A}", "missing.json"], "not a noise_cost.json"),
+    ("confirm_share.py", ["--seeds", "a"], "argument --seeds"),
+    ("confirm_share.py", ["--seeds", "-1"], "must be >= 0"),
+    ("confirm_share.py", ["--seeds", ""], "must be comma-separated seeds"),
+    ("confirm_share.py", ["--out", "{RO}"], "cannot write"),
+    ("confirm_share.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("compare_methods.py", ["--seeds", "a"], "argument --seeds"),
+    ("compare_methods.py", ["--config", "bogus"], "config 'bogus' not found"),
+    ("compare_methods.py", ["--variants", "ns,bogus"], "unknown variant 'bogus'"),
+    ("compare_methods.py", ["bogus_key=1"], "unknown finetune key 'bogus_key'"),
+    ("compare_methods.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("bench_finetune.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
+    ("bench_finetune.py", ["--steps", "0"], "argument --steps: must be >= 1"),
+    ("bench_finetune.py", ["--rounds", "-2"], "argument --rounds: must be >= 1"),
+    ("bench_finetune.py", ["--out", "{RO}"], "cannot write"),
+    ("bench_finetune.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("bench_finetune.py", ["--device", "tpu"], "device must be one of"),
+    ("bench_finetune.py", ["--precision", "fp64"], "precision must be one of"),
+    ("bench_loader.py", ["--images", "5"], "argument --images: must be >= 10"),
+    ("bench_loader.py", ["--batch", "0"], "argument --batch: must be >= 1"),
+    ("bench_loader.py", ["--seconds", "nan"], "argument --seconds: must be a finite number"),
+    ("bench_loader.py", ["--seconds", "0"], "argument --seconds: must be a finite number"),
+    ("bench_loader.py", ["--step-batch", "-1"], "argument --step-batch: must be >= 0"),
+    ("bench_loader.py", ["--steps", "0"], "argument --steps: must be >= 1"),
+    ("bench_loader.py", ["--rss-batches", "0"], "argument --rss-batches: must be >= 1"),
+    ("bench_loader.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("bench_ops.py", ["--device", "tpu"], "device must be one of"),
+    ("bench_ops.py", ["--precision", "fp8"], "argument --precision: invalid choice"),
+    ("bench_precision.py", ["--precisions", "fp32,bogus"], "precision must be one of"),
+    ("bench_precision.py", ["--precisions", ""], "must be comma-separated precisions"),
+    ("bench_precision.py", ["--models", "bogus"], "unknown model 'bogus'"),
+    ("bench_precision.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
+    ("bench_precision.py", ["--out", "{RO}"], "cannot write"),
+    ("bench_synth.py", ["--models", "digits_vit,bogus"], "unknown model 'bogus'"),
+    ("bench_synth.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
+    ("bench_synth.py", ["--lims", "abc"], "argument --lims"),
+    ("bench_synth.py", ["--lims", "3,nan"], "must be a finite number"),
+    ("bench_synth.py", ["--lims", "-1"], "must be a finite number"),
+    ("bench_synth.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("gpu_report.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
+    ("fingerprint_roc.py", ["--out", "{RO}"], "cannot write"),
+    ("fingerprint_roc.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("saliency_deletion.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("saliency_deletion.py", ["--bogus"], "unrecognized arguments: --bogus"),
+] + ([("bench_finetune.py", ["--device", "cuda"], "CUDA"), ("bench_ops.py", ["--device", "cuda"], "CUDA"),
+      ("gpu_report.py", [], "no CUDA device here")] if NO_CUDA else [])
+NO_OUT = {"bench_ops.py", "gpu_report.py"}  # results under bench/results/<device kind>/ only
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_every_bench_script_refuses_bad_input_with_one_line_exit_2_before_running(tmp_path):
+    assert {s for s, _, _ in BENCH_CASES} == {p.name for p in (ROOT / "bench").glob("*.py")} - {"common.py"}
+    j = tmp_path / "json"
+    j.mkdir()
+    d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
+    d.pop("rounds")  # a hand-cut report
+    for name, text in (("empty", "{}"), ("list", "[1]"), ("no_rounds", json.dumps(d))):
+        (j / f"{name}.json").write_text(text)
+    (tmp_path / "a_file").write_text("not a folder\n")
+    subs = {"{A}": RES / "grow_search" / "noise_cost.json", "{B}": RES / "grow_search_seeds345" / "noise_cost.json",
+            "{N}": RES / "noise_cost.json", "{RO}": "/sys/nsvit-bench", "{FILE}": tmp_path / "a_file"}
+    jobs = []
+    for i, (script, argv, _) in enumerate(BENCH_CASES):
+        out, log = tmp_path / "out" / str(i), tmp_path / "log" / str(i)
+        log.mkdir(parents=True)
+        argv = [str(subs.get(a, a)) for a in argv]
+        argv = [str(j / f"{a[3:-1]}.json") if a.startswith("{J:") else a for a in argv]
+        jobs.append({"script": str(ROOT / "bench" / script), "cwd": str(ROOT), "log": str(log),
+                     "argv": argv if script in NO_OUT else ["--out", str(out), *argv]})
+    before = {"results": _tree(RES), "root": sorted(p.name for p in ROOT.iterdir())}
+    r = subprocess.run([sys.executable, "-c", BENCH_RUNNER, str(ROOT / "bench")], input=json.dumps(jobs),
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    failures = []
+    for (script, _, msg), job, code in zip(BENCH_CASES, jobs, json.loads(r.stdout)):
+        lines = (Path(job["log"]) / "err").read_text().strip().splitlines()
+        if not (code == 2 and len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and msg in lines[0]):
+            failures.append(f"{script} {job['argv']}: exit {code}, stderr {lines[-5:]}")
+    assert not failures, "\n".join(failures)
+    assert before == {"results": _tree(RES), "root": sorted(p.name for p in ROOT.iterdir())}
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))

@@ -178,5 +178,5 @@ def test_bench_scripts_take_device_and_precision(script, flag, stem, tmp_path):
     if not torch.cuda.is_available():
         p = run("--device", "cuda", "--out", str(tmp_path / "c"))
         err = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}: error: device 'cuda'"), p.stderr
+        assert p.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}.py: error: device 'cuda'"), p.stderr
         assert not (tmp_path / "c").exists()
