@@ -356,3 +356,19 @@ def test_every_bench_script_refuses_bad_input_with_one_line_exit_2_before_runnin
     assert not failures, "\n".join(failures)
     assert before == {"results": _tree(RES), "root": sorted(p.name for p in ROOT.iterdir())}
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
+def test_saliency_deletion_writes_under_out_from_any_working_directory(tmp_path):
+    """Run from another folder, the deletion check writes to --out only (it once wrote to a
+    cwd-relative bench/results/), and each map's top patch costs more than its bottom one."""
+    from nsvit_fast.analysis.saliency import METHODS
+
+    (tmp_path / "cwd").mkdir()
+    before = _tree(RES)
+    p = run(ROOT / "bench" / "saliency_deletion.py", "--out", tmp_path / "out", cwd=tmp_path / "cwd")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["saliency.json", "saliency.md"]
+    assert not any((tmp_path / "cwd").iterdir()) and _tree(RES) == before
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "saliency.json").read_text())["rows"]}
+    assert set(rows) == {"random patch", *METHODS}
+    assert all(rows[m]["drop_top"] > rows[m]["drop_bottom"] for m in METHODS)
