@@ -216,6 +216,21 @@ def test_patchfool_lite_is_the_separate_fast_variant():
     assert patch_mask(parts, torch.tensor([[0], [15]])).sum((1, 2, 3)).tolist() == [64.0, 64.0]
 
 
+def test_suite_defaults_are_the_class_signature_and_need_no_torchattacks():
+    """The suite's copy of PatchFool's defaults (kept apart so that importing nsvit_fast.eval, as
+    every command does, skips torchattacks and scipy) equals the class's signature."""
+    import inspect
+    import subprocess
+    import sys
+
+    from nsvit_fast.eval.suite import PATCHFOOL_DEFAULTS
+
+    sig = inspect.signature(PatchFool.__init__).parameters
+    assert PATCHFOOL_DEFAULTS == {k: p.default for k, p in sig.items() if k not in ("self", "model", "seed")}
+    code = "import sys, nsvit_fast.eval, nsvit_fast.cli; print(sorted({'torchattacks', 'scipy'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
 def test_suite_entries_and_bad_settings(tiny):
     assert parse_suite("patchfool") == ("patchfool", {
         "num_patch": 1, "patch_select": "attn", "atten_select": 4, "attack_mode": "attention",
