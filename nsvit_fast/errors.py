@@ -27,6 +27,17 @@ def check_positive(name: str, value: float) -> float:
     return v
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes < 2**32; torch overflows at 2**64, and seeds get offsets added
+
+
+def check_seed(name: str, value) -> int:
+    """Return ``value`` as an int if it is a whole number in [0, MAX_SEED]."""
+    v = check_count(name, value, 0)
+    if v > MAX_SEED:
+        raise NsvitError(f"{name} must be <= {MAX_SEED} (2**32 - 1), got {value!r}")
+    return v
+
+
 def check_count(name: str, value, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is a whole number >= ``minimum`` (bools and 1.7 are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -466,3 +466,23 @@ def test_checkpoint_from_another_run_is_refused(train, tmp_path):
         finetune(load_model(embedded.ARCH, **{**embedded.KWARGS, "depth": 4}),
                  train, method="plain", rounds=1, model_steps=1, batch_size=32, out_dir=tmp_path, resume=True,
                  progress=False)
+
+
+def test_a_diverging_run_stops_before_it_writes_a_nan_model(train, tmp_path):
+    """lr 1e30 overflows the weights in the first step: the round's end refuses NaN weights, so no
+    checkpoint or model.safetensors holding them is written."""
+    with pytest.raises(NsvitError, match="training diverged in round 0"):
+        finetune(load_model("digits_vit"), train, method="plain", rounds=2, model_steps=2, batch_size=32, lr=1e30,
+                 out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoint.safetensors").exists()
+
+
+def test_yaml_reads_exponent_floats_as_numbers(tmp_path):
+    """PyYAML alone reads 1e-4 as a string (it wants 1.0e-4); learning rates are written that way."""
+    from nsvit_fast.train.yamlcfg import parse_overrides
+
+    assert parse_overrides(["lr=1e-4", "synth.eps=3E-2", "rounds=3", "out=run1e5"]) == \
+        {"lr": 1e-4, "synth.eps": 0.03, "rounds": 3, "out": "run1e5"}
+    (tmp_path / "c.yaml").write_text("lr: 2e-4\nweight_decay: 5e-2\nrounds: 2\n")
+    _, cfg = load_run(str(tmp_path / "c.yaml"))
+    assert (cfg.lr, cfg.weight_decay, cfg.rounds) == (2e-4, 0.05, 2)

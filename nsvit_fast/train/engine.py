@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..config import build
 from ..data.base import ImageDataset
-from ..errors import NsvitError, check_count, check_number, check_positive
+from ..errors import NsvitError, check_count, check_number, check_positive, check_seed
 from ..eval.accuracy import accuracy, eval_mode
 from ..io import write_json, write_text
 from ..models.base import Adapter
@@ -40,7 +41,7 @@ from ..data.stream import AUGMENTS, StreamingData
 from ..runtime import Runtime, check_precision
 from ..synth.engine import SynthConfig, synthesize
 from .. import distributed as dist_util
-from .checkpoint import load_state, save_state
+from .checkpoint import check_header, check_state, damaged, is_finite, is_real, is_whole, load_state, save_state
 from .methods import DEFAULT_METHOD, MethodConfigs, RoundContext, check_method_configs, method_for, moved_key_error
 
 STATE_FILE = "checkpoint.safetensors"
@@ -101,8 +102,9 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     # stored back as ints: 2.0 from the API passes the check and must not reach range() or k % m
     for name in ("rounds", "model_steps", "batch_size"):
         setattr(cfg, name, check_count(name, getattr(cfg, name), 1))
-    for name in ("checkpoint_every", "val_images", "seed"):
+    for name in ("checkpoint_every", "val_images"):
         setattr(cfg, name, check_count(name, getattr(cfg, name), 0))
+    cfg.seed = check_seed("seed", cfg.seed)
     check_positive("lr", cfg.lr)
     check_positive("warm_growth", cfg.warm_growth)
     if not cfg.warm_max_growth >= 0:
@@ -264,29 +266,127 @@ class Engine:
 
     def restore(self) -> tuple[int, int]:
         """Load the out_dir checkpoint into this engine (in place) and return (round, step) to
-        resume at. Raises NsvitError when the checkpoint belongs to another run (another model or
-        config; checkpoint_every and workers may differ)."""
+        resume at. The whole file is checked first (:meth:`check_checkpoint`), so a refused one
+        changes nothing. Raises NsvitError when the checkpoint belongs to another run (another model or
+        config; checkpoint_every and workers may differ) or is damaged or hand-edited."""
         path = self.out_dir / STATE_FILE
         from ..io import load_tensors
 
-        _, m = load_tensors(path)  # check the identity before touching any state
-        mine, theirs = asdict(self.cfg), m.get("config", {})
+        t, m = load_tensors(path)
+        k, s = self.check_checkpoint(path, t, m)  # the whole file, before touching any state
+        try:  # a backstop: a checked state restores without error
+            tensors, m = load_state(path, parts=self.parts, opt=self.opt, sched=self.sched, ema=self.ema,
+                                    stream=self.stream, loaded=(t, m))
+            self.noise, self.last_ns_noise = tensors.get("noise"), tensors.get("last_ns_noise")
+            self.history = [dict(h) for h in m["history"]]
+            p = m["progress"]
+            self.round_info, self.round_losses = dict(p["round_info"]), dict(p["round_losses"])
+            if self.scaler is not None and "grad_scaler" in p:
+                self.scaler.load_state_dict(p["grad_scaler"])
+        except NsvitError:
+            raise
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise damaged(path, f"cannot be restored ({type(e).__name__}: {why})") from None
+        return k, s
+
+    def check_checkpoint(self, path: Path, t: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple[int, int]:
+        """Check a checkpoint's tensors ``t`` and metadata ``m`` whole against this run, changing
+        nothing: its header, that it is this run's (model and config), the progress (round and step
+        within the config's range), the history (one record per finished round), the round's own
+        records, the GradScaler, the noises the method goes on with, then
+        :func:`~nsvit_fast.train.checkpoint.check_state` (weights, optimiser, schedule, RNG, batch
+        stream). Returns (round, step) to resume at. Raises NsvitError naming the first problem."""
+        check_header(path, m)
+        cfg = self.cfg
+        mine, theirs = asdict(cfg), m["config"]
         diff = [k for k in mine if k in theirs and mine[k] != theirs[k] and k not in ("checkpoint_every", "workers")]
-        if m.get("arch") != self.parts.arch or m.get("model_kwargs") != json.loads(json.dumps(self.parts.model_kwargs)):
-            raise NsvitError(f"{path} belongs to another run (model {m.get('arch')} {m.get('model_kwargs')} there, "
+        if m["arch"] != self.parts.arch or m["model_kwargs"] != json.loads(json.dumps(self.parts.model_kwargs)):
+            raise NsvitError(f"{path} belongs to another run (model {m['arch']} {m['model_kwargs']} there, "
                              f"{self.parts.arch} {self.parts.model_kwargs} here); use another --out")
         if diff:
             raise NsvitError(f"{path} belongs to another run (config key {diff[0]!r}: {theirs[diff[0]]!r} there, "
                              f"{mine[diff[0]]!r} here); use another --out")
-        tensors, m = load_state(path, parts=self.parts, opt=self.opt, sched=self.sched, ema=self.ema,
-                                stream=self.stream)
-        self.noise, self.last_ns_noise = tensors.get("noise"), tensors.get("last_ns_noise")
-        self.history = list(m.get("history", []))
-        p = m["progress"]
-        self.round_info, self.round_losses = dict(p.get("round_info", {})), dict(p.get("round_losses", {}))
+        p, history = m["progress"], m["history"]
+        k, s = p.get("round"), p.get("step")
+        for name, v in (("round", k), ("step", s)):
+            if not is_whole(v):
+                raise damaged(path, f"progress {name!r} must be a whole number, got {v!r}"[:200])
+        if not 0 <= k <= cfg.rounds:
+            raise damaged(path, f"progress round {k} is not in 0..{cfg.rounds} (rounds={cfg.rounds})")
+        if not 0 <= s < cfg.model_steps or (k == cfg.rounds and s):
+            raise damaged(path, f"progress step {s} is not in 0..{cfg.model_steps - 1} (model_steps="
+                                f"{cfg.model_steps}{', 0 after the last round' if k == cfg.rounds else ''})")
+        for key in ("round_info", "round_losses"):
+            if not isinstance(p.get(key), dict):
+                raise damaged(path, f"progress {key!r} must be a JSON object, got {p.get(key)!r}"[:200])
+        bad = [n for n, v in p["round_losses"].items() if not is_finite(v)]
+        if bad:
+            raise damaged(path, f"progress round_losses {bad[0]!r} must be a finite number, "
+                                f"got {p['round_losses'][bad[0]]!r}"[:200])
+        if len(history) != k:
+            raise damaged(path, f"'history' holds {len(history)} record(s), but {k} round(s) are done")
+        for i, h in enumerate(history):
+            if not isinstance(h, dict) or h.get("round") != i or not is_whole(h.get("round")):
+                raise damaged(path, f"'history' record {i} must be a JSON object with \"round\": {i}, "
+                                    f"got {h!r}"[:200])
+        if "round" in p["round_info"]:
+            raise damaged(path, "progress round_info must not hold 'round'")
+        from .plots import SERIES
+
+        m_bank = cfg.noise_bank
+        for where, rec in [(f"'history' record {i}", h) for i, h in enumerate(history)] + [
+                ("progress round_info", p["round_info"])]:
+            key = next((key for key, _ in SERIES if rec.get(key) is not None and not is_real(rec[key])), None)
+            if key is not None:
+                raise damaged(path, f"{where} {key!r} must be a number or null, got {rec[key]!r}"[:200])
+            if "noise_norm" in rec and not (is_finite(rec["noise_norm"]) and rec["noise_norm"] > 0):
+                raise damaged(path, f"{where} 'noise_norm' must be a finite number > 0, got {rec['noise_norm']!r}")
+            bn = rec.get("bank_norms")
+            if bn is not None and not (isinstance(bn, list) and len(bn) == m_bank
+                                       and all(is_finite(x) and x > 0 for x in bn)):
+                raise damaged(path, f"{where} 'bank_norms' must be {m_bank} finite numbers > 0, got {bn!r}"[:200])
         if self.scaler is not None and "grad_scaler" in p:
-            self.scaler.load_state_dict(p["grad_scaler"])
-        return int(p["round"]), int(p["step"])
+            self._check_scaler_state(path, p["grad_scaler"])
+
+        # the noises the run goes on with: the round's (mid-round) and the last learned one (warm starts)
+        extra = next((n for n in t if n.startswith("run/") and n not in ("run/noise", "run/last_ns_noise")), None)
+        if extra is not None:
+            raise damaged(path, f"unexpected tensor {extra!r}")
+        done = history + ([p["round_info"]] if s else [])
+        need_last = cfg.noise_init != "fresh" and any("synth_steps" in h for h in done)
+        shape = tuple(self.parts.token_shape)
+        for name, need, want in (("run/noise", need_last or (self.method.needs_noise and s > 0), shape),
+                                 ("run/last_ns_noise", need_last, (m_bank, *shape) if m_bank > 1 else shape)):
+            if name not in t:
+                if need:
+                    raise damaged(path, f"tensor {name!r} is missing")
+            elif tuple(t[name].shape) != want:
+                raise damaged(path, f"tensor {name!r} has shape {tuple(t[name].shape)}, expected {want}")
+        if need_last and cfg.noise_init == "warm_boundary" and cfg.warm_max_growth > 0 and history:
+            first = next((h for h in history if "noise_norm" in h), None)
+            if first is None or (m_bank > 1 and "bank_norms" not in first):
+                raise damaged(path, "'history' holds no round-0 noise norm, which warm_max_growth caps from")
+        check_state(path, t, m, parts=self.parts, opt=self.opt, sched=self.sched, ema=self.ema, stream=self.stream,
+                    steps_done=k * cfg.model_steps + s, scaled=self.scaler is not None)
+        return k, s
+
+    def _check_scaler_state(self, path: Path, gs: Any) -> None:
+        """A GradScaler state as this scaler's: the same keys and factors, a finite scale > 0."""
+        fresh = self.scaler.state_dict()
+        if not fresh:  # a disabled scaler loads nothing
+            return
+        if not isinstance(gs, dict) or set(gs) != set(fresh):
+            raise damaged(path, f"progress grad_scaler must hold {', '.join(sorted(fresh))}, got {gs!r}"[:200])
+        for key, v in fresh.items():
+            if key == "scale":
+                ok = is_finite(gs[key]) and gs[key] > 0
+            elif key == "_growth_tracker":
+                ok = is_whole(gs[key]) and 0 <= gs[key] < max(int(fresh.get("growth_interval", 1)), 1)
+            else:
+                ok = is_real(gs[key]) and gs[key] == v
+            if not ok:
+                raise damaged(path, f"progress grad_scaler {key!r} is {gs[key]!r}"[:200])
 
     # -- loop --
     def round_seed(self, k: int) -> int:
@@ -424,9 +524,11 @@ class Engine:
                 step = k * cfg.model_steps + s + 1
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and s + 1 < cfg.model_steps:
                     self.fold_losses(pending)
+                    self.check_finite(k)
                     self.save(k, s + 1)
             self.fold_losses(pending)
             start_step = 0
+            self.check_finite(k)
             self.parts.eval()
             rec = {"round": k, **self.round_info, **{f"train_{n}": round(v, 5) for n, v in self.round_losses.items()},
                    "val_acc": self.val_accuracy(), "lr": self.sched.get_last_lr()[0],
@@ -435,6 +537,17 @@ class Engine:
             self.save(k + 1, 0)
             self.write_logs(rec)
         bar.close()
+
+    def check_finite(self, k: int) -> None:
+        """Raise NsvitError if the weights (or the round's losses) hold NaN/inf: a diverged run must
+        stop before it overwrites the last good checkpoint or writes a NaN model (one host sync)."""
+        ok = torch.stack([p.detach().isfinite().all() for p in self.parts.parameters()]).all()
+        # under fp16 the GradScaler skips steps whose loss overflowed: there only the weights count
+        losses_ok = self.scaler is not None or all(math.isfinite(v) for v in self.round_losses.values())
+        if not bool(ok) or not losses_ok:
+            raise NsvitError(f"training diverged in round {k}: NaN/inf weights or loss (lr {self.cfg.lr:g}); "
+                             f"lower lr" + (f" (the checkpoint in {self.out_dir} holds the last good state)"
+                                            if self.out_dir is not None and k > 0 else ""))
 
     def fold_losses(self, pending: dict[str, torch.Tensor]) -> None:
         """Adds the device-side loss sums to the round's running means (one host sync) and empties them."""

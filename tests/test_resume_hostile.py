@@ -1,0 +1,216 @@
+"""`finetune --resume` on a hand-edited or damaged checkpoint.safetensors: every case exits 2 with
+exactly one stderr line ``nsvit-fast: error: ...`` naming the problem, leaves every file of the run
+folder byte-identical and adds none. An untouched copy of the same checkpoint resumes.
+
+One real run (ns, warm noise, 2 rounds of 2 steps, checkpoints every step) is stopped right after
+its checkpoint inside round 1 (as a kill would), so the checkpoint holds the whole mid-run state:
+weights, AdamW state, schedule, RNG, batch stream, the round's noise and the history. Each case
+edits a copy of it with safetensors and resumes in process through ``nsvit_fast.cli.main``.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nsvit_fast import cli
+from nsvit_fast.train import engine
+
+ARGS = ["finetune", "--config", "digits", "--quiet", "rounds=2", "model_steps=2", "batch_size=16",
+        "checkpoint_every=1", "noise_init=warm", "max_images=32", "val_data=null", "synth.max_steps=3",
+        "synth.batch_size=16", "synth.heldout=16"]
+STOP_AT = (1, 1)  # the checkpoint to resume from: round 1, step 1 of 2
+CKPT = "checkpoint.safetensors"
+
+
+class _Killed(Exception):
+    pass
+
+
+def _main(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    save = engine.Engine.save
+
+    def save_then_die(self, k, s):
+        save(self, k, s)
+        if (k, s) == STOP_AT:
+            raise _Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine.Engine, "save", save_then_die)
+        with pytest.raises(_Killed):
+            _main(ARGS + ["--out", str(out)])
+    assert (out / CKPT).is_file() and not (out / "model.safetensors").exists()
+    return out
+
+
+def _read(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def _get(m, key):
+    return json.loads(m[key][5:])
+
+
+def _set(m, key, value):
+    m[key] = "json:" + json.dumps(value)
+
+
+def _progress(key, value):
+    def edit(t, m):
+        p = _get(m, "progress")
+        p[key] = value
+        _set(m, "progress", p)
+    return edit
+
+
+def _meta(key, value):
+    return lambda t, m: _set(m, key, value)
+
+
+def _drop_meta(key):
+    return lambda t, m: m.pop(key)
+
+
+def _tensor(key, fn):
+    def edit(t, m):
+        t[key] = fn(t.get(key))
+    return edit
+
+
+def _drop_tensor(key):
+    return lambda t, m: t.pop(key)
+
+
+def _group(key, value):
+    def edit(t, m):
+        g = _get(m, "param_groups")
+        g[0][key] = value
+        _set(m, "param_groups", g)
+    return edit
+
+
+def _sched(key, value):
+    def edit(t, m):
+        sd = _get(m, "sched")
+        sd[key] = value
+        _set(m, "sched", sd)
+    return edit
+
+
+def _first_model_key(t):
+    return next(k for k in sorted(t) if k.startswith("model/") and t[k].is_floating_point())
+
+
+NAN = float("nan")
+CASES = [
+    # metadata removed or of the wrong type
+    ("no-progress", _drop_meta("progress"), "metadata 'progress' is missing"),
+    ("no-param-groups", _drop_meta("param_groups"), "metadata 'param_groups' is missing"),
+    ("no-sched", _drop_meta("sched"), "metadata 'sched' is missing"),
+    ("no-history", _drop_meta("history"), "metadata 'history' is missing"),
+    ("kind-only", lambda t, m: [m.pop(k) for k in list(m) if k != "kind"], "is missing"),
+    ("wrong-kind", _meta("kind", "something/else"), "is not a finetuning checkpoint"),
+    ("config-int", _meta("config", 5), "metadata 'config' must be a JSON object"),
+    ("history-str", _meta("history", "x"), "metadata 'history' must be a JSON list"),
+    ("stream-pos-str", _meta("stream_pos", "x"), "'stream_pos' must be a whole number"),
+    ("bad-json", lambda t, m: m.__setitem__("sched", "json:{"), "not valid JSON"),
+    # progress out of the config's range
+    ("round-abc", _progress("round", "abc"), "progress 'round' must be a whole number"),
+    ("round-neg", _progress("round", -3), "progress round -3 is not in 0..2"),
+    ("round-big", _progress("round", 7), "progress round 7 is not in 0..2"),
+    ("step-big", _progress("step", 9), "progress step 9 is not in 0..1"),
+    ("step-float", _progress("step", 1.5), "progress 'step' must be a whole number"),
+    ("round-info-list", _progress("round_info", [1]), "progress 'round_info' must be a JSON object"),
+    ("round-losses-nan", _progress("round_losses", {"loss": NAN}), "round_losses 'loss' must be a finite"),
+    # history
+    ("history-short", _meta("history", []), "'history' holds 0 record(s), but 1 round(s) are done"),
+    ("history-not-dicts", _meta("history", [5]), "'history' record 0 must be a JSON object"),
+    ("history-norm-str", lambda t, m: _set(m, "history", [{**_get(m, "history")[0], "noise_norm": "big"}]),
+     "'noise_norm' must be a number or null"),
+    # optimiser
+    ("opt-extra", _tensor("opt/x/exp_avg", lambda v: torch.zeros(1)), "unexpected optimiser tensor 'opt/x/exp_avg'"),
+    ("opt-index-big", _tensor("opt/999/exp_avg", lambda v: torch.zeros(1)), "unexpected optimiser tensor"),
+    ("opt-shape", _tensor("opt/0/exp_avg", lambda v: torch.zeros(3)), "'opt/0/exp_avg' has shape (3,)"),
+    ("opt-dtype", _tensor("opt/0/exp_avg", lambda v: v.double()), "'opt/0/exp_avg' is float64"),
+    ("opt-nan", _tensor("opt/0/exp_avg_sq", lambda v: torch.full_like(v, NAN)), "NaN or inf"),
+    ("opt-sq-negative", _tensor("opt/1/exp_avg_sq", lambda v: -v - 1), "holds values below 0"),
+    ("opt-no-step", _drop_tensor("opt/0/step"), "parameter 0 lacks 'step'"),
+    ("opt-step-big", _tensor("opt/0/step", lambda v: torch.tensor(1e6)), "not a step count in 1..3"),
+    ("opt-all-gone", lambda t, m: [t.pop(k) for k in list(t) if k.startswith("opt/")], "holds no optimiser state"),
+    ("lr-nan", _group("lr", NAN), "param_groups[0] 'lr' must be a finite number"),
+    ("lr-big", _group("lr", 5.0), "param_groups[0] 'lr' must be a finite number"),
+    ("wd-edited", _group("weight_decay", 0.5), "param_groups[0] 'weight_decay' is 0.5"),
+    ("group-unknown-key", _group("magic", 1), "param_groups[0] has an unknown key 'magic'"),
+    ("groups-two", lambda t, m: _set(m, "param_groups", _get(m, "param_groups") * 2), "holds 2 group(s)"),
+    # scheduler
+    ("sched-epoch", _sched("last_epoch", 0), "'sched' last_epoch is 0"),
+    ("sched-tmax", _sched("T_max", 100), "'sched' 'T_max' is 100"),
+    ("sched-optimizer", _sched("optimizer", 1), "'sched' has an unknown key 'optimizer'"),
+    # random generators and batch stream
+    ("no-rng", _drop_tensor("rng/torch"), "'rng/torch' (the random generator's state) is missing"),
+    ("rng-zeros", _tensor("rng/torch", lambda v: torch.zeros_like(v)), "not a random generator state"),
+    ("rng-float", _tensor("rng/torch", lambda v: v.float()), "'rng/torch' is float32"),
+    ("gen-short", _tensor("stream/gen", lambda v: torch.zeros(3, dtype=torch.uint8)), "'stream/gen' has shape"),
+    ("perm-big", _tensor("stream/perm", lambda v: torch.full_like(v, 10**6)), "not a permutation"),
+    ("perm-short", _tensor("stream/perm", lambda v: torch.zeros(2, dtype=torch.long)), "'stream/perm' has shape"),
+    ("no-perm", _drop_tensor("stream/perm"), "'stream/perm' (the batch order) is missing"),
+    ("pos-big", lambda t, m: (_set(m, "stream_pos", 100000), _set(m, "stream", {"pos": 100000})),
+     "'stream_pos' 100000 is not a batch boundary"),
+    ("pos-odd", lambda t, m: (_set(m, "stream_pos", 5), _set(m, "stream", {"pos": 5})), "not a batch boundary"),
+    # weights and noises
+    ("model-nan", lambda t, m: t.__setitem__(k := _first_model_key(t), torch.full_like(t[k], NAN)), "NaN or inf"),
+    ("model-missing", lambda t, m: t.pop(_first_model_key(t)), "the model's weights lacks 1 tensor"),
+    ("model-extra", _tensor("model/extra.weight", lambda v: torch.zeros(1)), "unexpected tensor 'model/extra.weight'"),
+    ("noise-nan", _tensor("run/noise", lambda v: torch.full_like(v, NAN)), "'run/noise' holds"),
+    ("noise-gone", _drop_tensor("run/noise"), "tensor 'run/noise' is missing"),
+    ("last-noise-shape", _tensor("run/last_ns_noise", lambda v: v[:3]), "'run/last_ns_noise' has shape (3, 96)"),
+    ("unknown-tensor", _tensor("foo", lambda v: torch.zeros(1)), "unexpected tensor 'foo'"),
+]
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("edit,phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_checkpoint_is_refused_and_changes_nothing(run_dir, tmp_path, capsys, edit, phrase):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    t, m = _read(d / CKPT)
+    edit(t, m)
+    save_file(t, str(d / CKPT), metadata=m)
+    before = _snapshot(d)
+    capsys.readouterr()
+    rc = _main(ARGS + ["--out", str(d), "--resume"])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("nsvit-fast: error: "), err
+    assert phrase in lines[0], lines[0]
+    assert str(d / CKPT) in lines[0]
+    assert _snapshot(d) == before  # byte-identical, nothing new, nothing removed
+
+
+def test_untouched_checkpoint_resumes(run_dir, tmp_path, capsys):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    t, m = _read(d / CKPT)
+    save_file(t, str(d / CKPT), metadata=m)  # re-saved through the same path as the edits: still fine
+    assert _main(ARGS + ["--out", str(d), "--resume"]) == 0, capsys.readouterr().err
+    assert (d / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in log] == [0, 1]
