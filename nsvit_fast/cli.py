@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import NsvitError
+from .errors import MAX_SEED, NsvitError
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,8 +30,8 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- argument types: a bad value is argparse's one-line error, before anything runs --
-def count(lo: int = 1):
-    """A whole number >= lo."""
+def count(lo: int = 1, hi: int | None = None):
+    """A whole number >= lo (and <= hi)."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -39,6 +39,8 @@ def count(lo: int = 1):
             raise argparse.ArgumentTypeError(f"must be a whole number >= {lo}, got {text!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text!r}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text!r}")
         return v
     parse.__name__ = f"whole number >= {lo}"
     return parse
@@ -97,7 +99,7 @@ def suite_folder(text: str) -> tuple[str, str]:
 
 
 POSITIVE = number(0)
-SEED = count(0)
+SEED = count(0, MAX_SEED)
 
 
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -440,16 +442,21 @@ def add_finetune(sub) -> None:
 
 # -- eval --
 def cmd_eval(args) -> int:
-    from .eval import evaluate
+    from .eval import Report, evaluate
+    from .eval.suite import parse_suite
     from .io import check_output_dir
     from .models import load_model
 
     from .runtime import Runtime
 
-    check_output_dir(args.out)
+    check_output_dir(args.out, files=Report.FILES)
     rt = Runtime.create(args.device, args.precision or "fp32")  # before any model loads
     sep = ";" if (";" in args.suite or ":" in args.suite) else ","  # settings hold commas
     suites = [s for s in args.suite.split(sep) if s.strip()]
+    if not suites:
+        raise NsvitError(f"--suite {args.suite!r} names no suite (e.g. --suite clean,fgsm)")
+    for s in suites:  # a bad setting fails here, before any model loads
+        parse_suite(s)
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
@@ -729,8 +736,12 @@ FS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, 
              errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE}
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "failed"
+def _one_line(text) -> str:
+    text = str(text)
+    if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last  # "nsvit_fast.data.folders.BadImage: <message>"
+    return " ".join(text.split()) or "failed"
 
 
 def main(argv: list[str] | None = None) -> int:

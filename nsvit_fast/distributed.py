@@ -31,6 +31,13 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     keeps the old rule (nccl when CUDA exists)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return dist.is_available() and dist.is_initialized()
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:  # WORLD_SIZE set by hand, not by torchrun: init_process_group would raise a bare ValueError
+        from .errors import NsvitError
+
+        raise NsvitError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start "
+                         f"distributed runs with torchrun (torchrun --nproc-per-node N -m nsvit_fast finetune ...), "
+                         f"or unset WORLD_SIZE")
     if device is None:
         cuda = torch.cuda.is_available()
     else:

@@ -24,28 +24,40 @@ def os_error(path: str | os.PathLike, e: OSError, what: str = "write") -> NsvitE
     return NsvitError(f"cannot {what} {path}: {reason}")
 
 
-def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), what: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), what: str = "--out",
+                      siblings: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Refuse an output file path that cannot be written, before any work is done.
 
     Refused: a path that is a folder, a path under a file, a suffix not in ``suffixes`` (when given),
-    and a folder that cannot be created or written. Nothing is left behind: a folder created to
-    check writability is removed again."""
+    a folder that cannot be created or written, and a folder at any of ``siblings`` (the files
+    written beside it, e.g. its .json). Nothing is left behind: a folder created to check
+    writability is removed again."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
     if path.is_dir():
         raise NsvitError(f"{what} {path} is a folder; give a file name")
+    _check_not_folders(what, siblings)
     _check_dir(path.parent, what)
     return path
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Refuse an output folder that is a file, lies under a file, or cannot be created or written."""
+def check_output_dir(path: str | os.PathLike, what: str = "--out", files: tuple[str, ...] = ()) -> Path:
+    """Refuse an output folder that is a file, lies under a file, or cannot be created or written,
+    or that holds a folder under one of ``files`` (the names the caller will write there)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NsvitError(f"{what} {path} is a file, not a folder")
+    _check_not_folders(what, [path / f for f in files])
     _check_dir(path, what)
     return path
+
+
+def _check_not_folders(what: str, paths) -> None:
+    """A folder where a file will be written fails at the write, after the others were written: refuse it first."""
+    for p in paths:
+        if Path(p).is_dir():
+            raise NsvitError(f"{what}: {p} is a folder, where this command writes a file")
 
 
 def _check_dir(folder: Path, what: str) -> None:

@@ -107,3 +107,23 @@ def test_data_bad_input(tmp_path):
     with pytest.raises(NsvitError, match="splits"):
         digits("dev")
     assert np.isfinite(digits("val").images.numpy()).all()
+
+
+def test_16_bit_and_float_images_keep_their_brightness(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey at 255 (half scale reads white) and truncates float
+    pixels (0.5 reads black); read_rgb scales them to 8 bits first. 8-bit files are unchanged."""
+    from PIL import Image
+
+    from nsvit_fast.data.folders import read_rgb
+
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(tmp_path / "g8.png")
+    Image.fromarray(np.full((8, 8), 40000, np.int32)).save(tmp_path / "i32.tif")
+    want = (ramp * 255).round()
+    for name in ("g16.png", "f.tif", "g8.png"):
+        got = np.asarray(read_rgb(tmp_path / name), dtype=np.float64)
+        assert got.shape == (8, 8, 3) and np.abs(got[..., 0] - want).max() <= 1, name
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # the case PIL's convert gets wrong
+    assert np.asarray(read_rgb(tmp_path / "i32.tif")).mean() == pytest.approx(40000 / 257, abs=1)

@@ -93,7 +93,7 @@ def test_an_attack_that_raises_leaves_a_training_model_training(test128):
         attack_accuracy(model, x, bad, "fgsm")
     assert model.training and all(m.training for m in model.modules())
     with pytest.raises(NsvitError, match="num_patch must be in"):  # PatchFool, through the suite's attack loop
-        evaluate(model, test128.subset(8), ["patchfool:num_patch=0"], progress=False)
+        evaluate(model, test128.subset(8), ["patchfool:num_patch=17"], progress=False)  # 16 patches
     assert model.training
     with pytest.raises(NsvitError, match="takes images"):  # the clean accuracy loop: images of the wrong size
         accuracy(model, torch.rand(4, 3, 8, 8), y[:4])

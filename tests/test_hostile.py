@@ -182,6 +182,21 @@ def assets(tmp_path_factory):
     (a / "list.yaml").write_text("- rounds\n- 3\n")
     (a / "bad.yaml").write_text("rounds: [1, 2\n")
     (a / "types.yaml").write_text("rounds: 2\nout: 5\n")
+    ood = a / "ood_corrupt"  # all ten classes of digits_vit (named a-j), one image truncated
+    for i, c in enumerate("abcdefghij"):
+        (ood / c).mkdir(parents=True)
+        (ood / c / "0.png").write_bytes((a / "good" / "a" / "0.png").read_bytes())
+    (ood / "j" / "9.jpg").write_bytes((a / "good" / "a" / "0.png").read_bytes()[:60])
+    (a / "latin1.yaml").write_bytes("rounds: 1\n# caf\u00e9\n".encode("latin-1"))
+    _edit_tensors(good, a / "f8.safetensors", {"head.bias": w["head.bias"].to(torch.float8_e4m3fn)})
+    _edit_tensors(good, a / "std_tiny.safetensors", meta={"std": "json:[1e-30, 1e-30, 1e-30]"})
+    _edit_tensors(good, a / "mean_huge.safetensors", meta={"mean": "json:[1e30, 0.5, 0.5]"})
+    for name, text in (("list", "[1, 2]\n"), ("noround", '{"noise_norm": 1}\n'), ("wordround", '{"round": "a"}\n'),
+                       ("wordnorm", '{"round": 0, "noise_norm": "big"}\n')):
+        (a / f"run_{name}").mkdir()
+        (a / f"run_{name}" / "log.jsonl").write_text(text)
+    (a / "run_latin1").mkdir()
+    (a / "run_latin1" / "log.jsonl").write_bytes(b'{"round": 0, "note": "caf\xe9"}\n')
     return a
 
 
@@ -253,6 +268,12 @@ CASES = [
     ("yaml-list", ["finetune", "--config", "{A}/list.yaml", "--out", "{C}/o"], "must hold a mapping", {}),
     ("yaml-broken", ["finetune", "--config", "{A}/bad.yaml", "--out", "{C}/o"], "not valid YAML", {}),
     ("yaml-types", ["finetune", "--config", "{A}/types.yaml"], "out must be a string", {}),
+    ("yaml-latin1", ["finetune", "--config", "{A}/latin1.yaml", "--out", "{C}/o"], "not a UTF-8 text file", {}),
+    ("yaml-is-checkpoint", ["finetune", "--config", "{A}/nan.safetensors", "--out", "{C}/o"], "not a UTF-8", {}),
+    ("seed-huge", SY + ["--seed", "18446744073709551616", "--out", "{C}/b.safetensors"], "--seed: must be <= 4294967295",
+     {}),
+    ("seeds-huge", ["eval", "--seeds", "0,4294967296"], "must be <= 4294967295", {}),
+    ("ovr-seed-huge", FT + ["seed=18446744073709551616", "--out", "{C}/o"], "seed must be <= 4294967295", {}),
     # output paths
     ("out-jpg", ["watermark", "--image", "skimage:coffee", "--out", "{C}/x.jpg"], "must end in .png", {}),
     ("out-is-dir", ["watermark", "--image", "skimage:coffee", "--out", "{A}/adir.safetensors"], "must end in .png", {}),
@@ -284,6 +305,11 @@ CASES = [
     ("ckpt-missing-key", EV + ["--checkpoint", "{A}/nokeys.safetensors", "--out", "{C}/ev"], "missing 1 key", {}),
     ("ckpt-truncated", EV + ["--checkpoint", "{A}/truncated.safetensors", "--out", "{C}/ev"], "not a readable", {}),
     ("ckpt-random", EV + ["--checkpoint", "{A}/random.safetensors", "--out", "{C}/ev"], "not a readable", {}),
+    ("ckpt-float8", ["nullspace", "--checkpoint", "{A}/f8.safetensors"], "is float8_e4m3fn; weights must be", {}),
+    ("ckpt-std-tiny", EV + ["--checkpoint", "{A}/std_tiny.safetensors", "--out", "{C}/ev"], "metadata 'std' must be",
+     {}),
+    ("ckpt-mean-huge", EV + ["--checkpoint", "{A}/mean_huge.safetensors", "--out", "{C}/ev"],
+     "metadata 'mean' must be", {}),
     ("ckpt-pickle", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/evil.pt"], "pickled Python objects", {}),
     ("ckpt-dir", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/adir.safetensors"], "not found", {}),
     ("names-too-many", EV + ["--names", "a,b,c", "--out", "{C}/ev"], "3 names for 1 model", {}),
@@ -335,8 +361,26 @@ CASES = [
     ("image-not-image", ["watermark", "--image", "{A}/afile", "--out", "{C}/w.png"], "not a readable image", {}),
     ("data-no-images", EV + ["--data", "{A}/empty_classes", "--out", "{C}/ev"], "", {}),
     ("trend-truncated-log", ["analyze", "trend", "--run", "{A}/run_badlog", "--out", "{C}/an"], "line 2", {}),
+    ("trend-log-list", ["analyze", "trend", "--run", "{A}/run_list", "--out", "{C}/an"], "must be a JSON object", {}),
+    ("trend-log-noround", ["analyze", "trend", "--run", "{A}/run_noround", "--out", "{C}/an"], "'round' must be", {}),
+    ("trend-log-wordround", ["analyze", "trend", "--run", "{A}/run_wordround", "--out", "{C}/an"], "'round' must be",
+     {}),
+    ("trend-log-wordnorm", ["analyze", "trend", "--run", "{A}/run_wordnorm", "--out", "{C}/an"],
+     "'noise_norm' must be a number", {}),
+    ("trend-log-latin1", ["analyze", "trend", "--run", "{A}/run_latin1", "--out", "{C}/an"], "not UTF-8", {}),
+    ("data-corrupt-workers", EV + ["--data", "{A}/corrupt", "--workers", "2", "--out", "{C}/ev"],
+     "9.jpg is not a readable image", {}),
+    ("ood-corrupt", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/ood_corrupt", "--classes",
+                              "a,b,c,d,e,f,g,h,i,j", "--max-images", "8", "--quiet", "--out", "{C}/ev"],
+     "9.jpg is not a readable image", {}),
+    ("ood-classes-count", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/good", "--classes",
+                                    "a,b", "--out", "{C}/ev"], "2 names (2 distinct)", {}),
+    ("ood-classes-dup", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/good", "--classes",
+                                  "a,b,c,d,e,f,g,h,i,a", "--out", "{C}/ev"], "10 names (9 distinct)", {}),
     # environment
     ("env-world-size", FT + ["--out", "{C}/o"], "WORLD_SIZE", {"env": {"WORLD_SIZE": "two"}}),
+    ("env-world-size-by-hand", FT + ["--out", "{C}/o"], "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set",
+     {"env": {"WORLD_SIZE": "2"}}),
     # models, names and values a user mistypes, per subcommand
     ("nullspace-resnet", ["nullspace", "--model", "resnet18"], "not a supported family", {}),
     ("nullspace-no-ckpt", ["nullspace", "--model", "vit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors"],
@@ -361,6 +405,22 @@ CASES = [
     ("eval-folder-missing", EV[:1] + ["--suite", "clean", "--folder", "imagenet-a=/nope", "--suite", "imagenet-a",
                                       "--out", "{C}/ev"], "folder not found", {}),
     ("eval-eps-neg", EV[:1] + ["--suite", "fgsm:eps=-2/255", "--out", "{C}/ev"], "eps must be >= 0", {}),
+    ("eval-steps-frac", EV[:1] + ["--suite", "pgd:steps=2.5", "--out", "{C}/ev"], "steps must be a whole number", {}),
+    ("eval-steps-neg", EV[:1] + ["--suite", "pgd:steps=-3", "--out", "{C}/ev"], "steps must be a whole number >= 1",
+     {}),
+    ("eval-cw-steps-0", EV[:1] + ["--suite", "cw:steps=0", "--out", "{C}/ev"], "steps must be a whole number >= 1", {}),
+    ("eval-alpha-neg", EV[:1] + ["--suite", "pgd:alpha=-1", "--out", "{C}/ev"], "alpha must be > 0", {}),
+    ("eval-eps-huge", EV[:1] + ["--suite", "fgsm:eps=1e400", "--out", "{C}/ev"], "not a finite number", {}),
+    ("eval-scale-huge", EV[:1] + ["--suite", "nullspace:scale=1e400", "--out", "{C}/ev"], "not a finite number", {}),
+    ("eval-no-suite", EV[:1] + ["--suite", ";", "--out", "{C}/ev"], "names no suite", {}),
+    ("eval-report-dir", EV + ["--out", "{C}/ev"], "report.md is a folder", {"mkdir": "ev/report.md"}),
+    ("wm-json-dir", ["watermark", "--image", "skimage:coffee", "--out", "{C}/w.png"], "w.json is a folder",
+     {"mkdir": "w.json"}),
+    ("targeted-figure-dir", ["targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--out",
+                             "{C}/t.png"], "t_figure.png is a folder", {"mkdir": "t_figure.png"}),
+    ("fp-make-json-dir", ["fingerprint", "make", "--n", "2", "--fingerprint", "{C}/fp.safetensors", "--report",
+                          "{C}/r"], "fingerprint_make.json is a folder", {"mkdir": "r/fingerprint_make.json"}),
+    ("synth-diverges", SY + ["--lim", "1e20", "--out", "{C}/b.safetensors"], "the noise diverged to NaN/inf", {}),
     ("wm-sizes", ["watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee", "--out", "{C}/o.png"],
      "give images of one size", {}),
     ("wm-no-image", ["watermark", "--image", "/no/such.png", "--out", "{C}/o.png"], "image not found", {}),
@@ -405,7 +465,7 @@ def _prepare(cases, assets: Path, root: Path) -> list[dict]:
         case.mkdir(parents=True)
         log.mkdir(parents=True)
         if opt.get("mkdir"):
-            (case / opt["mkdir"]).mkdir()
+            (case / opt["mkdir"]).mkdir(parents=True)
         sub = [a.replace("{A}", str(assets)).replace("{C}", str(case)) for a in argv]
         out.append({"argv": sub, "cwd": opt.get("cwd", str(case)), "log": str(log), "env": opt.get("env", {}),
                     "fsize": opt.get("fsize", 0)})
@@ -425,6 +485,7 @@ def test_every_hostile_case_is_one_line_exit_2_and_touches_nothing(assets, tmp_p
         err = (Path(job["log"]) / "err").read_text()
         lines = err.strip().splitlines()
         ok = code == 2 and len(lines) == 1 and lines[0].startswith("nsvit-fast: error: ") and msg in lines[0]
+        ok = ok and "Traceback" not in lines[0]  # e.g. a DataLoader worker's, folded into the line
         ok = ok and "weights_only=False" not in err
         if not ok:
             failures.append(f"{cid}: exit {code}, stderr {err[-600:]!r}")

@@ -21,6 +21,12 @@ from .images import load_pair, save_image
 from .saliency import METHODS, saliency
 
 
+
+def _beside(out) -> tuple[Path, Path]:
+    """The files run_watermark and run_targeted write beside their PNG."""
+    out = Path(out)
+    return out.with_suffix(".json"), out.with_name(out.stem + "_figure.png")
+
 def _numbers(result: dict) -> dict:
     """The JSON-able part of an edit's result: everything but its tensors."""
     return {k: v for k, v in result.items() if not hasattr(v, "shape")}
@@ -49,7 +55,7 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
         NsvitError: an output name not ending in .png or not writable, an unreadable image, a mark of
             another size, a strength outside (0, 1], or a model without a nullspace.
     """
-    out = check_output_file(out, (".png",), "out")
+    out = check_output_file(out, (".png",), "out", siblings=_beside(out))
     x, m = load_pair(parts, image, mark)
     r = watermark(parts, x, m, strength, iters)
     save_image(r["marked"][0], out)
@@ -89,7 +95,7 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
     bad = [m for m in maps if m not in METHODS]
     if bad:
         raise NsvitError(f"unknown saliency method {bad[0]!r} (methods: {', '.join(METHODS)})")
-    out = check_output_file(out, (".png",), "out")
+    out = check_output_file(out, (".png",), "out", siblings=_beside(out))
     a, b = load_pair(parts, source, target, same_size=False)
     r = targeted(parts, a, b, iters)
     save_image(r["result"][0], out)
@@ -129,7 +135,7 @@ def run_fingerprint_make(parts, images: torch.Tensor, fingerprint: str | Path, r
         NsvitError: a fingerprint name not ending in .safetensors, an unwritable path, images not in
             [0, 1], n < 1, scale <= 0, or a model without a nullspace.
     """
-    rep = check_output_dir(report, "report")
+    rep = check_output_dir(report, "report", files=("fingerprint_make.json", "fingerprint_make.png"))
     path = check_output_file(fingerprint, (".safetensors",), "fingerprint")
     fp = make_fingerprint(parts, getattr(images, "images", images), n=n, scale=scale, seed=seed)
     fp.save(path)
@@ -173,7 +179,7 @@ def run_fingerprint_verify(parts, fingerprint: str | Path, report: str | Path, t
         NsvitError: an unreadable, edited or unexpected fingerprint, a threshold outside (0, 1), a
             suspect of another input size, or an unwritable report folder.
     """
-    rep = check_output_dir(report, "report")
+    rep = check_output_dir(report, "report", files=("fingerprint_verify.json",))
     fp = Fingerprint.load(fingerprint, expect_digest)
     r = verify(parts, fp, threshold)
     res = {"fingerprint": str(fingerprint), "suspect": parts.name, "checkpoint": checkpoint, **r}

@@ -165,6 +165,23 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     return res
 
 
+def _check_record(rec, where: str) -> dict:
+    """A log.jsonl round record as finetune writes it: an object with a whole-number ``round`` >= 0
+    and numbers (or null) for the series the figure draws. A hand-edited line is named, not plotted."""
+    from ..train.plots import SERIES
+
+    if not isinstance(rec, dict):
+        raise NsvitError(f"{where}: a round record must be a JSON object, got {type(rec).__name__}")
+    r = rec.get("round")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise NsvitError(f"{where}: 'round' must be a whole number >= 0, got {r!r}")
+    for key, _ in SERIES:
+        v = rec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise NsvitError(f"{where}: {key!r} must be a number, got {v!r}")
+    return rec
+
+
 def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """Fig. 4: noise norm, MSE-prob, synthesis steps and metrics across a finetuning run's rounds.
 
@@ -185,13 +202,18 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
     log = run / "log.jsonl"
     if not log.is_file():
         raise NsvitError(f"{run} holds no finetuning log (log.jsonl)")
+    try:
+        text = log.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NsvitError(f"{log} is not UTF-8 text (byte {e.start}): not a finetuning log") from None
     hist = []
-    for i, line in enumerate(log.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                hist.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 raise NsvitError(f"{log}, line {i}: not a JSON record (a truncated log?)") from None
+            hist.append(_check_record(rec, f"{log}, line {i}"))
     if not hist:
         raise NsvitError(f"{log} is empty")
     out = Path(out) if out else run

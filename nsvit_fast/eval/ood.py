@@ -23,9 +23,13 @@ SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-s
 def model_class_names(parts, model_classes: list[str] | None = None) -> list[str]:
     """The names of the model's K outputs, in order: ``model_classes`` when given, timm's ImageNet
     synsets (``n01440764`` ...) for a 1000-class model. Raises NsvitError for any other model
-    without ``model_classes``."""
+    without ``model_classes``, and for ``model_classes`` that do not name each output once."""
     if model_classes is not None:
-        return list(model_classes)
+        names = list(model_classes)
+        if len(names) != parts.num_classes or len(set(names)) != len(names):
+            raise NsvitError(f"model_classes: {len(names)} names ({len(set(names))} distinct) for {parts.name}'s "
+                             f"{parts.num_classes} outputs; give one name per output, in output order")
+        return names
     if parts.num_classes == 1000:
         from timm.data import ImageNetInfo
 
@@ -65,11 +69,11 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import ImageFolder
 
-    from ..data.folders import pixel_transform
+    from ..data.folders import pixel_transform, read_rgb
 
     names = model_class_names(parts, model_classes)
     check_folder(root, suite, names)
-    ds = ImageFolder(str(root), transform=pixel_transform(parts))
+    ds = ImageFolder(str(root), transform=pixel_transform(parts), loader=read_rgb)  # a bad file: BadImage, named
     to_model = torch.tensor([names.index(c) for c in ds.classes])
     if max_images is not None and max_images < len(ds):
         ds = Subset(ds, torch.linspace(0, len(ds) - 1, max_images).round().long().tolist())

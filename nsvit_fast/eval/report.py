@@ -157,6 +157,8 @@ class Report:
             w.writerow([r.model, r.seed, r.suite, r.setting, r.metric, repr(r.value)])
         return buf.getvalue()
 
+    FILES = ("report.json", "report.csv", "report.md", "suites.png", "corruptions.png")  # what save may write
+
     def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
         """Write report.json, report.csv, report.md (Table 2) and, with ``plots``, the figures into
         ``out_dir`` (atomically); returns {kind: path}."""

@@ -44,7 +44,7 @@ from .accuracy import eval_mode
 from .attacks import ATTACKS, AttackSpec, attack_accuracy_on
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
-from .ood import folder_accuracy
+from .ood import folder_accuracy, model_class_names
 from .report import APPROX_ALEXNET, Report
 from .source import EvalImages, TensorImages, as_eval_images
 
@@ -298,8 +298,32 @@ def _num(v: str):
         pass
     try:
         return float(Fraction(v))
-    except (ValueError, ZeroDivisionError):
-        raise NsvitError(f"setting value {v!r} is not a number (use 4/255 or 0.0157)") from None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise NsvitError(f"setting value {v!r} is not a finite number (use 4/255 or 0.0157)") from None
+
+
+# each numeric setting's kind and range: ("count", lo) a whole number >= lo; ("number", lo, open) a
+# finite number > lo (open) or >= lo. Unlisted numeric settings must be finite.
+SETTING_RANGES: dict[str, tuple] = {
+    "steps": ("count", 1), "n": ("count", 1), "num_patch": ("count", 1), "n_patches": ("count", 1),
+    "step_size": ("count", 1), "atten_select": ("count", 0),
+    "eps": ("number", 0, False), "kappa": ("number", 0, False), "atten_loss_weight": ("number", 0, False),
+    "alpha": ("number", 0, True), "lr": ("number", 0, True), "c": ("number", 0, True), "gamma": ("number", 0, True),
+    "scale": ("number", 0, True),
+}
+
+
+def _check_setting(suite: str, k: str, v):
+    rule = SETTING_RANGES.get(k)
+    if isinstance(v, str):
+        return v
+    if rule and rule[0] == "count":
+        if not float(v).is_integer() or v < rule[1]:
+            raise NsvitError(f"{suite}: {k} must be a whole number >= {rule[1]}, got {v:g}")
+        return int(v)
+    if rule and (v < rule[1] or (rule[2] and v == rule[1])):
+        raise NsvitError(f"{suite}: {k} must be {'>' if rule[2] else '>='} {rule[1]}, got {v:g}")
+    return v
 
 
 def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
@@ -328,7 +352,7 @@ def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
         raise NsvitError(f"suite {name} has no setting {bad[0]!r}" + (f" (settings: {', '.join(defaults)})" if defaults else ""))
     if kw.get("eps", 0) < 0:
         raise NsvitError(f"eps must be >= 0, got {kw['eps']}")
-    return name, {**defaults, **kw}
+    return name, {**defaults, **{k: _check_setting(name, k, v) for k, v in kw.items()}}
 
 
 def fmt_setting(kw: dict[str, Any]) -> str:
@@ -380,6 +404,9 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         needs = SUITES[suite].needs
         if needs == "folder" and suite not in run.folders:
             raise NsvitError(f"suite {suite} needs its folder: folders={{'{suite}': PATH}} (--folder {suite}=PATH)")
+        if needs == "folder":  # the class names each model's outputs map to, checked before any model runs
+            for parts in models.values():
+                model_class_names(parts, model_classes)
         if needs == "bank" and bank is None:
             raise NsvitError(f"suite {suite} needs a NoiseBank (bank=..., --bank FILE)")
     say = log or (print if progress else (lambda *_: None))

@@ -78,6 +78,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return obj, meta
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -91,6 +94,9 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
         NsvitError: missing, unexpected or wrongly shaped keys, or a NaN/inf weight, naming ``source``."""
     sd = _clean_keys(sd)
     for k, v in sd.items():
+        if v.is_floating_point() and v.dtype not in WEIGHT_DTYPES:  # float8 and the like: isfinite has no kernel
+            raise NsvitError(f"{source}: weight {k!r} is {str(v.dtype).replace('torch.', '')}; weights must be "
+                             f"float32, float16, bfloat16 or float64")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise NsvitError(f"{source}: weight {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or inf "
                              f"value(s); refused (a diverged or corrupt checkpoint)")
@@ -163,12 +169,15 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     elif sd is not None and "num_classes" not in model_kwargs and "head.weight" in _clean_keys(sd):
         model_kwargs["num_classes"] = int(_clean_keys(sd)["head.weight"].shape[0])
     mean, std = meta.get("mean"), meta.get("std")
+    # pixels are in [0, 1]: a mean far outside it or a std near 0 (hand-edited metadata) would give
+    # NaN or saturated logits and a silently wrong evaluation, not an error
+    ranges = {"mean": (-10.0, 10.0), "std": (1e-3, 1e3)}
     for key, val in (("mean", mean), ("std", std)):
-        if val is not None and (not isinstance(val, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-                and (key == "mean" or v > 0) for v in val)):
-            raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of finite numbers"
-                             f"{' > 0' if key == 'std' else ''}, got {val!r}")
+        lo, hi = ranges[key]
+        if val is not None and (not isinstance(val, list) or not val or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in val)):
+            raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of numbers in [{lo:g}, {hi:g}] "
+                             f"(pixel normalisation), got {val!r}")
     parts = create_model(arch, name=name or "", mean=mean, std=std,
                          pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:

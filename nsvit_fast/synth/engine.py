@@ -511,6 +511,13 @@ def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthCon
     return _fast(parts, cache or CleanCache(parts, train, device), v0, cfg, device, confirm, log)
 
 
+def _check_diverged(V: torch.Tensor, cfg: SynthConfig) -> None:
+    """A step that overflowed leaves NaN/inf noise, which would poison every batch it is added to."""
+    if not bool(torch.isfinite(V).all()):
+        raise NsvitError(f"the noise diverged to NaN/inf during descent (lr {cfg.lr:g}, lim {cfg.lim:g}); "
+                         f"lower lr or lim")
+
+
 def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Tensor | None = None,
                heldout_data=None, progress: bool = True, log: str | Path | None = None,
                device: str | torch.device | None = None, cache: CleanCache | None = None,
@@ -636,6 +643,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             phases["grow"] = mark()
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
+            _check_diverged(V, cfg)
             phases["descent"] = mark()
             synth_seconds = time.perf_counter() - t0
             if cfg.schedule == "boundary":
@@ -702,6 +710,7 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
     try:
         with frozen(parts):
             V, _, _, bmse = _fast(parts, CleanCache(parts, train, device), v0, cfg, device, None, logger, lam=lams)
+            _check_diverged(V, cfg)
             mse, match = noise_effect(parts, V, held, cfg.max_rows)
             g = torch.Generator().manual_seed(cfg.seed + 1)
             perm = torch.stack([v.flatten()[torch.randperm(v.numel(), generator=g).to(device)].reshape(v.shape)

@@ -17,6 +17,34 @@ RUN_TYPES = {"model": str | None, "checkpoint": str | None, "pretrained": bool, 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
 
 
+def _loader():
+    """PyYAML's SafeLoader, reading floats as YAML 1.2 does: ``1e-4`` is a number, not the string
+    PyYAML 1.1 makes of it (it wants ``1.0e-4``), since that is how people write learning rates."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+         [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str):
+    """``text`` read as YAML with :func:`_loader`'s floats; yaml.YAMLError on bad YAML."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # a SafeLoader: no tags beyond the standard ones
+
+
 def packaged_configs() -> list[str]:
     """Names of the YAML run files that ship with the package (``digits``, ``vit_s_imagenet``...)."""
     return sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
@@ -48,7 +76,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not eq or not key:
             raise NsvitError(f"override {it!r} must be key=value (e.g. rounds=5 or synth.eps=0.01)")
         try:
-            out[key.strip()] = yaml.safe_load(val)
+            out[key.strip()] = load_yaml(val)
         except yaml.YAMLError as e:
             raise NsvitError(f"override {it!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return out
@@ -62,9 +90,13 @@ def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple
     if path:
         p = find_config(path)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = load_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise NsvitError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError as e:
+            raise NsvitError(f"{p} is not a UTF-8 text file (byte {e.start}): not a YAML config") from None
+        except OSError as e:
+            raise NsvitError(f"cannot read {p}: {e.strerror or e}") from None
         if not isinstance(raw, dict):
             raise NsvitError(f"{p} must hold a mapping of keys")
     raw.update(overrides or {})
