@@ -736,6 +736,13 @@ FS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, 
              errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE}
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
 def _one_line(text) -> str:
     text = str(text)
     if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
@@ -762,6 +769,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             where = f"{e.filename}: " if e.filename else ""
             print(f"nsvit-fast: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+            return 2
+        except (MemoryError, RuntimeError) as e:  # settings too large for the machine: the user's to change
+            if not _out_of_memory(e):
+                raise
+            print(f"nsvit-fast: error: out of memory ({_one_line(str(e).splitlines()[0] if str(e) else 'MemoryError')});"
+                  f" lower --batch-size, --num-noises or --max-images", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("nsvit-fast: interrupted", file=sys.stderr)

@@ -420,6 +420,7 @@ CASES = [
                              "{C}/t.png"], "t_figure.png is a folder", {"mkdir": "t_figure.png"}),
     ("fp-make-json-dir", ["fingerprint", "make", "--n", "2", "--fingerprint", "{C}/fp.safetensors", "--report",
                           "{C}/r"], "fingerprint_make.json is a folder", {"mkdir": "r/fingerprint_make.json"}),
+    ("synth-noises-huge", SY + ["--num-noises", "1000000000", "--out", "{C}/b.safetensors"], "out of memory", {}),
     ("synth-diverges", SY + ["--lim", "1e20", "--out", "{C}/b.safetensors"], "the noise diverged to NaN/inf", {}),
     ("wm-sizes", ["watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee", "--out", "{C}/o.png"],
      "give images of one size", {}),
