@@ -99,6 +99,7 @@ def suite_folder(text: str) -> tuple[str, str]:
 
 
 POSITIVE = number(0)
+EPS = number(0, 2, hi_open=True)  # MSE-prob is at most 2: an eps of 2 or more passes every noise
 SEED = count(0, MAX_SEED)
 
 
@@ -128,6 +129,11 @@ def cmd_nullspace(args) -> int:
     from .nullspace import TABLE1, nullspace_basis, nullspace_table
 
     if args.table1:
+        given = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                                ("--num-classes", args.num_classes), ("--pretrained", args.pretrained)) if v]
+        if given:  # the table is the paper's eight randomly initialised models; a model flag would be ignored
+            raise NsvitError(f"--table1 takes no {given[0]}: it measures the paper's eight timm ViTs, randomly "
+                             f"initialised (drop --table1 to measure one model)")
         # depth=1: the blocks do not touch the patch embedding (same seeded weights), and a full ViT-L costs ~6 s
         rows = nullspace_table([name for name, _ in TABLE1], rtol=args.rtol, depth=1)
         for row, (_, paper) in zip(rows, TABLE1):
@@ -225,7 +231,7 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 
     d = SynthConfig()
     g = p.add_argument_group("synthesis (defaults: the paper's)")
-    g.add_argument("--eps", type=POSITIVE, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
+    g.add_argument("--eps", type=EPS, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
     g.add_argument("--lim", type=POSITIVE, default=d.lim, help=f"init U(-lim, lim) (default {d.lim})")
     g.add_argument("--lr", type=POSITIVE, default=d.lr, help=f"noise learning rate (default {d.lr})")
     g.add_argument("--max-steps", type=count(1), default=d.max_steps, help=f"default {d.max_steps}")
@@ -595,9 +601,9 @@ def add_analyze(sub) -> None:
                    help="fig3: lambda values (default 0,0.5,1,2,4,8)")
     p.add_argument("--steps", type=count(1), default=300, help="fig3: optimisation steps (default 300)")
     p.add_argument("--batch-size", type=count(1), default=64)
-    p.add_argument("--m", type=count(1), help="fig5: noises, >= 1 (default 100 on CUDA, 24 on the CPU)")
+    p.add_argument("--m", type=count(2), help="fig5: noises, >= 2 (default 100 on CUDA, 24 on the CPU)")
     p.add_argument("--pairs", type=count(1), default=10, help="fig5: pairs for the convex grid (default 10)")
-    p.add_argument("--eps", type=POSITIVE, default=None,
+    p.add_argument("--eps", type=EPS, default=None,
                    help="fig5: ε (default: the paper's Sec. 5.6 value, 0.033)")
     p.set_defaults(func=cmd_analyze)
 

@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
 import torch
 
 from .data import digits
+from .errors import NsvitError
 from .io import write_json, write_text
 from .models import load_model
 from .nullspace import nullspace_basis, verify_invariance
@@ -28,6 +30,7 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
     """``quick``: 2 rounds of 5 steps (for tests), instead of the digits config's budget."""
     t0 = time.perf_counter()
     out = Path(out_dir)
+    _check_resumable(out, demo_config(seed, quick))  # before the first stage writes its figure
     result = nullspace_stage(out, scale, num_images, seed, log)
     result["finetune"] = finetune_stage(out, seed, quick, log)
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -77,6 +80,38 @@ SUITES = ["clean", "fgsm", "fgsm:eps=4/255", "fgsm:eps=8/255", "pgd", "cw", "pat
 QUICK_SUITES = ["clean", "fgsm", "fgsm:eps=8/255", "pgd"]
 
 
+def demo_config(seed: int, quick: bool):
+    """The FinetuneConfig every demo finetune runs: configs/digits.yaml at ``seed`` (``quick``: 2
+    rounds of 5 steps, 300 synthesis steps)."""
+    from .train.yamlcfg import load_run
+
+    _, cfg = load_run("digits", {"seed": seed})
+    if quick:
+        cfg = dataclasses.replace(cfg, rounds=2, model_steps=5,
+                                  synth=dataclasses.replace(cfg.synth, lim=3.0, lim_unit="abs", max_steps=300))
+    return cfg
+
+
+def _check_resumable(out: Path, cfg) -> None:
+    """The demo resumes its finetunes from ``out/finetune/<method>``; one left by a demo with other
+    settings (another --seed, --quick or not) is refused here, before anything in ``out`` is rewritten.
+    Only the header is compared; the engine checks the whole checkpoint when it resumes."""
+    from .io import load_tensors
+    from .train.engine import STATE_FILE
+
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for method in ("ns", "plain", "random"):
+        path = out / "finetune" / method / STATE_FILE
+        if not path.is_file():
+            continue
+        theirs = load_tensors(path)[1].get("config")
+        diff = [k for k in ("seed", "rounds", "model_steps") if not isinstance(theirs, dict)
+                or json.loads(json.dumps(theirs.get(k))) != mine[k]]
+        if diff:
+            raise NsvitError(f"{path} belongs to another demo ({diff[0]} differs: another --seed or --quick?); "
+                             f"use another --out")
+
+
 def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
     """The demo's second stage: finetune the digits model with ns, plain and random (random
     matching ns's per-round noise norms) from ``configs/digits.yaml`` (``quick``: 2 rounds of 5
@@ -87,12 +122,8 @@ def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
 
     from .train import finetune
     from .train.plots import trend_figure
-    from .train.yamlcfg import load_run
 
-    run, cfg = load_run("digits", {"seed": seed})
-    if quick:
-        cfg = dataclasses.replace(cfg, rounds=2, model_steps=5,
-                                  synth=dataclasses.replace(cfg.synth, lim=3.0, lim_unit="abs", max_steps=300))
+    cfg = demo_config(seed, quick)
     from .eval import evaluate
 
     train, val, test = digits("train"), digits("val"), digits("test")

@@ -187,6 +187,18 @@ def assets(tmp_path_factory):
         (ood / c).mkdir(parents=True)
         (ood / c / "0.png").write_bytes((a / "good" / "a" / "0.png").read_bytes())
     (ood / "j" / "9.jpg").write_bytes((a / "good" / "a" / "0.png").read_bytes()[:60])
+    sd = load_model("digits_vit").model.state_dict()
+    torch.save({**sd, "head.weight": torch.zeros_like(sd["head.weight"], dtype=torch.int64)}, a / "intweight.pt")
+    torch.save({**sd, "head.bias": sd["head.bias"].to_sparse()}, a / "sparse.pt")
+    torch.save({**sd, "head.bias": torch.empty_like(sd["head.bias"], device="meta")}, a / "meta.pt")
+    save_model(load_model(embedded.ARCH, **{**embedded.KWARGS, "num_classes": 5}), a / "five.safetensors")
+    for i in range(12):  # a folder of 12 classes for a 10-output model
+        (a / "twelve" / f"c{i:02d}").mkdir(parents=True)
+        (a / "twelve" / f"c{i:02d}" / "0.png").write_bytes((a / "good" / "a" / "0.png").read_bytes())
+    (a / "demo_seed0" / "finetune" / "ns").mkdir(parents=True)  # a seed-0 demo's checkpoint header
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(a / "demo_seed0" / "finetune" / "ns" / "checkpoint.safetensors"),
+              metadata={"config": json.dumps({"seed": 0, "rounds": 2, "model_steps": 5})})
     (a / "latin1.yaml").write_bytes("rounds: 1\n# caf\u00e9\n".encode("latin-1"))
     _edit_tensors(good, a / "f8.safetensors", {"head.bias": w["head.bias"].to(torch.float8_e4m3fn)})
     _edit_tensors(good, a / "std_tiny.safetensors", meta={"std": "json:[1e-30, 1e-30, 1e-30]"})
@@ -224,7 +236,7 @@ CASES = [
     ("folder-no-eq", ["eval", "--folder", "imagenet-r"], "SUITE=PATH", {}),
     ("lams-words", ["analyze", "fig3", "--lams", "a,b"], "--lams", {}),
     ("lams-nan", ["analyze", "fig3", "--lams", "1,nan"], "--lams", {}),
-    ("fig5-m-0", ["analyze", "fig5", "--m", "0"], "--m: must be >= 1", {}),
+    ("fig5-m-0", ["analyze", "fig5", "--m", "0"], "--m: must be >= 2", {}),
     ("fig5-pairs-0", ["analyze", "fig5", "--pairs", "0"], "--pairs", {}),
     ("demo-scale-neg", ["demo", "--scale", "-1", "--out", "{C}/d"], "--scale", {}),
     ("demo-scale-inf", ["demo", "--scale", "inf", "--out", "{C}/d"], "--scale", {}),
@@ -390,7 +402,7 @@ CASES = [
     ("nullspace-offline", ["nullspace", "--model", "vit_tiny_patch16_224", "--pretrained"], "could not get pretrained",
      {}),
     ("pretrain-epochs-0", ["pretrain", "--epochs", "0"], "--epochs: must be >= 1", {}),
-    ("synth-eps-0", ["synth", "--eps", "0", "--out", "{C}/b.safetensors"], "--eps: must be a finite number in (0, inf)",
+    ("synth-eps-0", ["synth", "--eps", "0", "--out", "{C}/b.safetensors"], "--eps: must be a finite number in (0, 2)",
      {}),
     ("synth-lim-neg", ["synth", "--lim", "-1", "--out", "{C}/b.safetensors"], "--lim: must be a finite number", {}),
     ("synth-no-folder", ["synth", "--data", "/no/such/folder", "--out", "{C}/b.safetensors"], "neither", {}),
@@ -420,6 +432,28 @@ CASES = [
                              "{C}/t.png"], "t_figure.png is a folder", {"mkdir": "t_figure.png"}),
     ("fp-make-json-dir", ["fingerprint", "make", "--n", "2", "--fingerprint", "{C}/fp.safetensors", "--report",
                           "{C}/r"], "fingerprint_make.json is a folder", {"mkdir": "r/fingerprint_make.json"}),
+    ("synth-eps-2", SY + ["--eps", "2", "--out", "{C}/b.safetensors"], "--eps: must be a finite number in (0, 2)", {}),
+    ("ovr-synth-eps-5", FT + ["synth.eps=5", "--out", "{C}/o"], "eps must be < 2", {}),
+    ("fig5-m-1", ["analyze", "fig5", "--m", "1"], "--m: must be >= 2", {}),
+    ("table1-checkpoint", ["nullspace", "--table1", "--checkpoint", "/no/such.pt"], "--table1 takes no --checkpoint",
+     {}),
+    ("ckpt-int-weights", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/intweight.pt"],
+     "'head.weight' is int64; weights must be", {}),
+    ("ckpt-sparse", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/sparse.pt"],
+     "not a dense tensor with data", {}),
+    ("ckpt-meta", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/meta.pt"], "not a dense tensor", {}),
+    ("eval-labels-past-outputs", EV + ["--checkpoint", "{A}/five.safetensors", "--out", "{C}/ev"],
+     "has 10 classes, the model 5 outputs", {}),
+    ("eval-compare-labels", EV + ["--compare", "{A}/five.safetensors", "--out", "{C}/ev"],
+     "has 10 classes, the model 5 outputs", {}),
+    ("eval-folder-12-classes", EV + ["--data", "{A}/twelve", "--out", "{C}/ev"], "has 12 classes, the model 10", {}),
+    ("ft-labels-past-outputs", FT + ["--checkpoint", "{A}/five.safetensors", "--out", "{C}/o"],
+     "the training data has 10 classes, the model 5", {}),
+    ("ft-val-12-classes", FT[:-2] + ["method=plain", "val_data={A}/twelve", "--out", "{C}/o"],
+     "the validation data has 12 classes", {}),
+    ("ft-tensorboard-file", FT + ["tensorboard=true", "--out", "{C}/o"], "is a file, where tensorboard=True",
+     {"file": "o/tensorboard"}),
+    ("demo-other-seed", ["demo", "--quick", "--seed", "1", "--out", "{A}/demo_seed0"], "belongs to another demo", {}),
     ("synth-noises-huge", SY + ["--num-noises", "1000000000", "--out", "{C}/b.safetensors"], "out of memory", {}),
     ("synth-diverges", SY + ["--lim", "1e20", "--out", "{C}/b.safetensors"], "the noise diverged to NaN/inf", {}),
     ("wm-sizes", ["watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee", "--out", "{C}/o.png"],
@@ -467,6 +501,9 @@ def _prepare(cases, assets: Path, root: Path) -> list[dict]:
         log.mkdir(parents=True)
         if opt.get("mkdir"):
             (case / opt["mkdir"]).mkdir(parents=True)
+        if opt.get("file"):
+            (case / opt["file"]).parent.mkdir(parents=True, exist_ok=True)
+            (case / opt["file"]).write_text("a file\n")
         sub = [a.replace("{A}", str(assets)).replace("{C}", str(case)) for a in argv]
         out.append({"argv": sub, "cwd": opt.get("cwd", str(case)), "log": str(log), "env": opt.get("env", {}),
                     "fsize": opt.get("fsize", 0)})

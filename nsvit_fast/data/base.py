@@ -57,3 +57,24 @@ class ImageDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.name}, n={len(self)}, shape={tuple(self.images.shape[1:])}, classes={len(self.classes)})"
+
+
+def check_labels_fit(num_classes: int, data, what: str = "the data") -> None:
+    """Raise NsvitError if ``data``'s labels index past a model's ``num_classes`` outputs: the
+    cross-entropy would raise mid-run, and an accuracy would count every such image wrong without a
+    word. ``data``: an ImageDataset or anything with ``labels`` or ``classes``, or a folder path
+    (its class folders). Data whose classes cannot be told cheaply is let through."""
+    from pathlib import Path
+
+    labels = getattr(data, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        n = int(labels.max()) + 1 if labels.numel() else 0
+    elif getattr(data, "classes", None):
+        n = len(data.classes)
+    elif isinstance(data, (str, Path)) and Path(data).is_dir():
+        n = sum(1 for d in Path(data).iterdir() if d.is_dir() and not d.name.startswith("."))
+    else:
+        return
+    if n > num_classes:
+        raise NsvitError(f"{what} has {n} classes, the model {num_classes} outputs: its labels would index past "
+                         f"them (another model or --num-classes {n}?)")

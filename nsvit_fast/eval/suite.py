@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data.base import check_labels_fit
 from ..errors import NsvitError
 from ..models.registry import adapt
 from .accuracy import eval_mode
@@ -396,6 +397,8 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     specs = [parse_suite(s) for s in suites]
     names = list(models)
     source = as_eval_images(data, models[names[0]], max_images)
+    for name, m in models.items():
+        check_labels_fit(m.num_classes, source, f"the data (for {name})")
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")

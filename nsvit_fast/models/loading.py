@@ -93,14 +93,21 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     Raises:
         NsvitError: missing, unexpected or wrongly shaped keys, or a NaN/inf weight, naming ``source``."""
     sd = _clean_keys(sd)
+    own = model.state_dict()
     for k, v in sd.items():
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.device.type == "meta":
+            raise NsvitError(f"{source}: weight {k!r} is not a dense tensor with data "
+                             f"({type(v).__name__}{', ' + str(v.layout) if isinstance(v, torch.Tensor) else ''}"
+                             f"{', meta' if isinstance(v, torch.Tensor) and v.device.type == 'meta' else ''})")
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():  # ints, bools, complex
+            raise NsvitError(f"{source}: weight {k!r} is {str(v.dtype).replace('torch.', '')}; weights must be "
+                             f"float32, float16, bfloat16 or float64")
         if v.is_floating_point() and v.dtype not in WEIGHT_DTYPES:  # float8 and the like: isfinite has no kernel
             raise NsvitError(f"{source}: weight {k!r} is {str(v.dtype).replace('torch.', '')}; weights must be "
                              f"float32, float16, bfloat16 or float64")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise NsvitError(f"{source}: weight {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or inf "
                              f"value(s); refused (a diverged or corrupt checkpoint)")
-    own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()

@@ -118,6 +118,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
     that is not (eps, lim, lr > 0; counts >= 1; mode, schedule, stop, lr_schedule and lim_unit one
     of theirs; lr_t_max only with lr_schedule official; heldout, check_every >= 0)."""
     check_positive("eps", cfg.eps)
+    if cfg.eps >= 2:  # MSE-prob is the squared distance of two probability vectors: at most 2
+        raise NsvitError(f"eps must be < 2 (MSE-prob never exceeds 2, so every noise would pass), got {cfg.eps:g}")
     check_positive("lim", cfg.lim)
     check_positive("lr", cfg.lr)
     check_positive("init_min_scale", cfg.init_min_scale)

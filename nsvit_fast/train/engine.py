@@ -16,6 +16,7 @@ the same noise (as the official code does) and synthesis, the main cost, is data
 from __future__ import annotations
 
 import contextlib
+import importlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import build
-from ..data.base import ImageDataset
+from ..data.base import ImageDataset, check_labels_fit
 from ..errors import NsvitError, check_count, check_number, check_positive, check_seed
 from ..eval.accuracy import accuracy, eval_mode
 from ..io import write_json, write_text
@@ -632,15 +633,32 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if out is not None and (out / STATE_FILE).exists() and not resume:
             raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
                              f"folder")
+        if cfg.tensorboard:  # found missing at the first round's end, it would leave a run behind
+            try:
+                importlib.import_module("torch.utils.tensorboard")
+            except ImportError:
+                raise NsvitError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+            if out is not None and (out / "tensorboard").exists() and not (out / "tensorboard").is_dir():
+                raise NsvitError(f"{out / 'tensorboard'} is a file, where tensorboard=True writes its folder")
         eng = Engine(parts, train_data, cfg, val_data, out, progress, rt, on_bad_image)
+        check_labels_fit(parts.num_classes, getattr(eng.stream, "dataset", train_data), "the training data")
+        if val_data is not None:
+            check_labels_fit(parts.num_classes, val_data, "the validation data")
         k0 = s0 = 0
         if resume and out is not None and (out / STATE_FILE).exists():
             k0, s0 = eng.restore()
+        wrote_config = False
         if out is not None and eng.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            wrote_config = not (out / "config.json").exists()
             write_json(out / "config.json", asdict(cfg))
-        with rt.matmul_mode():
-            eng.run(k0, s0)
+        try:
+            with rt.matmul_mode():
+                eng.run(k0, s0)
+        except BaseException:
+            if wrote_config and not (out / STATE_FILE).exists():  # stopped before its first checkpoint: nothing
+                (out / "config.json").unlink(missing_ok=True)      # to resume, so leave the folder as it was
+            raise
         if out is not None and eng.rank == 0:
             save_model(parts, out / "model.safetensors", {"finetuned_by": f"nsvit-fast finetune ({cfg.method})"})
             if eng.ema is not None:
