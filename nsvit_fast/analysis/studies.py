@@ -113,7 +113,8 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     bank = synthesize(parts, data, eps=eps, num_noises=m, seed=seed, progress=False, **synth)
     V = bank.noises[bank.converged]
     if V.shape[0] < 2:
-        raise NsvitError("fewer than 2 noises reached ε: raise max_steps")
+        raise NsvitError(f"only {V.shape[0]} of {m} noises reached ε {bank.meta['eps']:g} within max_steps "
+                         f"{bank.meta['max_steps']}: raise ε (--eps) or, from Python, fig5(..., max_steps=N)")
     images = data.images if hasattr(data, "images") else data
     _, held = split_heldout(images, synth.get("heldout", 256), seed)
     dev = next(parts.parameters()).device
