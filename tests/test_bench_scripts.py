@@ -184,50 +184,9 @@ def test_confirm_share_counts_the_held_out_reads_of_a_real_round_0(tmp_path):
 
 # -- bad input: every script checks its arguments before it runs anything --
 # Each case runs the script as __main__ (runpy) in a process forked from one runner that imported
-# torch and nsvit-fast once: ~70 cases in seconds, not ~3 s of imports each. A case the script
-# wrongly accepts starts its run; the alarm ends it and the case fails.
-BENCH_RUNNER = r'''
-import json, os, runpy, signal, sys, traceback
-sys.path.insert(0, sys.argv[1])
-import torch, timm, scipy.stats, matplotlib, skimage.data, PIL.Image  # paid once, before the forks
-import nsvit_fast, nsvit_fast.cli, nsvit_fast.train, nsvit_fast.eval, nsvit_fast.analysis, nsvit_fast.synth
-import nsvit_fast.demo, nsvit_fast.viz, nsvit_fast.pretrain, common
-cases = json.load(sys.stdin)
-running, results = {}, {}
-def start(i, c):
-    pid = os.fork()
-    if pid:
-        running[pid] = i
-        return
-    code = 1
-    try:
-        os.chdir(c["cwd"])
-        for fd, name in ((1, "out"), (2, "err")):
-            f = os.open(os.path.join(c["log"], name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
-        signal.alarm(60)
-        sys.argv = [c["script"], *c["argv"]]
-        try:
-            runpy.run_path(c["script"], run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-todo = list(enumerate(cases))
-while todo or running:
-    while todo and len(running) < 2:
-        start(*todo.pop(0))
-    pid, status = os.wait()
-    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-json.dump([results[i] for i in range(len(cases))], sys.stdout)
-'''
+# torch and nsvit-fast once (tests/_forkrun.py): ~80 cases in seconds, not ~3 s of imports each. A
+# case the script wrongly accepts starts its run; the alarm ends it and the case fails.
+
 
 NO_CUDA = not torch.cuda.is_available()
 # script, argv, what the one error line says. {A}, {B}: stored noise_cost.json files on seeds 0-2
@@ -342,10 +301,11 @@ def test_every_bench_script_refuses_bad_input_with_one_line_exit_2_before_runnin
         log.mkdir(parents=True)
         argv = [str(subs.get(a, a)) for a in argv]
         argv = [str(j / f"{a[3:-1]}.json") if a.startswith("{J:") else a for a in argv]
-        jobs.append({"script": str(ROOT / "bench" / script), "cwd": str(ROOT), "log": str(log),
+        jobs.append({"script": str(ROOT / "bench" / script), "cwd": str(ROOT), "log": str(log), "alarm": 60,
                      "argv": argv if script in NO_OUT else ["--out", str(out), *argv]})
     before = {"results": _tree(RES), "root": sorted(p.name for p in ROOT.iterdir())}
-    r = subprocess.run([sys.executable, "-c", BENCH_RUNNER, str(ROOT / "bench")], input=json.dumps(jobs),
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_forkrun.py")), "script", str(ROOT / "bench")],
+                       input=json.dumps(jobs),
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     failures = []

@@ -24,53 +24,6 @@ import torch
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
 
-RUNNER = r'''
-import json, os, resource, signal, sys, traceback
-import torch, timm, yaml, PIL.Image, safetensors.torch, torchvision.datasets  # paid once, before the forks
-import nsvit_fast, nsvit_fast.cli
-# what the subcommands import lazily (~0.9 s per case otherwise); import-time warnings are still
-# checked through `python -m nsvit_fast` in test_entry_point_itself
-import nsvit_fast.train, nsvit_fast.eval, nsvit_fast.analysis, nsvit_fast.synth, nsvit_fast.viz
-cases = json.load(sys.stdin)
-par = max(2, min(4, os.cpu_count() or 2))
-running, results = {}, {}
-def start(i, c):
-    pid = os.fork()
-    if pid:
-        running[pid] = i
-        return
-    code = 1
-    try:
-        os.chdir(c["cwd"])
-        os.environ.update(c.get("env", {}))
-        for fd, name in ((1, "out"), (2, "err")):
-            f = os.open(os.path.join(c["log"], name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
-        if c.get("fsize"):
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (c["fsize"], c["fsize"]))
-        try:
-            code = nsvit_fast.cli.main(c["argv"])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-todo = list(enumerate(cases))
-while todo or running:
-    while todo and len(running) < par:
-        start(*todo.pop(0))
-    pid, status = os.wait()
-    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-json.dump([results[i] for i in range(len(cases))], sys.stdout)
-'''
 
 
 # -- hostile files --
@@ -486,7 +439,8 @@ def _snapshot(root: Path) -> dict:
 
 
 def _run_batch(cases: list[dict], timeout: int = 600) -> list[int]:
-    r = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_forkrun.py")), "cli"], input=json.dumps(cases),
+                       capture_output=True, text=True,
                        timeout=timeout, env=ENV, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
