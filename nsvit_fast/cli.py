@@ -785,8 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("nsvit-fast: interrupted", file=sys.stderr)
             return 130
-    for w in caught:
-        print(f"nsvit-fast: warning: {_one_line(w.message)}", file=sys.stderr)
+    for line in dict.fromkeys(_one_line(w.message) for w in caught):  # each once, in order
+        print(f"nsvit-fast: warning: {line}", file=sys.stderr)
     return code
 
 

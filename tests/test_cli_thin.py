@@ -12,7 +12,7 @@ import torch
 
 from nsvit_fast import NsvitError, digits
 from nsvit_fast.cli import build_parser, main
-from nsvit_fast.data import parse_spec, stream_or_load
+from nsvit_fast.data import DataSpec, parse_spec, stream_or_load
 
 from helpers import save_pixels
 
@@ -109,6 +109,15 @@ def test_folder_of_split_folders_needs_a_split(tmp_path):
     with pytest.raises(NsvitError, match="holds no split folders"):
         parse_spec(tmp_path / "val", "train")
     assert stream_or_load(str(tmp_path), None, "val") == tmp_path / "val"  # a folder streams as its split
+
+
+def test_a_named_set_is_not_shadowed_by_a_folder_of_its_name(tmp_path, monkeypatch):
+    _digit_folder(tmp_path, "digits", 1, shift=1)  # ./digits: every image under the wrong class
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"built-in set; .* \(write \./digits for it\)"):
+        assert parse_spec("digits", default_split="test") == DataSpec("digits", "test", None)
+    assert parse_spec("./digits").root == Path("./digits")  # the folder, when a path says so
+    assert parse_spec(Path("digits")).kind == "folder"
 
 
 def test_eval_never_evaluates_a_train_folder(tmp_path, capsys):

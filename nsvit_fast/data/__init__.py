@@ -9,6 +9,7 @@ unless a split names one: nothing ever picks a split folder, least of all ``trai
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def parse_spec(spec: str | Path, split: str | None = None, *, default_split: str
 
     Args:
         spec: ``digits[:SPLIT]``, ``synthetic[:SPLIT]``, or a folder path (ImageFolder layout,
-            ``root/<class>/<image>``, or a folder of split folders with ``split`` naming one).
+            ``root/<class>/<image>``, or a folder of split folders with ``split`` naming one). A
+            string that names a built-in set means that set even where a folder of that name
+            exists (with a warning); write ``./digits`` or pass a ``Path`` for the folder.
         split: the split; for a named set it must agree with the spec's own, for a folder it names
             the sub-folder ``spec/split`` to read. None: the spec's split, else ``default_split``
             for a named set, the folder itself for a folder.
@@ -65,7 +68,14 @@ def parse_spec(spec: str | Path, split: str | None = None, *, default_split: str
         raise NsvitError(f"split must be a non-empty name, got {split!r}")
     text = str(spec)
     root = Path(text)
-    if root.is_dir():
+    # A named set's name wins over a folder of that name in the working directory, so that
+    # `--data digits` means the same data wherever it runs; write ./digits for the folder.
+    named = isinstance(spec, str) and text.partition(":")[0] in DATASETS and os.sep not in text
+    if named and root.is_dir():
+        import warnings
+        warnings.warn(f"data {text!r} is the built-in set; the folder of that name here is not read "
+                      f"(write ./{text} for it)", stacklevel=2)
+    if not named and root.is_dir():
         found = split_folders(root)
         if split is None:
             if found:
