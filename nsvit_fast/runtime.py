@@ -67,6 +67,20 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def check_cpu_compiler() -> str:
+    """The C++ compiler torch.compile needs for CPU kernels, found as inductor finds it (its config's
+    ``cpp.cxx``, i.e. ``$CXX`` or g++); NsvitError up front if there is none, rather than inductor's
+    traceback at the first forward."""
+    from torch._inductor import config, cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        tried = ", ".join(c for c in config.cpp.cxx if c)
+        raise NsvitError(f"compile on the CPU needs a working C++ compiler, and torch inductor found none "
+                         f"(tried {tried}): install g++ or set CXX, or leave compile off") from None
+
+
 @dataclass
 class Runtime:
     """Device, precision and compilation of one run. ``Runtime.create`` resolves and checks them."""
@@ -81,12 +95,14 @@ class Runtime:
         """Resolve ``device`` (:func:`resolve_device`) and check ``precision``.
 
         Raises:
-            NsvitError: an unknown device or precision, CUDA where there is none, or fp16 on the
-            CPU (CPU autocast is bf16).
+            NsvitError: an unknown device or precision, CUDA where there is none, fp16 on the
+            CPU (CPU autocast is bf16), or compile on the CPU without a C++ compiler.
         """
         rt = cls(resolve_device(device), check_precision(precision), bool(compile))
         if rt.precision == "fp16" and rt.device.type == "cpu":
             raise NsvitError("precision fp16 needs a CUDA device (CPU autocast is bf16); use --precision bf16")
+        if rt.compile and rt.device.type == "cpu":
+            check_cpu_compiler()
         return rt
 
     @property

@@ -343,6 +343,8 @@ CASES = [
     ("ood-classes-dup", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/good", "--classes",
                                   "a,b,c,d,e,f,g,h,i,a", "--out", "{C}/ev"], "10 names (9 distinct)", {}),
     # environment
+    ("compile-no-cxx", FT + ["--compile", "--device", "cpu", "--out", "{C}/o"], "needs a working C++ compiler",
+     {"env": {"PATH": "/nonexistent"}}),  # inductor looks for g++ on PATH
     ("env-world-size", FT + ["--out", "{C}/o"], "WORLD_SIZE", {"env": {"WORLD_SIZE": "two"}}),
     ("env-world-size-by-hand", FT + ["--out", "{C}/o"], "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set",
      {"env": {"WORLD_SIZE": "2"}}),
