@@ -575,7 +575,7 @@ def cmd_analyze(args) -> int:
     else:
         res = studies.fig5(parts, data, args.out, m=args.m, n_pairs=args.pairs,
                            **({} if args.eps is None else {"eps": args.eps}), **kw)
-        print(f"{res['m_converged']} of {res['m_requested']} noises within eps {res['eps']} on held-out data "
+        print(f"{res['m_converged']} of {res['m_requested']} noises within eps {res['eps']} on {res['heldout_images']} held-out images "
               f"({res['synth_seconds']:.0f} s to learn); MSE-prob of alpha v:")
         print("  " + " ".join(f"{a:g}:{m:.4f}" for a, m in zip(res["alphas"][::2], res["scalar_mse_mean"][::2])))
         print(f"convex combinations on alpha1 + alpha2 = 1: max MSE-prob {res['convex_line_max']:.4f}")

@@ -390,6 +390,8 @@ CASES = [
     ("synth-eps-2", SY + ["--eps", "2", "--out", "{C}/b.safetensors"], "--eps: must be a finite number in (0, 2)", {}),
     ("ovr-synth-eps-5", FT + ["synth.eps=5", "--out", "{C}/o"], "eps must be < 2", {}),
     ("fig5-m-1", ["analyze", "fig5", "--m", "1"], "--m: must be >= 2", {}),
+    ("fig5-nothing-held-out", ["analyze", "fig5", "--m", "2", "--max-images", "3", "--out", "{C}/o"],
+     "3 image(s) leave none; give at least 4", {}),
     ("table1-checkpoint", ["nullspace", "--table1", "--checkpoint", "/no/such.pt"], "--table1 takes no --checkpoint",
      {}),
     ("ckpt-int-weights", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/intweight.pt"],

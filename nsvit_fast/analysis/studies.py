@@ -18,7 +18,7 @@ import torch
 from ..errors import NsvitError
 from ..io import save_figure, write_json
 from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
-from ..synth.engine import split_heldout
+from ..synth.engine import SynthConfig, split_heldout
 from ..viz import pyplot
 
 
@@ -99,10 +99,11 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
         "alphas", "scalar_mse_mean", "scalar_mse_std" (over noises, per alpha),
         "scalar_mse_per_noise_at_1", "grid", "convex_mse" (len(grid) x len(grid), rows alpha1),
         "convex_line_max" (largest mean on alpha1 + alpha2 = 1), "noise_norms", "synth_seconds",
-        "figure"}.
+        "heldout_images", "figure"}.
 
     Raises:
-        NsvitError: m < 2, fewer than 2 noises reaching eps, bad data or settings, or an unwritable ``out``.
+        NsvitError: m < 2, under 4 images (none to hold out), fewer than 2 noises reaching eps, bad
+            data or settings, or an unwritable ``out``.
     """
     out = Path(out)
     cuda = next(parts.parameters()).device.type == "cuda"
@@ -110,13 +111,18 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     if m < 2:
         raise NsvitError(f"fig5 needs at least 2 noises, got m={m}")
     synth = {"stop": "heldout", "batch_size": 64, **synth}
+    images = data.images if hasattr(data, "images") else data
+    n_images = images.shape[0] if hasattr(images, "shape") else 0
+    n_held = min(int(synth.get("heldout", SynthConfig.heldout)), n_images // 4)
+    if n_held < 1:  # split_heldout would then measure on the training images
+        raise NsvitError(f"fig5 measures its noises on held-out images (at most a quarter of the data): "
+                         f"{n_images} image(s) leave none; give at least 4 (--max-images)")
     bank = synthesize(parts, data, eps=eps, num_noises=m, seed=seed, progress=False, **synth)
     V = bank.noises[bank.converged]
     if V.shape[0] < 2:
         raise NsvitError(f"only {V.shape[0]} of {m} noises reached ε {bank.meta['eps']:g} within max_steps "
                          f"{bank.meta['max_steps']}: raise ε (--eps) or, from Python, fig5(..., max_steps=N)")
-    images = data.images if hasattr(data, "images") else data
-    _, held = split_heldout(images, synth.get("heldout", 256), seed)
+    _, held = split_heldout(images, synth.get("heldout", SynthConfig.heldout), seed)
     dev = next(parts.parameters()).device
     cache = CleanCache(parts, held, dev)
     V = V.to(dev)
@@ -161,7 +167,7 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
            "device": dev.type, "alphas": alphas, "scalar_mse_mean": mean, "scalar_mse_std": std,
            "scalar_mse_per_noise_at_1": scal[alphas.index(1.0)][2], "grid": grid, "convex_mse": heat.tolist(),
            "convex_line_max": max(on_line), "noise_norms": bank.norm[bank.converged].tolist(),
-           "synth_seconds": bank.meta["seconds"], "figure": str(png)}
+           "synth_seconds": bank.meta["seconds"], "heldout_images": int(held.shape[0]), "figure": str(png)}
     write_json(out / "fig5_properties.json", res)
     return res
 
