@@ -150,6 +150,11 @@ CASES = [
     ("opt-sq-negative", _tensor("opt/1/exp_avg_sq", lambda v: -v - 1), "holds values below 0"),
     ("opt-no-step", _drop_tensor("opt/0/step"), "parameter 0 lacks 'step'"),
     ("opt-step-big", _tensor("opt/0/step", lambda v: torch.tensor(1e6)), "not a step count in 1..3"),
+    ("opt-one-gone", lambda t, m: [t.pop(k) for k in list(t) if k.startswith("opt/3/")],
+     "the optimiser state of parameter 3 is missing"),
+    ("opt-params-str", _meta("opt_params", "x"), "'opt_params' must be a list"),
+    ("opt-params-short", lambda t, m: _set(m, "opt_params", _get(m, "opt_params")[1:]),
+     "parameter 0 is not listed in 'opt_params'"),
     ("opt-all-gone", lambda t, m: [t.pop(k) for k in list(t) if k.startswith("opt/")], "holds no optimiser state"),
     ("lr-nan", _group("lr", NAN), "param_groups[0] 'lr' must be a finite number"),
     ("lr-big", _group("lr", 5.0), "param_groups[0] 'lr' must be a finite number"),
@@ -205,10 +210,13 @@ def test_hostile_checkpoint_is_refused_and_changes_nothing(run_dir, tmp_path, ca
     assert _snapshot(d) == before  # byte-identical, nothing new, nothing removed
 
 
-def test_untouched_checkpoint_resumes(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("older", [False, True], ids=["untouched", "without-opt-params"])
+def test_untouched_checkpoint_resumes(run_dir, tmp_path, capsys, older):
     d = tmp_path / "run"
     shutil.copytree(run_dir, d)
     t, m = _read(d / CKPT)
+    if older:  # written before 'opt_params' was recorded: still resumes
+        m.pop("opt_params")
     save_file(t, str(d / CKPT), metadata=m)  # re-saved through the same path as the edits: still fine
     assert _main(ARGS + ["--out", str(d), "--resume"]) == 0, capsys.readouterr().err
     assert (d / "model.safetensors").is_file()

@@ -47,8 +47,11 @@ def save_state(path: str | Path, *, parts, opt, sched, ema, stream, tensors: dic
             t["stream/gen" if k == "generator" else f"stream/{k}"] = v
         elif v is not None:
             stream_meta[k] = v
+    # which parameters hold AdamW state: one that never had a gradient holds none, so the tensors
+    # alone cannot tell a deleted state from an absent one
     m = {"kind": KIND, "progress": progress, "param_groups": osd["param_groups"], "sched": sched.state_dict(),
-         "stream_pos": ss.get("pos"), "stream": stream_meta, **meta}
+         "opt_params": sorted(int(i) for i in osd["state"]), "stream_pos": ss.get("pos"), "stream": stream_meta,
+         **meta}
     return save_tensors(path, t, m)
 
 
@@ -218,6 +221,17 @@ def check_state(path: str | Path, t: dict[str, torch.Tensor], m: dict[str, Any],
             raise damaged(path, f"the optimiser state of parameter {i} lacks {sorted(expected - keys)[0]!r}")
     if steps_done and not state and not scaled:
         raise damaged(path, f"holds no optimiser state, yet the run is {steps_done} step(s) in")
+    listed = m.get("opt_params")  # absent in checkpoints written before it was recorded
+    if listed is not None:
+        if not (isinstance(listed, list) and all(is_whole(i) for i in listed)):
+            raise damaged(path, f"metadata 'opt_params' must be a list of parameter indices, got {_short(listed)}")
+        lost = sorted(set(listed) - set(state))
+        if lost:
+            raise damaged(path, f"the optimiser state of parameter {lost[0]} is missing "
+                                f"({len(lost)} of {len(listed)} listed in 'opt_params')")
+        unlisted = sorted(set(state) - set(listed))
+        if unlisted:
+            raise damaged(path, f"the optimiser state of parameter {unlisted[0]} is not listed in 'opt_params'")
 
     # the cosine schedule: this run's T_max and base lrs, as many steps taken as the progress says
     sd, fresh = m["sched"], _as_json(sched.state_dict())
