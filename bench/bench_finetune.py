@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 
 from nsvit_fast import digits, load_model
-from nsvit_fast.io import write_json, write_text
 from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run
 
-from common import Parser, add_runtime_args, count, ns_step, out_dir, sync
+from common import Parser, add_runtime_args, count, ns_step, out_dir, sync, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,8 +104,6 @@ def main(argv=None) -> int:
     machine = f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, {rt.precision}"
     out = args.out / device_kind(rt.device)
     stem = "finetune" if rt.precision == "fp32" else f"finetune-{rt.precision}"
-    write_json(out / f"{stem}.json", {"machine": machine, "device": device_kind(rt.device), "model": "digits_vit",
-                                      "quick": args.quick, **row})
     md = (f"digits_vit, configs/digits.yaml (batch {cfg.batch_size}, S = {cfg.model_steps}). {machine}.\n\n"
           "| two forwards ms/step | fused 2B ms/step | fused / two |\n|---|---|---|\n"
           f"| {row['two_forwards_ms']} | {row['fused_ms']} | {row['fused_over_two_forwards']} |\n\n"
@@ -114,9 +111,8 @@ def main(argv=None) -> int:
           + f"\n| noise init | synthesis s over {rounds} rounds | steps per round | final norm |\n|---|---|---|---|\n"
           + "".join(f"| {i} | {row[f'{i}_synth_s']} | {row[f'{i}_synth_steps']} | {row[f'{i}_final_norm']} |\n"
                     for i in ("fresh", "warm")))
-    write_text(out / f"{stem}.md", md)
-    print(md)
-    print(f"written: {out / stem}.json, .md")
+    write_results(out, stem, {"machine": machine, "device": device_kind(rt.device), "model": "digits_vit",
+                              "quick": args.quick, **row}, md)
     return 0
 
 

@@ -112,10 +112,9 @@ def summarise(raw: dict) -> tuple[list[dict], str]:
 
 def main(argv=None) -> int:
     global DEV, PRECISION
-    from nsvit_fast.io import write_json, write_text
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, when this file is imported by pytest
-    from common import Parser
+    from common import Parser, write_results
 
     ap = Parser(description="op microbenchmarks, results under bench/results/<device kind>/")
     ap.add_argument("--device", default=str(DEV), help="cpu or cuda[:N] (default: cuda if there is one)")
@@ -133,10 +132,7 @@ def main(argv=None) -> int:
     rows, md = summarise(raw)
     stem = "ops" if args.precision == "fp32" else f"ops-{args.precision}"
     out = results_dir(dev)
-    write_json(out / f"{stem}.json", {"device": device_kind(dev), "precision": args.precision, "results": rows})
-    write_text(out / f"{stem}.md", md)
-    print(md)
-    print(f"written: {out / stem}.json, .md")
+    write_results(out, stem, {"device": device_kind(dev), "precision": args.precision, "results": rows}, md)
     return 0
 
 

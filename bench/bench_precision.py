@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import Parser, add_runtime_args, count, listof, machine_line, ns_step, one_of, out_dir, sync
+from common import (Parser, add_runtime_args, count, listof, machine_line, ns_step, one_of, out_dir, sync,
+                    write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -122,7 +123,6 @@ def table(rows: list[dict], precisions: list[str], machine: str) -> str:
 
 
 def main(argv=None) -> int:
-    from nsvit_fast.io import write_json, write_text
     from nsvit_fast.runtime import device_kind
 
     ap = Parser(description=__doc__.splitlines()[0])
@@ -144,12 +144,8 @@ def main(argv=None) -> int:
     rows = [bench_model(m, precisions, repeats, dev, args.quick) for m in models]
     machine = machine_line(rts[0])
     out = args.out / device_kind(dev)
-    write_json(out / "precision.json", {"machine": machine, "device": device_kind(dev), "precisions": precisions,
-                                        "quick": args.quick, "results": rows})
-    md = table(rows, precisions, machine)
-    write_text(out / "precision.md", md)
-    print(md)
-    print(f"written: {out / 'precision'}.json, .md")
+    write_results(out, "precision", {"machine": machine, "device": device_kind(dev), "precisions": precisions,
+                                     "quick": args.quick, "results": rows}, table(rows, precisions, machine))
     return 0
 
 

@@ -42,7 +42,7 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.synth.cache import CleanCache
 from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
 
-from common import POSITIVE, Parser, add_runtime_args, count, listof, one_of, out_dir, sync
+from common import POSITIVE, Parser, add_runtime_args, count, listof, one_of, out_dir, sync, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -268,12 +268,9 @@ def main(argv=None) -> int:
     models = ["digits_vit"] if args.quick else args.models
     rows = [bench_model(m, 1 if args.quick else args.repeats, not (args.no_time_to_eps or args.quick), rt, args.quick)
             for m in models]
-    write_json(out / f"synth{suffix}.json", {"machine": machine, "device": device_kind(rt.device),
-                                            "precision": rt.precision, "quick": args.quick, "results": rows})
-    md = table(rows, machine)
-    write_text(out / f"synth{suffix}.md", md)
-    print(md)
-    print(f"written: {out / ('synth' + suffix)}.json, .md")
+    write_results(out, f"synth{suffix}", {"machine": machine, "device": device_kind(rt.device),
+                                          "precision": rt.precision, "quick": args.quick, "results": rows},
+                  table(rows, machine))
     return 0
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nsvit_fast.cli import POSITIVE, SEED, count, listof, number, one_of
 from nsvit_fast.errors import NsvitError
-from nsvit_fast.io import check_output_dir
+from nsvit_fast.io import check_output_dir, write_json, write_text
 from nsvit_fast.runtime import Runtime
 
 
@@ -64,6 +64,14 @@ def add_runtime_args(ap: argparse.ArgumentParser, precision: bool = True) -> Non
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     if precision:
         ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
+
+
+def write_results(out: Path, stem: str, data: dict, md: str) -> None:
+    """``out/stem.json`` and ``out/stem.md`` (atomic writes), and the table on stdout."""
+    write_json(out / f"{stem}.json", data)
+    write_text(out / f"{stem}.md", md)
+    print(md)
+    print(f"written: {out / stem}.json, .md")
 
 
 def sync(rt: Runtime) -> None:
