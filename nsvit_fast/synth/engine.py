@@ -128,18 +128,10 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
     for name in ("max_steps", "batch_size", "num_noises", "max_rows", "heldout_every"):
         if int(getattr(cfg, name)) < 1:
             raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.mode not in MODES:
-        raise NsvitError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.schedule not in SCHEDULES:
-        raise NsvitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    if cfg.stop not in STOPS:
-        raise NsvitError(f"stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
-    if cfg.init_scale not in INIT_SCALES:
-        raise NsvitError(f"init_scale must be one of {', '.join(INIT_SCALES)}, got {cfg.init_scale!r}")
-    if cfg.grow_search not in GROW_SEARCHES:
-        raise NsvitError(f"grow_search must be one of {', '.join(GROW_SEARCHES)}, got {cfg.grow_search!r}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise NsvitError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    for name, allowed in (("mode", MODES), ("schedule", SCHEDULES), ("stop", STOPS), ("init_scale", INIT_SCALES),
+                          ("grow_search", GROW_SEARCHES), ("lr_schedule", LR_SCHEDULES)):
+        if getattr(cfg, name) not in allowed:
+            raise NsvitError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if int(cfg.lr_t_max) < 0 or (cfg.lr_t_max and cfg.lr_schedule != "official"):
         raise NsvitError(f"lr_t_max must be >= 0 and is set with lr_schedule=official only, got {cfg.lr_t_max} "
                          f"with lr_schedule={cfg.lr_schedule}")
