@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +45,15 @@ def count(lo: int = 1, hi: int | None = None):
         return v
     parse.__name__ = f"whole number >= {lo}"
     return parse
+
+
+def sha256_hex(text: str) -> str:
+    """A sha256 digest as 64 hex digits (case and surrounding spaces ignored); an empty value is an
+    error, not "no check" (an unset shell variable must not switch the check off)."""
+    t = text.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", t):
+        raise argparse.ArgumentTypeError(f"must be the 64-hex-digit sha256 digest that make printed, got {text!r}")
+    return t
 
 
 def number(lo: float | None = None, hi: float | None = None, lo_open: bool = True, hi_open: bool = False):
@@ -257,12 +267,13 @@ def _synth_overrides(args) -> dict:
 
 def cmd_synth(args) -> int:
     from .data import stream_or_load
-    from .io import check_output_file
+    from .io import check_distinct, check_output_file
     from .synth import synthesize
 
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")
+    check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint})
     from .runtime import Runtime
 
     rt = Runtime.create(args.device, args.precision or "fp32")
@@ -310,11 +321,12 @@ def add_synth(sub) -> None:
 # -- profile --
 def cmd_profile(args) -> int:
     from .data import load_data
-    from .io import check_output_file
+    from .io import check_distinct, check_output_file
     from .synth import profile_synth
 
     if args.trace:
         check_output_file(args.trace, (".json",), what="--trace")
+        check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint})
     parts = _load(args)
     data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = _synth_overrides(args)
@@ -448,21 +460,30 @@ def add_finetune(sub) -> None:
 
 # -- eval --
 def cmd_eval(args) -> int:
-    from .eval import Report, evaluate
-    from .eval.suite import parse_suite
+    from .eval import Report
     from .io import check_output_dir
-    from .models import load_model
-
-    from .runtime import Runtime
+    from .runlock import check_not_a_run, run_lock
 
     check_output_dir(args.out, files=Report.FILES)
+    check_not_a_run(args.out)
+    with run_lock(args.out):  # two evaluations writing one report folder: the second is refused
+        return _eval(args)
+
+
+def _eval(args) -> int:
+    from .eval import evaluate
+    from .eval.suite import parse_suite
+    from .models import load_model
+    from .runtime import Runtime
+
     rt = Runtime.create(args.device, args.precision or "fp32")  # before any model loads
     sep = ";" if (";" in args.suite or ":" in args.suite) else ","  # settings hold commas
     suites = [s for s in args.suite.split(sep) if s.strip()]
     if not suites:
         raise NsvitError(f"--suite {args.suite!r} names no suite (e.g. --suite clean,fgsm)")
-    for s in suites:  # a bad setting fails here, before any model loads
-        parse_suite(s)
+    names = [parse_suite(s)[0] for s in suites]  # a bad setting fails here, before any model loads
+    if args.bank and "noisebank" not in names:
+        raise NsvitError("--bank is read by the noisebank suite only; add noisebank to --suite")
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
@@ -608,11 +629,22 @@ def add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
+def _distinct_png(args, images: dict) -> None:
+    """watermark / targeted: the PNG and the files beside it are none of the inputs."""
+    from .analysis.apps import beside_files
+    from .io import check_distinct
+
+    js, fig = beside_files(args.out)
+    check_distinct({"--out": args.out, "the .json beside --out": js, "the _figure.png beside --out": fig},
+                   {**images, "--checkpoint": args.checkpoint})
+
+
 def cmd_watermark(args) -> int:
     from .analysis import run_watermark
     from .io import check_output_file
 
     check_output_file(args.out, (".png",))  # before the model loads
+    _distinct_png(args, {"--image": args.image, "--mark": args.mark})
     parts = _load(args)
     r = run_watermark(parts, args.image, args.out, mark=args.mark, strength=args.strength, iters=args.iters)
     f, q = r["float"], r["png_8bit"]
@@ -645,6 +677,7 @@ def cmd_targeted(args) -> int:
     from .io import check_output_file
 
     check_output_file(args.out, (".png",))  # before the model loads
+    _distinct_png(args, {"--source": args.source, "--target": args.target})
     parts = _load(args)
     r = run_targeted(parts, args.source, args.target, args.out, iters=args.iters, maps=args.saliency)
     print(f"result -> {args.out}: L2 to target {r['l2_result_to_target']:.2f} (source was "
@@ -675,13 +708,14 @@ def add_targeted(sub) -> None:
 
 def cmd_fingerprint(args) -> int:
     from .analysis import Fingerprint, run_fingerprint_make, run_fingerprint_verify
-    from .io import check_output_dir, check_output_file
+    from .io import check_distinct, check_output_dir, check_output_file
 
     rep = check_output_dir(args.report, "--report")
     if args.action == "make":
         check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
+        check_distinct({"--fingerprint": args.fingerprint}, {"--checkpoint": args.checkpoint})
     else:  # checked before the suspect is loaded
-        Fingerprint.load(args.fingerprint, args.expect_digest or None)
+        Fingerprint.load(args.fingerprint, args.expect_digest)
     parts = _load(args)
     if args.action == "make":
         from .data import load_data
@@ -693,7 +727,7 @@ def cmd_fingerprint(args) -> int:
         print(f"digest {r['digest']} (keep it apart from the file; verify --expect-digest checks it)")
         return 0
     r = run_fingerprint_verify(parts, args.fingerprint, rep, threshold=args.threshold,
-                               expect_digest=args.expect_digest or None, checkpoint=args.checkpoint)
+                               expect_digest=args.expect_digest, checkpoint=args.checkpoint)
     print(f"score {r['score']:.4f} (threshold {r['threshold']}): {'VERIFIED' if r['verified'] else 'not verified'}; "
           f"prediction agreement {r['prediction_agreement']:.3f}; report in {rep}")
     return 0
@@ -717,7 +751,7 @@ def add_fingerprint(sub) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threshold", type=number(0, 1, hi_open=True),
                    help="verify: decision threshold in (0, 1) (default: the fingerprint's)")
-    p.add_argument("--expect-digest", help="verify: refuse unless the fingerprint's digest is this one (printed by "
+    p.add_argument("--expect-digest", type=sha256_hex, help="verify: refuse unless the fingerprint's digest is this one (printed by "
                                            "make)")
     p.add_argument("--report", default="runs/fingerprint", help="folder for the JSON (and make's PNG)")
     p.set_defaults(func=cmd_fingerprint)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -51,6 +52,27 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", files: tuple[
     _check_not_folders(what, [path / f for f in files])
     _check_dir(path, what)
     return path
+
+
+def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> None:
+    """Refuse an output that is one of the inputs (the same file by any path: writing it would
+    destroy the input before or while it is read) or another output. ``outputs`` and ``inputs`` map
+    a flag's name to its path; None values are skipped."""
+    def same(a, b) -> bool:
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # not both there yet
+            return Path(a).resolve() == Path(b).resolve()
+
+    outs = [(k, v) for k, v in outputs.items() if v is not None]
+    ins = [(k, v) for k, v in inputs.items() if v is not None]
+    for i, (k, p) in enumerate(outs):
+        for k2, q in ins:
+            if same(p, q):
+                raise NsvitError(f"{k} {p} is also {k2}: writing it would destroy that input; give another path")
+        for k2, q in outs[i + 1:]:
+            if same(p, q):
+                raise NsvitError(f"{k} and {k2} are one file ({p}); give each its own path")
 
 
 def _check_not_folders(what: str, paths) -> None:
@@ -116,7 +138,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as e:
         raise os_error(path, e) from None
@@ -129,7 +151,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -143,10 +165,23 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / inf float replaced by None: JSON has no such numbers, and Python's
+    ``NaN`` / ``Infinity`` tokens break other readers (e.g. the PSNR of two identical images)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as indented JSON plus a newline, atomically; returns the path. Raises
-    NsvitError as :func:`atomic_path` does, TypeError for an object JSON cannot hold."""
-    return write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    """Write ``obj`` as indented JSON plus a newline, atomically; NaN / inf become null
+    (:func:`json_safe`). Returns the path. Raises NsvitError as :func:`atomic_path` does, TypeError
+    for an object JSON cannot hold."""
+    return write_text(path, json.dumps(json_safe(obj), indent=indent, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

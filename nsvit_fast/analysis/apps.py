@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NsvitError
-from ..io import check_output_dir, check_output_file, write_json
+from ..io import check_distinct, check_output_dir, check_output_file, write_json
 from ..viz import image_grid
 from .edit import targeted, watermark
 from .fingerprint import Fingerprint, make_fingerprint, verify
@@ -22,7 +22,7 @@ from .saliency import METHODS, saliency
 
 
 
-def _beside(out) -> tuple[Path, Path]:
+def beside_files(out) -> tuple[Path, Path]:
     """The files run_watermark and run_targeted write beside their PNG."""
     out = Path(out)
     return out.with_suffix(".json"), out.with_name(out.stem + "_figure.png")
@@ -55,7 +55,9 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
         NsvitError: an output name not ending in .png or not writable, an unreadable image, a mark of
             another size, a strength outside (0, 1], or a model without a nullspace.
     """
-    out = check_output_file(out, (".png",), "out", siblings=_beside(out))
+    out = check_output_file(out, (".png",), "out", siblings=beside_files(out))
+    check_distinct({"out": out, **dict(zip(("its .json", "its _figure.png"), beside_files(out)))},
+                   {"image": image, "mark": mark})
     x, m = load_pair(parts, image, mark)
     r = watermark(parts, x, m, strength, iters)
     save_image(r["marked"][0], out)
@@ -95,7 +97,9 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
     bad = [m for m in maps if m not in METHODS]
     if bad:
         raise NsvitError(f"unknown saliency method {bad[0]!r} (methods: {', '.join(METHODS)})")
-    out = check_output_file(out, (".png",), "out", siblings=_beside(out))
+    out = check_output_file(out, (".png",), "out", siblings=beside_files(out))
+    check_distinct({"out": out, **dict(zip(("its .json", "its _figure.png"), beside_files(out)))},
+                   {"source": source, "target": target})
     a, b = load_pair(parts, source, target, same_size=False)
     r = targeted(parts, a, b, iters)
     save_image(r["result"][0], out)

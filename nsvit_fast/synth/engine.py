@@ -47,6 +47,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -60,6 +62,7 @@ from ..config import build
 from ..distributed import all_mean, rank_world
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_finite, check_pixels, check_positive
+from ..io import current_umask, json_safe, os_error
 from ..models.base import Adapter
 from ..models.registry import adapt
 from .adamw import MaskedAdamW, cosine_lr
@@ -192,6 +195,17 @@ def split_heldout(images: torch.Tensor, n_held: int, seed: int) -> tuple[torch.T
     return images[perm[h:].sort().values], images[perm[:h].sort().values]
 
 
+def carve_heldout(images: torch.Tensor, n_held: int, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_heldout` for a run that promises held-out measurements (``what`` names it): data
+    too small to hold any image out (under 4, or ``n_held`` 0) is refused, never measured on the
+    training images in their place."""
+    train, held = split_heldout(images, n_held, seed)
+    if held is images:
+        raise NsvitError(f"{what} measures on held-out images (heldout={n_held}, at most a quarter of the data): "
+                         f"{images.shape[0]} image(s) leave none; give at least 4 images and heldout >= 1")
+    return train, held
+
+
 def metric_images(images: torch.Tensor, cfg: SynthConfig, heldout: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(training images, images the bank's metrics are measured on, their source).
@@ -203,7 +217,7 @@ def metric_images(images: torch.Tensor, cfg: SynthConfig, heldout: torch.Tensor 
     if heldout is not None:
         return images, heldout, "given"
     if cfg.stop == "heldout":
-        return *split_heldout(images, cfg.heldout, cfg.seed), "carved"
+        return *carve_heldout(images, cfg.heldout, cfg.seed, "stop=heldout"), "carved"
     return images, split_heldout(images, cfg.heldout, cfg.seed)[1], "train_sample"
 
 
@@ -241,12 +255,23 @@ def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) 
 
 
 class _Log:
-    """JSONL record of every check (append mode, one line per record) and the progress bar."""
+    """JSONL record of every check (one line per record) and the progress bar.
+
+    The records go to a temporary file beside ``path``, renamed over it when the run succeeds
+    (``close(ok=True)``) and removed when it fails: a log never half-written, and never appended to
+    whatever file ``path`` was. NaN / inf values are written as null."""
 
     def __init__(self, path, total: int, progress: bool, desc: str):
         from tqdm.auto import tqdm
 
-        self.f = open(path, "a") if path else None
+        self.path, self.f, self.tmp = (Path(path) if path else None), None, None
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            except OSError as e:
+                raise os_error(self.path, e) from None
+            self.tmp, self.f = Path(tmp), os.fdopen(fd, "w")
         self.bar = tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)  # None: a terminal only
         self._last = 0
 
@@ -254,16 +279,27 @@ class _Log:
         if self.f:
             rec = {"step": step, "active": active, "mse_prob": [round(float(x), 6) for x in mse],
                    "norm": [round(float(x), 4) for x in norm], **extra}
-            self.f.write(json.dumps(rec) + "\n")
+            self.f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
         self.bar.update(step + 1 - self._last)
         self._last = step + 1
         if len(mse):
             self.bar.set_postfix(mse=f"{float(mse.min()):.4f}", norm=f"{float(norm.mean()):.1f}", active=active)
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
         self.bar.close()
-        if self.f:
-            self.f.close()
+        if self.f is None:
+            return
+        self.f.close()
+        self.f = None
+        if not ok:
+            self.tmp.unlink(missing_ok=True)
+            return
+        try:
+            os.chmod(self.tmp, 0o666 & ~current_umask())
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise os_error(self.path, e) from None
 
 
 def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
@@ -649,8 +685,10 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 with torch.no_grad():
                     mse, match = noise_effect(parts, V, held, cfg.max_rows)
             phases["metrics"] = mark()
-    finally:
-        logger.close()
+    except BaseException:
+        logger.close(ok=False)
+        raise
+    logger.close(ok=True)
     from ..models import weights_fingerprint
 
     bank = NoiseBank(
@@ -697,7 +735,7 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
     device = next(parts.parameters()).device
     images = _images(data, parts)
     train, held_imgs = (images, _images(heldout_data, parts, "heldout_data")) if heldout_data is not None else \
-        split_heldout(images, cfg.heldout, cfg.seed)
+        carve_heldout(images, cfg.heldout, cfg.seed, "Eq. 4 (Fig. 3)")
     v0 = initial_noises(parts, cfg, None)
     held = CleanCache(parts, held_imgs, device)
     logger = _Log(log, cfg.max_steps, progress, f"synth Eq.4 x{len(lams)}")
@@ -710,8 +748,10 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
             perm = torch.stack([v.flatten()[torch.randperm(v.numel(), generator=g).to(device)].reshape(v.shape)
                                 for v in V])
             pmse, pmatch = noise_effect(parts, perm, held, cfg.max_rows)
-    finally:
-        logger.close()
+    except BaseException:
+        logger.close(ok=False)
+        raise
+    logger.close(ok=True)
     from ..models import weights_fingerprint
 
     m = len(lams)
