@@ -63,8 +63,15 @@ def check_number(name: str, value, lo: float | None = None, hi: float | None = N
     return v
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    """Raise :class:`NsvitError` if ``t`` holds NaN or inf (one host sync; call it on inputs, not in loops)."""
+    """Raise :class:`NsvitError` if ``t`` holds NaN or inf (one host sync; call it on inputs, not in loops),
+    or is a float type torch cannot compute with here (float8: not even ``isfinite`` runs on it)."""
+    if t.is_floating_point() and t.dtype not in FLOAT_DTYPES:
+        raise NsvitError(f"{name} is {str(t.dtype).replace('torch.', '')}; float16, bfloat16, float32 or float64 "
+                         f"expected")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise NsvitError(f"{name} holds {bad} NaN or inf value(s)")

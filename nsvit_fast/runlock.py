@@ -22,6 +22,8 @@ from typing import Iterator
 from .errors import NsvitError
 
 LOCK_NAME = ".nsvit.lock"
+# what a finetuning run leaves in its folder (its checkpoint first): no other run writes there
+RUN_FILES = ("checkpoint.safetensors", "config.json", "log.jsonl", "model.safetensors", "model_ema.safetensors")
 _HELD: set[int] = set()  # lock fds this process holds
 
 
@@ -43,6 +45,14 @@ def holder(folder: str | os.PathLike) -> str:
         return (Path(folder) / LOCK_NAME).read_text().strip()
     except OSError:
         return ""
+
+
+def check_not_a_run(folder: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse ``folder`` if a finetuning run lives there (one of RUN_FILES): its files are not
+    another command's to write beside or over."""
+    found = [f for f in RUN_FILES if (Path(folder) / f).exists()]
+    if found:
+        raise NsvitError(f"{what} {folder} holds a finetuning run ({found[0]}); give this command its own folder")
 
 
 @contextlib.contextmanager
@@ -100,4 +110,4 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                 p.rmdir()
 
 
-__all__ = ["LOCK_NAME", "holder", "run_lock"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "check_not_a_run", "holder", "run_lock"]

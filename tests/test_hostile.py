@@ -90,9 +90,16 @@ def assets(tmp_path_factory):
     (a / "afile").write_text("a file, not a folder\n")
 
     m, n, d = 1, 16, 96
-    bank = NoiseBank(torch.randn(m, n, d), *(torch.ones(m) for _ in range(3)), torch.ones(m, dtype=torch.long),
-                     torch.ones(m, dtype=torch.bool), torch.ones(m), meta={"eps": 0.03})
+    noises = torch.randn(m, n, d)
+    bank = NoiseBank(noises, noises.flatten(1).norm(dim=1), *(torch.ones(m) for _ in range(2)),
+                     torch.ones(m, dtype=torch.long), torch.ones(m, dtype=torch.bool), torch.ones(m), meta={"eps": 0.03})
     bank.save(a / "bank.safetensors")
+    for name, v in (("f8", noises.to(torch.float8_e4m3fn)), ("int", noises.long()), ("bool", noises > 0),
+                    ("norm", noises * 2)):  # norm: the noise doubled, its recorded norm not
+        _edit_tensors(a / "bank.safetensors", a / f"bank_{name}.safetensors", {"noises": v})
+    _edit_tensors(a / "bank.safetensors", a / "bank_huge.safetensors",  # finite, recorded, and overflowing
+                  {"noises": noises * 1e36, "norm": noises.double().flatten(1).norm(dim=1).mul(1e36).float()})
+    _edit_tensors(a / "bank.safetensors", a / "bank_eps_text.safetensors", meta={"eps": "a|b\nc,d"})
     _edit_tensors(a / "bank.safetensors", a / "bank_nan.safetensors",
                   {"noises": torch.full((m, n, d), float("nan"))})
     _edit_tensors(a / "bank.safetensors", a / "bank_inf.safetensors",
@@ -117,6 +124,10 @@ def assets(tmp_path_factory):
     img = fp.images.clone()
     img[0, 0, 0, 0] = 1 - img[0, 0, 0, 0]
     _edit_tensors(a / "fp.safetensors", a / "fp_images.safetensors", {"images": img})
+    _edit_tensors(a / "fp.safetensors", a / "fp_f8.safetensors", {"images": fp.images.to(torch.float8_e4m3fn)})
+    half = {k: getattr(fp, k).half() for k in ("images", "noise", "control")}
+    _edit_tensors(a / "fp.safetensors", a / "fp_f16_resigned.safetensors", half,
+                  {"digest": digest(half["images"], half["noise"], half["control"], fp.meta)})
     _edit_tensors(a / "fp.safetensors", a / "fp_nan_noise.safetensors",
                   {"noise": fp.noise.clone().index_fill_(0, torch.tensor([1]), float("nan"))})
 
@@ -145,6 +156,11 @@ def assets(tmp_path_factory):
     torch.save({**sd, "head.bias": sd["head.bias"].to_sparse()}, a / "sparse.pt")
     torch.save({**sd, "head.bias": torch.empty_like(sd["head.bias"], device="meta")}, a / "meta.pt")
     save_model(load_model(embedded.ARCH, **{**embedded.KWARGS, "num_classes": 5}), a / "five.safetensors")
+    save_model(load_model("digits_vit"), a / "saved.safetensors")
+    kw = json.dumps({**embedded.KWARGS, "global_pool": "max", "fc_norm": False})
+    _edit_tensors(a / "saved.safetensors", a / "mean_edit.safetensors", meta={"mean": "json:[0.4, 0.4, 0.4]"})
+    _edit_tensors(a / "saved.safetensors", a / "pool_edit_undigested.safetensors", meta={"model_kwargs": "json:" + kw},
+                  drop=("record_digest",))
     for i in range(12):  # a folder of 12 classes for a 10-output model
         (a / "twelve" / f"c{i:02d}").mkdir(parents=True)
         (a / "twelve" / f"c{i:02d}" / "0.png").write_bytes((a / "good" / "a" / "0.png").read_bytes())
@@ -276,6 +292,8 @@ CASES = [
     ("ckpt-mean-huge", EV + ["--checkpoint", "{A}/mean_huge.safetensors", "--out", "{C}/ev"],
      "metadata 'mean' must be", {}),
     ("ckpt-pickle", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/evil.pt"], "pickled Python objects", {}),
+    ("ckpt-is-json", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/anchors.yaml"],
+     "neither safetensors (.safetensors) nor a torch file", {}),
     ("ckpt-dir", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/adir.safetensors"], "not found", {}),
     ("names-too-many", EV + ["--names", "a,b,c", "--out", "{C}/ev"], "3 names for 1 model", {}),
     ("names-dup", EV + ["--compare", "{A}/wrongarch.safetensors", "--names", "a,a", "--out", "{C}/ev"],
@@ -287,6 +305,20 @@ CASES = [
      "NaN or inf", {}),
     ("bank-missing", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_missing.safetensors", "--out",
                                "{C}/ev"], "lacks tensor 'norm'", {}),
+    ("bank-f8", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_f8.safetensors", "--out", "{C}/ev"],
+     "noises are float8_e4m3fn, not float32", {}),
+    ("bank-int", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_int.safetensors", "--out", "{C}/ev"],
+     "noises are int64, not float32", {}),
+    ("bank-bool", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_bool.safetensors", "--out", "{C}/ev"],
+     "noises are bool, not float32", {}),
+    ("bank-norm-edited", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_norm.safetensors", "--out",
+                                   "{C}/ev"], "but the bank records", {}),
+    ("bank-overflows", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_huge.safetensors", "--out",
+                                 "{C}/ev"], "overflows digits_vit's forward", {}),
+    ("bank-eps-text", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_eps_text.safetensors", "--out",
+                                "{C}/ev"], "metadata eps must be a number in (0, 2)", {}),
+    ("bank-without-suite", EV + ["--bank", "{A}/bank.safetensors", "--out", "{C}/ev"],
+     "--bank is read by the noisebank suite only", {}),
     ("bank-is-fp", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/fp.safetensors", "--out", "{C}/ev"],
      "not a noise bank", {}),
     # fingerprints: an edited file must not verify anything
@@ -310,8 +342,46 @@ CASES = [
      "do not match the stored digest", {}),
     ("fp-nan-noise", ["fingerprint", "verify", "--fingerprint", "{A}/fp_nan_noise.safetensors", "--report", "{C}/r"],
      "NaN or inf", {}),
-    ("fp-expect-digest", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--expect-digest", "00ff",
+    ("fp-expect-digest", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--expect-digest", "0" * 64,
                           "--report", "{C}/r"], "not the expected", {}),
+    ("fp-expect-digest-short", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--expect-digest",
+                                "00ff", "--report", "{C}/r"], "--expect-digest: must be the 64-hex-digit", {}),
+    ("fp-expect-digest-empty", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--expect-digest", "",
+                                "--report", "{C}/r"], "--expect-digest: must be the 64-hex-digit", {}),
+    ("fp-f8", ["fingerprint", "verify", "--fingerprint", "{A}/fp_f8.safetensors", "--report", "{C}/r"],
+     "images must be float32, got float8_e4m3fn", {}),
+    ("fp-f16-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_f16_resigned.safetensors", "--report",
+                         "{C}/r"], "images must be float32, got float16", {}),
+    ("fp-make-over-checkpoint", ["fingerprint", "make", "--n", "2", "--checkpoint", "{A}/saved.safetensors",
+                                 "--fingerprint", "{A}/saved.safetensors", "--report", "{C}/r"],
+     "is also --checkpoint: writing it would destroy that input", {}),
+    # outputs that are inputs, or each other
+    ("synth-log-is-checkpoint", SY + ["--checkpoint", "{A}/saved.safetensors", "--out", "{C}/b.safetensors", "--log",
+                                      "{A}/saved.safetensors"], "is also --checkpoint", {}),
+    ("synth-out-is-log", SY + ["--out", "{C}/b.safetensors", "--log", "{C}/b.safetensors"], "are one file", {}),
+    ("synth-diverged-no-log", SY + ["--lim", "1e20", "--out", "{C}/b.safetensors", "--log", "{C}/s.jsonl"],
+     "diverged", {}),  # the folder unchanged: no half-written log either
+    ("watermark-over-image", ["watermark", "--image", "{A}/good/a/0.png", "--out", "{A}/good/a/0.png"],
+     "is also --image", {}),
+    ("watermark-json-over-mark", ["watermark", "--image", "{A}/good/a/0.png", "--mark", "{C}/m.json", "--out",
+                                  "{C}/m.png"], "the .json beside --out", {"file": "m.json"}),
+    ("targeted-over-target", ["targeted", "--source", "skimage:coffee", "--target", "{A}/good/a/1.png", "--out",
+                              "{A}/good/a/1.png"], "is also --target", {}),
+    # architecture records
+    ("ckpt-mean-edited", EV + ["--checkpoint", "{A}/mean_edit.safetensors", "--out", "{C}/ev"],
+     "record_digest differs", {}),  # plausible values, but not the ones the weights were trained with
+    ("ckpt-kwargs-edited-undigested", EV + ["--checkpoint", "{A}/pool_edit_undigested.safetensors", "--out", "{C}/ev"],
+     "not a digits_vit", {}),
+    # held-out measurements with nothing to hold out
+    ("fig3-three-images", ["analyze", "fig3", "--max-images", "3", "--steps", "1", "--lams", "0", "--out", "{C}/o"],
+     "3 image(s) leave none", {}),
+    ("synth-heldout-three-images", ["synth", "--stop", "heldout", "--max-images", "3", "--max-steps", "2", "--quiet",
+                                    "--out", "{C}/b.safetensors"], "3 image(s) leave none", {}),
+    # run folders
+    ("finetune-over-finished-run", FT + ["--out", "{C}/run"], "holds another run's model.safetensors",
+     {"file": "run/model.safetensors"}),
+    ("eval-into-finetune-run", EV + ["--out", "{C}/run"], "holds a finetuning run (config.json)",
+     {"file": "run/config.json"}),
     ("fp-is-bank", ["fingerprint", "verify", "--fingerprint", "{A}/bank.safetensors", "--report", "{C}/r"],
      "not a fingerprint", {}),
     ("fp-make-out-suffix", ["fingerprint", "make", "--fingerprint", "{C}/fp.json", "--report", "{C}/r"],
@@ -560,3 +630,22 @@ def test_a_killed_runs_lock_does_not_block(tmp_path):
     with run_lock(tmp_path):
         assert str(os.getpid()) in (tmp_path / ".nsvit.lock").read_text()
     assert not (tmp_path / ".nsvit.lock").exists()
+
+
+def test_eval_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two evaluations on one report folder: the second is refused at once (the run lock), so one
+    report is never silently replaced by another's while both print "wrote"."""
+    from nsvit_fast.cli import main
+
+    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["eval", "--suite", "clean", "--max-images", "8", "--quiet", "--out", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"in use by another nsvit-fast run (pid {holder.pid} " in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".nsvit.lock"]  # no report written
+    finally:
+        holder.kill()
+        holder.wait()

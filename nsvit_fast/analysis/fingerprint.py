@@ -115,8 +115,8 @@ class Fingerprint:
             raise NsvitError(f"{source}: images, noise and control must share one shape (K, C, H, W), got "
                              f"{tuple(x.shape)}, {tuple(v.shape)}, {tuple(r.shape)}")
         for name, t in zip(TENSORS, (x, v, r)):
-            if not t.is_floating_point():
-                raise NsvitError(f"{source}: {name} must be float, got {t.dtype}")
+            if t.dtype != torch.float32:  # as make writes them; the model reads float32 pixels
+                raise NsvitError(f"{source}: {name} must be float32, got {str(t.dtype).replace('torch.', '')}")
             check_finite(f"{source}: {name}", t)
         check_pixels(f"{source}: images", x)
         check_threshold(m.get("threshold"), f"{source}: threshold")

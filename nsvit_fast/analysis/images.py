@@ -79,7 +79,9 @@ def logo(size: tuple[int, int], text: str = "NS") -> torch.Tensor:
     im = Image.new("RGB", (w, h), (0, 0, 0))
     d = ImageDraw.Draw(im)
     try:
-        font = ImageFont.load_default(size=max(8, int(h * 0.55)))
+        # sized to fit both sides: a font sized by the height alone of a tall thin image renders
+        # glyphs of a billion pixels (PIL's decompression-bomb error)
+        font = ImageFont.load_default(size=max(8, int(min(h, w) * 0.55)))
     except TypeError:  # older Pillow
         font = ImageFont.load_default()
     box = d.textbbox((0, 0), text, font=font)

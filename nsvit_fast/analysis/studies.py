@@ -39,7 +39,8 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
         "figure": the PNG's path}.
 
     Raises:
-        NsvitError: bad data or settings (as synthesis raises them), or an unwritable ``out``.
+        NsvitError: bad data or settings (as synthesis raises them; under 4 images leave none to
+            hold out), or an unwritable ``out``.
     """
     out = Path(out)
     bank = synthesize_regularized(parts, data, lam=list(lams), steps=steps, progress=False, **synth)
@@ -102,8 +103,9 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
         "heldout_images", "figure"}.
 
     Raises:
-        NsvitError: m < 2, under 4 images (none to hold out), fewer than 2 noises reaching eps, bad
-            data or settings, or an unwritable ``out``.
+        NsvitError: m < 2, under 4 images (none to hold out, as :func:`~nsvit_fast.synth.synthesize`
+            refuses for ``stop="heldout"``), fewer than 2 noises reaching eps, bad data or settings, or
+            an unwritable ``out``.
     """
     out = Path(out)
     cuda = next(parts.parameters()).device.type == "cuda"
@@ -111,17 +113,12 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     if m < 2:
         raise NsvitError(f"fig5 needs at least 2 noises, got m={m}")
     synth = {"stop": "heldout", "batch_size": 64, **synth}
-    images = data.images if hasattr(data, "images") else data
-    n_images = images.shape[0] if hasattr(images, "shape") else 0
-    n_held = min(int(synth.get("heldout", SynthConfig.heldout)), n_images // 4)
-    if n_held < 1:  # split_heldout would then measure on the training images
-        raise NsvitError(f"fig5 measures its noises on held-out images (at most a quarter of the data): "
-                         f"{n_images} image(s) leave none; give at least 4 (--max-images)")
     bank = synthesize(parts, data, eps=eps, num_noises=m, seed=seed, progress=False, **synth)
     V = bank.noises[bank.converged]
     if V.shape[0] < 2:
         raise NsvitError(f"only {V.shape[0]} of {m} noises reached ε {bank.meta['eps']:g} within max_steps "
                          f"{bank.meta['max_steps']}: raise ε (--eps) or, from Python, fig5(..., max_steps=N)")
+    images = data.images if hasattr(data, "images") else data
     _, held = split_heldout(images, synth.get("heldout", SynthConfig.heldout), seed)
     dev = next(parts.parameters()).device
     cache = CleanCache(parts, held, dev)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import NsvitError
 from ..nullspace import nullspace_basis
 from ..synth.cache import CleanCache
 from ..synth.metrics import noise_effect
@@ -57,5 +58,9 @@ def bank_effect(parts, bank, images, batch_size: int = 256) -> dict:
         match += a * x.shape[0]
         n += x.shape[0]
     mse, match = mse / n, match / n
+    if not bool(torch.isfinite(mse).all()):  # the noise overflows this model's forward: no score to report
+        i = int((~torch.isfinite(mse)).nonzero()[0])
+        raise NsvitError(f"noise {i} of the bank (norm {float(bank.norm[i]):.4g}) overflows {parts.name}'s forward "
+                         f"to NaN/inf: it is no ε-nullspace noise of this model")
     return {"match_rate": float(match.mean()), "mse_prob": float(mse.mean()),
             "per_noise_match": match.cpu().tolist(), "per_noise_mse": mse.cpu().tolist()}

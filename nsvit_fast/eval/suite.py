@@ -218,7 +218,7 @@ def _noisebank(run: Run, model: str, parts, kw: dict) -> None:
     from .nullspace_metrics import bank_effect
 
     r = bank_effect(parts, run.bank, run.data)
-    setting = f"eps={run.bank.meta.get('eps')}"
+    setting = f"eps={run.bank.meta['eps']:g}"  # a number in (0, 2): checked at load
     run.report.add(model, run.seed, "noisebank", setting, "match_rate", 100 * r["match_rate"])
     run.report.add(model, run.seed, "noisebank", setting, "mse_prob", r["mse_prob"])
 

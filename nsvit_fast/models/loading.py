@@ -53,6 +53,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise NsvitError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return load_tensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a torch zip archive or a legacy pickle
+        raise NsvitError(f"{path} is not a checkpoint: neither safetensors (.safetensors) nor a torch file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's own text advises weights_only=False: never repeat that advice
@@ -161,7 +165,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     model_kwargs = dict(meta.get("model_kwargs", {}))
     if name == embedded.NAME and arch is not None and (
             arch != embedded.ARCH or any(model_kwargs.get(k, v) != v for k, v in embedded.KWARGS.items()
-                                         if k != "num_classes")):
+                                         if k != "num_classes") or set(model_kwargs) - set(embedded.KWARGS)):
         raise NsvitError(f"checkpoint {checkpoint} holds a {arch} {model_kwargs}, not a {embedded.NAME}")
     if name is None and arch is None:
         raise NsvitError("give a model name: the checkpoint does not say which architecture it holds")
@@ -185,6 +189,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
                 isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in val)):
             raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of numbers in [{lo:g}, {hi:g}] "
                              f"(pixel normalisation), got {val!r}")
+    _check_record(checkpoint, meta)
     parts = create_model(arch, name=name or "", mean=mean, std=std,
                          pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:
@@ -213,15 +218,38 @@ def create_model(arch: str, *, name: str = "", mean=None, std=None, pretrained: 
     return adapt(model, mean, std, name or arch, arch=arch, model_kwargs=kwargs)
 
 
+RECORD = ("arch", "model_kwargs", "mean", "std")  # what rebuilds the model around its weights
+
+
+def record_digest(meta: dict[str, Any]) -> str:
+    """sha256 (16 hex digits) of the architecture record (RECORD) as JSON: written by save_model,
+    checked by load_model, so that an edit of, e.g., ``global_pool`` or ``num_heads`` (which leave
+    every weight's shape as it was) cannot silently build another model around the weights."""
+    import hashlib
+    import json
+
+    text = json.dumps([meta.get(k) for k in RECORD], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_record(checkpoint, meta: dict[str, Any]) -> None:
+    """A checkpoint's record against its digest (files written before the digest pass unchecked)."""
+    if "record_digest" in meta and meta["record_digest"] != record_digest(meta):
+        raise NsvitError(f"{checkpoint}: its architecture record ({', '.join(RECORD)}) is not the one saved "
+                         f"with the weights (record_digest differs): edited metadata would build another model")
+
+
 def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it
-    (``arch``, ``model_kwargs``, mean and std) and ``metadata``; returns the path written.
+    (``arch``, ``model_kwargs``, mean and std, and their :func:`record_digest`) and ``metadata``;
+    returns the path written.
     ``metadata`` values must be JSON-serialisable. Raises NsvitError when the file cannot be
     written (a folder at ``path``, no permission, a full disk)."""
     meta = {"format": FORMAT, "nsvit_fast_version": __version__, "arch": adapter.arch,
             "model_kwargs": adapter.model_kwargs,
             "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
     meta.update(metadata or {})
+    meta["record_digest"] = record_digest(meta)
     return save_tensors(path, dict(adapter.weights()), meta)
 
 

@@ -72,8 +72,9 @@ class NoiseBank:
 
         Raises:
             NsvitError: the file is missing or not a noise bank, lacks a per-noise tensor, its
-                tensors disagree in shape, a noise holds NaN / inf, or (with parts) the noise shape
-                does not fit the model. Warns when the bank was learned on other weights.
+                tensors disagree in shape, its noises are not float32 or hold NaN / inf, a noise's
+                norm is not the one recorded, its eps is not in (0, 2), or (with parts) the noise
+                shape does not fit the model. Warns when the bank was learned on other weights.
         """
         t, meta = load_tensors(path)
         if meta.get("kind") != "nsvit-fast/noise-bank" or "noises" not in t:
@@ -85,7 +86,22 @@ class NoiseBank:
         if m < 1 or any(t[k].shape != (m,) for k in PER_NOISE):
             raise NsvitError(f"{path}: noise bank tensors disagree in shape (noises {tuple(t['noises'].shape)}; "
                              f"expected (M, N, D) and (M,) per noise)")
+        if t["noises"].dtype != torch.float32:  # what save writes; an int or bool bank would be scored as noise
+            raise NsvitError(f"{path}: noises are {str(t['noises'].dtype).replace('torch.', '')}, not float32 "
+                             f"(edited or corrupt file)")
         check_finite(f"{path}: noises", t["noises"])  # a NaN noise would poison every batch it touches
+        for k in PER_NOISE:
+            if k != "converged":
+                check_finite(f"{path}: {k}", t[k])
+        norm = t["noises"].double().flatten(1).norm(dim=1)
+        off = ~((norm - t["norm"].double()).abs() <= 1e-3 * norm + 1e-6)
+        if bool(off.any()):  # the header's record of each noise against the noise itself
+            i = int(off.nonzero()[0])
+            raise NsvitError(f"{path}: noise {i} has norm {float(norm[i]):.4g}, but the bank records "
+                             f"{float(t['norm'][i]):.4g} (edited or corrupt file)")
+        eps = meta.get("eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 2:
+            raise NsvitError(f"{path}: metadata eps must be a number in (0, 2), got {eps!r} (edited or corrupt file)")
         bank = cls(t["noises"], *(t[k] for k in PER_NOISE), meta=meta)
         bank.converged = bank.converged.bool()
         if parts is not None:

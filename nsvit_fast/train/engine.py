@@ -36,7 +36,7 @@ from ..io import write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
 from ..models.registry import adapt
-from ..runlock import run_lock
+from ..runlock import RUN_FILES, run_lock
 from ..data.batches import TensorBatches
 from ..data.stream import AUGMENTS, StreamingData
 from ..runtime import Runtime, check_precision
@@ -596,9 +596,10 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         val_data: images scored after every round (validation accuracy in the log): an ImageDataset
             or a folder (streamed through the eval transform; ``val_images`` of them, 0 = all).
         out_dir: where checkpoints, log.jsonl, the Fig. 4 plot and the final weights go. A folder
-            that holds another run is refused unless ``resume``; a folder in use by a running
-            finetune (its lock file held) is refused always.
-        resume: continue from ``out_dir``'s checkpoint (start fresh if there is none).
+            that holds another run is refused unless ``resume``, and so is one that holds a run's
+            files (config.json, log.jsonl, model weights) without its checkpoint; a folder in use by
+            a running finetune (its lock file held) is refused always.
+        resume: continue from ``out_dir``'s checkpoint (start fresh in a folder without a run).
         device: ``auto`` (CUDA when available; under torchrun this rank's LOCAL_RANK GPU), ``cpu``,
             ``cuda``, ``cuda:N``; None keeps the model where it is.
         on_bad_image: a streamed folder's unreadable file: ``error`` (stop, naming it) or ``skip``
@@ -633,6 +634,11 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if out is not None and (out / STATE_FILE).exists() and not resume:
             raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
                              f"folder")
+        if out is not None and not (out / STATE_FILE).exists():  # a run whose checkpoint was deleted: not ours to overwrite
+            found = [f for f in RUN_FILES if f != STATE_FILE and (out / f).exists()]
+            if found:
+                raise NsvitError(f"{out} holds another run's {found[0]} but no {STATE_FILE} to resume from; use "
+                                 f"another folder")
         if cfg.tensorboard:  # found missing at the first round's end, it would leave a run behind
             try:
                 importlib.import_module("torch.utils.tensorboard")
