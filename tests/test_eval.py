@@ -122,6 +122,10 @@ def test_suite_registry_defaults_settings_and_a_new_suite(parts, monkeypatch):
     monkeypatch.setitem(SUITES, "top2", Suite(run, {"k": 2}, help="top-2 accuracy"))
     rep = evaluate(parts, data, ["clean", "top2:k=2"], progress=False)
     assert seen == [{"k": 2}] and rep.values(parts.name, "top2")[0] >= rep.values(parts.name, "clean")[0]
+    # and it is a column of the table, after the paper's, outside the Average
+    assert [c[2] for c in rep.columns()] == ["Clean", "top2"]
+    assert rep.table2().splitlines()[0].split("|")[1:-1][-2:] == [" top2 ", " Average "]
+    assert rep.average(parts.name) == pytest.approx(rep.values(parts.name, "clean")[0])
 
 
 def test_corruption_severity_lowers_accuracy(parts, test128):

@@ -72,14 +72,16 @@ class Report:
                 and (setting is None or r.setting == setting)]
 
     def columns(self) -> list[tuple[str, str, str]]:
-        """(suite, setting, label) of every headline column, Table 2's first, then the extras."""
+        """(suite, setting, label) of every headline column: Table 2's first, then the extras, then
+        suites registered by the user (labelled by their name), in the order they were run."""
         heads = list(dict.fromkeys((r.suite, r.setting) for r in self.records
                                    if r.metric == HEADLINE.get(r.suite, "acc") and "@" not in r.setting))
         order = [s for s, _ in TABLE2 + EXTRA]
-        heads = [h for h in heads if h[0] in order]
+        own = list(dict.fromkeys(s for s, _ in heads if s not in order))
+        order += own
         heads.sort(key=lambda h: order.index(h[0]))
         multi = {s for s, _ in heads if sum(1 for t, _ in heads if t == s) > 1}
-        return [(s, st, LABELS[s] + (f" ({st})" if s in multi and st else "")) for s, st in heads]
+        return [(s, st, LABELS.get(s, s) + (f" ({st})" if s in multi and st else "")) for s, st in heads]
 
     def cell(self, model: str, suite: str, setting: str) -> tuple[float, float, int] | None:
         """(mean, std over seeds (0 for one), count) of the headline values, or None when there are none."""
