@@ -421,7 +421,7 @@ def cmd_finetune(args) -> int:
 
 
 def add_runtime_args(p, precision: bool = True) -> None:
-    """--device (and --precision) as every command that runs a model takes them."""
+    """--device and --precision, as synth, finetune and eval take them."""
     from .runtime import DEVICES, PRECISIONS
 
     p.add_argument("--device", default="auto",
