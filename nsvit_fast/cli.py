@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import re
 import sys
@@ -136,6 +135,7 @@ def _load(args):
 # -- nullspace --
 def cmd_nullspace(args) -> int:
     from .demo import format_nullspace_rows as _table
+    from .io import dumps
     from .nullspace import TABLE1, nullspace_basis, nullspace_table
 
     if args.table1:
@@ -149,7 +149,7 @@ def cmd_nullspace(args) -> int:
         for row, (_, paper) in zip(rows, TABLE1):
             row["paper"] = paper
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(dumps(rows, indent=2))
         else:
             print(_table(rows))
             print("paper (Table 1): " + ", ".join(f"{r['model']}={r['paper']}" for r in rows))
@@ -159,7 +159,7 @@ def cmd_nullspace(args) -> int:
         return 0
     parts = _load(args)
     row = nullspace_basis(parts, rtol=args.rtol).summary(args.model or parts.arch)
-    print(json.dumps(row) if args.json else _table([row]))
+    print(dumps(row) if args.json else _table([row]))
     return 0
 
 
@@ -267,7 +267,7 @@ def _synth_overrides(args) -> dict:
 
 def cmd_synth(args) -> int:
     from .data import stream_or_load
-    from .io import check_distinct, check_output_file
+    from .io import check_distinct, check_output_file, dumps
     from .synth import synthesize
 
     check_output_file(args.out, (".safetensors",))
@@ -287,7 +287,7 @@ def cmd_synth(args) -> int:
     bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
     bank.save(args.out)
     if args.json:
-        print(json.dumps(bank.summary()))
+        print(dumps(bank.summary()))
     else:
         print(f"{'noise':>5s} {'steps':>6s} {'conv':>5s} {'norm':>9s} {'held-out MSE-prob':>18s} {'match':>6s}")
         for i in range(len(bank)):

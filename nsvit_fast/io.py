@@ -177,11 +177,16 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def dumps(obj: Any, *, indent: int | None = None) -> str:
+    """``json.dumps`` of ``obj`` after :func:`json_safe`: valid JSON for any reader (no NaN tokens)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as indented JSON plus a newline, atomically; NaN / inf become null
     (:func:`json_safe`). Returns the path. Raises NsvitError as :func:`atomic_path` does, TypeError
     for an object JSON cannot hold."""
-    return write_text(path, json.dumps(json_safe(obj), indent=indent, sort_keys=False, allow_nan=False) + "\n")
+    return write_text(path, dumps(obj, indent=indent) + "\n")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -436,3 +436,22 @@ def test_bad_data(parts):
         synthesize(parts, x, progress=False)
     with pytest.raises(NsvitError, match="takes images"):
         synthesize(parts, torch.rand(4, 3, 64, 64), progress=False)
+
+
+def _strict_json(line: str):
+    def refuse(tok):
+        raise AssertionError(f"{tok} token in JSON: other readers reject it")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_the_log_and_json_stdout_hold_no_nan_tokens(tmp_path):
+    # a diverging check's NaN / inf is null in the synth log, as in every file write_json writes
+    from nsvit_fast.io import dumps
+    from nsvit_fast.synth.engine import _Log
+
+    assert _strict_json(dumps({"a": float("nan"), "b": [float("inf"), 1.5]})) == {"a": None, "b": [None, 1.5]}
+    log = _Log(tmp_path / "s.jsonl", total=2, progress=False, desc="t")
+    log.check(0, torch.tensor([float("nan"), 0.1]), torch.tensor([1.0, float("inf")]), active=2)
+    log.close(ok=True)
+    rec = _strict_json((tmp_path / "s.jsonl").read_text())
+    assert rec["mse_prob"] == [None, 0.1] and rec["norm"] == [1.0, None]

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import tempfile
@@ -62,7 +61,7 @@ from ..config import build
 from ..distributed import all_mean, rank_world
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_finite, check_pixels, check_positive
-from ..io import current_umask, json_safe, os_error
+from ..io import current_umask, dumps, os_error
 from ..models.base import Adapter
 from ..models.registry import adapt
 from .adamw import MaskedAdamW, cosine_lr
@@ -279,7 +278,7 @@ class _Log:
         if self.f:
             rec = {"step": step, "active": active, "mse_prob": [round(float(x), 6) for x in mse],
                    "norm": [round(float(x), 4) for x in norm], **extra}
-            self.f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+            self.f.write(dumps(rec) + "\n")
         self.bar.update(step + 1 - self._last)
         self._last = step + 1
         if len(mse):

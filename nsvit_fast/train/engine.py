@@ -32,7 +32,7 @@ from ..config import build
 from ..data.base import ImageDataset, check_labels_fit
 from ..errors import NsvitError, check_count, check_number, check_positive, check_seed
 from ..eval.accuracy import accuracy, eval_mode
-from ..io import write_json, write_text
+from ..io import dumps, write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
 from ..models.registry import adapt
@@ -562,7 +562,7 @@ class Engine:
         asked for and not installed."""
         if self.out_dir is None or self.rank != 0:
             return
-        write_text(self.out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        write_text(self.out_dir / "log.jsonl", "".join(dumps(r) + "\n" for r in self.history))
         if self.cfg.tensorboard:
             if self.tb is None:
                 try:
