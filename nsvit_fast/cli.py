@@ -235,34 +235,40 @@ def _data_args(p: argparse.ArgumentParser, default: str = "digits", split: str =
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
 
 
-def _synth_args(p: argparse.ArgumentParser) -> None:
+def _synth_args(p: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
+    """The synthesis flags, less ``omit`` (dests): a command that fixes a setting does not take its flag."""
     from .synth import SynthConfig
     from .synth.engine import LR_SCHEDULES, MODES, SCHEDULES, STOPS
 
     d = SynthConfig()
     g = p.add_argument_group("synthesis (defaults: the paper's)")
-    g.add_argument("--eps", type=EPS, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
-    g.add_argument("--lim", type=POSITIVE, default=d.lim, help=f"init U(-lim, lim) (default {d.lim})")
-    g.add_argument("--lr", type=POSITIVE, default=d.lr, help=f"noise learning rate (default {d.lr})")
-    g.add_argument("--max-steps", type=count(1), default=d.max_steps, help=f"default {d.max_steps}")
-    g.add_argument("--batch-size", type=count(1), default=d.batch_size, help=f"default {d.batch_size}")
-    g.add_argument("--num-noises", type=count(1), default=d.num_noises, help="noises learned at once (default 1)")
-    g.add_argument("--mode", choices=MODES, default=d.mode, help="default fast")
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="default paper")
-    g.add_argument("--stop", choices=STOPS, default=d.stop, help="default batch (the paper's)")
-    g.add_argument("--heldout", type=count(0), default=d.heldout, help=f"held-out images: carved out of the data for "
-                   f"--stop heldout; a metrics sample left in training for --stop batch (default {d.heldout})")
-    g.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-                   help="cosine over 10 x max-steps as the official code (default), or over max-steps")
-    g.add_argument("--lr-t-max", dest="lr_t_max", type=count(0), default=d.lr_t_max,
-                   help="official schedule's T_max (default 0: 10 x max-steps; 30030 is the official ImageNet run)")
-    g.add_argument("--seed", type=SEED, default=d.seed)
+
+    def add(flag, **kw):
+        if kw.get("dest", flag[2:].replace("-", "_")) not in omit:
+            g.add_argument(flag, **kw)
+
+    add("--eps", type=EPS, default=d.eps, help=f"ε: MSE of probabilities (default {d.eps})")
+    add("--lim", type=POSITIVE, default=d.lim, help=f"init U(-lim, lim) (default {d.lim})")
+    add("--lr", type=POSITIVE, default=d.lr, help=f"noise learning rate (default {d.lr})")
+    add("--max-steps", type=count(1), default=d.max_steps, help=f"default {d.max_steps}")
+    add("--batch-size", type=count(1), default=d.batch_size, help=f"default {d.batch_size}")
+    add("--num-noises", type=count(1), default=d.num_noises, help="noises learned at once (default 1)")
+    add("--mode", choices=MODES, default=d.mode, help="default fast")
+    add("--schedule", choices=SCHEDULES, default=d.schedule, help="default paper")
+    add("--stop", choices=STOPS, default=d.stop, help="default batch (the paper's)")
+    add("--heldout", type=count(0), default=d.heldout, help=f"held-out images: carved out of the data for "
+        f"--stop heldout; a metrics sample left in training for --stop batch (default {d.heldout})")
+    add("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+        help="cosine over 10 x max-steps as the official code (default), or over max-steps")
+    add("--lr-t-max", dest="lr_t_max", type=count(0), default=d.lr_t_max,
+        help="official schedule's T_max (default 0: 10 x max-steps; 30030 is the official ImageNet run)")
+    add("--seed", type=SEED, default=d.seed)
 
 
 def _synth_overrides(args) -> dict:
     keys = ("eps", "lim", "lr", "max_steps", "batch_size", "num_noises", "mode", "schedule", "stop", "heldout", "seed",
             "lr_schedule", "lr_t_max")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
 def cmd_synth(args) -> int:
@@ -341,7 +347,8 @@ def cmd_profile(args) -> int:
     return 0
 
 
-PROFILED = {"synth": cmd_profile}  # what `profile` can profile: each one's command
+PROFILED = {"synth": cmd_profile}
+PROFILE_FIXED = ("eps", "max_steps", "stop", "heldout", "schedule")  # profile_synth sets or never uses these  # what `profile` can profile: each one's command
 
 
 def add_profile(sub) -> None:
@@ -351,7 +358,7 @@ def add_profile(sub) -> None:
     p.add_argument("what", choices=PROFILED, help="what to profile")
     _model_args(p, default="digits_vit")
     _data_args(p)
-    _synth_args(p)
+    _synth_args(p, omit=PROFILE_FIXED)  # a fixed-step profile: these would be ignored
     p.add_argument("--steps", type=count(1), default=20, help="steps to profile (default 20)")
     p.add_argument("--trace", default="synth_trace.json", help="Chrome trace output (default synth_trace.json)")
     p.set_defaults(func=lambda args: PROFILED[args.what](args))

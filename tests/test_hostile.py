@@ -222,6 +222,10 @@ CASES = [
     ("synth-noises-0", ["synth", "--num-noises", "0"], "--num-noises", {}),
     ("synth-heldout-neg", ["synth", "--heldout", "-1"], "--heldout", {}),
     ("profile-steps-0", ["profile", "synth", "--steps", "0"], "--steps", {}),
+    # a fixed-step profile has no use for these synth flags: refused, not ignored
+    ("profile-eps", ["profile", "synth", "--eps", "0.1"], "unrecognized arguments: --eps", {}),
+    ("profile-max-steps", ["profile", "synth", "--max-steps", "5"], "unrecognized arguments: --max-steps", {}),
+    ("profile-stop", ["profile", "synth", "--stop", "heldout"], "unrecognized arguments: --stop", {}),
     ("num-classes-0", ["nullspace", "--model", "digits_vit", "--num-classes", "0"], "--num-classes", {}),
     # config overrides and YAML files: typed fields
     ("ovr-rounds-abc", FT + ["rounds=abc", "--out", "{C}/o"], "rounds must be a whole number", {}),

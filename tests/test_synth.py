@@ -455,3 +455,11 @@ def test_the_log_and_json_stdout_hold_no_nan_tokens(tmp_path):
     log.close(ok=True)
     rec = _strict_json((tmp_path / "s.jsonl").read_text())
     assert rec["mse_prob"] == [None, 0.1] and rec["norm"] == [1.0, None]
+
+
+@pytest.mark.parametrize("kw", ["eps", "max_steps", "stop", "heldout", "schedule"])
+def test_profile_refuses_settings_it_would_ignore(parts, kw):
+    from nsvit_fast.synth import profile_synth
+
+    with pytest.raises(NsvitError, match=f"takes no '{kw}'"):
+        profile_synth(parts, torch.rand(4, 3, 32, 32), steps=1, trace=None, **{kw: 1})

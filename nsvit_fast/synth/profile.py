@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import build
+from ..errors import NsvitError
 from ..io import atomic_path
 from ..models.registry import adapt
 from .engine import SynthConfig, SynthLog, check_config, descend, frozen, image_tensor, initial_noises
@@ -29,6 +30,10 @@ def profile_synth(model, data, steps: int = 20, trace: str | Path | None = "synt
     Returns {"phases": {phase: {"ms", "pct"}}, "wall_ms", "ms_per_step", "steps", "mode"} and writes
     the Chrome trace (open it in chrome://tracing or https://ui.perfetto.dev), atomically.
     Raises NsvitError as :func:`~nsvit_fast.synth.synthesize` does for bad settings or data."""
+    fixed = sorted(set(synth_kwargs) & {"eps", "max_steps", "stop", "heldout", "schedule"})
+    if fixed:  # eps, max_steps, stop are set below; heldout and schedule act only around the descent profiled
+        raise NsvitError(f"profile_synth runs a fixed number of descent steps and takes no {fixed[0]!r}; "
+                         f"give steps= instead")
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep kineto's startup chatter off the terminal
     from torch.profiler import ProfilerActivity, profile
 
