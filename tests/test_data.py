@@ -127,3 +127,9 @@ def test_16_bit_and_float_images_keep_their_brightness(tmp_path):
         assert got.shape == (8, 8, 3) and np.abs(got[..., 0] - want).max() <= 1, name
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # the case PIL's convert gets wrong
     assert np.asarray(read_rgb(tmp_path / "i32.tif")).mean() == pytest.approx(40000 / 257, abs=1)
+    for bad in (float("nan"), float("inf")):  # no pixel value to give it: a bad image, not a black pixel
+        a = ramp.astype(np.float32)
+        a[3, 3] = bad
+        Image.fromarray(a).save(tmp_path / "bad.tif")
+        with pytest.raises(NsvitError, match="bad.tif is not a readable image .its float pixels hold NaN or inf"):
+            read_rgb(tmp_path / "bad.tif")

@@ -44,17 +44,20 @@ def _to_rgb(img):
     """PIL's convert("RGB") clips 16-bit and 32-bit integer pixels at 255 and truncates float ones
     (a 16-bit grey PNG at half scale comes out white, a float TIFF of 0.5 black): scale those to
     8 bits first. 16-bit modes are divided by 257; a 32-bit "I" image whose values exceed 255 is
-    read as 16-bit; a float "F" image in [0, 1] is scaled by 255, otherwise read as 0-255."""
+    read as 16-bit; a float "F" image in [0, 1] is scaled by 255, otherwise read as 0-255. Raises
+    ValueError for a float image holding NaN / inf (no pixel value to give it)."""
     import numpy as np
     from PIL import Image
 
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("its float pixels hold NaN or inf")
         if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0
-        elif img.mode == "F" and a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1:
+        elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
             a = a * 255.0
-        img = Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L")
     return img.convert("RGB")
 
 
