@@ -161,6 +161,10 @@ def assets(tmp_path_factory):
     _edit_tensors(a / "saved.safetensors", a / "mean_edit.safetensors", meta={"mean": "json:[0.4, 0.4, 0.4]"})
     _edit_tensors(a / "saved.safetensors", a / "pool_edit_undigested.safetensors", meta={"model_kwargs": "json:" + kw},
                   drop=("record_digest",))
+    save_model(load_model(embedded.ARCH, **embedded.KWARGS), a / "timm_saved.safetensors")  # a timm arch, not digits_vit
+    _edit_tensors(a / "timm_saved.safetensors", a / "nopool_undigested.safetensors",
+                  meta={"model_kwargs": "json:" + json.dumps({**embedded.KWARGS, "global_pool": ""})},
+                  drop=("record_digest",))
     for i in range(12):  # a folder of 12 classes for a 10-output model
         (a / "twelve" / f"c{i:02d}").mkdir(parents=True)
         (a / "twelve" / f"c{i:02d}" / "0.png").write_bytes((a / "good" / "a" / "0.png").read_bytes())
@@ -376,6 +380,9 @@ CASES = [
      "record_digest differs", {}),  # plausible values, but not the ones the weights were trained with
     ("ckpt-kwargs-edited-undigested", EV + ["--checkpoint", "{A}/pool_edit_undigested.safetensors", "--out", "{C}/ev"],
      "not a digits_vit", {}),
+    ("ckpt-no-pool-undigested", EV + ["--model", "vit_tiny_patch16_224", "--checkpoint",
+                                      "{A}/nopool_undigested.safetensors", "--out", "{C}/ev"],
+     "must end in a classifier", {}),  # logits per token: every metric would be wrong, then a traceback
     # held-out measurements with nothing to hold out
     ("fig3-three-images", ["analyze", "fig3", "--max-images", "3", "--steps", "1", "--lams", "0", "--out", "{C}/o"],
      "3 image(s) leave none", {}),

@@ -89,10 +89,15 @@ class PatchEmbedAdapter(Adapter):
     ``patch_embed``, ``patch_projection`` and the hidden states. Arguments as ``Adapter``.
 
     Raises:
-        NsvitError: a patch stem that is not one non-overlapping linear projection."""
+        NsvitError: a patch stem that is not one non-overlapping linear projection, or a model that
+            does not end in a classifier (``num_classes=0`` or ``global_pool=""``)."""
 
     def __init__(self, model: nn.Module, mean, std, name: str = "", **record):
         check_linear_stem(model, name or type(model).__name__)
+        pool, k = getattr(model, "global_pool", "token"), int(getattr(model, "num_classes", 0))
+        if not pool or k < 1:  # logits per token, or features: every softmax and metric would mean something else
+            raise NsvitError(f"{name or type(model).__name__}: the model must end in a classifier giving logits "
+                             f"(B, classes), got global_pool={pool!r}, num_classes={k}")
         pe = model.patch_embed
         self.in_chans = pe.proj.in_channels
         self.img_size = tuple(pe.img_size)
