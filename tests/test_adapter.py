@@ -78,12 +78,18 @@ def test_unsupported_models_give_one_line_reasons():
     m.patch_embed.norm = nn.LayerNorm(192)  # a norm in the stem: the patch map is no longer linear
     with pytest.raises(NsvitError, match="ends in a LayerNorm, which is not linear"):
         adapt(m)
-    for kw, got in ((dict(global_pool=""), "global_pool=''"), (dict(num_classes=0), "num_classes=0")):
-        m = timm.create_model("vit_tiny_patch16_224", depth=1, **kw)  # logits per token; features, no logits
+    x = torch.rand(2, 3, 224, 224)
+    for arch, kw, got in (("vit_tiny_patch16_224", dict(global_pool=""), "global_pool=''"),
+                          ("vit_tiny_patch16_224", dict(num_classes=0), "num_classes=0"),
+                          ("eva02_tiny_patch14_224", dict(num_classes=0), "num_classes=0")):
+        parts = adapt(timm.create_model(arch, depth=1, **kw))  # logits per token, or features: no logits
+        u = parts.patch_embed(x)  # the patch embedding (and so the exact nullspace) needs no head
         with pytest.raises(NsvitError, match=f"must end in a classifier giving logits .B, classes., got .*{got}"):
-            adapt(m)
-    for arch in ("eva02_tiny_patch14_224", "vit_tiny_patch16_224"):  # the check passes a classifier through
-        assert adapt(timm.create_model(arch, depth=1, num_classes=3)).num_classes == 3
+            parts.encode(u)
+        with pytest.raises(NsvitError, match="must end in a classifier"):
+            parts(x)
+    for arch in ("eva02_tiny_patch14_224", "vit_tiny_patch16_224"):  # a classifier passes
+        assert adapt(timm.create_model(arch, depth=1, num_classes=3))(x).shape == (2, 3)
 
 
 def test_wrong_image_size_is_a_clear_error(digits_parts):

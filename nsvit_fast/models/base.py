@@ -83,6 +83,7 @@ class Adapter(nn.Module):
     num_classes: int
     num_prefix_tokens: int  # P: class / register / distillation tokens ahead of the N patch tokens
     has_class_token: bool   # whether token 0 of the encoder sequence is a class token
+    not_a_classifier: str = ""  # why encode cannot give logits (B, K), e.g. num_classes=0; "" when it can
 
     @property
     def num_patches(self) -> int:
@@ -130,10 +131,12 @@ class Adapter(nn.Module):
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
 
     def check_tokens(self, u: torch.Tensor) -> None:
-        """Shape check of patch tokens: (B, N, D).
+        """Check before ``encode``: patch tokens of shape (B, N, D), and a model that gives logits.
 
         Raises:
-            NsvitError: any other shape."""
+            NsvitError: any other shape, or a model without a classifier (``not_a_classifier``)."""
+        if self.not_a_classifier:
+            raise NsvitError(self.not_a_classifier)
         if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
             raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
                              f"got {tuple(u.shape)}")

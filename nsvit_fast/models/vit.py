@@ -88,16 +88,14 @@ class PatchEmbedAdapter(Adapter):
     """The part shared by families whose stem is timm's linear ``PatchEmbed`` (ViT, EVA): geometry,
     ``patch_embed``, ``patch_projection`` and the hidden states. Arguments as ``Adapter``.
 
+    A model that does not end in a classifier (``num_classes=0``, ``global_pool=""``) is adapted
+    for its patch embedding (the exact nullspace needs no head); its ``encode`` raises NsvitError.
+
     Raises:
-        NsvitError: a patch stem that is not one non-overlapping linear projection, or a model that
-            does not end in a classifier (``num_classes=0`` or ``global_pool=""``)."""
+        NsvitError: a patch stem that is not one non-overlapping linear projection."""
 
     def __init__(self, model: nn.Module, mean, std, name: str = "", **record):
         check_linear_stem(model, name or type(model).__name__)
-        pool, k = getattr(model, "global_pool", "token"), int(getattr(model, "num_classes", 0))
-        if not pool or k < 1:  # logits per token, or features: every softmax and metric would mean something else
-            raise NsvitError(f"{name or type(model).__name__}: the model must end in a classifier giving logits "
-                             f"(B, classes), got global_pool={pool!r}, num_classes={k}")
         pe = model.patch_embed
         self.in_chans = pe.proj.in_channels
         self.img_size = tuple(pe.img_size)
@@ -108,6 +106,10 @@ class PatchEmbedAdapter(Adapter):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.has_class_token = getattr(model, "cls_token", None) is not None
         super().__init__(model, mean, std, name, **record)
+        pool = getattr(model, "global_pool", "token")
+        if not pool or self.num_classes < 1:  # logits per token, or features: every softmax would mean another thing
+            self.not_a_classifier = (f"{self.name}: the model must end in a classifier giving logits (B, classes), "
+                                     f"got global_pool={pool!r}, num_classes={self.num_classes}")
         self._nhwc = bool(getattr(model, "dynamic_img_size", False))
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
