@@ -17,7 +17,9 @@ class NsvitError(ValueError):
 
 
 def check_positive(name: str, value: float) -> float:
-    """Return ``value`` if it is a finite number > 0, else raise :class:`NsvitError`."""
+    """Return ``value`` if it is a finite number > 0 (not a bool: True is no scale), else raise :class:`NsvitError`."""
+    if isinstance(value, bool):
+        raise NsvitError(f"{name} must be a number > 0, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -79,10 +81,15 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def check_pixels(name: str, x: torch.Tensor, *, tol: float = 1e-6) -> torch.Tensor:
-    """Images must be (B, C, H, W) float pixels in [0, 1] with no NaN."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise NsvitError(f"{name} must be a float tensor (B, C, H, W), got {shape}")
+    """Images must be a non-empty (B, C, H, W) float tensor of pixels in [0, 1] with no NaN (uint8
+    or 0-255 images are refused: a model would score them as something else)."""
+    if not isinstance(x, torch.Tensor):
+        raise NsvitError(f"{name} must be a torch tensor (B, C, H, W) of pixels in [0, 1], got {type(x).__name__}")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise NsvitError(f"{name} must be a float tensor (B, C, H, W) of pixels in [0, 1], got "
+                         f"{str(x.dtype).replace('torch.', '')} {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise NsvitError(f"{name} is empty: {tuple(x.shape)}")
     check_finite(name, x)
     lo, hi = float(x.min()), float(x.max())
     if lo < -tol or hi > 1 + tol:
@@ -90,4 +97,23 @@ def check_pixels(name: str, x: torch.Tensor, *, tol: float = 1e-6) -> torch.Tens
     return x
 
 
-__all__ = ["NsvitError", "check_positive", "check_count", "check_number", "check_finite", "check_pixels"]
+def check_labels(name: str, y, n: int | None = None, num_classes: int | None = None) -> torch.Tensor:
+    """Labels must be a 1-D integer tensor (not bool, not float: 2.7 would be read as 2) of class
+    indices >= 0, ``n`` of them and below ``num_classes`` when given. Returns them as int64."""
+    if not isinstance(y, torch.Tensor):
+        raise NsvitError(f"{name} must be a torch tensor of class indices, got {type(y).__name__}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex() or y.dim() != 1:
+        raise NsvitError(f"{name} must be a 1-D integer tensor of class indices, got "
+                         f"{str(y.dtype).replace('torch.', '')} {tuple(y.shape)}")
+    if n is not None and y.shape[0] != n:
+        raise NsvitError(f"{name}: {y.shape[0]} labels for {n} images")
+    if y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            top = f" and < {num_classes} (the model's outputs)" if num_classes is not None else ""
+            raise NsvitError(f"{name} must be class indices >= 0{top}, got values in [{lo}, {hi}]")
+    return y.long()
+
+
+__all__ = ["NsvitError", "check_positive", "check_count", "check_number", "check_finite", "check_pixels",
+           "check_labels"]

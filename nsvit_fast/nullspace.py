@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 
 from . import ops
-from .errors import NsvitError
+from .errors import FLOAT_DTYPES, NsvitError, check_count, check_finite, check_number, check_pixels, check_positive
 from .models.loading import load_model
 from .models.registry import adapt
 from .ops import patchify, unpatchify
@@ -122,7 +122,15 @@ class PatchNullspace:
 
     def from_coefficients(self, coef: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, P, k) coefficients -> nullspace images (B, C, g_h * r_h, g_w * r_w) on the
-        ``grid`` (g_h, g_w) of patches, P = g_h * g_w; the inverse of :meth:`coefficients` on null(W)."""
+        ``grid`` (g_h, g_w) of patches, P = g_h * g_w; the inverse of :meth:`coefficients` on null(W).
+        Raises NsvitError for coefficients that are not a float (B, P, k) tensor or a bad grid."""
+        grid = _check_grid("grid", grid)
+        want = (grid[0] * grid[1], self.dim)
+        if not isinstance(coef, torch.Tensor) or not coef.is_floating_point() or coef.dim() != 3 \
+                or tuple(coef.shape[1:]) != want:
+            got = f"{str(coef.dtype).replace('torch.', '')} {tuple(coef.shape)}" if isinstance(coef, torch.Tensor) \
+                else type(coef).__name__
+            raise NsvitError(f"coefficients must be a float tensor (B, {want[0]}, {want[1]}) for grid {grid}, got {got}")
         return unpatchify(coef @ self._mat("null", coef), self.in_chans, grid, self.patch_size)
 
     def sample(self, n: int, norm: float | None = None, *, img_size: tuple[int, int] | None = None,
@@ -140,15 +148,27 @@ class PatchNullspace:
             dtype: of the result (computed in float64).
 
         Raises:
-            NsvitError: the patch embedding has no nullspace (dim 0), or no image size is known.
+            NsvitError: the patch embedding has no nullspace (dim 0), no image size is known, n is not
+                a whole number >= 1, norm is not a finite number > 0, an image size under one
+                patch, or a dtype that is not a float type.
         """
+        n = check_count("n", n)
+        if norm is not None:
+            norm = check_positive("norm", norm)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise NsvitError(f"dtype must be a torch float dtype, got {dtype!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise NsvitError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if self.dim == 0:
             raise NsvitError(f"the patch embedding has no nullspace (embed dim {self.embed_dim} >= "
                              f"input dim {self.input_dim}, rank {self.rank})")
         hw = img_size or self.img_size
         if hw is None:
             raise NsvitError("sample() needs img_size")
+        hw = _check_grid("img_size", hw)
         grid = (hw[0] // self.patch_size[0], hw[1] // self.patch_size[1])
+        if min(grid) < 1:
+            raise NsvitError(f"img_size {hw} holds no whole {self.patch_size[0]}x{self.patch_size[1]} patch")
         coef = torch.randn(n, grid[0] * grid[1], self.dim, generator=generator, dtype=torch.float64)
         v = self.from_coefficients(coef, grid)
         if norm is not None:
@@ -156,8 +176,12 @@ class PatchNullspace:
         return v.to(dtype)
 
     def _check_images(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise NsvitError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        # an integer tensor would get the basis cast to integers: all-zero projections, no error
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans \
+                or x.dtype not in FLOAT_DTYPES:
+            got = f"{str(x.dtype).replace('torch.', '')} {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
+                else type(x).__name__
+            raise NsvitError(f"expected float images (B, {self.in_chans}, H, W), got {got}")
 
 
 def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
@@ -173,7 +197,8 @@ def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
         (normalisation folded in), on the CPU.
 
     Raises:
-        NsvitError: the weight holds NaN or inf, rtol < 0, or the model is not a supported ViT.
+        NsvitError: the weight holds NaN or inf, rtol not a number in [0, 1), or the model is not a
+            supported ViT.
     """
     parts = adapt(model)
     w, _ = parts.patch_projection()
@@ -183,9 +208,8 @@ def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
     if not torch.isfinite(mat).all():
         raise NsvitError(f"{parts.name}: the patch projection weight holds NaN or inf")
     _, s, vh = torch.linalg.svd(mat, full_matrices=True)
-    rtol = default_rtol((d, n)) if rtol is None else float(rtol)
-    if rtol < 0:
-        raise NsvitError(f"rtol must be >= 0, got {rtol}")
+    # rtol >= 1 puts every direction under the tolerance: the whole patch space would be "null"
+    rtol = default_rtol((d, n)) if rtol is None else check_number("rtol", rtol, 0, 1, hi_open=True)
     rank = int((s > s.max() * rtol).sum()) if s.numel() else 0
     return PatchNullspace(basis=vh[rank:].contiguous(), row_basis=vh[:rank].contiguous(), singular_values=s,
                           rtol=rtol, in_chans=parts.in_chans, patch_size=parts.patch_size, embed_dim=d,
@@ -193,6 +217,13 @@ def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
 
 
 @torch.no_grad()
+def _check_grid(name: str, hw) -> tuple[int, int]:
+    """A (height, width) pair of whole numbers >= 1."""
+    if not isinstance(hw, (tuple, list)) or len(hw) != 2:
+        raise NsvitError(f"{name} must be a pair (H, W), got {hw!r}")
+    return check_count(f"{name}[0]", hw[0]), check_count(f"{name}[1]", hw[1])
+
+
 def verify_invariance(model, images: torch.Tensor, noise: torch.Tensor) -> dict:
     """How much adding ``noise`` (pixel space, same shape as images) changes the model.
 
@@ -207,13 +238,19 @@ def verify_invariance(model, images: torch.Tensor, noise: torch.Tensor) -> dict:
         ``"noise_to_image_norm"``: the smallest per-image ratio of noise norm to image norm.
 
     Raises:
-        NsvitError: noise and images differ in shape.
+        NsvitError: images that are not float pixels in [0, 1] (or none), noise that is not a finite
+            float tensor, or noise and images that differ in shape.
     """
     parts = adapt(model)
+    check_pixels("images", images)
+    if not isinstance(noise, torch.Tensor) or noise.dtype not in FLOAT_DTYPES:
+        raise NsvitError(f"noise must be a float tensor, got {getattr(noise, 'dtype', type(noise).__name__)}")
+    check_finite("noise", noise)
     if noise.shape != images.shape:
         raise NsvitError(f"noise {tuple(noise.shape)} must have the images' shape {tuple(images.shape)}")
-    u, un = parts.patch_embed(images), parts.patch_embed(images + noise)
-    z, zn = parts.encode(u), parts.encode(un)
+    with torch.no_grad():
+        u, un = parts.patch_embed(images), parts.patch_embed(images + noise)
+        z, zn = parts.encode(u), parts.encode(un)
     ratio = noise.flatten(1).norm(dim=1) / images.flatten(1).norm(dim=1).clamp_min(1e-12)
     return {
         "patch_embed_rel": float((un - u).abs().max() / u.abs().max().clamp_min(1e-30)),
@@ -240,7 +277,7 @@ def nullspace_table(names: Iterable[str], rtol: float | None = None, seed: int =
     Returns a list of :meth:`PatchNullspace.summary` rows; ``kwargs`` go to :func:`load_model`
     (e.g. ``pretrained=True``). Raises NsvitError as :func:`load_model` does for an unknown name."""
     rows = []
-    for name in names:
+    for name in [names] if isinstance(names, str) else names:
         torch.manual_seed(seed)
         ns = nullspace_basis(load_model(name, **kwargs), rtol=rtol)
         rows.append(ns.summary(name))

@@ -144,10 +144,43 @@ def test_nullspace_bad_input(digits_parts):
     ns = nullspace_basis(digits_parts)
     with pytest.raises(NsvitError, match="not a multiple of the patch size"):
         ns.project(torch.rand(1, 3, 30, 30))
-    with pytest.raises(NsvitError, match="expected images"):
+    with pytest.raises(NsvitError, match="expected float images"):
         ns.project(torch.rand(1, 1, 32, 32))
     no_null = nullspace_basis(load_model("vit_base_patch8_224", depth=1))
     with pytest.raises(NsvitError, match="no nullspace"):
         no_null.sample(1)
     with pytest.raises(NsvitError, match="noise"):
         verify_invariance(digits_parts, torch.rand(2, 3, 32, 32), torch.rand(1, 3, 32, 32))
+
+
+def test_nullspace_api_refuses_what_it_would_answer_wrongly(digits_parts):
+    # each of these returned a value before: zeros, the wrong norm, the whole patch space as "null"
+    ns = nullspace_basis(digits_parts)
+    x = torch.rand(2, 3, 32, 32)
+    v = ns.sample(2, norm=5.0)
+    assert torch.allclose(v.flatten(1).norm(dim=1), torch.tensor([5.0, 5.0]))
+    bad = [
+        (lambda: ns.project((x * 255).to(torch.uint8)), "expected float images .B, 3, H, W., got uint8"),
+        (lambda: ns.coefficients(x.long()), "got int64"),
+        (lambda: ns.from_coefficients(ns.coefficients(x).long(), (4, 4)), "coefficients must be a float tensor"),
+        (lambda: ns.from_coefficients(ns.coefficients(x), (2, 2)), r"\(B, 4, 96\) for grid \(2, 2\)"),
+        (lambda: ns.sample(2, norm=-5.0), "norm must be a finite number > 0"),
+        (lambda: ns.sample(2, norm=float("nan")), "norm must be"),
+        (lambda: ns.sample(2, norm=True), "norm must be"),
+        (lambda: ns.sample(0, norm=1.0), "n must be >= 1"),
+        (lambda: ns.sample(2.5), "n must be a whole number"),
+        (lambda: ns.sample(2, norm=1.0, img_size=(4, 4)), "holds no whole 8x8 patch"),
+        (lambda: ns.sample(2, img_size=32), "img_size must be a pair"),
+        (lambda: ns.sample(2, dtype=torch.int64), "dtype must be a torch float dtype"),
+        (lambda: ns.sample(2, generator=42), "generator must be a torch.Generator"),
+        (lambda: nullspace_basis(digits_parts, rtol=float("nan")), r"rtol must be a finite number in \[0, 1\)"),
+        (lambda: nullspace_basis(digits_parts, rtol=1.0), "rtol must be"),
+        (lambda: nullspace_basis(digits_parts, rtol="0.1"), "rtol must be a number"),
+        (lambda: verify_invariance(digits_parts, x * 255, v), r"must be pixels in \[0, 1\]"),
+        (lambda: verify_invariance(digits_parts, x[:0], v[:0]), "images is empty"),
+        (lambda: verify_invariance(digits_parts, x, v.numpy()), "noise must be a float tensor"),
+        (lambda: verify_invariance(digits_parts, x, v * float("nan")), "noise holds"),
+    ]
+    for call, msg in bad:
+        with pytest.raises(NsvitError, match=msg):
+            call()

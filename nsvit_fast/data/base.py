@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import NsvitError, check_pixels
+from ..errors import NsvitError, check_count, check_labels, check_pixels
 
 
 class ImageDataset(Dataset):
@@ -21,19 +21,24 @@ class ImageDataset(Dataset):
         name: shown in messages and ``repr``.
 
     Raises:
-        NsvitError: no images, images not 4-D, outside [0, 1] or not finite, or labels of another length.
+        NsvitError: no images, images not 4-D float, outside [0, 1] or not finite; labels not a 1-D
+            integer tensor of indices >= 0 of the same length; classes fewer than the labels need.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None,
                  name: str = "images"):
-        if images.dim() == 4 and images.shape[0] == 0:
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             raise NsvitError(f"{name} is empty")
-        check_pixels(f"{name} images", images)
-        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise NsvitError(f"{name}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        check_pixels(f"{name}: images", images)
+        labels = check_labels(f"{name}: labels", labels, images.shape[0])
+        top = int(labels.max()) + 1
+        if classes is not None and (isinstance(classes, (str, bytes)) or not all(isinstance(c, str) for c in classes)
+                                    or len(classes) < top):
+            raise NsvitError(f"{name}: classes must be a list of names, one per label 0..{top - 1} at least, "
+                             f"got {classes!r}"[:300])
         self.images = images
-        self.labels = labels.long()
-        self.classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
+        self.labels = labels
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(top)]
         self.name = name
 
     def __len__(self) -> int:
@@ -50,6 +55,8 @@ class ImageDataset(Dataset):
     def subset(self, n: int | None = None, *, generator: torch.Generator | None = None) -> "ImageDataset":
         """The first n images (a random n if a generator is given) as a new ImageDataset sharing the
         classes; ``self`` when n is None or >= len(self)."""
+        if n is not None:
+            n = check_count("n", n)
         if n is None or n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=generator)[:n] if generator is not None else torch.arange(n)

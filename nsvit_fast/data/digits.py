@@ -48,9 +48,11 @@ def digits(split: str = "train", size: int = 32) -> ImageDataset:
         an ImageDataset: images (N, 3, size, size) float32 in [0, 1], labels (N,) int64, classes "0"-"9".
 
     Raises:
-        NsvitError: an unknown split.
+        NsvitError: an unknown split, a size that is not a whole number >= 1.
     """
-    x, y, idx = _arrays(int(size))
+    from ..errors import check_count
+
+    x, y, idx = _arrays(check_count("size", size))
     if split == "all":
         return ImageDataset(x, y, CLASSES, name="digits/all")
     if split not in idx:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import NsvitError
+from ..errors import NsvitError, check_count, check_labels, check_pixels
 
 
 @contextmanager
@@ -33,9 +33,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def accuracy(parts, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``parts`` (an adapter or any classifier module) on ``images`` (B, C, H, W)
     and ``labels`` (B,), in eval mode, batches moved to the model's device; the model's mode is
-    restored afterwards. Returns a fraction in [0, 1]. Raises NsvitError on an empty set."""
-    if len(labels) == 0:
+    restored afterwards. Returns a fraction in [0, 1]. Raises NsvitError on an empty set, images
+    that are not float pixels in [0, 1], labels that are not class indices below the model's outputs
+    or not one per image, a batch_size < 1."""
+    if isinstance(labels, torch.Tensor) and len(labels) == 0:
         raise NsvitError("accuracy of an empty image set is undefined")
+    check_pixels("images", images)
+    labels = check_labels("labels", labels, images.shape[0], getattr(parts, "num_classes", None) or None)
+    batch_size = check_count("batch_size", batch_size)
     dev = next(parts.parameters()).device
     with eval_mode(parts):
         hits = 0

@@ -25,6 +25,9 @@ from torch import nn
 from ..errors import NsvitError
 
 
+NORM_RANGE = {"mean": (-10.0, 10.0), "std": (1e-3, 1e3)}  # normalisation statistics of [0, 1] pixels
+
+
 class Adapter(nn.Module):
     """Base class of a model family's adapter: one timm model split at the patch tokens.
 
@@ -65,12 +68,20 @@ class Adapter(nn.Module):
                            "crop_pct": float(data_config.get("crop_pct", 0.875)),
                            "crop_mode": data_config.get("crop_mode", "center")}
         c = self.in_chans
-        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        try:
+            mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+            std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise NsvitError(f"mean/std must be numbers, got {mean!r} and {std!r}") from None
         if mean.numel() not in (1, c) or std.numel() not in (1, c):
             raise NsvitError(f"mean/std need 1 or {c} values, got {mean.numel()} and {std.numel()}")
-        if bool((std <= 0).any()):
-            raise NsvitError(f"std must be > 0, got {std.tolist()}")
+        # pixels are in [0, 1]: 0-255 statistics, a std near 0 or NaN give saturated or NaN logits
+        lo, hi = NORM_RANGE["mean"]
+        if not bool(torch.isfinite(mean).all()) or bool(((mean < lo) | (mean > hi)).any()):
+            raise NsvitError(f"mean must be numbers in [{lo:g}, {hi:g}] (pixels in [0, 1]), got {mean.tolist()}")
+        lo, hi = NORM_RANGE["std"]
+        if not bool(torch.isfinite(std).all()) or bool(((std < lo) | (std > hi)).any()):
+            raise NsvitError(f"std must be numbers in [{lo:g}, {hi:g}] (pixels in [0, 1]), got {std.tolist()}")
         self.register_buffer("mean", mean.expand(c).reshape(1, c, 1, 1).clone(), persistent=False)
         self.register_buffer("std", std.expand(c).reshape(1, c, 1, 1).clone(), persistent=False)
 
@@ -122,10 +133,13 @@ class Adapter(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def check_images(self, x: torch.Tensor) -> None:
-        """Shape check only (no host sync): (B, C, H, W) at the model's input size.
+        """Shape and dtype check only (no host sync): float (B, C, H, W) at the model's input size.
 
         Raises:
-            NsvitError: any other shape."""
+            NsvitError: any other shape, or integer pixels (uint8 0-255 would be scored as noise)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = str(x.dtype).replace("torch.", "") if isinstance(x, torch.Tensor) else type(x).__name__
+            raise NsvitError(f"{self.name} takes float pixels in [0, 1], got {got}")
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
             raise NsvitError(f"{self.name} takes images (B, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
@@ -159,11 +173,25 @@ class Adapter(nn.Module):
                      backend: str | None = None) -> torch.Tensor:
         """Logits of u (B, N, D) plus every noise of v (M, N, D), broadcast over the batch:
         (M * B, K) noise-major, preceded by the B clean rows if ``include_clean``. A family may fuse
-        this (the ViT adapter does); this default builds the rows and encodes them."""
+        this (the ViT adapter does); this default builds the rows and encodes them.
+
+        Raises:
+            NsvitError: u or v of another shape (a (N, D) noise must be given as (1, N, D)), or
+                no rows at all (no noise and not ``include_clean``)."""
+        self.check_noisy(u, v, include_clean)
         rows = [u] if include_clean else []
         if v is not None and v.shape[0]:
             rows.append((u[None] + v[:, None]).reshape(-1, *u.shape[1:]))
         return self.encode(torch.cat(rows) if len(rows) > 1 else rows[0])
+
+    def check_noisy(self, u: torch.Tensor, v: torch.Tensor | None, include_clean: bool) -> None:
+        """Shape checks of :meth:`encode_noisy` (no host sync)."""
+        self.check_tokens(u)
+        if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 3 or tuple(v.shape[1:]) != self.token_shape):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise NsvitError(f"{self.name}: noises must be (M, {self.num_patches}, {self.embed_dim}), got {got}")
+        if not include_clean and (v is None or v.shape[0] == 0):
+            raise NsvitError(f"{self.name}: encode_noisy needs at least one noise, or include_clean=True")
 
     def encode_with_attention(self, u: torch.Tensor, in_graph: bool = False
                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:

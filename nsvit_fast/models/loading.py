@@ -13,6 +13,7 @@ from .. import __version__
 from ..errors import NsvitError
 from ..io import load_tensors, save_tensors
 from . import embedded
+from .base import NORM_RANGE
 from .base import Adapter
 from .registry import adapt
 
@@ -182,9 +183,8 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     mean, std = meta.get("mean"), meta.get("std")
     # pixels are in [0, 1]: a mean far outside it or a std near 0 (hand-edited metadata) would give
     # NaN or saturated logits and a silently wrong evaluation, not an error
-    ranges = {"mean": (-10.0, 10.0), "std": (1e-3, 1e3)}
     for key, val in (("mean", mean), ("std", std)):
-        lo, hi = ranges[key]
+        lo, hi = NORM_RANGE[key]
         if val is not None and (not isinstance(val, list) or not val or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in val)):
             raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of numbers in [{lo:g}, {hi:g}] "

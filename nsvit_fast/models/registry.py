@@ -43,6 +43,9 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
             (e.g. a non-linear or overlapping patch stem).
     """
     if isinstance(model, Adapter):
+        if mean is not None or std is not None:  # its normalisation is part of the adapter: not silently kept
+            raise NsvitError(f"{model.name} is already adapted, with its own mean/std; adapt the timm model "
+                             f"(adapter.model) to give others")
         return model
     name = name or getattr(model, "default_cfg", {}).get("architecture", "") or type(model).__name__
     fam = family_of(model)

@@ -114,6 +114,9 @@ class PatchEmbedAdapter(Adapter):
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_images(x)
+        w = self.model.patch_embed.proj.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)  # float64 / float16 pixels for a float32 model: conv2d refuses mixed dtypes
         u = self.model.patch_embed(self.normalize(x))
         return u.flatten(1, 2) if u.dim() == 4 else u  # dynamic_img_size models emit NHWC
 
@@ -210,6 +213,7 @@ class VitAdapter(PatchEmbedAdapter):
         """As the base class, with the token assembly (prefix, u + v_m, positional embedding, the first
         block's LayerNorm) as one op from ``nsvit_fast.ops``: fused kernels on CUDA, the torch
         reference (timm's own arithmetic, so exactly ``encode``) on the CPU."""
+        self.check_noisy(u, v, include_clean)
         fuse = self._fusable_first_block()
         if fuse is None:
             return super().encode_noisy(u, v, include_clean)
