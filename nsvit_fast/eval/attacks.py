@@ -72,13 +72,49 @@ def _spec(attack: str | AttackSpec) -> AttackSpec:
     return ATTACKS[attack]
 
 
+# each numeric setting's kind and range: ("count", lo) a whole number >= lo; ("number", lo, open) a
+# finite number > lo (open) or >= lo. Unlisted numeric settings must be finite.
+SETTING_RANGES: dict[str, tuple] = {
+    "steps": ("count", 1), "n": ("count", 1), "num_patch": ("count", 1), "n_patches": ("count", 1),
+    "step_size": ("count", 1), "atten_select": ("count", 0),
+    "eps": ("number", 0, False), "kappa": ("number", 0, False), "atten_loss_weight": ("number", 0, False),
+    "alpha": ("number", 0, True), "lr": ("number", 0, True), "c": ("number", 0, True), "gamma": ("number", 0, True),
+    "scale": ("number", 0, True),
+}
+
+
+def check_settings(what: str, kw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` checked against an attack's or suite's ``defaults``: known keys only, a word where the
+    default is a word, else a finite number (not a bool) in its :data:`SETTING_RANGES` range, counts
+    as ints. Returns the checked settings; raises NsvitError naming the first bad one."""
+    from ..errors import check_count, check_number
+
+    out = {}
+    for k, v in kw.items():
+        if k not in defaults:
+            raise NsvitError(f"{what} has no setting {k!r}" + (f" (settings: {', '.join(defaults)})" if defaults else ""))
+        if isinstance(defaults[k], str):
+            if not isinstance(v, str):
+                raise NsvitError(f"{what}: {k} must be a word, got {v!r}")
+            out[k] = v
+            continue
+        rule = SETTING_RANGES.get(k)
+        if rule and rule[0] == "count":
+            out[k] = check_count(f"{what}: {k}", v, rule[1])
+        elif rule:
+            out[k] = check_number(f"{what}: {k}", v, lo=rule[1], lo_open=rule[2])
+        else:
+            out[k] = check_number(f"{what}: {k}", v)
+    return out
+
+
 def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
     """Build ``attack`` (a name in ATTACKS or an AttackSpec) on ``parts`` with its defaults updated by
     ``kw``; returns a callable (images, labels) -> adversarial images. The loop setting ``n`` is
-    ignored here. Raises NsvitError for an unknown attack or a negative eps."""
+    ignored here. Raises NsvitError for an unknown attack, or a setting it does not have or out of
+    range (:func:`check_settings`: eps >= 0, steps >= 1, alpha > 0, finite numbers)."""
     spec = _spec(attack)
-    if kw.get("eps", 0) < 0:
-        raise NsvitError(f"attack eps must be >= 0, got {kw['eps']}")
+    kw = check_settings(f"attack {attack if isinstance(attack, str) else 'spec'}", kw, {"n": None, **spec.defaults})
     kw = {**spec.fixed, **spec.defaults, **kw}
     kw.pop("n", None)
     return spec.factory(parts, seed=seed, **kw)
@@ -90,9 +126,14 @@ def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: s
     AttackSpec, settings ``kw`` over its defaults) makes from ``images`` (B, C, H, W) in [0, 1] and
     ``labels`` (B,). With the setting ``n``, only the first ``n`` images. Seeded: the global torch
     RNG is seeded with ``seed`` and restored afterwards; the model runs in eval mode and is given
-    back in its own mode, also when the attack raises. Raises NsvitError as make_attack does."""
+    back in its own mode, also when the attack raises. Raises NsvitError as make_attack does, and
+    for images that are not float pixels in [0, 1], labels that are not class indices below the
+    model's outputs, one per image, a batch_size < 1 or a seed outside [0, 2**32 - 1]."""
+    from ..errors import check_labels, check_pixels
     from .source import TensorImages
 
+    check_pixels("images", images)
+    check_labels("labels", labels, images.shape[0], getattr(parts, "num_classes", None) or None)
     return attack_accuracy_on(parts, TensorImages(images, labels), attack, batch_size, seed, **kw)
 
 
@@ -101,9 +142,13 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
     """:func:`attack_accuracy` over an :class:`~nsvit_fast.eval.source.EvalImages` (in memory or a
     streamed folder): the attack runs batch by batch and the hits are summed, so a folder of any
     size is attacked holding one batch. Returns the accuracy as a fraction; NsvitError on no images."""
+    from ..errors import check_count, check_seed
+
     spec = _spec(attack)
+    kw = check_settings(f"attack {attack if isinstance(attack, str) else 'spec'}", kw, {"n": None, **spec.defaults})
     n = kw.get("n", spec.defaults.get("n"))
-    batch_size = batch_size or spec.batch_size
+    batch_size = spec.batch_size if batch_size is None else check_count("batch_size", batch_size)
+    seed = check_seed("seed", seed)
     dev = next(parts.parameters()).device
     state = torch.get_rng_state()
     hits = seen = 0

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import NsvitError
+from ..errors import NsvitError, check_labels, check_pixels
 
 
 class EvalImages(ABC):
@@ -38,8 +38,8 @@ class TensorImages(EvalImages):
     """Images (N, C, H, W) and labels (N,) already in memory."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None):
-        if len(images) != len(labels):
-            raise NsvitError(f"{len(images)} images but {len(labels)} labels")
+        check_pixels("images", images)  # uint8 or 0-255 pixels would be scored, wrongly, without a word
+        labels = check_labels("labels", labels, images.shape[0])
         self.images, self.labels, self.classes = images, labels, classes
 
     def __len__(self) -> int:

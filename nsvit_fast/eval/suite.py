@@ -42,7 +42,7 @@ from ..data.base import check_labels_fit
 from ..errors import NsvitError
 from ..models.registry import adapt
 from .accuracy import eval_mode
-from .attacks import ATTACKS, AttackSpec, attack_accuracy_on
+from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
 from .ood import folder_accuracy, model_class_names
@@ -303,17 +303,6 @@ def _num(v: str):
         raise NsvitError(f"setting value {v!r} is not a finite number (use 4/255 or 0.0157)") from None
 
 
-# each numeric setting's kind and range: ("count", lo) a whole number >= lo; ("number", lo, open) a
-# finite number > lo (open) or >= lo. Unlisted numeric settings must be finite.
-SETTING_RANGES: dict[str, tuple] = {
-    "steps": ("count", 1), "n": ("count", 1), "num_patch": ("count", 1), "n_patches": ("count", 1),
-    "step_size": ("count", 1), "atten_select": ("count", 0),
-    "eps": ("number", 0, False), "kappa": ("number", 0, False), "atten_loss_weight": ("number", 0, False),
-    "alpha": ("number", 0, True), "lr": ("number", 0, True), "c": ("number", 0, True), "gamma": ("number", 0, True),
-    "scale": ("number", 0, True),
-}
-
-
 def _check_setting(suite: str, k: str, v):
     rule = SETTING_RANGES.get(k)
     if isinstance(v, str):
@@ -391,9 +380,26 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     suite or setting, a baseline that is not a model, or a missing folder or NoiseBank, all before
     any model runs.
     """
+    from ..errors import check_count, check_seed
+
     if not isinstance(models, dict):
         models = {getattr(models, "name", "model"): models}
+    if not models:
+        raise NsvitError("evaluate needs at least one model")
     models = {k: adapt(m) for k, m in models.items()}
+    if isinstance(suites, str):  # one suite spec, not its letters
+        suites = [suites]
+    if not suites or not all(isinstance(s, str) for s in suites):
+        raise NsvitError(f"suites must be a non-empty list of suite specs (\"fgsm:eps=4/255\"), got {suites!r}")
+    seed = check_seed("seed", seed)
+    if max_images is not None:
+        max_images = check_count("max_images", max_images)
+    if mce_reference not in MCE_REFERENCES:
+        raise NsvitError(f"mce_reference must be one of {', '.join(MCE_REFERENCES)}, got {mce_reference!r}")
+    if folders is not None and not isinstance(folders, dict):
+        raise NsvitError(f"folders must be a mapping {{suite: path}}, got {type(folders).__name__}")
+    if bank is not None and not hasattr(bank, "check_model"):
+        raise NsvitError(f"bank must be a NoiseBank (NoiseBank.load(path, parts)), got {type(bank).__name__}")
     specs = [parse_suite(s) for s in suites]
     names = list(models)
     source = as_eval_images(data, models[names[0]], max_images)

@@ -42,6 +42,9 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
         NsvitError: a model of no supported family, or one its family's adapter cannot serve
             (e.g. a non-linear or overlapping patch stem).
     """
+    if not isinstance(model, nn.Module):
+        raise NsvitError(f"expected a timm ViT or an adapter (load_model(...)), got {type(model).__name__}"
+                         + (" (a name: use load_model)" if isinstance(model, str) else ""))
     if isinstance(model, Adapter):
         if mean is not None or std is not None:  # its normalisation is part of the adapter: not silently kept
             raise NsvitError(f"{model.name} is already adapted, with its own mean/std; adapt the timm model "
