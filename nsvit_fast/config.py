@@ -64,6 +64,11 @@ def build(cls: type[T], base: T | None = None, overrides: Mapping[str, Any] | No
     ``rounds=1.7``, ``synth=5``) is an error that names the key and the type wanted."""
     if overrides is not None and not isinstance(overrides, Mapping):
         raise NsvitError(f"{where or cls.__name__} settings must be a mapping of keys, got {overrides!r}")
+    if isinstance(base, Mapping):  # config={"eps": 0.03}: the same as keyword overrides
+        base, overrides = None, {**base, **(overrides or {})}
+    if base is not None and not isinstance(base, cls):
+        raise NsvitError(f"{where or cls.__name__} config must be a {cls.__name__} or a mapping of its keys, "
+                         f"got {type(base).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
     checked = {}

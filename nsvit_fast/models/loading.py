@@ -150,6 +150,14 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
             architecture, an unknown name, weights that do not fit, pretrained weights without
             network, or an architecture no adapter serves.
     """
+    from ..errors import check_count
+
+    if name is not None and not isinstance(name, str):
+        raise NsvitError(f"model name must be a string, got {type(name).__name__}")
+    if num_classes is not None:
+        num_classes = check_count("num_classes", num_classes)
+    if not isinstance(pretrained, bool):  # pretrained="no" is truthy: a download nobody asked for
+        raise NsvitError(f"pretrained must be True or False, got {pretrained!r}")
     sd, meta = (None, {})
     if name == embedded.NAME and checkpoint is None:
         checkpoint = embedded.CHECKPOINT

@@ -43,7 +43,12 @@ class NoiseBank:
         return self.noises.shape[0]
 
     def __getitem__(self, i) -> "NoiseBank":
-        i = [i] if isinstance(i, int) else i
+        import operator
+
+        try:  # any integer (numpy's too) picks one noise and keeps the (M, N, D) shape
+            i = [operator.index(i)]
+        except TypeError:
+            pass
         return NoiseBank(self.noises[i], *(getattr(self, k)[i] for k in PER_NOISE), meta=dict(self.meta))
 
     @property

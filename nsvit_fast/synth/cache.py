@@ -38,6 +38,10 @@ class CleanCache:
 
     def __init__(self, parts: Adapter, images: torch.Tensor, device: torch.device | None = None,
                  max_bytes: int = 2 << 30, chunk: int = 256, autocast=contextlib.nullcontext):
+        from ..errors import check_pixels
+
+        check_pixels("CleanCache images", images)
+        parts.check_images(images)
         self.parts, self.images, self.chunk = parts, images, chunk
         self.autocast = autocast  # the run's autocast (Runtime.autocast): forwards in its precision, values kept fp32
         self.device = device or next(parts.parameters()).device

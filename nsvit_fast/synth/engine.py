@@ -116,9 +116,23 @@ class SynthConfig:
 
 
 def check_config(cfg: SynthConfig) -> SynthConfig:
-    """Return ``cfg`` unchanged if every field is in range; raise NsvitError naming the first one
-    that is not (eps, lim, lr > 0; counts >= 1; mode, schedule, stop, lr_schedule and lim_unit one
-    of theirs; lr_t_max only with lr_schedule official; heldout, check_every >= 0)."""
+    """Return ``cfg`` (whole floats as ints) if every field has its type and is in range; raise
+    NsvitError naming the first one that is not (a SynthConfig built by hand skips ``build``'s
+    type checks: ``max_steps=2.5``, ``eps="0.03"``). Ranges: eps, lim, lr, boundary_lr > 0;
+    boundary_grow >= 1; weight_decay >= 0; counts >= 1; mode, schedule, stop, lr_schedule and
+    lim_unit one of theirs; lr_t_max only with lr_schedule official; heldout, check_every >= 0;
+    seed in [0, 2**32 - 1]."""
+    import typing
+
+    from ..config import check_type
+    from ..errors import check_count, check_number, check_seed
+
+    if not isinstance(cfg, SynthConfig):
+        raise NsvitError(f"config must be a SynthConfig (or give its fields as keyword arguments), "
+                         f"got {type(cfg).__name__}")
+    hints = typing.get_type_hints(SynthConfig)
+    cfg = dataclasses.replace(cfg, **{f.name: check_type(f.name, getattr(cfg, f.name), hints[f.name])
+                                      for f in dataclasses.fields(cfg)})
     check_positive("eps", cfg.eps)
     if cfg.eps >= 2:  # MSE-prob is the squared distance of two probability vectors: at most 2
         raise NsvitError(f"eps must be < 2 (MSE-prob never exceeds 2, so every noise would pass), got {cfg.eps:g}")
@@ -141,6 +155,11 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
         raise NsvitError(f"lim_unit must be abs or token_rms, got {cfg.lim_unit!r}")
     if cfg.heldout < 0 or cfg.check_every < 0:
         raise NsvitError("heldout and check_every must be >= 0")
+    check_number("weight_decay", cfg.weight_decay, lo=0)
+    check_positive("boundary_lr", cfg.boundary_lr)
+    check_number("boundary_grow", cfg.boundary_grow, lo=1)  # the scale search spans [1/grow, grow]
+    check_count("boundary_iters", cfg.boundary_iters, 1)
+    check_seed("seed", cfg.seed)
     return cfg
 
 
@@ -610,7 +629,9 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     else:
         images = _images(data, parts)
         if cache is not None:
-            if cache.parts is not parts or cache.images.shape[0] != images.shape[0]:
+            same = isinstance(cache, CleanCache) and (cache.images is images or (
+                cache.images.shape == images.shape and torch.equal(cache.images.to(images.device), images)))
+            if not same or cache.parts is not parts:  # clean logits of other images: a wrong target, no error
                 raise NsvitError("cache= must be a CleanCache of this model over the training images")
             train = images
             held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images

@@ -128,11 +128,10 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise NsvitError(f"ema must be in [0, 1), got {cfg.ema}")
     from ..synth.engine import check_config as check_synth
 
-    check_synth(cfg.synth)
-    check_number("synth.weight_decay", cfg.synth.weight_decay, lo=0)
-    for name in ("boundary_lr", "boundary_grow"):
-        check_positive(f"synth.{name}", getattr(cfg.synth, name))
-    check_count("synth.boundary_iters", cfg.synth.boundary_iters, 1)
+    try:
+        check_synth(cfg.synth)
+    except NsvitError as e:  # the finetune config has fields of the same names (weight_decay, seed)
+        raise NsvitError(f"synth: {e}") from None
     return cfg
 
 
@@ -143,7 +142,13 @@ def make_config(base: FinetuneConfig | None = None, overrides: dict[str, Any] | 
     Returns a checked FinetuneConfig (``base`` or the defaults, with ``overrides`` applied). Raises
     NsvitError for an unknown key (naming the nearest one), a value of the wrong type or out of
     range, or a moved key."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise NsvitError(f"finetune settings must be a mapping of keys, got {overrides!r}")
     o = dict(overrides or {})
+    if isinstance(base, dict):  # config={"rounds": 2}: the same as overrides
+        base, o = None, {**base, **o}
+    if base is not None and not isinstance(base, FinetuneConfig):
+        raise NsvitError(f"config must be a FinetuneConfig or a mapping of its keys, got {type(base).__name__}")
     base = base or FinetuneConfig()
     for k in o:
         err = moved_key_error(k)
