@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NsvitError, check_pixels
+from ..errors import NsvitError, check_count, check_number, check_pixels
 from ..nullspace import nullspace_basis
 
 
@@ -40,11 +40,15 @@ def nullspace_edit(parts, x: torch.Tensor, target: torch.Tensor, iters: int = 10
         by which x + v leaves [0, 1] (0 without a box residual).
 
     Raises:
-        NsvitError: pixels outside [0, 1] or not finite, shapes that differ, or a model without a
-            patch-embedding nullspace.
+        NsvitError: pixels outside [0, 1] or not finite, shapes that differ, iters < 1 (with the
+            box), a box that is not a bool, or a model without a patch-embedding nullspace.
     """
     check_pixels("image", x)
     check_pixels("target", target)
+    if not isinstance(box, bool):  # box="no" is truthy
+        raise NsvitError(f"box must be True or False, got {box!r}")
+    if box:  # no iteration leaves the box unenforced, x + v outside [0, 1]
+        iters = check_count("iters", iters)
     if x.shape != target.shape:
         raise NsvitError(f"image {tuple(x.shape)} and target {tuple(target.shape)} differ in size")
     basis = nullspace_basis(parts)
@@ -94,8 +98,7 @@ def watermark(parts, image: torch.Tensor, mark: torch.Tensor, strength: float = 
     Raises:
         NsvitError: a strength outside (0, 1], a mark of another size, and as :func:`nullspace_edit`.
     """
-    if not 0 < strength <= 1:
-        raise NsvitError(f"strength must be in (0, 1], got {strength}")
+    strength = check_number("strength", strength, lo=0, hi=1, lo_open=True)
     if mark.shape != image.shape:
         raise NsvitError(f"the mark {tuple(mark.shape[-2:])} and the image {tuple(image.shape[-2:])} differ in size")
     target = (1 - strength) * image + strength * mark

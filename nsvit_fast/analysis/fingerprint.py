@@ -158,9 +158,15 @@ def make_fingerprint(parts, images: torch.Tensor, n: int = 64, scale: float = 2.
         NsvitError: images outside [0, 1], n < 1, scale <= 0, an all-black challenge, or a model
             without a patch-embedding nullspace.
     """
+    from ..models import adapt
+    from ..errors import check_seed
+
+    parts = adapt(parts)
     check_pixels("images", images)
-    check_count("n", n, 1)
+    parts.check_images(images)  # a fingerprint at another size would fail only at verify
+    n = check_count("n", n, 1)
     check_positive("scale", scale)
+    seed = check_seed("seed", seed)
     basis = nullspace_basis(parts)
     if basis.dim == 0:
         raise NsvitError(f"{parts.name} has no patch-embedding nullspace (embed dim {basis.embed_dim} >= "
@@ -222,6 +228,11 @@ def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
         NsvitError: a fingerprint :meth:`Fingerprint.check` refuses, a threshold outside (0, 1), or a
             suspect of another input size.
     """
+    from ..models import adapt
+
+    if not isinstance(fp, Fingerprint):
+        raise NsvitError(f"fp must be a Fingerprint (Fingerprint.load(path)), got {type(fp).__name__}")
+    parts = adapt(parts)
     fp.check()
     t = check_threshold(fp.meta["threshold"] if threshold is None else threshold)
     s = score(parts, fp)

@@ -37,13 +37,19 @@ def saliency(parts, x: torch.Tensor, method: str = "rollout", target: torch.Tens
         maps (B, gh, gw) on the patch grid, each normalised to [0, 1].
 
     Raises:
-        NsvitError: an unknown method, images of the wrong shape, or a model whose attention the
+        NsvitError: an unknown method, images that are not float pixels in [0, 1] of the model's
+            shape, a target that is not one class index per image, or a model whose attention the
             adapter cannot read.
     """
-    from ..errors import NsvitError
+    from ..errors import NsvitError, check_labels, check_pixels
+    from ..models import adapt
 
     if method not in METHODS:
         raise NsvitError(f"unknown saliency method {method!r} (methods: {', '.join(METHODS)})")
+    parts = adapt(parts)
+    check_pixels("images", x)
+    if target is not None:  # one class per image: a shorter target would broadcast without a word
+        target = check_labels("target", target, x.shape[0], parts.num_classes).to(x.device)
     p0 = parts.num_prefix_tokens
     has_cls = parts.has_class_token
     gh, gw = parts.grid_size

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NsvitError
+from ..errors import NsvitError, check_count, check_number
+from ..io import check_output_dir
 from ..io import save_figure, write_json
 from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
 from ..synth.engine import SynthConfig, split_heldout
@@ -42,7 +43,12 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
         NsvitError: bad data or settings (as synthesis raises them; under 4 images leave none to
             hold out), or an unwritable ``out``.
     """
-    out = Path(out)
+    out = check_output_dir(out, "out", ("fig3_regularized.png", "fig3_regularized.json"))  # before the descent
+    if isinstance(lams, (str, bytes)) or not hasattr(lams, "__iter__"):
+        raise NsvitError(f"lams must be a list of numbers, got {lams!r}")
+    lams = [check_number("lambda", v, lo=0) for v in lams]
+    if not lams:
+        raise NsvitError("lams is empty: give at least one lambda")
     bank = synthesize_regularized(parts, data, lam=list(lams), steps=steps, progress=False, **synth)
     rows = [{"lambda": lam, "norm": float(bank.norm[i]), "match_rate": float(bank.match_rate[i]),
              "mse_prob": float(bank.mse_prob[i]), "permuted_match_rate": bank.meta["permuted_match_rate"][i],
@@ -107,11 +113,10 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
             refuses for ``stop="heldout"``), fewer than 2 noises reaching eps, bad data or settings, or
             an unwritable ``out``.
     """
-    out = Path(out)
+    out = check_output_dir(out, "out", ("fig5_properties.png", "fig5_properties.json"))  # before the descent
     cuda = next(parts.parameters()).device.type == "cuda"
-    m = m or (100 if cuda else 24)
-    if m < 2:
-        raise NsvitError(f"fig5 needs at least 2 noises, got m={m}")
+    m = (100 if cuda else 24) if m is None else check_count("m", m, 2)
+    n_pairs = check_count("n_pairs", n_pairs)
     synth = {"stop": "heldout", "batch_size": 64, **synth}
     bank = synthesize(parts, data, eps=eps, num_noises=m, seed=seed, progress=False, **synth)
     V = bank.noises[bank.converged]

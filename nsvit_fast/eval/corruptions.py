@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import NsvitError
+from ..errors import NsvitError, check_count, check_pixels, check_seed
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -49,13 +49,18 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0, start
     a set gets the same corruption whether the set is corrupted whole or batch by batch (``start``
     being the batch's offset), so a streamed folder matches the in-memory path.
 
-    Returns a new tensor in [0, 1]. Raises NsvitError for an unknown corruption, a severity outside
-    1-5, or images smaller than the corruptions need."""
+    Returns a new tensor in [0, 1]. Raises NsvitError for an unknown corruption, a severity that is
+    not a whole number 1-5, images that are not float pixels in [0, 1] with 1 or 3 channels, or
+    smaller than the corruptions need, a bad seed or start."""
     if name not in CORRUPTIONS:
         raise NsvitError(f"unknown corruption {name!r} (corruptions: {', '.join(CORRUPTIONS)})")
-    if severity not in SEVERITIES:
-        raise NsvitError(f"severity must be 1-5, got {severity}")
+    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+        raise NsvitError(f"severity must be a whole number 1-5, got {severity!r}")
+    check_pixels("images", images)  # 0-255 or uint8 pixels would be clamped to white, NaN to black
+    seed, start = check_seed("seed", seed), check_count("start", start, 0)
     b, c, h, w = images.shape
+    if c not in (1, 3):
+        raise NsvitError(f"corruptions take 1- or 3-channel images, got {c} channels")
     if min(h, w) < MIN_SIZE:
         raise NsvitError(f"corruptions need images of at least {MIN_SIZE}x{MIN_SIZE} px "
                          f"(imagecorruptions), got {h}x{w}")
@@ -102,7 +107,18 @@ def mce(err: dict[str, list[float]], reference: dict[str, list[float]] | dict[st
     over severities (AlexNet's published numbers), so its sum is 5 x the mean.
 
     ``err`` maps corruption names to error fractions per severity; every name must be in
-    ``reference``. Raises NsvitError when a reference error sums to 0."""
+    ``reference``. Raises NsvitError for no corruptions, a corruption the reference lacks, errors
+    that are not fractions in [0, 1] (percentages would give a 100x mCE), or a reference error
+    that sums to 0."""
+    if not isinstance(err, dict) or not err:
+        raise NsvitError("mCE needs the errors of at least one corruption")
+    missing = [c for c in err if c not in reference]
+    if missing:
+        raise NsvitError(f"the reference has no errors for {missing}")
+    for c, e in err.items():
+        if not isinstance(e, (list, tuple)) or not e or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in e):
+            raise NsvitError(f"errors of {c} must be a list of fractions in [0, 1] (not %), got {e!r}")
     ces = []
     for c, e in err.items():
         ref = reference[c]

@@ -745,9 +745,12 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
 
     Returns a NoiseBank with len(lam) noises. Raises NsvitError for a λ that is negative or not
     finite, and as :func:`synthesize` for bad settings or data."""
-    lams = torch.as_tensor(lam if isinstance(lam, (list, tuple)) else [lam], dtype=torch.float32).flatten()
-    if not bool(torch.isfinite(lams).all()) or bool((lams < 0).any()):
-        raise NsvitError(f"lam must be finite and >= 0, got {lams.tolist()}")
+    from ..errors import check_number
+
+    vals = list(lam) if isinstance(lam, (list, tuple)) else [lam]
+    if not vals:
+        raise NsvitError("lam is empty: give one λ or a list of them")
+    lams = torch.tensor([check_number("lam", v, lo=0) for v in vals], dtype=torch.float32)
     cfg = check_config(build(SynthConfig, config, {**overrides, "max_steps": steps, "num_noises": len(lams),
                                                    "mode": "fast"}, "synthesis"))
     parts = adapt(model)

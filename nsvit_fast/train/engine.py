@@ -630,6 +630,14 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         raise NsvitError(f"train_data must be an ImageDataset or a folder path, got {type(train_data).__name__}")
     if isinstance(val_data, str):
         val_data = Path(val_data)
+    if val_data is not None and not isinstance(val_data, (ImageDataset, Path)):
+        raise NsvitError(f"val_data must be an ImageDataset, a folder path or None, got {type(val_data).__name__}")
+    if isinstance(val_data, ImageDataset):
+        parts.check_images(val_data.images[:1])
+    from ..data import BAD_IMAGE
+
+    if on_bad_image not in BAD_IMAGE:  # checked even for in-memory data: a typo is a typo
+        raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
     if cfg.compile:
         parts.compile_encoder()
     torch.manual_seed(cfg.seed)

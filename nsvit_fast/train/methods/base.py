@@ -77,11 +77,12 @@ class Method:
 
 
 def check_attack_config(where: str, eps: float, alpha: float, steps: int) -> None:
-    """Refuse an attack radius, step size or step count that cannot be meant."""
+    """Refuse an attack radius, step size or step count that cannot be meant (the L∞ radius is in
+    pixels of [0, 1]: above 1 it covers every image, e.g. 300 for 300/255)."""
     from ...errors import NsvitError
 
-    if not eps >= 0:
-        raise NsvitError(f"{where}.eps must be >= 0, got {eps}")
+    if not 0 <= eps <= 1:
+        raise NsvitError(f"{where}.eps must be in [0, 1] (an L∞ radius in [0, 1] pixels: 8/255, not 8), got {eps}")
     if not alpha > 0:
         raise NsvitError(f"{where}.alpha must be > 0, got {alpha}")
     if int(steps) < 1:

@@ -1,0 +1,167 @@
+"""The Python API refuses, in one NsvitError line, input it would otherwise answer wrongly.
+
+Each case returned a value before (a review through the public API): uint8 or 0-255 images scored
+as pixels, labels outside the classes counted wrong, a PGD of 0 steps called an attack, a noise of
+the wrong norm, a hand-built config with a float step count... The nullspace cases are in
+test_nullspace.py, the CLI's in test_hostile.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import nsvit_fast as ns
+from nsvit_fast import NsvitError
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return ns.load_model("digits_vit")
+
+
+@pytest.fixture(scope="module")
+def xy():
+    d = ns.digits("test").subset(16)
+    return d.images, d.labels
+
+
+def _cases(parts, x, y):
+    from nsvit_fast.analysis import make_fingerprint, saliency, watermark
+    from nsvit_fast.eval import accuracy, attack_accuracy, corrupt, evaluate, mce, mce_imagenet
+    from nsvit_fast.eval.source import TensorImages
+    from nsvit_fast.synth import CleanCache, SynthConfig, synthesize, synthesize_regularized
+    from nsvit_fast.train import finetune
+
+    d = ns.ImageDataset(x, y)
+    other = ns.digits("val").subset(16).images
+    u = parts.patch_embed(x)
+    return [
+        # images: integer, 0-255, NaN, float64 labels, labels out of range or shape
+        ("acc-uint8", lambda: accuracy(parts, (x * 255).to(torch.uint8), y), "got uint8"),
+        ("acc-255", lambda: accuracy(parts, x * 255, y), r"pixels in \[0, 1\], got values in \[0, 255\]"),
+        ("acc-nan", lambda: accuracy(parts, x * float("nan"), y), "NaN"),
+        ("acc-label-high", lambda: accuracy(parts, x, y + 10), r"< 10 \(the model's outputs\)"),
+        ("acc-label-neg", lambda: accuracy(parts, x, y - 10), "class indices >= 0"),
+        ("acc-label-2d", lambda: accuracy(parts, x, y[:, None]), "1-D integer tensor"),
+        ("acc-label-float", lambda: accuracy(parts, x, y.float()), "1-D integer tensor"),
+        ("acc-lengths", lambda: accuracy(parts, torch.cat([x, x]), y), "16 labels for 32 images"),
+        ("acc-batch-neg", lambda: accuracy(parts, x, y, batch_size=-1), "batch_size must be >= 1"),
+        ("ds-labels-float", lambda: ns.ImageDataset(x, y.float() + 0.7), "1-D integer tensor"),
+        ("ds-labels-neg", lambda: ns.ImageDataset(x, y - 5), "class indices >= 0"),
+        ("ds-labels-list", lambda: ns.ImageDataset(x, y.tolist()), "must be a torch tensor"),
+        ("ds-images-numpy", lambda: ns.ImageDataset(x.numpy(), y), "must be a torch tensor"),
+        ("ds-classes-few", lambda: ns.ImageDataset(x, y, classes=["a", "b"]), "one per label"),
+        ("ds-classes-str", lambda: ns.ImageDataset(x, y, classes="abcdefghij"), "list of names"),
+        ("ds-subset-neg", lambda: d.subset(-1), "n must be >= 1"),
+        ("digits-size", lambda: ns.digits("test", size=1.5), "size must be a whole number"),
+        ("synthetic-n", lambda: ns.synthetic(n=-3), "n must be >= 1"),
+        ("synthetic-classes", lambda: ns.synthetic(num_classes=0), "num_classes must be >= 1"),
+        ("synthetic-noise", lambda: ns.synthetic(noise=float("inf")), "noise must be"),
+        ("synthetic-seed", lambda: ns.synthetic(seed=2**70), "seed must be <="),
+        ("patch-embed-uint8", lambda: parts.patch_embed((x * 255).to(torch.uint8)), "takes float pixels"),
+        ("encode-noisy-2d", lambda: parts.encode_noisy(u, torch.zeros(16, 96)), r"noises must be \(M, 16, 96\)"),
+        ("encode-noisy-none", lambda: parts.encode_noisy(u, None), "at least one noise"),
+        # models
+        ("adapt-std-nan", lambda: ns.adapt(_timm(), mean=[0.5] * 3, std=[float("nan")] * 3), "std must be"),
+        ("adapt-255-stats", lambda: ns.adapt(_timm(), mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4]),
+         r"mean must be numbers in \[-10, 10\]"),
+        ("adapt-adapter-mean", lambda: ns.adapt(parts, mean=[0] * 3, std=[1] * 3), "already adapted"),
+        ("adapt-str", lambda: ns.adapt("digits_vit"), "use load_model"),
+        ("load-classes-float", lambda: ns.load_model("vit_tiny_patch16_224", num_classes=2.7, depth=1),
+         "num_classes must be a whole number"),
+        ("load-pretrained-str", lambda: ns.load_model("vit_tiny_patch16_224", pretrained="no"),
+         "pretrained must be True or False"),
+        ("load-name-int", lambda: ns.load_model(5), "model name must be a string"),
+        # attacks and evaluation
+        ("atk-255", lambda: attack_accuracy(parts, x * 255, y, "fgsm"), r"pixels in \[0, 1\]"),
+        ("atk-labels", lambda: attack_accuracy(parts, x, y + 10, "fgsm"), "< 10"),
+        ("atk-eps-nan", lambda: attack_accuracy(parts, x, y, "fgsm", eps=float("nan")), "eps must be a finite"),
+        ("atk-eps-bool", lambda: attack_accuracy(parts, x, y, "fgsm", eps=True), "eps must be a number"),
+        ("atk-steps-0", lambda: attack_accuracy(parts, x, y, "pgd", steps=0), "steps must be >= 1"),
+        ("atk-alpha-neg", lambda: attack_accuracy(parts, x, y, "pgd", alpha=-1 / 255), "alpha must be"),
+        ("atk-n-float", lambda: attack_accuracy(parts, x, y, "fgsm", n=2.5), "n must be a whole number"),
+        ("atk-batch-0", lambda: attack_accuracy(parts, x, y, "fgsm", batch_size=0), "batch_size must be >= 1"),
+        ("atk-unknown-key", lambda: attack_accuracy(parts, x, y, "fgsm", epsilon=0.1), "no setting 'epsilon'"),
+        ("eval-255", lambda: evaluate(parts, TensorImages(x * 255, y), ["clean"], progress=False), r"\[0, 1\]"),
+        ("eval-suites-empty", lambda: evaluate(parts, d, [], progress=False), "non-empty list"),
+        ("eval-max-0", lambda: evaluate(parts, d, ["clean"], max_images=0, progress=False), "max_images must be"),
+        ("eval-seed", lambda: evaluate(parts, d, ["clean"], seed=1.5, progress=False), "seed must be"),
+        ("eval-mce-ref", lambda: evaluate(parts, d, ["clean"], mce_reference="bogus", progress=False),
+         "mce_reference must be one of"),
+        ("eval-bank-str", lambda: evaluate(parts, d, ["clean"], bank="x", progress=False), "must be a NoiseBank"),
+        ("eval-no-model", lambda: evaluate({}, d, ["clean"], progress=False), "at least one model"),
+        ("corrupt-255", lambda: corrupt(x * 255, "gaussian_noise", 1), r"pixels in \[0, 1\]"),
+        ("corrupt-severity-bool", lambda: corrupt(x, "gaussian_noise", True), "severity must be a whole"),
+        ("corrupt-severity-float", lambda: corrupt(x, "gaussian_noise", 3.0), "severity must be a whole"),
+        ("mce-percent", lambda: mce_imagenet({"gaussian_noise": [50] * 5}), "fractions in"),
+        ("mce-empty", lambda: mce({}, {}), "at least one corruption"),
+        ("mce-missing", lambda: mce({"a": [0.1]}, {}), "no errors for"),
+        # synthesis
+        ("synth-cache-other", lambda: synthesize(parts, d, cache=CleanCache(parts, other), max_steps=1,
+                                                 progress=False), "CleanCache of this model over the training"),
+        ("synth-cache-255", lambda: CleanCache(parts, x * 255), r"\[0, 1\]"),
+        ("synth-boundary-iters", lambda: synthesize(parts, d, schedule="boundary", boundary_iters=0, progress=False),
+         "boundary_iters must be >= 1"),
+        ("synth-wd-neg", lambda: synthesize(parts, d, weight_decay=-5, progress=False), "weight_decay must be"),
+        ("synth-seed-neg", lambda: synthesize(parts, d, seed=-1, progress=False), "seed must be >= 0"),
+        ("synth-grow-neg", lambda: synthesize(parts, d, boundary_grow=-1.0, progress=False), "boundary_grow must be"),
+        ("synth-config-float", lambda: synthesize(parts, d, config=SynthConfig(max_steps=2.5), progress=False),
+         "max_steps must be a whole number"),
+        ("synth-config-str", lambda: synthesize(parts, d, config=SynthConfig(eps="0.03"), progress=False),
+         "eps must be a number"),
+        ("synth-config-int", lambda: synthesize(parts, d, config=5, progress=False), "must be a SynthConfig"),
+        ("synth-lam-str", lambda: synthesize_regularized(parts, d, lam="a", steps=1, progress=False), "lam must be"),
+        ("synth-lam-empty", lambda: synthesize_regularized(parts, d, lam=[], steps=1, progress=False), "lam is empty"),
+        # finetuning
+        ("ft-config-dict-bad", lambda: finetune(parts, d, config={"rounds": 0}), "rounds must be >= 1"),
+        ("ft-on-bad-image", lambda: finetune(parts, d, on_bad_image="bogus", rounds=1), "on_bad_image must be"),
+        ("ft-pgd-eps", lambda: finetune(parts, d, method="pgd", pgd={"eps": 300.0}), r"pgd.eps must be in \[0, 1\]"),
+        ("ft-val-tensor", lambda: finetune(parts, d, val_data=x), "val_data must be"),
+        # analysis
+        ("sal-255", lambda: saliency(parts, x[:2] * 255, "rollout"), r"\[0, 1\]"),
+        ("sal-target-short", lambda: saliency(parts, x[:2], "chefer", target=torch.tensor([3])), "1 labels for 2"),
+        ("sal-target-high", lambda: saliency(parts, x[:2], "gradcam", target=torch.tensor([20, 1])), "< 10"),
+        ("wm-iters-0", lambda: watermark(parts, x[:2], other[:2], iters=0), "iters must be >= 1"),
+        ("wm-strength-bool", lambda: watermark(parts, x[:2], other[:2], strength=True), "strength must be a number"),
+        ("fp-size", lambda: make_fingerprint(parts, x[..., :24, :24], n=2), r"takes images \(B, 3, 32, 32\)"),
+        ("fp-seed", lambda: make_fingerprint(parts, x, n=2, seed=-1), "seed must be >= 0"),
+        ("fp-n-float", lambda: make_fingerprint(parts, x, n=2.5), "n must be a whole number"),
+    ]
+
+
+def _timm():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", depth=1)
+
+
+def test_every_api_case_is_one_nsvit_error(parts, xy):
+    cases = _cases(parts, *xy)
+    assert len({c[0] for c in cases}) == len(cases)
+    failures = []
+    for cid, call, msg in cases:
+        try:
+            call()
+        except NsvitError as e:
+            if not __import__("re").search(msg, str(e)) or "\n" in str(e):
+                failures.append(f"{cid}: message {str(e)!r} does not match {msg!r}")
+        except Exception as e:  # a traceback from deep inside: the case is not handled at the boundary
+            failures.append(f"{cid}: {type(e).__name__}: {e}")
+        else:
+            failures.append(f"{cid}: no error")
+    assert not failures, "\n".join(failures)
+
+
+def test_good_input_still_answers(parts, xy):
+    # the checks let the right input through, and float64 / float16 pixels are cast for the model
+    from nsvit_fast.eval import accuracy, attack_accuracy
+
+    x, y = xy
+    assert accuracy(parts, x, y) == accuracy(parts, x.double(), y) == accuracy(parts, x.half().float(), y)
+    assert 0 <= attack_accuracy(parts, x, y, "pgd", steps=1) <= 1
+    assert ns.synthetic(n=4).classes == [str(c) for c in range(10)]
+    from nsvit_fast.synth import synthesize
+
+    bank = synthesize(parts, ns.ImageDataset(x, y), num_noises=3, max_steps=1, progress=False)
+    for i in (np.int64(1), torch.tensor(1), 1):  # any integer picks one noise; numpy's read (N, D) as N noises
+        assert len(bank[i]) == 1 and torch.equal(bank[i].noises[0], bank.noises[1])
