@@ -31,7 +31,11 @@ class Parser(argparse.ArgumentParser):
 
 # -- argument types: a bad value is argparse's one-line error, before anything runs --
 def count(lo: int = 1, hi: int | None = None):
-    """A whole number >= lo (and <= hi)."""
+    """A whole number >= lo and <= hi (default :data:`~nsvit_fast.errors.MAX_COUNT`: 1e20 steps would
+    overflow torch's int64 deep in a run)."""
+    from .errors import MAX_COUNT
+
+    hi = MAX_COUNT if hi is None else hi
     def parse(text: str) -> int:
         try:
             v = int(text)

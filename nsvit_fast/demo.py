@@ -29,7 +29,12 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
              seed: int = 0, quick: bool = False, log=print) -> dict:
     """``quick``: 2 rounds of 5 steps (for tests), instead of the digits config's budget."""
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    from .io import check_output_dir
+
+    out = check_output_dir(out_dir, "out", ("demo.json", "report.md", "fig2_nullspace_noise.png", "fig4_trend.png"))
+    for sub in ("eval", "finetune"):  # folders it writes into: a file there would fail after the run
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise NsvitError(f"out: {out / sub} is a file, where the demo writes a folder")
     _check_resumable(out, demo_config(seed, quick))  # before the first stage writes its figure
     result = nullspace_stage(out, scale, num_images, seed, log)
     result["finetune"] = finetune_stage(out, seed, quick, log)

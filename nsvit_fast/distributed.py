@@ -29,12 +29,20 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     The backend follows the run's device, not the machine: nccl (each rank on its LOCAL_RANK GPU)
     when ``device`` is CUDA, gloo when it is the CPU, even on a machine that has GPUs. ``None``
     keeps the old rule (nccl when CUDA exists)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    from .errors import NsvitError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise NsvitError(f"WORLD_SIZE={world} must be >= 1 (torchrun sets it to the number of processes)")
+    if world > 1:  # a rank outside [0, WORLD_SIZE) would wait for the others until the group's timeout (30 min)
+        for var in ("RANK", "LOCAL_RANK"):
+            if var in os.environ and not 0 <= int(os.environ[var]) < world:
+                raise NsvitError(f"{var}={os.environ[var]} is outside [0, WORLD_SIZE={world}): start distributed runs "
+                                 f"with torchrun, which sets them")
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
         return dist.is_available() and dist.is_initialized()
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:  # WORLD_SIZE set by hand, not by torchrun: init_process_group would raise a bare ValueError
-        from .errors import NsvitError
-
         raise NsvitError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start "
                          f"distributed runs with torchrun (torchrun --nproc-per-node N -m nsvit_fast finetune ...), "
                          f"or unset WORLD_SIZE")

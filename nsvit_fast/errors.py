@@ -29,24 +29,28 @@ def check_positive(name: str, value: float) -> float:
     return v
 
 
+MAX_COUNT = 2**31 - 1  # counts (steps, rounds, images, batch sizes): int32, so no tensor or loop index overflows
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes < 2**32; torch overflows at 2**64, and seeds get offsets added
 
 
 def check_seed(name: str, value) -> int:
     """Return ``value`` as an int if it is a whole number in [0, MAX_SEED]."""
-    v = check_count(name, value, 0)
+    v = check_count(name, value, 0, MAX_SEED)
     if v > MAX_SEED:
         raise NsvitError(f"{name} must be <= {MAX_SEED} (2**32 - 1), got {value!r}")
     return v
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """Return ``value`` as an int if it is a whole number >= ``minimum`` (bools and 1.7 are refused)."""
+def check_count(name: str, value, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """Return ``value`` as an int if it is a whole number in [``minimum``, ``maximum``] (bools and 1.7
+    are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):
         if not (isinstance(value, float) and value.is_integer()):
             raise NsvitError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     if int(value) < minimum:
         raise NsvitError(f"{name} must be >= {minimum}, got {value!r}")
+    if int(value) > maximum:
+        raise NsvitError(f"{name} must be <= {maximum}, got {value!r}")
     return int(value)
 
 

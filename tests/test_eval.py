@@ -89,8 +89,13 @@ def test_an_attack_that_raises_leaves_a_training_model_training(test128):
     model.train()
     x, y = test128.images[:8], test128.labels[:8]
     bad = torch.full_like(y, 10)  # 10 classes: the attack's cross-entropy raises inside torchattacks
-    with pytest.raises(IndexError):
+    with pytest.raises(NsvitError, match="< 10"):  # attack_accuracy refuses such labels up front...
         attack_accuracy(model, x, bad, "fgsm")
+    from nsvit_fast.eval.attacks import attack_accuracy_on
+    from nsvit_fast.eval.source import TensorImages
+
+    with pytest.raises(IndexError):  # ...so the loop below it is made to raise mid-attack
+        attack_accuracy_on(model, TensorImages(x, bad), "fgsm")
     assert model.training and all(m.training for m in model.modules())
     with pytest.raises(NsvitError, match="num_patch must be in"):  # PatchFool, through the suite's attack loop
         evaluate(model, test128.subset(8), ["patchfool:num_patch=17"], progress=False)  # 16 patches

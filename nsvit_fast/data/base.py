@@ -29,8 +29,9 @@ class ImageDataset(Dataset):
                  name: str = "images"):
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             raise NsvitError(f"{name} is empty")
-        check_pixels(f"{name}: images", images)
-        labels = check_labels(f"{name}: labels", labels, images.shape[0])
+        what = "" if name == "images" else f"{name}: "
+        check_pixels(f"{what}images", images)
+        labels = check_labels(f"{what}labels", labels, images.shape[0])
         top = int(labels.max()) + 1
         if classes is not None and (isinstance(classes, (str, bytes)) or not all(isinstance(c, str) for c in classes)
                                     or len(classes) < top):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torchvision.datasets import ImageFolder  # timm imports torchvision anyway: no extra cost
+
 from ..errors import NsvitError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
@@ -101,11 +103,74 @@ def check_no_symlink_loop(root: str | Path) -> None:
                 raise NsvitError(f"{sub} is a symlink loop (it points back to {os.path.realpath(sub)}); remove it")
 
 
+def known_class_names(parts) -> list[str] | None:
+    """The names of the model's outputs where they are known, in output order: the digits ("0"-"9")
+    for digits_vit, timm's ImageNet synsets (``n01440764`` ...) for a 1000-output model; else None."""
+    k = getattr(parts, "num_classes", None)
+    if getattr(parts, "name", "") == "digits_vit" and k == 10:
+        from .digits import CLASSES
+
+        return list(CLASSES)
+    if k == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_names())
+    return None
+
+
+def _class_folders(root: Path) -> list[str]:
+    """The class folders of ``root``, sorted; dot-folders (``.ipynb_checkpoints``) are not classes."""
+    import os
+
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def class_index(root: str | Path, names: list[str] | None, num_classes: int | None = None
+                ) -> tuple[list[str], dict[str, int]]:
+    """(classes, class_to_idx) for an ImageFolder tree: by name where the model's class ``names``
+    are known and every folder is one of them (a folder of some classes, a val set missing one, keep
+    their labels); else by sorted position, as torchvision does, with a warning when the folder count
+    differs from ``num_classes`` (a missing class shifts every later label).
+
+    Raises:
+        NsvitError: some folders are the model's class names and others are not."""
+    import warnings
+
+    root = Path(root)
+    found = _class_folders(root)
+    if names is not None:
+        known = [c for c in found if c in names]
+        if known and len(known) < len(found):
+            bad = next(c for c in found if c not in names)
+            raise NsvitError(f"{root}: class folder {bad!r} is not one of the model's class names (its other folders "
+                             f"are, e.g. {known[0]!r}); labels are read by name: rename or remove it")
+        if known:
+            idx = {n: i for i, n in enumerate(names)}
+            return list(names), {c: idx[c] for c in found}
+    if num_classes is not None and found and len(found) != num_classes:
+        warnings.warn(f"{root}: {len(found)} class folders for a {num_classes}-output model, read by sorted position "
+                      f"(their names are not the model's): a missing or extra class shifts every later label")
+    return found, {c: i for i, c in enumerate(found)}
+
+
+class IndexedFolder(ImageFolder):
+    """torchvision's ImageFolder with a given (classes, class_to_idx) (:func:`class_index`)."""
+
+    def __init__(self, root, index: tuple[list[str], dict[str, int]], **kw):
+        self._index = index
+        super().__init__(root, **kw)
+
+    def find_classes(self, directory):
+        return self._index
+
+
 def image_folder(root: str | Path, parts, train: bool = False, transform="model"):
     """A torchvision ImageFolder over ``root`` with this model's pixel transform.
 
     Args:
-        root: ``root/<class>/<image>``; class index = position of the class folder in sorted order.
+        root: ``root/<class>/<image>``; the class index is the folder's name among the model's class
+            names where they are known (:func:`known_class_names`), else its position in sorted
+            order (:func:`class_index`). Dot-folders are skipped.
         parts: the model's adapter (for :func:`pixel_transform`); unused when ``transform`` is given.
         train: the train transform instead of the eval one.
         transform: replaces the model's pixel transform (None: PIL images).
@@ -117,17 +182,17 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
         NsvitError: the folder is missing, has no class folders, holds no images, or holds a symlink
             loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming the file.
     """
-    from torchvision.datasets import ImageFolder
-
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"data folder not found: {root}")
-    classes = [p for p in root.iterdir() if p.is_dir()]
-    if not classes:
+    if not _class_folders(root):
         raise NsvitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     check_no_symlink_loop(root)
+    names = known_class_names(parts) if parts is not None else None
+    index = class_index(root, names, getattr(parts, "num_classes", None))
+
     try:
-        return ImageFolder(str(root), transform=pixel_transform(parts, train) if transform == "model" else transform,
-                           loader=read_rgb)
+        return IndexedFolder(str(root), index, transform=pixel_transform(parts, train) if transform == "model"
+                             else transform, loader=read_rgb)
     except FileNotFoundError as e:
         raise NsvitError(f"{root}: {str(e).splitlines()[0]}") from None

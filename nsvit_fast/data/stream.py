@@ -50,16 +50,21 @@ class SeededFolder(Dataset):
     transform with Python's and torch's RNG seeded by ``seed`` (restored afterwards, so the caller's
     RNG streams are untouched when there are no workers)."""
 
-    def __init__(self, root: str | Path, transform, name: str | None = None, on_bad_image: str = "error"):
+    def __init__(self, root: str | Path, transform, name: str | None = None, on_bad_image: str = "error",
+                 parts=None):
         from .folders import BAD_IMAGE, image_folder, read_rgb
 
         if on_bad_image not in BAD_IMAGE:
             raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
-        folder = image_folder(root, None, transform=None)  # checks the tree; keeps (path, class) only
+        folder = image_folder(root, parts, transform=None)  # checks the tree, labels by the model's class names
         self.samples, self.classes, self.loader = folder.samples, folder.classes, read_rgb
         self.transform, self.name, self.on_bad_image = transform, name or str(root), on_bad_image
         if not self.samples:
             raise NsvitError(f"{root} holds no images")
+        import multiprocessing
+
+        # unreadable files skipped so far, counted across DataLoader workers (passed to them at start)
+        self.skips = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,7 +73,6 @@ class SeededFolder(Dataset):
         i, seed = item if isinstance(item, tuple) else (item, 0)
         from .folders import BadImage
 
-        path, y = self.samples[i]
         for j in range(len(self.samples)):
             path, y = self.samples[(i + j) % len(self.samples)]
             try:
@@ -79,6 +83,12 @@ class SeededFolder(Dataset):
                 # size and every rank and resume still agree on them
                 if self.on_bad_image != "skip":
                     raise
+                if j == 0:
+                    with self.skips.get_lock():
+                        self.skips.value += 1
+        else:
+            raise NsvitError(f"{self.name} holds no readable images (all {len(self.samples)} skipped: "
+                             f"on_bad_image skip)")
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
@@ -140,7 +150,7 @@ class StreamingData:
         if int(workers) < 0:
             raise NsvitError(f"workers must be >= 0, got {workers}")
         self.parts = parts
-        self.dataset = SeededFolder(root, train_transform(parts, augment), on_bad_image=on_bad_image)
+        self.dataset = SeededFolder(root, train_transform(parts, augment), on_bad_image=on_bad_image, parts=parts)
         self.batch_size, self.seed, self.augment = int(batch_size), int(seed), augment
         self.workers, self.device = int(workers), torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
@@ -149,6 +159,7 @@ class StreamingData:
         self.rank, self.world = rank, world
         self.consumed = 0
         self._it = None
+        self._warned = False
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -181,6 +192,13 @@ class StreamingData:
                 raise NsvitError(last.split(": ", 1)[1] if head.split(".")[-1] == name else last) from None
             raise
         self.consumed += 1
+        if not self._warned and self.dataset.skips.value:  # once per run: the count so far
+            import warnings
+
+            self._warned = True
+            warnings.warn(f"{self.dataset.name}: {self.dataset.skips.value} read(s) of unreadable images skipped so far "
+                          f"(on_bad_image: skip), each replaced in its batch by the next readable file in folder order",
+                          stacklevel=2)
         nb = self.pin_memory
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
 
@@ -224,6 +242,6 @@ def eval_loader(root: str | Path, parts, batch_size: int = 128, workers: int = 0
     suites over folders too large for memory. Yields (x, y) pixels in [0, 1] on the CPU."""
     from .folders import pixel_transform
 
-    ds = SeededFolder(root, pixel_transform(parts, train=False))
+    ds = SeededFolder(root, pixel_transform(parts, train=False), parts=parts)
     return DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=int(workers),
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))

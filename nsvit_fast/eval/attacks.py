@@ -83,15 +83,19 @@ SETTING_RANGES: dict[str, tuple] = {
 }
 
 
-def check_settings(what: str, kw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``kw`` checked against an attack's or suite's ``defaults``: known keys only, a word where the
-    default is a word, else a finite number (not a bool) in its :data:`SETTING_RANGES` range, counts
-    as ints. Returns the checked settings; raises NsvitError naming the first bad one."""
+def check_settings(what: str, kw: dict[str, Any], defaults: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """``kw`` checked against an attack's or suite's ``defaults``: a word where the default is a word,
+    else a finite number (not a bool) in its :data:`SETTING_RANGES` range, counts as ints; a key
+    outside ``defaults`` is refused if ``strict``, else passed on unchecked. Returns the checked
+    settings; raises NsvitError naming the first bad one."""
     from ..errors import check_count, check_number
 
     out = {}
     for k, v in kw.items():
         if k not in defaults:
+            if not strict:
+                out[k] = v
+                continue
             raise NsvitError(f"{what} has no setting {k!r}" + (f" (settings: {', '.join(defaults)})" if defaults else ""))
         if isinstance(defaults[k], str):
             if not isinstance(v, str):
@@ -114,10 +118,15 @@ def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
     ignored here. Raises NsvitError for an unknown attack, or a setting it does not have or out of
     range (:func:`check_settings`: eps >= 0, steps >= 1, alpha > 0, finite numbers)."""
     spec = _spec(attack)
-    kw = check_settings(f"attack {attack if isinstance(attack, str) else 'spec'}", kw, {"n": None, **spec.defaults})
+    what = "attack " + next((k for k, v in ATTACKS.items() if v is spec), "spec")
+    # the settings are checked; other keys go to the attack's constructor (n_classes, torchattacks' own)
+    kw = check_settings(what, kw, {"n": None, **spec.defaults}, strict=False)
     kw = {**spec.fixed, **spec.defaults, **kw}
     kw.pop("n", None)
-    return spec.factory(parts, seed=seed, **kw)
+    try:
+        return spec.factory(parts, seed=seed, **kw)
+    except TypeError as e:  # an argument the constructor does not take (epsilon= for eps=)
+        raise NsvitError(f"{what}: {e} (settings: {', '.join(spec.defaults)})") from None
 
 
 def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: str | AttackSpec,
@@ -145,7 +154,8 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
     from ..errors import check_count, check_seed
 
     spec = _spec(attack)
-    kw = check_settings(f"attack {attack if isinstance(attack, str) else 'spec'}", kw, {"n": None, **spec.defaults})
+    kw = check_settings("attack " + next((k for k, v in ATTACKS.items() if v is spec), "spec"), kw,
+                        {"n": None, **spec.defaults}, strict=False)
     n = kw.get("n", spec.defaults.get("n"))
     batch_size = spec.batch_size if batch_size is None else check_count("batch_size", batch_size)
     seed = check_seed("seed", seed)

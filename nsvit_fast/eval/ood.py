@@ -56,7 +56,9 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
                          + (f" (missing e.g. {missing})" if missing else ""))
     from .. data.folders import IMG_EXTENSIONS
 
-    empty = [c for c in classes if not any(f.suffix in IMG_EXTENSIONS for f in (root / c).iterdir())]
+    # as torchvision's ImageFolder reads them: any case of the extension, in sub-folders too
+    empty = [c for c in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob("*")
+                                           if f.is_file())]
     if empty:
         raise NsvitError(f"{suite}: {len(empty)} class folder(s) hold no images, e.g. {empty[:3]}")
     return classes

@@ -68,7 +68,7 @@ class FolderImages(EvalImages):
         root = Path(root)
         if not root.is_dir():
             raise NsvitError(f"data folder not found: {root}")
-        self.dataset = SeededFolder(root, pixel_transform(parts, train=False), str(root), on_bad_image)
+        self.dataset = SeededFolder(root, pixel_transform(parts, train=False), str(root), on_bad_image, parts=parts)
         self.classes = list(self.dataset.classes)
         n_all = len(self.dataset)
         n = n_all if max_images is None else min(n_all, int(max_images))

@@ -142,8 +142,7 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
     if not cfg.init_max_scale >= 0:
         raise NsvitError(f"init_max_scale must be >= 0 (0: no cap), got {cfg.init_max_scale}")
     for name in ("max_steps", "batch_size", "num_noises", "max_rows", "heldout_every"):
-        if int(getattr(cfg, name)) < 1:
-            raise NsvitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        check_count(name, getattr(cfg, name))
     for name, allowed in (("mode", MODES), ("schedule", SCHEDULES), ("stop", STOPS), ("init_scale", INIT_SCALES),
                           ("grow_search", GROW_SEARCHES), ("lr_schedule", LR_SCHEDULES)):
         if getattr(cfg, name) not in allowed:
@@ -153,8 +152,8 @@ def check_config(cfg: SynthConfig) -> SynthConfig:
                          f"with lr_schedule={cfg.lr_schedule}")
     if cfg.lim_unit not in ("abs", "token_rms"):
         raise NsvitError(f"lim_unit must be abs or token_rms, got {cfg.lim_unit!r}")
-    if cfg.heldout < 0 or cfg.check_every < 0:
-        raise NsvitError("heldout and check_every must be >= 0")
+    for name in ("heldout", "check_every", "lr_t_max"):
+        check_count(name, getattr(cfg, name), 0)
     check_number("weight_decay", cfg.weight_decay, lo=0)
     check_positive("boundary_lr", cfg.boundary_lr)
     check_number("boundary_grow", cfg.boundary_grow, lo=1)  # the scale search spans [1/grow, grow]
@@ -263,6 +262,9 @@ def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) 
     if init is None:
         g = torch.Generator().manual_seed(cfg.seed)
         return (torch.rand(cfg.num_noises, n, d, generator=g) * 2 - 1) * cfg.lim
+    if not isinstance(init, torch.Tensor) or not init.is_floating_point():
+        got = str(init.dtype).replace("torch.", "") if isinstance(init, torch.Tensor) else type(init).__name__
+        raise NsvitError(f"init must be a float tensor ({n}, {d}) or (M, {n}, {d}), got {got}")
     init = init.detach().float().cpu()
     if init.dim() == 2:
         init = init[None]

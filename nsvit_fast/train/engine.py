@@ -107,6 +107,8 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         setattr(cfg, name, check_count(name, getattr(cfg, name), 0))
     cfg.seed = check_seed("seed", cfg.seed)
     check_positive("lr", cfg.lr)
+    if cfg.lr > torch.finfo(torch.float32).max:  # the optimizer's step would fail to convert it
+        raise NsvitError(f"lr must be <= {torch.finfo(torch.float32).max:.3g} (float32), got {cfg.lr:g}")
     check_positive("warm_growth", cfg.warm_growth)
     if not cfg.warm_max_growth >= 0:
         raise NsvitError(f"warm_max_growth must be >= 0 (0: no cap), got {cfg.warm_max_growth}")
@@ -219,6 +221,7 @@ class Engine:
                  out_dir: Path | None, progress: bool, runtime: Runtime, on_bad_image: str = "error"):
         self.parts, self.train, self.cfg, self.val, self.rt = parts, train, cfg, val, runtime
         self.on_bad_image = on_bad_image
+        self._val_folder = None  # the validation folder's FolderImages, made at the first validation
         self.out_dir, self.progress = out_dir, progress
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
@@ -461,28 +464,31 @@ class Engine:
         return self.stream.next()
 
     def val_accuracy(self) -> float | None:
-        """Accuracy of the model to evaluate (the EMA copy when EMA runs) on the first
-        ``val_images`` validation images (0: all); None without validation data."""
+        """Accuracy of the model to evaluate (the EMA copy when EMA runs) on ``val_images``
+        validation images spread evenly over the set (so over a folder's classes, which it lists in
+        order; 0: all); None without validation data. A folder is streamed through the eval
+        transform, its unreadable files left out under ``on_bad_image: skip`` (one warning)."""
         if self.val is None:
             return None
         parts = self.parts if self.ema is None else ema_parts(self.parts, self.ema)
         if isinstance(self.val, ImageDataset):
             n = self.cfg.val_images or len(self.val)
+            idx = torch.linspace(0, len(self.val) - 1, min(n, len(self.val))).round().long()
             with self.rt.autocast():
-                return accuracy(parts, self.val.images[:n], self.val.labels[:n])
-        # a folder, streamed in order through the eval transform; val_images of it (0: all)
-        from ..data.stream import eval_loader
+                return accuracy(parts, self.val.images[idx], self.val.labels[idx])
+        if self._val_folder is None:
+            from ..eval.source import FolderImages
 
-        n, hits, seen = self.cfg.val_images, 0, 0
+            self._val_folder = FolderImages(self.val, self.parts, self.cfg.val_images or None, self.cfg.workers,
+                                            self.device.type == "cuda", self.on_bad_image)
+        hits = seen = 0
         with torch.no_grad(), eval_mode(parts), self.rt.autocast():
-            for x, y in eval_loader(self.val, self.parts, 256, self.cfg.workers, self.device.type == "cuda"):
-                if n:
-                    x, y = x[:n - seen], y[:n - seen]
+            for x, y in self._val_folder.batches(256):
                 hits += int((parts(x.to(self.device)).argmax(-1).cpu() == y).sum())
                 seen += len(y)
-                if n and seen >= n:
-                    break
-        return hits / max(seen, 1)
+        if not seen:
+            raise NsvitError(f"{self.val} holds no readable validation images")
+        return hits / seen
 
     def run(self, start_round: int = 0, start_step: int = 0) -> None:
         """Rounds ``start_round``.. of ``model_steps`` steps each, from ``start_step`` in the first:

@@ -18,17 +18,32 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as packa
 
 
 def _loader():
-    """PyYAML's SafeLoader, reading floats as YAML 1.2 does: ``1e-4`` is a number, not the string
-    PyYAML 1.1 makes of it (it wants ``1.0e-4``), since that is how people write learning rates."""
+    """PyYAML's SafeLoader, reading numbers as YAML 1.2 does: ``1e-4`` is a number, not the string
+    PyYAML 1.1 makes of it (it wants ``1.0e-4``), since that is how people write learning rates;
+    ``1_0`` and ``010`` are not the integers 10 and 8. A repeated key is an error."""
     import re
 
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # YAML forbids a repeated key; PyYAML keeps the last one, so a second `synth:` block
+            # would replace the first without a word
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): each key may be "
+                                    f"given once", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
 
-    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
                                       for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    # YAML 1.2 integers: 1_0 (10) and 010 (octal 8) are YAML 1.1's, read here as strings (so refused as counts)
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"),
+                                 list("-+0123456789"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
          [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
@@ -83,7 +98,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], FinetuneConfig]:
-    """(run inputs, FinetuneConfig) from a YAML file and overrides; unknown keys are named."""
+    """(run inputs, FinetuneConfig) from a YAML file and overrides; unknown keys are named. Paths
+    (checkpoint, data, val_data, out) expand a leading ``~``; a relative one is relative to the
+    working directory, as a flag's is (not to the YAML file)."""
     import yaml
 
     raw: dict[str, Any] = {}
@@ -101,6 +118,9 @@ def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple
             raise NsvitError(f"{p} must hold a mapping of keys")
     raw.update(overrides or {})
     run = {k: check_type(k, raw.pop(k, v), RUN_TYPES[k]) for k, v in RUN_KEYS.items()}
+    for k in ("checkpoint", "data", "val_data", "out"):  # as the shell does for flags: ~ is the home folder
+        if isinstance(run[k], str) and run[k].startswith("~"):
+            run[k] = str(Path(run[k]).expanduser())
     for k in ("num_classes", "max_images"):
         if run[k] is not None and run[k] < 1:
             raise NsvitError(f"{k} must be >= 1 (or null for the default), got {run[k]}")
