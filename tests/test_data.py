@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,49 @@ def test_16_bit_and_float_images_keep_their_brightness(tmp_path):
         Image.fromarray(a).save(tmp_path / "bad.tif")
         with pytest.raises(NsvitError, match="bad.tif is not a readable image .its float pixels hold NaN or inf"):
             read_rgb(tmp_path / "bad.tif")
+
+
+def test_folder_labels_follow_the_models_class_names(tmp_path, digits_parts):
+    """A folder read by sorted position shifted every label after a missing class (a val folder
+    without "3" scored 33%). Where the model's class names are known (digits_vit: "0"-"9"; a
+    1000-output model: ImageNet synsets), a folder's label is its name's output; dot-folders are
+    not classes; names the model lacks next to ones it has are refused; a positional folder whose
+    count differs from the outputs warns."""
+    import warnings
+
+    from helpers import save_pixels
+
+    from nsvit_fast.data.stream import StreamingData
+
+    test = digits("test")
+    keep = [i for i in range(len(test)) if int(test.labels[i]) != 3][:60]
+    root = tmp_path / "no3"
+    for i in keep:
+        (root / str(int(test.labels[i]))).mkdir(parents=True, exist_ok=True)
+        save_pixels(test.images[i], root / str(int(test.labels[i])) / f"{i}.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    save_pixels(test.images[0], root / ".ipynb_checkpoints" / "0.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known names: no position warning
+        ds = load_data(root, parts=digits_parts)
+        stream = StreamingData(root, digits_parts, batch_size=8, augment="none")
+    truth = {f"{i}.png": int(test.labels[i]) for i in keep}
+    assert len(ds) == len(keep) and ds.classes == [str(c) for c in range(10)]
+    folder = stream.dataset
+    assert all(y == truth[Path(p).name] for p, y in folder.samples)  # the streamed path's labels too
+    assert sorted(ds.labels.tolist()) == sorted(truth.values()) and 3 not in ds.labels.tolist()
+    from nsvit_fast.eval import accuracy
+
+    assert accuracy(digits_parts, ds.images, ds.labels) > 0.95  # positional labels scored about a third
+
+    (root / "x").mkdir()  # a name the model lacks, beside ones it has
+    save_pixels(test.images[0], root / "x" / "0.png")
+    with pytest.raises(NsvitError, match="class folder 'x' is not one of the model's class names"):
+        load_data(root, parts=digits_parts)
+
+    other = tmp_path / "ab"  # names the model lacks: by position, with a warning (2 folders, 10 outputs)
+    for c in ("a", "b"):
+        (other / c).mkdir(parents=True)
+        save_pixels(test.images[0], other / c / "0.png")
+    with pytest.warns(UserWarning, match="2 class folders for a 10-output model, read by sorted position"):
+        assert load_data(other, parts=digits_parts).labels.tolist() == [0, 1]

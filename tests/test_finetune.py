@@ -487,3 +487,34 @@ def test_yaml_reads_exponent_floats_as_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 2e-4\nweight_decay: 5e-2\nrounds: 2\n")
     _, cfg = load_run(str(tmp_path / "c.yaml"))
     assert (cfg.lr, cfg.weight_decay, cfg.rounds) == (2e-4, 0.05, 2)
+
+
+def test_yaml_reads_integers_and_keys_as_yaml_1_2_and_expands_home(tmp_path, monkeypatch):
+    """YAML 1.1 (PyYAML) reads 1_0 as 10 and 010 as 8, and keeps the last of two equal keys (a second
+    `synth:` block replaced the first); paths with ~ landed in a folder named ~."""
+    from nsvit_fast.train.yamlcfg import load_yaml
+
+    assert load_yaml("a: 10\nb: -3\nc: 0x10\nd: 1_0\ne: 010") == {"a": 10, "b": -3, "c": 16, "d": "1_0", "e": "010"}
+    (tmp_path / "d.yaml").write_text("synth:\n  eps: 0.01\nrounds: 1\nsynth:\n  lim: 3.0\n")
+    with pytest.raises(NsvitError, match="duplicate key 'synth' .line 4."):
+        load_run(str(tmp_path / "d.yaml"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "h.yaml").write_text("out: ~/runs/a\ndata: ~/train\nval_data: null\n")
+    run, _ = load_run(str(tmp_path / "h.yaml"))
+    assert run["out"] == str(tmp_path / "runs" / "a") and run["data"] == str(tmp_path / "train")
+    assert run["val_data"] is None
+
+
+def test_val_images_are_spread_over_the_set():
+    """val_images scored the first N images, which in a folder's class order is one or two classes:
+    here the first 40 (classes 0-1) are labelled right and the rest shifted, so the first 40 score
+    about 1 and a spread over the set about 0.2."""
+    from nsvit_fast.data import ImageDataset
+
+    val = digits("val")
+    order = torch.argsort(val.labels, stable=True)
+    x, y = val.images[order], val.labels[order]
+    y = torch.where(y <= 1, y, (y + 1) % 10)
+    res = finetune(load_model("digits_vit"), digits("train").subset(32), val_data=ImageDataset(x, y), rounds=1,
+                   model_steps=1, lr=1e-9, batch_size=16, method="plain", val_images=40, progress=False)
+    assert res.history[0]["val_acc"] < 0.5

@@ -146,6 +146,14 @@ def assets(tmp_path_factory):
     (a / "list.yaml").write_text("- rounds\n- 3\n")
     (a / "bad.yaml").write_text("rounds: [1, 2\n")
     (a / "types.yaml").write_text("rounds: 2\nout: 5\n")
+    (a / "dup.yaml").write_text("synth:\n  eps: 0.01\nrounds: 1\nsynth:\n  lim: 3.0\n")  # the 2nd block replaced the 1st
+    (a / "yaml11int.yaml").write_text("model: digits_vit\nmodel_steps: 1_0\n")  # YAML 1.1's 10
+    for c in ("0", "1"):  # every file unreadable: skip leaves nothing
+        (a / "allbad" / c).mkdir(parents=True)
+        (a / "allbad" / c / "x.png").write_bytes(b"")
+    mixed = _folder(a / "mixed")  # digits_vit's class names, and one folder that is not one
+    os.rename(mixed / "1", mixed / "x")
+    (a / "demo_reportdir" / "report.md").mkdir(parents=True)
     ood = a / "ood_corrupt"  # all ten classes of digits_vit (named a-j), one image truncated
     for i, c in enumerate("abcdefghij"):
         (ood / c).mkdir(parents=True)
@@ -427,6 +435,22 @@ CASES = [
     ("compile-no-cxx", FT + ["--compile", "--device", "cpu", "--out", "{C}/o"], "needs a working C++ compiler",
      {"env": {"PATH": "/nonexistent"}}),  # inductor looks for g++ on PATH
     ("env-world-size", FT + ["--out", "{C}/o"], "WORLD_SIZE", {"env": {"WORLD_SIZE": "two"}}),
+    ("env-rank-outside", FT + ["--out", "{C}/o"], "RANK=5 is outside [0, WORLD_SIZE=2)",  # waited 30 min for rank 5
+     {"env": {"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
+    ("env-world-size-neg", FT + ["--out", "{C}/o"], "WORLD_SIZE=-3 must be >= 1", {"env": {"WORLD_SIZE": "-3"}}),
+    # from the data/config review: each ran (or hung, or gave a traceback) before
+    ("yaml-duplicate-key", FT + ["--config", "{A}/dup.yaml", "--out", "{C}/o"], "duplicate key 'synth' (line 4)", {}),
+    ("yaml-11-int", ["finetune", "--quiet", "--config", "{A}/yaml11int.yaml", "--out", "{C}/o"],
+     "model_steps must be a whole number", {}),
+    ("ovr-steps-huge", FT + ["model_steps=99999999999999999999", "--out", "{C}/o"], "model_steps must be <= 2147483647",
+     {}),
+    ("synth-steps-huge", ["synth", "--max-steps", "99999999999999999999"], "must be <= 2147483647", {}),
+    ("ovr-lr-float32", FT + ["lr=1e300", "--out", "{C}/o"], "lr must be <= 3.4e+38 (float32)", {}),
+    ("stream-all-bad-skip", ["synth", "--data", "{A}/allbad", "--on-bad-image", "skip", "--max-steps", "1", "--workers",
+                             "1", "--out", "{C}/b.safetensors"], "holds no readable images (all 2 skipped", {}),
+    ("data-mixed-class-names", EV + ["--data", "{A}/mixed", "--out", "{C}/ev"],
+     "class folder 'x' is not one of the model's class names", {}),
+    ("demo-report-is-folder", ["demo", "--quick", "--out", "{A}/demo_reportdir"], "report.md is a folder", {}),
     ("env-world-size-by-hand", FT + ["--out", "{C}/o"], "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set",
      {"env": {"WORLD_SIZE": "2"}}),
     # models, names and values a user mistypes, per subcommand

@@ -86,7 +86,7 @@ class FinetuneConfig(MethodConfigs):
     warm_max_growth: float = 0.0  # warm_boundary: the noise's norm at most this many times round 0's (0: no cap)
     noise_bank: int = 1           # warm_boundary: round 0 learns this many noises at once, rounds use them in turn
     checkpoint_every: int = 0     # also checkpoint every N model steps (0: at the end of rounds only)
-    val_images: int = 0           # validation images per round (0: all given)
+    val_images: int = 0           # validation images per round, spread evenly over the set (0: all given)
     tensorboard: bool = False
     seed: int = 0
     precision: str = "fp32"       # fp32 | tf32 | bf16 | fp16: autocast of the model; noise, optimiser state, losses fp32
