@@ -622,6 +622,14 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         if cfg.mode != "fast" or cache is not None:
             raise NsvitError("a streamed folder runs in mode fast, without cache= (reference mode follows the "
                              "official loop over an in-memory tensor)")
+        if heldout_data is None and cfg.stop == "heldout":  # nothing is carved out of a stream
+            raise NsvitError("stop=heldout measures on images not trained on, and a streamed folder holds none "
+                             "apart: pass heldout_data=, or read the folder into memory (--max-images N), where "
+                             "they are carved out")
+        if heldout_data is None and cfg.schedule == "boundary":
+            warnings.warn("schedule=boundary on a streamed folder confirms its scale on a sample of the training "
+                          "folder (heldout_source train_sample), not on held-out images: pass heldout_data for those",
+                          stacklevel=2)
         source = StreamSource(parts, data, rt.autocast)
         # metrics on heldout_data, else on a sample of the folder (eval transform) that stays in training
         held_imgs = _images(heldout_data if heldout_data is not None else data.sample(cfg.heldout or 256),
