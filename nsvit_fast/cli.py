@@ -495,6 +495,9 @@ def _eval(args) -> int:
     names = [parse_suite(s)[0] for s in suites]  # a bad setting fails here, before any model loads
     if args.bank and "noisebank" not in names:
         raise NsvitError("--bank is read by the noisebank suite only; add noisebank to --suite")
+    for suite, path in args.folder or []:  # a folder no suite reads would be ignored without a word
+        if suite not in names:
+            raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
