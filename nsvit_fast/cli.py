@@ -537,7 +537,8 @@ def _eval(args) -> int:
     for seed in args.seeds:
         with rt.matmul_mode(), rt.autocast():  # attacks and corruptions run the model in its precision
             r = evaluate(models, data, suites, seed=seed, baseline=args.baseline, folders=folders, bank=bank,
-                         model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet)
+                         model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet,
+                         on_bad_image=args.on_bad_image)
         report = r if report is None else report.merge(r)
     paths = report.save(args.out)
     print(report.table2())

@@ -622,6 +622,19 @@ def test_bad_images_skipped_with_a_count(assets, tmp_path):
     assert "9.jpg" in err and (tmp_path / "cases" / "skip" / "ev" / "report.json").is_file()
 
 
+def test_bad_images_in_an_ood_folder_skipped_with_a_count(assets, tmp_path):
+    # the folder suites honour on_bad_image skip too (they stopped at the bad file, advising skip)
+    jobs = _prepare([("skip", EV[:1] + ["--suite", "imagenet-v2", "--folder", f"imagenet-v2={assets / 'ood_corrupt'}",
+                                        "--classes", "a,b,c,d,e,f,g,h,i,j", "--on-bad-image", "skip", "--quiet",
+                                        "--out", "{C}/ev"], "", {})], assets, tmp_path)
+    assert _run_batch(jobs) == [0]
+    err = (Path(jobs[0]["log"]) / "err").read_text()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "imagenet-v2: skipped 1 unreadable image(s)" in err and "9.jpg" in err
+    report = json.loads((tmp_path / "cases" / "skip" / "ev" / "report.json").read_text())
+    assert any(r.get("suite") == "imagenet-v2" for r in report["records"])
+
+
 def _cli(*args):
     return subprocess.Popen([sys.executable, "-m", "nsvit_fast", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)

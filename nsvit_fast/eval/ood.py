@@ -66,8 +66,10 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
 
 @torch.no_grad()
 def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classes: list[str] | None = None,
-                    batch_size: int = 64, max_images: int | None = None, num_workers: int = 0) -> float:
-    """Top-1 accuracy on an OOD folder, logits masked to the classes present."""
+                    batch_size: int = 64, max_images: int | None = None, num_workers: int = 0,
+                    on_bad_image: str = "error") -> float:
+    """Top-1 accuracy on an OOD folder, logits masked to the classes present. An unreadable file
+    stops it naming the file, or with ``on_bad_image="skip"`` is left out (one warning, the count)."""
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import ImageFolder
 
@@ -82,10 +84,48 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     dev = next(parts.parameters()).device
     keep = torch.full((len(names),), float("-inf"), device=dev)
     keep[to_model.to(dev)] = 0.0
+    from .source import _collate
+
     hits = n = 0
+    bad: list[str] = []
     with eval_mode(parts):
-        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
+        for x, y, b in DataLoader(_SkipBad(ds, on_bad_image == "skip"), batch_size=batch_size,
+                                  num_workers=num_workers, collate_fn=_collate):
+            bad += b
+            if not len(y):
+                continue
             z = parts(x.to(dev)) + keep
             hits += int((z.argmax(-1).cpu() == to_model[y]).sum())
             n += len(y)
-    return hits / max(n, 1)
+    if bad:
+        import warnings
+
+        warnings.warn(f"{suite}: skipped {len(bad)} unreadable image(s) (on_bad_image: skip), e.g. {bad[0]}",
+                      stacklevel=2)
+    if not n:
+        raise NsvitError(f"{suite}: {root} holds no readable images ({len(bad)} skipped)")
+    return hits / n
+
+
+class _SkipBad(torch.utils.data.Dataset):
+    """Items (x, y, None), or (None, y, path) for an unreadable file when skipping (the collate
+    leaves it out); without skipping its BadImage stops the run, naming the file."""
+
+    def __init__(self, ds, skip: bool):
+        self.ds, self.skip = ds, skip
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        from ..data.folders import BadImage
+
+        try:
+            x, y = self.ds[i]
+        except BadImage:
+            if not self.skip:
+                raise
+            base, j = (self.ds.dataset, self.ds.indices[i]) if hasattr(self.ds, "indices") else (self.ds, i)
+            path, y = base.samples[j]
+            return None, y, str(path)
+        return x, y, None

@@ -70,6 +70,7 @@ class Run:
     model_classes: list[str] | None = None
     mce_reference: str = "auto"
     max_images: int | None = None
+    on_bad_image: str = "error"
     corrupted: CorruptionSet | None = None
     corr_err: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
@@ -230,7 +231,8 @@ def _imagenet_c(run: Run, model: str, parts, kw: dict) -> None:
         for s in SEVERITIES:
             d = root / c / str(s)
             if d.is_dir():
-                acc = folder_accuracy(parts, d, f"imagenet-c/{c}/{s}", run.model_classes, max_images=run.max_images)
+                acc = folder_accuracy(parts, d, f"imagenet-c/{c}/{s}", run.model_classes, max_images=run.max_images,
+                                      on_bad_image=run.on_bad_image)
                 run.report.add(model, run.seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
                 err.setdefault(c, []).append(1 - acc)
     if not err:
@@ -243,7 +245,8 @@ def _folder_suite(suite: str) -> Suite:
     """An OOD folder suite: top-1 accuracy on ``folders[suite]``, logits masked to its classes."""
 
     def go(run: Run, model: str, parts, kw: dict) -> None:
-        acc = folder_accuracy(parts, run.folders[suite], suite, run.model_classes, max_images=run.max_images)
+        acc = folder_accuracy(parts, run.folders[suite], suite, run.model_classes, max_images=run.max_images,
+                              on_bad_image=run.on_bad_image)
         run.report.add(model, run.seed, suite, "", "acc", 100 * acc)
 
     return Suite(go, needs="folder", help=f"{suite} folder (ImageFolder tree): top-1 accuracy")
@@ -358,7 +361,7 @@ def fmt_setting(kw: dict[str, Any]) -> str:
 def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline: str | None = None,
              folders: dict[str, str] | None = None, bank=None, model_classes: list[str] | None = None,
              mce_reference: str = "auto", max_images: int | None = None, progress: bool = True,
-             log=None) -> Report:
+             log=None, on_bad_image: str = "error") -> Report:
     """Evaluate one model (adapter or timm ViT) or several ({name: model}) on ``data`` and the named
     suites; returns a Report.
 
@@ -374,6 +377,8 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         model_classes: the models' class names, for folder suites on models without 1000 classes.
         max_images: evaluate on the first ``max_images`` images (and at most that many per folder).
         progress, log: print (or pass to ``log``) one timing line per model and suite.
+        on_bad_image: an unreadable file in a folder suite: ``error`` (stop, naming it) or ``skip``
+            (left out, one warning with the count).
 
     Returns a Report with one record per (model, suite, setting, metric), at ``seed``. The model is
     put in eval mode for each suite and given back in its own mode. Raises NsvitError for an unknown
@@ -408,7 +413,12 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
-    run = Run(Report(), source, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images)
+    from ..data import BAD_IMAGE
+
+    if on_bad_image not in BAD_IMAGE:
+        raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
+    run = Run(Report(), source, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images,
+              on_bad_image)
     for suite, _ in specs:
         needs = SUITES[suite].needs
         if needs == "folder" and suite not in run.folders:
