@@ -190,7 +190,9 @@ def test_yaml_run_files_nest_method_configs(tmp_path, monkeypatch):
     assert digits_yaml.parent.name == "configs" and digits_yaml.parent.parent.name == "nsvit_fast"
     assert find_config("digits.yaml") == find_config("configs/digits.yaml") == digits_yaml
     mine = tmp_path / "mine.yaml"
-    mine.write_text(digits_yaml.read_text() + "method: trades\ntrades:\n  beta: 2.5\n")
+    text = digits_yaml.read_text()
+    assert "\nmethod: ns\n" in text  # a key is given once (a repeat is an error), so replace it
+    mine.write_text(text.replace("\nmethod: ns\n", "\nmethod: trades\n") + "trades:\n  beta: 2.5\n")
     assert find_config(str(mine)) == mine and find_config("mine.yaml") == mine.relative_to(tmp_path)
     run, cfg = load_run(str(mine), {"trades.steps": 2})
     assert (cfg.method, cfg.trades.beta, cfg.trades.steps, run["model"]) == ("trades", 2.5, 2, "digits_vit")

@@ -108,8 +108,9 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
     rows = [[(a[0], f"source: class {int(za.argmax())}"), (b[0], f"target: class {int(zb.argmax())}"),
              (r["result"][0], f"result: class {int(zr.argmax())}")]]
     cls = za.argmax(-1)
+    shown = r["result"].clamp(0, 1)  # Dykstra leaves the box by up to box_violation (1e-4): saliency takes pixels
     for m in maps:
-        rows.append([(saliency(parts, img, m, target=cls)[0], m) for img in (a, b, r["result"])])
+        rows.append([(saliency(parts, img, m, target=cls)[0], m) for img in (a, b, shown)])
     image_grid(rows, out.with_name(out.stem + "_figure.png"),
                title=f"{parts.name}: targeted nullspace noise (columns: source, target, result)")
     res = {"source": str(source), "target": str(target), **_numbers(r)}
