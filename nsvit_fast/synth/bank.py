@@ -48,7 +48,7 @@ class NoiseBank:
         try:  # any integer (numpy's too) picks one noise and keeps the (M, N, D) shape
             i = [operator.index(i)]
         except TypeError:
-            pass
+            pass  # a slice, list or mask: used as given
         return NoiseBank(self.noises[i], *(getattr(self, k)[i] for k in PER_NOISE), meta=dict(self.meta))
 
     @property
