@@ -397,6 +397,9 @@ def cmd_finetune(args) -> int:
         for key in ("model", "checkpoint", "data", "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
+        if run["data"] is None:  # `data: ~` or data=null: YAML's null, not a path
+            raise NsvitError("data is null: give the training data (--data, or data: in the config), e.g. "
+                             "digits:train or a folder")
         from .io import check_output_dir
         from .models import load_model
         from .train.engine import STATE_FILE

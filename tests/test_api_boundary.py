@@ -29,7 +29,7 @@ def _cases(parts, x, y):
     from nsvit_fast.analysis import make_fingerprint, saliency, watermark
     from nsvit_fast.eval import accuracy, attack_accuracy, corrupt, evaluate, mce, mce_imagenet
     from nsvit_fast.eval.source import TensorImages
-    from nsvit_fast.synth import CleanCache, SynthConfig, synthesize, synthesize_regularized
+    from nsvit_fast.synth import CleanCache, SynthConfig, noise_effect, synthesize, synthesize_regularized
     from nsvit_fast.train import finetune
 
     d = ns.ImageDataset(x, y)
@@ -127,6 +127,10 @@ def _cases(parts, x, y):
         ("fp-size", lambda: make_fingerprint(parts, x[..., :24, :24], n=2), r"takes images \(B, 3, 32, 32\)"),
         ("fp-seed", lambda: make_fingerprint(parts, x, n=2, seed=-1), "seed must be >= 0"),
         ("fp-n-float", lambda: make_fingerprint(parts, x, n=2.5), "n must be a whole number"),
+        ("folder-no-parts", lambda: ns.image_folder("/tmp", None), "needs the model's adapter"),
+        ("load-data-parts-str", lambda: ns.load_data("/tmp", parts="digits_vit"), "must be the model's adapter"),
+        ("noise-effect-rows", lambda: noise_effect(parts, torch.zeros(1, 16, 96), CleanCache(parts, x), max_rows=-5),
+         "max_rows must be >= 1"),
     ]
 
 

@@ -448,6 +448,7 @@ CASES = [
     ("ovr-lr-float32", FT + ["lr=1e300", "--out", "{C}/o"], "lr must be <= 3.4e+38 (float32)", {}),
     ("stream-all-bad-skip", ["synth", "--data", "{A}/allbad", "--on-bad-image", "skip", "--max-steps", "1", "--workers",
                              "1", "--out", "{C}/b.safetensors"], "holds no readable images (all 2 skipped", {}),
+    ("data-null", FT + ["data=null", "--out", "{C}/o"], "data is null: give the training data", {}),
     ("folder-without-suite", EV + ["--folder", "imagenet-r={A}/good", "--out", "{C}/ev"],
      "no suite 'imagenet-r' in --suite reads it", {}),
     ("stream-stop-heldout", ["synth", "--data", "{A}/good", "--stop", "heldout", "--max-steps", "1", "--quiet", "--out",

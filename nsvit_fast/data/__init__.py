@@ -146,6 +146,8 @@ def load_data(spec: str | Path, split: str | None = None, parts=None, max_images
     else:
         if parts is None:
             raise NsvitError("a folder of images needs the model (for its input size and transform)")
+        if not hasattr(parts, "data_config"):
+            raise NsvitError(f"parts must be the model's adapter (load_model(...)), got {type(parts).__name__}")
         ds = _materialise(image_folder(s.root, parts), max_images, str(s.root), on_bad_image)
     return ds.subset(max_images) if max_images else ds
 

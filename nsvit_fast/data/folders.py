@@ -182,6 +182,9 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
         NsvitError: the folder is missing, has no class folders, holds no images, or holds a symlink
             loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming the file.
     """
+    if transform == "model" and not hasattr(parts, "data_config"):
+        raise NsvitError(f"image_folder needs the model's adapter (load_model(...)) for its transform, or "
+                         f"transform=None; got parts={type(parts).__name__}")
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"data folder not found: {root}")

@@ -20,7 +20,11 @@ def noise_effect(parts: Adapter, noises: torch.Tensor, clean: CleanCache, max_ro
         match[m] = mean_i [argmax z(u_i + v_m) == argmax z(u_i)]
 
     Returns (mse (M,), match (M,)) on the noises' device. Chunked so no forward exceeds max_rows.
-    Raises NsvitError for noises that are not (M, N, D) with the model's token shape."""
+    Raises NsvitError for noises that are not (M, N, D) with the model's token shape, or a
+    max_rows that is not a whole number >= 1 (a negative one returned zeros)."""
+    from ..errors import check_count
+
+    max_rows = check_count("max_rows", max_rows)
     if noises.dim() != 3 or tuple(noises.shape[1:]) != parts.token_shape:
         raise NsvitError(f"noises must be (M, {parts.token_shape[0]}, {parts.token_shape[1]}), "
                          f"got {tuple(noises.shape)}")
