@@ -138,12 +138,12 @@ def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: s
     back in its own mode, also when the attack raises. Raises NsvitError as make_attack does, and
     for images that are not float pixels in [0, 1], labels that are not class indices below the
     model's outputs, one per image, a batch_size < 1 or a seed outside [0, 2**32 - 1]."""
-    from ..errors import check_labels, check_pixels
+    from ..errors import check_labels
     from .source import TensorImages
 
-    check_pixels("images", images)
-    check_labels("labels", labels, images.shape[0], getattr(parts, "num_classes", None) or None)
-    return attack_accuracy_on(parts, TensorImages(images, labels), attack, batch_size, seed, **kw)
+    data = TensorImages(images, labels)  # checks the pixels and labels once
+    check_labels("labels", data.labels, None, getattr(parts, "num_classes", None) or None)  # and the label range
+    return attack_accuracy_on(parts, data, attack, batch_size, seed, **kw)
 
 
 def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | None = None, seed: int = 0,
