@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import MAX_SEED, NsvitError
+from .errors import MAX_NOISE_SCALE, MAX_SEED, NsvitError
 
 
 class Parser(argparse.ArgumentParser):
@@ -219,7 +219,8 @@ def add_demo(sub) -> None:
                        description="Exact nullspace (Fig. 2), ns / plain / random finetuning on one budget, "
                                    "robustness evaluation, a markdown report with figures.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--scale", type=POSITIVE, default=10.0, help="noise norm / image norm (default 10)")
+    p.add_argument("--scale", type=number(0, MAX_NOISE_SCALE), default=10.0,
+                   help=f"noise norm / image norm (default 10, at most {MAX_NOISE_SCALE:g})")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quick", action="store_true", help="a 2-round finetuning budget (for a fast check)")
     p.set_defaults(func=cmd_demo)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import digits
-from .errors import NsvitError
+from .errors import MAX_NOISE_SCALE, NsvitError, check_positive
 from .io import write_json, write_text
 from .models import load_model
 from .nullspace import nullspace_basis, verify_invariance
@@ -30,6 +30,10 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
     """``quick``: 2 rounds of 5 steps (for tests), instead of the digits config's budget."""
     t0 = time.perf_counter()
     from .io import check_output_dir
+
+    check_positive("scale", scale)
+    if scale > MAX_NOISE_SCALE:  # float32 noise overflows: NaN, not a test of invariance
+        raise NsvitError(f"scale must be at most {MAX_NOISE_SCALE:g} (noise norm / image norm), got {scale:g}")
 
     out = check_output_dir(out_dir, "out", ("demo.json", "report.md", "fig2_nullspace_noise.png", "fig4_trend.png"))
     for sub in ("eval", "finetune"):  # folders it writes into: a file there would fail after the run

@@ -30,6 +30,7 @@ def check_positive(name: str, value: float) -> float:
 
 
 MAX_COUNT = 2**31 - 1  # counts (steps, rounds, images, batch sizes): int32, so no tensor or loop index overflows
+MAX_NOISE_SCALE = 1e6  # demo noise norm / image norm: float32 noise overflows (sum of squares) far above
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes < 2**32; torch overflows at 2**64, and seeds get offsets added
 
 

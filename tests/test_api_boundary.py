@@ -61,6 +61,13 @@ def _cases(parts, x, y):
         ("patch-embed-uint8", lambda: parts.patch_embed((x * 255).to(torch.uint8)), "takes float pixels"),
         ("encode-noisy-2d", lambda: parts.encode_noisy(u, torch.zeros(16, 96)), r"noises must be \(M, 16, 96\)"),
         ("encode-noisy-none", lambda: parts.encode_noisy(u, None), "at least one noise"),
+        ("encode-double", lambda: parts.encode(u.double()), "tokens are float64 but the weights are float32"),
+        ("encode-int", lambda: parts.encode(u.long()), "must be a float tensor, got int64"),
+        ("synth-half-model", lambda: synthesize(_low(torch.float16), d, max_steps=1, progress=False),
+         "noise synthesis needs float32 weights, digits_vit's are float16"),
+        ("ft-bf16-model", lambda: finetune(_low(torch.bfloat16), d, rounds=1), "finetuning needs float32 weights"),
+        ("synth-init-count", lambda: synthesize(parts, d, init=torch.zeros(3, 16, 96), num_noises=2, max_steps=1,
+                                                progress=False), "init holds 3 noise.* num_noises is 2"),
         # models
         ("adapt-std-nan", lambda: ns.adapt(_timm(), mean=[0.5] * 3, std=[float("nan")] * 3), "std must be"),
         ("adapt-255-stats", lambda: ns.adapt(_timm(), mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4]),
@@ -134,6 +141,13 @@ def _cases(parts, x, y):
     ]
 
 
+def _low(dtype):
+    """A fresh digits_vit whose weights were converted to ``dtype`` (not autocast)."""
+    parts = ns.load_model("digits_vit")
+    parts.model.to(dtype)
+    return parts
+
+
 def _timm():
     import timm
 
@@ -165,6 +179,8 @@ def test_good_input_still_answers(parts, xy):
     assert accuracy(parts, x, y) == accuracy(parts, x.double(), y) == accuracy(parts, x.half().float(), y)
     assert 0 <= attack_accuracy(parts, x, y, "pgd", steps=1) <= 1
     assert ns.synthetic(n=4).classes == [str(c) for c in range(10)]
+    u = parts.patch_embed(x)  # narrower tokens are promoted at the positional embedding
+    assert torch.allclose(parts.encode(u.half()), parts.encode(u.half().float()))
     from nsvit_fast.synth import synthesize
 
     bank = synthesize(parts, ns.ImageDataset(x, y), num_noises=3, max_steps=1, progress=False)

@@ -151,9 +151,31 @@ class Adapter(nn.Module):
             NsvitError: any other shape, or a model without a classifier (``not_a_classifier``)."""
         if self.not_a_classifier:
             raise NsvitError(self.not_a_classifier)
+        if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+            got = str(u.dtype).replace("torch.", "") if isinstance(u, torch.Tensor) else type(u).__name__
+            raise NsvitError(f"{self.name}: patch tokens must be a float tensor, got {got}")
         if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
             raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
                              f"got {tuple(u.shape)}")
+        w = self.weight_dtype
+        # tokens wider than the weights (float64 into float32, float32 into float16) give torch's "mixed
+        # dtype" error deep in the encoder; narrower ones are promoted at the positional embedding
+        if torch.promote_types(u.dtype, w) != w and not torch.is_autocast_enabled(u.device.type):
+            raise NsvitError(f"{self.name}: patch tokens are {str(u.dtype)[6:]} but the weights are {str(w)[6:]}; "
+                             f"give {str(w)[6:]} tokens, or keep float32 weights under autocast for mixed precision")
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the model's first parameter (float32 unless the caller converted it)."""
+        return next(self.model.parameters()).dtype
+
+    def check_learnable(self, what: str) -> None:
+        """Refuse float16 / bfloat16 weights before learning noise or weights on them (``what``):
+        AdamW steps and MSE-prob near ε need float32; mixed precision is autocast over float32 weights."""
+        w = self.weight_dtype
+        if w not in (torch.float32, torch.float64):
+            raise NsvitError(f"{what} needs float32 weights, {self.name}'s are {str(w)[6:]}: keep them float32 "
+                             f"(model.float()) and pick the precision with autocast (precision='bf16', --precision bf16)")
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels (B, C, H, W) in [0, 1] -> patch tokens u (B, N, D).

@@ -256,7 +256,8 @@ def resolve_lim(parts: Adapter, cfg: SynthConfig, images: torch.Tensor) -> tuple
 
 def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) -> torch.Tensor:
     """The starting noises (M, N, D) float32 on the CPU: ``U(-lim, lim)`` from ``cfg.seed`` with
-    M = ``cfg.num_noises`` when ``init`` is None, else a copy of ``init`` ((N, D) or (M, N, D)).
+    M = ``cfg.num_noises`` when ``init`` is None, else a copy of ``init`` ((N, D) or (M, N, D));
+    ``cfg.num_noises`` must then be 1 (the default) or M.
     Raises NsvitError for an init of the wrong shape or holding NaN / inf."""
     n, d = parts.token_shape
     if init is None:
@@ -270,6 +271,9 @@ def initial_noises(parts: Adapter, cfg: SynthConfig, init: torch.Tensor | None) 
         init = init[None]
     if init.dim() != 3 or tuple(init.shape[1:]) != (n, d):
         raise NsvitError(f"init must be ({n}, {d}) or (M, {n}, {d}) for {parts.name}, got {tuple(init.shape)}")
+    if cfg.num_noises not in (1, init.shape[0]):  # 1 is the default: an init's M decides then
+        raise NsvitError(f"init holds {init.shape[0]} noise(s) but num_noises is {cfg.num_noises}: "
+                         f"give {cfg.num_noises} noises or leave num_noises at 1")
     check_finite("init", init)
     return init.clone()
 
@@ -613,6 +617,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     if cfg.schedule == "boundary":  # larger steps down, confirmed on held-out data, then scale up
         run_cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.boundary_lr, stop="heldout")
     parts = adapt(model)
+    parts.check_learnable("noise synthesis")
     t0 = time.perf_counter()
     rt = runtime or Runtime.create(device if device is not None else next(parts.parameters()).device, precision)
     device = rt.device
@@ -764,6 +769,7 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
     cfg = check_config(build(SynthConfig, config, {**overrides, "max_steps": steps, "num_noises": len(lams),
                                                    "mode": "fast"}, "synthesis"))
     parts = adapt(model)
+    parts.check_learnable("noise synthesis")
     t0 = time.perf_counter()
     device = next(parts.parameters()).device
     images = _images(data, parts)

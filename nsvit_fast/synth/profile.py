@@ -40,6 +40,7 @@ def profile_synth(model, data, steps: int = 20, trace: str | Path | None = "synt
     cfg = check_config(build(SynthConfig, None, {**synth_kwargs, "eps": 1e-12, "max_steps": steps,
                                                  "stop": "batch"}, "synthesis"))
     parts = adapt(model)
+    parts.check_learnable("noise synthesis")
     device = next(parts.parameters()).device
     images = image_tensor(data, parts)
     v0 = initial_noises(parts, cfg, None)

@@ -623,6 +623,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
     """
     cfg = make_config(config, overrides)
     parts = adapt(model)
+    parts.check_learnable("finetuning")
     dev = next(parts.parameters()).device if device is None else device
     rt = Runtime.create(dev, cfg.precision, cfg.compile)
     parts.to(rt.device)
