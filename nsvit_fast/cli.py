@@ -375,11 +375,6 @@ def cmd_finetune(args) -> int:
     from .train import finetune
     from .train.yamlcfg import load_run, parse_overrides
 
-    import os
-
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # torchrun's; a hand-set bad value is the user's mistake
-        if os.environ.get(var, "0").strip().lstrip("-").isdigit() is False:
-            raise NsvitError(f"environment variable {var}={os.environ[var]!r} must be a whole number (torchrun sets it)")
     from .runtime import resolve_device
 
     device = resolve_device(args.device)

@@ -29,14 +29,14 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     The backend follows the run's device, not the machine: nccl (each rank on its LOCAL_RANK GPU)
     when ``device`` is CUDA, gloo when it is the CPU, even on a machine that has GPUs. ``None``
     keeps the old rule (nccl when CUDA exists)."""
-    from .errors import NsvitError
+    from .errors import NsvitError, env_int
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1)
     if world < 1:
         raise NsvitError(f"WORLD_SIZE={world} must be >= 1 (torchrun sets it to the number of processes)")
     if world > 1:  # a rank outside [0, WORLD_SIZE) would wait for the others until the group's timeout (30 min)
         for var in ("RANK", "LOCAL_RANK"):
-            if var in os.environ and not 0 <= int(os.environ[var]) < world:
+            if var in os.environ and not 0 <= env_int(var, 0) < world:
                 raise NsvitError(f"{var}={os.environ[var]} is outside [0, WORLD_SIZE={world}): start distributed runs "
                                  f"with torchrun, which sets them")
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -51,7 +51,7 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     else:
         cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(env_int("LOCAL_RANK", 0))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 

@@ -122,3 +122,16 @@ def check_labels(name: str, y, n: int | None = None, num_classes: int | None = N
 
 __all__ = ["NsvitError", "check_positive", "check_count", "check_number", "check_finite", "check_pixels",
            "check_labels"]
+
+
+def env_int(var: str, default: int) -> int:
+    """The whole number in environment variable ``var`` (torchrun's WORLD_SIZE, RANK, LOCAL_RANK),
+    ``default`` when unset. Raises NsvitError for anything else (int() would raise a bare ValueError)."""
+    import os
+
+    text = os.environ.get(var)
+    if text is None:
+        return default
+    if not text.strip().lstrip("-").isdigit():
+        raise NsvitError(f"environment variable {var}={text!r} must be a whole number (torchrun sets it)")
+    return int(text)

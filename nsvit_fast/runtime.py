@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NsvitError
+from .errors import NsvitError, env_int
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -36,7 +36,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = (spec or "auto").strip().lower()
-    local = os.environ.get("LOCAL_RANK")
+    local = env_int("LOCAL_RANK", -1)
     if spec == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -51,7 +51,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             raise NsvitError(f"device {spec!r} asked for, but torch sees no CUDA GPU on this machine "
                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
         if spec == "cuda":
-            index = int(local) if local is not None else torch.cuda.current_device()
+            index = local if local >= 0 else torch.cuda.current_device()
         else:
             index = int(tail)
         if index >= torch.cuda.device_count():

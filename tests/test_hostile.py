@@ -439,6 +439,10 @@ CASES = [
     ("env-rank-outside", FT + ["--out", "{C}/o"], "RANK=5 is outside [0, WORLD_SIZE=2)",  # waited 30 min for rank 5
      {"env": {"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
     ("env-world-size-neg", FT + ["--out", "{C}/o"], "WORLD_SIZE=-3 must be >= 1", {"env": {"WORLD_SIZE": "-3"}}),
+    ("env-local-rank-synth", ["synth", "--device", "cuda", "--max-steps", "1"], "LOCAL_RANK='x' must be a whole",
+     {"env": {"LOCAL_RANK": "x"}}),
+    ("env-local-rank-eval", ["eval", "--device", "cuda", "--suite", "clean"], "LOCAL_RANK='x' must be a whole",
+     {"env": {"LOCAL_RANK": "x"}}),
     # from the data/config review: each ran (or hung, or gave a traceback) before
     ("yaml-duplicate-key", FT + ["--config", "{A}/dup.yaml", "--out", "{C}/o"], "duplicate key 'synth' (line 4)", {}),
     ("yaml-11-int", ["finetune", "--quiet", "--config", "{A}/yaml11int.yaml", "--out", "{C}/o"],
