@@ -9,7 +9,7 @@ import torch
 
 from helpers import eval_pixels, save_pixels, write_digits_folder
 
-from nsvit_fast import NsvitError, digits, load_model
+from nsvit_fast import ImageDataset, NsvitError, digits, load_model
 from nsvit_fast.eval import (ALEXNET_ERR, ATTACKS, CORRUPTIONS, SUITES, Report, Suite, accuracy, attack_accuracy,
                              corrupt, eval_mode, evaluate, make_attack, mce, mce_imagenet, parse_suite, suite_help)
 from nsvit_fast.eval.ood import folder_accuracy
@@ -161,6 +161,19 @@ def test_mce_and_average_formulas():
         assert "| m | 74.19" in rep.table2() or "| m | 81.42" in rep.table2()
 
 
+def test_average_takes_the_papers_settings_and_a_relative_mce_is_labelled():
+    rep = Report()
+    rep.add("m", 0, "clean", "", "acc", 90.0)
+    rep.add("m", 0, "fgsm", "eps=8/255", "acc", 10.0)  # run first: the Average still takes eps=1/255
+    rep.add("m", 0, "fgsm", "eps=1/255", "acc", 60.0)
+    assert rep.average("m") == pytest.approx(75.0)
+    rep.add("m", 0, "corruptions", "ref=base", "mce", 80.0)
+    table = rep.table2()
+    assert "| C↓ (vs base) |" in table and "relative to that model's corruption errors" in table
+    rep.add("m", 0, "corruptions", "ref=alexnet", "mce", 40.0)  # the paper's mCE wins over the relative one
+    assert rep.average("m") == pytest.approx((90 + 60 + 60) / 3)
+
+
 def test_report_round_trip_and_seeds(tmp_path):
     rep = Report()
     for seed, v in ((0, 80.0), (1, 84.0)):
@@ -212,6 +225,50 @@ def test_ood_folder_accuracy_and_errors(parts, tmp_path):
         folder_accuracy(parts, tmp_path / "full", "imagenet-v2", model_classes=names)
     with pytest.raises(NsvitError, match="folder not found"):
         folder_accuracy(parts, tmp_path / "nope", "imagenet-r", model_classes=names)
+
+
+def test_imagenet_c_and_stylized_are_centre_cropped_not_resized(parts, tmp_path, monkeypatch):
+    # Stored at the input size: Hendrycks' test.py and the official NS-ViT evaluation only
+    # centre-crop them; timm's eval transform would zoom in by 1 / crop_pct. One image per class in
+    # each <corruption>/<severity> folder; digits_vit's classes are its digit names.
+    import warnings
+
+    import nsvit_fast.data.folders as folders
+    from nsvit_fast.eval.corruptions import SEVERITIES
+
+    data = digits("test")
+    pick = [int((data.labels == k).nonzero()[0]) for k in range(10)]
+    x, y = data.images[pick], data.labels[pick]
+    for c in CORRUPTIONS:
+        for s in SEVERITIES:
+            _write_folder(tmp_path / "c" / c / str(s), x, y, [str(k) for k in range(10)])
+    _write_folder(tmp_path / "sty", x, y, [str(k) for k in range(10)])
+    want = 100 * accuracy(parts, x, y)  # the pixels as written (PNG of 32 px: exact)
+
+    def no_resize(*a, **k):
+        raise AssertionError("the resize + crop eval transform was used")
+
+    monkeypatch.setattr(folders, "pixel_transform", no_resize)
+    rep = evaluate(parts, ImageDataset(x, y), ["imagenet-c", "stylized"], progress=False,
+                   folders={"imagenet-c": tmp_path / "c", "stylized": tmp_path / "sty"})
+    accs = [r.value for r in rep.records if r.suite == "corruptions" and r.metric == "acc"]
+    assert len(accs) == 75 and all(a == pytest.approx(want) for a in accs)
+    assert rep.values(rep.models[0], "stylized")[0] == pytest.approx(want)
+    err = {c: [1 - want / 100] * 5 for c in CORRUPTIONS}
+    assert [r.value for r in rep.records if r.metric == "mce"] == [pytest.approx(mce_imagenet(err))]
+
+    # a partial tree: accuracies, a warning naming what is absent, and no AlexNet mCE
+    import shutil
+
+    shutil.rmtree(tmp_path / "c" / "fog" / "3")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rep = evaluate(parts, ImageDataset(x, y), ["imagenet-c"], progress=False, folders={"imagenet-c": tmp_path / "c"})
+    assert any("1 of 75" in str(m.message) and "fog/3" in str(m.message) for m in w)
+    assert not [r for r in rep.records if r.metric == "mce"]
+    assert len([r for r in rep.records if r.metric == "acc" and "@" in r.setting]) == 74
+    with pytest.raises(NsvitError, match="all 15 corruptions at severities 1-5"):
+        mce_imagenet({"fog": [0.5] * 5})
 
 
 def test_ood_subset_folder_with_wnids_masks_the_logits(tmp_path):
@@ -292,7 +349,9 @@ def test_streamed_folder_eval_gives_the_in_memory_numbers(parts, digit_test_fold
     # three of the 15 corruptions keep the test short: two random ones (their seeding is what
     # batching could break) and a deterministic one
     monkeypatch.setattr(suite_mod, "CORRUPTIONS", ("gaussian_noise", "impulse_noise", "jpeg_compression"))
-    kw = dict(progress=False, mce_reference="alexnet")  # one model: no baseline to normalise by
+    # AlexNet's mCE needs all 15: the same formula over these 3 (one model: no baseline to normalise by)
+    monkeypatch.setattr(suite_mod, "mce_imagenet", lambda err: mce(err, ALEXNET_ERR))
+    kw = dict(progress=False, mce_reference="alexnet")
     ref = evaluate(parts, memory, suites, **kw)
 
     def no_whole_read(*a, **k):

@@ -223,10 +223,11 @@ def test_suite_defaults_are_the_class_signature_and_need_no_torchattacks():
     import subprocess
     import sys
 
-    from nsvit_fast.eval.suite import PATCHFOOL_DEFAULTS
+    from nsvit_fast.eval.suite import PATCHFOOL, PATCHFOOL_DEFAULTS
 
     sig = inspect.signature(PatchFool.__init__).parameters
     assert PATCHFOOL_DEFAULTS == {k: p.default for k, p in sig.items() if k not in ("self", "model", "seed")}
+    assert PATCHFOOL.batch_size == 64  # the authors' main.py --batch_size: their PCGrad step depends on it
     code = "import sys, nsvit_fast.eval, nsvit_fast.cli; print(sorted({'torchattacks', 'scipy'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 

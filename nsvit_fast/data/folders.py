@@ -35,6 +35,17 @@ def pixel_transform(parts, train: bool = False):
                             crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"], interpolation=cfg["interpolation"])
 
 
+def crop_transform(parts):
+    """PIL image -> (C, H, W) float32 pixels in [0, 1], centre-cropped to the input size with no
+    resize: what Hendrycks' ImageNet-C test.py and the official NS-ViT evaluation apply to sets
+    stored at the input size (ImageNet-C, Stylized ImageNet: 224 px). timm's eval transform would
+    resize them by 1 / crop_pct first, zooming in and smoothing the corruptions."""
+    from torchvision import transforms
+
+    _, h, w = parts.data_config["input_size"]
+    return transforms.Compose([transforms.CenterCrop((h, w)), transforms.ToTensor()])
+
+
 BAD_IMAGE = ("error", "skip")
 
 

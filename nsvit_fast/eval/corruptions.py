@@ -130,9 +130,16 @@ def mce(err: dict[str, list[float]], reference: dict[str, list[float]] | dict[st
 
 
 def mce_imagenet(err: dict[str, list[float]]) -> float:
-    """mCE (in %) against AlexNet's published ImageNet-C errors; ``err`` maps corruption names to
-    error fractions per severity. Raises NsvitError for a corruption AlexNet has no number for."""
+    """mCE (in %) against AlexNet's published ImageNet-C errors; ``err`` maps each of the 15
+    corruptions to its error fractions at severities 1-5. Raises NsvitError for a corruption
+    AlexNet has no number for, and for fewer corruptions or severities: AlexNet's numbers are
+    means over all five severities, and the mCE is defined over all 15 corruptions."""
     missing = [c for c in err if c not in ALEXNET_ERR]
     if missing:
         raise NsvitError(f"no AlexNet reference for {missing}")
-    return mce(err, ALEXNET_ERR)
+    value = mce(err, ALEXNET_ERR)
+    short = [c for c in ALEXNET_ERR if len(err.get(c, ())) != len(SEVERITIES)]
+    if short:
+        raise NsvitError(f"the AlexNet mCE needs all {len(ALEXNET_ERR)} corruptions at severities 1-5; "
+                         f"{len(short)} lack some or all, e.g. {short[:3]}")
+    return value

@@ -18,11 +18,13 @@ from .accuracy import eval_mode
 
 SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-sketch": None,
           "stylized": None, "damagenet": None}  # expected class count (None: all of the model's)
+PRECROPPED = ("stylized",)  # stored at 224 px: centre crop only (the official evaluation), as imagenet-c's folders
 
 
 def model_class_names(parts, model_classes: list[str] | None = None) -> list[str]:
-    """The names of the model's K outputs, in order: ``model_classes`` when given, timm's ImageNet
-    synsets (``n01440764`` ...) for a 1000-class model. Raises NsvitError for any other model
+    """The names of the model's K outputs, in order: ``model_classes`` when given, else
+    ``data.folders.known_class_names`` (digits_vit's "0"-"9", timm's ImageNet synsets for a
+    1000-class model). Raises NsvitError for any other model
     without ``model_classes``, and for ``model_classes`` that do not name each output once."""
     if model_classes is not None:
         names = list(model_classes)
@@ -30,10 +32,11 @@ def model_class_names(parts, model_classes: list[str] | None = None) -> list[str
             raise NsvitError(f"model_classes: {len(names)} names ({len(set(names))} distinct) for {parts.name}'s "
                              f"{parts.num_classes} outputs; give one name per output, in output order")
         return names
-    if parts.num_classes == 1000:
-        from timm.data import ImageNetInfo
+    from ..data.folders import known_class_names
 
-        return list(ImageNetInfo().label_names())
+    known = known_class_names(parts)  # the same rule as training folders: digits_vit's digits, ImageNet's synsets
+    if known is not None:
+        return known
     raise NsvitError(f"{parts.name} has {parts.num_classes} classes: give the model's class names "
                      f"(model_classes) to map folder names to its outputs")
 
@@ -43,7 +46,9 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"{suite}: folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    from ..data.folders import _class_folders
+
+    classes = _class_folders(root)  # dot-folders (.ipynb_checkpoints) are not classes, as for training folders
     if not classes:
         raise NsvitError(f"{suite}: {root} has no class folders (expected {root}/<class>/<image>)")
     unknown = [c for c in classes if c not in names]
@@ -67,18 +72,20 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
 @torch.no_grad()
 def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classes: list[str] | None = None,
                     batch_size: int = 64, max_images: int | None = None, num_workers: int = 0,
-                    on_bad_image: str = "error") -> float:
+                    on_bad_image: str = "error", precropped: bool = False) -> float:
     """Top-1 accuracy on an OOD folder, logits masked to the classes present. An unreadable file
-    stops it naming the file, or with ``on_bad_image="skip"`` is left out (one warning, the count)."""
+    stops it naming the file, or with ``on_bad_image="skip"`` is left out (one warning, the count).
+    ``precropped``: the set is stored at the input size (ImageNet-C, Stylized), so images are only
+    centre-cropped, as their official evaluations do; otherwise the model's timm eval transform."""
     from torch.utils.data import DataLoader, Subset
-    from torchvision.datasets import ImageFolder
-
-    from ..data.folders import pixel_transform, read_rgb
+    from ..data.folders import IndexedFolder, crop_transform, pixel_transform, read_rgb
 
     names = model_class_names(parts, model_classes)
-    check_folder(root, suite, names)
-    ds = ImageFolder(str(root), transform=pixel_transform(parts), loader=read_rgb)  # a bad file: BadImage, named
-    to_model = torch.tensor([names.index(c) for c in ds.classes])
+    classes = check_folder(root, suite, names)
+    transform = crop_transform(parts) if precropped else pixel_transform(parts)
+    ds = IndexedFolder(str(root), (classes, {c: i for i, c in enumerate(classes)}), transform=transform,
+                       loader=read_rgb)  # a bad file: BadImage, named; dot-folders skipped as check_folder does
+    to_model = torch.tensor([names.index(c) for c in classes])
     if max_images is not None and max_images < len(ds):
         ds = Subset(ds, torch.linspace(0, len(ds) - 1, max_images).round().long().tolist())
     dev = next(parts.parameters()).device
