@@ -221,7 +221,7 @@ CASES = [
     ("fig5-pairs-0", ["analyze", "fig5", "--pairs", "0"], "--pairs", {}),
     ("demo-scale-neg", ["demo", "--scale", "-1", "--out", "{C}/d"], "--scale", {}),
     ("demo-scale-inf", ["demo", "--scale", "inf", "--out", "{C}/d"], "--scale", {}),
-    ("demo-scale-huge", ["demo", "--scale", "1e39", "--out", "{C}/d"], r"--scale: .*1e\+06", {}),
+    ("demo-scale-huge", ["demo", "--scale", "1e39", "--out", "{C}/d"], "--scale: must be a finite number in (0, 1e+06]", {}),
     ("rtol-nan", ["nullspace", "--model", "digits_vit", "--rtol", "nan"], "--rtol", {}),
     ("rtol-zero", ["nullspace", "--model", "digits_vit", "--rtol", "0"], "--rtol", {}),
     ("iters-0", ["watermark", "--image", "skimage:coffee", "--iters", "0"], "--iters: must be >= 1", {}),
