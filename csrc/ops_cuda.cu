@@ -2,6 +2,7 @@
 // CPU-only machines (compile-checked in CI).
 #include "ops.h"
 
+#include <ATen/AccumulateType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -79,26 +80,29 @@ __global__ void reduce_kernel(const float* dist, const float* sq, float* loss, f
   stop[m] = s / B < eps;
 }
 
-template <typename T>
-__global__ void gather_kernel(const T* x, T* patches, int64_t P, int C, int H, int W, int rh, int rw, int gh, int gw) {
+// patches in the compute type A (fp32, fp64 for fp64 images), read from images of type T
+template <typename T, typename A>
+__global__ void gather_kernel(const T* x, A* patches, int64_t P, int C, int H, int W, int rh, int rw, int gh, int gw) {
   const int64_t n = (int64_t)C * rh * rw;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < P * n; idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx / n, j = idx % n;
     const int64_t b = p / (gh * gw), gy = (p / gw) % gh, gx = p % gw;
     const int c = j / (rh * rw), dy = (j / rw) % rh, dx = j % rw;
-    patches[idx] = x[b * C * H * W + (int64_t)c * H * W + (gy * rh + dy) * W + gx * rw + dx];
+    patches[idx] = static_cast<A>(x[b * C * H * W + (int64_t)c * H * W + (gy * rh + dy) * W + gx * rw + dx]);
   }
 }
 
-template <typename T>
-__global__ void scatter_kernel(const T* proj, const T* patches, T* out, int64_t P, int C, int H, int W, int rh, int rw,
+// the result rounded once to the images' type T
+template <typename T, typename A>
+__global__ void scatter_kernel(const A* proj, const A* patches, T* out, int64_t P, int C, int H, int W, int rh, int rw,
                                int gh, int gw, bool keep) {
   const int64_t n = (int64_t)C * rh * rw;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < P * n; idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx / n, j = idx % n;
     const int64_t b = p / (gh * gw), gy = (p / gw) % gh, gx = p % gw;
     const int c = j / (rh * rw), dy = (j / rw) % rh, dx = j % rw;
-    out[b * C * H * W + (int64_t)c * H * W + (gy * rh + dy) * W + gx * rw + dx] = keep ? proj[idx] : patches[idx] - proj[idx];
+    out[b * C * H * W + (int64_t)c * H * W + (gy * rh + dy) * W + gx * rw + dx] =
+        static_cast<T>(keep ? proj[idx] : patches[idx] - proj[idx]);
   }
 }
 
@@ -106,9 +110,18 @@ __global__ void scatter_kernel(const T* proj, const T* patches, T* out, int64_t 
 
 std::vector<at::Tensor> prob_shift_cuda(const at::Tensor& zn_in, const at::Tensor& zc_in, const at::Tensor& pc_in,
                                         double eps) {
+  TORCH_CHECK(zn_in.is_cuda() && zn_in.dim() == 3 && zc_in.dim() == 2,
+              "nsvit_fast._C: prob_shift: z_noisy must be a CUDA (M, B, K) tensor and z_clean (B, K)");
+  TORCH_CHECK(zn_in.size(1) == zc_in.size(0) && zn_in.size(2) == zc_in.size(1),
+              "nsvit_fast._C: prob_shift: z_clean does not match z_noisy's (B, K)");
+  TORCH_CHECK(!pc_in.defined() || pc_in.sizes() == zc_in.sizes(), "nsvit_fast._C: prob_shift: p_clean must be (B, K)");
+  // the kernel reads every input through zn's device: a CPU p_clean would be a host pointer there
+  TORCH_CHECK(zc_in.device() == zn_in.device() && (!pc_in.defined() || pc_in.device() == zn_in.device()),
+              "nsvit_fast._C: prob_shift: z_noisy, z_clean and p_clean must be on one device");
   const c10::cuda::CUDAGuard guard(zn_in.device());
-  auto zn = zn_in.contiguous(), zc = zc_in.to(zn.scalar_type()).contiguous();
-  at::Tensor pc = pc_in.defined() ? pc_in.to(zn.scalar_type()).contiguous() : at::Tensor();
+  // fp64 logits are computed in fp32 here: nsvit_fast.ops hands them to the torch reference
+  auto zn = zn_in.contiguous(), zc = zc_in.to(zn.options()).contiguous();
+  at::Tensor pc = pc_in.defined() ? pc_in.to(zn.options()).contiguous() : at::Tensor();
   const int M = zn.size(0), B = zn.size(1), K = zn.size(2);
   auto f32 = zn.options().dtype(at::kFloat);
   auto grad = at::empty({M, B, K}, f32), dist = at::empty({M * B}, f32), sq = at::empty({M * B}, f32);
@@ -136,24 +149,34 @@ std::vector<at::Tensor> prob_shift_cuda(const at::Tensor& zn_in, const at::Tenso
 }
 
 at::Tensor nullspace_project_cuda(const at::Tensor& x_in, const at::Tensor& q_in, int64_t rh, int64_t rw, bool keep) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 4 && q_in.dim() == 2,
+              "nsvit_fast._C: nullspace_project: x must be a CUDA (B, C, H, W) tensor and the basis (k, n)");
+  TORCH_CHECK(rh > 0 && rw > 0 && x_in.size(2) % rh == 0 && x_in.size(3) % rw == 0,
+              "nsvit_fast._C: nullspace_project: image size is not a multiple of the patch");
+  TORCH_CHECK(q_in.size(1) == x_in.size(1) * rh * rw, "nsvit_fast._C: nullspace_project: basis width is not C * rh * rw");
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous();
-  auto q = q_in.to(x.options()).contiguous();
+  // fp32 compute (fp64 for fp64 images), as the C++ op: the basis is not rounded to fp16 / bf16,
+  // the patches are gathered into the compute type and the result is rounded once to x's dtype
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto q = q_in.to(x.options().dtype(compute)).contiguous();
   const int B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int gh = H / rh, gw = W / rw;
   const int64_t P = (int64_t)B * gh * gw, n = (int64_t)C * rh * rw;
   auto out = at::empty_like(x);
   if (P * n == 0) return out;  // empty images: nothing to launch (a zero-size grid is an error)
-  auto patches = at::empty({P, n}, x.options());
+  auto patches = at::empty({P, n}, x.options().dtype(compute));
   auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = (int)std::min<int64_t>((P * n + 255) / 256, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nullspace_project_cuda", [&] {
-    gather_kernel<scalar_t><<<blocks, 256, 0, stream>>>(x.data_ptr<scalar_t>(), patches.data_ptr<scalar_t>(), P, C, H, W,
-                                                         rh, rw, gh, gw);
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;  // float, double for double
+    gather_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(x.data_ptr<scalar_t>(), patches.data_ptr<acc_t>(), P, C,
+                                                                H, W, rh, rw, gh, gw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto proj = at::mm(at::mm(patches, q.t()), q);  // cuBLAS; an empty basis (k = 0) gives zeros
-    scatter_kernel<scalar_t><<<blocks, 256, 0, stream>>>(proj.data_ptr<scalar_t>(), patches.data_ptr<scalar_t>(),
-                                                          out.data_ptr<scalar_t>(), P, C, H, W, rh, rw, gh, gw, keep);
+    scatter_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(proj.data_ptr<acc_t>(), patches.data_ptr<acc_t>(),
+                                                                 out.data_ptr<scalar_t>(), P, C, H, W, rh, rw, gh, gw,
+                                                                 keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -56,12 +56,21 @@ _recording: list[Launch] | None = None
 
 def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
     """Launch ``kernel[grid](*args, **constexprs)``; an empty grid (an empty input) launches
-    nothing (CUDA rejects a zero-size grid). Under :func:`record_launches` only record it."""
+    nothing (CUDA rejects a zero-size grid). Under :func:`record_launches` only record it.
+
+    On CUDA the launch runs with the first tensor argument's device current: Triton launches on
+    the current device, so a process working on cuda:1 (current device 0) would otherwise run the
+    kernel on cuda:0 with cuda:1 pointers. The caller keeps every tensor argument on one device."""
     grid = tuple(int(g) for g in grid)
     if _recording is not None:
         _recording.append(Launch(kernel, grid, args, constexprs))
         return
-    if all(grid):
+    if not all(grid):
+        return
+    import torch
+
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    with torch.cuda.device(dev) if dev is not None and dev.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **constexprs)
 
 

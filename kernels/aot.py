@@ -2,7 +2,7 @@
 
 The launches compiled are the ones the autograd Functions really make: each op's forward and
 backward runs on ``meta`` tensors (no memory, no GPU) under :func:`record_launches`, at the digits
-model's shapes and at ViT-B/16's, in fp32, bf16 and fp16. Each distinct launch is specialised
+model's shapes, ViT-B/16's and ViT-S/32's, in fp32, bf16 and fp16. Each distinct launch is specialised
 exactly as ``JITFunction.run`` would on a GPU (argument types, integer and pointer alignment,
 constexprs; CUDA allocations are 256-byte aligned, as meta pointers count) and compiled by
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``: PTX, then a cubin from
@@ -33,11 +33,15 @@ from . import Launch, interpreter, record_launches
 ARCHS = (80, 90)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (op, shape name) -> the sizes the engines use: digits model (3x32x32, patch 8, D 96, 10 classes,
-# batch 128, 8 noises) and ViT-B/16 (3x224x224, patch 16, D 768, 1000 classes, batch 32, 8 noises)
+# batch 128, 8 noises), ViT-B/16 (3x224x224, patch 16, D 768, 1000 classes, batch 32, 8 noises) and
+# ViT-S/32 (patch 32: n = 3072 against its rank-384 row space, several basis chunks; D 384, the
+# BLOCK_D = 512 variants)
 SHAPES = {
     "digits": dict(prob_shift=(8, 128, 10), nullspace_project=(128, 3, 32, 8, 96), token_assembly=(128, 16, 96, 8, 1)),
     "ViT-B/16": dict(prob_shift=(8, 32, 1000), nullspace_project=(32, 3, 224, 16, 2),
                      token_assembly=(32, 196, 768, 8, 1)),
+    "ViT-S/32": dict(prob_shift=(8, 32, 1000), nullspace_project=(32, 3, 224, 32, 384),
+                     token_assembly=(32, 49, 384, 8, 1)),
 }
 
 
@@ -53,7 +57,8 @@ def _run_backward(outputs) -> None:
 def op_launches(shape: str, dtype: torch.dtype) -> list[Launch]:
     """Every launch of the three ops' forward and backward at ``shape`` in ``dtype``, in the
     variants the engines use (with and without cached clean probabilities; keep and complement
-    projections; token assembly with and without the clean copies, trainable and frozen LayerNorm)."""
+    projections; token assembly with and without the clean copies, trainable and frozen LayerNorm,
+    and with fp32 parameters as under autocast)."""
     from .nullspace_projection import nullspace_project
     from .prob_shift import prob_shift
     from .token_assembly import token_assembly
@@ -69,10 +74,12 @@ def op_launches(shape: str, dtype: torch.dtype) -> list[Launch]:
             x = _meta(bsz, c, hw, hw, dtype=dtype, grad=True)
             _run_backward([nullspace_project(x, _meta(kb, c * p * p, dtype=torch.float32), (p, p), keep)])
         bsz, n, d, m, pfx = s["token_assembly"]
-        for clean, frozen in ((True, False), (False, True)):
+        # (clean copies, frozen LayerNorm, parameters' dtype): fp32 parameters with fp16 / bf16
+        # tokens are autocast's patch embedding (x and ln then fp32)
+        for clean, frozen, pdt in ((True, False, dtype), (False, True, dtype), (True, False, torch.float32)):
             u, v = _meta(bsz, n, d, dtype=dtype, grad=True), _meta(m, n, d, dtype=dtype, grad=True)
-            pre, pos = _meta(pfx, d, dtype=dtype, grad=not frozen), _meta(pfx + n, d, dtype=dtype, grad=not frozen)
-            w, bias = _meta(d, dtype=dtype, grad=not frozen), _meta(d, dtype=dtype, grad=not frozen)
+            pre, pos = _meta(pfx, d, dtype=pdt, grad=not frozen), _meta(pfx + n, d, dtype=pdt, grad=not frozen)
+            w, bias = _meta(d, dtype=pdt, grad=not frozen), _meta(d, dtype=pdt, grad=not frozen)
             _run_backward(token_assembly(u, v, pre, pos, w, bias, 1e-6, True, clean))
     return rec
 

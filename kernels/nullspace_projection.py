@@ -10,10 +10,11 @@ Pass whichever of the nullspace and row-space bases is smaller (``PatchNullspace
 projections are available from either. One program handles ``BLOCK_P`` patches: it reads them
 straight from the image layout (no patchify copy), forms the coefficients Q p in chunks of
 ``BLOCK_K`` basis vectors, and adds Q^T(Q p) back at the same image positions (no unpatchify
-copy). Output: a fresh tensor shaped like x. fp32 / fp16 / bf16 (fp32 accumulation); fp64 goes to
-the torch reference. An empty basis (k = 0) gives zeros (keep) or a copy of x (complement). The
-op is linear and self-adjoint, so its backward is the same projection of the incoming gradient.
-The basis is a constant (no gradient).
+copy). Output: a fresh tensor shaped like x. fp32 / fp16 / bf16 (fp32 accumulation: with several
+basis chunks and fp16 / bf16 images the partial sums live in an fp32 scratch copy of the images,
+and the output is rounded once); fp64 goes to the torch reference. An empty basis (k = 0) gives
+zeros (keep) or a copy of x (complement). The op is linear and self-adjoint, so its backward is
+the same projection of the incoming gradient. The basis is a constant (no gradient).
 
 Precision of the two ``tl.dot`` products (``DOT_PRECISION``): on sm_80 / sm_90 plain fp32 ``tl.dot``
 lowers to TF32 ``mma``, whose 10-bit mantissa breaks the fp32 tolerance (emulated on the test
@@ -35,14 +36,15 @@ DOT_PRECISION = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16:
 
 
 @triton.jit
-def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, n, k, KEEP: tl.constexpr,
+def _project_kernel(x_ptr, out_ptr, acc_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, n, k, KEEP: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < total
     img = rows // PER_IMG
     pi = rows % PER_IMG
-    base = img * C * H * W + (pi // GW) * RH * W + (pi % GW) * RW          # top-left pixel of each patch
+    # top-left pixel of each patch; int64 image offsets: a batch may pass 2**31 values
+    base = img.to(tl.int64) * C * H * W + (pi // GW) * RH * W + (pi % GW) * RW
     ar_n = tl.arange(0, BLOCK_N)
     ar_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, k, BLOCK_K):
@@ -70,9 +72,13 @@ def _project_kernel(x_ptr, out_ptr, q_ptr, total, PER_IMG, GW, C, H, W, RH, RW, 
                 else:
                     acc = tl.load(x_ptr + ptrs, mask=m2, other=0.0).to(tl.float32) - proj
             else:
-                prev = tl.load(out_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+                prev = tl.load(acc_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
                 acc = prev + proj if KEEP else prev - proj
-            tl.store(out_ptr + ptrs, acc, mask=m2)
+            # partial sums stay fp32 (acc_ptr) between basis chunks; out gets the sum rounded once
+            if k0 + BLOCK_K >= k:
+                tl.store(out_ptr + ptrs, acc, mask=m2)
+            else:
+                tl.store(acc_ptr + ptrs, acc, mask=m2)
 
 
 def project_forward(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
@@ -89,9 +95,14 @@ def project_forward(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int]
     total = b * per_img
     block_p = 16
     precision = DOT_PRECISION[x.dtype]
+    tiles = _tiles(n, k, precision)
+    # more than one basis chunk: the partial sums between chunks need an fp32 buffer unless out is
+    # fp32 itself (rounded to fp16 / bf16 after every chunk they broke bf16's tolerance at k = 700)
+    several = k > tiles["BLOCK_K"]
+    acc = torch.empty(x.shape, device=x.device, dtype=torch.float32) if several and x.dtype != torch.float32 else out
     launch(_project_kernel, (triton.cdiv(total, block_p),),
-           x, out, q, total, per_img, w // rw, c, h, w, rh, rw, n, k, KEEP=bool(keep), PRECISION=precision,
-           BLOCK_P=block_p, **_tiles(n, k, precision))
+           x, out, acc, q, total, per_img, w // rw, c, h, w, rh, rw, n, k, KEEP=bool(keep), PRECISION=precision,
+           BLOCK_P=block_p, **tiles)
     return out
 
 

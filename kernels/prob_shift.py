@@ -39,7 +39,7 @@ def _load_block(zn_row, zc_row, k0, offs, K):
 @triton.jit
 def _rows_kernel(zn_ptr, zc_ptr, pc_ptr, dist_ptr, sq_ptr, grad_ptr, B, K, inv_b,
                  HAS_PC: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)          # row = m * B + b
+    row = tl.program_id(0).to(tl.int64)  # row = m * B + b; int64: row * K passes 2**31 at large M B K
     b = row % B
     zn_row = zn_ptr + row * K
     zc_row = zc_ptr + b * K

@@ -8,9 +8,12 @@ Builds the encoder input for every (noise m, image b) pair, and optionally the c
     ln[r]  = LayerNorm(x[r]) with the first block's weight, bias and eps
 
 Shapes: u (B, N, D); v (M, N, D) (M may be 0 with include_clean); prefix (P, D) (P may be 0);
-pos (P + N, D) if ``embed_prefix`` else (N, D); weight, bias (D,). Returns x, ln (R, P + N, D),
-R = B * include_clean + M * B, in u's dtype (fp32 accumulation). One program per token row;
-D must fit one block (D <= 8192).
+pos (P + N, D) if ``embed_prefix`` else (N, D); weight, bias (D,) or None (ones, zeros). Returns
+x, ln (R, P + N, D), R = B * include_clean + M * B, in the dtype the torch reference gives: u, v,
+prefix and pos promoted (fp32 for bf16 u, v and fp32 prefix, pos under autocast: the fp32
+residual stream timm keeps). fp32 accumulation; the LayerNorm statistics are those of x as stored
+(rounded), which backward reads back. Gradients come back in each input's own dtype. One program
+per token row; D must fit one block (D <= 8192). All tensors on one device.
 
 Backward: one program per row turns (grad x, grad ln) into the total gradient g of x (LayerNorm
 backward inline, per-row partials of the weight and bias gradients); then row-sum programs reduce
@@ -32,7 +35,7 @@ from . import launch
 @triton.jit
 def _assemble_fwd(u_ptr, v_ptr, pre_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, ln_ptr, mean_ptr, rstd_ptr,
                   B, N, P, D, CLEAN_B, eps, EMBED_PREFIX: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)               # token row = r * T + t
+    row = tl.program_id(0).to(tl.int64)  # token row = r * T + t; int64: row * D passes 2**31 at large R
     T = P + N
     r = row // T
     t = row % T
@@ -51,6 +54,9 @@ def _assemble_fwd(u_ptr, v_ptr, pre_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, ln_ptr, m
         x += tl.load(pos_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
     else:
         x += tl.load(pos_ptr + i * D + d, mask=dm & (t >= P), other=0.0).to(tl.float32)
+    # x is stored in x's dtype and backward recomputes xhat from that: the statistics (and ln) are
+    # those of the rounded x, so forward and backward agree for fp16 / bf16 x
+    x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
     mean = tl.sum(x, axis=0) / D
     xc = tl.where(dm, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
@@ -65,7 +71,7 @@ def _assemble_fwd(u_ptr, v_ptr, pre_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, ln_ptr, m
 @triton.jit
 def _assemble_bwd_rows(gx_ptr, gln_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, g_ptr, dw_ptr, db_ptr, D,
                        WANT_WB: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     x = tl.load(x_ptr + row * D + d, mask=dm, other=0.0).to(tl.float32)
@@ -88,7 +94,7 @@ def _assemble_bwd_rows(gx_ptr, gln_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, g_ptr,
 @triton.jit
 def _sum_rows(g_ptr, out_ptr, start, inner_stride, count, outer_stride, D, BLOCK_D: tl.constexpr):
     """out[o] = sum_{j < count} g[start + o * outer_stride + j * inner_stride] (rows of D values)."""
-    o = tl.program_id(0)
+    o = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * D may pass 2**31
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -101,7 +107,7 @@ def _sum_rows(g_ptr, out_ptr, start, inner_stride, count, outer_stride, D, BLOCK
 @triton.jit
 def _grad_u_kernel(g_ptr, out_ptr, B, N, T, P, M, CLEAN_B, D, BLOCK_D: tl.constexpr):
     """grad u[b, i] = g[clean row b] (if clean copies) + sum_m g[noise m, image b], token P + i."""
-    o = tl.program_id(0)
+    o = tl.program_id(0).to(tl.int64)
     b = o // N
     i = o % N
     d = tl.arange(0, BLOCK_D)
@@ -115,7 +121,7 @@ def _grad_u_kernel(g_ptr, out_ptr, B, N, T, P, M, CLEAN_B, D, BLOCK_D: tl.conste
 @triton.jit
 def _grad_v_kernel(g_ptr, out_ptr, B, N, T, P, CLEAN_B, D, BLOCK_D: tl.constexpr):
     """grad v[m, i] = sum_b g[noise m, image b], token P + i: the batch reduction of the broadcast."""
-    o = tl.program_id(0)
+    o = tl.program_id(0).to(tl.int64)
     mm = o // N
     i = o % N
     d = tl.arange(0, BLOCK_D)
@@ -140,8 +146,9 @@ class TokenAssembly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean):
-        """Launch the forward; returns x, ln (R, P + N, D) in u's dtype and saves x with the
-        per-row LayerNorm mean and rstd (fp32) for backward."""
+        """Launch the forward; returns x, ln (R, P + N, D) in the promoted dtype of the tensors
+        the reference adds (u, v, prefix, pos: fp32 for bf16 u, v under autocast) and saves x with
+        the per-row LayerNorm mean and rstd (fp32) for backward. weight / bias None: ones / zeros."""
         u = u.contiguous()
         bsz, n, d = u.shape
         m = 0 if v is None else v.shape[0]
@@ -150,17 +157,25 @@ class TokenAssembly(torch.autograd.Function):
         clean_b = bsz if include_clean else 0
         r = clean_b + m * bsz
         dev = u.device
+        # the reference's dtype (cat and + pos promote): timm keeps the fp32 residual stream when
+        # autocast runs the patch embedding in bf16; a v or prefix it never reads does not count
+        dtype = torch.promote_types(u.dtype, pos.dtype)
+        for extra in (v if m else None, prefix if p else None):
+            dtype = dtype if extra is None else torch.promote_types(dtype, extra.dtype)
         vv = (v if v is not None else u.new_zeros(1, n, d)).contiguous()
         pre = (prefix if p else u.new_zeros(1, d)).contiguous()
-        x = torch.empty(r, t, d, device=dev, dtype=u.dtype)
+        w = (weight if weight is not None else torch.ones(d, device=dev, dtype=dtype)).contiguous()
+        bb = (bias if bias is not None else torch.zeros(d, device=dev, dtype=dtype)).contiguous()
+        x = torch.empty(r, t, d, device=dev, dtype=dtype)
         ln = torch.empty_like(x)
         mean = torch.empty(r * t, device=dev, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         block_d = triton.next_power_of_2(d)
-        launch(_assemble_fwd, (r * t,), u, vv, pre, pos.contiguous(), weight.contiguous(), bias.contiguous(), x, ln,
+        launch(_assemble_fwd, (r * t,), u, vv, pre, pos.contiguous(), w, bb, x, ln,
                mean, rstd, bsz, n, p, d, clean_b, float(eps), EMBED_PREFIX=bool(embed_prefix), BLOCK_D=block_d)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.meta = (bsz, n, d, m, p, clean_b, bool(embed_prefix), block_d, v is not None, prefix.dtype, pos.dtype)
+        ctx.save_for_backward(x, mean, rstd, w)
+        ctx.meta = (bsz, n, d, m, p, clean_b, bool(embed_prefix), block_d, v is not None)
+        ctx.dtypes = (u.dtype, None if v is None else v.dtype, prefix.dtype, pos.dtype, bb.dtype)
         return x, ln
 
     @staticmethod
@@ -168,7 +183,8 @@ class TokenAssembly(torch.autograd.Function):
         """Gradients for u, v, prefix, pos, weight and bias (None where autograd does not ask, and
         for the non-tensor arguments); a missing incoming gradient counts as zeros."""
         x, mean, rstd, weight = ctx.saved_tensors
-        bsz, n, d, m, p, clean_b, embed_prefix, block_d, has_v, pre_dtype, pos_dtype = ctx.meta
+        bsz, n, d, m, p, clean_b, embed_prefix, block_d, has_v = ctx.meta
+        u_dtype, v_dtype, pre_dtype, pos_dtype, bias_dtype = ctx.dtypes
         r, t = x.shape[0], p + n
         gx = torch.zeros_like(x) if gx is None else gx.contiguous()
         gln = torch.zeros_like(x) if gln is None else gln.contiguous()
@@ -177,17 +193,17 @@ class TokenAssembly(torch.autograd.Function):
         g = torch.empty(r * t, d, device=x.device, dtype=torch.float32)
         dw = torch.empty_like(g) if want_wb else g  # unused (not written) when the LayerNorm is frozen
         db = torch.empty_like(g) if want_wb else g
-        launch(_assemble_bwd_rows, (r * t,), gx, gln, x, mean, rstd, weight.contiguous(), g, dw, db, d,
+        launch(_assemble_bwd_rows, (r * t,), gx, gln, x, mean, rstd, weight, g, dw, db, d,
                WANT_WB=want_wb, BLOCK_D=block_d)
         gu = gv = gpre = gpos = gw = gb = None
         if need[0]:  # over the noises, plus the clean copy
             gu = torch.empty(bsz, n, d, device=x.device, dtype=torch.float32)
             launch(_grad_u_kernel, (bsz * n,), g, gu, bsz, n, t, p, m, clean_b, d, BLOCK_D=block_d)
-            gu = gu.to(x.dtype)
+            gu = gu.to(u_dtype)  # each gradient in its own input's dtype (x's may be promoted)
         if has_v and need[1] and m:  # over the batch, inside the kernel
             gv = torch.empty(m, n, d, device=x.device, dtype=torch.float32)
             launch(_grad_v_kernel, (m * n,), g, gv, bsz, n, t, p, clean_b, d, BLOCK_D=block_d)
-            gv = gv.to(x.dtype)
+            gv = gv.to(v_dtype)
         if need[2] and p:
             gpre = _sum(g, 0, t, r, 1, p, d, block_d, pre_dtype)
         if need[3]:
@@ -195,14 +211,14 @@ class TokenAssembly(torch.autograd.Function):
         if need[4]:
             gw = dw.sum(0).to(weight.dtype)
         if need[5]:
-            gb = db.sum(0).to(weight.dtype)
+            gb = db.sum(0).to(bias_dtype)
         return gu, gv, gpre, gpos, gw, gb, None, None, None
 
 
 def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
     """Differentiable fused token assembly (module docstring): u (B, N, D), v (M, N, D) or None,
-    prefix (P, D), pos (P + N, D) or (N, D), weight / bias (D,) -> x, ln (R, P + N, D). Shapes are
-    not checked; D must be <= 8192."""
+    prefix (P, D), pos (P + N, D) or (N, D), weight / bias (D,) or None -> x, ln (R, P + N, D) in
+    the promoted dtype of u, v, prefix, pos. Shapes are not checked; D must be <= 8192."""
     return TokenAssembly.apply(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
 
 

@@ -16,7 +16,6 @@ fp32/fp64 with TF32 off whatever the precision: :func:`exact_math` switches TF32
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch

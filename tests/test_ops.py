@@ -98,6 +98,19 @@ def test_prob_shift_cuda(dtype):
         _ps_check("cuda", shape, dtype, with_pc=shape[2] == 37)
 
 
+@needs_triton
+def test_prob_shift_triton_float64_keeps_its_precision():
+    """The kernel accumulates in fp32: fp64 logits go to the torch reference (fp64 tolerance)."""
+    _ps_check("triton", (3, 7, 37), torch.float64, with_pc=True)
+    _ps_check("triton", (2, 5, 1500), torch.float64)
+
+
+def test_prob_shift_p_clean_on_another_device_is_refused():
+    zn, zc = torch.randn(1, 2, 3), torch.randn(2, 3)
+    with pytest.raises(NsvitError, match="prob_shift: p_clean on meta, z_noisy on cpu"):
+        ops.prob_shift(zn, zc, 0.1, torch.empty(2, 3, device="meta"))
+
+
 def test_prob_shift_gradcheck_and_zero_distance():
     zn = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     zc = torch.randn(3, 5, dtype=torch.float64)
@@ -148,6 +161,22 @@ def test_nullspace_project_triton(case):
 def test_nullspace_project_triton_low_precision(dtype):
     for case in PR_CASES[:3]:
         _pr_check("triton", case, dtype)
+
+
+@needs_triton
+def test_nullspace_project_triton_many_basis_chunks_bf16():
+    """Patches of n = 768 values (ViT-B/16) against k = 384 (the most PatchNullspace passes, n / 2)
+    and k = 700 basis vectors: 6 and 11 chunks of BLOCK_K = 64. The partial sums stay fp32 between
+    chunks, so the result is the reference rounded once to bf16 (plus TF32's error on a GPU);
+    rounded after every chunk it was 5-27 roundings off and broke the tolerance at k = 700."""
+    dev = DEVICE["triton"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dev, torch.bfloat16)
+    q = orthonormal(768, 384, seed=1).float().to(dev)
+    for keep in (True, False):
+        got = ops.nullspace_project(x, q, (16, 16), keep, backend="triton").float()
+        ref = nullspace_project_torch(x.float(), q, (16, 16), keep)
+        assert bool(((got - ref).abs() <= 2**-7 * ref.abs() + 5e-3).all()), keep
+    _pr_check("triton", (2, 3, 32, 32, 16, 700), torch.bfloat16)
 
 
 @needs_ext
@@ -303,6 +332,85 @@ def test_token_assembly_frozen_layernorm_skips_weight_gradients():
     assert bwd_rows(frozen=False) == (True, False)
 
 
+@needs_triton
+def test_token_assembly_triton_autocast_dtypes():
+    """Under autocast the patch tokens u and the noises v are bf16 while prefix, pos and the
+    LayerNorm are fp32: x and ln come out fp32 as the reference's (promoted, timm's residual
+    stream), and each gradient in its own input's dtype."""
+    for case in (TA_CASES[0], TA_CASES[3]):
+        ins, emb, clean = _ta_inputs(case)
+        ins = tuple(None if t is None else t.detach().to(torch.bfloat16 if i < 2 else torch.float32)
+                    .requires_grad_(True) for i, t in enumerate(ins))
+        got = ops.token_assembly(*ins, 1e-6, emb, clean, backend="triton")
+        ref = token_assembly_torch(*ins, 1e-6, emb, clean)
+        for a, r in zip(got, ref):
+            assert a.dtype == r.dtype == torch.float32
+            torch.testing.assert_close(a, r, **tol("token_assembly", torch.bfloat16))
+        live = [t for t in ins if t is not None and t.numel()]
+        gx, gl = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+        ga = torch.autograd.grad((got[0] * gx).sum() + (got[1] * gl).sum(), live)
+        gr = torch.autograd.grad((ref[0] * gx).sum() + (ref[1] * gl).sum(), live)
+        for t, a, r in zip(live, ga, gr):
+            assert a.dtype == t.dtype
+            torch.testing.assert_close(a.float(), r.float(), **tol("token_assembly", torch.bfloat16))
+
+
+@needs_triton
+def test_token_assembly_triton_layernorm_of_the_rounded_x():
+    """bf16 x = u + v + pos is stored rounded; ln and its backward are the LayerNorm of that
+    rounded x (tokens far from zero: bf16 rounds x by up to 0.5 against a spread of 1). The
+    interpreter rounds fp32 to bf16 toward zero, a GPU to nearest: x is held to one bf16 step."""
+    b, n, d, m = 2, 3, 32, 2
+    g = torch.Generator().manual_seed(0)
+    u = (96 + torch.randn(b, n, d, generator=g)).bfloat16().requires_grad_(True)
+    v = torch.randn(m, n, d, generator=g).bfloat16().requires_grad_(True)
+    pos = torch.randn(n, d, generator=g).bfloat16().requires_grad_(True)
+    w, bias = (1 + torch.randn(d, generator=g)).bfloat16(), torch.randn(d, generator=g).bfloat16()
+    pre = torch.zeros(0, d, dtype=torch.bfloat16)
+    x, ln = ops.token_assembly(u, v, pre, pos, w, bias, 1e-6, True, False, backend="triton")
+    # the reference: x summed in fp32, rounded as the kernel stored it (straight through), LayerNorm in fp32
+    uf, vf, pf = (t.detach().float().requires_grad_(True) for t in (u, v, pos))
+    xf = (uf[None] + vf[:, None]).reshape(-1, n, d) + pf
+    assert bool(((x.float() - xf).abs() <= 0.5).all())  # one bf16 step at 64..128
+    xr = xf + (x.float() - xf).detach()
+    lr = torch.nn.functional.layer_norm(xr, (d,), w.float(), bias.float(), 1e-6)
+    torch.testing.assert_close(ln.float(), lr, **tol("token_assembly", torch.bfloat16))
+    gl = torch.randn(lr.shape, generator=g)
+    ga = torch.autograd.grad((ln.float() * gl).sum(), (u, v, pos))
+    gr = torch.autograd.grad((lr * gl).sum(), (uf, vf, pf))
+    for a, r in zip(ga, gr):
+        torch.testing.assert_close(a.float(), r, **tol("token_assembly", torch.bfloat16))
+
+
+@needs_triton
+def test_token_assembly_triton_layernorm_without_affine():
+    """A LayerNorm without weight or bias (None): ones and zeros, no gradient for them."""
+    ins, emb, clean = _ta_inputs(TA_CASES[3])
+    for w, b in ((None, None), (ins[4], None), (None, ins[5])):
+        args = (*ins[:4], w, b, 1e-6, emb, clean)
+        got = ops.token_assembly(*args, backend="triton")
+        ref = token_assembly_torch(*args)
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a, r, **tol("token_assembly"))
+        ga = torch.autograd.grad(got[1].pow(2).sum(), ins[0])
+        gr = torch.autograd.grad(ref[1].pow(2).sum(), ins[0])
+        torch.testing.assert_close(ga, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_does_not_fuse_a_layernorm_without_affine():
+    parts = load_model("digits_vit")
+    assert parts._fusable_first_block() is not None
+    d = parts.embed_dim
+    for norm in (torch.nn.LayerNorm(d, elementwise_affine=False), torch.nn.LayerNorm(d, bias=False)):
+        parts.model.blocks[0].norm1 = norm
+        assert parts._fusable_first_block() is None
+        u = parts.patch_embed(digits("test").images[:2]).detach()
+        v = torch.randn(2, *u.shape[1:])
+        with torch.no_grad():
+            torch.testing.assert_close(parts.encode_noisy(u, v, backend="torch"),
+                                       parts.encode((u[None] + v[:, None]).reshape(-1, *u.shape[1:])))
+
+
 def test_token_assembly_gradcheck():
     ins, emb, clean = _ta_inputs((2, 3, 6, 2, 1, True, True), torch.float64, dev=torch.device("cpu"))
     f = lambda u, v, pre, pos, w, b: sum(o.pow(2).sum() for o in token_assembly_torch(u, v, pre, pos, w, b, 1e-5, emb, clean))  # noqa: E731
@@ -344,6 +452,65 @@ def test_dispatch_forcing_and_errors(monkeypatch):
         ops.nullspace_project(torch.randn(1, 3, 8, 8), torch.randn(2, 10), (4, 4), True)
     with pytest.raises(NsvitError, match="not a multiple of the patch"):
         ops.nullspace_project(torch.randn(1, 3, 9, 8), torch.randn(2, 48), (4, 4), True)
+
+
+def test_dispatch_global_backend_applies_where_the_op_has_it(monkeypatch):
+    """NSVIT_BACKEND=<backend> (no op=) forces it on the ops that have it; the others keep their
+    preference order. A per-op op=backend naming a missing backend still raises."""
+    monkeypatch.setenv("NSVIT_BACKEND", "cuda")  # token_assembly has no CUDA (extension) backend
+    assert ops.backend_for("token_assembly", "cpu") == "torch"
+    with pytest.raises(NsvitError, match="backend 'cuda' is not available on cpu"):
+        ops.backend_for("prob_shift", "cpu")
+    monkeypatch.setenv("NSVIT_BACKEND", "cpp")  # nor a C++ one
+    assert ops.backend_for("token_assembly", "cpu") == "torch"
+    u = torch.randn(1, 2, 4)
+    x, ln = ops.token_assembly(u, None, torch.zeros(0, 4), torch.zeros(2, 4), torch.ones(4), torch.zeros(4), 1e-6,
+                               True, True)
+    assert torch.equal(x, u)
+    if ext() is not None:
+        assert ops.backend_for("prob_shift", "cpu") == "cpp"
+    monkeypatch.setenv("NSVIT_BACKEND", "token_assembly=cpp")
+    with pytest.raises(NsvitError, match="op token_assembly: no backend 'cpp'"):
+        ops.backend_for("token_assembly", "cpu")
+    monkeypatch.setenv("NSVIT_BACKEND", "tritn")  # a typo is refused, not ignored
+    with pytest.raises(NsvitError, match="NSVIT_BACKEND='tritn': no op has that backend"):
+        ops.backend_for("token_assembly", "cpu")
+
+
+def test_launch_runs_under_the_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: launch() makes it the tensors' device (a
+    process working on cuda:1 would otherwise launch on cuda:0 with cuda:1 pointers)."""
+    import contextlib
+
+    import nsvit_fast.kernels as K
+
+    seen = []
+
+    @contextlib.contextmanager
+    def device(d):
+        seen.append(("enter", torch.device(d)))
+        yield
+        seen.append(("exit", torch.device(d)))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append(("run", grid))
+
+    class CudaTensor(torch.Tensor):  # a CPU tensor that reports cuda:1 (no GPU here)
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+        @property
+        def is_cuda(self):
+            return True
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    K.launch(Kernel(), (2,), torch.zeros(1).as_subclass(CudaTensor), 3, BLOCK=4)
+    assert seen == [("enter", torch.device("cuda", 1)), ("run", (2,)), ("exit", torch.device("cuda", 1))]
+    seen.clear()
+    K.launch(Kernel(), (2,), torch.zeros(1), 3)  # CPU (interpreter): no device switch
+    assert seen == [("run", (2,))]
 
 
 # -- the engines through the dispatch --

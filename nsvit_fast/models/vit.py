@@ -202,7 +202,10 @@ class VitAdapter(PatchEmbedAdapter):
         blk = m.blocks[0] if len(m.blocks) else None
         if (self._nhwc or m.pos_embed is None or not isinstance(m.norm_pre, nn.Identity)
                 or not isinstance(m.patch_drop, nn.Identity) or (m.training and m.pos_drop.p > 0)
-                or type(blk).__name__ != "Block" or not isinstance(blk.norm1, nn.LayerNorm)):
+                or type(blk).__name__ != "Block" or not isinstance(blk.norm1, nn.LayerNorm)
+                # the fused op takes the affine LayerNorm of one last dimension (timm's default)
+                or blk.norm1.weight is None or blk.norm1.bias is None
+                or tuple(blk.norm1.normalized_shape) != (self.embed_dim,)):
             return None
         pre = [t[0] for t in (m.cls_token, getattr(m, "dist_token", None), m.reg_token) if t is not None]
         d = self.embed_dim

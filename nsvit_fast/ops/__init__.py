@@ -5,7 +5,8 @@
     token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean) -> x, ln
 
 Backend choice per op and device (``backend=`` or ``NSVIT_BACKEND=torch|cpp|cuda|triton`` or
-``NSVIT_BACKEND=op=backend,...`` forces one): on CUDA triton, then cuda, then torch; on the CPU
+``NSVIT_BACKEND=op=backend,...`` forces one; a single NSVIT_BACKEND value applies to the ops that
+have that backend): on CUDA triton, then cuda, then torch; on the CPU
 the compiled C++ op where bench/bench_ops.py measured it faster than torch, else torch. Triton on
 the CPU runs only under the interpreter (TRITON_INTERPRET=1), never by default.
 """
@@ -32,12 +33,13 @@ def prob_shift(z_noisy, z_clean, eps, p_clean=None, backend=None):
         backend: ``torch``, ``cpp``, ``cuda`` or ``triton`` to force one (see :func:`backend_for`).
 
     Returns:
-        ``(loss, mse, stop)``, each (M,): loss (float32 from the compiled backends, else z_noisy's
-        dtype) with grad to z_noisy; mse and stop (bool) without. Nothing is read back to the host.
+        ``(loss, mse, stop)``, each (M,): loss (z_noisy's dtype from the torch reference, which
+        the Triton and CUDA backends also run for float64 logits; else float32) with grad to
+        z_noisy; mse and stop (bool) without. Nothing is read back to the host.
 
     Raises:
-        NsvitError: shapes that do not match, tensors on two devices, integer logits, or a
-        forced backend that is unknown or unavailable on the device.
+        NsvitError: shapes that do not match, tensors (p_clean included) on two devices, integer
+        logits, or a forced backend that is unknown or unavailable on the device.
     """
     _prob_shift.check_inputs(z_noisy, z_clean, p_clean)
     return call("prob_shift", z_noisy, z_clean, eps, p_clean, backend=backend)
@@ -80,13 +82,14 @@ def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, incl
         v: (M, N, D) token-space noises, or None (M = 0, then include_clean must be True).
         prefix: (P, D) class / register tokens (P may be 0).
         pos: (P + N, D) if ``embed_prefix`` else (N, D), the positional embedding.
-        weight, bias: (D,) the first block's LayerNorm affine; eps its epsilon.
+        weight, bias: (D,) the first block's LayerNorm affine, or None (ones / zeros); eps its epsilon.
         embed_prefix: whether ``pos`` covers the prefix tokens (timm's ``no_embed_class`` False).
         include_clean: also emit the B clean rows (the fused 2B batch of NS finetuning).
         backend: force one backend (see :func:`backend_for`).
 
     Returns:
-        ``(x, ln)``, each (R, P + N, D) with R = B * include_clean + M * B, differentiable w.r.t.
+        ``(x, ln)``, each (R, P + N, D) with R = B * include_clean + M * B, in the promoted dtype
+        of u, v, prefix and pos (fp32 for bf16 tokens under autocast), differentiable w.r.t.
         every tensor argument. With the torch backend the operations follow timm's ``_pos_embed``
         order, so the encoder output equals the model's own.
 

@@ -2,8 +2,8 @@
 
 Each op registers implementations per backend with an availability test. The choice for a call
 is: the ``backend=`` argument, else the ``NSVIT_BACKEND`` environment variable (one backend for
-all ops, or ``op=backend,op=backend``), else the first available backend in the op's preference
-order for the tensor's device.
+every op that has it, or ``op=backend,op=backend``), else the first available backend in the op's
+preference order for the tensor's device.
 """
 
 from __future__ import annotations
@@ -48,17 +48,18 @@ def register(op: str, backend: str, fn: Callable, available: Callable[[torch.dev
         pref.insert(0, backend) if dev in prefer_on else pref.append(backend)
 
 
-def _forced(op: str) -> str | None:
+def _forced(op: str) -> tuple[str | None, bool]:
+    """(the backend NSVIT_BACKEND forces for ``op`` or None, whether it is the one global value)."""
     env = os.environ.get("NSVIT_BACKEND", "").strip()
     if not env:
-        return None
+        return None, False
     if "=" not in env:
-        return env
+        return env, True
     for part in env.split(","):
         k, _, v = part.partition("=")
         if k.strip() == op:
-            return v.strip()
-    return None
+            return v.strip(), False
+    return None, False
 
 
 def backend_for(op: str, device: torch.device | str, backend: str | None = None) -> str:
@@ -67,21 +68,30 @@ def backend_for(op: str, device: torch.device | str, backend: str | None = None)
     Args:
         op: a registered op name (``prob_shift``, ``nullspace_project``, ``token_assembly``).
         device: where the op's tensors live.
-        backend: force this backend; else ``NSVIT_BACKEND`` (one backend for all ops, or
-            ``op=backend,...``) forces one; else the first available in the device's preference order.
+        backend: force this backend; else ``NSVIT_BACKEND`` (one backend for every op that has
+            it, the others keep their order; or ``op=backend,...``) forces one; else the first
+            available in the device's preference order.
 
     Returns:
         the backend's name; ``torch`` when nothing in the preference order is available.
 
     Raises:
-        NsvitError: an unknown op, or a forced backend that the op lacks or that is not
+        NsvitError: an unknown op, a backend forced for this op (``backend=`` or ``op=backend``)
+        that it lacks, a global NSVIT_BACKEND that no op has, or a forced backend that is not
         available on the device.
     """
     o = OPS.get(op)
     if o is None:
         raise NsvitError(f"unknown op {op!r} (ops: {', '.join(sorted(OPS))})")
     device = torch.device(device)
-    want = backend or _forced(op)
+    want, everywhere = (backend, False) if backend else _forced(op)
+    if everywhere and want not in o.impls:
+        # NSVIT_BACKEND=cuda means "the CUDA backend where an op has one": token_assembly has none.
+        # A name no op has is a typo, not a preference
+        known = sorted({b for other in OPS.values() for b in other.impls})
+        if want not in known:
+            raise NsvitError(f"NSVIT_BACKEND={want!r}: no op has that backend (backends: {', '.join(known)})")
+        want = None
     if want is not None:
         if want not in o.impls:
             raise NsvitError(f"op {op}: no backend {want!r} (backends: {', '.join(o.impls)})")

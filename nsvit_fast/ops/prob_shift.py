@@ -33,6 +33,8 @@ def check_inputs(z_noisy: torch.Tensor, z_clean: torch.Tensor, p_clean: torch.Te
         raise NsvitError(f"prob_shift: p_clean {tuple(p_clean.shape)} must match z_clean {tuple(z_clean.shape)}")
     if z_noisy.device != z_clean.device:
         raise NsvitError(f"prob_shift: z_noisy on {z_noisy.device}, z_clean on {z_clean.device}")
+    if p_clean is not None and p_clean.device != z_noisy.device:  # the kernels read it through z_noisy's device
+        raise NsvitError(f"prob_shift: p_clean on {p_clean.device}, z_noisy on {z_noisy.device}")
     if not z_noisy.is_floating_point() or not z_clean.is_floating_point():
         raise NsvitError(f"prob_shift: logits must be floating point, got {z_noisy.dtype} and {z_clean.dtype}")
 
@@ -69,13 +71,20 @@ class _ExtProbShift(torch.autograd.Function):
 
 def prob_shift_ext(z_noisy, z_clean, eps, p_clean=None):
     """The compiled (C++ on the CPU, CUDA) backend; same arguments and results as the torch
-    reference, loss in float32. Needs the extension built with the matching device."""
+    reference, loss in float32. Needs the extension built with the matching device. The C++ op
+    computes fp64 logits in fp64; the CUDA kernel accumulates in fp32, so fp64 logits on CUDA go
+    to the torch reference (fp64 results)."""
+    if z_noisy.dtype == torch.float64 and z_noisy.device.type == "cuda":
+        return prob_shift_torch(z_noisy, z_clean, eps, p_clean)
     return _ExtProbShift.apply(z_noisy, z_clean, eps, p_clean)
 
 
 def prob_shift_triton(z_noisy, z_clean, eps, p_clean=None):
     """The Triton backend (``nsvit_fast.kernels.prob_shift``); same arguments and results as the
-    torch reference, loss and mse in float32."""
+    torch reference, loss and mse in float32. The kernel accumulates in fp32: fp64 logits go to
+    the torch reference to keep its precision (fp64 results)."""
+    if z_noisy.dtype == torch.float64:
+        return prob_shift_torch(z_noisy, z_clean, eps, p_clean)
     from ..kernels.prob_shift import prob_shift
 
     return prob_shift(z_noisy, z_clean, eps, p_clean)

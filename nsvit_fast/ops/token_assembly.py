@@ -5,9 +5,10 @@ every (noise m, image b) pair (and optionally the clean copies), and its LayerNo
     rows r: clean b (if include_clean), then noise-major (m, b)
 
 Shapes: u (B, N, D), v (M, N, D) or None, prefix (P, D), pos (P + N, D) if embed_prefix else
-(N, D), weight/bias (D,). Returns x, ln (R, P + N, D). The torch reference follows timm's own
-``_pos_embed`` order of operations, so with the torch backend the encoder output is exactly
-``model(x)``'s.
+(N, D), weight/bias (D,) or None. Returns x, ln (R, P + N, D) in the promoted dtype of u, v,
+prefix and pos (the Triton backend matches it; gradients in each input's dtype). The torch
+reference follows timm's own ``_pos_embed`` order of operations, so with the torch backend the
+encoder output is exactly ``model(x)``'s.
 """
 
 from __future__ import annotations
