@@ -369,3 +369,15 @@ def test_streamed_folder_eval_gives_the_in_memory_numbers(parts, digit_test_fold
     assert len(a) == 3 + 15 + 2 + 4 and a.keys() == b.keys()  # clean, attacks; corruptions, mean, mCE; nullspace
     assert a == b
     assert a[("clean", "", "acc")] > 90 and a[("corruptions", "gaussian_noise@5", "acc")] < a[("clean", "", "acc")]
+
+
+def test_bf16_autocast_keeps_the_nullspace_exact_and_autoattack_running(parts):
+    # eval --precision bf16 runs evaluate under autocast: the exact-nullspace suite is a property of
+    # the weights (it scored a 29.7% match at scale 1000 in bf16), and torchattacks' APGD-T handed
+    # bf16 logits to numpy (a TypeError)
+    d = digits("test").subset(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rep = evaluate(parts, d, ["nullspace:scale=1000", "autoattack:n=2"], progress=False)
+    assert rep.values(rep.models[0], "nullspace", metric="match_rate") == [100.0]
+    assert rep.values(rep.models[0], "nullspace", metric="logits_rel")[0] < 1e-3
+    assert len(rep.values(rep.models[0], "autoattack")) == 1

@@ -40,6 +40,19 @@ class AttackSpec:
     batch_size: int = 256
 
 
+class FloatLogits(torch.nn.Module):
+    """``parts`` with its logits cast to float32: under ``--precision bf16`` autocast gives bf16
+    logits, which torchattacks' APGD-T hands to numpy (``Got unsupported ScalarType BFloat16``).
+    The forward itself keeps the autocast precision."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts(x).float()
+
+
 def _torchattacks(cls: str, seeded: bool = False, classes: bool = False):
     """A factory for torchattacks' ``cls``; ``seeded`` attacks take the seed themselves (AutoAttack),
     ``classes`` ones the model's class count."""
@@ -49,7 +62,7 @@ def _torchattacks(cls: str, seeded: bool = False, classes: bool = False):
             kw.setdefault("seed", seed)
         if classes:
             kw.setdefault("n_classes", parts.num_classes)
-        return getattr(load_torchattacks(), cls)(parts, **kw)
+        return getattr(load_torchattacks(), cls)(FloatLogits(parts), **kw)
 
     return make
 

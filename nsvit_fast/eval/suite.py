@@ -210,9 +210,11 @@ def _corruptions(run: Run, model: str, parts, kw: dict) -> None:
 
 
 def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
+    from ..runtime import exact_math
     from .nullspace_metrics import exact_noise_effect
 
-    r = exact_noise_effect(parts, run.data, seed=run.seed, **kw)
+    with exact_math():  # a property of the weights: fp32 whatever --precision says
+        r = exact_noise_effect(parts, run.data, seed=run.seed, **kw)
     for k, v in r.items():
         run.report.add(model, run.seed, "nullspace", fmt_setting(kw), k, 100 * v if k == "match_rate" else v)
 
