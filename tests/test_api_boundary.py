@@ -186,3 +186,22 @@ def test_good_input_still_answers(parts, xy):
     bank = synthesize(parts, ns.ImageDataset(x, y), num_noises=3, max_steps=1, progress=False)
     for i in (np.int64(1), torch.tensor(1), 1):  # any integer picks one noise; numpy's read (N, D) as N noises
         assert len(bank[i]) == 1 and torch.equal(bank[i].noises[0], bank.noises[1])
+
+
+def test_weights_beyond_float32_and_nan_logits_are_refused(tmp_path, xy):
+    # a float64 1e300 passed the finiteness check and became inf in the float32 model; a finite
+    # 3e38 bias overflows in the encoder: both had scored a silent 3% accuracy from NaN logits
+    from safetensors.torch import save_file
+
+    from nsvit_fast.eval import accuracy
+
+    sd = {k: v.double().contiguous() for k, v in ns.load_model("digits_vit").model.state_dict().items()}
+    sd["blocks.0.attn.proj.bias"][0] = 1e300
+    save_file(sd, str(tmp_path / "big.safetensors"))
+    with pytest.raises(NsvitError, match="'blocks.0.attn.proj.bias' holds 1 NaN or inf .*beyond float32's range"):
+        ns.load_model("digits_vit", checkpoint=tmp_path / "big.safetensors")
+    sd = {k: v.float() for k, v in sd.items()}
+    sd["blocks.0.attn.proj.bias"][0] = 3e38
+    save_file(sd, str(tmp_path / "edge.safetensors"))
+    with pytest.raises(NsvitError, match="NaN or inf logits"):
+        accuracy(ns.load_model("digits_vit", checkpoint=tmp_path / "edge.safetensors"), *xy)

@@ -29,6 +29,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was)
 
 
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)``, refusing NaN / inf logits (argmax would pick an arbitrary class:
+    weights near float32's limit gave a silent 3% accuracy). Raises NsvitError."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NsvitError("the model gives NaN or inf logits (weights that overflow or diverged): accuracy is undefined")
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
 def accuracy(parts, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``parts`` (an adapter or any classifier module) on ``images`` (B, C, H, W)
@@ -45,6 +53,6 @@ def accuracy(parts, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
     with eval_mode(parts):
         hits = 0
         for i in range(0, len(labels), batch_size):
-            pred = parts(images[i:i + batch_size].to(dev)).argmax(-1).cpu()
+            pred = top1(parts(images[i:i + batch_size].to(dev))).cpu()
             hits += int((pred == labels[i:i + batch_size].cpu()).sum())
     return hits / len(labels)

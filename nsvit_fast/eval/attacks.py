@@ -18,7 +18,7 @@ import torch
 
 from ..errors import NsvitError
 from ..extras import load_torchattacks
-from .accuracy import eval_mode
+from .accuracy import eval_mode, top1
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
                 x, y = x.to(dev), y.to(dev)
                 x_adv = atk(x, y)  # needs gradients: outside no_grad
                 with torch.no_grad():
-                    hits += int((parts(x_adv).argmax(-1) == y).sum())
+                    hits += int((top1(parts(x_adv)) == y).sum())
                 seen += len(y)
     finally:
         torch.set_rng_state(state)

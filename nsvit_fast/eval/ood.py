@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NsvitError
-from .accuracy import eval_mode
+from .accuracy import eval_mode, top1
 
 SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-sketch": None,
           "stylized": None, "damagenet": None}  # expected class count (None: all of the model's)
@@ -102,7 +102,7 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
             if not len(y):
                 continue
             z = parts(x.to(dev)) + keep
-            hits += int((z.argmax(-1).cpu() == to_model[y]).sum())
+            hits += int((top1(z).cpu() == to_model[y]).sum())
             n += len(y)
     if bad:
         import warnings

@@ -41,7 +41,7 @@ import torch
 from ..data.base import check_labels_fit
 from ..errors import NsvitError
 from ..models.registry import adapt
-from .accuracy import eval_mode
+from .accuracy import eval_mode, top1
 from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
@@ -115,7 +115,7 @@ def batch_accuracy(parts, batches) -> float:
     dev = next(parts.parameters()).device
     hits = seen = 0
     for x, y in batches:
-        hits += int((parts(x.to(dev)).argmax(-1).cpu() == y.cpu()).sum())
+        hits += int((top1(parts(x.to(dev))).cpu() == y.cpu()).sum())
         seen += len(y)
     if seen == 0:
         raise NsvitError("accuracy of an empty image set is undefined")
@@ -180,7 +180,7 @@ def _corruption_accuracies(run: Run, parts) -> dict[tuple[str, int], float]:
     with torch.no_grad():
         for x, y in run.data.batches(ACC_BATCH):
             for key in hits:
-                pred = parts(corrupt(x, *key, seed=run.seed, start=seen).to(dev)).argmax(-1).cpu()
+                pred = top1(parts(corrupt(x, *key, seed=run.seed, start=seen).to(dev))).cpu()
                 hits[key] += int((pred == y).sum())
             seen += len(y)
     if seen == 0:

@@ -110,9 +110,12 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
         if v.is_floating_point() and v.dtype not in WEIGHT_DTYPES:  # float8 and the like: isfinite has no kernel
             raise NsvitError(f"{source}: weight {k!r} is {str(v.dtype).replace('torch.', '')}; weights must be "
                              f"float32, float16, bfloat16 or float64")
+        if v.is_floating_point() and k in own and own[k].is_floating_point() and v.dtype != own[k].dtype:
+            v = v.to(own[k].dtype)  # as load_state_dict will: a float64 1e300 becomes inf in float32
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise NsvitError(f"{source}: weight {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or inf "
-                             f"value(s); refused (a diverged or corrupt checkpoint)")
+                             f"value(s) (or values beyond {str(v.dtype)[6:]}'s range); refused (a diverged or "
+                             f"corrupt checkpoint)")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import build
 from ..data.base import ImageDataset, check_labels_fit
 from ..errors import NsvitError, check_count, check_number, check_positive, check_seed
-from ..eval.accuracy import accuracy, eval_mode
+from ..eval.accuracy import accuracy, eval_mode, top1
 from ..io import dumps, write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
@@ -484,7 +484,7 @@ class Engine:
         hits = seen = 0
         with torch.no_grad(), eval_mode(parts), self.rt.autocast():
             for x, y in self._val_folder.batches(256):
-                hits += int((parts(x.to(self.device)).argmax(-1).cpu() == y).sum())
+                hits += int((top1(parts(x.to(self.device))).cpu() == y).sum())
                 seen += len(y)
         if not seen:
             raise NsvitError(f"{self.val} holds no readable validation images")
