@@ -46,6 +46,9 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
         raise NsvitError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start "
                          f"distributed runs with torchrun (torchrun --nproc-per-node N -m nsvit_fast finetune ...), "
                          f"or unset WORLD_SIZE")
+    port = env_int("MASTER_PORT", 0)  # init_process_group would raise a bare ValueError
+    if not 0 < port < 65536:
+        raise NsvitError(f"MASTER_PORT={os.environ['MASTER_PORT']} must be a port in 1-65535")
     if device is None:
         cuda = torch.cuda.is_available()
     else:

@@ -132,6 +132,7 @@ def env_int(var: str, default: int) -> int:
     text = os.environ.get(var)
     if text is None:
         return default
-    if not text.strip().lstrip("-").isdigit():
-        raise NsvitError(f"environment variable {var}={text!r} must be a whole number (torchrun sets it)")
+    digits = text.strip().lstrip("-")
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:  # "²" is a digit to isdigit, not to int
+        raise NsvitError(f"environment variable {var}={text!r} must be a whole number below 10**9 (torchrun sets it)")
     return int(text)
