@@ -805,7 +805,45 @@ def _one_line(text) -> str:
     return " ".join(text.split()) or "failed"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, docker stop, torchrun stopping a rank), raised where SIGINT's
+    KeyboardInterrupt would be, so a run cleans up the same way: lock released, a fresh run's
+    folder given back, no temp files left."""
+
+
+def _terminate_like_interrupt():
+    """Install the SIGTERM handler for this process (the main thread only); returns the old one.
+    A forked child (a DataLoader worker) keeps the default: it dies as before."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+
+    def on_term(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    old = _terminate_like_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -830,6 +868,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nsvit-fast: error: out of memory ({_one_line(str(e).splitlines()[0] if str(e) else 'MemoryError')});"
                   f" lower --batch-size, --num-noises or --max-images", file=sys.stderr)
             return 2
+        except Terminated:
+            print("nsvit-fast: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         except KeyboardInterrupt:
             print("nsvit-fast: interrupted", file=sys.stderr)
             return 130

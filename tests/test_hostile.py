@@ -711,3 +711,21 @@ def test_eval_into_a_folder_in_use_is_refused(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow  # one finetune start-up, then SIGTERM once its config.json is written: ~5-10 s of CPU
+def test_sigterm_cleans_up_as_sigint(tmp_path):
+    # timeout, SLURM and docker stop send SIGTERM: it left the fresh run's config.json (so neither a
+    # new run nor --resume was accepted) and temp files; now it takes SIGINT's path, exit 143
+    out = tmp_path / "run"
+    run = _cli("finetune", "--quiet", "--out", str(out), "method=plain", "rounds=2", "model_steps=400",
+               "batch_size=32", "max_images=256")
+    t0 = time.time()
+    while not (out / "config.json").exists() and run.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    assert run.poll() is None, run.stderr.read()
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143
+    assert run.stderr.read().strip().splitlines() == ["nsvit-fast: terminated (SIGTERM)"]
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in left if n in ("config.json", ".nsvit.lock") or n.endswith(".tmp")], left
