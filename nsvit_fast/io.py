@@ -30,6 +30,7 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
     """Refuse an output file path that cannot be written, before any work is done.
 
     Refused: a path that is a folder, a path under a file, a suffix not in ``suffixes`` (when given),
+    one of a finetuning run's files (``runlock.RUN_FILES``) in a folder that holds that run,
     a folder that cannot be created or written, and a folder at any of ``siblings`` (the files
     written beside it, e.g. its .json). Nothing is left behind: a folder created to check
     writability is removed again."""
@@ -38,6 +39,11 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
         raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
     if path.is_dir():
         raise NsvitError(f"{what} {path} is a folder; give a file name")
+    from .runlock import LOCK_NAME, RUN_FILES
+
+    if path.name in (*RUN_FILES, LOCK_NAME) and any((path.parent / f).exists() for f in RUN_FILES):
+        # synth / pretrain had replaced a finetuning run's checkpoint or model: the run was lost
+        raise NsvitError(f"{what} {path} is a file of the finetuning run in {path.parent}; write elsewhere")
     _check_not_folders(what, siblings)
     _check_dir(path.parent, what)
     return path

@@ -439,6 +439,10 @@ CASES = [
     ("env-rank-outside", FT + ["--out", "{C}/o"], "RANK=5 is outside [0, WORLD_SIZE=2)",  # waited 30 min for rank 5
      {"env": {"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
     ("env-world-size-neg", FT + ["--out", "{C}/o"], "WORLD_SIZE=-3 must be >= 1", {"env": {"WORLD_SIZE": "-3"}}),
+    ("synth-over-a-run", ["synth", "--max-steps", "1", "--out", "{A}/demo_seed0/finetune/ns/checkpoint.safetensors"],
+     "is a file of the finetuning run", {}),
+    ("pretrain-over-a-run", ["pretrain", "--epochs", "1", "--out", "{A}/demo_seed0/finetune/ns/model.safetensors"],
+     "is a file of the finetuning run", {}),
     ("env-master-port", FT + ["--out", "{C}/o"], "MASTER_PORT=99999 must be a port",
      {"env": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}}),
     ("env-world-size-superscript", FT + ["--out", "{C}/o"], "WORLD_SIZE='²' must be a whole number",
