@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import MAX_NOISE_SCALE, MAX_SEED, NsvitError
+from .errors import MAX_NOISE_SCALE, MAX_SEED, NsvitError, env_int
 
 
 class Parser(argparse.ArgumentParser):
@@ -465,7 +465,7 @@ def add_finetune(sub) -> None:
                    help="check the config on your data in a minute: 1 round, 2 model steps, 3 synthesis steps, "
                         "64 validation images (output in runs/dry-run-<method> unless --out)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (synth.key for synthesis)")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, distributed=True)
 
 
 # -- eval --
@@ -852,6 +852,10 @@ def _main(argv: list[str] | None) -> int:
     with warnings.catch_warnings(record=True) as caught:  # held back: an error line must be the only line
         warnings.simplefilter("default")
         try:
+            if not getattr(args, "distributed", False) and env_int("WORLD_SIZE", 1) > 1:
+                # each rank would do the whole job (synth twice) or fight over one folder (eval's lock)
+                raise NsvitError(f"{args.func.__name__[4:]} runs in one process; only finetune runs under "
+                                 f"torchrun (WORLD_SIZE={env_int('WORLD_SIZE', 1)})")
             code = int(args.func(args) or 0)
         except NsvitError as e:
             print(f"nsvit-fast: error: {_one_line(e)}", file=sys.stderr)
