@@ -77,4 +77,28 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-__all__ = ["rank_world", "init_from_env", "wrap", "all_mean"]
+def check_same(what: str, value) -> None:
+    """Refuse a run whose ranks were started with different ``value`` (JSON-able: the settings, the
+    data): each would train its own way, or wait forever on a collective the others never make
+    (ns on one rank, plain on another hung). No-op in one process; call it on every rank before
+    any other collective.
+
+    Raises:
+        NsvitError: the ranks that differ from rank 0."""
+    if rank_world()[1] == 1:
+        return
+    import hashlib
+    import json
+
+    from .errors import NsvitError
+
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    every: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, digest)
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise NsvitError(f"the ranks were started with different {what}: rank(s) {odd} differ from rank 0; "
+                         f"give every rank the same command")
+
+
+__all__ = ["rank_world", "init_from_env", "wrap", "all_mean", "check_same"]

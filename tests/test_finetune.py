@@ -518,3 +518,22 @@ def test_val_images_are_spread_over_the_set():
     res = finetune(load_model("digits_vit"), digits("train").subset(32), val_data=ImageDataset(x, y), rounds=1,
                    model_steps=1, lr=1e-9, batch_size=16, method="plain", val_images=40, progress=False)
     assert res.history[0]["val_acc"] < 0.5
+
+
+@pytest.mark.slow  # two process start-ups under torchrun, refused before any training: ~15 s of CPU
+def test_torchrun_ranks_with_different_settings_are_refused(tmp_path):
+    # rank 1 started with another seed (or method) trained its own way, or hung on a collective
+    # rank 0 never made (ns against plain): every rank now compares its settings first
+    script = tmp_path / "rank_args.py"
+    script.write_text("import os, sys\nfrom nsvit_fast.cli import main\n"
+                      f"sys.exit(main(['finetune', '--quiet', '--out', {str(tmp_path / 'run')!r}, 'rounds=1', "
+                      "'model_steps=1', 'batch_size=16', 'max_images=32', 'val_data=null', 'synth.max_steps=1', "
+                      "'synth.batch_size=16', 'method=' + ('ns' if os.environ['RANK'] == '0' else 'plain')]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29534", str(script)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0
+    assert "the ranks were started with different settings, model or data: rank(s) [1] differ" in run.stderr
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()

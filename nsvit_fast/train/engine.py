@@ -225,6 +225,8 @@ class Engine:
         self.out_dir, self.progress = out_dir, progress
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
+        dist_util.check_same("settings, model or data", {"config": asdict(cfg), "model": parts.name,
+                                                         "data": data_identity(train), "val": data_identity(val)})
         if self.world > 1 and cfg.synth.mode == "reference" and self.method.needs_noise:
             raise NsvitError("synth mode reference runs in one process; use mode fast under torchrun")
         if cfg.batch_size % self.world or cfg.synth.batch_size % self.world:
@@ -588,6 +590,16 @@ class Engine:
         from .plots import trend_figure
 
         trend_figure(self.history, self.out_dir / "fig4_trend.png", title=f"{self.parts.name}: {self.cfg.method}")
+
+
+def data_identity(data) -> Any:
+    """What names a data set cheaply (JSON-able): a folder's path; an in-memory set's size and a
+    digest of its labels (images would cost a pass over them)."""
+    if data is None or not isinstance(data, ImageDataset):
+        return None if data is None else str(data)
+    import hashlib
+
+    return [len(data), hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]]
 
 
 def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfig | None = None, *,
