@@ -537,3 +537,20 @@ def test_torchrun_ranks_with_different_settings_are_refused(tmp_path):
     assert run.returncode != 0
     assert "the ranks were started with different settings, model or data: rank(s) [1] differ" in run.stderr
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_resume_on_other_data_of_the_same_size_is_refused(tmp_path):
+    # the stream's permutation only pins the size: labels rotated by 3 (or another val set) resumed
+    # silently, mixing two datasets in one run; the checkpoint now names its data
+    from nsvit_fast import ImageDataset
+
+    d = digits("train").subset(64)
+    kw = dict(method="plain", rounds=2, model_steps=2, batch_size=16, val_images=0, progress=False,
+              out_dir=tmp_path / "run")
+    finetune(load_model("digits_vit"), d, val_data=digits("val").subset(16), **kw)
+    other = ImageDataset(d.images, (d.labels + 3) % 10)
+    with pytest.raises(NsvitError, match="belongs to a run on other train data .*64 images in memory"):
+        finetune(load_model("digits_vit"), other, val_data=digits("val").subset(16), resume=True, **kw)
+    with pytest.raises(NsvitError, match="other val data"):
+        finetune(load_model("digits_vit"), d, val_data=digits("test").subset(16), resume=True, **kw)
+    finetune(load_model("digits_vit"), d, val_data=digits("val").subset(16), resume=True, **kw)  # the same: fine

@@ -261,7 +261,8 @@ class Engine:
         """The run's identity and history for the checkpoint header: config, model name, arch,
         model kwargs, per-round records."""
         return {"config": asdict(self.cfg), "model": self.parts.name, "arch": self.parts.arch,
-                "model_kwargs": self.parts.model_kwargs, "history": self.history}
+                "model_kwargs": self.parts.model_kwargs, "history": self.history,
+                "data": {"train": data_identity(self.train), "val": data_identity(self.val)}}
 
     def save(self, k: int, s: int) -> None:
         """Checkpoint (on rank 0, with an out_dir) the state to resume at round ``k``, step ``s``:
@@ -318,6 +319,13 @@ class Engine:
         if diff:
             raise NsvitError(f"{path} belongs to another run (config key {diff[0]!r}: {theirs[diff[0]]!r} there, "
                              f"{mine[diff[0]]!r} here); use another --out")
+        here = {"train": data_identity(self.train), "val": data_identity(self.val)}
+        there = m.get("data")  # absent in checkpoints from before it was recorded: not checked
+        if isinstance(there, dict):
+            for which in ("train", "val"):
+                if which in there and json.loads(json.dumps(here[which])) != there[which]:
+                    raise NsvitError(f"{path} belongs to a run on other {which} data ({_what(there[which])} there, "
+                                     f"{_what(here[which])} here); resume with the same data, or use another --out")
         p, history = m["progress"], m["history"]
         k, s = p.get("round"), p.get("step")
         for name, v in (("round", k), ("step", s)):
@@ -593,13 +601,22 @@ class Engine:
 
 
 def data_identity(data) -> Any:
-    """What names a data set cheaply (JSON-able): a folder's path; an in-memory set's size and a
-    digest of its labels (images would cost a pass over them)."""
+    """What names a data set cheaply (JSON-able): a folder's absolute path; an in-memory set's size
+    and a digest of its labels (images would cost a pass over them)."""
     if data is None or not isinstance(data, ImageDataset):
-        return None if data is None else str(data)
+        return None if data is None else str(Path(data).resolve())
     import hashlib
 
     return [len(data), hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]]
+
+
+def _what(identity: Any) -> str:
+    """A data identity in words, for a refusal."""
+    if identity is None:
+        return "none"
+    if isinstance(identity, list) and len(identity) == 2:
+        return f"{identity[0]} images in memory, labels {identity[1]}"
+    return str(identity)
 
 
 def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfig | None = None, *,
