@@ -381,3 +381,15 @@ def test_bf16_autocast_keeps_the_nullspace_exact_and_autoattack_running(parts):
     assert rep.values(rep.models[0], "nullspace", metric="match_rate") == [100.0]
     assert rep.values(rep.models[0], "nullspace", metric="logits_rel")[0] < 1e-3
     assert len(rep.values(rep.models[0], "autoattack")) == 1
+
+
+def test_relative_mce_is_skipped_when_the_baseline_makes_no_error(parts):
+    # 8 test digits: the baseline makes no error under some corruption, so its CE divides by 0; the
+    # whole evaluation had failed at its end ("mCE is undefined") after every suite ran
+    import warnings
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rep = evaluate(parts, digits("test").subset(8), ["clean", "corruptions"], progress=False)
+    assert any("no mCE relative to" in str(m.message) for m in w)
+    assert not [r for r in rep.records if r.metric == "mce"] and rep.values(rep.models[0], "corruption_acc")

@@ -554,3 +554,10 @@ def test_resume_on_other_data_of_the_same_size_is_refused(tmp_path):
     with pytest.raises(NsvitError, match="other val data"):
         finetune(load_model("digits_vit"), d, val_data=digits("test").subset(16), resume=True, **kw)
     finetune(load_model("digits_vit"), d, val_data=digits("val").subset(16), resume=True, **kw)  # the same: fine
+
+
+def test_finetune_refuses_an_evaluation_folder(tmp_path):
+    (tmp_path / "report.json").write_text("{}")  # eval refuses a run's folder; the reverse was accepted
+    with pytest.raises(NsvitError, match="holds an evaluation report"):
+        finetune(load_model("digits_vit"), digits("train").subset(32), rounds=1, model_steps=1, out_dir=tmp_path,
+                 progress=False)

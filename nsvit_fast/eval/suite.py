@@ -203,6 +203,14 @@ def _corruptions(run: Run, model: str, parts, kw: dict) -> None:
     ref = run.mce_reference
     if ref == "auto":
         ref = "alexnet" if parts.num_classes == 1000 else "baseline"
+    if ref != "alexnet":
+        flawless = [c for c, e in run.corr_err[run.baseline].items() if sum(e) == 0]
+        if flawless:  # CE_c divides by the baseline's errors: undefined, and known only after every suite ran
+            import warnings
+
+            warnings.warn(f"corruptions: no mCE relative to {run.baseline}, which makes no error on {flawless[0]} "
+                          f"on these images (more images give it errors); mean corruption accuracy only", stacklevel=2)
+            return
     value = mce_imagenet(err) if ref == "alexnet" else mce(err, run.corr_err[run.baseline])
     # AlexNet's errors come from the original ImageNet-C files, not these corruptions: approximate
     run.report.add(model, run.seed, "corruptions", f"ref={APPROX_ALEXNET if ref == 'alexnet' else run.baseline}",

@@ -683,6 +683,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if out is not None and (out / STATE_FILE).exists() and not resume:
             raise NsvitError(f"{out} holds another run ({STATE_FILE}); pass resume=True (--resume) or use another "
                              f"folder")
+        if out is not None and (out / "report.json").exists():  # eval refuses a run folder: the reverse too
+            raise NsvitError(f"{out} holds an evaluation report (report.json); give the run its own folder")
         if out is not None and not (out / STATE_FILE).exists():  # a run whose checkpoint was deleted: not ours to overwrite
             found = [f for f in RUN_FILES if f != STATE_FILE and (out / f).exists()]
             if found:
