@@ -55,7 +55,7 @@ def test_pool_seeds_pools_per_seed_values_and_pairs_them_by_seed(tmp_path):
     # every seed's fast run beat its own Algorithm 1 run on FGSM 8/255: a paired test sees it
     assert all(fast[k] > alg1[k] for k in alg1) and r["paired_p"] < 0.05
     assert r["within_1std"] == (abs(r["variant_mean"] - r["alg1_mean"]) <= r["alg1_std"])
-    assert rows["C↓"]["metric_key"] == "mce"
+    assert rows["C↓ (vs pretrained)"]["metric_key"] == "mce"
     assert "## ns fast, floor: within 1 std on" in (tmp_path / "pooled_seeds.md").read_text()
     # the figure's dots: each seed's difference, whose mean is the bar
     assert r["per_seed_diff"] == pytest.approx([fast[k] - alg1[k] for k in range(6)], abs=1e-3)

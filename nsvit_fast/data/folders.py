@@ -129,7 +129,7 @@ def known_class_names(parts) -> list[str] | None:
     return None
 
 
-def _class_folders(root: Path) -> list[str]:
+def class_folders(root: Path) -> list[str]:
     """The class folders of ``root``, sorted; dot-folders (``.ipynb_checkpoints``) are not classes."""
     import os
 
@@ -148,7 +148,7 @@ def class_index(root: str | Path, names: list[str] | None, num_classes: int | No
     import warnings
 
     root = Path(root)
-    found = _class_folders(root)
+    found = class_folders(root)
     if names is not None:
         known = [c for c in found if c in names]
         if known and len(known) < len(found):
@@ -199,7 +199,7 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"data folder not found: {root}")
-    if not _class_folders(root):
+    if not class_folders(root):
         raise NsvitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     check_no_symlink_loop(root)
     names = known_class_names(parts) if parts is not None else None

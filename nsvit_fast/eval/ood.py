@@ -46,9 +46,9 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"{suite}: folder not found: {root}")
-    from ..data.folders import _class_folders
+    from ..data.folders import class_folders
 
-    classes = _class_folders(root)  # dot-folders (.ipynb_checkpoints) are not classes, as for training folders
+    classes = class_folders(root)  # dot-folders (.ipynb_checkpoints) are not classes, as for training folders
     if not classes:
         raise NsvitError(f"{suite}: {root} has no class folders (expected {root}/<class>/<image>)")
     unknown = [c for c in classes if c not in names]
