@@ -852,6 +852,9 @@ def _main(argv: list[str] | None) -> int:
     with warnings.catch_warnings(record=True) as caught:  # held back: an error line must be the only line
         warnings.simplefilter("default")
         try:
+            empty = [k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()]
+            if empty:  # --out '' had fallen back to the default folder, --device '' to auto
+                raise NsvitError(f"--{empty[0].replace('_', '-')} is empty")
             if not getattr(args, "distributed", False) and env_int("WORLD_SIZE", 1) > 1:
                 # each rank would do the whole job (synth twice) or fight over one folder (eval's lock)
                 raise NsvitError(f"{args.func.__name__[4:]} runs in one process; only finetune runs under "

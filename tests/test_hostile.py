@@ -447,6 +447,8 @@ CASES = [
      {"env": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
     ("synth-under-torchrun", ["synth", "--max-steps", "1"], "synth runs in one process",
      {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
+    ("out-empty", FT + ["--out", ""], "--out is empty", {}),
+    ("device-empty", ["eval", "--suite", "clean", "--device", " ", "--out", "{C}/ev"], "--device is empty", {}),
     ("env-master-port", FT + ["--out", "{C}/o"], "MASTER_PORT=99999 must be a port",
      {"env": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}}),
     ("env-world-size-superscript", FT + ["--out", "{C}/o"], "WORLD_SIZE='²' must be a whole number",
