@@ -433,6 +433,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     h1, h2 = r1["history"], r[0]["history"]
     assert [h["noise_norm"] for h in r[1]["history"]] == [h["noise_norm"] for h in h2]
     assert [h["synth_steps"] for h in h1] == [h["synth_steps"] for h in h2]
+    # the logged loss is the global batch's on every rank (it was rank 0's half: 2.261 against 2.296)
+    assert [h["train_loss"] for h in r[1]["history"]] == [h["train_loss"] for h in h2]
+    assert [h["train_loss"] for h in h2] == pytest.approx([h["train_loss"] for h in h1], rel=1e-4)
     assert [h["noise_norm"] for h in h1] == pytest.approx([h["noise_norm"] for h in h2], rel=1e-4)
     # averaged half-batch gradients are the full-batch gradient: nearly the one-process weights, only
     # the order of float reductions differs. Adam turns a round-off difference in a near-zero gradient

@@ -572,8 +572,11 @@ class Engine:
                                             if self.out_dir is not None and k > 0 else ""))
 
     def fold_losses(self, pending: dict[str, torch.Tensor]) -> None:
-        """Adds the device-side loss sums to the round's running means (one host sync) and empties them."""
+        """Adds the device-side loss sums to the round's running means (one host sync) and empties them.
+        Under torchrun the sums are averaged over the ranks first (every rank folds at the same
+        steps), so the log holds the global batch's loss, not rank 0's half."""
         for name, v in pending.items():
+            v = dist_util.all_mean(torch.as_tensor(v).clone()) if self.world > 1 else v
             self.round_losses[name] = self.round_losses.get(name, 0.0) + float(v)
         pending.clear()
 
