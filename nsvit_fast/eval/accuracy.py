@@ -29,12 +29,17 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was)
 
 
-def top1(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)``, refusing NaN / inf logits (argmax would pick an arbitrary class:
+def check_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` back, after refusing NaN / inf ones (argmax would pick an arbitrary class:
     weights near float32's limit gave a silent 3% accuracy). Raises NsvitError."""
     if not bool(torch.isfinite(logits).all()):
         raise NsvitError("the model gives NaN or inf logits (weights that overflow or diverged): accuracy is undefined")
-    return logits.argmax(-1)
+    return logits
+
+
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of finite logits (:func:`check_logits`)."""
+    return check_logits(logits).argmax(-1)
 
 
 @torch.no_grad()

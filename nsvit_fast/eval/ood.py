@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NsvitError
-from .accuracy import eval_mode, top1
+from .accuracy import check_logits, eval_mode
 
 SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-sketch": None,
           "stylized": None, "damagenet": None}  # expected class count (None: all of the model's)
@@ -101,8 +101,8 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
             bad += b
             if not len(y):
                 continue
-            z = parts(x.to(dev)) + keep
-            hits += int((top1(z).cpu() == to_model[y]).sum())
+            z = check_logits(parts(x.to(dev))) + keep  # -inf masks the classes absent from the folder
+            hits += int((z.argmax(-1).cpu() == to_model[y]).sum())
             n += len(y)
     if bad:
         import warnings
