@@ -465,6 +465,9 @@ def test_checkpoint_from_another_run_is_refused(train, tmp_path):
     with pytest.raises(NsvitError, match="belongs to another run.*lr"):
         finetune(load_model("digits_vit"), train, method="plain", rounds=1, model_steps=1, batch_size=32,
                  lr=1.0, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(NsvitError, match=r"config key 'synth.eps': 0.03 there, 0.5 here\); use another --out$"):
+        finetune(load_model("digits_vit"), train, method="plain", rounds=1, model_steps=1, batch_size=32,
+                 synth={"eps": 0.5}, out_dir=tmp_path, resume=True, progress=False)  # the key, not both dicts
     with pytest.raises(NsvitError, match="belongs to another run.*model"):
         finetune(load_model(embedded.ARCH, **{**embedded.KWARGS, "depth": 4}),
                  train, method="plain", rounds=1, model_steps=1, batch_size=32, out_dir=tmp_path, resume=True,

@@ -448,6 +448,8 @@ CASES = [
     ("synth-under-torchrun", ["synth", "--max-steps", "1"], "synth runs in one process",
      {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
     ("out-empty", FT + ["--out", ""], "--out is empty", {}),
+    ("override-after-options", FT + ["--out", "{C}/o", "--quiet", "bogus_key=1"], "unknown finetune key 'bogus_key'",
+     {}),  # read as an override (it was "unrecognized arguments"), so checked as one
     ("device-empty", ["eval", "--suite", "clean", "--device", " ", "--out", "{C}/ev"], "--device is empty", {}),
     ("env-master-port", FT + ["--out", "{C}/o"], "MASTER_PORT=99999 must be a port",
      {"env": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}}),

@@ -317,8 +317,13 @@ class Engine:
             raise NsvitError(f"{path} belongs to another run (model {m['arch']} {m['model_kwargs']} there, "
                              f"{self.parts.arch} {self.parts.model_kwargs} here); use another --out")
         if diff:
-            raise NsvitError(f"{path} belongs to another run (config key {diff[0]!r}: {theirs[diff[0]]!r} there, "
-                             f"{mine[diff[0]]!r} here); use another --out")
+            key, a, b = diff[0], theirs[diff[0]], mine[diff[0]]
+            if isinstance(a, dict) and isinstance(b, dict):  # name the nested key (synth.eps), not both dicts
+                sub = next((k for k in {**a, **b} if a.get(k, "<absent>") != b.get(k, "<absent>")), None)
+                if sub is not None:
+                    key, a, b = f"{key}.{sub}", a.get(sub, "<absent>"), b.get(sub, "<absent>")
+            raise NsvitError(f"{path} belongs to another run (config key {key!r}: {a!r} there, {b!r} here); "
+                             f"use another --out")
         here = {"train": data_identity(self.train), "val": data_identity(self.val)}
         there = m.get("data")  # absent in checkpoints from before it was recorded: not checked
         if isinstance(there, dict):
