@@ -18,7 +18,7 @@ from .accuracy import check_logits, eval_mode
 
 SUITES = {"imagenet-a": 200, "imagenet-r": 200, "imagenet-v2": None, "imagenet-sketch": None,
           "stylized": None, "damagenet": None}  # expected class count (None: all of the model's)
-PRECROPPED = ("stylized",)  # stored at 224 px: centre crop only (the official evaluation), as imagenet-c's folders
+PRECROPPED = ("stylized", "imagenet-c")  # stored at 224 px: centre crop only, as their official evaluations
 
 
 def model_class_names(parts, model_classes: list[str] | None = None) -> list[str]:

@@ -246,7 +246,7 @@ def _imagenet_c(run: Run, model: str, parts, kw: dict) -> None:
                 absent.append(f"{c}/{s}")
             else:
                 acc = folder_accuracy(parts, d, f"imagenet-c/{c}/{s}", run.model_classes, max_images=run.max_images,
-                                      on_bad_image=run.on_bad_image, precropped=True)
+                                      on_bad_image=run.on_bad_image, precropped="imagenet-c" in PRECROPPED)
                 run.report.add(model, run.seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
                 err.setdefault(c, []).append(1 - acc)
     if not err:
