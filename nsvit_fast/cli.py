@@ -386,10 +386,11 @@ def cmd_finetune(args) -> int:
                 overrides[flag] = getattr(args, flag)
         if args.compile:
             overrides["compile"] = True
+        run, cfg = load_run(args.config, overrides)  # the user's own values are checked, dry run or not
         if args.dry_run:  # a minute's check of a config on the user's own data: every stage once
             overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
                               "checkpoint_every": 0})
-        run, cfg = load_run(args.config, overrides)
+            run, cfg = load_run(args.config, overrides)
         for key in ("model", "checkpoint", "data", "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)

@@ -497,6 +497,11 @@ CASES = [
     ("ft-synth-key-typo", ["finetune", "synth.epss=0.1", "--out", "{C}/o"], "did you mean 'eps'", {}),
     ("ft-config", ["finetune", "--config", "nope", "--out", "{C}/o"], "config 'nope' not found", {}),
     ("ft-no-value", ["finetune", "rounds", "--out", "{C}/o"], "must be key=value", {}),
+    # a dry run sets rounds and steps itself: the user's own values are still checked
+    ("ft-dry-run-bad-rounds", ["finetune", "--dry-run", "rounds=abc", "--out", "{C}/o"],
+     "rounds must be a whole number", {}),
+    ("ft-dry-run-bad-steps", ["finetune", "--dry-run", "synth.max_steps=-1", "--out", "{C}/o"],
+     "max_steps must be >= 1", {}),
     ("ft-no-folder", ["finetune", "--data", "/no/such/dir", "--out", "{C}/o"], "neither", {}),
     ("eval-suite-typo", EV[:1] + ["--suite", "fgms", "--out", "{C}/ev"], "unknown suite", {}),
     ("eval-suite-no-folder", EV[:1] + ["--suite", "imagenet-a", "--out", "{C}/ev"], "needs its folder", {}),
