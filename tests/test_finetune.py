@@ -567,3 +567,27 @@ def test_finetune_refuses_an_evaluation_folder(tmp_path):
     with pytest.raises(NsvitError, match="holds an evaluation report"):
         finetune(load_model("digits_vit"), digits("train").subset(32), rounds=1, model_steps=1, out_dir=tmp_path,
                  progress=False)
+
+
+@pytest.mark.parametrize("t_max", [0, 40])
+def test_lr_t_max_sets_the_models_cosine(train, t_max, monkeypatch):
+    # the lr each AdamW step uses: cosine over rounds x model_steps (0) or over lr_t_max steps
+    import math
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    finetune(load_model("digits_vit"), train, method="plain", rounds=2, model_steps=4, lr=1e-3, batch_size=16,
+             lr_t_max=t_max, progress=False)
+    total = t_max or 8
+    assert seen == pytest.approx([1e-3 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(8)], rel=1e-9)
+
+
+def test_lr_t_max_below_the_run_is_refused(train):
+    with pytest.raises(NsvitError, match="lr_t_max must be 0 .* at least the run's 8 steps, got 5"):
+        finetune(load_model("digits_vit"), train, method="plain", rounds=2, model_steps=4, lr_t_max=5, progress=False)

@@ -78,6 +78,7 @@ class FinetuneConfig(MethodConfigs):
     rounds: int = 20              # K
     model_steps: int = 40         # S
     lr: float = 1e-5
+    lr_t_max: int = 0             # the model's cosine T_max in steps (0: rounds * model_steps, the lr ends at 0)
     weight_decay: float = 0.01    # AdamW's default, as the paper ("default hyperparameters")
     batch_size: int = 128
     ema: float = 0.0              # EMA decay of the weights for evaluation (0: off; DAT used 0.9998)
@@ -109,6 +110,10 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     check_positive("lr", cfg.lr)
     if cfg.lr > torch.finfo(torch.float32).max:  # the optimizer's step would fail to convert it
         raise NsvitError(f"lr must be <= {torch.finfo(torch.float32).max:.3g} (float32), got {cfg.lr:g}")
+    cfg.lr_t_max = check_count("lr_t_max", cfg.lr_t_max, 0)
+    if 0 < cfg.lr_t_max < cfg.rounds * cfg.model_steps:  # past T_max torch's cosine climbs back up
+        raise NsvitError(f"lr_t_max must be 0 (rounds x model_steps) or at least the run's "
+                         f"{cfg.rounds * cfg.model_steps} steps, got {cfg.lr_t_max}")
     check_positive("warm_growth", cfg.warm_growth)
     if not cfg.warm_max_growth >= 0:
         raise NsvitError(f"warm_max_growth must be >= 0 (0: no cap), got {cfg.warm_max_growth}")
@@ -233,7 +238,7 @@ class Engine:
             raise NsvitError(f"batch sizes ({cfg.batch_size}, synth {cfg.synth.batch_size}) must divide by the "
                              f"{self.world} processes")
         self.device = runtime.device
-        total = cfg.rounds * cfg.model_steps
+        total = cfg.lr_t_max or cfg.rounds * cfg.model_steps
         self.opt = torch.optim.AdamW(parts.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
         self.ema = None
