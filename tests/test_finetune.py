@@ -591,3 +591,44 @@ def test_lr_t_max_sets_the_models_cosine(train, t_max, monkeypatch):
 def test_lr_t_max_below_the_run_is_refused(train):
     with pytest.raises(NsvitError, match="lr_t_max must be 0 .* at least the run's 8 steps, got 5"):
         finetune(load_model("digits_vit"), train, method="plain", rounds=2, model_steps=4, lr_t_max=5, progress=False)
+
+
+def test_random_match_eps_scales_the_gaussian_to_just_inside_eps(train):
+    # the ε-matched control: the round's seeded Gaussian, scaled so its MSE-prob on the round's
+    # synthesis sample lies in [0.9 eps, eps), measured here again by noise_effect
+    from nsvit_fast.synth import CleanCache, noise_effect
+    from nsvit_fast.synth.engine import split_heldout
+    from nsvit_fast.train.engine import Engine
+    from nsvit_fast.runtime import Runtime
+
+    parts = load_model("digits_vit")
+    cfg = make_config(None, {"method": "random", "random.match": "eps", "rounds": 1, "model_steps": 1,
+                             "batch_size": 16, "synth.heldout": 96})
+    eng = Engine(parts, train, cfg, None, None, False, Runtime.create("cpu", "fp32"))
+    parts.eval()
+    v = eng.method.prepare(eng.context(0))
+    r = torch.randn(parts.token_shape, generator=torch.Generator().manual_seed(eng.round_seed(0)))
+    s = float(v.norm() / r.norm())
+    assert torch.allclose(v, r * s, rtol=1e-5, atol=1e-6)            # the seeded direction, scaled
+    held = CleanCache(parts, split_heldout(train.images, 96, eng.round_seed(0))[1])
+    mse = float(noise_effect(parts, v[None], held)[0][0])
+    assert 0.9 * 0.03 <= mse < 0.03
+    assert float(noise_effect(parts, 2 * v[None], held)[0][0]) >= 0.03  # not far inside: twice is outside
+    with pytest.raises(NsvitError, match="random.match eps scales the noise to synth.eps itself"):
+        make_config(None, {"method": "random", "random.match": "eps", "random.norm": 3.0})
+    with pytest.raises(NsvitError, match="random.match must be one of norm, eps"):
+        make_config(None, {"method": "random", "random.match": "l2"})
+
+
+def test_scale_to_eps_edge_cases():
+    from nsvit_fast.synth import CleanCache, scale_to_eps
+
+    parts = load_model("digits_vit")
+    clean = CleanCache(parts, digits("val").images[:64])
+    with pytest.raises(NsvitError, match="all-zero noise"):
+        scale_to_eps(parts, torch.zeros(parts.token_shape), clean, 0.03)
+    with pytest.raises(NsvitError, match="noise must be"):
+        scale_to_eps(parts, torch.ones(3, 4), clean, 0.03)
+    # MSE-prob is at most 2: an eps past it is never reached, and the largest scale tried comes back
+    s, mse = scale_to_eps(parts, torch.randn(parts.token_shape), clean, 2.5, max_scale=1e3)
+    assert s == 1e3 and mse < 2.5

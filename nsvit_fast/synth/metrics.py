@@ -48,3 +48,50 @@ def noise_effect(parts: Adapter, noises: torch.Tensor, clean: CleanCache, max_ro
             mse[j:j + per] += (zn.softmax(-1) - p).pow(2).sum(-1).sum(-1)
             match[j:j + per] += (zn.argmax(-1) == z.argmax(-1)).float().sum(-1)
     return mse / n, match / n
+
+
+@torch.no_grad()
+def scale_to_eps(parts: Adapter, noise: torch.Tensor, clean: CleanCache, eps: float, *, low: float = 0.9,
+                 iters: int = 40, max_rows: int = 2048, max_scale: float = 1e6) -> tuple[float, float]:
+    """The scale s that puts one noise (N, D) just inside ε on ``clean``'s images: MSE-prob(s v) in
+    [``low`` ε, ε), in forward passes only (at most ``iters``): a bracket in x4 steps from s = 1,
+    then bisection of log s. Returns (s, MSE-prob at s), s the largest scale seen inside ε.
+
+    For a noise whose MSE-prob stays under ``low`` ε up to ``max_scale`` (ε near MSE-prob's
+    ceiling of 2), that largest scale is returned. Raises NsvitError for a noise that is not
+    (N, D) of the model's tokens or is all zeros, an ε that is not > 0, or no scale down to
+    1e-12 inside ε."""
+    if noise.dim() != 2 or tuple(noise.shape) != parts.token_shape:
+        raise NsvitError(f"noise must be {parts.token_shape}, got {tuple(noise.shape)}")
+    if not float(noise.abs().max()) > 0:
+        raise NsvitError("an all-zero noise has no scale at which it reaches ε")
+    if not float(eps) > 0:
+        raise NsvitError(f"eps must be > 0, got {eps}")
+    v = noise[None]
+
+    def mse_at(s: float) -> float:
+        return float(noise_effect(parts, v, clean, max_rows, scales=torch.full((1,), s))[0][0])
+
+    lo, hi, best = 0.0, None, (0.0, 0.0)  # lo/hi: largest scale inside ε, smallest outside
+    s = 1.0
+    for _ in range(iters):
+        e = mse_at(s)
+        if e < eps:
+            lo, best = s, (s, e)
+            if e >= low * eps:
+                return best
+        else:
+            hi = s
+        if hi is None:
+            if s >= max_scale:
+                return best
+            s = min(s * 4, max_scale)
+        elif lo == 0.0:
+            if s <= 1e-12:
+                break
+            s = s / 4
+        else:
+            s = (lo * hi) ** 0.5
+    if best[0] == 0.0:
+        raise NsvitError(f"no scale down to 1e-12 keeps this noise inside eps {eps}")
+    return best

@@ -424,7 +424,27 @@ class Engine:
 
     def context(self, k: int) -> RoundContext:
         """What the method sees in round k: it reads, the engine keeps its own state."""
-        return RoundContext(self.parts, k, self.round_seed(k), lambda: self.learn_noise(k))
+        return RoundContext(self.parts, k, self.round_seed(k), lambda: self.learn_noise(k),
+                            lambda v: self.eps_scale(k, v))
+
+    def eps_scale(self, k: int, noise: torch.Tensor) -> tuple[float, float]:
+        """(s, MSE-prob at s) putting ``noise`` (N, D) just inside ``synth.eps`` on the current model,
+        measured on the images round k's synthesis measures its noise on (``synth.heldout`` of them:
+        the same seeded sample; a streamed folder's even sample), forward passes only. Every rank
+        measures the same images, and the scale is averaged across ranks so all agree exactly."""
+        from ..synth import CleanCache, scale_to_eps
+        from ..synth.engine import split_heldout
+
+        if isinstance(self.train, ImageDataset):
+            images = split_heldout(self.train.images, self.cfg.synth.heldout, self.round_seed(k))[1]
+        else:
+            images = self.stream.sample(self.cfg.synth.heldout or 256).images  # the folder's even sample, eval transform
+        clean = CleanCache(self.parts, images, self.device, autocast=self.rt.autocast)
+        with self.rt.matmul_mode():
+            s, mse = scale_to_eps(self.parts, noise.to(self.device), clean, self.cfg.synth.eps,
+                                  max_rows=self.cfg.synth.max_rows)
+        s_all = dist_util.all_mean(torch.tensor([s], dtype=torch.float64, device=self.device))
+        return float(s_all), mse
 
     def learn_noise(self, k: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Round k's ε-approximate noise (N, D) on the current model, warm-started from the last one

@@ -37,9 +37,10 @@ class RoundContext:
     ε-approximate noise: it returns (noise (N, D), log values) and keeps the engine's own state
     (the warm start) on the engine side."""
 
-    def __init__(self, parts, round: int, seed: int, learn: Callable[[], tuple[torch.Tensor, dict]]):
+    def __init__(self, parts, round: int, seed: int, learn: Callable[[], tuple[torch.Tensor, dict]],
+                 to_eps: Callable[[torch.Tensor], tuple[float, float]] | None = None):
         self.parts, self.round, self.seed = parts, round, seed
-        self._learn = learn
+        self._learn, self._to_eps = learn, to_eps
         self.info: dict[str, Any] = {}
 
     def ns_noise(self) -> torch.Tensor:
@@ -48,6 +49,14 @@ class RoundContext:
         noise, info = self._learn()
         self.info.update(info)
         return noise
+
+    def eps_scale(self, noise: torch.Tensor) -> tuple[float, float]:
+        """(s, MSE-prob at s): the scale that puts ``noise`` (N, D) just inside the run's ε
+        (``synth.eps``; MSE-prob in [0.9 ε, ε)) on the current model, measured on the images the
+        round's synthesis measures on, in forward passes only."""
+        if self._to_eps is None:
+            raise RuntimeError("this context has no eps_scale (the engine gives one)")
+        return self._to_eps(noise)
 
     def record(self, **values) -> None:
         """Values for the round's line in log.jsonl (e.g. ``noise_norm``)."""
