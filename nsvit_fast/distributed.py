@@ -49,6 +49,14 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     port = env_int("MASTER_PORT", 0)  # init_process_group would raise a bare ValueError
     if not 0 < port < 65536:
         raise NsvitError(f"MASTER_PORT={os.environ['MASTER_PORT']} must be a port in 1-65535")
+    import socket
+
+    addr = os.environ["MASTER_ADDR"]
+    try:  # torch retries a name that does not resolve until the group's timeout (30 min), silently
+        socket.getaddrinfo(addr, port)
+    except (socket.gaierror, UnicodeError) as e:
+        raise NsvitError(f"MASTER_ADDR={addr} does not resolve ({getattr(e, 'strerror', None) or e}): give the "
+                         f"host name or IP address of rank 0's machine") from None
     if device is None:
         cuda = torch.cuda.is_available()
     else:

@@ -453,6 +453,9 @@ CASES = [
     ("device-empty", ["eval", "--suite", "clean", "--device", " ", "--out", "{C}/ev"], "--device is empty", {}),
     ("env-master-port", FT + ["--out", "{C}/o"], "MASTER_PORT=99999 must be a port",
      {"env": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}}),
+    # torch would retry the name for 30 minutes ("invalid." never resolves: RFC 6761)
+    ("env-master-addr", FT + ["--out", "{C}/o"], "MASTER_ADDR=no.such.host.invalid does not resolve",
+     {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no.such.host.invalid", "MASTER_PORT": "29599"}}),
     ("env-world-size-superscript", FT + ["--out", "{C}/o"], "WORLD_SIZE='²' must be a whole number",
      {"env": {"WORLD_SIZE": "²"}}),
     ("env-local-rank-synth", ["synth", "--device", "cuda", "--max-steps", "1"], "LOCAL_RANK='x' must be a whole",
