@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,11 @@ class Launch:
         return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
 
 
-_recording: list[Launch] | None = None
+class _Recording(threading.local):
+    launches: list[Launch] | None = None  # per thread: one thread's record_launches sees only its launches
+
+
+_recording = _Recording()
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
@@ -62,8 +67,9 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
     the current device, so a process working on cuda:1 (current device 0) would otherwise run the
     kernel on cuda:0 with cuda:1 pointers. The caller keeps every tensor argument on one device."""
     grid = tuple(int(g) for g in grid)
-    if _recording is not None:
-        _recording.append(Launch(kernel, grid, args, constexprs))
+    rec = _recording.launches
+    if rec is not None:
+        rec.append(Launch(kernel, grid, args, constexprs))
         return
     if not all(grid):
         return
@@ -77,13 +83,20 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
 @contextlib.contextmanager
 def record_launches():
     """Within the block, :func:`launch` records instead of running (outputs stay uninitialised):
-    run an op on ``meta`` tensors to list its launches at any shape without memory or a GPU."""
-    global _recording
-    saved, _recording = _recording, []
+    run an op on ``meta`` tensors to list its launches at any shape without memory or a GPU.
+
+    Per thread: launches made by this thread (including the backward passes it runs: autograd's
+    device threads are off inside the block) are recorded, another thread's launches run as usual
+    or go to that thread's own recording."""
+    import torch
+
+    saved, _recording.launches = _recording.launches, []
     try:
-        yield _recording
+        # a CUDA backward would run on autograd's device thread, outside this thread's recording
+        with torch.autograd.set_multithreading_enabled(False):
+            yield _recording.launches
     finally:
-        _recording = saved
+        _recording.launches = saved
 
 
 __all__ = ["interpreter", "available", "Launch", "launch", "record_launches"]

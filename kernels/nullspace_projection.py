@@ -117,7 +117,9 @@ def _tiles(n: int, k: int, precision: str) -> dict:
 
 class NullspaceProject(torch.autograd.Function):
     """Autograd wrapper of :func:`project_forward`: the projection is linear and self-adjoint, so
-    backward projects the incoming gradient the same way. No gradient for the basis."""
+    backward projects the incoming gradient the same way, through this Function again: so the
+    backward is itself differentiable and double backward is exact (a linear op's gradient depends
+    on its input only through the incoming gradient). No gradient for the basis."""
 
     @staticmethod
     def forward(ctx, x, basis, patch, keep):
@@ -127,8 +129,9 @@ class NullspaceProject(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        """The same projection of g (B, C, H, W); None for basis, patch and keep."""
-        return project_forward(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
+        """The same projection of g (B, C, H, W), differentiable (``create_graph=True`` records it);
+        None for basis, patch and keep."""
+        return NullspaceProject.apply(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
 
 
 def nullspace_project(x, basis, patch, keep):

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._autograd import links, once_differentiable
 from . import launch
 
 
@@ -120,7 +121,9 @@ def prob_shift_forward(z_noisy: torch.Tensor, z_clean: torch.Tensor, eps: float,
 
 class ProbShift(torch.autograd.Function):
     """Autograd wrapper: forward as :func:`prob_shift_forward`; backward scales the saved gradient
-    rows by the incoming gradient of each noise's loss."""
+    rows by the incoming gradient of each noise's loss. Once differentiable: the rows are constants
+    to autograd (their dependence on z_noisy is invisible), so a second derivative raises
+    (``nsvit_fast.ops._autograd``) instead of leaving out the Hessian of the distance."""
 
     @staticmethod
     def forward(ctx, z_noisy, z_clean, eps, p_clean=None):
@@ -128,11 +131,13 @@ class ProbShift(torch.autograd.Function):
         the (M, B, K) fp32 gradient rows for backward."""
         loss, mse, stop, grad = prob_shift_forward(z_noisy, z_clean, eps, p_clean)
         ctx.save_for_backward(grad)
+        ctx.links = links(z_noisy)  # the rows depend on z_noisy: a double backward through them raises
         ctx.in_dtype = z_noisy.dtype
         ctx.mark_non_differentiable(mse, stop)
         return loss, mse, stop
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, g_mse, g_stop):
         """Gradient w.r.t. z_noisy (M, B, K) in its dtype: the saved rows times g_loss[m]; None for
         the constants."""

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._autograd import links, once_differentiable
 from . import launch
 
 
@@ -142,7 +143,8 @@ def _sum(g, start, inner, count, outer, n_out, d, block_d, dtype):
 
 class TokenAssembly(torch.autograd.Function):
     """Autograd wrapper of the fused assembly + LayerNorm (module docstring for the rows and the
-    backward's reductions)."""
+    backward's reductions). Once differentiable: the kernels' gradients are constants to autograd,
+    so a second derivative raises (``nsvit_fast.ops._autograd``) instead of coming out wrong."""
 
     @staticmethod
     def forward(ctx, u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean):
@@ -174,11 +176,13 @@ class TokenAssembly(torch.autograd.Function):
         launch(_assemble_fwd, (r * t,), u, vv, pre, pos.contiguous(), w, bb, x, ln,
                mean, rstd, bsz, n, p, d, clean_b, float(eps), EMBED_PREFIX=bool(embed_prefix), BLOCK_D=block_d)
         ctx.save_for_backward(x, mean, rstd, w)
+        ctx.links = links(u, v, prefix, pos, weight)  # the gradients depend on these: double backward raises
         ctx.meta = (bsz, n, d, m, p, clean_b, bool(embed_prefix), block_d, v is not None)
         ctx.dtypes = (u.dtype, None if v is None else v.dtype, prefix.dtype, pos.dtype, bb.dtype)
         return x, ln
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gx, gln):
         """Gradients for u, v, prefix, pos, weight and bias (None where autograd does not ask, and
         for the non-tensor arguments); a missing incoming gradient counts as zeros."""

@@ -513,6 +513,129 @@ def test_launch_runs_under_the_tensors_cuda_device(monkeypatch):
     assert seen == [("run", (2,))]
 
 
+# -- double backward --
+def test_nullspace_project_double_backward_every_backend():
+    """The projection is linear: its backward goes through the op again, so a second derivative
+    (through the incoming gradient, here 2 y) equals the torch reference's (it was 0: the kernel's
+    gradient was a constant to autograd)."""
+    q = orthonormal(12, 5).float()
+    x0, w = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def second(fn, dev):
+        x = x0.to(dev).requires_grad_(True)
+        g, = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+        h, = torch.autograd.grad((g * w.to(dev)).sum(), x)
+        return h
+
+    for backend, dev in available_backends("nullspace_project"):
+        ref = second(lambda x: nullspace_project_torch(x, q.to(dev), (2, 2), False), dev)
+        got = second(lambda x: ops.nullspace_project(x, q.to(dev), (2, 2), False, backend=backend), dev)
+        assert ref.abs().max() > 0.1
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=backend)
+
+
+def _double_backward_cases():
+    """(name, backend, device, fn(leaf) -> scalar) for the ops whose kernel backward is not
+    differentiable (the gradient depends on the input through what forward saved)."""
+    cases = []
+    zc = torch.randn(3, 7)
+    for backend, dev in available_backends("prob_shift"):
+        if backend != "torch":
+            cases.append(("prob_shift", backend, dev, torch.randn(2, 3, 7),
+                          lambda z, b=backend: ops.prob_shift(z, zc.to(z.device), 0.05, backend=b)[0]))
+    if triton_ok(DEVICE["triton"]):
+        ins, emb, clean = _ta_inputs((2, 3, 8, 2, 1, True, True))
+        rest = [t.detach() for t in ins[1:]]
+        cases.append(("token_assembly", "triton", DEVICE["triton"], ins[0].detach().cpu(),
+                      lambda u: ops.token_assembly(u, *rest, 1e-6, emb, clean, backend="triton")[1]))
+    return cases
+
+
+def test_double_backward_is_refused_where_the_backward_is_a_kernel():
+    """prob_shift's and token_assembly's kernel backwards are once differentiable: a second
+    derivative raises, through torch.autograd.grad (which skips torch's own once_differentiable
+    error node) and with a constant incoming gradient (grad of loss.sum(), where torch adds none).
+    It used to come out silently wrong (the Hessian terms missing); first derivatives with
+    create_graph=True are unchanged."""
+    cases = _double_backward_cases()
+    assert cases or ext() is None and not triton_ok(DEVICE["triton"])
+    for name, backend, dev, x0, fn in cases:
+        w = torch.randn(x0.shape).to(dev)
+        for outer in (lambda y: y.sum(), lambda y: y.pow(2).sum()):  # constant / live incoming gradient
+            x = x0.to(dev).requires_grad_(True)
+            g, = torch.autograd.grad(outer(fn(x)), x, create_graph=True)
+            plain, = torch.autograd.grad(outer(fn(x)), x)
+            assert torch.equal(g.detach(), plain), (name, backend)
+            with pytest.raises(RuntimeError, match="once_differentiable"):
+                torch.autograd.grad((g * w).sum() + x.sum(), x)  # x.sum(): x is in the graph either way
+            x = x0.to(dev).requires_grad_(True)
+            g, = torch.autograd.grad(outer(fn(x)), x, create_graph=True)
+            with pytest.raises(RuntimeError, match="once_differentiable"):
+                (g * w).sum().backward()
+
+
+# -- launch recording --
+class _FakeKernel:
+    """Stands for a @triton.jit function: launch() calls ``kernel[grid](*args)``."""
+
+    def __init__(self, name):
+        self.__name__, self.ran = name, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **constexprs: self.ran.append(grid)
+
+
+def test_record_launches_is_per_thread():
+    """Two threads recording at once each see only their own launches; one thread leaving its
+    block neither stops the other's recording nor leaves a recording behind (the recording was a
+    module global: one thread saw both threads' launches and the other none, and restoring it
+    left launches recorded, not run, after both blocks)."""
+    import threading
+
+    from nsvit_fast.kernels import launch, record_launches
+
+    ka, kb, kc = _FakeKernel("ka"), _FakeKernel("kb"), _FakeKernel("kc")
+    both = threading.Barrier(2, timeout=30)
+    a_left = threading.Event()
+    recs, errors = {}, []
+
+    def a():
+        try:
+            with record_launches() as rec:
+                both.wait()
+                launch(ka, (1,))
+                both.wait()
+            recs["a"] = [r.name for r in rec]
+            launch(ka, (2,))  # outside A's block, while B still records: runs
+            a_left.set()
+        except Exception as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+            a_left.set()
+
+    def b():
+        try:
+            with record_launches() as rec:
+                both.wait()
+                launch(kb, (1,))
+                both.wait()
+                assert a_left.wait(30)
+                launch(kb, (3,))  # A has left its block: B still records
+            recs["b"] = [r.name for r in rec]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert recs == {"a": ["ka"], "b": ["kb", "kb"]}
+    assert ka.ran == [(2,)] and kb.ran == []
+    launch(kc, (4,))  # after both blocks: launches run again
+    assert kc.ran == [(4,)]
+
+
 # -- the engines through the dispatch --
 @pytest.mark.parametrize("forced", [
     pytest.param("prob_shift=cpp,nullspace_project=cpp", marks=needs_ext, id="cpp"),

@@ -53,9 +53,8 @@ class _ExtProject(torch.autograd.Function):
         return ext().nullspace_project(x.detach(), basis.detach(), patch[0], patch[1], keep)
 
     @staticmethod
-    def backward(ctx, g):  # self-adjoint
-        return ext().nullspace_project(g.contiguous(), ctx.basis, ctx.patch[0], ctx.patch[1], ctx.keep), \
-            None, None, None
+    def backward(ctx, g):  # self-adjoint; through this Function again, so double backward is exact
+        return _ExtProject.apply(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
 
 
 def nullspace_project_ext(x, basis, patch, keep):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NsvitError
+from ._autograd import links, once_differentiable
 from ._backends import cpp_ok, cuda_ok, ext, triton_ok
 from .dispatch import register
 
@@ -52,18 +53,21 @@ def prob_shift_torch(z_noisy: torch.Tensor, z_clean: torch.Tensor, eps: float,
 
 
 class _ExtProbShift(torch.autograd.Function):
-    """The compiled (C++ / CUDA) forward; the gradient rows it returns are scaled in backward."""
+    """The compiled (C++ / CUDA) forward; the gradient rows it returns are scaled in backward.
+    Once differentiable (the rows are constants to autograd): a second derivative raises."""
 
     @staticmethod
     def forward(ctx, z_noisy, z_clean, eps, p_clean):
         loss, mse, stop, grad = ext().prob_shift(z_noisy.detach(), z_clean.detach(),
                                                  None if p_clean is None else p_clean.detach(), float(eps))
         ctx.save_for_backward(grad)
+        ctx.links = links(z_noisy)  # the rows depend on z_noisy: a double backward through them raises
         ctx.in_dtype = z_noisy.dtype
         ctx.mark_non_differentiable(mse, stop)
         return loss.to(torch.float32), mse, stop
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, g_mse, g_stop):
         (grad,) = ctx.saved_tensors
         return (grad * g_loss.reshape(-1, 1, 1).to(grad.dtype)).to(ctx.in_dtype), None, None, None
