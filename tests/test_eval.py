@@ -188,6 +188,126 @@ def test_report_round_trip_and_seeds(tmp_path):
     assert paths["bars"].stat().st_size > 1000
 
 
+def _old_report_folder(folder):
+    """A folder holding an older report with both figures, beside a file of the user's; returns
+    {name: bytes} of everything in it."""
+    old = Report()
+    old.add("old", 0, "clean", "", "acc", 50.0)
+    for s in (1, 2):
+        old.add("old", 0, "corruptions", f"fog@{s}", "acc", 40.0 - s)
+    old.save(folder)
+    (folder / "notes.txt").write_text("the user's own file")
+    snap = _folder(folder)
+    assert set(snap) == set(Report.FILES) | {"notes.txt"}
+    return snap
+
+
+def _folder(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _new_report():
+    rep = Report()
+    rep.add("new", 1, "clean", "", "acc", 90.0)
+    return rep
+
+
+def _full_disk_on(monkeypatch, what):
+    """Make the writing of ``what`` (a report file or "figure") fail as a full disk does, part-way."""
+    import errno
+
+    import matplotlib.figure
+
+    import nsvit_fast.eval.report as report_mod
+    from nsvit_fast.io import atomic_path
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if what == "figure":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", enospc)
+        return
+    real = report_mod.write_text
+
+    def write_text(path, text):
+        if str(path).endswith(what):
+            with atomic_path(path) as tmp:
+                tmp.write_text(text[:5])  # half written, then the disk is full
+                enospc()
+        return real(path, text)
+
+    monkeypatch.setattr(report_mod, "write_text", write_text)
+
+
+@pytest.mark.parametrize("what", ["report.md", "figure"])
+def test_a_failed_save_leaves_the_old_report_whole(tmp_path, monkeypatch, what):
+    # a full disk on the 3rd file (or the figure) had left the new report.json / .csv beside the old
+    # report.md and figures: two runs' files silently mixed in one folder
+    before = _old_report_folder(tmp_path)
+    _full_disk_on(monkeypatch, what)
+    with pytest.raises(NsvitError) as e:
+        _new_report().save(tmp_path)
+    assert _folder(tmp_path) == before  # the old files, old bytes, nothing added (no staging folder)
+    msg = str(e.value)
+    assert "No space left on device" in msg and str(tmp_path) in msg and ".nsvit-report" not in msg
+    assert "\n" not in msg and "nothing in" in msg
+
+
+def test_a_failed_save_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
+    _full_disk_on(monkeypatch, "report.csv")
+    with pytest.raises(NsvitError, match="No space left"):
+        _new_report().save(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_move_puts_the_old_report_back(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    before = _old_report_folder(tmp_path)
+    real = os.replace
+
+    def replace(src, dst, *a, **k):  # the second move into the folder fails (after report.json moved)
+        if os.path.basename(src) == "report.csv" and os.path.dirname(dst) == str(tmp_path) \
+                and ".nsvit-report." in str(src) and "/old/" not in str(src):
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(NsvitError, match="Input/output error.*was put back"):
+        _new_report().save(tmp_path)
+    monkeypatch.setattr(os, "replace", real)
+    assert _folder(tmp_path) == before
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_save_over_an_old_report_leaves_no_stale_figure(tmp_path, plots):
+    _old_report_folder(tmp_path)
+    new = _new_report()
+    paths = new.save(tmp_path, plots=plots)
+    figs = ["suites.png"] if plots else []  # the new report has no corruption severities: no corruptions.png
+    assert sorted(_folder(tmp_path)) == sorted(["notes.txt", "report.csv", "report.json", "report.md", *figs])
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in paths.values()) == sorted(["report.json", "report.csv", "report.md", *figs])
+    assert all(p.parent == tmp_path for p in paths.values())
+    assert [r.__dict__ for r in Report.load(tmp_path / "report.json").records] == [r.__dict__ for r in new.records]
+    assert "| new | 90.00" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_cli_on_a_full_disk_keeps_the_old_report(tmp_path, monkeypatch, capsys):
+    from nsvit_fast.cli import main
+
+    before = _old_report_folder(tmp_path)
+    _full_disk_on(monkeypatch, "figure")
+    rc = main(["eval", "--suite", "clean", "--max-images", "8", "--quiet", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert _folder(tmp_path) == before  # the run lock's file went too
+    err = err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"nsvit-fast: error: cannot write {tmp_path}/suites.png: No space left on device"), err
+    assert "wrote" not in out
+
+
 def test_evaluate_two_models_with_relative_mce(parts):
     data = digits("test").subset(48)
     other = load_model("digits_vit")

@@ -8,15 +8,19 @@ paper (PGD, AutoAttack, nullspace metrics...) become extra columns, outside the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import shutil
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import NsvitError
-from ..io import save_figure, write_json, write_text
+from ..io import os_error, save_figure, write_json, write_text
 
 TABLE2 = [("clean", "Clean"), ("patchfool", "PatchFool"), ("cw", "CW"), ("fgsm", "FGSM"),
           ("damagenet", "DamageNet"), ("imagenet-a", "A"), ("corruptions", "C↓"), ("imagenet-v2", "V2"),
@@ -47,6 +51,64 @@ class Record:
     setting: str
     metric: str
     value: float
+
+
+def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) -> None:
+    """Move the files ``new`` from ``stage`` into ``out`` and remove the other ``managed`` files there
+    (the old report's files the new one does not write), as one change as far as POSIX allows.
+
+    Each old file is first hard-linked into ``stage/old`` (copied where the filesystem has no hard
+    links); if that fails nothing in ``out`` has changed yet. Each new file then replaces its old one
+    by an atomic rename (a reader sees the old file or the new, never none), taking the old one's
+    mode. If a move or a removal fails, the old files are renamed back and the new ones removed
+    before the error (NsvitError) is raised; so too on an interruption (SIGTERM, Ctrl-C) between
+    moves. Only a kill -9 or a power cut in the middle of the moves can still leave a mix: POSIX has
+    no rename of several names at once."""
+    backup = stage / "old"
+    try:
+        backup.mkdir()
+        olds = [n for n in managed if os.path.lexists(out / n)]
+        for n in olds:
+            try:
+                os.link(out / n, backup / n, follow_symlinks=False)
+            except (OSError, NotImplementedError):  # no hard links here (FAT, some network filesystems)
+                shutil.copy2(out / n, backup / n, follow_symlinks=False)
+    except OSError as e:
+        raise NsvitError(f"cannot write the report in {out}: {e.strerror or e} "
+                         f"(nothing in {out} was changed)") from None
+    moved: list[str] = []
+    try:
+        for n in new:
+            if n in olds and not (out / n).is_symlink():
+                with contextlib.suppress(OSError):  # keep the mode the user gave the file (as atomic_path does)
+                    os.chmod(stage / n, (out / n).stat().st_mode & 0o777)
+            os.replace(stage / n, out / n)
+            moved.append(n)
+        for n in olds:
+            if n not in new:  # a figure of the old report that this one does not draw
+                os.unlink(out / n)
+    except BaseException as e:  # a full disk, or SIGTERM / Ctrl-C between two moves: put the old report back
+        undone = True
+        for n in managed:
+            try:
+                if n in olds:
+                    os.replace(backup / n, out / n)
+                elif n in moved:
+                    os.unlink(out / n)
+            except OSError:
+                undone = False
+        if not isinstance(e, OSError):
+            raise
+        where = f"{out / Path(e.filename).name}: " if e.filename else f"{out}: "
+        raise NsvitError(f"cannot write the report {where}{e.strerror or e} "
+                         + (f"(the old report in {out} was put back)" if undone else
+                            f"(the old report in {out} could not all be put back: its files may be mixed)")) from None
+    fd = None
+    with contextlib.suppress(OSError):  # make the renames durable (not every filesystem allows it)
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+    if fd is not None:
+        os.close(fd)
 
 
 class Report:
@@ -178,12 +240,52 @@ class Report:
 
     def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
         """Write report.json, report.csv, report.md (Table 2) and, with ``plots``, the figures into
-        ``out_dir`` (atomically); returns {kind: path}."""
+        ``out_dir``; returns {kind: path}.
+
+        The set of report files (``FILES``) replaces the one already in ``out_dir`` as a whole: every
+        file is first written into a hidden staging folder inside ``out_dir`` (same filesystem, so
+        each move is an atomic rename), and only when all are written are they moved into place and
+        the old report's files the new one does not write (a figure) removed. A failure while writing
+        (a full disk, a figure that cannot be drawn) leaves ``out_dir`` exactly as it was; a failure
+        while moving puts the old files back. Other files in ``out_dir`` are never touched. Raises
+        NsvitError for a filesystem error (one line naming ``out_dir``) or an empty report."""
         out = Path(out_dir)
-        paths = {"json": write_json(out / "report.json", self.to_dict()), "csv": write_text(out / "report.csv", self.to_csv()),
-                 "md": write_text(out / "report.md", "# Robustness report\n\n" + self.table2())}
+        for name in self.FILES:  # a folder where a file goes would fail the move, after others were moved
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                raise NsvitError(f"cannot write {out / name}: it is a folder")
+        made = [p for p in reversed([out, *out.parents]) if not p.exists()]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".nsvit-report.", suffix=".tmp", dir=out))
+        except OSError as e:
+            raise os_error(out, e) from None
+        done = False
+        try:
+            try:
+                written = self._write_all(stage, plots)
+            except NsvitError as e:  # name the report's path, not the staging folder that goes away
+                raise NsvitError(f"{str(e).replace(str(stage), str(out))} (nothing in {out} was changed)") from None
+            except OSError as e:
+                raise NsvitError(f"cannot write the report in {out}: {e.strerror or e} "
+                                 f"(nothing in {out} was changed)") from None
+            _commit(stage, out, [p.name for p in written.values()], self.FILES)
+            done = True
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            if not done:
+                for p in reversed(made):  # a folder this call created goes again (when still empty)
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
+        return {k: out / p.name for k, p in written.items()}
+
+    def _write_all(self, folder: Path, plots: bool) -> dict[str, Path]:
+        """Write every report file into ``folder`` (the staging folder of ``save``)."""
+        table = "# Robustness report\n\n" + self.table2()  # an empty report fails here, before any write
+        paths = {"json": write_json(folder / "report.json", self.to_dict()),
+                 "csv": write_text(folder / "report.csv", self.to_csv()),
+                 "md": write_text(folder / "report.md", table)}
         if plots:
-            paths.update(self.plots(out))
+            paths.update(self.plots(folder))
         return paths
 
     # -- plots --
