@@ -476,7 +476,7 @@ CASES = [
     ("folder-without-suite", EV + ["--folder", "imagenet-r={A}/good", "--out", "{C}/ev"],
      "no suite 'imagenet-r' in --suite reads it", {}),
     ("stream-stop-heldout", ["synth", "--data", "{A}/good", "--stop", "heldout", "--max-steps", "1", "--quiet", "--out",
-                             "{C}/b.safetensors"], "stop=heldout measures on images not trained on", {}),
+                             "{C}/b.safetensors"], "image(s) cannot hold 256 out (at most a quarter", {}),
     ("data-mixed-class-names", EV + ["--data", "{A}/mixed", "--out", "{C}/ev"],
      "class folder 'x' is not one of the model's class names", {}),
     ("demo-report-is-folder", ["demo", "--quick", "--out", "{A}/demo_reportdir"], "report.md is a folder", {}),

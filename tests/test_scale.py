@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from nsvit_fast import digits, load_model
+from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.io import load_tensors
 from nsvit_fast.synth import synthesize
 from nsvit_fast.train import finetune
@@ -89,6 +89,42 @@ def test_streamed_synthesis_and_finetune_on_a_folder(digits_parts, digit_folder,
     h = res.history[-1]
     assert h["synth_steps"] >= 1 and 0 <= h["val_acc"] <= 1 and h["train_loss"] > 0
     assert load_tensors(tmp_path / "run" / "checkpoint.safetensors")[1]["stream"]["consumed"] == 3
+
+
+def test_a_streamed_folder_is_carved_as_memory_is(digits_parts, digit_folder):
+    """stop=heldout on a streamed folder: heldout images chosen by the seed are set aside (read
+    through the eval transform), the descent streams only the rest, and the bank's metrics are
+    theirs. It was refused before (nothing set apart), and schedule=boundary (which confirms with
+    stop=heldout) confirmed on training images."""
+    import warnings
+
+    from nsvit_fast.data import load_data
+    from nsvit_fast.data.stream import StreamingData
+    from nsvit_fast.synth import CleanCache, noise_effect
+
+    data = StreamingData(digit_folder, digits_parts, batch_size=32, seed=0, augment="none")
+    rest, held = data.carve(64, seed=5)
+    assert len(rest) == 256 and len(held) == 64 and len(data) == 320
+    every = load_data(digit_folder, parts=digits_parts)  # the folder in memory, in the same (sorted) order
+    held_idx = sorted(set(range(320)) - set(rest.keep))
+    assert len(held_idx) == 64 and torch.equal(held.images, every.images[held_idx])
+    assert torch.equal(held.labels, every.labels[held_idx])
+    sampler = iter(rest._loader().batch_sampler)
+    served = {i for _ in range(8) for i, _seed in next(sampler)}  # one epoch: 8 batches of 32
+    assert served == set(rest.keep)                                   # the held-out images never
+    again, _ = data.carve(64, seed=5)
+    assert again.keep == rest.keep and data.carve(64, seed=6)[0].keep != rest.keep  # seeded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged, and no warning of in-sample confirmation
+        bank = synthesize(digits_parts, data, eps=0.03, lim=3.0, max_steps=300, heldout=64, seed=5,
+                          stop="heldout", progress=False)
+    assert bank.meta["heldout_source"] == "carved" and bank.meta["train_images"] == 256
+    mse = noise_effect(digits_parts, bank.noises, CleanCache(digits_parts, held.images))[0]
+    assert float(mse[0]) == pytest.approx(float(bank.mse_prob[0]), rel=1e-5) and float(mse[0]) < 0.03
+    assert data.consumed == 0  # the caller's stream is not read: the carved copy is
+    tiny = StreamingData(digit_folder, digits_parts, batch_size=32)
+    with pytest.raises(NsvitError, match=r"320 image\(s\) cannot hold 0 out"):
+        tiny.carve(0, seed=0)
 
 
 def _cli(*args, **kw):

@@ -106,11 +106,13 @@ def sample_seed(seed: int, batch_no: int, pos: int) -> int:
 
 class SeededBatchSampler(Sampler):
     """Endless lists of ``(index, seed)`` for this rank: global batch b of the BatchStream, sliced
-    ``[rank::world]``, starting after ``start`` batches."""
+    ``[rank::world]``, starting after ``start`` batches. With ``keep`` (folder indices), the stream
+    runs over those only: its position i serves folder image ``keep[i]``."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
+                 keep: list[int] | None = None):
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world, self.start = rank, world, start
+        self.rank, self.world, self.start, self.keep = rank, world, start, keep
 
     def __iter__(self) -> Iterator[list]:
         stream = BatchStream(self.n, self.batch_size, self.seed)
@@ -119,6 +121,8 @@ class SeededBatchSampler(Sampler):
         b = self.start
         while True:
             idx = stream.next().tolist()
+            if self.keep is not None:
+                idx = [self.keep[i] for i in idx]
             yield [(idx[p], sample_seed(self.seed, b, p)) for p in range(self.rank, len(idx), self.world)]
             b += 1
 
@@ -157,20 +161,22 @@ class StreamingData:
         self.persistent_workers = bool(persistent_workers) and self.workers > 0
         self.prefetch_factor = int(prefetch_factor) if self.workers > 0 else None
         self.rank, self.world = rank, world
+        self.keep: list[int] | None = None  # set by carve: the folder indices this stream serves
         self.consumed = 0
         self._it = None
         self._warned = False
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        """Images this stream serves (a carved stream: those not held out)."""
+        return len(self.dataset) if self.keep is None else len(self.keep)
 
     @property
     def classes(self) -> list[str]:
         return self.dataset.classes
 
     def _loader(self) -> DataLoader:
-        sampler = SeededBatchSampler(len(self.dataset), self.batch_size, self.seed, self.rank, self.world,
-                                     start=self.consumed)
+        sampler = SeededBatchSampler(len(self), self.batch_size, self.seed, self.rank, self.world,
+                                     start=self.consumed, keep=self.keep)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                           pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
                           prefetch_factor=self.prefetch_factor,
@@ -209,22 +215,47 @@ class StreamingData:
     def sample(self, n: int):
         """``n`` images of the folder spread evenly over it (so over its classes), read through the
         eval transform into an in-memory ImageDataset: held-out metrics, token statistics."""
+        n = max(1, min(int(n), len(self.dataset)))
+        idx = torch.linspace(0, len(self.dataset) - 1, n).round().long().tolist()
+        return self._read(idx, f"sample {n}")
+
+    def _read(self, idx: list[int], what: str):
+        """Folder images ``idx`` through the eval transform, as an in-memory ImageDataset."""
         from .base import ImageDataset
         from .folders import pixel_transform
 
-        n = max(1, min(int(n), len(self.dataset)))
-        idx = torch.linspace(0, len(self.dataset) - 1, n).round().long().tolist()
         eval_ds = SeededFolder.__new__(SeededFolder)
         eval_ds.__dict__.update(self.dataset.__dict__, transform=pixel_transform(self.parts, train=False))
         xs, ys = zip(*(eval_ds[i] for i in idx))
-        return ImageDataset(torch.stack(xs), torch.tensor(ys), self.classes, name=f"{self.dataset.name}[sample {n}]")
+        return ImageDataset(torch.stack(xs), torch.tensor(ys), self.classes, name=f"{self.dataset.name}[{what}]")
+
+    def carve(self, n: int, seed: int):
+        """(stream, held-out): ``n`` images (at most a quarter of the folder) set aside by a seeded
+        permutation, as in-memory held-out metrics read through the eval transform, and a new
+        stream (this one's settings, from its first batch) over the rest of the folder, never
+        serving them. The in-memory :func:`~nsvit_fast.synth.engine.split_heldout` does the same
+        for a tensor. Raises NsvitError when the folder is too small to hold any image out."""
+        import copy
+
+        total = len(self)
+        h = min(int(n), total // 4)
+        if h < 1:
+            raise NsvitError(f"{self.dataset.name}: {total} image(s) cannot hold {n} out (at most a quarter of the "
+                             f"folder): give a larger folder, heldout >= 1, or held-out data of your own")
+        served = list(range(len(self.dataset))) if self.keep is None else self.keep
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
+        held = sorted(served[i] for i in perm[:h].tolist())
+        rest = copy.copy(self)
+        rest.keep = sorted(served[i] for i in perm[h:].tolist())
+        rest.consumed, rest._it, rest._warned = 0, None, False
+        return rest, self._read(held, f"held out {h}")
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "n": len(self.dataset), "batch_size": self.batch_size}
+        return {"consumed": self.consumed, "seed": self.seed, "n": len(self), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after ``state['consumed']`` batches; refuses a state from another folder or setting."""
-        mine = {"seed": self.seed, "n": len(self.dataset), "batch_size": self.batch_size}
+        mine = {"seed": self.seed, "n": len(self), "batch_size": self.batch_size}
         for k, v in mine.items():
             if k in state and int(state[k]) != v:
                 raise NsvitError(f"stream state is for {k}={state[k]}, this data has {k}={v}")

@@ -35,7 +35,8 @@ be confirmed on a fixed held-out set; after a failed confirmation the noise goes
 re-checked for ``heldout_every`` steps).
 
 Held-out images: only ``stop="heldout"`` (and ``schedule="boundary"``, which uses it) carves
-``heldout`` images out of the data (seeded); they are not trained on. Under ``stop="batch"``
+``heldout`` images out of the data (seeded; a streamed folder too, ``StreamingData.carve``); they
+are not trained on. Under ``stop="batch"``
 (Algorithm 1) every image is trained on, and the bank's metrics (``mse_prob``, ``match_rate``) are
 measured on ``heldout_data`` when given, else on a seeded sample of ``heldout`` training images
 that stays in training: in-sample figures, recorded as ``meta["heldout_source"] = "train_sample"``.
@@ -583,7 +584,8 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         data: an ImageDataset or an image tensor (B, C, H, W), pixels in [0, 1], or a
             :class:`~nsvit_fast.data.stream.StreamingData` folder (fast mode): its batches are
             streamed and their clean logits computed per batch without a graph; the held-out
-            metrics use ``heldout_data`` or ``config.heldout`` images of the folder (eval transform).
+            metrics use ``heldout_data``, else ``config.heldout`` images of the folder (eval
+            transform): carved out under ``stop="heldout"``, an even sample under ``stop="batch"``.
         config: a SynthConfig; keyword ``overrides`` replace its fields (``eps=0.01, mode="reference"``).
         init: starting noise(s) (N, D) or (M, N, D) instead of U(-lim, lim); a warm start.
         heldout_data: images for the bank's metrics and ``stop="heldout"``. By default
@@ -627,19 +629,15 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         if cfg.mode != "fast" or cache is not None:
             raise NsvitError("a streamed folder runs in mode fast, without cache= (reference mode follows the "
                              "official loop over an in-memory tensor)")
-        if heldout_data is None and cfg.stop == "heldout":  # nothing is carved out of a stream
-            raise NsvitError("stop=heldout measures on images not trained on, and a streamed folder holds none "
-                             "apart: pass heldout_data=, or read the folder into memory (--max-images N), where "
-                             "they are carved out")
-        if heldout_data is None and cfg.schedule == "boundary":
-            warnings.warn("schedule=boundary on a streamed folder confirms its scale on a sample of the training "
-                          "folder (heldout_source train_sample), not on held-out images: pass heldout_data for those",
-                          stacklevel=2)
+        if heldout_data is not None:
+            held, held_source = heldout_data, "given"
+        elif run_cfg.stop == "heldout":  # as split_heldout in memory: seeded, set aside, never descended on
+            data, held = data.carve(cfg.heldout, cfg.seed)
+            held_source = "carved"
+        else:  # Algorithm 1's metrics: an even sample of the folder (eval transform) that stays in training
+            held, held_source = data.sample(cfg.heldout or 256), "train_sample"
         source = StreamSource(parts, data, rt.autocast)
-        # metrics on heldout_data, else on a sample of the folder (eval transform) that stays in training
-        held_imgs = _images(heldout_data if heldout_data is not None else data.sample(cfg.heldout or 256),
-                            parts, "heldout_data")
-        held_source = "given" if heldout_data is not None else "train_sample"
+        held_imgs = _images(held, parts, "heldout_data")
         images = train = held_imgs  # the token RMS of lim_unit=token_rms is measured on these
     else:
         images = _images(data, parts)
