@@ -324,7 +324,8 @@ def add_synth(sub) -> None:
     from .data.stream import AUGMENTS
 
     p.add_argument("--augment", default="rrc_flip", choices=AUGMENTS,
-                   help="a streamed folder (no --max-images): the official RandomResizedCrop + flip (default) or none")
+                   help="a streamed folder (no --max-images): rrc_flip (RandomResizedCrop + flip, timm's, the model's "
+                        "interpolation; default), official (torchvision's bilinear, as the official scripts) or none")
     p.add_argument("--workers", type=count(0), default=4, help="DataLoader workers for a streamed folder (default 4)")
     p.set_defaults(func=cmd_synth)
 

@@ -181,3 +181,29 @@ def test_folder_labels_follow_the_models_class_names(tmp_path, digits_parts):
         save_pixels(test.images[0], other / c / "0.png")
     with pytest.warns(UserWarning, match="2 class folders for a 10-output model, read by sorted position"):
         assert load_data(other, parts=digits_parts).labels.tolist() == [0, 1]
+
+
+def test_official_augment_is_torchvisions_bilinear_crop_and_flip(tmp_path):
+    """augment=official: per sample exactly torchvision's RandomResizedCrop(224) + RandomHorizontalFlip
+    + ToTensor under that sample's seed (the official scripts' train transform); rrc_flip differs
+    only by timm's pieces and the model's bicubic interpolation."""
+    from PIL import Image
+    from skimage import data as skd
+    from torchvision import transforms as T
+
+    from nsvit_fast import load_model
+    from nsvit_fast.data.stream import SeededFolder, train_transform
+
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(skd.chelsea()).save(tmp_path / "cat" / "0.png")
+    parts = load_model("vit_tiny_patch16_224", depth=1)
+    ds = SeededFolder(tmp_path, train_transform(parts, "official"), parts=parts)
+    timm_ds = SeededFolder(tmp_path, train_transform(parts, "rrc_flip"), parts=parts)
+    img = Image.open(tmp_path / "cat" / "0.png").convert("RGB")
+    by_hand = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
+    for seed in (1, 2, 3):
+        x, y = ds[(0, seed)]
+        torch.manual_seed(seed)
+        assert y == 0 and x.shape == (3, 224, 224) and torch.equal(x, by_hand(img))
+        assert not torch.equal(x, timm_ds[(0, seed)][0])  # bicubic, timm's crop: not the same pixels
+    assert not torch.equal(ds[(0, 1)][0], ds[(0, 2)][0])

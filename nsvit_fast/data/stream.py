@@ -24,19 +24,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import NsvitError
 from .batches import BatchStream
 
-AUGMENTS = ("rrc_flip", "none")
+AUGMENTS = ("rrc_flip", "official", "none")
 
 
 def train_transform(parts, augment: str = "rrc_flip"):
-    """The official code's train augmentation with timm's pieces: RandomResizedCrop (scale 0.08-1,
-    the model's interpolation) and a horizontal flip, ending in pixels in [0, 1] (no normalisation:
-    the adapter normalises). ``augment="none"`` gives the eval transform (resize, centre crop)."""
+    """The train augmentation, ending in pixels in [0, 1] (no normalisation: the adapter normalises).
+
+    ``rrc_flip``: the official code's RandomResizedCrop (scale 0.08-1) + horizontal flip with timm's
+    pieces and the model's interpolation (bicubic for timm's ViTs). ``official``: the official
+    scripts' own (``train_hfai.py``): torchvision's ``RandomResizedCrop(size)`` (bilinear, scale
+    0.08-1) + ``RandomHorizontalFlip()``. ``none``: the eval transform (resize, centre crop)."""
     from timm.data.transforms_factory import transforms_imagenet_train
 
     from .folders import pixel_transform
 
     if augment == "none":
         return pixel_transform(parts, train=False)
+    if augment == "official":
+        from torchvision import transforms as T
+
+        _, h, w = parts.data_config["input_size"]
+        return T.Compose([T.RandomResizedCrop((h, w)), T.RandomHorizontalFlip(), T.ToTensor()])
     if augment != "rrc_flip":
         raise NsvitError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     c, h, w = parts.data_config["input_size"]
@@ -138,7 +146,8 @@ class StreamingData:
         parts: the adapter (its timm data config gives size, crop and interpolation).
         batch_size: the global batch; each rank gets its ``[rank::world]`` slice.
         seed: batch order and augmentation seed.
-        augment: ``rrc_flip`` (the official code's RandomResizedCrop + flip) or ``none`` (eval transform).
+        augment: ``rrc_flip`` (RandomResizedCrop + flip, timm's, the model's interpolation),
+            ``official`` (torchvision's, bilinear, as the official scripts) or ``none`` (eval transform).
         workers, pin_memory, persistent_workers, prefetch_factor: as torch's DataLoader.
 
     ``batches()`` yields (x, y): x (b, C, H, W) float32 pixels in [0, 1] on ``device``, y (b,) int64.

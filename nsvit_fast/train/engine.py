@@ -92,7 +92,7 @@ class FinetuneConfig(MethodConfigs):
     seed: int = 0
     precision: str = "fp32"       # fp32 | tf32 | bf16 | fp16: autocast of the model; noise, optimiser state, losses fp32
     compile: bool = False         # torch.compile of the encoder (timm train.py's --torchcompile)
-    augment: str = "rrc_flip"     # streamed folders: the official RandomResizedCrop + flip | none (eval transform)
+    augment: str = "rrc_flip"     # streamed folders: RandomResizedCrop + flip (timm's) | official (torchvision's) | none
     workers: int = 4              # streamed folders: DataLoader worker processes
     synth: SynthConfig = field(default_factory=SynthConfig)
 
