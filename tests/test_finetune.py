@@ -632,3 +632,22 @@ def test_scale_to_eps_edge_cases():
     # MSE-prob is at most 2: an eps past it is never reached, and the largest scale tried comes back
     s, mse = scale_to_eps(parts, torch.randn(parts.token_shape), clean, 2.5, max_scale=1e3)
     assert s == 1e3 and mse < 2.5
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(train, tmp_path):
+    # a checkpoint written before lr_t_max and random.match existed lacks both keys: it is the
+    # default run, so it resumes as one, and a run that changes either is another run
+    from nsvit_fast.io import save_tensors
+
+    kw = dict(method="plain", rounds=2, model_steps=2, batch_size=16, progress=False, out_dir=tmp_path)
+    finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1})
+    ckpt = tmp_path / "checkpoint.safetensors"
+    t, m = load_tensors(ckpt)
+    del m["config"]["lr_t_max"], m["config"]["random"]["match"]
+    save_tensors(ckpt, t, m)
+    with pytest.raises(NsvitError, match=r"config key 'random.match': 'norm' there, 'eps' here"):
+        finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1}, resume=True, random={"match": "eps"})
+    with pytest.raises(NsvitError, match=r"config key 'lr_t_max': 0 there, 100 here"):
+        finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1}, resume=True, lr_t_max=100)
+    res = finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1}, resume=True)
+    assert len(res.history) == 1

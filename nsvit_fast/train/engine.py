@@ -214,6 +214,17 @@ class _LossModule(nn.Module):
         return self.method.loss(self.parts, x, y, noise)
 
 
+def _with_defaults(theirs: dict, defaults: dict) -> dict:
+    """A checkpoint's config with the keys it lacks (settings added since it was written, nested
+    ones too: ``random.match``) at their defaults: an absent key then matches only a run that
+    keeps the default, which is what the older version ran with."""
+    out = {k: theirs.get(k, v) for k, v in defaults.items()}
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = {**v, **out[k]}
+    return {**theirs, **out}
+
+
 class Engine:
     """One finetuning run: optimiser, cosine schedule, EMA, batch stream, checkpoints and logs
     around a method's ``prepare`` / ``loss`` (built by :func:`finetune`, which holds the run lock).
@@ -316,8 +327,8 @@ class Engine:
         stream). Returns (round, step) to resume at. Raises NsvitError naming the first problem."""
         check_header(path, m)
         cfg = self.cfg
-        mine, theirs = asdict(cfg), m["config"]
-        diff = [k for k in mine if k in theirs and mine[k] != theirs[k] and k not in ("checkpoint_every", "workers")]
+        mine, theirs = asdict(cfg), _with_defaults(m["config"], asdict(FinetuneConfig()))
+        diff = [k for k in mine if mine[k] != theirs[k] and k not in ("checkpoint_every", "workers")]
         if m["arch"] != self.parts.arch or m["model_kwargs"] != json.loads(json.dumps(self.parts.model_kwargs)):
             raise NsvitError(f"{path} belongs to another run (model {m['arch']} {m['model_kwargs']} there, "
                              f"{self.parts.arch} {self.parts.model_kwargs} here); use another --out")
