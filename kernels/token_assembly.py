@@ -151,6 +151,9 @@ class TokenAssembly(torch.autograd.Function):
         """Launch the forward; returns x, ln (R, P + N, D) in the promoted dtype of the tensors
         the reference adds (u, v, prefix, pos: fp32 for bf16 u, v under autocast) and saves x with
         the per-row LayerNorm mean and rstd (fp32) for backward. weight / bias None: ones / zeros."""
+        # the gradients depend on these: double backward raises. Taken before .contiguous(), whose
+        # copy (of timm's transposed patch tokens) would not require grad under forward's no_grad
+        ctx.links = links(u, v, prefix, pos, weight)
         u = u.contiguous()
         bsz, n, d = u.shape
         m = 0 if v is None else v.shape[0]
@@ -176,7 +179,6 @@ class TokenAssembly(torch.autograd.Function):
         launch(_assemble_fwd, (r * t,), u, vv, pre, pos.contiguous(), w, bb, x, ln,
                mean, rstd, bsz, n, p, d, clean_b, float(eps), EMBED_PREFIX=bool(embed_prefix), BLOCK_D=block_d)
         ctx.save_for_backward(x, mean, rstd, w)
-        ctx.links = links(u, v, prefix, pos, weight)  # the gradients depend on these: double backward raises
         ctx.meta = (bsz, n, d, m, p, clean_b, bool(embed_prefix), block_d, v is not None)
         ctx.dtypes = (u.dtype, None if v is None else v.dtype, prefix.dtype, pos.dtype, bb.dtype)
         return x, ln

@@ -548,6 +548,10 @@ def _double_backward_cases():
         rest = [t.detach() for t in ins[1:]]
         cases.append(("token_assembly", "triton", DEVICE["triton"], ins[0].detach().cpu(),
                       lambda u: ops.token_assembly(u, *rest, 1e-6, emb, clean, backend="triton")[1]))
+        # timm's patch tokens are a transposed view (flatten(2).transpose(1, 2)): not contiguous
+        cases.append(("token_assembly, transposed u", "triton", DEVICE["triton"],
+                      ins[0].detach().cpu().transpose(1, 2).contiguous(),
+                      lambda b: ops.token_assembly(b.transpose(1, 2), *rest, 1e-6, emb, clean, backend="triton")[1]))
     return cases
 
 
