@@ -2,6 +2,7 @@
 ImageFolder trees through synthesis and finetuning (resume after kill -9, torchrun), device errors."""
 
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -106,14 +107,17 @@ def test_a_streamed_folder_is_carved_as_memory_is(digits_parts, digit_folder):
     rest, held = data.carve(64, seed=5)
     assert len(rest) == 256 and len(held) == 64 and len(data) == 320
     every = load_data(digit_folder, parts=digits_parts)  # the folder in memory, in the same (sorted) order
-    held_idx = sorted(set(range(320)) - set(rest.keep))
+    files = [p for p, _ in data.dataset.samples]
+    kept = [files.index(p) for p, _ in rest.dataset.samples]
+    held_idx = sorted(set(range(320)) - set(kept))
     assert len(held_idx) == 64 and torch.equal(held.images, every.images[held_idx])
     assert torch.equal(held.labels, every.labels[held_idx])
     sampler = iter(rest._loader().batch_sampler)
-    served = {i for _ in range(8) for i, _seed in next(sampler)}  # one epoch: 8 batches of 32
-    assert served == set(rest.keep)                                   # the held-out images never
+    served = {kept[i] for _ in range(8) for i, _seed in next(sampler)}  # one epoch: 8 batches of 32
+    assert served == set(kept)                                          # the held-out images never
     again, _ = data.carve(64, seed=5)
-    assert again.keep == rest.keep and data.carve(64, seed=6)[0].keep != rest.keep  # seeded
+    assert again.dataset.samples == rest.dataset.samples
+    assert data.carve(64, seed=6)[0].dataset.samples != rest.dataset.samples  # seeded
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged, and no warning of in-sample confirmation
         bank = synthesize(digits_parts, data, eps=0.03, lim=3.0, max_steps=300, heldout=64, seed=5,
@@ -125,6 +129,32 @@ def test_a_streamed_folder_is_carved_as_memory_is(digits_parts, digit_folder):
     tiny = StreamingData(digit_folder, digits_parts, batch_size=32)
     with pytest.raises(NsvitError, match=r"320 image\(s\) cannot hold 0 out"):
         tiny.carve(0, seed=0)
+
+
+def test_a_carved_streams_skipped_files_stay_on_their_side(digits_parts, tmp_path):
+    """on_bad_image: skip replaces an unreadable file by the next readable one: after carving, the
+    next one of its own side. A corrupt training file whose folder neighbour was held out had
+    trained on it, and a corrupt held-out file had been measured as a training image."""
+    from nsvit_fast.data.stream import StreamingData
+
+    root = write_digits_folder(tmp_path, "train", 16)
+    data = StreamingData(root, digits_parts, batch_size=4, seed=0, augment="none", on_bad_image="skip")
+    files = [Path(p) for p, _ in data.dataset.samples]
+    rest, held = data.carve(4, seed=3)
+    kept = {Path(p) for p, _ in rest.dataset.samples}
+    # corrupt a held-out file and a kept file just before a held-out one in folder order
+    bad_held = next(f for f in files if f not in kept)
+    bad_kept = next(f for i, f in enumerate(files[:-1]) if f in kept and files[i + 1] not in kept)
+    clean_held = held
+    for f in (bad_held, bad_kept):
+        f.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="1 unreadable held-out image"):
+        rest, held = data.carve(4, seed=3)
+    assert {Path(p) for p, _ in rest.dataset.samples} == kept  # the same split
+    # every held-out image is one of the clean held-out images (none from the training side)
+    assert all(any(torch.equal(x, c) for c in clean_held.images) for x in held.images)
+    seen = torch.cat([rest.next()[0] for _ in range(3)])  # one epoch of the 12 kept files
+    assert not any(torch.equal(x, c) for x in seen for c in clean_held.images)
 
 
 def _cli(*args, **kw):

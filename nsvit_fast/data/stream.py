@@ -114,13 +114,11 @@ def sample_seed(seed: int, batch_no: int, pos: int) -> int:
 
 class SeededBatchSampler(Sampler):
     """Endless lists of ``(index, seed)`` for this rank: global batch b of the BatchStream, sliced
-    ``[rank::world]``, starting after ``start`` batches. With ``keep`` (folder indices), the stream
-    runs over those only: its position i serves folder image ``keep[i]``."""
+    ``[rank::world]``, starting after ``start`` batches."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
-                 keep: list[int] | None = None):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world, self.start, self.keep = rank, world, start, keep
+        self.rank, self.world, self.start = rank, world, start
 
     def __iter__(self) -> Iterator[list]:
         stream = BatchStream(self.n, self.batch_size, self.seed)
@@ -129,8 +127,6 @@ class SeededBatchSampler(Sampler):
         b = self.start
         while True:
             idx = stream.next().tolist()
-            if self.keep is not None:
-                idx = [self.keep[i] for i in idx]
             yield [(idx[p], sample_seed(self.seed, b, p)) for p in range(self.rank, len(idx), self.world)]
             b += 1
 
@@ -170,14 +166,13 @@ class StreamingData:
         self.persistent_workers = bool(persistent_workers) and self.workers > 0
         self.prefetch_factor = int(prefetch_factor) if self.workers > 0 else None
         self.rank, self.world = rank, world
-        self.keep: list[int] | None = None  # set by carve: the folder indices this stream serves
         self.consumed = 0
         self._it = None
         self._warned = False
 
     def __len__(self) -> int:
         """Images this stream serves (a carved stream: those not held out)."""
-        return len(self.dataset) if self.keep is None else len(self.keep)
+        return len(self.dataset)
 
     @property
     def classes(self) -> list[str]:
@@ -185,7 +180,7 @@ class StreamingData:
 
     def _loader(self) -> DataLoader:
         sampler = SeededBatchSampler(len(self), self.batch_size, self.seed, self.rank, self.world,
-                                     start=self.consumed, keep=self.keep)
+                                     start=self.consumed)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                           pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
                           prefetch_factor=self.prefetch_factor,
@@ -226,24 +221,36 @@ class StreamingData:
         eval transform into an in-memory ImageDataset: held-out metrics, token statistics."""
         n = max(1, min(int(n), len(self.dataset)))
         idx = torch.linspace(0, len(self.dataset) - 1, n).round().long().tolist()
-        return self._read(idx, f"sample {n}")
+        return self._read(self._view(idx, False), f"sample {n}")
 
-    def _read(self, idx: list[int], what: str):
-        """Folder images ``idx`` through the eval transform, as an in-memory ImageDataset."""
+    def _view(self, idx: list[int], own_skips: bool) -> SeededFolder:
+        """This stream's folder restricted to files ``idx`` (an unreadable one is then replaced by the
+        next readable file of the view, never by one outside it), with its own skip count if asked."""
+        import multiprocessing
+
+        view = SeededFolder.__new__(SeededFolder)
+        view.__dict__.update(self.dataset.__dict__, samples=[self.dataset.samples[i] for i in idx])
+        if own_skips:
+            view.skips = multiprocessing.Value("q", 0)
+        return view
+
+    def _read(self, view: SeededFolder, what: str):
+        """Every file of ``view`` through the eval transform, as an in-memory ImageDataset."""
         from .base import ImageDataset
         from .folders import pixel_transform
 
-        eval_ds = SeededFolder.__new__(SeededFolder)
-        eval_ds.__dict__.update(self.dataset.__dict__, transform=pixel_transform(self.parts, train=False))
-        xs, ys = zip(*(eval_ds[i] for i in idx))
+        view.transform = pixel_transform(self.parts, train=False)
+        xs, ys = zip(*(view[i] for i in range(len(view))))
         return ImageDataset(torch.stack(xs), torch.tensor(ys), self.classes, name=f"{self.dataset.name}[{what}]")
 
     def carve(self, n: int, seed: int):
         """(stream, held-out): ``n`` images (at most a quarter of the folder) set aside by a seeded
         permutation, as in-memory held-out metrics read through the eval transform, and a new
         stream (this one's settings, from its first batch) over the rest of the folder, never
-        serving them. The in-memory :func:`~nsvit_fast.synth.engine.split_heldout` does the same
-        for a tensor. Raises NsvitError when the folder is too small to hold any image out."""
+        serving them. Each side only ever reads its own files, also where an unreadable file is
+        skipped (``on_bad_image: skip``). The in-memory :func:`~nsvit_fast.synth.engine.split_heldout`
+        does the same for a tensor. Raises NsvitError when the folder is too small to hold any
+        image out."""
         import copy
 
         total = len(self)
@@ -251,13 +258,18 @@ class StreamingData:
         if h < 1:
             raise NsvitError(f"{self.dataset.name}: {total} image(s) cannot hold {n} out (at most a quarter of the "
                              f"folder): give a larger folder, heldout >= 1, or held-out data of your own")
-        served = list(range(len(self.dataset))) if self.keep is None else self.keep
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
-        held = sorted(served[i] for i in perm[:h].tolist())
         rest = copy.copy(self)
-        rest.keep = sorted(served[i] for i in perm[h:].tolist())
+        rest.dataset = self._view(sorted(perm[h:].tolist()), False)  # skips counted as the stream's own
         rest.consumed, rest._it, rest._warned = 0, None, False
-        return rest, self._read(held, f"held out {h}")
+        view = self._view(sorted(perm[:h].tolist()), True)
+        held = self._read(view, f"held out {h}")
+        if view.skips.value:
+            import warnings
+
+            warnings.warn(f"{self.dataset.name}: {view.skips.value} unreadable held-out image(s) skipped "
+                          f"(on_bad_image: skip), each replaced by the next readable held-out file", stacklevel=2)
+        return rest, held
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "n": len(self), "batch_size": self.batch_size}
