@@ -629,9 +629,18 @@ def test_scale_to_eps_edge_cases():
         scale_to_eps(parts, torch.zeros(parts.token_shape), clean, 0.03)
     with pytest.raises(NsvitError, match="noise must be"):
         scale_to_eps(parts, torch.ones(3, 4), clean, 0.03)
-    # MSE-prob is at most 2: an eps past it is never reached, and the largest scale tried comes back
-    s, mse = scale_to_eps(parts, torch.randn(parts.token_shape), clean, 2.5, max_scale=1e3)
+    v = torch.randn(parts.token_shape)
+    for kw, msg in ((dict(low=0), "low must be in"), (dict(iters=0), "iters must be"),
+                    (dict(max_scale=-1), "max_scale must be > 0")):
+        with pytest.raises(NsvitError, match=msg):
+            scale_to_eps(parts, v, clean, 0.03, **kw)
+    # MSE-prob is at most 2: an eps past it is never reached; the largest scale comes back, with a word
+    with pytest.warns(UserWarning, match=r"under 0.9 x eps 2.5 \(the largest scale allowed\)"):
+        s, mse = scale_to_eps(parts, v, clean, 2.5, max_scale=1e3)
     assert s == 1e3 and mse < 2.5
+    with pytest.warns(UserWarning, match="after 2 forward"):  # out of forwards before the band
+        s, mse = scale_to_eps(parts, v, clean, 0.03, iters=2)
+    assert s > 0 and mse < 0.9 * 0.03  # the largest scale seen inside eps, under the band
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(train, tmp_path):

@@ -54,26 +54,38 @@ def noise_effect(parts: Adapter, noises: torch.Tensor, clean: CleanCache, max_ro
 def scale_to_eps(parts: Adapter, noise: torch.Tensor, clean: CleanCache, eps: float, *, low: float = 0.9,
                  iters: int = 40, max_rows: int = 2048, max_scale: float = 1e6) -> tuple[float, float]:
     """The scale s that puts one noise (N, D) just inside ε on ``clean``'s images: MSE-prob(s v) in
-    [``low`` ε, ε), in forward passes only (at most ``iters``): a bracket in x4 steps from s = 1,
-    then bisection of log s. Returns (s, MSE-prob at s), s the largest scale seen inside ε.
+    [``low`` ε, ε), in forward passes only (at most ``iters``): a bracket in x4 steps from
+    s = min(1, ``max_scale``), then bisection of log s. Returns (s, MSE-prob at s), s the largest
+    scale seen inside ε.
 
-    For a noise whose MSE-prob stays under ``low`` ε up to ``max_scale`` (ε near MSE-prob's
-    ceiling of 2), that largest scale is returned. Raises NsvitError for a noise that is not
-    (N, D) of the model's tokens or is all zeros, an ε that is not > 0, or no scale down to
-    1e-12 inside ε."""
+    Where that band is not reached, the largest scale seen inside ε comes back with a warning: a
+    noise whose MSE-prob stays under ``low`` ε up to ``max_scale`` (ε near MSE-prob's ceiling of 2),
+    or ``iters`` spent. Raises NsvitError for a noise that is not (N, D) of the model's tokens or is
+    all zeros, ε <= 0, ``low`` outside (0, 1], ``iters`` < 1, ``max_scale`` <= 0, a model whose
+    outputs are not finite, or no scale down to 1e-12 inside ε."""
+    from ..errors import check_count
+
     if noise.dim() != 2 or tuple(noise.shape) != parts.token_shape:
         raise NsvitError(f"noise must be {parts.token_shape}, got {tuple(noise.shape)}")
     if not float(noise.abs().max()) > 0:
         raise NsvitError("an all-zero noise has no scale at which it reaches ε")
     if not float(eps) > 0:
         raise NsvitError(f"eps must be > 0, got {eps}")
+    if not 0 < float(low) <= 1:
+        raise NsvitError(f"low must be in (0, 1], got {low}")
+    if not float(max_scale) > 0:
+        raise NsvitError(f"max_scale must be > 0, got {max_scale}")
+    iters = check_count("iters", iters)
     v = noise[None]
 
     def mse_at(s: float) -> float:
-        return float(noise_effect(parts, v, clean, max_rows, scales=torch.full((1,), s))[0][0])
+        e = float(noise_effect(parts, v, clean, max_rows, scales=torch.full((1,), s))[0][0])
+        if e != e:
+            raise NsvitError(f"MSE-prob is NaN at scale {s:g}: the model's outputs are not finite")
+        return e
 
     lo, hi, best = 0.0, None, (0.0, 0.0)  # lo/hi: largest scale inside ε, smallest outside
-    s = 1.0
+    s = min(1.0, float(max_scale))
     for _ in range(iters):
         e = mse_at(s)
         if e < eps:
@@ -84,7 +96,7 @@ def scale_to_eps(parts: Adapter, noise: torch.Tensor, clean: CleanCache, eps: fl
             hi = s
         if hi is None:
             if s >= max_scale:
-                return best
+                break
             s = min(s * 4, max_scale)
         elif lo == 0.0:
             if s <= 1e-12:
@@ -93,5 +105,10 @@ def scale_to_eps(parts: Adapter, noise: torch.Tensor, clean: CleanCache, eps: fl
         else:
             s = (lo * hi) ** 0.5
     if best[0] == 0.0:
-        raise NsvitError(f"no scale down to 1e-12 keeps this noise inside eps {eps}")
+        raise NsvitError(f"no scale down to {s:g} keeps this noise inside eps {eps}")
+    import warnings
+
+    warnings.warn(f"scale_to_eps: MSE-prob {best[1]:.4g} at scale {best[0]:.4g}, under {low} x eps {eps} "
+                  + ("(the largest scale allowed)" if best[0] >= max_scale else f"after {iters} forward(s)"),
+                  stacklevel=2)
     return best

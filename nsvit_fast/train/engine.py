@@ -440,16 +440,20 @@ class Engine:
 
     def eps_scale(self, k: int, noise: torch.Tensor) -> tuple[float, float]:
         """(s, MSE-prob at s) putting ``noise`` (N, D) just inside ``synth.eps`` on the current model,
-        measured on the images round k's synthesis measures its noise on (``synth.heldout`` of them:
-        the same seeded sample; a streamed folder's even sample), forward passes only. Every rank
-        measures the same images, and the scale is averaged across ranks so all agree exactly."""
+        measured on the images round k's synthesis measures its noise on (``synth.heldout`` of them,
+        the same seeded choice: a streamed folder's even sample under ``stop=batch``, its carved
+        held-out images under ``stop=heldout`` or ``schedule=boundary``), forward passes only. Every
+        rank measures the same images, and the scale is averaged across ranks so all agree exactly."""
         from ..synth import CleanCache, scale_to_eps
         from ..synth.engine import split_heldout
 
+        sc = self.cfg.synth
         if isinstance(self.train, ImageDataset):
-            images = split_heldout(self.train.images, self.cfg.synth.heldout, self.round_seed(k))[1]
+            images = split_heldout(self.train.images, sc.heldout, self.round_seed(k))[1]
+        elif sc.stop == "heldout" or sc.schedule == "boundary":  # synthesis carves these out of the stream
+            images = self.stream.carve(sc.heldout, self.round_seed(k))[1].images
         else:
-            images = self.stream.sample(self.cfg.synth.heldout or 256).images  # the folder's even sample, eval transform
+            images = self.stream.sample(sc.heldout or 256).images
         clean = CleanCache(self.parts, images, self.device, autocast=self.rt.autocast)
         with self.rt.matmul_mode():
             s, mse = scale_to_eps(self.parts, noise.to(self.device), clean, self.cfg.synth.eps,
@@ -673,7 +677,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         model: an adapter or a timm ViT; trained in place (and moved to ``device``).
         train_data: an ImageDataset (pixels in [0, 1], held in memory: the fast path for small data)
             or the path of an ImageFolder tree, streamed through a DataLoader with ``config.workers``
-            workers and ``config.augment`` (the official RandomResizedCrop + flip by default). It is
+            workers and ``config.augment`` (RandomResizedCrop + flip, timm's, by default). It is
             also the synthesis data of ns / random.
         config: a FinetuneConfig; ``overrides`` replace fields (``rounds=5``, ``synth={"eps": 0.01}``
             or ``**{"synth.eps": 0.01}``, ``precision="bf16"``).
