@@ -614,6 +614,8 @@ def test_random_match_eps_scales_the_gaussian_to_just_inside_eps(train):
     mse = float(noise_effect(parts, v[None], held)[0][0])
     assert 0.9 * 0.03 <= mse < 0.03
     assert float(noise_effect(parts, 2 * v[None], held)[0][0]) >= 0.03  # not far inside: twice is outside
+    # no NS noise is learned: under torchrun it may run with synth.mode reference (refused for ns)
+    assert not eng.method.learns_noise() and METHODS["random"]().learns_noise() and METHODS["ns"]().learns_noise()
     with pytest.raises(NsvitError, match="random.match eps scales the noise to synth.eps itself"):
         make_config(None, {"method": "random", "random.match": "eps", "random.norm": 3.0})
     with pytest.raises(NsvitError, match="random.match must be one of norm, eps"):

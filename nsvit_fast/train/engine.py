@@ -243,7 +243,7 @@ class Engine:
         self.rank, self.world = dist_util.rank_world()
         dist_util.check_same("settings, model or data", {"config": asdict(cfg), "model": parts.name,
                                                          "data": data_identity(train), "val": data_identity(val)})
-        if self.world > 1 and cfg.synth.mode == "reference" and self.method.needs_noise:
+        if self.world > 1 and cfg.synth.mode == "reference" and self.method.learns_noise():
             raise NsvitError("synth mode reference runs in one process; use mode fast under torchrun")
         if cfg.batch_size % self.world or cfg.synth.batch_size % self.world:
             raise NsvitError(f"batch sizes ({cfg.batch_size}, synth {cfg.synth.batch_size}) must divide by the "

@@ -76,6 +76,11 @@ class Method:
         """``config``: an instance of ``Config`` (its defaults when None)."""
         self.config = config if config is not None or self.Config is None else self.Config()
 
+    def learns_noise(self) -> bool:
+        """Whether ``prepare`` learns the round's NS noise (``ctx.ns_noise()``) with these settings;
+        ``needs_noise`` by default (a method whose settings can do without overrides it)."""
+        return self.needs_noise
+
     def prepare(self, ctx: RoundContext) -> torch.Tensor | None:
         """The round's noise (N, D) for ``loss``, or None."""
         return None

@@ -60,6 +60,11 @@ class RandomNoise(Method):
     moved_keys = {"random_norm": "norm"}
     needs_noise = True
 
+    def learns_noise(self) -> bool:
+        """Only the default, norm-matched to the round's NS noise, learns one."""
+        c = self.config
+        return c.match == "norm" and not c.norm and not c.norms
+
     def prepare(self, ctx):
         c = self.config
         g = torch.Generator().manual_seed(ctx.seed)
