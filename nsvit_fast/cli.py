@@ -122,6 +122,8 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (read weights-only)")
     p.add_argument("--num-classes", type=count(1), help="head size (default: the checkpoint's)")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (network)")
+    p.add_argument("--use-ema", dest="use_ema", action="store_true",
+                   help="a training checkpoint's EMA weights (state_dict_ema, as timm's --use-ema)")
 
 
 def _load(args):
@@ -133,7 +135,7 @@ def _load(args):
 
     torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
     return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                      pretrained=args.pretrained)
+                      pretrained=args.pretrained, use_ema=args.use_ema)
 
 
 # -- nullspace --
@@ -144,7 +146,8 @@ def cmd_nullspace(args) -> int:
 
     if args.table1:
         given = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint),
-                                ("--num-classes", args.num_classes), ("--pretrained", args.pretrained)) if v]
+                                ("--num-classes", args.num_classes), ("--pretrained", args.pretrained),
+                                ("--use-ema", args.use_ema)) if v]
         if given:  # the table is the paper's eight randomly initialised models; a model flag would be ignored
             raise NsvitError(f"--table1 takes no {given[0]}: it measures the paper's eight timm ViTs, randomly "
                              f"initialised (drop --table1 to measure one model)")
@@ -392,7 +395,7 @@ def cmd_finetune(args) -> int:
             overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
                               "checkpoint_every": 0})
             run, cfg = load_run(args.config, overrides)
-        for key in ("model", "checkpoint", "data", "val_data", "out"):
+        for key in ("model", "checkpoint", "use_ema", "data", "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
         if run["data"] is None:  # `data: ~` or data=null: YAML's null, not a path
@@ -409,7 +412,7 @@ def cmd_finetune(args) -> int:
             raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
                              f"fresh run there)")
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
-                           pretrained=bool(run["pretrained"]))
+                           pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]))
         # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
         # folder cut to max_images are read into memory, the fast path for small data
         from .data import stream_or_load
@@ -453,6 +456,8 @@ def add_finetune(sub) -> None:
     p.add_argument("--config", default="digits", help="YAML file or a name in configs/ (default digits)")
     p.add_argument("--model", help="override the config's model")
     p.add_argument("--checkpoint", help="override the config's checkpoint")
+    p.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
+                   help="start from the checkpoint's EMA weights (config key use_ema)")
     p.add_argument("--data", help="training data: digits:train, synthetic, or an ImageFolder path")
     p.add_argument("--val-data", dest="val_data", help="validation data scored after each round")
     p.add_argument("--out", help="output folder (default runs/finetune-<method>)")
@@ -499,7 +504,8 @@ def _eval(args) -> int:
     for suite, path in args.folder or []:  # a folder no suite reads would be ignored without a word
         if suite not in names:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
-    main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained)
+    main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
+                      use_ema=args.use_ema)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
     ckpts = [args.checkpoint] + [c for c in (args.compare or "").split(",") if c]
@@ -510,7 +516,7 @@ def _eval(args) -> int:
     if dup:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
     for i, ck in enumerate(ckpts):
-        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
+        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, use_ema=args.use_ema)
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
     from .data import load_data, parse_spec

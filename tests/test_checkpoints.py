@@ -201,3 +201,43 @@ def test_yaml_run_files_nest_method_configs(tmp_path, monkeypatch):
         load_run("old.yaml")
     with pytest.raises(NsvitError, match="config 'nope' not found .*digits"):
         find_config("nope")
+
+
+def test_timm_training_checkpoint_with_ema_weights(tmp_path):
+    """A timm train.py checkpoint, as the official evaluation's DAT weights: its args are an
+    argparse.Namespace (refused by the weights-only unpickler before), the optimiser state beside
+    the weights, and EMA weights read with use_ema / --use-ema (as timm's and the official
+    evaluation's use_ema=True)."""
+    import argparse
+
+    from nsvit_fast.cli import main
+
+    torch.manual_seed(2)
+    src, ema = (load_model("vit_tiny_patch16_224", depth=1, num_classes=5) for _ in range(2))
+    opt = torch.optim.AdamW(src.model.parameters())
+    p = tmp_path / "vit_tiny-dat.pth.tar"
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": src.model.state_dict(),
+                "optimizer": opt.state_dict(), "version": 2, "metric": 80.1,
+                "args": argparse.Namespace(model="vit_tiny_patch16_224", lr=5e-4, aa="rand-m9", smoothing=0.1),
+                "state_dict_ema": ema.model.state_dict()}, p)
+    plain = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1)
+    averaged = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1, use_ema=True)
+    assert torch.equal(plain.model.head.weight, src.model.head.weight)
+    assert torch.equal(averaged.model.head.weight, ema.model.head.weight)
+    assert not torch.equal(plain.model.head.weight, averaged.model.head.weight)
+    torch.save({"state_dict": src.model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "no_ema.pth")
+    with pytest.raises(NsvitError, match="holds no EMA weights"):
+        load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "no_ema.pth", depth=1, use_ema=True)
+    torch.save({"state_dict": src.model.state_dict(), "args": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(NsvitError, match="weights-only"):  # only Namespace is allowed, nothing else
+        load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "evil.pth", depth=1)
+    # through the CLI: the embedded model's weights as the EMA of a training checkpoint, scored
+    digits = load_model("digits_vit")
+    torch.save({"state_dict": {k: v * 0 for k, v in digits.model.state_dict().items()}, "args": argparse.Namespace(),
+                "state_dict_ema": digits.model.state_dict()}, tmp_path / "digits.pth.tar")
+    assert main(["eval", "--model", "digits_vit", "--checkpoint", str(tmp_path / "digits.pth.tar"), "--use-ema",
+                 "--suite", "clean", "--max-images", "64", "--out", str(tmp_path / "ev")]) == 0
+    import json
+
+    acc = json.loads((tmp_path / "ev" / "report.json").read_text())["records"][0]["value"]
+    assert acc >= 95  # the trained weights; the zeroed plain ones would score a tenth

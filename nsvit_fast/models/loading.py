@@ -39,27 +39,46 @@ def _create(arch: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
         raise NsvitError(f"timm could not create {arch} with {kwargs}: {first}") from None
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+EMA_KEYS = ("state_dict_ema", "model_ema")  # where timm's train.py (and DAT's) store the EMA weights
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")  # common wrappers of a state dict
+
+
+def read_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict and metadata from a .safetensors file or a torch file (loaded with weights_only=True).
+
+    A timm ``train.py`` checkpoint (the official evaluation's DAT weights are one) holds its
+    arguments as an ``argparse.Namespace``: that one class is allowed to the weights-only
+    unpickler (a plain attribute holder, no code runs), nothing else beyond tensors and containers.
+
+    Args:
+        use_ema: take the EMA weights (``state_dict_ema`` / ``model_ema``, as timm's
+            ``--use-ema``); refused when the file holds none.
 
     Returns:
         (state dict keyed as timm names the parameters, metadata dict; {} for a plain torch file).
         Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
 
     Raises:
-        NsvitError: a missing file, an unreadable or corrupt one, or one that holds no tensors.
+        NsvitError: a missing file, an unreadable or corrupt one, or one that holds no tensors;
+            ``use_ema`` with a file without EMA weights.
     """
     path = Path(path)
     if not path.is_file():
         raise NsvitError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        if use_ema:
+            raise NsvitError(f"{path}: a safetensors file holds one set of weights; --use-ema reads the EMA "
+                             f"weights of a torch training checkpoint ({' / '.join(EMA_KEYS)})")
         return load_tensors(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a torch zip archive or a legacy pickle
         raise NsvitError(f"{path} is not a checkpoint: neither safetensors (.safetensors) nor a torch file")
+    import argparse
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's own text advises weights_only=False: never repeat that advice
         text = str(e)
         if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
@@ -71,7 +90,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                              f"torch files weights-only): save a plain state dict or safetensors") from None
         first = (text.strip().splitlines() or [type(e).__name__])[0]
         raise NsvitError(f"{path} is not a readable torch file (truncated or corrupt?): {first}") from None
-    for key in ("state_dict", "model", "model_state", "module"):  # common wrappers
+    if use_ema:
+        key = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if key is None:
+            raise NsvitError(f"{path} holds no EMA weights ({' / '.join(EMA_KEYS)}); drop --use-ema")
+        obj = {key: obj[key]}
+    for key in (*EMA_KEYS, *WRAPPER_KEYS) if use_ema else WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             meta = obj.get("metadata", {}) if isinstance(obj.get("metadata"), dict) else {}
             obj = obj[key]
@@ -133,7 +157,7 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, num_classes: int | None = None,
-               pretrained: bool = False, **kwargs) -> Adapter:
+               pretrained: bool = False, use_ema: bool = False, **kwargs) -> Adapter:
     """A timm ViT by name, wrapped in its adapter (pixels in [0, 1] in, logits out).
 
     Args:
@@ -142,6 +166,8 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         checkpoint: local weights: ``.safetensors``, or a torch file read with ``weights_only=True``.
         num_classes: head size; by default the checkpoint's (or timm's default without one).
         pretrained: download timm's pretrained weights. Needs network: only when asked.
+        use_ema: a torch training checkpoint's EMA weights (``state_dict_ema``, as timm's
+            ``--use-ema`` and the official evaluation of the DAT weights).
         **kwargs: extra timm constructor arguments (``img_size=...``).
 
     Returns:
@@ -161,6 +187,10 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         num_classes = check_count("num_classes", num_classes)
     if not isinstance(pretrained, bool):  # pretrained="no" is truthy: a download nobody asked for
         raise NsvitError(f"pretrained must be True or False, got {pretrained!r}")
+    if not isinstance(use_ema, bool):
+        raise NsvitError(f"use_ema must be True or False, got {use_ema!r}")
+    if use_ema and checkpoint is None:
+        raise NsvitError("use_ema reads a checkpoint's EMA weights: give a checkpoint")
     sd, meta = (None, {})
     if name == embedded.NAME and checkpoint is None:
         checkpoint = embedded.CHECKPOINT
@@ -168,7 +198,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
             raise NsvitError(f"the embedded checkpoint {checkpoint} is missing; regenerate it with: "
                              f"{embedded.REGENERATE}")
     if checkpoint is not None:
-        sd, meta = read_weights(checkpoint)
+        sd, meta = read_weights(checkpoint, use_ema)
     arch = meta.get("arch")
     if arch is not None and not isinstance(arch, str):
         raise NsvitError(f"{checkpoint}: metadata 'arch' must be a model name, got {arch!r}")

@@ -9,9 +9,10 @@ from ..config import check_type
 from ..errors import NsvitError
 from .engine import FinetuneConfig, make_config
 
-RUN_KEYS = {"model": None, "checkpoint": None, "pretrained": False, "num_classes": None, "data": "digits:train",
+RUN_KEYS = {"model": None, "checkpoint": None, "use_ema": False, "pretrained": False, "num_classes": None,
+            "data": "digits:train",
             "val_data": None, "max_images": None, "out": None, "on_bad_image": "error"}
-RUN_TYPES = {"model": str | None, "checkpoint": str | None, "pretrained": bool, "num_classes": int | None,
+RUN_TYPES = {"model": str | None, "checkpoint": str | None, "use_ema": bool, "pretrained": bool, "num_classes": int | None,
              "data": str | None, "val_data": str | None, "max_images": int | None, "out": str | None,
              "on_bad_image": str}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
