@@ -3,7 +3,8 @@
     .venv/bin/python bench/compare_methods.py --seeds 0,1,2
 
 Same budget for every method (configs/digits.yaml: K rounds x S steps). random matches the per-round
-norm of the same seed's ns run (the paper's Table 4 control). Each final model is scored on the
+norm of the same seed's ns run (the paper's Table 4 control, norm-matched); random_eps is the
+epsilon-matched reading (random.match=eps: each round's Gaussian scaled to just inside synth.eps). Each final model is scored on the
 397 digits test images: clean, FGSM at 1/255 (the paper's), 4/255 and 8/255, PGD-10 at 4/255.
 Writes bench/results/methods.json and methods.md (or to --out) (mean ± std over seeds) and prints the table.
 CPU timings: run it on an idle machine.
@@ -45,7 +46,7 @@ def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     ap.add_argument("--config", default="digits", help="a config name or YAML path (default digits)")
-    ap.add_argument("--variants", type=listof(one_of([*METHODS, "ns_warm"], "variant"), "variants"),
+    ap.add_argument("--variants", type=listof(one_of([*METHODS, "ns_warm", "random_eps"], "variant"), "variants"),
                     default=["ns", "ns_warm", "plain", "random"], help="comma-separated (default ns,ns_warm,plain,random)")
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for methods.json / .md")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
@@ -63,6 +64,8 @@ def main() -> None:
             kw = dict(seed=seed)
             if variant == "ns_warm":
                 kw.update(method="ns", noise_init="warm")
+            elif variant == "random_eps":
+                kw.update(method="random", **{"random.match": "eps"})
             else:
                 kw.update(method=variant)
             t0 = time.perf_counter()
