@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     for method in methods:
         t0 = time.perf_counter()
         res = finetune(load_model("digits_vit"), train, cfg, method=method, rounds=rpm_rounds, noise_init="fresh",
-                       **run_kw, **({"random.norms": ns_norms} if method == "random" else {}))
+                       **run_kw, **({"random.match": "norm", "random.norms": ns_norms} if method == "random" else {}))
         if method == "ns":
             ns_norms = [h["noise_norm"] for h in res.history]
         rpm[method] = round(rpm_rounds / ((time.perf_counter() - t0) / 60), 2)

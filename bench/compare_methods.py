@@ -3,8 +3,9 @@
     .venv/bin/python bench/compare_methods.py --seeds 0,1,2
 
 Same budget for every method (configs/digits.yaml: K rounds x S steps). random matches the per-round
-norm of the same seed's ns run (the paper's Table 4 control, norm-matched); random_eps is the
-epsilon-matched reading (random.match=eps: each round's Gaussian scaled to just inside synth.eps). Each final model is scored on the
+norm of the same seed's ns run (random.match=norm, the norm-matched reading of the paper's Table 4
+control); random_eps is the epsilon-matched reading (random.match=eps, the method's default: each
+round's Gaussian scaled to just inside synth.eps). Each final model is scored on the
 397 digits test images: clean, FGSM at 1/255 (the paper's), 4/255 and 8/255, PGD-10 at 4/255.
 Writes bench/results/methods.json and methods.md (or to --out) (mean ± std over seeds) and prints the table.
 CPU timings: run it on an idle machine.
@@ -69,8 +70,10 @@ def main() -> None:
             else:
                 kw.update(method=variant)
             t0 = time.perf_counter()
-            if variant == "random" and ns_norms:
-                kw["random.norms"] = ns_norms
+            if variant == "random":
+                kw["random.match"] = "norm"
+                if ns_norms:
+                    kw["random.norms"] = ns_norms
             res = finetune(parts, train, cfg, val_data=val, progress=False, **kw)
             secs = time.perf_counter() - t0
             if variant == "ns":

@@ -122,8 +122,8 @@ def _check_resumable(out: Path, cfg) -> None:
 
 
 def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
-    """The demo's second stage: finetune the digits model with ns, plain and random (random
-    matching ns's per-round noise norms) from ``configs/digits.yaml`` (``quick``: 2 rounds of 5
+    """The demo's second stage: finetune the digits model with ns, plain and random (the
+    norm-matched control, ``random.match: norm``, at ns's per-round noise norms) from ``configs/digits.yaml`` (``quick``: 2 rounds of 5
     steps, 300 synthesis steps), resuming from ``out/finetune/<method>``; the Fig. 4 trend; the
     evaluation suites against the pretrained model, saved under ``out/eval``. Returns the config,
     Table 2, the report, histories and seconds per method."""
@@ -145,7 +145,8 @@ def finetune_stage(out: Path, seed: int, quick: bool, log) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = finetune(parts, train, cfg, method=method, val_data=val, out_dir=out / "finetune" / method,
-                           resume=True, **({"random.norms": ns_norms} if method == "random" else {}))
+                           resume=True, **({"random.match": "norm", "random.norms": ns_norms}
+                                           if method == "random" else {}))
         histories[method] = res.history
         if method == "ns":
             ns_norms = [h["noise_norm"] for h in res.history]

@@ -154,15 +154,15 @@ def test_random_reads_its_norms_and_learns_only_when_it_has_none(digits_parts):
         raise AssertionError("the NS noise was learned although the norms were given")
 
     ctx = RoundContext(digits_parts, 3, seed=7, learn=never)
-    v = get_method("random", RandomConfig(norms=[2.0, 5.0])).prepare(ctx)
+    v = get_method("random", RandomConfig(match="norm", norms=[2.0, 5.0])).prepare(ctx)
     assert v.shape == digits_parts.token_shape and float(v.norm()) == pytest.approx(5.0)  # the last norm repeats
     assert ctx.info == {"noise_norm": 5.0}
     learned = torch.full(digits_parts.token_shape, 0.5)
     ctx = RoundContext(digits_parts, 0, seed=7, learn=lambda: (learned, {"noise_norm": float(learned.norm())}))
-    v2 = get_method("random").prepare(ctx)
+    v2 = get_method("random", RandomConfig(match="norm")).prepare(ctx)
     assert float(v2.norm()) == pytest.approx(float(learned.norm()), rel=1e-5)
     assert ctx.info == {"noise_norm": float(learned.norm())}
-    v3 = get_method("random", RandomConfig(norm=4.0)).prepare(RoundContext(digits_parts, 0, seed=7, learn=never))
+    v3 = get_method("random", RandomConfig(match="norm", norm=4.0)).prepare(RoundContext(digits_parts, 0, seed=7, learn=never))
     assert torch.allclose(v3, v2 * (4.0 / v2.norm()))  # same seed, same direction
 
 

@@ -44,12 +44,13 @@ def test_each_method_runs_a_round_and_changes_the_weights(method, train, tmp_pat
     assert any(not torch.equal(before[k], after[k]) for k in before)
     h = res.history[0]
     assert h["round"] == 0 and 0 < h["val_acc"] <= 1 and h["train_loss"] > 0
-    if method in ("ns", "random"):
-        assert h["noise_norm"] > 0 and (method == "random" or h["converged"])
+    if method == "ns":
+        assert h["noise_norm"] > 0 and h["converged"]
         assert h["noise_norm"] == pytest.approx(float(learned[0].noises[0].norm()), rel=1e-5)
-        assert float(used[0].norm()) == pytest.approx(h["noise_norm"], rel=1e-5)
-        # ns trains with the learned noise itself, random with a Gaussian of its norm
-        assert torch.equal(used[0], learned[0].noises[0]) == (method == "ns")
+        assert torch.equal(used[0], learned[0].noises[0])  # ns trains with the learned noise itself
+    elif method == "random":  # a Gaussian scaled to just inside eps (random.match eps): nothing learned
+        assert learned == [] and float(used[0].norm()) == pytest.approx(h["noise_norm"], rel=1e-5)
+        assert h["noise_norm"] > 0 and 0.9 * 0.03 <= h["mse_prob"] < 0.03
     else:
         assert learned == [] and used == [None]
     for f in ("model.safetensors", "checkpoint.safetensors", "log.jsonl", "fig4_trend.png", "config.json"):
@@ -125,12 +126,12 @@ def test_trades_loss_by_hand(batch):
 def test_random_noise_norm_and_loss_by_hand(batch):
     # Gaussian tokens noise with the round's NS norm (or random_norm), trained with the ns loss
     parts, (x, y) = load_model("digits_vit"), batch
-    m = METHODS["random"]()
+    m = METHODS["random"](make_config(None, {"random.match": "norm"}).random)
     v = m.prepare(_ctx(parts))
     assert v.shape == parts.token_shape and float(v.norm()) == pytest.approx(5.5, rel=1e-6)
     r = torch.randn(parts.token_shape, generator=torch.Generator().manual_seed(7))  # seeded by the round
     assert torch.allclose(v, r * 5.5 / r.norm(), atol=1e-6)
-    fixed = METHODS["random"](make_config(None, {"random.norm": 2.0}).random)
+    fixed = METHODS["random"](make_config(None, {"random.match": "norm", "random.norm": 2.0}).random)
     assert float(fixed.prepare(_ctx(parts)).norm()) == pytest.approx(2.0, rel=1e-6)
     loss = m.loss(parts, x, y, v)[0].detach()
     with torch.no_grad():
@@ -602,7 +603,7 @@ def test_random_match_eps_scales_the_gaussian_to_just_inside_eps(train):
     from nsvit_fast.runtime import Runtime
 
     parts = load_model("digits_vit")
-    cfg = make_config(None, {"method": "random", "random.match": "eps", "rounds": 1, "model_steps": 1,
+    cfg = make_config(None, {"method": "random", "rounds": 1, "model_steps": 1,  # random.match eps: the default
                              "batch_size": 16, "synth.heldout": 96})
     eng = Engine(parts, train, cfg, None, None, False, Runtime.create("cpu", "fp32"))
     parts.eval()
@@ -615,10 +616,11 @@ def test_random_match_eps_scales_the_gaussian_to_just_inside_eps(train):
     assert 0.9 * 0.03 <= mse < 0.03
     assert float(noise_effect(parts, 2 * v[None], held)[0][0]) >= 0.03  # not far inside: twice is outside
     # no NS noise is learned: under torchrun it may run with synth.mode reference (refused for ns)
-    assert not eng.method.learns_noise() and METHODS["random"]().learns_noise() and METHODS["ns"]().learns_noise()
-    with pytest.raises(NsvitError, match="random.match eps scales the noise to synth.eps itself"):
-        make_config(None, {"method": "random", "random.match": "eps", "random.norm": 3.0})
-    with pytest.raises(NsvitError, match="random.match must be one of norm, eps"):
+    assert not eng.method.learns_noise() and METHODS["ns"]().learns_noise()
+    assert METHODS["random"](make_config(None, {"random.match": "norm"}).random).learns_noise()
+    with pytest.raises(NsvitError, match="set a norm-matched control: add random.match=norm"):
+        make_config(None, {"method": "random", "random.norm": 3.0})
+    with pytest.raises(NsvitError, match="random.match must be one of eps, norm"):
         make_config(None, {"method": "random", "random.match": "l2"})
 
 
@@ -645,20 +647,26 @@ def test_scale_to_eps_edge_cases():
     assert s > 0 and mse < 0.9 * 0.03  # the largest scale seen inside eps, under the band
 
 
-def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(train, tmp_path):
-    # a checkpoint written before lr_t_max and random.match existed lacks both keys: it is the
-    # default run, so it resumes as one, and a run that changes either is another run
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_it_ran(train, tmp_path):
+    # a checkpoint written before lr_t_max and random.match existed lacks both keys: it ran with
+    # lr_t_max 0 and norm-matched random noise (the default before random.match: eps), so it
+    # resumes as that run and no other; another method's block does not matter to a run
     from nsvit_fast.io import save_tensors
 
-    kw = dict(method="plain", rounds=2, model_steps=2, batch_size=16, progress=False, out_dir=tmp_path)
-    finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1})
-    ckpt = tmp_path / "checkpoint.safetensors"
-    t, m = load_tensors(ckpt)
-    del m["config"]["lr_t_max"], m["config"]["random"]["match"]
-    save_tensors(ckpt, t, m)
-    with pytest.raises(NsvitError, match=r"config key 'random.match': 'norm' there, 'eps' here"):
-        finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1}, resume=True, random={"match": "eps"})
+    def old_checkpoint(method, out, **extra):
+        kw = dict(method=method, rounds=1, model_steps=2, batch_size=16, progress=False, out_dir=out,
+                  synth={"max_steps": 5, "lim": 3.0, "batch_size": 32, "heldout": 32}, **extra)
+        finetune(load_model("digits_vit"), train, **kw)
+        t, m = load_tensors(out / "checkpoint.safetensors")
+        del m["config"]["lr_t_max"], m["config"]["random"]["match"]
+        save_tensors(out / "checkpoint.safetensors", t, m)
+        return kw
+
+    kw = old_checkpoint("plain", tmp_path / "plain")
     with pytest.raises(NsvitError, match=r"config key 'lr_t_max': 0 there, 100 here"):
-        finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1}, resume=True, lr_t_max=100)
-    res = finetune(load_model("digits_vit"), train, **{**kw, "rounds": 1}, resume=True)
-    assert len(res.history) == 1
+        finetune(load_model("digits_vit"), train, **kw, resume=True, lr_t_max=100)
+    assert len(finetune(load_model("digits_vit"), train, **kw, resume=True).history) == 1  # random: eps now
+    kw = old_checkpoint("random", tmp_path / "random", random={"match": "norm", "norm": 2.0})
+    with pytest.raises(NsvitError, match=r"config key 'random.match': 'norm' there, 'eps' here"):
+        finetune(load_model("digits_vit"), train, **{**kw, "random": {}}, resume=True)
+    assert len(finetune(load_model("digits_vit"), train, **kw, resume=True).history) == 1

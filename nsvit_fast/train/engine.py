@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -214,10 +214,16 @@ class _LossModule(nn.Module):
         return self.method.loss(self.parts, x, y, noise)
 
 
+# what a checkpoint written before a setting existed ran with, where that is not today's default
+ABSENT_MEANS = {"random": {"match": "norm"}}
+
+
 def _with_defaults(theirs: dict, defaults: dict) -> dict:
     """A checkpoint's config with the keys it lacks (settings added since it was written, nested
-    ones too: ``random.match``) at their defaults: an absent key then matches only a run that
-    keeps the default, which is what the older version ran with."""
+    ones too: ``random.match``) at what the older version ran with: ``ABSENT_MEANS``, else today's
+    default. An absent key then matches only a run that does the same."""
+    defaults = {k: {**v, **ABSENT_MEANS.get(k, {})} if isinstance(v, dict) else ABSENT_MEANS.get(k, v)
+                for k, v in defaults.items()}
     out = {k: theirs.get(k, v) for k, v in defaults.items()}
     for k, v in defaults.items():
         if isinstance(v, dict) and isinstance(out[k], dict):
@@ -328,7 +334,9 @@ class Engine:
         check_header(path, m)
         cfg = self.cfg
         mine, theirs = asdict(cfg), _with_defaults(m["config"], asdict(FinetuneConfig()))
-        diff = [k for k in mine if mine[k] != theirs[k] and k not in ("checkpoint_every", "workers")]
+        # another method's hyperparameters (a plain run's random block) do not change this run
+        unused = {f.name for f in fields(MethodConfigs)} - {cfg.method}
+        diff = [k for k in mine if mine[k] != theirs[k] and k not in ("checkpoint_every", "workers", *unused)]
         if m["arch"] != self.parts.arch or m["model_kwargs"] != json.loads(json.dumps(self.parts.model_kwargs)):
             raise NsvitError(f"{path} belongs to another run (model {m['arch']} {m['model_kwargs']} there, "
                              f"{self.parts.arch} {self.parts.model_kwargs} here); use another --out")

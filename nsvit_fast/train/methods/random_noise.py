@@ -1,15 +1,16 @@
 """The paper's Table 4 control: Gaussian noise at the insertion point, same loss as ns.
 
-The paper says "randomly generated ϵ-noise" without saying how it is made ε, so two readings:
+The paper calls it "randomly generated ϵ-noise" and "an ϵ noise sampled from a Gaussian
+distribution" (§5.5; the official code has none), without saying how it is made ε. Two readings:
 
-- ``random.match: norm`` (default): the Gaussian's norm is ``random.norm`` if set; else
-  ``random.norms[round]`` (a list of per-round norms, e.g. an ns run's log; the last one repeats);
-  else the norm of the round's NS noise, learned on the model as ns would. A Gaussian of that norm
-  moves the output probabilities far more than ε (Fig. 3's permuted noise): a norm-matched control.
-- ``random.match: eps``: the Gaussian is scaled until it moves the model's output probabilities by
-  just under ε (MSE-prob in [0.9 ε, ε), ``synth.eps``) on the images the round's synthesis would
-  measure on, in forward passes only: an ε-matched control, much smaller in norm than the NS noise.
-  No NS noise is learned.
+- ``random.match: eps`` (default, the literal one): the round's Gaussian is scaled until it moves
+  the model's output probabilities by just under ε (MSE-prob in [0.9 ε, ε), ``synth.eps``) on the
+  images the round's synthesis would measure on, in forward passes only: an ε-noise, as the learned
+  one is, but random. No NS noise is learned.
+- ``random.match: norm``: the Gaussian's norm is ``random.norm`` if set; else ``random.norms[round]``
+  (a list of per-round norms, e.g. an ns run's log; the last one repeats); else the norm of the
+  round's NS noise, learned on the model as ns would. A Gaussian of that norm moves the output
+  probabilities far more than ε (Fig. 3's permuted noise): a norm-matched control, not an ε-noise.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import torch
 from .base import Method
 from .ns import NS
 
-MATCHES = ("norm", "eps")
+MATCHES = ("eps", "norm")
 
 
 @dataclass
 class RandomConfig:
-    """``match``: norm | eps (see the module docstring). ``norm``: a fixed noise norm; ``norms``:
-    per-round norms to match. Both None under match norm: the round's NS noise's norm."""
+    """``match``: eps | norm (see the module docstring). ``norm``: a fixed noise norm; ``norms``:
+    per-round norms to match; both with match norm only (both None: the round's NS noise's norm)."""
 
-    match: str = "norm"
+    match: str = "eps"
     norm: float | None = None
     norms: list[float] | None = None
 
@@ -45,15 +46,15 @@ class RandomConfig:
         if self.norms is not None and (not self.norms or not all(float(n) > 0 for n in self.norms)):
             raise NsvitError(f"random.norms must be a non-empty list of norms > 0 (or null), got {self.norms}")
         if self.match == "eps" and (self.norm is not None or self.norms is not None):
-            raise NsvitError("random.match eps scales the noise to synth.eps itself: leave random.norm and "
-                             "random.norms null")
+            raise NsvitError("random.norm and random.norms set a norm-matched control: add random.match=norm "
+                             "(random.match eps, the default, scales the noise to synth.eps itself)")
 
 
 class RandomNoise(Method):
-    """NS's loss with a Gaussian token-space noise instead of the learned one (the ablation):
-    per round a seeded Gaussian (N, D), scaled to ``random.norm``, else to ``random.norms[round]``
-    (the last entry past its end), else to the norm of the round's learned NS noise; or, with
-    ``random.match: eps``, to just inside ε on the current model."""
+    """NS's loss with a seeded Gaussian token-space noise (N, D) instead of the learned one (the
+    ablation): scaled to just inside ε on the current model (``random.match: eps``, default), or
+    with ``random.match: norm`` to ``random.norm``, else ``random.norms[round]`` (the last entry past
+    its end), else the norm of the round's learned NS noise."""
 
     name = "random"
     Config = RandomConfig
@@ -61,7 +62,7 @@ class RandomNoise(Method):
     needs_noise = True
 
     def learns_noise(self) -> bool:
-        """Only the default, norm-matched to the round's NS noise, learns one."""
+        """Only the norm-matched control without given norms learns the round's NS noise."""
         c = self.config
         return c.match == "norm" and not c.norm and not c.norms
 
