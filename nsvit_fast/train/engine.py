@@ -214,16 +214,14 @@ class _LossModule(nn.Module):
         return self.method.loss(self.parts, x, y, noise)
 
 
-# what a checkpoint written before a setting existed ran with, where that is not today's default
-ABSENT_MEANS = {"random": {"match": "norm"}}
-
-
 def _with_defaults(theirs: dict, defaults: dict) -> dict:
     """A checkpoint's config with the keys it lacks (settings added since it was written, nested
-    ones too: ``random.match``) at what the older version ran with: ``ABSENT_MEANS``, else today's
-    default. An absent key then matches only a run that does the same."""
-    defaults = {k: {**v, **ABSENT_MEANS.get(k, {})} if isinstance(v, dict) else ABSENT_MEANS.get(k, v)
-                for k, v in defaults.items()}
+    ones too: ``random.match``) at what the older version ran with: the method's ``absent_means``,
+    else today's default. An absent key then matches only a run that does the same."""
+    from .methods import METHODS
+
+    absent = {name: m.absent_means for name, m in METHODS.items() if m.absent_means}
+    defaults = {k: {**v, **absent.get(k, {})} if isinstance(v, dict) else v for k, v in defaults.items()}
     out = {k: theirs.get(k, v) for k, v in defaults.items()}
     for k, v in defaults.items():
         if isinstance(v, dict) and isinstance(out[k], dict):

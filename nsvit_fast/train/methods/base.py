@@ -10,6 +10,8 @@ and declares its hyperparameters and traits on the class:
     Config               a dataclass of its hyperparameters (None: it has none), nested in
                          FinetuneConfig under the method's name like ``synth`` (``pgd.eps``)
     moved_keys           old flat FinetuneConfig keys -> the Config field that replaced them
+    absent_means         Config fields added since -> what a checkpoint without them ran with,
+                         where that is not today's default (so it resumes as it ran)
     needs_noise          prepare() may learn the round's NS noise (``ctx.ns_noise()``)
     rebuild_on_resume    prepare() builds objects the checkpoint does not hold (attacks), so a run
                          resumed inside a round calls it again (and keeps the checkpoint's noise)
@@ -69,6 +71,7 @@ class Method:
     name: ClassVar[str] = "?"
     Config: ClassVar[type | None] = None
     moved_keys: ClassVar[dict[str, str]] = {}
+    absent_means: ClassVar[dict[str, Any]] = {}
     needs_noise: ClassVar[bool] = False
     rebuild_on_resume: ClassVar[bool] = False
 

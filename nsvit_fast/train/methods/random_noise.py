@@ -59,6 +59,7 @@ class RandomNoise(Method):
     name = "random"
     Config = RandomConfig
     moved_keys = {"random_norm": "norm"}
+    absent_means = {"match": "norm"}  # the control before random.match existed
     needs_noise = True
 
     def learns_noise(self) -> bool:
