@@ -123,7 +123,7 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--num-classes", type=count(1), help="head size (default: the checkpoint's)")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (network)")
     p.add_argument("--use-ema", dest="use_ema", action="store_true",
-                   help="a training checkpoint's EMA weights (state_dict_ema, as timm's --use-ema)")
+                   help="--checkpoint's EMA weights (state_dict_ema, as timm's --use-ema; not eval's --compare files)")
 
 
 def _load(args):
@@ -516,7 +516,8 @@ def _eval(args) -> int:
     if dup:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
     for i, ck in enumerate(ckpts):
-        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, use_ema=args.use_ema)
+        # --use-ema is --checkpoint's (the DAT weights), so a toolkit run can be compared with it
+        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
     from .data import load_data, parse_spec
