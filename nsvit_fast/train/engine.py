@@ -54,8 +54,9 @@ class FinetuneConfig(MethodConfigs):
     """Defaults are the paper's (App. C, Algorithm 1): K = 20 rounds of S = 40 steps, AdamW lr 1e-5,
     batch 128, a fresh U(-lim, lim) noise each round. ``noise_init="warm"`` is a documented
     accelerator, not Algorithm 1: it starts each round from the last noise x ``warm_growth``;
-    measured on digits over 3 seeds (bench/results/methods.md) it needs 3.6x less synthesis time for
-    robustness within 1 std of fresh, while the noise norm grows each round (to about 590).
+    measured on digits over 3 seeds (bench/results/methods.md) it needs 4.2x less synthesis time and
+    is more robust than fresh there (2.6-3.9 points on FGSM 4-8/255 and PGD), while the noise norm
+    grows each round (to about 595).
     ``noise_init="warm_boundary"`` (the ``*_fast`` configs; bench/results/noise_cost.md) learns round
     0's noise with ``synth`` as configured (the fast configs: ``schedule: boundary``), and starts every
     later round from the last noise grown to just inside ε on held-out images in forward passes only
