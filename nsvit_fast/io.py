@@ -7,6 +7,7 @@ leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -32,8 +33,8 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
     Refused: a path that is a folder, a path under a file, a suffix not in ``suffixes`` (when given),
     one of a finetuning run's files (``runlock.RUN_FILES``) in a folder that holds that run,
     a folder that cannot be created or written, and a folder at any of ``siblings`` (the files
-    written beside it, e.g. its .json). Nothing is left behind: a folder created to check
-    writability is removed again."""
+    written beside it, e.g. its .json). Nothing is left behind and nothing is
+    made: writability is tried with a temporary file in the nearest existing folder."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
@@ -99,29 +100,28 @@ def _check_dir(folder: Path, what: str) -> None:
         raise NsvitError(f"{what} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise NsvitError(f"cannot write {folder}: {existing} is not writable")
-    if existing != folder:  # os.access trusts root: try for real, then remove what was made
-        made = []
-        try:
-            for p in reversed([folder, *folder.parents]):
-                if not p.exists():
-                    try:
-                        p.mkdir()
-                    except FileExistsError:  # another rank (torchrun) made it meanwhile: not ours to remove
-                        continue
-                    made.append(p)
-        except OSError as e:
-            raise os_error(folder, e) from None
-        finally:
-            for p in reversed(made):
-                with contextlib.suppress(OSError):  # another rank is using it now (or removed it): leave it
-                    p.rmdir()
-    else:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".nsvit-write-check.", dir=folder)
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as e:
-            raise os_error(folder, e) from None
+    # os.access trusts root: write a real file where the folder would be made. The missing part is
+    # not made and removed as a trial, since two ranks (or two runs) checking the same new folder
+    # would remove it under each other's feet.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".nsvit-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise os_error(folder, e) from None
+    if existing != folder:
+        missing = folder.relative_to(existing).parts if folder.is_relative_to(existing) else ()
+        limit = _name_max(existing)
+        for part in missing:
+            if len(os.fsencode(part)) > limit:
+                raise os_error(folder, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no limit reported
+        return 255
 
 
 @contextlib.contextmanager

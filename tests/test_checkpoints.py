@@ -78,6 +78,43 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_output_checks_race_free_and_make_nothing(tmp_path):
+    """Ranks (or bench jobs) checking sibling new folders under one missing parent at once all pass:
+    the check used to make and remove the parent, under the other checks' feet (a red CI)."""
+    import threading
+
+    from nsvit_fast.errors import NsvitError
+    from nsvit_fast.io import check_output_dir, check_output_file
+
+    errors = []
+    for trial in range(40):
+        gate = threading.Barrier(6)
+
+        def check(i, trial=trial, gate=gate):
+            gate.wait()
+            try:
+                if i % 2:
+                    check_output_dir(tmp_path / f"t{trial}" / "out" / str(i))
+                else:
+                    check_output_file(tmp_path / f"t{trial}" / "out" / str(i) / "x.json")
+            except NsvitError as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=check, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert list(tmp_path.iterdir()) == []  # nothing made, nothing left
+    with pytest.raises(NsvitError, match="File name too long"):
+        check_output_dir(tmp_path / "new" / ("n" * 300))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NsvitError, match="is a file, not a folder"):
+        check_output_dir(tmp_path / "f" / "sub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 # -- the finetuning engine's boundaries: methods own their configs, the engine names none --
 
 def method_names_in(source: str, names) -> list[str]:
