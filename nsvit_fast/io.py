@@ -158,9 +158,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def current_umask() -> int:
+    """The process umask. Read from /proc where there is one: setting it to read it back would give
+    a file another thread creates in between the mode 0666."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def make_dirs(folder: str | os.PathLike) -> list[Path]:
+    """``mkdir -p folder``; returns the folders this call made, outermost first (for the caller to
+    remove again when it fails). A folder another process makes meanwhile is not counted, and one it
+    removes meanwhile (its own failed call) is made again. Raises OSError."""
+    folder = Path(folder)
+    for attempt in range(5):
+        made = []
+        try:
+            for p in reversed([folder, *folder.parents]):
+                if p.is_dir():
+                    continue
+                try:
+                    p.mkdir()
+                except FileExistsError:
+                    if p.exists() and not p.is_dir():  # a file: a real error. Gone again: see below
+                        raise
+                    continue
+                made.append(p)
+            return made
+        except FileNotFoundError:  # a parent went between our steps: start again from the top
+            if attempt == 4:
+                raise
+    return []
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

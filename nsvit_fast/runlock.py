@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import NsvitError
+from .io import make_dirs
 
 LOCK_NAME = ".nsvit.lock"
 # what a finetuning run leaves in its folder (its checkpoint first): no other run writes there
@@ -63,9 +64,8 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         NsvitError: the folder is in use by another run, or the lock file cannot be created.
     """
     folder = Path(folder)
-    made = [p for p in reversed([folder, *folder.parents]) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(folder)
     except OSError as e:
         raise NsvitError(f"cannot create run folder {folder}: {e.strerror or e}") from None
     path = folder / LOCK_NAME

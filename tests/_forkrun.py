@@ -1,6 +1,6 @@
 """Runs many short command invocations fast: imports torch and nsvit-fast once, then forks one
 child per case (JSON list on stdin), each with its own working directory, environment, stdout /
-stderr files, file-size limit and alarm. Prints the children's exit codes as a JSON list.
+stderr files, file-size and address-space limits and alarm (120 s unless the case sets one). Prints the children's exit codes as a JSON list.
 
     python tests/_forkrun.py cli            # each case: nsvit_fast.cli.main(case["argv"])
     python tests/_forkrun.py script BENCH   # each case: runpy of case["script"] as __main__, argv case["argv"]
@@ -41,8 +41,9 @@ def child(c: dict) -> int:
     if c.get("fsize"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (c["fsize"], c["fsize"]))
-    if c.get("alarm"):  # a case wrongly accepted starts its run: end it, and the case fails
-        signal.alarm(c["alarm"])
+    if c.get("as"):  # a huge allocation is refused whatever the host's overcommit setting
+        resource.setrlimit(resource.RLIMIT_AS, (c["as"], c["as"]))
+    signal.alarm(c.get("alarm", 120))  # a case wrongly accepted starts its run: end it, and the case fails
     try:
         if mode == "cli":
             return nsvit_fast.cli.main(c["argv"])
@@ -59,7 +60,8 @@ def child(c: dict) -> int:
 
 
 cases = json.load(sys.stdin)
-par = max(2, min(4, os.cpu_count() or 2))
+cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+par = max(2, min(4, cpus))  # a container's CPUs, not the host's
 running, results = {}, {}
 todo = list(enumerate(cases))
 while todo or running:

@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# subprocesses too: torch starts a thread per host core, not per CPU a container may use
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, len(os.sched_getaffinity(0))))))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

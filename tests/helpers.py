@@ -1,5 +1,12 @@
 """Hand computations and data writers shared by several test files."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -36,3 +43,19 @@ def write_digits_folder(root, split="train", n=320, suffix=".png", **save_kw):
         d.mkdir(exist_ok=True)
         save_pixels(ds.images[i], d / f"{i}{suffix}", **save_kw)
     return root
+
+
+def run_forkrun(jobs: list[dict], *mode: str, timeout: int, **kw) -> list[int]:
+    """tests/_forkrun.py over ``jobs`` (its cases); returns their exit codes. On a timeout the whole
+    process group goes, so no forked case keeps the cores busy for the tests after it."""
+    p = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_forkrun.py")), *mode],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(json.dumps(jobs), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    assert p.returncode == 0, err[-3000:]
+    return json.loads(out)

@@ -104,8 +104,10 @@ def test_unknown_name_suggests_near_names():
         load_model("vit_smal_patch16_224")
 
 
-def test_pretrained_offline_fails_with_one_line(monkeypatch):
+def test_pretrained_offline_fails_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: weights a runner cached would load
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(NsvitError, match="could not get pretrained weights") as e:
         load_model("vit_tiny_patch16_224", pretrained=True)
     assert "\n" not in str(e.value)

@@ -1,5 +1,7 @@
 """Weights in and out: safetensors with metadata, weights-only torch files, and the bad cases."""
 
+import os
+
 import pytest
 import torch
 
@@ -113,6 +115,47 @@ def test_output_checks_race_free_and_make_nothing(tmp_path):
     with pytest.raises(NsvitError, match="is a file, not a folder"):
         check_output_dir(tmp_path / "f" / "sub")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_make_dirs_counts_only_its_own_folders_under_races(tmp_path):
+    """Runs into sibling new folders (run_lock, Report.save) each remove only the folders they made,
+    and a parent another run removes meanwhile is made again, not an error."""
+    import threading
+
+    from nsvit_fast.io import current_umask, make_dirs
+
+    errors = []
+    for trial in range(40):
+        gate = threading.Barrier(6)
+
+        def run(i, trial=trial, gate=gate):
+            gate.wait()
+            try:
+                made = make_dirs(tmp_path / f"t{trial}" / "runs" / str(i))
+                assert made and made[-1].name == str(i) and all(p.is_relative_to(tmp_path) for p in made)
+                for p in reversed(made):  # as a failed save cleans up
+                    try:
+                        p.rmdir()
+                    except OSError:  # another run's folder is inside it
+                        pass
+            except Exception as e:  # noqa: BLE001 - any failure in a thread is the test's
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    # each run's own leaf went; a shared parent stays when its maker saw another run inside it
+    assert [p for p in tmp_path.rglob("*") if p.name.isdigit() or not p.is_dir()] == []
+    assert make_dirs(tmp_path / "a" / "b") == [tmp_path / "a", tmp_path / "a" / "b"]
+    assert make_dirs(tmp_path / "a" / "b") == []
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+    finally:
+        os.umask(old)
 
 
 # -- the finetuning engine's boundaries: methods own their configs, the engine names none --

@@ -414,7 +414,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
                          timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29533", script, str(tmp_path / "two")],
+    two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", script, str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     r1 = json.loads((tmp_path / "one" / "rank0.json").read_text())
@@ -539,7 +539,7 @@ def test_torchrun_ranks_with_different_settings_are_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29534", str(script)],
+    run = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", str(script)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode != 0
     assert "the ranks were started with different settings, model or data: rank(s) [1] differ" in run.stderr

@@ -202,7 +202,7 @@ def test_torchrun_on_a_streamed_folder_matches_one_process(digit_folder, tmp_pat
     one = _cli(*args, "--out", str(tmp_path / "one"))
     assert one.wait(timeout=900) == 0, one.stderr.read()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29541", "-m", "nsvit_fast", *args,
+    two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", "-m", "nsvit_fast", *args,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]

@@ -271,7 +271,7 @@ def test_init_scale_boundary_grows_a_warm_start_to_the_edge_of_eps(parts, train)
     # the call's time split by phase: the search is charged to grow, and the phases add up to the call
     ph = bank.meta["phase_seconds"]
     assert list(ph) == ["setup", "grow", "descent", "to_boundary", "metrics"] and min(ph.values()) >= 0
-    assert ph["grow"] > 0 and sum(ph.values()) <= bank.meta["seconds"] <= sum(ph.values()) + 0.5
+    assert ph["grow"] > 0 and sum(ph.values()) <= bank.meta["seconds"] + 1e-3 <= sum(ph.values()) + 0.5  # rounding
     with pytest.raises(NsvitError, match="init_scale"):
         synthesize(parts, train, init=small, init_scale="grow", max_steps=5, progress=False)
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import NsvitError
-from ..io import os_error, save_figure, write_json, write_text
+from ..io import make_dirs, os_error, save_figure, write_json, write_text
 
 TABLE2 = [("clean", "Clean"), ("patchfool", "PatchFool"), ("cw", "CW"), ("fgsm", "FGSM"),
           ("damagenet", "DamageNet"), ("imagenet-a", "A"), ("corruptions", "C↓"), ("imagenet-v2", "V2"),
@@ -253,9 +253,9 @@ class Report:
         for name in self.FILES:  # a folder where a file goes would fail the move, after others were moved
             if (out / name).is_dir() and not (out / name).is_symlink():
                 raise NsvitError(f"cannot write {out / name}: it is a folder")
-        made = [p for p in reversed([out, *out.parents]) if not p.exists()]
+        made = []
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            made = make_dirs(out)
             stage = Path(tempfile.mkdtemp(prefix=".nsvit-report.", suffix=".tmp", dir=out))
         except OSError as e:
             raise os_error(out, e) from None
