@@ -3,6 +3,9 @@ Average against hand-computed values, OOD folders, reports round-trip, bad input
 
 import csv
 import io
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +261,69 @@ def test_a_failed_save_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(NsvitError, match="No space left"):
         _new_report().save(tmp_path / "a" / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+def _kill_save_after(folder, call, n):
+    """Run _new_report().save(folder) in a child process that dies (as by kill -9: no cleanup, no
+    unwinding) right after its n-th ``call`` ("replace" or "unlink") on a file of ``folder``."""
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no return
+        try:
+            real, count = getattr(os, call), [0]
+
+            def dying(a, *args, **kw):
+                real(a, *args, **kw)
+                target = args[0] if call == "replace" else a
+                if Path(target).parent == folder:
+                    count[0] += 1
+                    if count[0] == n:
+                        os._exit(9)
+
+            setattr(os, call, dying)
+            _new_report().save(folder)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+
+
+@pytest.mark.parametrize("call,n", [("replace", 1), ("replace", 3), ("unlink", 1)])
+def test_a_save_killed_while_moving_is_undone_by_the_next_save(tmp_path, call, n):
+    import fcntl
+
+    import nsvit_fast.eval.report as report_mod
+
+    before = _old_report_folder(tmp_path)
+    _kill_save_after(tmp_path, call, n)
+    (stage,) = tmp_path.glob(".nsvit-report.*.tmp")
+    mixed = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert mixed != before  # the kill left two reports' files side by side
+    # a stage whose save still runs (its lock held) is left alone
+    fd = os.open(stage / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert report_mod._recover(tmp_path, Report.FILES) == [] and stage.exists()
+    os.close(fd)
+    # once its owner is gone, the old report comes back byte for byte, and the stage goes
+    assert report_mod._recover(tmp_path, Report.FILES) == [stage]
+    assert _folder(tmp_path) == before
+    # the same through the next save, which says so and then writes its own report whole
+    _kill_save_after(tmp_path, call, n)
+    with pytest.warns(UserWarning, match="killed while it moved its files.*put back"):
+        paths = _new_report().save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in paths.values()), "notes.txt"])
+    assert json.loads((tmp_path / "report.json").read_text()) == _new_report().to_dict()
+
+
+def test_a_save_killed_before_moving_leaves_only_a_stage_to_remove(tmp_path):
+    import nsvit_fast.eval.report as report_mod
+
+    before = _old_report_folder(tmp_path)
+    stage = tmp_path / ".nsvit-report.x.tmp"  # killed while writing: its lock and files, no journal
+    stage.mkdir()
+    (stage / ".lock").touch()
+    (stage / "report.json").write_text("{}")
+    assert report_mod._recover(tmp_path, Report.FILES) == [] and not stage.exists()
+    assert _folder(tmp_path) == before
 
 
 def test_a_failed_move_puts_the_old_report_back(tmp_path, monkeypatch):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
 import statistics
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,8 +64,9 @@ def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) ->
     by an atomic rename (a reader sees the old file or the new, never none), taking the old one's
     mode. If a move or a removal fails, the old files are renamed back and the new ones removed
     before the error (NsvitError) is raised; so too on an interruption (SIGTERM, Ctrl-C) between
-    moves. Only a kill -9 or a power cut in the middle of the moves can still leave a mix: POSIX has
-    no rename of several names at once."""
+    moves. A kill -9 or a power cut in the middle of the moves (POSIX has no rename of several names
+    at once) leaves ``stage/journal.json``, written before the first move: the next save into
+    ``out`` puts the old report back from it (:func:`_recover`)."""
     backup = stage / "old"
     try:
         backup.mkdir()
@@ -73,6 +76,7 @@ def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) ->
                 os.link(out / n, backup / n, follow_symlinks=False)
             except (OSError, NotImplementedError):  # no hard links here (FAT, some network filesystems)
                 shutil.copy2(out / n, backup / n, follow_symlinks=False)
+        _write_synced(stage / JOURNAL, json.dumps({"olds": olds, "new": list(new)}))
     except OSError as e:
         raise NsvitError(f"cannot write the report in {out}: {e.strerror or e} "
                          f"(nothing in {out} was changed)") from None
@@ -97,18 +101,80 @@ def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) ->
                     os.unlink(out / n)
             except OSError:
                 undone = False
+        if undone:
+            with contextlib.suppress(OSError):
+                os.unlink(stage / JOURNAL)
         if not isinstance(e, OSError):
             raise
         where = f"{out / Path(e.filename).name}: " if e.filename else f"{out}: "
         raise NsvitError(f"cannot write the report {where}{e.strerror or e} "
                          + (f"(the old report in {out} was put back)" if undone else
                             f"(the old report in {out} could not all be put back: its files may be mixed)")) from None
+    _sync_dir(out)  # the renames durable before the journal goes
+    os.unlink(stage / JOURNAL)  # the new report is whole: nothing to put back
+
+
+JOURNAL = "journal.json"  # in a staging folder: the commit's plan, present only while files move
+_LOCK = ".lock"  # in a staging folder: flock-ed by the save that owns it, released when it dies
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
     fd = None
-    with contextlib.suppress(OSError):  # make the renames durable (not every filesystem allows it)
-        fd = os.open(out, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # not every filesystem allows it
+        fd = os.open(folder, os.O_RDONLY)
         os.fsync(fd)
     if fd is not None:
         os.close(fd)
+
+
+def _recover(out: Path, managed: tuple[str, ...]) -> list[Path]:
+    """Finish what killed saves left in ``out``: each staging folder whose owner is gone (its lock is
+    free) is removed, and where its journal shows moves had begun, the old report's files are put
+    back first, so the folder holds the report from before that save, whole. A staging folder whose
+    owner still runs is left alone. Returns the staging folders whose moves were undone."""
+    undone = []
+    for stage in sorted(out.glob(".nsvit-report.*.tmp")):
+        try:
+            fd = os.open(stage / _LOCK, os.O_RDWR)
+        except OSError:  # not a staging folder of this version, or its save is just starting
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its save is running
+                continue
+            try:
+                plan = json.loads((stage / JOURNAL).read_text())
+                olds = [n for n in plan["olds"] if n in managed]  # names only: a journal edited by hand
+                new = [n for n in plan["new"] if n in managed]   # reaches no other path
+            except (OSError, ValueError, TypeError, KeyError):  # none, or cut short: no move had begun
+                olds = new = None
+            if new is not None:
+                for n in new:
+                    if (stage / n).exists():  # not moved yet
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if n in olds:
+                            os.replace(stage / "old" / n, out / n)
+                        else:
+                            os.unlink(out / n)
+                for n in olds:  # an old figure the killed save had removed
+                    if not os.path.lexists(out / n):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.replace(stage / "old" / n, out / n)
+                _sync_dir(out)
+                undone.append(stage)
+            shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return undone
 
 
 class Report:
@@ -247,17 +313,25 @@ class Report:
         each move is an atomic rename), and only when all are written are they moved into place and
         the old report's files the new one does not write (a figure) removed. A failure while writing
         (a full disk, a figure that cannot be drawn) leaves ``out_dir`` exactly as it was; a failure
-        while moving puts the old files back. Other files in ``out_dir`` are never touched. Raises
+        while moving puts the old files back, and a save killed while moving (kill -9) is undone by
+        the next save into ``out_dir``, with a warning. Other files in ``out_dir`` are never touched. Raises
         NsvitError for a filesystem error (one line naming ``out_dir``) or an empty report."""
         out = Path(out_dir)
         for name in self.FILES:  # a folder where a file goes would fail the move, after others were moved
             if (out / name).is_dir() and not (out / name).is_symlink():
                 raise NsvitError(f"cannot write {out / name}: it is a folder")
-        made = []
+        made, lock = [], None
         try:
             made = make_dirs(out)
+            for old in _recover(out, self.FILES):
+                warnings.warn(f"{out}: an earlier report save was killed while it moved its files "
+                              f"({old.name}); the report from before it was put back, whole")
             stage = Path(tempfile.mkdtemp(prefix=".nsvit-report.", suffix=".tmp", dir=out))
+            lock = os.open(stage / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as e:
+            if lock is not None:
+                os.close(lock)
             raise os_error(out, e) from None
         done = False
         try:
@@ -272,6 +346,7 @@ class Report:
             done = True
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+            os.close(lock)
             if not done:
                 for p in reversed(made):  # a folder this call created goes again (when still empty)
                     with contextlib.suppress(OSError):
