@@ -108,6 +108,7 @@ def test_profile_synth_reports_phases(cli, tmp_path):
               if l.split() and l.split()[0] in ("noisy_forward", "backward")}
     assert shares["noisy_forward"] + shares["backward"] > 50  # the floor dominates the fast step
     assert json.loads(trace.read_text())["traceEvents"]
+    assert "USDT" not in r.stderr and "profiler_start" not in r.stderr  # kineto's markers stay off the terminal
 
 
 def test_eval_compares_checkpoints_and_writes_a_report(cli, tmp_path):

@@ -34,7 +34,8 @@ def profile_synth(model, data, steps: int = 20, trace: str | Path | None = "synt
     if fixed:  # eps, max_steps, stop are set below; heldout and schedule act only around the descent profiled
         raise NsvitError(f"profile_synth runs a fixed number of descent steps and takes no {fixed[0]!r}; "
                          f"give steps= instead")
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep kineto's startup chatter off the terminal
+    # kineto's start/stop markers ("USDT:...") are its level 5, above ERROR (4): 6 keeps them off the terminal
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile
 
     cfg = check_config(build(SynthConfig, None, {**synth_kwargs, "eps": 1e-12, "max_steps": steps,
