@@ -98,15 +98,19 @@ def test_synth_writes_a_bank(cli, tmp_path):
     assert (tmp_path / "log.jsonl").read_text().count("\n") >= max(summary["steps"])
 
 
-def test_profile_synth_reports_phases(cli, tmp_path):
-    trace = tmp_path / "trace.json"
-    r = cli("profile", "synth", "--steps", "5", "--batch-size", "32", "--trace", str(trace))
+def test_profile_synth_reports_phases(tmp_path):
+    trace = tmp_path / "trace.json"  # a subprocess: kineto logs to file descriptor 2, past capsys
+    r = run("profile", "synth", "--steps", "5", "--batch-size", "32", "--trace", str(trace))
     assert r.returncode == 0, r.stderr
     for phase in ("noisy_forward", "backward", "optimizer", "host_sync"):
         assert phase in r.stdout
     shares = {l.split()[0]: float(l.split()[-1].rstrip("%")) for l in r.stdout.splitlines()
-              if l.split() and l.split()[0] in ("noisy_forward", "backward")}
-    assert shares["noisy_forward"] + shares["backward"] > 50  # the floor dominates the fast step
+              if l.split() and l.split()[-1].endswith("%")}
+    assert sum(shares.values()) == pytest.approx(100, abs=1)
+    # the floor (noisy forward + input backward) dominates the step's own overheads; not a fixed share,
+    # which moves with the machine and its load (the first step's clean forward fills the cache)
+    overhead = sum(shares[k] for k in ("data", "loss_and_stop", "optimizer", "host_sync"))
+    assert shares["noisy_forward"] + shares["backward"] > 3 * overhead, shares
     assert json.loads(trace.read_text())["traceEvents"]
     assert "USDT" not in r.stderr and "profiler_start" not in r.stderr  # kineto's markers stay off the terminal
 
