@@ -93,6 +93,8 @@ def _check_dir(folder: Path, what: str) -> None:
     folder = Path(folder) if str(folder) else Path(".")
     existing = folder
     while not existing.exists():  # the nearest existing ancestor decides
+        if existing.is_symlink():  # mkdir would fail there, after the run
+            raise NsvitError(f"cannot write {folder}: {existing} is a link to a missing path")
         if existing.parent == existing:
             break
         existing = existing.parent
@@ -174,8 +176,8 @@ def make_dirs(folder: str | os.PathLike) -> list[Path]:
     remove again when it fails). A folder another process makes meanwhile is not counted, and one it
     removes meanwhile (its own failed call) is made again. Raises OSError."""
     folder = Path(folder)
+    made: list[Path] = []
     for attempt in range(5):
-        made = []
         try:
             for p in reversed([folder, *folder.parents]):
                 if p.is_dir():
@@ -183,11 +185,13 @@ def make_dirs(folder: str | os.PathLike) -> list[Path]:
                 try:
                     p.mkdir()
                 except FileExistsError:
+                    if p.is_symlink() and not p.exists():
+                        raise NotADirectoryError(errno.ENOTDIR, "a link to a missing path", str(p)) from None
                     if p.exists() and not p.is_dir():  # a file: a real error. Gone again: see below
                         raise
                     continue
                 made.append(p)
-            return made
+            return list(dict.fromkeys(p for p in made if p.is_dir()))  # a folder made again counts once
         except FileNotFoundError:  # a parent went between our steps: start again from the top
             if attempt == 4:
                 raise

@@ -44,6 +44,11 @@ def write_digits_folder(root, split="train", n=320, suffix=".png", **save_kw):
         save_pixels(ds.images[i], d / f"{i}{suffix}", **save_kw)
     return root
 
+# two local ranks: a free port (no fixed one that another run could hold) on 127.0.0.1 (not the
+# host's FQDN, which need not resolve)
+TORCHRUN2 = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "--standalone",
+             "--local-addr=127.0.0.1"]
+
 
 def run_forkrun(jobs: list[dict], *mode: str, timeout: int, **kw) -> list[int]:
     """tests/_forkrun.py over ``jobs`` (its cases); returns their exit codes. On a timeout the whole

@@ -106,8 +106,10 @@ def test_unknown_name_suggests_near_names():
 
 def test_pretrained_offline_fails_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: weights a runner cached would load
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    # an empty cache, else weights a runner cached would load; read at import, so set on the module
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(NsvitError, match="could not get pretrained weights") as e:
         load_model("vit_tiny_patch16_224", pretrained=True)
     assert "\n" not in str(e.value)

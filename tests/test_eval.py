@@ -191,17 +191,17 @@ def test_report_round_trip_and_seeds(tmp_path):
     assert paths["bars"].stat().st_size > 1000
 
 
-def _old_report_folder(folder):
-    """A folder holding an older report with both figures, beside a file of the user's; returns
-    {name: bytes} of everything in it."""
+def _old_report_folder(folder, figures=True):
+    """A folder holding an older report with both figures (or none), beside a file of the user's;
+    returns {name: bytes} of everything in it."""
     old = Report()
     old.add("old", 0, "clean", "", "acc", 50.0)
     for s in (1, 2):
         old.add("old", 0, "corruptions", f"fog@{s}", "acc", 40.0 - s)
-    old.save(folder)
+    old.save(folder, plots=figures)
     (folder / "notes.txt").write_text("the user's own file")
     snap = _folder(folder)
-    assert set(snap) == set(Report.FILES) | {"notes.txt"}
+    assert set(snap) == {*(f for f in Report.FILES if figures or f.endswith(("json", "csv", "md"))), "notes.txt"}
     return snap
 
 
@@ -263,21 +263,27 @@ def test_a_failed_save_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _kill_save_after(folder, call, n):
+def _kill_save_after(folder, call, n, before=False):
     """Run _new_report().save(folder) in a child process that dies (as by kill -9: no cleanup, no
-    unwinding) right after its n-th ``call`` ("replace" or "unlink") on a file of ``folder``."""
+    unwinding) right after (or just before) its n-th ``call`` ("replace" or "unlink") on a file of
+    ``folder``."""
+    import signal
+
     pid = os.fork()
     if pid == 0:  # the child: no pytest, no return
         try:
+            signal.alarm(60)  # a hang after fork ends the child, and the test fails on its status
             real, count = getattr(os, call), [0]
 
             def dying(a, *args, **kw):
-                real(a, *args, **kw)
                 target = args[0] if call == "replace" else a
-                if Path(target).parent == folder:
-                    count[0] += 1
-                    if count[0] == n:
-                        os._exit(9)
+                ours = Path(target).parent == folder
+                count[0] += ours
+                if ours and before and count[0] == n:
+                    os._exit(9)
+                real(a, *args, **kw)
+                if ours and count[0] == n:
+                    os._exit(9)
 
             setattr(os, call, dying)
             _new_report().save(folder)
@@ -287,13 +293,14 @@ def _kill_save_after(folder, call, n):
     assert os.waitstatus_to_exitcode(status) == 9
 
 
-@pytest.mark.parametrize("call,n", [("replace", 1), ("replace", 3), ("unlink", 1)])
-def test_a_save_killed_while_moving_is_undone_by_the_next_save(tmp_path, call, n):
+@pytest.mark.parametrize("call,n,figures", [("replace", 1, True), ("replace", 3, True), ("unlink", 1, True),
+                                            ("replace", 4, False)])
+def test_a_save_killed_while_moving_is_undone_by_the_next_save(tmp_path, call, n, figures):
     import fcntl
 
     import nsvit_fast.eval.report as report_mod
 
-    before = _old_report_folder(tmp_path)
+    before = _old_report_folder(tmp_path, figures)
     _kill_save_after(tmp_path, call, n)
     (stage,) = tmp_path.glob(".nsvit-report.*.tmp")
     mixed = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -312,6 +319,42 @@ def test_a_save_killed_while_moving_is_undone_by_the_next_save(tmp_path, call, n
         paths = _new_report().save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in paths.values()), "notes.txt"])
     assert json.loads((tmp_path / "report.json").read_text()) == _new_report().to_dict()
+
+
+def test_a_save_killed_before_its_first_move_changes_nothing(tmp_path):
+    import nsvit_fast.eval.report as report_mod
+
+    before = _old_report_folder(tmp_path)
+    _kill_save_after(tmp_path, "replace", 1, before=True)  # the journal is written, nothing moved
+    (stage,) = tmp_path.glob(".nsvit-report.*.tmp")
+    assert (stage / "journal.json").exists()
+    assert report_mod._recover(tmp_path, Report.FILES) == [] and not stage.exists()  # no "put back"
+    assert _folder(tmp_path) == before
+
+
+def test_a_failed_put_back_is_finished_by_the_next_save(tmp_path, monkeypatch):
+    # the disk fails the 2nd move and then the put-back too: the stage and its journal stay, as the
+    # only copy of the old files, and the next save puts them back before writing its own
+    import nsvit_fast.eval.report as report_mod
+
+    before = _old_report_folder(tmp_path)
+    real, count = os.replace, [0]
+
+    def failing(a, b):
+        if Path(b).parent == tmp_path:
+            count[0] += 1
+            if count[0] >= 2:
+                raise OSError(5, "Input/output error", str(b))
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(NsvitError, match="could not all be put back yet: the next save into it tries again"):
+        _new_report().save(tmp_path)
+    monkeypatch.setattr(os, "replace", real)
+    (stage,) = tmp_path.glob(".nsvit-report.*.tmp")
+    assert (stage / "journal.json").exists() and (stage / "old" / "report.json").exists()
+    assert report_mod._recover(tmp_path, Report.FILES) == [stage]
+    assert _folder(tmp_path) == before
 
 
 def test_a_save_killed_before_moving_leaves_only_a_stage_to_remove(tmp_path):

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TORCHRUN2
 
 from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.io import load_tensors
@@ -413,8 +414,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, script, str(tmp_path / "one")], capture_output=True, text=True,
                          timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", script, str(tmp_path / "two")],
+    two = subprocess.run([*TORCHRUN2, script, str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     r1 = json.loads((tmp_path / "one" / "rank0.json").read_text())
@@ -538,8 +538,7 @@ def test_torchrun_ranks_with_different_settings_are_refused(tmp_path):
                       "'synth.batch_size=16', 'method=' + ('ns' if os.environ['RANK'] == '0' else 'plain')]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", str(script)],
+    run = subprocess.run([*TORCHRUN2, str(script)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode != 0
     assert "the ranks were started with different settings, model or data: rank(s) [1] differ" in run.stderr

@@ -17,7 +17,7 @@ from nsvit_fast.io import load_tensors
 from nsvit_fast.synth import synthesize
 from nsvit_fast.train import finetune
 
-from helpers import write_digits_folder
+from helpers import TORCHRUN2, write_digits_folder
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +201,7 @@ def test_torchrun_on_a_streamed_folder_matches_one_process(digit_folder, tmp_pat
     args = _stream_args(digit_folder, rounds=2, model_steps=3, checkpoint_every=0)
     one = _cli(*args, "--out", str(tmp_path / "one"))
     assert one.wait(timeout=900) == 0, one.stderr.read()
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", "-m", "nsvit_fast", *args,
+    two = subprocess.run([*TORCHRUN2, "-m", "nsvit_fast", *args,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -77,6 +78,8 @@ def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) ->
             except (OSError, NotImplementedError):  # no hard links here (FAT, some network filesystems)
                 shutil.copy2(out / n, backup / n, follow_symlinks=False)
         _write_synced(stage / JOURNAL, json.dumps({"olds": olds, "new": list(new)}))
+        _sync_dir(backup)  # the backups and the journal on disk before the first move
+        _sync_dir(stage)
     except OSError as e:
         raise NsvitError(f"cannot write the report in {out}: {e.strerror or e} "
                          f"(nothing in {out} was changed)") from None
@@ -109,7 +112,8 @@ def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) ->
         where = f"{out / Path(e.filename).name}: " if e.filename else f"{out}: "
         raise NsvitError(f"cannot write the report {where}{e.strerror or e} "
                          + (f"(the old report in {out} was put back)" if undone else
-                            f"(the old report in {out} could not all be put back: its files may be mixed)")) from None
+                            f"(the old report in {out} could not all be put back yet: the next save into it "
+                            f"tries again)")) from None
     _sync_dir(out)  # the renames durable before the journal goes
     os.unlink(stage / JOURNAL)  # the new report is whole: nothing to put back
 
@@ -134,11 +138,31 @@ def _sync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _remove_stage(stage: Path) -> None:
+    """Remove a staging folder: its journal first (nothing left to put back), its lock last (a
+    folder without one is never recovered, so a kill part-way must not leave it lockless)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stage / JOURNAL)
+    _sync_dir(stage)
+    for p in stage.iterdir() if stage.is_dir() else ():
+        if p.name == _LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stage / _LOCK)
+    stage.rmdir()
+
+
 def _recover(out: Path, managed: tuple[str, ...]) -> list[Path]:
     """Finish what killed saves left in ``out``: each staging folder whose owner is gone (its lock is
-    free) is removed, and where its journal shows moves had begun, the old report's files are put
-    back first, so the folder holds the report from before that save, whole. A staging folder whose
-    owner still runs is left alone. Returns the staging folders whose moves were undone."""
+    free) is removed, and where its journal shows that files had moved, the old report's files are
+    put back first, so the folder holds the report from before that save, whole (also a save killed
+    after its last move: it never returned). A staging folder whose owner still runs is left alone.
+    Each step can be done twice, so a recovery that is itself killed is finished by the next.
+    Returns the staging folders whose moves were undone."""
     undone = []
     for stage in sorted(out.glob(".nsvit-report.*.tmp")):
         try:
@@ -150,31 +174,60 @@ def _recover(out: Path, managed: tuple[str, ...]) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # its save is running
                 continue
+            if os.fstat(fd).st_nlink == 0:  # removed by another recovery before we locked it
+                continue
             try:
                 plan = json.loads((stage / JOURNAL).read_text())
                 olds = [n for n in plan["olds"] if n in managed]  # names only: a journal edited by hand
                 new = [n for n in plan["new"] if n in managed]   # reaches no other path
             except (OSError, ValueError, TypeError, KeyError):  # none, or cut short: no move had begun
-                olds = new = None
-            if new is not None:
-                for n in new:
-                    if (stage / n).exists():  # not moved yet
-                        continue
+                olds = new = []
+            changed = False
+            for n in new:
+                if (stage / n).exists():  # not moved yet
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # already put back
+                    if n in olds:
+                        os.replace(stage / "old" / n, out / n)
+                    else:
+                        os.unlink(out / n)
+                    changed = True
+            for n in olds:  # an old figure the killed save had removed
+                if not os.path.lexists(out / n):
                     with contextlib.suppress(FileNotFoundError):
-                        if n in olds:
-                            os.replace(stage / "old" / n, out / n)
-                        else:
-                            os.unlink(out / n)
-                for n in olds:  # an old figure the killed save had removed
-                    if not os.path.lexists(out / n):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.replace(stage / "old" / n, out / n)
-                _sync_dir(out)
+                        os.replace(stage / "old" / n, out / n)
+                        changed = True
+            _sync_dir(out)
+            with contextlib.suppress(OSError):
+                _remove_stage(stage)
+            if changed:
                 undone.append(stage)
-            shutil.rmtree(stage, ignore_errors=True)
         finally:
             os.close(fd)
     return undone
+
+
+def _new_stage(out: Path) -> tuple[Path, int | None]:
+    """A staging folder in ``out`` and the descriptor holding its lock (None where the filesystem has
+    no flock: its stages are then never recovered, only skipped)."""
+    for _ in range(5):
+        stage = Path(tempfile.mkdtemp(prefix=".nsvit-report.", suffix=".tmp", dir=out))
+        fd = os.open(stage / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another save's recovery holds it
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                return stage, None
+            raise
+        try:  # that recovery saw a free lock and no journal, and removed the folder: take another
+            same = os.stat(stage / _LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return stage, fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "its staging folders were removed as they were made", str(out))
 
 
 class Report:
@@ -320,18 +373,17 @@ class Report:
         for name in self.FILES:  # a folder where a file goes would fail the move, after others were moved
             if (out / name).is_dir() and not (out / name).is_symlink():
                 raise NsvitError(f"cannot write {out / name}: it is a folder")
-        made, lock = [], None
+        made = []
         try:
             made = make_dirs(out)
             for old in _recover(out, self.FILES):
                 warnings.warn(f"{out}: an earlier report save was killed while it moved its files "
                               f"({old.name}); the report from before it was put back, whole")
-            stage = Path(tempfile.mkdtemp(prefix=".nsvit-report.", suffix=".tmp", dir=out))
-            lock = os.open(stage / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            stage, lock = _new_stage(out)
         except OSError as e:
-            if lock is not None:
-                os.close(lock)
+            for p in reversed(made):  # a folder this call created goes again (when still empty)
+                with contextlib.suppress(OSError):
+                    p.rmdir()
             raise os_error(out, e) from None
         done = False
         try:
@@ -345,8 +397,11 @@ class Report:
             _commit(stage, out, [p.name for p in written.values()], self.FILES)
             done = True
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            os.close(lock)
+            if not (stage / JOURNAL).exists():  # else the put-back failed: the next save finishes it
+                with contextlib.suppress(OSError):
+                    _remove_stage(stage)
+            if lock is not None:
+                os.close(lock)
             if not done:
                 for p in reversed(made):  # a folder this call created goes again (when still empty)
                     with contextlib.suppress(OSError):
