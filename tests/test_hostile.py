@@ -283,6 +283,10 @@ CASES = [
     ("out-under-file", ["watermark", "--image", "skimage:coffee", "--out", "{A}/afile/x.png"], "is a file", {}),
     ("out-dir-is-file", EV + ["--out", "{A}/afile"], "is a file, not a folder", {}),
     ("out-readonly", SY + ["--out", "/sys/nsvit/b.safetensors"], "cannot write", {}),
+    ("out-dangling-link", EV + ["--out", "{C}/gone/report"], "is a link to a missing path",
+     {"link": ("gone", "nowhere")}),
+    ("synth-out-dangling-link", SY + ["--out", "{C}/gone/b.safetensors"], "is a link to a missing path",
+     {"link": ("gone", "nowhere")}),
     ("trace-under-file", ["profile", "synth", "--trace", "{A}/afile/t.json"], "is a file", {}),
     ("trace-suffix", ["profile", "synth", "--trace", "{C}/t.png"], "must end in .json", {}),
     ("synth-out-suffix", SY + ["--out", "{C}/bank.npz"], "must end in .safetensors", {}),
@@ -615,6 +619,8 @@ def _prepare(cases, assets: Path, root: Path) -> list[dict]:
         log.mkdir(parents=True)
         if opt.get("mkdir"):
             (case / opt["mkdir"]).mkdir(parents=True)
+        if opt.get("link"):  # a symlink to a path that does not exist
+            os.symlink(opt["link"][1], case / opt["link"][0])
         if opt.get("file"):
             (case / opt["file"]).parent.mkdir(parents=True, exist_ok=True)
             (case / opt["file"]).write_text("a file\n")
