@@ -80,34 +80,43 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
 
 
+def _at_once(body, threads=6, trials=40) -> list[str]:
+    """Run body(trial, i) in ``threads`` threads released together, ``trials`` times; returns the
+    repr of every exception raised in a thread (the thread's own assertion failures included)."""
+    import threading
+
+    errors = []
+    for trial in range(trials):
+        gate = threading.Barrier(threads)
+
+        def run(i, trial=trial, gate=gate):
+            gate.wait()
+            try:
+                body(trial, i)
+            except Exception as e:  # noqa: BLE001 - any failure in a thread is the test's
+                errors.append(repr(e))
+
+        started = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        for t in started:
+            t.start()
+        for t in started:
+            t.join()
+    return errors
+
+
 def test_output_checks_race_free_and_make_nothing(tmp_path):
     """Ranks (or bench jobs) checking sibling new folders under one missing parent at once all pass:
     the check used to make and remove the parent, under the other checks' feet (a red CI)."""
-    import threading
-
     from nsvit_fast.errors import NsvitError
     from nsvit_fast.io import check_output_dir, check_output_file
 
-    errors = []
-    for trial in range(40):
-        gate = threading.Barrier(6)
+    def check(trial, i):
+        if i % 2:
+            check_output_dir(tmp_path / f"t{trial}" / "out" / str(i))
+        else:
+            check_output_file(tmp_path / f"t{trial}" / "out" / str(i) / "x.json")
 
-        def check(i, trial=trial, gate=gate):
-            gate.wait()
-            try:
-                if i % 2:
-                    check_output_dir(tmp_path / f"t{trial}" / "out" / str(i))
-                else:
-                    check_output_file(tmp_path / f"t{trial}" / "out" / str(i) / "x.json")
-            except NsvitError as e:
-                errors.append(str(e))
-
-        threads = [threading.Thread(target=check, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert errors == []
+    assert _at_once(check) == []
     assert list(tmp_path.iterdir()) == []  # nothing made, nothing left
     with pytest.raises(NsvitError, match="File name too long"):
         check_output_dir(tmp_path / "new" / ("n" * 300))
@@ -120,33 +129,18 @@ def test_output_checks_race_free_and_make_nothing(tmp_path):
 def test_make_dirs_counts_only_its_own_folders_under_races(tmp_path):
     """Runs into sibling new folders (run_lock, Report.save) each remove only the folders they made,
     and a parent another run removes meanwhile is made again, not an error."""
-    import threading
+    import contextlib
 
     from nsvit_fast.io import current_umask, make_dirs
 
-    errors = []
-    for trial in range(40):
-        gate = threading.Barrier(6)
+    def run(trial, i):
+        made = make_dirs(tmp_path / f"t{trial}" / "runs" / str(i))
+        assert made and made[-1].name == str(i) and all(p.is_relative_to(tmp_path) for p in made)
+        for p in reversed(made):  # as a failed save cleans up
+            with contextlib.suppress(OSError):  # another run's folder is inside it
+                p.rmdir()
 
-        def run(i, trial=trial, gate=gate):
-            gate.wait()
-            try:
-                made = make_dirs(tmp_path / f"t{trial}" / "runs" / str(i))
-                assert made and made[-1].name == str(i) and all(p.is_relative_to(tmp_path) for p in made)
-                for p in reversed(made):  # as a failed save cleans up
-                    try:
-                        p.rmdir()
-                    except OSError:  # another run's folder is inside it
-                        pass
-            except Exception as e:  # noqa: BLE001 - any failure in a thread is the test's
-                errors.append(repr(e))
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert errors == []
+    assert _at_once(run) == []
     # each run's own leaf went; a shared parent stays when its maker saw another run inside it
     assert [p for p in tmp_path.rglob("*") if p.name.isdigit() or not p.is_dir()] == []
     assert make_dirs(tmp_path / "a" / "b") == [tmp_path / "a", tmp_path / "a" / "b"]
