@@ -115,7 +115,8 @@ def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) ->
                             f"(the old report in {out} could not all be put back yet: the next save into it "
                             f"tries again)")) from None
     _sync_dir(out)  # the renames durable before the journal goes
-    os.unlink(stage / JOURNAL)  # the new report is whole: nothing to put back
+    with contextlib.suppress(OSError):  # the new report is whole: nothing to put back (save retries)
+        os.unlink(stage / JOURNAL)
 
 
 JOURNAL = "journal.json"  # in a staging folder: the commit's plan, present only while files move
@@ -212,13 +213,18 @@ def _new_stage(out: Path) -> tuple[Path, int | None]:
     no flock: its stages are then never recovered, only skipped)."""
     for _ in range(5):
         stage = Path(tempfile.mkdtemp(prefix=".nsvit-report.", suffix=".tmp", dir=out))
-        fd = os.open(stage / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(stage / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another save's recovery holds it
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
                 return stage, None
+            shutil.rmtree(stage, ignore_errors=True)
             raise
         try:  # that recovery saw a free lock and no journal, and removed the folder: take another
             same = os.stat(stage / _LOCK).st_ino == os.fstat(fd).st_ino
@@ -397,7 +403,7 @@ class Report:
             _commit(stage, out, [p.name for p in written.values()], self.FILES)
             done = True
         finally:
-            if not (stage / JOURNAL).exists():  # else the put-back failed: the next save finishes it
+            if done or not (stage / JOURNAL).exists():  # else the put-back failed: the next save finishes it
                 with contextlib.suppress(OSError):
                     _remove_stage(stage)
             if lock is not None:
