@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -177,7 +178,8 @@ def make_dirs(folder: str | os.PathLike) -> list[Path]:
     removes meanwhile (its own failed call) is made again. Raises OSError."""
     folder = Path(folder)
     made: list[Path] = []
-    for attempt in range(5):
+    tries = 10  # each retry follows another run's removal of a parent it made: a handful at most
+    for attempt in range(tries):
         try:
             for p in reversed([folder, *folder.parents]):
                 if p.is_dir():
@@ -185,15 +187,19 @@ def make_dirs(folder: str | os.PathLike) -> list[Path]:
                 try:
                     p.mkdir()
                 except FileExistsError:
-                    if p.is_symlink() and not p.exists():
-                        raise NotADirectoryError(errno.ENOTDIR, "a link to a missing path", str(p)) from None
-                    if p.exists() and not p.is_dir():  # a file: a real error. Gone again: see below
+                    try:  # one stat: exists() then is_dir() could see another run remove it in between
+                        st = os.stat(p)
+                    except FileNotFoundError:
+                        if os.path.islink(p):
+                            raise NotADirectoryError(errno.ENOTDIR, "a link to a missing path", str(p)) from None
+                        continue  # gone again: the next level's mkdir fails, and we start again
+                    if not stat.S_ISDIR(st.st_mode):  # a file: a real error
                         raise
                     continue
                 made.append(p)
             return list(dict.fromkeys(p for p in made if p.is_dir()))  # a folder made again counts once
         except FileNotFoundError:  # a parent went between our steps: start again from the top
-            if attempt == 4:
+            if attempt == tries - 1:
                 raise
     return []
 
