@@ -24,7 +24,9 @@ def rank_world() -> tuple[int, int]:
 
 
 def init_from_env(device: str | torch.device | None = None) -> bool:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed.
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1), or by hand with RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT set in each process; True if distributed. Ranks started
+    by hand wait at most NSVIT_JOIN_TIMEOUT seconds (600) for each other.
 
     The backend follows the run's device, not the machine: nccl (each rank on its LOCAL_RANK GPU)
     when ``device`` is CUDA, gloo when it is the CPU, even on a machine that has GPUs. ``None``
@@ -63,8 +65,72 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
         cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(env_int("LOCAL_RANK", 0))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun: its agent has gathered the ranks already
+        dist.init_process_group(backend)
+    else:
+        _join_by_hand(addr, port, env_int("RANK", 0), world, backend)
     return True
+
+
+JOIN_TIMEOUT = 600  # seconds; torchrun's own default rendezvous join_timeout
+_JOINED = "nsvit/joined"  # store key: how many ranks have arrived
+
+
+def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> None:
+    """Start the process group of ranks started by hand (srun, a script), not by torchrun.
+
+    torch's env:// rendezvous waits the process group's whole timeout (30 min) for a rank that never
+    comes, inside C++, where SIGTERM and Ctrl-C are not acted on. Here each rank waits at most
+    NSVIT_JOIN_TIMEOUT seconds (default 600, as torchrun) for the others, in Python loops that a
+    signal ends at once: ranks other than 0 knock on rank 0's port with plain connects, then every
+    rank counts itself in a store key and polls it. The store then gets the group's usual timeout,
+    so collectives still wait as long as torch lets them.
+
+    Raises:
+        NsvitError: the others did not join in time, or MASTER_PORT is taken on rank 0's machine."""
+    import socket
+    import time
+    from datetime import timedelta
+
+    from .errors import NsvitError, env_int
+
+    join = env_int("NSVIT_JOIN_TIMEOUT", JOIN_TIMEOUT)
+    if join < 1:
+        raise NsvitError(f"NSVIT_JOIN_TIMEOUT={os.environ['NSVIT_JOIN_TIMEOUT']} must be >= 1 (seconds the ranks "
+                         f"wait for each other; default {JOIN_TIMEOUT})")
+    hint = (f"start all {world} ranks with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT, or start them with "
+            f"torchrun (NSVIT_JOIN_TIMEOUT={join} s is how long they wait for each other)")
+    deadline = time.monotonic() + join
+    if rank != 0:
+        while True:
+            try:
+                socket.create_connection((addr, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise NsvitError(f"rank {rank}: rank 0 did not open {addr}:{port} within {join} s: {hint}") from None
+                time.sleep(0.5)
+    try:
+        store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
+                              timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())), wait_for_workers=False)
+        store.add(_JOINED, 1)
+        while (joined := store.add(_JOINED, 0)) < world:
+            if time.monotonic() >= deadline:
+                raise NsvitError(f"rank {rank}: {joined} of {world} ranks joined at {addr}:{port} within {join} s: "
+                                 f"{hint}")
+            time.sleep(0.2)
+    except dist.DistError as e:
+        text = str(e)
+        if "EADDRINUSE" in text or "address already in use" in text:
+            raise NsvitError(f"MASTER_PORT={port} is in use on rank 0's machine (another run's rank 0?): give a "
+                             f"free port to every rank") from None
+        why = text.splitlines()[0] if text else type(e).__name__
+        raise NsvitError(f"rank {rank}: lost rank 0 at {addr}:{port} while the ranks joined ({why}): {hint}") from None
+    from torch.distributed import constants
+
+    store.set_timeout(constants.default_pg_nccl_timeout if backend == "nccl" else constants.default_pg_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def wrap(module: nn.Module) -> nn.Module:

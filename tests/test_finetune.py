@@ -447,6 +447,36 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert float(diff.mean()) < 1e-6
 
 
+def test_ranks_started_by_hand_meet_without_torchrun(tmp_path):
+    # srun or a script sets RANK / WORLD_SIZE / MASTER_* itself; rank 1 here waits for rank 0's port,
+    # which torch's own client would do with a C++ warning and frames on every refused connect
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys, torch, torch.distributed as dist\n"
+            "from nsvit_fast.distributed import init_from_env, all_mean, check_same, rank_world\n"
+            "print('joining', flush=True)\n"
+            "assert init_from_env('cpu')\n"
+            "check_same('settings', {'lr': 1e-4})\n"
+            "print(*rank_world(), float(all_mean(torch.tensor([rank_world()[0] + 1.0]))[0]), flush=True)\n"
+            "dist.destroy_process_group()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+               NSVIT_JOIN_TIMEOUT="120")
+    ranks = {}
+    for r in (1, 0):
+        ranks[r] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env={**env, "RANK": str(r)})
+        assert ranks[r].stdout.readline().strip() == "joining", ranks[r].stderr.read()
+        time.sleep(1)  # rank 1 is knocking on a closed port before rank 0 opens it
+    for r, p in ranks.items():
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0 and out.split() == [str(r), "2", "1.5"], (out, err[-2000:])
+        assert "TCPStore" not in err and "socket" not in err, err[-2000:]
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(method="magic"), "unknown method 'magic'"), (dict(rounds=0), "rounds must be"),
     (dict(roundz=3), "did you mean 'rounds'"), (dict(synth={"epz": 1}), "did you mean 'eps'"),

@@ -463,6 +463,9 @@ CASES = [
     # torch would retry the name for 30 minutes ("invalid." never resolves: RFC 6761)
     ("env-master-addr", FT + ["--out", "{C}/o"], "MASTER_ADDR=no.such.host.invalid. does not resolve",  # the dot: no search domain (wildcard DNS)
      {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no.such.host.invalid.", "MASTER_PORT": "29599"}}),
+    ("env-join-timeout", FT + ["--out", "{C}/o"], "NSVIT_JOIN_TIMEOUT=0 must be >= 1",  # checked before any wait
+     {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599",
+              "NSVIT_JOIN_TIMEOUT": "0"}}),
     ("env-world-size-superscript", FT + ["--out", "{C}/o"], "WORLD_SIZE='²' must be a whole number",
      {"env": {"WORLD_SIZE": "²"}}),
     ("env-local-rank-synth", ["synth", "--device", "cuda", "--max-steps", "1"], "LOCAL_RANK='x' must be a whole",
@@ -691,6 +694,55 @@ def test_bad_images_in_an_ood_folder_skipped_with_a_count(assets, tmp_path):
 def _cli(*args):
     return subprocess.Popen([sys.executable, "-m", "nsvit_fast", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
+    # without torchrun, torch's rendezvous waited the process group's 30 minutes for a missing rank
+    # (and its client printed C++ frames on every refused connect); NSVIT_JOIN_TIMEOUT bounds it
+    import socket
+
+    def alone(rank: int, port: int, wait: int = 2):
+        env = {**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "NSVIT_JOIN_TIMEOUT": str(wait)}
+        return subprocess.Popen([sys.executable, "-m", "nsvit_fast", *FT, "--out",
+                                 str(tmp_path / f"o{rank}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        runs = {"rank 0 alone": (alone(0, _free_port()), "rank 0: 1 of 2 ranks joined at 127.0.0.1:"),
+                "rank 1 alone": (alone(1, _free_port()), "rank 1: rank 0 did not open 127.0.0.1:"),
+                "port taken": (alone(0, taken.getsockname()[1]), "is in use on rank 0's machine")}
+        for what, (p, msg) in runs.items():
+            out, err = p.communicate(timeout=120)
+            lines = err.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], (what, err[-2000:])
+            if what != "port taken":
+                assert "within 2 s" in lines[0] and "torchrun" in lines[0], lines
+    # the wait is in Python: SIGTERM (SLURM's scancel) ends it at once; torch's went on for 30 min
+    port = _free_port()
+    waiting = alone(0, port, wait=300)
+    t0 = time.time()
+    while waiting.poll() is None and time.time() - t0 < 120:  # rank 0's port opens when its wait begins
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    time.sleep(0.5)
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=30) == 143
+    assert waiting.stderr.read().strip().splitlines() == ["nsvit-fast: terminated (SIGTERM)"]
+    assert not any(tmp_path.iterdir())  # refused before --out was made
 
 
 @pytest.mark.slow  # the first run must outlast the second's start-up (~3 s of CPU): ~20 s of CPU
