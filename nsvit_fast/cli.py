@@ -375,7 +375,7 @@ def add_profile(sub) -> None:
 
 # -- finetune --
 def cmd_finetune(args) -> int:
-    from .distributed import init_from_env, rank_world
+    from .distributed import init_from_env, peer_lost, rank_world
     from .train import finetune
     from .train.yamlcfg import load_run, parse_overrides
 
@@ -427,6 +427,14 @@ def cmd_finetune(args) -> int:
             for h in res.history:
                 print(" ".join(f"{h[c]:>12.4g}" if isinstance(h.get(c), (int, float)) else f"{'-':>12s}" for c in cols))
             print(f"{cfg.method}: {len(res.history)} rounds -> {out}/model.safetensors, log.jsonl, fig4_trend.png")
+    except RuntimeError as e:  # another rank stopped (its own line says why): this one's traceback would bury it
+        if distributed and peer_lost(e):
+            import re
+
+            why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0][:200]
+            raise NsvitError(f"rank {rank_world()[0]}: another rank left the run, so this one stops too (that "
+                             f"rank's own output says why): {why}") from None
+        raise
     finally:
         if distributed:
             import torch.distributed as dist

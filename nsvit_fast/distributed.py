@@ -133,6 +133,15 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
+def peer_lost(e: BaseException) -> bool:
+    """True when ``e`` is a collective or store call failing because another rank's process is gone:
+    gloo and the store see their connections to it closed. (NCCL does not: its watchdog ends the
+    rank after the group's timeout.)"""
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("Connection closed by peer",
+                                                                   "Connection reset by peer", "Broken pipe"))
+
+
 def wrap(module: nn.Module) -> nn.Module:
     """DistributedDataParallel around ``module`` when distributed, else the module itself."""
     if rank_world()[1] == 1:
@@ -175,4 +184,4 @@ def check_same(what: str, value) -> None:
                          f"give every rank the same command")
 
 
-__all__ = ["rank_world", "init_from_env", "wrap", "all_mean", "check_same"]
+__all__ = ["rank_world", "init_from_env", "peer_lost", "wrap", "all_mean", "check_same"]

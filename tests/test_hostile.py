@@ -745,6 +745,22 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before --out was made
 
 
+def test_a_rank_that_fails_after_joining_stops_the_others_in_one_line(tmp_path):
+    # rank 1's --out cannot be written (a node-local fault): it says so and leaves; rank 0, waiting in
+    # the first collective, got gloo's "Connection closed by peer" as a 30-line traceback
+    port = _free_port()
+    (tmp_path / "a_file").write_text("")
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen([sys.executable, "-m", "nsvit_fast", *FT, "--out", str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r)})
+             for r, out in ((0, tmp_path / "o0"), (1, tmp_path / "a_file" / "o1"))]
+    errs = [p.communicate(timeout=300)[1].strip().splitlines() for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2], errs
+    assert len(errs[1]) == 1 and "o1" in errs[1][0], errs[1]
+    assert len(errs[0]) == 1 and "rank 0: another rank left the run" in errs[0][0], errs[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
 @pytest.mark.slow  # the first run must outlast the second's start-up (~3 s of CPU): ~20 s of CPU
 def test_two_finetunes_on_one_folder_one_is_refused_the_other_intact(tmp_path):
     out = tmp_path / "run"
