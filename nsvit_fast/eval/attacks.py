@@ -43,11 +43,16 @@ class AttackSpec:
 class FloatLogits(torch.nn.Module):
     """``parts`` with its logits cast to float32: under ``--precision bf16`` autocast gives bf16
     logits, which torchattacks' APGD-T hands to numpy (``Got unsupported ScalarType BFloat16``).
-    The forward itself keeps the autocast precision."""
+    The forward itself keeps the autocast precision.
+
+    Made in eval mode: torchattacks puts back the mode it found its model in after each call, and a
+    new Module is in train mode, so ``model.train()`` reached ``parts`` too and the accuracy after
+    the attack was scored with dropout and drop-path on (FGSM at eps 0 gave 0.89, not 1.0)."""
 
     def __init__(self, parts):
         super().__init__()
         self.parts = parts
+        self.train(parts.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parts(x).float()
