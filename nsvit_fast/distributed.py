@@ -74,7 +74,9 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
 
 
 JOIN_TIMEOUT = 600  # seconds; torchrun's own default rendezvous join_timeout
-_JOINED = "nsvit/joined"  # store key: how many ranks have arrived
+_JOINED = "nsvit/joined"  # store keys: how many ranks have arrived; rank 0's WORLD_SIZE; why a rank refused
+_WORLD = "nsvit/world"
+_REFUSED = "nsvit/refused"
 
 
 def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> None:
@@ -114,12 +116,27 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
     try:
         store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
                               timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())), wait_for_workers=False)
+        if rank == 0:
+            store.set(_WORLD, str(world))
+
+        def wait(done) -> None:
+            while not done():
+                if store.check([_REFUSED]):  # another rank found the group's settings wrong
+                    raise NsvitError(f"rank {rank}: {store.get(_REFUSED).decode()}")
+                if time.monotonic() >= deadline:
+                    raise NsvitError(f"rank {rank}: {store.add(_JOINED, 0)} of {world} ranks joined at {addr}:{port} "
+                                     f"within {join} s: {hint}")
+                time.sleep(0.2)
+
+        wait(lambda: store.check([_WORLD]))
+        if int(store.get(_WORLD)) != world:  # it would wait for ranks that never come, or start without some
+            why = f"rank {rank} was started with WORLD_SIZE={world}, rank 0 with {int(store.get(_WORLD))}"
+            store.set(_REFUSED, why)
+            raise NsvitError(f"{why}: give every rank the same WORLD_SIZE")
+        if store.add(f"{_JOINED}/{rank}", 1) > 1:  # the group goes on with the first process of that rank
+            raise NsvitError(f"RANK={rank} was started twice: give each process its own RANK in [0, {world})")
         store.add(_JOINED, 1)
-        while (joined := store.add(_JOINED, 0)) < world:
-            if time.monotonic() >= deadline:
-                raise NsvitError(f"rank {rank}: {joined} of {world} ranks joined at {addr}:{port} within {join} s: "
-                                 f"{hint}")
-            time.sleep(0.2)
+        wait(lambda: store.add(_JOINED, 0) >= world)
     except dist.DistError as e:
         text = str(e)
         if "EADDRINUSE" in text or "address already in use" in text:

@@ -709,8 +709,8 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
     # (and its client printed C++ frames on every refused connect); NSVIT_JOIN_TIMEOUT bounds it
     import socket
 
-    def alone(rank: int, port: int, wait: int = 2):
-        env = {**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    def alone(rank: int, port: int, wait: int = 2, world: int = 2):
+        env = {**ENV, "WORLD_SIZE": str(world), "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "NSVIT_JOIN_TIMEOUT": str(wait)}
         return subprocess.Popen([sys.executable, "-m", "nsvit_fast", *FT, "--out",
                                  str(tmp_path / f"o{rank}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -722,11 +722,14 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
         runs = {"rank 0 alone": (alone(0, _free_port()), "rank 0: 1 of 2 ranks joined at 127.0.0.1:"),
                 "rank 1 alone": (alone(1, _free_port()), "rank 1: rank 0 did not open 127.0.0.1:"),
                 "port taken": (alone(0, taken.getsockname()[1]), "is in use on rank 0's machine")}
+        port = _free_port()  # a typo in one rank's WORLD_SIZE: both say so at once, not after the wait
+        runs["world 2"] = alone(0, port, wait=300), "rank 0: rank 1 was started with WORLD_SIZE=3, rank 0 with 2"
+        runs["world 3"] = alone(1, port, wait=300, world=3), "rank 1 was started with WORLD_SIZE=3, rank 0 with 2"
         for what, (p, msg) in runs.items():
             out, err = p.communicate(timeout=120)
             lines = err.strip().splitlines()
             assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], (what, err[-2000:])
-            if what != "port taken":
+            if what in ("rank 0 alone", "rank 1 alone"):
                 assert "within 2 s" in lines[0] and "torchrun" in lines[0], lines
     # the wait is in Python: SIGTERM (SLURM's scancel) ends it at once; torch's went on for 30 min
     port = _free_port()
