@@ -489,6 +489,9 @@ def cmd_eval(args) -> int:
     from .io import check_output_dir
     from .runlock import check_not_a_run, run_lock
 
+    twice = [s for i, s in enumerate(args.seeds) if s in args.seeds[:i]]
+    if twice:  # one run counted twice in the mean ± std
+        raise NsvitError(f"--seeds gives seed {twice[0]} twice")
     check_output_dir(args.out, files=Report.FILES)
     check_not_a_run(args.out)
     with run_lock(args.out):  # two evaluations writing one report folder: the second is refused

@@ -206,6 +206,27 @@ def test_report_round_trip_and_seeds(tmp_path):
     assert paths["bars"].stat().st_size > 1000
 
 
+def test_a_report_holds_each_model_seed_and_setting_once(parts, test128):
+    # a second value of one (model, seed, setting) counted as another seed in the mean ± std
+    rep = Report()
+    rep.add("ns", 0, "fgsm", "eps=1/255", "acc", 80.0)
+    rep.add("ns", 0, "fgsm", "eps=4/255", "acc", 60.0)
+    rep.add("ns", 1, "fgsm", "eps=1/255", "acc", 84.0)
+    with pytest.raises(NsvitError, match="already holds ns at seed 0 on fgsm eps=1/255"):
+        rep.add("ns", 0, "fgsm", "eps=1/255", "acc", 80.0)
+    with pytest.raises(NsvitError, match="already holds ns at seed 1"):
+        rep.merge(Report(rep.records[2:]))
+    assert rep.cell("ns", "fgsm", "eps=1/255") == pytest.approx((82.0, 2 ** 0.5 * 2, 2))
+    with pytest.raises(NsvitError, match="already holds"):
+        Report.from_dict({"kind": "nsvit-fast/report", "records": [r.__dict__ for r in rep.records[:1]] * 2})
+    # the same suite twice (a default spelled out), and the two corruption suites, before any model runs
+    x = ImageDataset(test128.images[:8], test128.labels[:8])
+    with pytest.raises(NsvitError, match="suite fgsm:eps=1/255 is given twice"):
+        evaluate({"m": parts}, x, ["fgsm", "fgsm:eps=1/255"])
+    with pytest.raises(NsvitError, match="corruptions and imagenet-c both fill"):
+        evaluate({"m": parts}, x, ["corruptions", "imagenet-c"], folders={"imagenet-c": "/nope"})
+
+
 def _old_report_folder(folder, figures=True):
     """A folder holding an older report with both figures (or none), beside a file of the user's;
     returns {name: bytes} of everything in it."""
@@ -455,6 +476,30 @@ def _write_folder(root, images, labels, classes):
             save_pixels(x, root / str(int(y)) / f"{i}.png")
 
 
+def test_imagenet_v2_as_released_index_named_folders_map_to_the_outputs(tmp_path):
+    # its authors' tarball names class folders "0"-"999" (output indices): they were refused as
+    # unknown classes. A model that always answers output 7; folder "7" holds 2 of the 1001 images.
+    # A mapping by sorted folder position ("0", "1", "10", "100", ...) would score 1 of 1001.
+    from nsvit_fast.eval.ood import model_class_names
+
+    vit = load_model("vit_tiny_patch16_224", img_size=32, num_classes=1000)
+    with torch.no_grad():
+        vit.model.head.weight.zero_()
+        vit.model.head.bias.zero_()
+        vit.model.head.bias[7] = 10.0
+    wnids = model_class_names(vit)
+    x = digits("test").images
+    for k in range(1000):
+        for j in range(2 if k == 7 else 1):
+            for root, name in ((tmp_path / "v2", str(k)), (tmp_path / "wnid", wnids[k])):
+                (root / name).mkdir(parents=True, exist_ok=True)
+                save_pixels(x[(k + j) % len(x)], root / name / f"{j}.png")
+    acc = folder_accuracy(vit, tmp_path / "v2", "imagenet-v2")
+    assert acc == pytest.approx(2 / 1001) and acc == folder_accuracy(vit, tmp_path / "wnid", "imagenet-v2")
+    with pytest.raises(NsvitError, match="class folder"):  # index names only for imagenet-v2
+        folder_accuracy(vit, tmp_path / "v2", "imagenet-sketch")
+
+
 def test_ood_folder_accuracy_and_errors(parts, tmp_path):
     data = digits("test")
     names = [str(i) for i in range(10)]
@@ -469,6 +514,22 @@ def test_ood_folder_accuracy_and_errors(parts, tmp_path):
         folder_accuracy(parts, tmp_path / "full", "imagenet-v2", model_classes=names)
     with pytest.raises(NsvitError, match="folder not found"):
         folder_accuracy(parts, tmp_path / "nope", "imagenet-r", model_classes=names)
+
+
+def test_a_precropped_image_smaller_than_the_input_is_scaled_up_not_framed_in_black(parts):
+    # CenterCrop alone pads: a 224-px ImageNet-C image for a 384-px model was scored in a black frame
+    from PIL import Image
+    from skimage import data as photos
+    from torchvision.transforms.functional import center_crop, to_tensor
+
+    from nsvit_fast.data.folders import crop_transform
+
+    small = Image.fromarray(photos.coffee()).resize((24, 18), Image.BICUBIC)  # digits_vit takes 32 x 32
+    t = crop_transform(parts)(small)
+    assert t.shape == (3, 32, 32)
+    border = torch.cat([t[:, 0], t[:, -1], t[:, :, 0], t[:, :, -1]], 1)
+    assert not (border == 0).all(0).any()  # no pure black pixel on the border (the pad gave 7 rows of them)
+    assert torch.allclose(t, to_tensor(center_crop(small.resize((43, 32), Image.BICUBIC), [32, 32])))
 
 
 def test_imagenet_c_and_stylized_are_centre_cropped_not_resized(parts, tmp_path, monkeypatch):

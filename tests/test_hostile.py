@@ -529,6 +529,13 @@ CASES = [
      "max_steps must be >= 1", {}),
     ("ft-no-folder", ["finetune", "--data", "/no/such/dir", "--out", "{C}/o"], "neither", {}),
     ("eval-suite-typo", EV[:1] + ["--suite", "fgms", "--out", "{C}/ev"], "unknown suite", {}),
+    # one run counted twice in the mean ± std: n = 2 from one seed
+    ("eval-seeds-twice", EV + ["--seeds", "0,1,0", "--out", "{C}/ev"], "--seeds gives seed 0 twice", {}),
+    ("eval-suite-twice", EV[:1] + ["--suite", "fgsm;fgsm:eps=1/255", "--out", "{C}/ev"],
+     "suite fgsm:eps=1/255 is given twice (as fgsm)", {}),
+    # both wrote the baseline's corruption errors to one slot: the last one normalised every mCE
+    ("eval-two-c-suites", EV[:1] + ["--suite", "corruptions,imagenet-c", "--folder", "imagenet-c={A}/good",
+                                    "--out", "{C}/ev"], "suites corruptions and imagenet-c both fill", {}),
     ("eval-suite-no-folder", EV[:1] + ["--suite", "imagenet-a", "--out", "{C}/ev"], "needs its folder", {}),
     ("eval-folder-missing", EV[:1] + ["--suite", "clean", "--folder", "imagenet-a=/nope", "--suite", "imagenet-a",
                                       "--out", "{C}/ev"], "folder not found", {}),

@@ -39,11 +39,32 @@ def crop_transform(parts):
     """PIL image -> (C, H, W) float32 pixels in [0, 1], centre-cropped to the input size with no
     resize: what Hendrycks' ImageNet-C test.py and the official NS-ViT evaluation apply to sets
     stored at the input size (ImageNet-C, Stylized ImageNet: 224 px). timm's eval transform would
-    resize them by 1 / crop_pct first, zooming in and smoothing the corruptions."""
+    resize them by 1 / crop_pct first, zooming in and smoothing the corruptions. An image smaller
+    than the input size (224 px for a 384-px model) is first scaled up to cover it (UpToSize)."""
     from torchvision import transforms
 
-    _, h, w = parts.data_config["input_size"]
-    return transforms.Compose([transforms.CenterCrop((h, w)), transforms.ToTensor()])
+    cfg = parts.data_config
+    _, h, w = cfg["input_size"]
+    return transforms.Compose([UpToSize(h, w, cfg["interpolation"]), transforms.CenterCrop((h, w)),
+                               transforms.ToTensor()])
+
+
+class UpToSize:
+    """PIL image -> itself when it covers (h, w), else scaled up (aspect kept) until it does.
+    CenterCrop alone pads a smaller image with black: a 224-px ImageNet-C image for a 384-px model
+    would be scored inside a black frame. torchvision has no resize-only-if-smaller transform."""
+
+    def __init__(self, h: int, w: int, interpolation: str = "bicubic"):
+        self.h, self.w, self.interpolation = h, w, interpolation
+
+    def __call__(self, img):
+        if img.width >= self.w and img.height >= self.h:
+            return img
+        from timm.data.transforms import str_to_pil_interp
+
+        scale = max(self.h / img.height, self.w / img.width)
+        size = (max(self.w, round(img.width * scale)), max(self.h, round(img.height * scale)))
+        return img.resize(size, str_to_pil_interp(self.interpolation))
 
 
 BAD_IMAGE = ("error", "skip")

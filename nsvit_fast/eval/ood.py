@@ -41,8 +41,16 @@ def model_class_names(parts, model_classes: list[str] | None = None) -> list[str
                      f"(model_classes) to map folder names to its outputs")
 
 
+def index_folders(suite: str, classes: list[str], names: list[str]) -> bool:
+    """True for ImageNet-V2 as its authors release it: class folders named by output index
+    ("0"-"999", in ImageNet's wnid order, the order of timm's 1000 outputs) rather than by wnid."""
+    return (suite == "imagenet-v2" and len(names) == 1000 and not set(classes) & set(names)
+            and all(c.isascii() and c.isdigit() and str(int(c)) == c and int(c) < 1000 for c in classes))
+
+
 def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
-    """The folder's class names, after checking it is complete for ``suite``; errors name what is missing."""
+    """The folder's class names, after checking it is complete for ``suite``; errors name what is missing.
+    ImageNet-V2's index-named folders are read as the model's class names (:func:`index_folders`)."""
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"{suite}: folder not found: {root}")
@@ -51,6 +59,13 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
     classes = class_folders(root)  # dot-folders (.ipynb_checkpoints) are not classes, as for training folders
     if not classes:
         raise NsvitError(f"{suite}: {root} has no class folders (expected {root}/<class>/<image>)")
+    if index_folders(suite, classes, names):
+        return _check_names(root, suite, names, classes, [names[int(c)] for c in classes])
+    return _check_names(root, suite, names, classes, classes)
+
+
+def _check_names(root: Path, suite: str, names: list[str], folders: list[str], classes: list[str]) -> list[str]:
+    """``folders`` (as on disk), after checking that their class names ``classes`` make ``suite`` whole."""
     unknown = [c for c in classes if c not in names]
     if unknown:
         raise NsvitError(f"{suite}: {len(unknown)} class folder(s) the model does not know, e.g. {unknown[:3]}")
@@ -62,11 +77,11 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
     from .. data.folders import IMG_EXTENSIONS
 
     # as torchvision's ImageFolder reads them: any case of the extension, in sub-folders too
-    empty = [c for c in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob("*")
+    empty = [c for c in folders if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob("*")
                                            if f.is_file())]
     if empty:
         raise NsvitError(f"{suite}: {len(empty)} class folder(s) hold no images, e.g. {empty[:3]}")
-    return classes
+    return folders
 
 
 @torch.no_grad()
@@ -85,7 +100,8 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     transform = crop_transform(parts) if precropped else pixel_transform(parts)
     ds = IndexedFolder(str(root), (classes, {c: i for i, c in enumerate(classes)}), transform=transform,
                        loader=read_rgb)  # a bad file: BadImage, named; dot-folders skipped as check_folder does
-    to_model = torch.tensor([names.index(c) for c in classes])
+    index = index_folders(suite, classes, names)
+    to_model = torch.tensor([int(c) if index else names.index(c) for c in classes])
     if max_images is not None and max_images < len(ds):
         ds = Subset(ds, torch.linspace(0, len(ds) - 1, max_images).round().long().tolist())
     dev = next(parts.parameters()).device

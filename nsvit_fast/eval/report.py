@@ -241,14 +241,30 @@ class Report:
     CSV, JSON and plots. ``evaluate`` returns one; ``Report.load`` reads a saved one back."""
 
     def __init__(self, records: list[Record] | None = None):
-        self.records: list[Record] = list(records or [])
+        self.records: list[Record] = []
+        self._keys: set[tuple] = set()
+        for r in records or []:
+            self._append(r)
+
+    def _append(self, r: Record) -> None:
+        # one value per (model, seed, suite, setting, metric): a second would count as another seed
+        # in the mean ± std (--seeds 0,0 gave n = 2 from one run)
+        key = (r.model, r.seed, r.suite, r.setting, r.metric)
+        if key in self._keys:
+            raise NsvitError(f"the report already holds {r.model} at seed {r.seed} on {r.suite}"
+                             f"{' ' + r.setting if r.setting else ''} ({r.metric}): each model, seed and "
+                             f"setting is recorded once")
+        self._keys.add(key)
+        self.records.append(r)
 
     def add(self, model: str, seed: int, suite: str, setting: str, metric: str, value: float) -> None:
-        """Append one Record (seed cast to int, value to float)."""
-        self.records.append(Record(model, int(seed), suite, setting, metric, float(value)))
+        """Append one Record (seed cast to int, value to float). Raises NsvitError when the report
+        already holds that model, seed, suite, setting and metric."""
+        self._append(Record(model, int(seed), suite, setting, metric, float(value)))
 
     def merge(self, other: "Report") -> "Report":
-        """A new Report with this one's records, then ``other``'s (e.g. runs of other seeds)."""
+        """A new Report with this one's records, then ``other``'s (e.g. runs of other seeds). Raises
+        NsvitError where both hold the same model, seed, suite, setting and metric."""
         return Report(self.records + other.records)
 
     @property

@@ -426,6 +426,13 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if bank is not None and not hasattr(bank, "check_model"):
         raise NsvitError(f"bank must be a NoiseBank (NoiseBank.load(path, parts)), got {type(bank).__name__}")
     specs = [parse_suite(s) for s in suites]
+    full = [(name, {**SUITES[name].defaults, **kw}) for name, kw in specs]  # "fgsm" is "fgsm:eps=1/255"
+    for i, spec in enumerate(full):
+        if spec in full[:i]:
+            raise NsvitError(f"suite {suites[i]} is given twice (as {suites[full.index(spec)]})")
+    if {"corruptions", "imagenet-c"} <= {s for s, _ in specs}:  # one C column, one set of records
+        raise NsvitError("suites corruptions and imagenet-c both fill the corruption column (C): give one of "
+                         "them per evaluation")
     names = list(models)
     source = as_eval_images(data, models[names[0]], max_images)
     for name, m in models.items():
