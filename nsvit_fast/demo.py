@@ -178,6 +178,11 @@ def _report(r: dict) -> str:
     ns_h = ft["histories"]["ns"]
     rounds = "\n".join(f"| {h['round']} | {h['noise_norm']:.1f} | {h['mse_prob']:.4f} | {h['synth_steps']} | "
                         f"{h['val_acc']:.3f} |" for h in ns_h)
+    corr = any(x["suite"] == "corruptions" for x in ft["report"]["records"])  # not in --quick
+    heading = "attacks in pixel space" + (", corruptions on the fly" if corr else "")
+    c_note = ("C↓ is mCE relative to the pretrained model (so it scores 100); C acc is the mean accuracy over the\n"
+              "15 corruptions × 5 severities. " if corr else "")
+    c_fig = "\n![corruptions](eval/corruptions.png)\n" if corr else ""
     return f"""# nsvit-fast demo report
 
 Model `digits_vit` (embedded, committed checkpoint): test accuracy **{r['test_accuracy']:.4f}**.
@@ -210,17 +215,14 @@ the ns run's per-round norms (the paper's Table 4 control).
 
 ![trend](fig4_trend.png)
 
-## 3. Robustness (397 test digits, attacks in pixel space, corruptions on the fly)
+## 3. Robustness (397 test digits, {heading})
 
 {ft['table2']}
-C↓ is mCE relative to the pretrained model (so it scores 100); C acc is the mean accuracy over the
-15 corruptions × 5 severities. One seed: differences of 1-3 points are within the noise of a 397-image test set (one image is
+{c_note}One seed: differences of 1-3 points are within the noise of a 397-image test set (one image is
 0.25 points). `bench/compare_methods.py` repeats the comparison over seeds with error bars.
 
 ![suites](eval/suites.png)
-
-![corruptions](eval/corruptions.png)
-"""
+{c_fig}"""
 
 
 __all__ = ["run_demo", "nullspace_stage", "finetune_stage", "format_nullspace_rows", "SUITES", "QUICK_SUITES"]

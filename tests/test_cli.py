@@ -67,6 +67,11 @@ def test_demo_writes_figure_and_report(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     report = (tmp_path / "report.md").read_text()
     assert "nullspace dim" in report and "| Clean | FGSM (eps=1/255) | FGSM (eps=8/255) | PGD | Average |" in report
+    import re
+
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(links) >= 3 and all((tmp_path / f).is_file() for f in links), links  # it linked a corruptions figure
+    assert "C↓" not in report and "corruptions" not in report  # --quick runs none: no note about them
     from nsvit_fast.eval import Report
 
     rep = Report.from_dict(out["finetune"]["report"])

@@ -530,6 +530,11 @@ CASES = [
     ("ft-no-folder", ["finetune", "--data", "/no/such/dir", "--out", "{C}/o"], "neither", {}),
     ("eval-suite-typo", EV[:1] + ["--suite", "fgms", "--out", "{C}/ev"], "unknown suite", {}),
     # one run counted twice in the mean ± std: n = 2 from one seed
+    ("eval-fgsm-eps-8", EV[:1] + ["--suite", "fgsm:eps=8", "--out", "{C}/ev"], "must be <= 1 (8/255, not 8)", {}),
+    ("eval-pgd-eps-8", EV[:1] + ["--suite", "pgd:eps=8", "--out", "{C}/ev"], "must be <= 1 (8/255, not 8)", {}),
+    # a folder suite's folder was checked only when its turn came, after the suites before it ran
+    ("eval-late-folder", EV[:1] + ["--suite", "clean;imagenet-r", "--folder", "imagenet-r={C}", "--out", "{C}/ev"],
+     "has no class folders", {}),
     ("eval-seeds-twice", EV + ["--seeds", "0,1,0", "--out", "{C}/ev"], "--seeds gives seed 0 twice", {}),
     ("eval-suite-twice", EV[:1] + ["--suite", "fgsm;fgsm:eps=1/255", "--out", "{C}/ev"],
      "suite fgsm:eps=1/255 is given twice (as fgsm)", {}),

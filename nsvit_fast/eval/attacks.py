@@ -130,6 +130,18 @@ def check_settings(what: str, kw: dict[str, Any], defaults: dict[str, Any], stri
     return out
 
 
+LINF = ("fgsm", "pgd", "autoattack")  # eps is an L-inf radius on pixels in [0, 1] (AutoAttack unless norm="L2")
+
+
+def check_linf_eps(name: str, kw: dict[str, Any]) -> None:
+    """Refuse an L-inf ``eps`` above 1 for the attacks in :data:`LINF`: every pixel may then take
+    any value, and "eps=8" meant 8/255 (the finetuning methods refuse it the same way)."""
+    eps = kw.get("eps")
+    if name in LINF and kw.get("norm", "Linf") == "Linf" and isinstance(eps, (int, float)) and eps > 1:
+        raise NsvitError(f"{name}: eps={eps:g} is an L-inf radius on pixels in [0, 1], so it must be <= 1 "
+                         f"(8/255, not 8)")
+
+
 def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
     """Build ``attack`` (a name in ATTACKS or an AttackSpec) on ``parts`` with its defaults updated by
     ``kw``; returns a callable (images, labels) -> adversarial images. The loop setting ``n`` is
@@ -140,6 +152,7 @@ def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
     # the settings are checked; other keys go to the attack's constructor (n_classes, torchattacks' own)
     kw = check_settings(what, kw, {"n": None, **spec.defaults}, strict=False)
     kw = {**spec.fixed, **spec.defaults, **kw}
+    check_linf_eps(what.removeprefix("attack "), kw)
     kw.pop("n", None)
     try:
         return spec.factory(parts, seed=seed, **kw)

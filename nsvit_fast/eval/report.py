@@ -333,7 +333,8 @@ class Report:
             avg = self.average(m)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'–' if avg is None else f'{avg:.2f}'} |")
         seeds = sorted({r.seed for r in self.records})
-        note = f"Accuracy in %, C↓ is mCE (lower is better; the Average uses 100 − mCE). Seeds: {seeds}"
+        note = "Accuracy in %" + (", C↓ is mCE (lower is better; the Average uses 100 − mCE)"
+                                  if any(s == "corruptions" for s, _, _ in cols) else "") + f". Seeds: {seeds}"
         note += "; mean ± std over seeds." if len(seeds) > 1 else "."
         relative = sorted({r.setting[4:] for r in self.records if _relative_mce(r.suite, r.setting)})
         if relative:

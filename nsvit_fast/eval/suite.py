@@ -42,10 +42,10 @@ from ..data.base import check_labels_fit
 from ..errors import NsvitError
 from ..models.registry import adapt
 from .accuracy import eval_mode, top1
-from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on
+from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on, check_linf_eps
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
-from .ood import PRECROPPED, folder_accuracy, model_class_names
+from .ood import PRECROPPED, check_folder, folder_accuracy, model_class_names
 from .report import APPROX_ALEXNET, Report
 from .source import EvalImages, TensorImages, as_eval_images
 
@@ -365,7 +365,9 @@ def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
         raise NsvitError(f"suite {name} has no setting {bad[0]!r}" + (f" (settings: {', '.join(defaults)})" if defaults else ""))
     if kw.get("eps", 0) < 0:
         raise NsvitError(f"eps must be >= 0, got {kw['eps']}")
-    return name, {**defaults, **{k: _check_setting(name, k, v) for k, v in kw.items()}}
+    full = {**defaults, **{k: _check_setting(name, k, v) for k, v in kw.items()}}
+    check_linf_eps(name, full)
+    return name, full
 
 
 def fmt_setting(kw: dict[str, Any]) -> str:
@@ -450,9 +452,15 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         needs = SUITES[suite].needs
         if needs == "folder" and suite not in run.folders:
             raise NsvitError(f"suite {suite} needs its folder: folders={{'{suite}': PATH}} (--folder {suite}=PATH)")
-        if needs == "folder":  # the class names each model's outputs map to, checked before any model runs
+        if needs == "folder":  # the folder and the class names each model's outputs map to, before any model runs
             for parts in models.values():
-                model_class_names(parts, model_classes)
+                names = model_class_names(parts, model_classes)
+                if suite == "imagenet-c":
+                    root = Path(run.folders[suite])
+                    if not any((root / c / str(s)).is_dir() for c in CORRUPTIONS for s in SEVERITIES):
+                        raise NsvitError(f"imagenet-c: no <corruption>/<severity> folders under {root}")
+                else:
+                    check_folder(run.folders[suite], suite, names)
         if needs == "bank" and bank is None:
             raise NsvitError(f"suite {suite} needs a NoiseBank (bank=..., --bank FILE)")
     say = log or (print if progress else (lambda *_: None))
