@@ -533,7 +533,7 @@ CASES = [
     ("eval-fgsm-eps-8", EV[:1] + ["--suite", "fgsm:eps=8", "--out", "{C}/ev"], "must be <= 1 (8/255, not 8)", {}),
     ("eval-pgd-eps-8", EV[:1] + ["--suite", "pgd:eps=8", "--out", "{C}/ev"], "must be <= 1 (8/255, not 8)", {}),
     # a folder suite's folder was checked only when its turn came, after the suites before it ran
-    ("eval-late-folder", EV[:1] + ["--suite", "clean;imagenet-r", "--folder", "imagenet-r={C}", "--out", "{C}/ev"],
+    ("eval-late-folder", EV[:1] + ["--suite", "clean;imagenet-r", "--folder", "imagenet-r={A}/good/0", "--out", "{C}/ev"],
      "has no class folders", {}),
     ("eval-seeds-twice", EV + ["--seeds", "0,1,0", "--out", "{C}/ev"], "--seeds gives seed 0 twice", {}),
     ("eval-suite-twice", EV[:1] + ["--suite", "fgsm;fgsm:eps=1/255", "--out", "{C}/ev"],

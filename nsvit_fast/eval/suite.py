@@ -454,13 +454,13 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
             raise NsvitError(f"suite {suite} needs its folder: folders={{'{suite}': PATH}} (--folder {suite}=PATH)")
         if needs == "folder":  # the folder and the class names each model's outputs map to, before any model runs
             for parts in models.values():
-                names = model_class_names(parts, model_classes)
+                known = model_class_names(parts, model_classes)
                 if suite == "imagenet-c":
                     root = Path(run.folders[suite])
                     if not any((root / c / str(s)).is_dir() for c in CORRUPTIONS for s in SEVERITIES):
                         raise NsvitError(f"imagenet-c: no <corruption>/<severity> folders under {root}")
                 else:
-                    check_folder(run.folders[suite], suite, names)
+                    check_folder(run.folders[suite], suite, known)
         if needs == "bank" and bank is None:
             raise NsvitError(f"suite {suite} needs a NoiseBank (bank=..., --bank FILE)")
     say = log or (print if progress else (lambda *_: None))
