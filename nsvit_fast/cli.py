@@ -162,10 +162,13 @@ def cmd_nullspace(args) -> int:
             print("paper (Table 1): " + ", ".join(f"{r['model']}={r['paper']}" for r in rows))
             print("Randomly initialised weights (seed 0) are full rank up to round-off: C*r*r - D where positive. "
                   "vit_base_patch16_224 is square (768 = 768): its nullspace is numerical, 0 or 1 for a random "
-                  "draw under the default tolerance; the paper's 2 came from pretrained weights.")
+                  "draw under the default tolerance; our unverified guess is that the paper's 2 came from "
+                  "pretrained weights.")
         return 0
     parts = _load(args)
-    row = nullspace_basis(parts, rtol=args.rtol).summary(args.model or parts.arch)
+    # a checkpoint is named by its path, as in eval's rows: its arch name would hide its own patch size
+    label = args.model or (str(args.checkpoint) if args.checkpoint else parts.arch)
+    row = nullspace_basis(parts, rtol=args.rtol).summary(label)
     print(dumps(row) if args.json else _table([row]))
     return 0
 
@@ -303,7 +306,9 @@ def cmd_synth(args) -> int:
     if args.json:
         print(dumps(bank.summary()))
     else:
-        print(f"{'noise':>5s} {'steps':>6s} {'conv':>5s} {'norm':>9s} {'held-out MSE-prob':>18s} {'match':>6s}")
+        # stop=batch measures the stop on a sample of the training images, not held-out ones
+        col = "held-out MSE-prob" if bank.meta.get("heldout_source") != "train_sample" else "MSE-prob (train)"
+        print(f"{'noise':>5s} {'steps':>6s} {'conv':>5s} {'norm':>9s} {col:>18s} {'match':>6s}")
         for i in range(len(bank)):
             print(f"{i:5d} {int(bank.steps[i]):6d} {str(bool(bank.converged[i])):>5s} {float(bank.norm[i]):9.2f} "
                   f"{float(bank.mse_prob[i]):18.4f} {float(bank.match_rate[i]):6.3f}")

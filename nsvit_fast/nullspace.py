@@ -272,7 +272,7 @@ def nullspace_table(names: Iterable[str], rtol: float | None = None, seed: int =
 
     Where C*r*r == D (ViT-B/16: 768 = 768) the map is square and its nullspace is purely
     numerical: random init gives 0 or 1 singular values under the tolerance depending on the draw;
-    the paper's 2 came from pretrained weights.
+    the paper's 2 probably came from pretrained weights (a guess: no hub weights here to check).
 
     Returns a list of :meth:`PatchNullspace.summary` rows; ``kwargs`` go to :func:`load_model`
     (e.g. ``pretrained=True``). Raises NsvitError as :func:`load_model` does for an unknown name."""

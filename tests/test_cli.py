@@ -5,6 +5,7 @@ runs them. The bad-input cases live in test_hostile.py, which runs them all in o
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -50,6 +51,10 @@ def test_nullspace_json_vit_small_patch32(cli):
     out = json.loads(r.stdout)
     assert out == {"model": "vit_small_patch32_224", "patch_size": 32, "input_dim": 3072, "embed_dim": 384,
                    "rank": 384, "nullspace_dim": 2688}
+    # a digits checkpoint was labelled vit_tiny_patch16_224 beside patch 8 and D 96: now its path
+    ck = Path(__file__).parents[1] / "nsvit_fast" / "assets" / "digits_vit.safetensors"
+    r = cli("nullspace", "--checkpoint", str(ck), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"] == str(ck), r.stdout
 
 
 def test_demo_writes_figure_and_report(tmp_path):
@@ -101,6 +106,10 @@ def test_synth_writes_a_bank(cli, tmp_path):
     bank = NoiseBank.load(out)
     assert bank.noises.shape == (2, 16, 96) and bank.steps.tolist() == summary["steps"]
     assert (tmp_path / "log.jsonl").read_text().count("\n") >= max(summary["steps"])
+    # stop=batch (the default) measures on a training sample: its column said "held-out"
+    r = cli("synth", "--data", "digits", "--max-steps", "2", "--max-images", "64", "--out",
+            str(tmp_path / "b2.safetensors"), "--quiet")
+    assert r.returncode == 0 and "MSE-prob (train)" in r.stdout and "held-out" not in r.stdout, r.stdout
 
 
 def test_profile_synth_reports_phases(tmp_path):
