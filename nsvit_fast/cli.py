@@ -202,11 +202,11 @@ def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train the embedded digits ViT from scratch",
                        description="Train digits_vit (img 32, patch 8, dim 96, depth 6) on scikit-learn's digits.")
     p.add_argument("--out", default="digits_vit.safetensors", help="output checkpoint (.safetensors)")
-    p.add_argument("--epochs", type=count(1), default=60)
-    p.add_argument("--lr", type=POSITIVE, default=2e-3)
-    p.add_argument("--batch-size", type=count(1), default=64)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--epochs", type=count(1), default=60, help="passes over the 1200 training digits (default 60)")
+    p.add_argument("--lr", type=POSITIVE, default=2e-3, help="AdamW learning rate (default 0.002)")
+    p.add_argument("--batch-size", type=count(1), default=64, help="images per step (default 64)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the weights and the batch order (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -227,7 +227,7 @@ def add_demo(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--scale", type=number(0, MAX_NOISE_SCALE), default=10.0,
                    help=f"noise norm / image norm (default 10, at most {MAX_NOISE_SCALE:g})")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the noises, the finetuning and the attacks (default 0)")
     p.add_argument("--quick", action="store_true", help="a 2-round finetuning budget (for a fast check)")
     p.set_defaults(func=cmd_demo)
 
@@ -273,7 +273,7 @@ def _synth_args(p: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
         help="cosine over 10 x max-steps as the official code (default), or over max-steps")
     add("--lr-t-max", dest="lr_t_max", type=count(0), default=d.lr_t_max,
         help="official schedule's T_max (default 0: 10 x max-steps; 30030 is the official ImageNet run)")
-    add("--seed", type=SEED, default=d.seed)
+    add("--seed", type=SEED, default=d.seed, help=f"seed of the noise init and the batches (default {d.seed})")
 
 
 def _synth_overrides(args) -> dict:
@@ -599,13 +599,15 @@ def add_eval(sub) -> None:
     p.add_argument("--seeds", type=listof(SEED, "seeds >= 0"), default=[0],
                    help="comma-separated seeds (mean ± std over them)")
     p.add_argument("--baseline", help="row name normalising mCE on non-ImageNet data (default: the first)")
-    p.add_argument("--mce-reference", choices=MCE_REFERENCES, default="auto")
+    p.add_argument("--mce-reference", choices=MCE_REFERENCES, default="auto",
+                   help="what normalises the corruptions' mCE: AlexNet's ImageNet-C errors, or the baseline "
+                        "model's; auto (default) takes AlexNet for 1000-class models, else the baseline")
     p.add_argument("--folder", action="append", type=suite_folder, help="SUITE=PATH for folder suites (repeatable)")
     p.add_argument("--classes", help="the model's class names in output order (default: ImageNet's for 1000 "
                                      "classes, else the data's)")
     p.add_argument("--bank", help="NoiseBank file for the noisebank suite")
     p.add_argument("--out", default="runs/eval", help="report folder (default runs/eval)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-suite timing lines")
     p.set_defaults(func=cmd_eval)
 
 
@@ -656,11 +658,11 @@ def add_analyze(sub) -> None:
     p.add_argument("--out", default="runs/analysis", help="output folder (default runs/analysis)")
     p.add_argument("--run", help="trend: the finetuning output folder")
     p.add_argument("--lim", type=POSITIVE, default=3.0, help="noise init U(-lim, lim) (default 3)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the noise inits and the images drawn (default 0)")
     p.add_argument("--lams", type=listof(number(0, lo_open=False), "lambdas >= 0"), default=[0, 0.5, 1, 2, 4, 8],
                    help="fig3: lambda values (default 0,0.5,1,2,4,8)")
     p.add_argument("--steps", type=count(1), default=300, help="fig3: optimisation steps (default 300)")
-    p.add_argument("--batch-size", type=count(1), default=64)
+    p.add_argument("--batch-size", type=count(1), default=64, help="fig3 / fig5: images per step (default 64)")
     p.add_argument("--m", type=count(2), help="fig5: noises, >= 2 (default 100 on CUDA, 24 on the CPU)")
     p.add_argument("--pairs", type=count(1), default=10, help="fig5: pairs for the convex grid (default 10)")
     p.add_argument("--eps", type=EPS, default=None,
@@ -739,7 +741,7 @@ def add_targeted(sub) -> None:
     p.add_argument("--target", required=True, help="image file or skimage:NAME (both are resized to the model's size)")
     p.add_argument("--out", default="runs/targeted.png", help="result image (8-bit PNG, so a .png name); .json and "
                                                                "_figure.png beside")
-    p.add_argument("--iters", type=count(1), default=100)
+    p.add_argument("--iters", type=count(1), default=100, help="Dykstra iterations for the [0, 1] box (default 100)")
     p.add_argument("--saliency", type=listof(one_of(METHODS, "saliency method"), "saliency methods"),
                    default=list(METHODS), help=f"maps to draw, comma-separated (default {','.join(METHODS)})")
     p.set_defaults(func=cmd_targeted)
@@ -787,7 +789,7 @@ def add_fingerprint(sub) -> None:
     p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
     p.add_argument("--n", type=count(1), default=64, help="make: challenges (default 64)")
     p.add_argument("--scale", type=POSITIVE, default=2.0, help="make: noise norm / image norm (default 2)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="make: seed of the challenge images and noises (default 0)")
     p.add_argument("--threshold", type=number(0, 1, hi_open=True),
                    help="verify: decision threshold in (0, 1) (default: the fingerprint's)")
     p.add_argument("--expect-digest", type=sha256_hex, help="verify: refuse unless the fingerprint's digest is this one (printed by "
@@ -876,7 +878,11 @@ def _main(argv: list[str] | None) -> int:
                 "=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            if getattr(args, "command", None):  # point at the command's own help, which lists its options
+                parser.prog = f"{parser.prog} {args.command}"
+            hint = ("; eval takes the split in --data (digits:test, FOLDER/val)"
+                    if args.command == "eval" and any(e.startswith("--split") for e in extra) else "")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -204,7 +204,9 @@ SY = ["synth", "--max-images", "32", "--max-steps", "2", "--batch-size", "16", "
 # (id, argv, what the line must contain, options). {A}: the assets folder, {C}: the case's own folder.
 CASES = [
     # arguments: one line from argparse, no usage block
-    ("unknown-flag", ["nullspace", "--bogus"], "unrecognized arguments", {}),
+    ("unknown-flag", ["nullspace", "--bogus"], "unrecognized arguments: --bogus (see nsvit-fast nullspace --help)",
+     {}),  # it pointed at the top-level help, which lists no command's options
+    ("eval-split-flag", ["eval", "--split", "test"], "eval takes the split in --data (digits:test", {}),
     ("missing-required", ["watermark"], "required: --image", {}),
     ("bad-choice", ["synth", "--mode", "turbo"], "invalid choice", {}),
     ("no-command-arg", ["analyze"], "required: study", {}),

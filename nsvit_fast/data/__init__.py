@@ -81,7 +81,7 @@ def parse_spec(spec: str | Path, split: str | None = None, *, default_split: str
             if found:
                 pick = "val" if "val" in found else found[0]
                 raise NsvitError(f"data folder {root} holds the split folders {', '.join(found)}: name one "
-                                 f"(e.g. {root / pick}, or split {pick}); a split is never picked on its own")
+                                 f"(e.g. {root / pick}); a split is never picked on its own")
             return DataSpec("folder", None, root)
         if not (root / split).is_dir():
             has = f"its split folders: {', '.join(found)}" if found else "it holds no split folders; give it " \
