@@ -616,6 +616,16 @@ def cmd_analyze(args) -> int:
     from .analysis import studies
     from .io import check_output_dir
 
+    # each option serves some studies: one given to another study would be ignored without a word
+    serves = {"run": ("trend",), "lams": ("fig3",), "steps": ("fig3",), "batch_size": ("fig3",), "m": ("fig5",),
+              "pairs": ("fig5",), "eps": ("fig5",)}
+    for dest in ("model", "checkpoint", "num_classes", "pretrained", "use_ema", "data", "split", "max_images",
+                 "on_bad_image", "lim", "seed"):
+        serves[dest] = ("fig3", "fig5")
+    stray = [d for d in getattr(args, "given", ()) if args.study not in serves.get(d, (args.study,))]
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise NsvitError(f"analyze {args.study} takes no {flag} (it serves {' and '.join(serves[stray[0]])})")
     check_output_dir(args.out)
     if args.study == "trend":
         if not args.run:
@@ -662,7 +672,7 @@ def add_analyze(sub) -> None:
     p.add_argument("--lams", type=listof(number(0, lo_open=False), "lambdas >= 0"), default=[0, 0.5, 1, 2, 4, 8],
                    help="fig3: lambda values (default 0,0.5,1,2,4,8)")
     p.add_argument("--steps", type=count(1), default=300, help="fig3: optimisation steps (default 300)")
-    p.add_argument("--batch-size", type=count(1), default=64, help="fig3 / fig5: images per step (default 64)")
+    p.add_argument("--batch-size", type=count(1), default=64, help="fig3: images per step (default 64)")
     p.add_argument("--m", type=count(2), help="fig5: noises, >= 2 (default 100 on CUDA, 24 on the CPU)")
     p.add_argument("--pairs", type=count(1), default=10, help="fig5: pairs for the convex grid (default 10)")
     p.add_argument("--eps", type=EPS, default=None,
@@ -886,6 +896,9 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    args.given = [a.dest for a in sub._actions  # the options set to other than their defaults, for commands
+                  if a.option_strings and getattr(args, a.dest, None) != a.default]  # that check what applies
     with warnings.catch_warnings(record=True) as caught:  # held back: an error line must be the only line
         warnings.simplefilter("default")
         try:
