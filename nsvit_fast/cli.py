@@ -413,6 +413,9 @@ def cmd_finetune(args) -> int:
         if run["model"] is None and run["checkpoint"] is None:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
         out = check_output_dir(run["out"] or f"runs/{'dry-run' if args.dry_run else 'finetune'}-{cfg.method}")
+        if args.dry_run and not args.resume and (out / STATE_FILE).is_file():  # --resume is no answer here
+            raise NsvitError(f"{out} holds an earlier run (a dry run writes one too): remove it (rm -r {out}) or "
+                             f"give another --out")
         if args.resume and not (out / STATE_FILE).is_file():
             raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
                              f"fresh run there)")

@@ -207,6 +207,8 @@ CASES = [
     ("unknown-flag", ["nullspace", "--bogus"], "unrecognized arguments: --bogus (see nsvit-fast nullspace --help)",
      {}),  # it pointed at the top-level help, which lists no command's options
     ("eval-split-flag", ["eval", "--split", "test"], "eval takes the split in --data (digits:test", {}),
+    ("dry-run-over-a-run", ["finetune", "--dry-run", "--quiet", "--out", "{A}/demo_seed0/finetune/ns"],
+     "holds an earlier run (a dry run writes one too)", {}),  # it said: pass resume=True (--resume)
     ("analyze-stray-option", ["analyze", "trend", "--run", "{C}", "--m", "5"], "analyze trend takes no --m (it serves "
      "fig5)", {}),  # was ignored without a word
     ("missing-required", ["watermark"], "required: --image", {}),
