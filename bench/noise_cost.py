@@ -112,12 +112,14 @@ def main() -> None:
         except (OSError, ValueError):
             ap.error(f"--render: {args.render} is not a noise_cost.json")
         args.rounds, args.seeds = d["rounds"], d["seeds"]
-        md = render(d, d["metrics"], d["rows"], Report.from_dict(d["report"]), d["machine"], args)
+        md = render(d, d["metrics"], d["rows"], ap.check(Report.from_dict, d["report"]), d["machine"], args)
         write_text(args.out / "noise_cost.md", md)
         figure(d, args.out / "noise_cost.png")
         print(md)
         return
     # every config a run will load, loaded now: a bad key or value fails here, not an hour in
+    if len(set(args.suites)) != len(args.suites):  # evaluate refuses it, but only after the seed's finetunes
+        ap.error(f"--suites names {next(x for x in args.suites if args.suites.count(x) > 1)} twice")
     overrides = ap.check(parse_overrides, args.overrides)
     for config in ("digits", "digits_fast"):
         ap.check(load_run, config, {"rounds": args.rounds, **overrides})

@@ -900,8 +900,12 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    args.given = [a.dest for a in sub._actions  # the options set to other than their defaults, for commands
-                  if a.option_strings and getattr(args, a.dest, None) != a.default]  # that check what applies
+    typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # the options the user gave (typed, or an abbreviation that changed the value), for commands that
+    # refuse the ones that do not apply
+    args.given = [a.dest for a in sub._actions if a.option_strings and a.dest != "help" and (
+        any(t == o or t.startswith(o + "=") for t in typed for o in a.option_strings)
+        or getattr(args, a.dest, None) != a.default)]
     with warnings.catch_warnings(record=True) as caught:  # held back: an error line must be the only line
         warnings.simplefilter("default")
         try:

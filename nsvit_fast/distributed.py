@@ -8,6 +8,7 @@ same way (see synth.engine), so every rank holds the same noise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -113,41 +114,72 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
                 if time.monotonic() >= deadline:
                     raise NsvitError(f"rank {rank}: rank 0 did not open {addr}:{port} within {join} s: {hint}") from None
                 time.sleep(0.5)
+    dist_error = getattr(dist, "DistError", RuntimeError)  # torch < 2.2 raises plain RuntimeErrors
     try:
         store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
                               timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())), wait_for_workers=False)
+    except dist_error as e:
+        text = str(e)
+        why = text.splitlines()[0] if text else type(e).__name__
+        if rank == 0 and ("eaddrinuse" in text.lower() or "address already in use" in text.lower()):
+            raise NsvitError(f"MASTER_PORT={port} is in use on rank 0's machine (another run's rank 0?): give a "
+                             f"free port to every rank") from None
+        if rank == 0:
+            raise NsvitError(f"rank 0 could not listen on MASTER_PORT={port} ({why})") from None
+        raise NsvitError(f"rank {rank}: could not reach rank 0 at {addr}:{port} ({why}): {hint}") from None
+
+    def wait(done) -> None:
+        while not done():
+            if store.check([_REFUSED]):  # another rank found the group's settings wrong
+                raise NsvitError(f"rank {rank}: {store.get(_REFUSED).decode()}")
+            if time.monotonic() >= deadline:
+                raise NsvitError(f"rank {rank}: {store.add(_JOINED, 0)} of {world} ranks joined at {addr}:{port} "
+                                 f"within {join} s: {hint}")
+            time.sleep(0.2)
+
+    counted: list[str] = []
+    try:
         if rank == 0:
             store.set(_WORLD, str(world))
-
-        def wait(done) -> None:
-            while not done():
-                if store.check([_REFUSED]):  # another rank found the group's settings wrong
-                    raise NsvitError(f"rank {rank}: {store.get(_REFUSED).decode()}")
-                if time.monotonic() >= deadline:
-                    raise NsvitError(f"rank {rank}: {store.add(_JOINED, 0)} of {world} ranks joined at {addr}:{port} "
-                                     f"within {join} s: {hint}")
-                time.sleep(0.2)
-
         wait(lambda: store.check([_WORLD]))
         if int(store.get(_WORLD)) != world:  # it would wait for ranks that never come, or start without some
             why = f"rank {rank} was started with WORLD_SIZE={world}, rank 0 with {int(store.get(_WORLD))}"
-            store.set(_REFUSED, why)
+            store.set(_REFUSED, f"{why}: give every rank the same WORLD_SIZE")
             raise NsvitError(f"{why}: give every rank the same WORLD_SIZE")
-        if store.add(f"{_JOINED}/{rank}", 1) > 1:  # the group goes on with the first process of that rank
-            raise NsvitError(f"RANK={rank} was started twice: give each process its own RANK in [0, {world})")
+        counted.append(f"{_JOINED}/{rank}")
+        if store.add(counted[-1], 1) > 1:  # a launch script's slip: the others stop too
+            why = f"RANK={rank} was started twice: give each process its own RANK in [0, {world})"
+            store.set(_REFUSED, why)
+            raise NsvitError(why)
+        counted.append(_JOINED)
         store.add(_JOINED, 1)
         wait(lambda: store.add(_JOINED, 0) >= world)
-    except dist.DistError as e:
-        text = str(e)
-        if "EADDRINUSE" in text or "address already in use" in text:
-            raise NsvitError(f"MASTER_PORT={port} is in use on rank 0's machine (another run's rank 0?): give a "
-                             f"free port to every rank") from None
-        why = text.splitlines()[0] if text else type(e).__name__
-        raise NsvitError(f"rank {rank}: lost rank 0 at {addr}:{port} while the ranks joined ({why}): {hint}") from None
+    except BaseException as e:  # NsvitError, Ctrl-C, SIGTERM: a rank that leaves is no longer counted,
+        for key in counted:     # so the others do not start without it (and it may be started again)
+            with contextlib.suppress(Exception):
+                store.add(key, -1)
+        if rank == 0 and not isinstance(e, dist_error):  # the store goes with rank 0: tell the others why,
+            with contextlib.suppress(Exception):         # and give them a moment to read it and leave
+                if not store.check([_REFUSED]):
+                    store.set(_REFUSED, f"rank 0 stopped while the ranks joined ({_one_line(e)})")
+                until = time.monotonic() + 2.0
+                while store.add(_JOINED, 0) > 0 and time.monotonic() < until:
+                    time.sleep(0.05)
+        if isinstance(e, dist_error):
+            text = str(e)
+            why = text.splitlines()[0] if text else type(e).__name__
+            raise NsvitError(f"rank {rank}: lost rank 0 at {addr}:{port} while the ranks joined ({why}): "
+                             f"{hint}") from None
+        raise
     from torch.distributed import constants
 
     store.set_timeout(constants.default_pg_nccl_timeout if backend == "nccl" else constants.default_pg_timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def peer_lost(e: BaseException) -> bool:

@@ -209,6 +209,7 @@ BENCH_CASES = [
     ("noise_cost.py", ["--rounds", "two"], "argument --rounds"),
     ("noise_cost.py", ["--suites", "clean,bogus"], "unknown suite 'bogus'"),
     ("noise_cost.py", ["--suites", ""], "must be comma-separated suites"),
+    ("noise_cost.py", ["--suites", "clean,pgd,clean"], "--suites names clean twice"),  # was after the finetunes
     ("noise_cost.py", ["bogus_key=1"], "unknown finetune key 'bogus_key'"),
     ("noise_cost.py", ["lr=nan"], "lr"),
     ("noise_cost.py", ["model_steps=0"], "model_steps"),

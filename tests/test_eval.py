@@ -225,6 +225,17 @@ def test_a_report_holds_each_model_seed_and_setting_once(parts, test128):
         evaluate({"m": parts}, x, ["fgsm", "fgsm:eps=1/255"])
     with pytest.raises(NsvitError, match="corruptions and imagenet-c both fill"):
         evaluate({"m": parts}, x, ["corruptions", "imagenet-c"], folders={"imagenet-c": "/nope"})
+    with pytest.raises(NsvitError, match="nullspace:scale=10.0000001 is given twice"):  # both record scale=10
+        evaluate({"m": parts}, x, ["nullspace:scale=10", "nullspace:scale=10.0000001"])
+
+
+def test_folder_suites_are_checked_before_any_suite_runs(parts, test128, tmp_path):
+    # a bad folder failed only when its turn came, after the suites before it had run
+    ran = []
+    x = ImageDataset(test128.images[:8], test128.labels[:8])
+    with pytest.raises(NsvitError, match="has no class folders"):
+        evaluate({"m": parts}, x, ["clean", "imagenet-r"], folders={"imagenet-r": tmp_path}, log=ran.append)
+    assert ran == []
 
 
 def _old_report_folder(folder, figures=True):
@@ -496,6 +507,9 @@ def test_imagenet_v2_as_released_index_named_folders_map_to_the_outputs(tmp_path
                 save_pixels(x[(k + j) % len(x)], root / name / f"{j}.png")
     acc = folder_accuracy(vit, tmp_path / "v2", "imagenet-v2")
     assert acc == pytest.approx(2 / 1001) and acc == folder_accuracy(vit, tmp_path / "wnid", "imagenet-v2")
+    # outputs in another order (model_classes): folder k is ImageNet's class k, output 7 is wnid 992
+    back = folder_accuracy(vit, tmp_path / "v2", "imagenet-v2", model_classes=wnids[::-1])
+    assert back == pytest.approx(1 / 1001)
     with pytest.raises(NsvitError, match="class folder"):  # index names only for imagenet-v2
         folder_accuracy(vit, tmp_path / "v2", "imagenet-sketch")
 

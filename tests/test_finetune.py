@@ -474,7 +474,78 @@ def test_ranks_started_by_hand_meet_without_torchrun(tmp_path):
     for r, p in ranks.items():
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0 and out.split() == [str(r), "2", "1.5"], (out, err[-2000:])
-        assert "TCPStore" not in err and "socket" not in err, err[-2000:]
+        assert "TCPStore" not in err and "client failed" not in err, err[-2000:]
+
+
+def test_a_rank_that_leaves_the_join_is_counted_out_and_a_rank_started_twice_stops_all(tmp_path):
+    # without the count going back down, the two left would start without the third and wait in
+    # C++ for 30 minutes; a restarted rank was then refused as "started twice"
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    code = ("import signal, torch, torch.distributed as dist\n"  # Ctrl-C even where the test runs in the background
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # (a shell's & starts it ignored)
+            "from nsvit_fast.distributed import init_from_env, all_mean, rank_world\n"
+            "from nsvit_fast import NsvitError\n"
+            "try:\n    init_from_env('cpu')\nexcept NsvitError as e:\n    print(e, flush=True)\n    raise SystemExit(2)\n"
+            "print(*rank_world(), float(all_mean(torch.tensor([rank_world()[0] + 1.0]))[0]), flush=True)\n"
+            "dist.destroy_process_group()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    env.update(WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", NSVIT_JOIN_TIMEOUT="300")
+
+    def rank(r: int, port: int):
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**env, "RANK": str(r), "MASTER_PORT": str(port)})
+
+    def joined(store, n: int) -> None:
+        t0 = time.time()
+        while store.add("nsvit/joined", 0) != n:
+            assert time.time() - t0 < 120, store.add("nsvit/joined", 0)
+            time.sleep(0.1)
+
+    port = free_port()
+    r0, r1 = rank(0, port), rank(1, port)
+    t0 = time.time()
+    while True:  # rank 0's store, read from here as one more client
+        try:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+            break
+        except RuntimeError:
+            assert time.time() - t0 < 120 and r0.poll() is None, r0.stderr.read() if r0.poll() is not None else ""
+            time.sleep(0.2)
+    joined(store, 2)
+    r1.send_signal(signal.SIGINT)  # Ctrl-C in rank 1's wait
+    assert r1.wait(timeout=60) != 0
+    joined(store, 1)
+    r1, r2 = rank(1, port), rank(2, port)  # rank 1 again: welcome, not "started twice"
+    for r, p in enumerate((r0, r1, r2)):
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0 and out.split() == [str(r), "3", "2.0"], (r, out, err[-2000:])
+    del store
+
+    port = free_port()  # ranks 0, 1, 1 of 3: the second 1 is refused, and the two waiting with it stop
+    ranks = [rank(0, port)]
+    t0 = time.time()
+    while True:  # rank 0's store is up
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() - t0 < 120 and ranks[0].poll() is None
+            time.sleep(0.2)
+    ranks.append(rank(1, port))
+    time.sleep(3)
+    ranks.append(rank(1, port))
+    outs = [p.communicate(timeout=120)[0].strip() for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2, 2], outs
+    assert all("RANK=1 was started twice" in o for o in outs), outs
 
 
 @pytest.mark.parametrize("kw,msg", [

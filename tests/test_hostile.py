@@ -734,8 +734,14 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
                                  str(tmp_path / f"o{rank}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
 
-    with socket.socket() as taken:
+    try:  # held on IPv4 and IPv6 both: the store may listen on either
+        taken = socket.socket(socket.AF_INET6)
+        taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        taken.bind(("::", 0))
+    except OSError:
+        taken = socket.socket()
         taken.bind(("0.0.0.0", 0))
+    with taken:
         taken.listen()
         runs = {"rank 0 alone": (alone(0, _free_port()), "rank 0: 1 of 2 ranks joined at 127.0.0.1:"),
                 "rank 1 alone": (alone(1, _free_port()), "rank 1: rank 0 did not open 127.0.0.1:"),

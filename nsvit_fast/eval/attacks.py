@@ -45,9 +45,10 @@ class FloatLogits(torch.nn.Module):
     logits, which torchattacks' APGD-T hands to numpy (``Got unsupported ScalarType BFloat16``).
     The forward itself keeps the autocast precision.
 
-    Made in eval mode: torchattacks puts back the mode it found its model in after each call, and a
-    new Module is in train mode, so ``model.train()`` reached ``parts`` too and the accuracy after
-    the attack was scored with dropout and drop-path on (FGSM at eps 0 gave 0.89, not 1.0)."""
+    It takes ``parts``' mode when made (eval inside the suites): torchattacks puts back the mode it
+    found its model in after each call, and a new Module is in train mode, so ``model.train()``
+    reached ``parts`` too and the accuracy after the attack was scored with dropout and drop-path on
+    (FGSM at eps 0 gave 0.89, not 1.0). Make the attack after setting the model's mode."""
 
     def __init__(self, parts):
         super().__init__()

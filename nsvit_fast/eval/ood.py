@@ -41,11 +41,21 @@ def model_class_names(parts, model_classes: list[str] | None = None) -> list[str
                      f"(model_classes) to map folder names to its outputs")
 
 
-def index_folders(suite: str, classes: list[str], names: list[str]) -> bool:
-    """True for ImageNet-V2 as its authors release it: class folders named by output index
-    ("0"-"999", in ImageNet's wnid order, the order of timm's 1000 outputs) rather than by wnid."""
-    return (suite == "imagenet-v2" and len(names) == 1000 and not set(classes) & set(names)
-            and all(c.isascii() and c.isdigit() and str(int(c)) == c and int(c) < 1000 for c in classes))
+def index_folders(suite: str, classes: list[str], names: list[str]) -> list[int] | None:
+    """The output index of each class folder for ImageNet-V2 as its authors release it: folders
+    named "0"-"999", ImageNet's class indices (timm's wnid order), mapped through the model's own
+    class names (``names``, which may be in another order); None for any other folder."""
+    if suite != "imagenet-v2" or len(names) != 1000 or set(classes) & set(names):
+        return None
+    if not all(c.isascii() and c.isdigit() and str(int(c)) == c and int(c) < 1000 for c in classes):
+        return None
+    from timm.data import ImageNetInfo
+
+    wnids = list(ImageNetInfo().label_names())
+    where = {n: i for i, n in enumerate(names)}
+    if not set(wnids) <= set(where):  # the model's names are not wnids: no way to place an index
+        return None
+    return [where[wnids[int(c)]] for c in classes]
 
 
 def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
@@ -59,8 +69,9 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
     classes = class_folders(root)  # dot-folders (.ipynb_checkpoints) are not classes, as for training folders
     if not classes:
         raise NsvitError(f"{suite}: {root} has no class folders (expected {root}/<class>/<image>)")
-    if index_folders(suite, classes, names):
-        return _check_names(root, suite, names, classes, [names[int(c)] for c in classes])
+    index = index_folders(suite, classes, names)
+    if index is not None:
+        return _check_names(root, suite, names, classes, [names[i] for i in index])
     return _check_names(root, suite, names, classes, classes)
 
 
@@ -101,7 +112,7 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     ds = IndexedFolder(str(root), (classes, {c: i for i, c in enumerate(classes)}), transform=transform,
                        loader=read_rgb)  # a bad file: BadImage, named; dot-folders skipped as check_folder does
     index = index_folders(suite, classes, names)
-    to_model = torch.tensor([int(c) if index else names.index(c) for c in classes])
+    to_model = torch.tensor(index if index is not None else [names.index(c) for c in classes])
     if max_images is not None and max_images < len(ds):
         ds = Subset(ds, torch.linspace(0, len(ds) - 1, max_images).round().long().tolist())
     dev = next(parts.parameters()).device

@@ -368,6 +368,8 @@ class Report:
             return cls.from_dict(json.loads(p.read_text()))
         except json.JSONDecodeError as e:
             raise NsvitError(f"{p} is not valid JSON: {e}") from None
+        except NsvitError as e:  # e.g. a record twice (edited by hand, or merged by an older version)
+            raise NsvitError(f"{p}: {e}") from None
 
     def to_csv(self) -> str:
         """CSV text, one row per record: model, seed, suite, setting, metric, value (repr, exact)."""

@@ -428,7 +428,8 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if bank is not None and not hasattr(bank, "check_model"):
         raise NsvitError(f"bank must be a NoiseBank (NoiseBank.load(path, parts)), got {type(bank).__name__}")
     specs = [parse_suite(s) for s in suites]
-    full = [(name, {**SUITES[name].defaults, **kw}) for name, kw in specs]  # "fgsm" is "fgsm:eps=1/255"
+    # as the records name them: "fgsm" is "fgsm:eps=1/255", scale=10 is scale=10.0000001 (6 digits)
+    full = [(name, fmt_setting({**SUITES[name].defaults, **kw})) for name, kw in specs]
     for i, spec in enumerate(full):
         if spec in full[:i]:
             raise NsvitError(f"suite {suites[i]} is given twice (as {suites[full.index(spec)]})")
