@@ -64,3 +64,27 @@ def run_forkrun(jobs: list[dict], *mode: str, timeout: int, **kw) -> list[int]:
         raise
     assert p.returncode == 0, err[-3000:]
     return json.loads(out)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for rank 0 of a by-hand launch)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc, timeout: float = 120) -> None:
+    """Until ``proc`` (rank 0) listens on ``port`` on 127.0.0.1; fails if it exits or ``timeout`` passes."""
+    import socket
+    import time
+
+    t0 = time.time()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.time() - t0 < timeout and proc.poll() is None, "rank 0 never opened its port"
+            time.sleep(0.1)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TORCHRUN2
+from helpers import TORCHRUN2, free_port, wait_for_port
 
 from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.io import load_tensors
@@ -450,11 +450,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 def test_ranks_started_by_hand_meet_without_torchrun(tmp_path):
     # srun or a script sets RANK / WORLD_SIZE / MASTER_* itself; rank 1 here waits for rank 0's port,
     # which torch's own client would do with a C++ warning and frames on every refused connect
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     code = ("import sys, torch, torch.distributed as dist\n"
             "from nsvit_fast.distributed import init_from_env, all_mean, check_same, rank_world\n"
             "print('joining', flush=True)\n"
@@ -480,15 +476,9 @@ def test_ranks_started_by_hand_meet_without_torchrun(tmp_path):
 def test_a_rank_that_leaves_the_join_is_counted_out_and_a_rank_started_twice_stops_all(tmp_path):
     # without the count going back down, the two left would start without the third and wait in
     # C++ for 30 minutes; a restarted rank was then refused as "started twice"
-    import socket
     from datetime import timedelta
 
     import torch.distributed as dist
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     code = ("import signal, torch, torch.distributed as dist\n"  # Ctrl-C even where the test runs in the background
             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # (a shell's & starts it ignored)
@@ -532,14 +522,7 @@ def test_a_rank_that_leaves_the_join_is_counted_out_and_a_rank_started_twice_sto
 
     port = free_port()  # ranks 0, 1, 1 of 3: the second 1 is refused, and the two waiting with it stop
     ranks = [rank(0, port)]
-    t0 = time.time()
-    while True:  # rank 0's store is up
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.time() - t0 < 120 and ranks[0].poll() is None
-            time.sleep(0.2)
+    wait_for_port(port, ranks[0])
     ranks.append(rank(1, port))
     time.sleep(3)
     ranks.append(rank(1, port))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_forkrun
+from helpers import free_port, run_forkrun, wait_for_port
 
 # no $CXX: inductor may read it before the cases fork, and compile-no-cxx hides the compiler by PATH
 ENV = {**{k: v for k, v in os.environ.items() if k != "CXX"},
@@ -714,14 +714,6 @@ def _cli(*args):
                             stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
     # without torchrun, torch's rendezvous waited the process group's 30 minutes for a missing rank
     # (and its client printed C++ frames on every refused connect); NSVIT_JOIN_TIMEOUT bounds it
@@ -743,10 +735,10 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
         taken.bind(("0.0.0.0", 0))
     with taken:
         taken.listen()
-        runs = {"rank 0 alone": (alone(0, _free_port()), "rank 0: 1 of 2 ranks joined at 127.0.0.1:"),
-                "rank 1 alone": (alone(1, _free_port()), "rank 1: rank 0 did not open 127.0.0.1:"),
+        runs = {"rank 0 alone": (alone(0, free_port()), "rank 0: 1 of 2 ranks joined at 127.0.0.1:"),
+                "rank 1 alone": (alone(1, free_port()), "rank 1: rank 0 did not open 127.0.0.1:"),
                 "port taken": (alone(0, taken.getsockname()[1]), "is in use on rank 0's machine")}
-        port = _free_port()  # a typo in one rank's WORLD_SIZE: both say so at once, not after the wait
+        port = free_port()  # a typo in one rank's WORLD_SIZE: both say so at once, not after the wait
         runs["world 2"] = alone(0, port, wait=300), "rank 0: rank 1 was started with WORLD_SIZE=3, rank 0 with 2"
         runs["world 3"] = alone(1, port, wait=300, world=3), "rank 1 was started with WORLD_SIZE=3, rank 0 with 2"
         for what, (p, msg) in runs.items():
@@ -756,15 +748,9 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
             if what in ("rank 0 alone", "rank 1 alone"):
                 assert "within 2 s" in lines[0] and "torchrun" in lines[0], lines
     # the wait is in Python: SIGTERM (SLURM's scancel) ends it at once; torch's went on for 30 min
-    port = _free_port()
+    port = free_port()
     waiting = alone(0, port, wait=300)
-    t0 = time.time()
-    while waiting.poll() is None and time.time() - t0 < 120:  # rank 0's port opens when its wait begins
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(port, waiting)  # rank 0's port opens when its wait begins
     time.sleep(0.5)
     waiting.send_signal(signal.SIGTERM)
     assert waiting.wait(timeout=30) == 143
@@ -775,7 +761,7 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
 def test_a_rank_that_fails_after_joining_stops_the_others_in_one_line(tmp_path):
     # rank 1's --out cannot be written (a node-local fault): it says so and leaves; rank 0, waiting in
     # the first collective, got gloo's "Connection closed by peer" as a 30-line traceback
-    port = _free_port()
+    port = free_port()
     (tmp_path / "a_file").write_text("")
     env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     ranks = [subprocess.Popen([sys.executable, "-m", "nsvit_fast", *FT, "--out", str(out)], stdout=subprocess.PIPE,
