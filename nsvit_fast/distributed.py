@@ -40,8 +40,10 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     if world > 1:  # a rank outside [0, WORLD_SIZE) would wait for the others until the group's timeout (30 min)
         for var in ("RANK", "LOCAL_RANK"):
             if var in os.environ and not 0 <= env_int(var, 0) < world:
-                raise NsvitError(f"{var}={os.environ[var]} is outside [0, WORLD_SIZE={world}): start distributed runs "
-                                 f"with torchrun, which sets them")
+                why = f"{var}={os.environ[var]} is outside [0, WORLD_SIZE={world})"
+                if var == "RANK" and not os.environ.get("TORCHELASTIC_RUN_ID"):
+                    _tell_rank0(f"{why}: give each process its own RANK in [0, {world})")
+                raise NsvitError(f"{why}: start distributed runs with torchrun, which sets them")
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         return dist.is_available() and dist.is_initialized()
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
@@ -175,6 +177,33 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
 
     store.set_timeout(constants.default_pg_nccl_timeout if backend == "nccl" else constants.default_pg_timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def _tell_rank0(why: str, patience: float = 3.0) -> None:
+    """Best effort: leave ``why`` where ranks waiting in :func:`_join_by_hand` read it and stop, for a
+    rank that refuses itself before joining (a RANK outside WORLD_SIZE); else they wait out their
+    join timeout for it. Tries rank 0's port for ``patience`` seconds (ranks start together), then
+    gives up silently: the caller raises its own error either way."""
+    import socket
+    import time
+    from datetime import timedelta
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if not addr or not port.isdigit() or not 0 < int(port) < 65536:
+        return
+    until = time.monotonic() + patience
+    while True:
+        try:
+            socket.create_connection((addr, int(port)), timeout=1.0).close()
+            break
+        except OSError:
+            if time.monotonic() >= until:
+                return
+            time.sleep(0.2)
+    with contextlib.suppress(Exception):
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
+        if not store.check([_REFUSED]):
+            store.set(_REFUSED, why)
 
 
 def _one_line(e: BaseException) -> str:

@@ -747,6 +747,14 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
             assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], (what, err[-2000:])
             if what in ("rank 0 alone", "rank 1 alone"):
                 assert "within 2 s" in lines[0] and "torchrun" in lines[0], lines
+    # a RANK outside WORLD_SIZE refuses itself before joining, and tells rank 0, which stops too
+    port = free_port()
+    first = alone(0, port, wait=300)
+    wait_for_port(port, first)
+    typo = alone(5, port, wait=300)
+    for p, msg in ((typo, "RANK=5 is outside [0, WORLD_SIZE=2)"), (first, "rank 0: RANK=5 is outside [0, WORLD_SIZE=2)")):
+        lines = p.communicate(timeout=120)[1].strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], lines
     # the wait is in Python: SIGTERM (SLURM's scancel) ends it at once; torch's went on for 30 min
     port = free_port()
     waiting = alone(0, port, wait=300)
