@@ -938,8 +938,10 @@ def _main(argv: list[str] | None) -> int:
         except KeyboardInterrupt:
             print("nsvit-fast: interrupted", file=sys.stderr)
             return 130
+    # each rank has its own (a skipped-image count is its shard's), so each says whose it is
+    who = f"rank {env_int('RANK', 0)}: " if getattr(args, "distributed", False) and env_int("WORLD_SIZE", 1) > 1 else ""
     for line in dict.fromkeys(_one_line(w.message) for w in caught):  # each once, in order
-        print(f"nsvit-fast: warning: {line}", file=sys.stderr)
+        print(f"nsvit-fast: warning: {who}{line}", file=sys.stderr)
     return code
 
 

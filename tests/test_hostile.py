@@ -782,6 +782,25 @@ def test_a_rank_that_fails_after_joining_stops_the_others_in_one_line(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
+def test_each_rank_names_itself_in_its_warnings(tmp_path):
+    # every rank prints its own warnings (a skipped-image count is its shard's): unnamed, W copies of
+    # a line could not be told apart
+    (tmp_path / "digits").mkdir()  # warns: the built-in set is read, not this folder
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-m", "nsvit_fast", *FT, "data=digits", "--out", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**env, "RANK": str(r)}) for r in (0, 1)]
+    for r, p in enumerate(ranks):
+        err = p.communicate(timeout=300)[1].strip().splitlines()
+        assert p.returncode == 0 and err == [f"nsvit-fast: warning: rank {r}: data 'digits' is the built-in set; the "
+                                             f"folder of that name here is not read (write ./digits for it)"], err
+    # one process: no rank named
+    one = subprocess.run([sys.executable, "-m", "nsvit_fast", *FT, "data=digits", "--out", str(tmp_path / "one")],
+                         cwd=tmp_path,
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert one.returncode == 0 and one.stderr.startswith("nsvit-fast: warning: data 'digits'"), one.stderr
+
+
 @pytest.mark.slow  # the first run must outlast the second's start-up (~3 s of CPU): ~20 s of CPU
 def test_two_finetunes_on_one_folder_one_is_refused_the_other_intact(tmp_path):
     out = tmp_path / "run"
