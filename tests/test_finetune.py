@@ -447,6 +447,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert float(diff.mean()) < 1e-6
 
 
+def test_the_largest_seed_runs_a_round_of_synthesis():
+    # round k's synthesis seed was seed * 100003 + k, past the 2**32 - 1 synthesis accepts from seed 42949 on
+    from nsvit_fast import digits, load_model
+    from nsvit_fast.train import finetune
+
+    res = finetune(load_model("digits_vit"), digits("train"), rounds=1, model_steps=1, batch_size=8,
+                   seed=2**32 - 1, device="cpu", progress=False, synth={"max_steps": 2, "batch_size": 8})
+    assert res.history[0]["synth_steps"] >= 1
+
+
 def test_ranks_started_by_hand_meet_without_torchrun(tmp_path):
     # srun or a script sets RANK / WORLD_SIZE / MASTER_* itself; rank 1 here waits for rank 0's port,
     # which torch's own client would do with a C++ warning and frames on every refused connect

@@ -416,6 +416,78 @@ def test_clean_cache_drops_stale_entries(parts, train):
             parts.model.head.bias.sub_(1.0)
 
 
+def test_a_given_cache_sees_writes_no_version_counter_sees(parts, train):
+    # p.data.copy_ (an EMA copied in) and p.data = ... bump no counter: a kept cache served the old
+    # weights' clean logits, so the descent aimed at them and the bank's MSE-prob was the old model's
+    imgs = train.images[:256]
+    kw = dict(batch_size=64, max_steps=60, eps=0.03, lim=3.0, progress=False)
+    saved = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    try:
+        for how in ("copy_", "assign"):
+            parts.model.load_state_dict(saved)
+            cache = CleanCache(parts, imgs)
+            cache.all()  # filled under the old weights
+            for p in parts.parameters():
+                if how == "copy_":
+                    p.data.copy_(p.data + 0.02 * torch.randn(p.shape, generator=g))
+                else:
+                    p.data = p.data + 0.02 * torch.randn(p.shape, generator=g)
+            kept = synthesize(parts, imgs, cache=cache, **kw)
+            fresh = synthesize(parts, imgs, cache=CleanCache(parts, imgs), **kw)
+            assert torch.equal(kept.noises, fresh.noises) and kept.mse_prob.tolist() == fresh.mse_prob.tolist(), how
+            assert kept.meta["model_fingerprint"] == fresh.meta["model_fingerprint"]
+    finally:
+        parts.model.load_state_dict(saved)
+    # pixels written in place: the entries of the old pixels go too
+    x = train.images[:16].clone()
+    cache = CleanCache(parts, x)
+    cache.all()
+    x.mul_(0.5)
+    assert torch.equal(cache.all()[1], CleanCache(parts, x).all()[1])
+
+
+def test_precision_is_the_calls_for_a_given_cache_and_in_reference_mode(parts, train):
+    from nsvit_fast.runtime import Runtime
+
+    imgs = train.images[:256]
+    kw = dict(batch_size=64, max_steps=40, eps=0.03, lim=3.0, progress=False)
+    # a cache's forwards set the run's precision: one of another precision is refused, not obeyed
+    with pytest.raises(NsvitError, match="cache= computes in fp32, this call in precision bf16"):
+        synthesize(parts, imgs, cache=CleanCache(parts, imgs), precision="bf16", **kw)
+    bf16 = CleanCache(parts, imgs, autocast=Runtime.create("cpu", "bf16").autocast)
+    with pytest.raises(NsvitError, match="cache= computes in bf16, this call in precision fp32"):
+        synthesize(parts, imgs, cache=bf16, precision="fp32", **kw)
+    # the reference loop ran fp32 under precision=bf16 (0.18 from the fast bf16 noise; fp32 agrees to 1e-5)
+    fast = synthesize(parts, imgs, cache=bf16, precision="bf16", **kw)
+    ref = synthesize(parts, imgs, mode="reference", precision="bf16", **kw)
+    assert ref.steps.tolist() == fast.steps.tolist()
+    assert float((ref.noises - fast.noises).abs().max()) < 0.03 * float(fast.noises.abs().max())
+
+
+def test_summary_counts_the_noises_it_holds(parts, train):
+    init = torch.zeros(3, *parts.token_shape).uniform_(-0.1, 0.1)
+    bank = synthesize(parts, train.images[:64], init=init, batch_size=32, max_steps=2, progress=False)
+    assert bank.meta["num_noises"] == 3 and bank.summary()["num_noises"] == 3  # was the config's 1
+    assert bank[:2].summary()["num_noises"] == 2
+
+
+def test_ranks_refuse_a_batch_they_cannot_share_evenly(parts, train):
+    # each rank averages its slice and the means are averaged: only the batch mean for equal slices
+    from nsvit_fast.data.base import ImageDataset
+    from nsvit_fast.data.batches import TensorBatches
+    from nsvit_fast.synth.sources import CachedSource
+
+    small = ImageDataset(train.images[:5], train.labels[:5], train.classes)
+    with pytest.raises(NsvitError, match="holds 5 images, fewer than its batch size 16, so a step's batch is all 5, "
+                                         "which does not divide by the 2 processes"):
+        TensorBatches(small, 16, rank=0, world=2)
+    with pytest.raises(NsvitError, match="batch size is 9, which does not divide by the 2 processes"):
+        CachedSource(CleanCache(parts, train.images[:40]), 9, 0, rank=1, world=2)
+    assert TensorBatches(small, 16).next()[0].shape[0] == 5  # one process: all 5
+    assert CachedSource(CleanCache(parts, train.images[:40]), 8, 0, rank=1, world=2).next()[0].shape[0] == 4
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(eps=0), "eps must be"), (dict(eps=-1), "eps must be"), (dict(lim=0), "lim must be"),
     (dict(mode="turbo"), "mode must be"), (dict(schedule="x"), "schedule must be"), (dict(stop="x"), "stop must be"),

@@ -40,6 +40,20 @@ class BatchStream:
         self._perm, self._pos = perm, int(state["pos"])
 
 
+def check_even(n: int, batch_size: int, world: int, what: str) -> None:
+    """Refuse a global batch that W ranks cannot share evenly: each takes ``[rank::world]`` and their
+    means are averaged, which is the batch's mean only for equal slices (a rank with none would
+    average in a NaN). The batch is ``min(batch_size, n)`` (:class:`BatchStream`)."""
+    b = min(int(batch_size), int(n))
+    if world > 1 and b % world:
+        from ..errors import NsvitError
+
+        size = (f"{what} holds {n} images, fewer than its batch size {batch_size}, so a step's batch is all {n}"
+                if n < batch_size else f"{what}'s batch size is {b}")
+        raise NsvitError(f"{size}, which does not divide by the {world} processes (each takes an equal slice): "
+                         f"give a batch size or image count that does")
+
+
 class TensorBatches:
     """(x, y) batches of an in-memory ImageDataset in the order of ``BatchStream(n, batch_size, seed)``:
     this rank's ``[rank::world]`` slice of each global batch, moved to ``device``. The same interface
@@ -48,6 +62,7 @@ class TensorBatches:
     def __init__(self, data, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu"):
         self.data, self.rank, self.world, self.device = data, rank, world, torch.device(device)
+        check_even(len(data), batch_size, world, "the training data")
         self.stream = BatchStream(len(data), batch_size, seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import NsvitError
-from .batches import BatchStream
+from .batches import BatchStream, check_even
 
 AUGMENTS = ("rrc_flip", "official", "none")
 
@@ -179,6 +179,7 @@ class StreamingData:
         return self.dataset.classes
 
     def _loader(self) -> DataLoader:
+        check_even(len(self), self.batch_size, self.world, f"{self.dataset.name}")
         sampler = SeededBatchSampler(len(self), self.batch_size, self.seed, self.rank, self.world,
                                      start=self.consumed)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,

@@ -60,9 +60,10 @@ class NoiseBank:
         """JSON-ready per-noise lists (norm, mse_prob, match_rate rounded to 6 digits; steps;
         converged) with ``num_noises`` and every ``meta`` entry."""
         f = lambda t: [round(float(x), 6) for x in t]  # noqa: E731
-        return {"num_noises": len(self), "norm": f(self.norm), "mse_prob": f(self.mse_prob),
+        return {"norm": f(self.norm), "mse_prob": f(self.mse_prob),
                 "match_rate": f(self.match_rate), "steps": [int(s) for s in self.steps],
-                "converged": [bool(c) for c in self.converged], **{k: v for k, v in self.meta.items()}}
+                "converged": [bool(c) for c in self.converged], **{k: v for k, v in self.meta.items()},
+                "num_noises": len(self)}  # after meta: a bank indexed out of a larger one keeps its meta
 
     def save(self, path: str | Path) -> Path:
         """Write the bank to a safetensors file (atomically; ``meta`` in its header, noises as

@@ -2,9 +2,12 @@
 
 The synthesis fast mode reads a batch's clean values from here instead of recomputing them every
 step. Entries are computed lazily (the first time an image is in a batch) and dropped whenever
-the model's weights change (parameter version counters), so a cache outlives a synthesis call
-exactly as long as it is valid: across the rounds of a study on one model, not across finetuning
-rounds. Past ``max_bytes`` it stores nothing and computes per batch.
+the model's weights change, so a cache outlives a synthesis call exactly as long as it is valid:
+across the rounds of a study on one model, not across finetuning rounds. Within a call, parameter
+version counters, storage pointers and dtypes catch a change; each :func:`synthesize` call also
+compares a hash of the weights (:meth:`CleanCache.sync`), since some writes bump no counter
+(``p.data.copy_``, an EMA swap through ``.data``, a fused optimizer step). Past ``max_bytes`` it
+stores nothing and computes per batch.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from ..models.base import Adapter
 
 
 def weights_version(parts: Adapter) -> tuple:
-    """A value that changes whenever any parameter is written in place (torch's version counters)
-    or replaced: compare two to know whether cached clean values are still valid."""
-    return tuple((id(p), p._version) for p in parts.parameters())
+    """A value that changes whenever a parameter is written in place through autograd-visible ops
+    (torch's version counters), replaced, given new storage (``p.data = ...``) or cast: a cheap
+    check per batch. Writes through ``p.data`` keep the counter: :meth:`CleanCache.sync` hashes."""
+    return tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in parts.parameters())
+
+
+def autocast_dtype(autocast) -> torch.dtype | None:
+    """The autocast dtype of a context factory: ``Runtime.autocast``'s runtime's, None otherwise
+    (fp32, or a factory of unknown precision)."""
+    return getattr(getattr(autocast, "__self__", None), "amp_dtype", None)
 
 
 class CleanCache:
@@ -44,10 +54,11 @@ class CleanCache:
         parts.check_images(images)
         self.parts, self.images, self.chunk = parts, images, chunk
         self.autocast = autocast  # the run's autocast (Runtime.autocast): forwards in its precision, values kept fp32
+        self.amp_dtype = autocast_dtype(autocast)
         self.device = device or next(parts.parameters()).device
         n, (t, d), k = images.shape[0], parts.token_shape, parts.num_classes
         self.store = n * (t * d + 2 * k) * 4 <= max_bytes
-        self._version = None
+        self._version = self._fingerprint = self._images_key = None
         if self.store:
             self.u = torch.empty(n, t, d, device=self.device)
             self.z = torch.empty(n, k, device=self.device)
@@ -71,10 +82,11 @@ class CleanCache:
         of weights since the last call empties the store."""
         if not self.store:
             return self._compute(idx)
-        v = weights_version(self.parts)  # entries belong to these weights only
-        if v != self._version:
+        v = weights_version(self.parts)  # entries belong to these weights and pixels only
+        pix = (self.images._version, self.images.data_ptr())
+        if v != self._version or pix != self._images_key:
             self.filled.zero_()
-            self._version = v
+            self._version, self._images_key, self._fingerprint = v, pix, None
         miss = idx[~self.filled[idx]]
         for i in range(0, miss.numel(), self.chunk):
             j = miss[i:i + self.chunk]
@@ -83,6 +95,16 @@ class CleanCache:
         with torch.profiler.record_function("data"):
             di = idx.to(self.device)
             return self.u[di], self.z[di], self.p[di]
+
+    def sync(self, fingerprint: str) -> None:
+        """Keep the entries only if they were computed under weights whose
+        :func:`~nsvit_fast.models.weights_fingerprint` is ``fingerprint`` (the current weights'):
+        it sees writes that bump no version counter. :func:`synthesize` calls it once per call."""
+        if self.store and (fingerprint != self._fingerprint or weights_version(self.parts) != self._version):
+            self.filled.zero_()
+            self._version = weights_version(self.parts)
+            self._images_key = (self.images._version, self.images.data_ptr())
+        self._fingerprint = fingerprint
 
     def all(self):
         """Clean values of every image, in order."""

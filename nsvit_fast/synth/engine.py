@@ -328,9 +328,12 @@ class _Log:
 
 
 def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
-                   confirm: Callable | None, log: _Log):
+                   confirm: Callable | None, log: _Log, autocast=contextlib.nullcontext):
     """The official loop for one noise (``encoder_level_epsilon_noise``), the held-out confirmation
-    of ``stop="heldout"`` aside. Returns (v (N, D), steps, converged, last batch MSE-prob)."""
+    of ``stop="heldout"`` aside. Returns (v (N, D), steps, converged, last batch MSE-prob).
+
+    The official loop is fp32; under ``autocast`` (the run's precision) its two forwards run in it
+    and the logits are read in fp32, as the fast mode does."""
     v = v0[None].to(device).clone().requires_grad_(True)  # (1, N, D), broadcast over the batch
     opt = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=lr_t_max(cfg))
@@ -340,11 +343,12 @@ def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: 
     for t in range(cfg.max_steps):
         with _phase("data"):
             x = images[stream.next()].to(device)
-        with _phase("clean_forward"), torch.no_grad():
-            z = parts.encode(parts.patch_embed(x))             # recomputed every step, no graph
+        with _phase("clean_forward"), torch.no_grad(), autocast():
+            z = parts.encode(parts.patch_embed(x)).float()     # recomputed every step, no graph
         opt.zero_grad()
-        with _phase("noisy_forward"):
+        with _phase("noisy_forward"), autocast():
             z_noisy = parts.encode(parts.patch_embed(x) + v)   # patch embedding a second time
+        z_noisy = z_noisy.float()
         with _phase("loss_and_stop"):
             mse = ((z.softmax(-1) - z_noisy.softmax(-1)) ** 2).sum(-1).mean()
         with _phase("host_sync"):
@@ -556,11 +560,12 @@ def _grow_walk(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConf
 
 
 def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
-            confirm: Callable | None, log: _Log, cache: CleanCache | None = None):
+            confirm: Callable | None, log: _Log, cache: CleanCache | None = None, autocast=contextlib.nullcontext):
     """The descent alone, in ``cfg.mode``: (V (M, N, D), steps (M,), converged (M,), batch MSE (M,)).
-    The caller holds :func:`frozen`."""
+    The caller holds :func:`frozen`. ``autocast``: the reference mode's forwards (the fast mode's
+    come from its cache or source)."""
     if cfg.mode == "reference":
-        outs = [_reference_one(parts, train, v0[i], cfg, device, confirm, log) for i in range(v0.shape[0])]
+        outs = [_reference_one(parts, train, v0[i], cfg, device, confirm, log, autocast) for i in range(v0.shape[0])]
         return (torch.stack([o[0] for o in outs]), torch.tensor([o[1] for o in outs]),
                 torch.tensor([o[2] for o in outs]), torch.tensor([o[3] for o in outs]))
     return _fast(parts, cache or CleanCache(parts, train, device), v0, cfg, device, confirm, log)
@@ -624,6 +629,9 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     rt = runtime or Runtime.create(device if device is not None else next(parts.parameters()).device, precision)
     device = rt.device
     parts.to(device)
+    from ..models import weights_fingerprint
+
+    fingerprint = weights_fingerprint(parts)  # the bank's record, and the check of a given cache
     source = None
     if isinstance(data, StreamingData):
         if cfg.mode != "fast" or cache is not None:
@@ -646,6 +654,12 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 cache.images.shape == images.shape and torch.equal(cache.images.to(images.device), images)))
             if not same or cache.parts is not parts:  # clean logits of other images: a wrong target, no error
                 raise NsvitError("cache= must be a CleanCache of this model over the training images")
+            if cache.amp_dtype != rt.amp_dtype:  # its forwards would set the precision, not this call's
+                amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(cache.amp_dtype, "fp32")
+                raise NsvitError(f"cache= computes in {amp}, this call in precision "
+                                 f"{rt.precision}: make the CleanCache with autocast=Runtime(...).autocast of "
+                                 f"the same precision")
+            cache.sync(fingerprint)  # a write no version counter saw (p.data.copy_) empties it
             train = images
             held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images
             held_source = "given" if heldout_data is not None else "train"
@@ -705,7 +719,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                         v0, scale = v0 * down.reshape(-1, 1, 1), scale * down
                 init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             phases["grow"] = mark()
-            V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache)
+            V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache, rt.autocast)
             _check_diverged(V, cfg)
             phases["descent"] = mark()
             synth_seconds = time.perf_counter() - t0
@@ -722,14 +736,12 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         logger.close(ok=False)
         raise
     logger.close(ok=True)
-    from ..models import weights_fingerprint
-
     bank = NoiseBank(
         noises=V.detach().float().cpu(), norm=V.detach().flatten(1).norm(dim=1).cpu(), mse_prob=mse.cpu(),
         match_rate=match.cpu(), steps=steps.cpu(), converged=conv.cpu().bool(), batch_mse_prob=bmse.cpu(),
-        meta={**{k: v for k, v in asdict(cfg).items()}, "lim_given": lim_given,
+        meta={**{k: v for k, v in asdict(cfg).items()}, "num_noises": m, "lim_given": lim_given,  # m: init='s count
               "token_rms": rms, "model": parts.name,
-              "model_fingerprint": weights_fingerprint(parts), "token_shape": list(parts.token_shape),
+              "model_fingerprint": fingerprint, "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "heldout_source": held_source,
               "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
               "seconds": round(time.perf_counter() - t0, 3), "synth_seconds": round(synth_seconds, 3),

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from ..data.batches import BatchStream
+from ..data.batches import BatchStream, check_even
 from .cache import CleanCache
 
 
@@ -26,6 +26,7 @@ class CachedSource:
     def __init__(self, cache: CleanCache, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.cache, self.rank, self.world = cache, rank, world
         self.autocast = cache.autocast
+        check_even(cache.images.shape[0], batch_size, world, "the synthesis data")
         self.stream = BatchStream(cache.images.shape[0], batch_size, seed)
 
     def next(self):

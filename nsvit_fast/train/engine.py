@@ -437,8 +437,9 @@ class Engine:
 
     # -- loop --
     def round_seed(self, k: int) -> int:
-        """Round k's seed: config seed * 100003 + k (the noise and the method's draws)."""
-        return self.cfg.seed * 100_003 + k
+        """Round k's seed: (config seed * 100003 + k) mod 2**32 (the noise and the method's draws);
+        folded, since a seed of 42949 or more would leave the seeds synthesis accepts."""
+        return (self.cfg.seed * 100_003 + k) % 2**32
 
     def context(self, k: int) -> RoundContext:
         """What the method sees in round k: it reads, the engine keeps its own state."""
