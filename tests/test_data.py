@@ -60,6 +60,19 @@ def test_image_folder_with_real_photos(tmp_path):
         assert parts(ds.images).shape == (3, 1000)
 
 
+def test_dot_files_are_not_images_and_a_whole_float_max_images_reads(tmp_path, digits_parts):
+    # macOS copies leave ._x.png AppleDouble files beside images: read as images, they stopped the run
+    from helpers import write_digits_folder
+
+    (tmp_path / "train").mkdir()
+    root = write_digits_folder(tmp_path / "train", n=40)
+    first = next(p for p in sorted(root.rglob("*.png")))
+    (first.parent / f"._{first.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble header
+    ds = load_data(str(root), parts=digits_parts)
+    assert len(ds) == 40
+    assert len(load_data(str(root), parts=digits_parts, max_images=5.0)) == 5  # was linspace's TypeError
+
+
 def test_folder_transform_follows_the_models_data_config(tmp_path):
     # resize / centre crop / interpolation come from the model's pretrained config: checked by hand
     # on non-square photos (cat 451x300, coffee 600x400) for timm's own setting and an edited one

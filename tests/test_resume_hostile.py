@@ -184,6 +184,17 @@ CASES = [
     ("noise-gone", _drop_tensor("run/noise"), "tensor 'run/noise' is missing"),
     ("last-noise-shape", _tensor("run/last_ns_noise", lambda v: v[:3]), "'run/last_ns_noise' has shape (3, 96)"),
     ("unknown-tensor", _tensor("foo", lambda v: torch.zeros(1)), "unexpected tensor 'foo'"),
+    # a zero warm-start noise divided by zero (warm_max_growth) or trained with no noise at all
+    ("last-noise-zero", _tensor("run/last_ns_noise", torch.zeros_like), "'run/last_ns_noise' holds a zero noise"),
+    ("noise-f16", _tensor("run/noise", lambda v: v.half()), "'run/noise' is torch.float16, expected torch.float32"),
+    # the data and the model's input settings: another folder of the same layout, another mean/std
+    ("data-list", _meta("data", [1]), "'data' must be a JSON object with 'train' and 'val'"),
+    ("data-empty", _meta("data", {}), "'data' must be a JSON object with 'train' and 'val'"),
+    ("data-other-pixels", lambda t, m: _set(m, "data", {**_get(m, "data"), "train": _get(m, "data")["train"][:2]
+                                                        + ["0" * 16]}), "belongs to a run on other train data"),
+    ("data-config-std", lambda t, m: _set(m, "data_config", {**_get(m, "data_config"), "std": [0.9]}),
+     "belongs to a run of a model with other input settings (std [0.9] there"),
+    ("data-config-str", _meta("data_config", "x"), "'data_config' must be a JSON object"),
 ]
 
 
@@ -215,10 +226,87 @@ def test_untouched_checkpoint_resumes(run_dir, tmp_path, capsys, older):
     d = tmp_path / "run"
     shutil.copytree(run_dir, d)
     t, m = _read(d / CKPT)
-    if older:  # written before 'opt_params' was recorded: still resumes
+    if older:  # written before 'opt_params', 'data_config' and the pixel digest were recorded: still resumes
         m.pop("opt_params")
+        m.pop("data_config")
+        _set(m, "data", {"train": _get(m, "data")["train"][:2], "val": None})
     save_file(t, str(d / CKPT), metadata=m)  # re-saved through the same path as the edits: still fine
     assert _main(ARGS + ["--out", str(d), "--resume"]) == 0, capsys.readouterr().err
     assert (d / "model.safetensors").is_file()
     log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
     assert [r["round"] for r in log] == [0, 1]
+
+
+def test_a_kill_between_the_last_checkpoint_and_its_logs_is_made_good(tmp_path, capsys):
+    # the checkpoint said "done", so the resume ran no round and log.jsonl kept round 0 only;
+    # a kill -9 in the middle of a checkpoint's write left its temporary file for good
+    out = tmp_path / "run"
+    write_logs = engine.Engine.write_logs
+
+    def die_at_the_last(self, rec):
+        if rec["round"] == 1:
+            raise _Killed
+        write_logs(self, rec)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine.Engine, "write_logs", die_at_the_last)
+        with pytest.raises(_Killed):
+            _main(ARGS + ["--out", str(out)])
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    stale = out / f".{CKPT}.x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert _main(ARGS + ["--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+    assert [json.loads(r)["round"] for r in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+    assert not stale.exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(run_dir, tmp_path, capsys):
+    # its config.json alone made the folder neither resumable nor reusable (two contradicting lines)
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(run_dir / "config.json", d / "config.json")
+    capsys.readouterr()
+    assert _main(ARGS + ["--out", str(d)]) == 0
+    assert "an earlier run stopped before its first checkpoint" in capsys.readouterr().err
+    assert (d / CKPT).is_file() and (d / "model.safetensors").is_file()
+    # a config.json of the user's own is not taken for a run's
+    e = tmp_path / "theirs"
+    e.mkdir()
+    (e / "config.json").write_text('{"learning_rate": 3}')
+    assert _main(ARGS + ["--out", str(e)]) == 2
+    assert "holds another run's config.json" in capsys.readouterr().err
+    assert (e / "config.json").read_text() == '{"learning_rate": 3}'
+
+
+def test_resume_on_another_folder_of_the_same_layout_is_refused(tmp_path, capsys):
+    # a folder cut by max_images is read into memory; its identity was its size and labels, so the
+    # same digits inverted resumed (train loss 1.8 -> 6.2 in the review's run)
+    import numpy as np
+    from PIL import Image
+    from helpers import save_pixels, write_digits_folder
+
+    (tmp_path / "a").mkdir()
+    write_digits_folder(tmp_path / "a", n=32)
+    for p in sorted((tmp_path / "a").rglob("*.png")):
+        q = tmp_path / "b" / p.parent.name / p.name
+        q.parent.mkdir(parents=True, exist_ok=True)
+        save_pixels(1 - torch.tensor(np.asarray(Image.open(p).convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
+                    / 255, q)
+    out = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith("max_images")] + ["max_images=32", "--out", str(out)]
+    save = engine.Engine.save
+
+    def save_then_die(self, k, s):
+        save(self, k, s)
+        if (k, s) == STOP_AT:
+            raise _Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine.Engine, "save", save_then_die)
+        with pytest.raises(_Killed):
+            _main(args + ["--data", str(tmp_path / "a")])
+    capsys.readouterr()
+    assert _main(args + ["--data", str(tmp_path / "b"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "belongs to a run on other train data" in err[0], err
+    assert _main(args + ["--data", str(tmp_path / "a"), "--resume"]) == 0, capsys.readouterr().err

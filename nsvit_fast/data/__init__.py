@@ -102,7 +102,8 @@ def parse_spec(spec: str | Path, split: str | None = None, *, default_split: str
     return DataSpec(name, chosen, None)
 
 
-def _check_options(max_images, on_bad_image) -> None:
+def _check_options(max_images, on_bad_image) -> int | None:
+    """``max_images`` as an int (a whole float such as 5.0 is 5), after checking both."""
     try:
         bad = max_images is not None and (isinstance(max_images, bool) or int(max_images) != max_images
                                           or max_images < 1)
@@ -112,6 +113,7 @@ def _check_options(max_images, on_bad_image) -> None:
         raise NsvitError(f"max_images must be a whole number >= 1 (or None for all), got {max_images!r}")
     if on_bad_image not in BAD_IMAGE:
         raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
+    return None if max_images is None else int(max_images)
 
 
 def load_data(spec: str | Path, split: str | None = None, parts=None, max_images: int | None = None,
@@ -137,7 +139,7 @@ def load_data(spec: str | Path, split: str | None = None, parts=None, max_images
             a folder without ``parts``, without class folders, or without readable images.
         BadImage: an unreadable image in a folder with ``on_bad_image="error"`` (an NsvitError).
     """
-    _check_options(max_images, on_bad_image)
+    max_images = _check_options(max_images, on_bad_image)
     s = parse_spec(spec, split, default_split=default_split)
     if s.kind == "digits":
         ds = digits(s.split)
@@ -167,7 +169,7 @@ def stream_or_load(spec: str | Path | None, parts, split: str | None = None, max
     """
     if spec is None:
         return None
-    _check_options(max_images, on_bad_image)
+    max_images = _check_options(max_images, on_bad_image)
     s = parse_spec(spec, split, default_split=default_split)
     if s.kind == "folder" and max_images is None:
         return s.root

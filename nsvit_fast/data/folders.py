@@ -7,9 +7,11 @@ normalises inside the model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder  # timm imports torchvision anyway: no extra cost
+from torchvision.datasets.folder import IMG_EXTENSIONS as TV_EXTENSIONS, has_file_allowed_extension
 
 from ..errors import NsvitError
 
@@ -185,11 +187,20 @@ def class_index(root: str | Path, names: list[str] | None, num_classes: int | No
     return found, {c: i for i, c in enumerate(found)}
 
 
+def _visible_image(path: str) -> bool:
+    """An image file by extension, as torchvision's, that is not a dot-file: macOS leaves ``._x.JPEG``
+    AppleDouble files beside each image in copied trees, which are not images."""
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, TV_EXTENSIONS)
+
+
 class IndexedFolder(ImageFolder):
-    """torchvision's ImageFolder with a given (classes, class_to_idx) (:func:`class_index`)."""
+    """torchvision's ImageFolder with a given (classes, class_to_idx) (:func:`class_index`); dot-files
+    are not samples."""
 
     def __init__(self, root, index: tuple[list[str], dict[str, int]], **kw):
         self._index = index
+        if "extensions" not in kw:
+            kw.setdefault("is_valid_file", _visible_image)
         super().__init__(root, **kw)
 
     def find_classes(self, directory):

@@ -246,8 +246,8 @@ class Engine:
         self.out_dir, self.progress = out_dir, progress
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
-        dist_util.check_same("settings, model or data", {"config": asdict(cfg), "model": parts.name,
-                                                         "data": data_identity(train), "val": data_identity(val)})
+        self._ids = {"train": data_identity(train), "val": data_identity(val)}  # once: a pixel digest each
+        dist_util.check_same("settings, model or data", {"config": asdict(cfg), "model": parts.name, **self._ids})
         if self.world > 1 and cfg.synth.mode == "reference" and self.method.learns_noise():
             raise NsvitError("synth mode reference runs in one process; use mode fast under torchrun")
         if cfg.batch_size % self.world or cfg.synth.batch_size % self.world:
@@ -282,8 +282,8 @@ class Engine:
         """The run's identity and history for the checkpoint header: config, model name, arch,
         model kwargs, per-round records."""
         return {"config": asdict(self.cfg), "model": self.parts.name, "arch": self.parts.arch,
-                "model_kwargs": self.parts.model_kwargs, "history": self.history,
-                "data": {"train": data_identity(self.train), "val": data_identity(self.val)}}
+                "model_kwargs": self.parts.model_kwargs, "data_config": self.parts.data_config,
+                "history": self.history, "data": {"train": self._ids["train"], "val": self._ids["val"]}}
 
     def save(self, k: int, s: int) -> None:
         """Checkpoint (on rank 0, with an out_dir) the state to resume at round ``k``, step ``s``:
@@ -339,6 +339,14 @@ class Engine:
         if m["arch"] != self.parts.arch or m["model_kwargs"] != json.loads(json.dumps(self.parts.model_kwargs)):
             raise NsvitError(f"{path} belongs to another run (model {m['arch']} {m['model_kwargs']} there, "
                              f"{self.parts.arch} {self.parts.model_kwargs} here); use another --out")
+        dc, mine_dc = m.get("data_config"), json.loads(json.dumps(self.parts.data_config))
+        if dc is not None and not isinstance(dc, dict):
+            raise damaged(path, f"'data_config' must be a JSON object, got {dc!r}"[:200])
+        if dc is not None and dc != mine_dc:  # absent before it was recorded: not checked
+            key = next(k for k in {**mine_dc, **dc} if dc.get(k) != mine_dc.get(k))
+            there = dc.get(key, "<absent>")
+            raise NsvitError(f"{path} belongs to a run of a model with other input settings ({key} {there!r} there, "
+                             f"{mine_dc.get(key)!r} here): resume with the same model or checkpoint, or use another --out")
         if diff:
             key, a, b = diff[0], theirs[diff[0]], mine[diff[0]]
             if isinstance(a, dict) and isinstance(b, dict):  # name the nested key (synth.eps), not both dicts
@@ -347,11 +355,13 @@ class Engine:
                     key, a, b = f"{key}.{sub}", a.get(sub, "<absent>"), b.get(sub, "<absent>")
             raise NsvitError(f"{path} belongs to another run (config key {key!r}: {a!r} there, {b!r} here); "
                              f"use another --out")
-        here = {"train": data_identity(self.train), "val": data_identity(self.val)}
+        here = self._ids
         there = m.get("data")  # absent in checkpoints from before it was recorded: not checked
-        if isinstance(there, dict):
+        if there is not None and not (isinstance(there, dict) and set(there) == {"train", "val"}):
+            raise damaged(path, f"'data' must be a JSON object with 'train' and 'val', got {there!r}"[:200])
+        if there is not None:
             for which in ("train", "val"):
-                if which in there and json.loads(json.dumps(here[which])) != there[which]:
+                if not same_data(here[which], there[which]):
                     raise NsvitError(f"{path} belongs to a run on other {which} data ({_what(there[which])} there, "
                                      f"{_what(here[which])} here); resume with the same data, or use another --out")
         p, history = m["progress"], m["history"]
@@ -393,7 +403,9 @@ class Engine:
             if bn is not None and not (isinstance(bn, list) and len(bn) == m_bank
                                        and all(is_finite(x) and x > 0 for x in bn)):
                 raise damaged(path, f"{where} 'bank_norms' must be {m_bank} finite numbers > 0, got {bn!r}"[:200])
-        if self.scaler is not None and "grad_scaler" in p:
+        if self.scaler is not None:  # an fp16 run always writes it: restarting the scale at 65536 would differ
+            if "grad_scaler" not in p:
+                raise damaged(path, "progress holds no 'grad_scaler', which every fp16 checkpoint has")
             self._check_scaler_state(path, p["grad_scaler"])
 
         # the noises the run goes on with: the round's (mid-round) and the last learned one (warm starts)
@@ -410,6 +422,11 @@ class Engine:
                     raise damaged(path, f"tensor {name!r} is missing")
             elif tuple(t[name].shape) != want:
                 raise damaged(path, f"tensor {name!r} has shape {tuple(t[name].shape)}, expected {want}")
+            elif t[name].dtype != torch.float32:  # the engine writes float32: another dtype is an edit
+                raise damaged(path, f"tensor {name!r} is {t[name].dtype}, expected torch.float32")
+            elif (name == "run/last_ns_noise" or self.method.learns_noise()) and not bool(
+                    t[name].reshape(-1, *shape).flatten(1).norm(dim=1).gt(0).all()):  # a warm start divides by it
+                raise damaged(path, f"tensor {name!r} holds a zero noise (a learned noise never is)")
         if need_last and cfg.noise_init == "warm_boundary" and cfg.warm_max_growth > 0 and history:
             first = next((h for h in history if "noise_norm" in h), None)
             if first is None or (m_bank > 1 and "bank_norms" not in first):
@@ -564,6 +581,10 @@ class Engine:
         total = cfg.rounds * cfg.model_steps
         bar = tqdm(total=total, initial=start_round * cfg.model_steps + start_step, desc=f"finetune {cfg.method}",
                    disable=True if (not self.progress or self.rank != 0) else None)
+        if start_step == 0 and self.history and self.out_dir is not None and self.rank == 0:
+            log = self.out_dir / "log.jsonl"  # a kill between a round's checkpoint and its logs: write them now
+            if not log.is_file() or len(log.read_bytes().splitlines()) < len(self.history):
+                self.write_logs(self.history[-1])
         for k in range(start_round, cfg.rounds):
             t0 = time.perf_counter()
             if start_step == 0:
@@ -657,21 +678,46 @@ class Engine:
 
 
 def data_identity(data) -> Any:
-    """What names a data set cheaply (JSON-able): a folder's absolute path; an in-memory set's size
-    and a digest of its labels (images would cost a pass over them)."""
+    """What names a data set cheaply (JSON-able): a folder's absolute path; an in-memory set's size,
+    a digest of its labels and one of 64 evenly spaced images (a whole pass would cost as much as
+    an epoch's reads; labels alone let a folder of the same layout pass for another, cut by
+    max_images)."""
     if data is None or not isinstance(data, ImageDataset):
         return None if data is None else str(Path(data).resolve())
     import hashlib
 
-    return [len(data), hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]]
+    n = len(data)
+    pick = torch.linspace(0, n - 1, min(n, 64)).round().long()
+    pixels = data.images[pick].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return [n, hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16],
+            hashlib.sha256(pixels).hexdigest()[:16]]
+
+
+def same_data(here: Any, there: Any) -> bool:
+    """A checkpoint's data identity against this run's; one recorded before the pixel digest
+    existed ([size, labels]) is compared on those two."""
+    here = json.loads(json.dumps(here))
+    if isinstance(here, list) and isinstance(there, list) and len(there) == 2:
+        return here[:2] == there
+    return here == there
+
+
+def _our_config(path: Path) -> bool:
+    """Whether ``path`` is a finetuning run's config.json (not a file of the user's by that name)."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and {"method", "rounds", "model_steps", "synth", "seed"} <= set(cfg)
 
 
 def _what(identity: Any) -> str:
     """A data identity in words, for a refusal."""
     if identity is None:
         return "none"
-    if isinstance(identity, list) and len(identity) == 2:
-        return f"{identity[0]} images in memory, labels {identity[1]}"
+    if isinstance(identity, list) and len(identity) in (2, 3):
+        return f"{identity[0]} images in memory, labels {identity[1]}" + (
+            f", pixels {identity[2]}" if len(identity) == 3 else "")
     return str(identity)
 
 
@@ -743,9 +789,18 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             raise NsvitError(f"{out} holds an evaluation report (report.json); give the run its own folder")
         if out is not None and not (out / STATE_FILE).exists():  # a run whose checkpoint was deleted: not ours to overwrite
             found = [f for f in RUN_FILES if f != STATE_FILE and (out / f).exists()]
-            if found:
+            if found == ["config.json"] and _our_config(out / "config.json"):  # killed (-9) before its first
+                import warnings                                                 # checkpoint: nothing to keep
+
+                warnings.warn(f"{out}: an earlier run stopped before its first checkpoint (only its config.json "
+                              f"is there); starting afresh", stacklevel=2)
+            elif found:
                 raise NsvitError(f"{out} holds another run's {found[0]} but no {STATE_FILE} to resume from; use "
                                  f"another folder")
+        if out is not None and rank == 0 and out.is_dir():  # a kill -9 mid-write leaves these; the lock is ours
+            for f in (*RUN_FILES, "fig4_trend.png"):
+                for tmp in out.glob(f".{f}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
         if cfg.tensorboard:  # found missing at the first round's end, it would leave a run behind
             try:
                 importlib.import_module("torch.utils.tensorboard")
