@@ -38,9 +38,8 @@ def _main(argv) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "run"
+def _stopped_after_checkpoint(argv) -> None:
+    """Run ``argv`` until its checkpoint at STOP_AT is written, then stop it as a kill would."""
     save = engine.Engine.save
 
     def save_then_die(self, k, s):
@@ -51,7 +50,13 @@ def run_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine.Engine, "save", save_then_die)
         with pytest.raises(_Killed):
-            _main(ARGS + ["--out", str(out)])
+            _main(argv)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    _stopped_after_checkpoint(ARGS + ["--out", str(out)])
     assert (out / CKPT).is_file() and not (out / "model.safetensors").exists()
     return out
 
@@ -294,17 +299,7 @@ def test_resume_on_another_folder_of_the_same_layout_is_refused(tmp_path, capsys
                     / 255, q)
     out = tmp_path / "run"
     args = [a for a in ARGS if not a.startswith("max_images")] + ["max_images=32", "--out", str(out)]
-    save = engine.Engine.save
-
-    def save_then_die(self, k, s):
-        save(self, k, s)
-        if (k, s) == STOP_AT:
-            raise _Killed
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine.Engine, "save", save_then_die)
-        with pytest.raises(_Killed):
-            _main(args + ["--data", str(tmp_path / "a")])
+    _stopped_after_checkpoint(args + ["--data", str(tmp_path / "a")])
     capsys.readouterr()
     assert _main(args + ["--data", str(tmp_path / "b"), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
