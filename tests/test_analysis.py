@@ -8,7 +8,7 @@ import torch
 
 from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.analysis import make_fingerprint, saliency, targeted, verify, watermark
-from nsvit_fast.analysis.images import fit, logo, read_image
+from nsvit_fast.analysis.images import fit, logo, read_image, save_image
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,119 @@ def test_fingerprint_owner_and_copies_verify_an_independent_model_does_not(parts
         make_fingerprint(load_model("vit_base_patch8_224", depth=1), torch.rand(4, 3, 224, 224))
     with pytest.raises(NsvitError, match="the suspect takes images"):
         verify(load_model("vit_tiny_patch16_224", depth=1), fp)
+
+
+# -- review fixes: fig5's held-out images and pairs, the studies' own keys, trend's outputs and scale
+
+def test_fig5_measures_on_the_images_synthesis_held_out(parts, tmp_path):
+    from nsvit_fast.analysis.studies import fig5
+    from nsvit_fast.data.stream import StreamingData
+    from nsvit_fast.synth import synthesize
+
+    train, val = digits("train").subset(64), digits("val").subset(12)
+    kw = dict(eps=0.5, max_steps=50, lim=3.0)
+    r = fig5(parts, train, tmp_path, m=2, n_pairs=1, heldout_data=val, **kw)
+    bank = synthesize(parts, train, num_noises=2, seed=0, progress=False, stop="heldout", batch_size=64,
+                      heldout_data=val, **kw)
+    assert r["heldout_images"] == 12  # the images given, not a split of the training ones
+    assert r["scalar_mse_per_noise_at_1"] == pytest.approx(bank.mse_prob.tolist(), abs=1e-6)
+    # settings under which synthesis measures on its training images are refused before the descent
+    with pytest.raises(NsvitError, match="fig5 measures on held-out images: stop='batch'"):
+        fig5(parts, train, tmp_path, m=2, n_pairs=1, stop="batch", heldout=0, **kw)
+    root = tmp_path / "imgs"
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(2):
+            save_image(torch.rand(3, 32, 32), root / str(c) / f"{i}.png")
+    with pytest.raises(NsvitError, match="in memory"):
+        fig5(parts, StreamingData(root, parts, 4), tmp_path, m=2, n_pairs=1, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig5_properties.json", "fig5_properties.png", "imgs"]
+
+
+def test_fig5_pairs_are_distinct(parts, tmp_path):
+    from nsvit_fast.analysis.studies import fig5
+
+    train = digits("train").subset(64)
+    r = fig5(parts, train, tmp_path, m=3, n_pairs=3, eps=0.5, max_steps=50, lim=3.0, heldout=8)
+    assert r["m_converged"] == 3 and sorted(sorted(p) for p in r["pairs"]) == [[0, 1], [0, 2], [1, 2]]
+    with pytest.raises(NsvitError, match="n_pairs 4 is more than the 3 distinct pairs"):
+        fig5(parts, train, tmp_path / "b", m=3, n_pairs=4, eps=0.5, max_steps=50)
+    assert not (tmp_path / "b").exists()
+
+
+def test_studies_refuse_keys_they_set_themselves(parts, tmp_path):
+    from nsvit_fast.analysis.studies import fig3, fig5
+
+    x = digits("train").subset(64)
+    with pytest.raises(NsvitError, match="fig3 sets max_steps itself: pass steps=N"):
+        fig3(parts, x, tmp_path, lams=[0], steps=2, max_steps=50)
+    with pytest.raises(NsvitError, match="fig3 sets progress itself"):
+        fig3(parts, x, tmp_path, lams=[0], steps=2, progress=True)
+    with pytest.raises(NsvitError, match="fig5 sets num_noises itself: pass m=N"):
+        fig5(parts, x, tmp_path, m=2, num_noises=3, eps=0.5, max_steps=5)
+    assert not list(tmp_path.iterdir())
+
+
+def _round_log(path, rows):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_trend_checks_both_outputs_before_writing(tmp_path):
+    from nsvit_fast.analysis.studies import trend
+
+    _round_log(tmp_path / "run", [{"round": 0, "val_acc": 0.5}, {"round": 1, "val_acc": 0.6}])
+    (tmp_path / "out" / "fig4_trend.json").mkdir(parents=True)
+    with pytest.raises(NsvitError, match="fig4_trend.json.* is a folder"):
+        trend(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out" / "fig4_trend.png").exists()  # nothing written before the refusal
+
+
+def test_trend_refuses_non_finite_values(tmp_path):
+    from nsvit_fast.analysis.studies import trend
+
+    for bad in ("NaN", "Infinity"):
+        (tmp_path / "log.jsonl").write_text(f'{{"round": 0, "val_acc": 0.5}}\n{{"round": 1, "mse_prob": {bad}}}\n')
+        with pytest.raises(NsvitError, match=r"log.jsonl, line 2: 'mse_prob' must be a finite number, got (nan|inf)$"):
+            trend(tmp_path)
+    assert not (tmp_path / "fig4_trend.png").exists()
+
+
+def test_trend_divides_by_the_first_rounds_value(tmp_path, monkeypatch):
+    from nsvit_fast.analysis.studies import trend
+    from nsvit_fast.train import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(fig) or path)
+    _round_log(tmp_path, [{"round": r, "val_acc": a, "synth_steps": s}
+                          for r, (a, s) in enumerate([(0.5, 0), (0.6, 10), (0.9, 20)])])
+    trend(tmp_path)
+    ax = figs[0].axes[0]
+    drawn = {ln.get_label(): list(ln.get_ydata()) for ln in ax.lines if not ln.get_label().startswith("_")
+             and len(ln.get_ydata())}
+    assert drawn == {"val accuracy": pytest.approx([1.0, 1.2, 1.8])}  # steps start at 0: no first-round scale
+    assert "synthesis steps: not drawn (first round's value is 0)" in [t.get_text() for t in ax.get_legend().texts]
+
+
+def test_watermark_figure_of_a_zero_noise_is_not_blank(parts, tmp_path, monkeypatch):
+    from nsvit_fast.analysis import apps
+
+    panels = []
+    monkeypatch.setattr(apps, "image_grid", lambda rows, path, **kw: panels.extend(rows[0]))
+    r = apps.run_watermark(parts, "skimage:coffee", tmp_path / "w.png", mark="skimage:coffee", iters=5)
+    noise = panels[-1][0]
+    assert r["psnr_to_image"] > 60 and torch.isfinite(noise).all()  # the mark is the image: no noise to draw
+
+
+def test_watermark_size_message_gives_full_shapes(parts):
+    x = digits("test").images[:2]
+    with pytest.raises(NsvitError, match=r"the mark \(1, 3, 32, 32\) and the image \(2, 3, 32, 32\) differ"):
+        watermark(parts, x, x[:1])
+
+
+def test_read_image_refusal_has_no_data_folder_advice(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(NsvitError, match="not a readable image") as e:
+        read_image(bad)
+    assert "on_bad_image" not in str(e.value) and "\n" not in str(e.value)

@@ -63,10 +63,10 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
     save_image(r["marked"][0], out)
     res = {"image": str(image), "mark": str(mark), "strength": strength, **_numbers(r)}
     write_json(out.with_suffix(".json"), res)
-    v = r["noise"][0]
+    v = r["noise"][0]  # zero when the mark is the image: the clamp keeps its panel grey, not NaN (0/0)
     image_grid([[(x[0], "image"), (r["target"][0], f"target ({strength:g} mark)"),
                  (r["marked"][0], f"marked, PSNR {r['psnr_to_target']:.1f} dB to target"),
-                 (0.5 + v / (2 * v.abs().max()), "nullspace noise (scaled)")]],
+                 (0.5 + v / (2 * v.abs().max().clamp_min(1e-12)), "nullspace noise (scaled)")]],
                out.with_name(out.stem + "_figure.png"), title=f"{parts.name}: watermark through the nullspace")
     return res
 

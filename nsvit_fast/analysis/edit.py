@@ -100,7 +100,7 @@ def watermark(parts, image: torch.Tensor, mark: torch.Tensor, strength: float = 
     """
     strength = check_number("strength", strength, lo=0, hi=1, lo_open=True)
     if mark.shape != image.shape:
-        raise NsvitError(f"the mark {tuple(mark.shape[-2:])} and the image {tuple(image.shape[-2:])} differ in size")
+        raise NsvitError(f"the mark {tuple(mark.shape)} and the image {tuple(image.shape)} differ in size")
     target = (1 - strength) * image + strength * mark
     v, viol = nullspace_edit(parts, image, target, iters)
     marked = image + v

@@ -39,9 +39,12 @@ def read_image(spec: str | Path) -> torch.Tensor:
         p = Path(spec)
         if not p.is_file():
             raise NsvitError(f"image not found: {p}")
-        from ..data.folders import read_rgb
+        from ..data.folders import BadImage, read_rgb
 
-        arr = np.asarray(read_rgb(p))  # corrupt files and decompression bombs: one line naming the file
+        try:
+            arr = np.asarray(read_rgb(p))  # corrupt files and decompression bombs: one line naming the file
+        except BadImage as e:  # its on_bad_image advice is for data folders, not one image given by name
+            raise BadImage("; ".join(c for c in str(e).split("; ") if "on_bad_image" not in c)) from None
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, -1)
     t = torch.from_numpy(arr[..., :3].astype(np.float32) / (255.0 if arr.dtype == np.uint8 else max(1.0, arr.max())))

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,7 +22,9 @@ from ..errors import NsvitError, check_count, check_number
 from ..io import check_output_dir
 from ..io import save_figure, write_json
 from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
-from ..synth.engine import SynthConfig, split_heldout
+from ..config import build
+from ..data.stream import StreamingData
+from ..synth.engine import SynthConfig, check_config, image_tensor, metric_images
 from ..viz import pyplot
 
 
@@ -32,7 +37,8 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
         out: folder receiving ``fig3_regularized.png`` and ``fig3_regularized.json``.
         lams: the lambda values, one noise each.
         steps: optimisation steps per noise.
-        **synth: settings of :func:`nsvit_fast.synth.synthesize_regularized` (lim, seed, batch_size, ...).
+        **synth: settings of :func:`nsvit_fast.synth.synthesize_regularized` (lim, seed, batch_size, ...);
+            not the ones fig3 sets itself (max_steps: ``steps``; num_noises, lam: ``lams``; progress; mode).
 
     Returns:
         the JSON's contents: {"study": "fig3", "steps", "rows": one {"lambda", "norm", "match_rate",
@@ -41,8 +47,12 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
 
     Raises:
         NsvitError: bad data or settings (as synthesis raises them; under 4 images leave none to
-            hold out), or an unwritable ``out``.
+            hold out), a setting fig3 sets itself, or an unwritable ``out``.
     """
+    _refuse_own_keys("fig3", synth, {"max_steps": "pass steps=N instead", "num_noises": "one noise per lambda, "
+                                     "pass lams=[...] instead", "lam": "pass lams=[...] instead",
+                                     "progress": "it runs without a progress bar; drop progress=",
+                                     "mode": "it learns in mode fast; drop mode="})
     out = check_output_dir(out, "out", ("fig3_regularized.png", "fig3_regularized.json"))  # before the descent
     if isinstance(lams, (str, bytes)) or not hasattr(lams, "__iter__"):
         raise NsvitError(f"lams must be a list of numbers, got {lams!r}")
@@ -83,7 +93,36 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
     return res
 
 
+def _refuse_own_keys(study: str, synth: dict, own: dict) -> None:
+    """A ``**synth`` key the study sets itself would be overridden or collide (a raw TypeError): name it."""
+    for key, hint in own.items():
+        if key in synth:
+            raise NsvitError(f"{study} sets {key} itself: {hint}")
+
+
 FIG5_EPS = 0.033  # the paper's Sec. 5.6 learns the Fig. 5 noises at eps 0.033 (finetuning uses 0.03)
+# synthesize's keywords that are not SynthConfig fields
+_SYNTH_KEYWORDS = ("config", "init", "heldout_data", "progress", "log", "device", "cache", "precision", "runtime")
+
+
+def _fig5_heldout(parts, data, synth: dict, eps: float, m: int, seed: int) -> torch.Tensor:
+    """The images :func:`synthesize` measures its metrics on under these settings (its own
+    :func:`metric_images` with the same resolved config), refusing, before the descent, settings
+    under which they would not be held out of the noises' training images."""
+    if isinstance(data, StreamingData):
+        raise NsvitError("fig5 needs images in memory (an ImageDataset or an image tensor), not a streamed folder")
+    if synth.get("cache") is not None:  # synthesize then measures on the cache's (training) images
+        raise NsvitError("fig5 measures on held-out images: cache= makes synthesis measure on its training images")
+    over = {k: v for k, v in synth.items() if k not in _SYNTH_KEYWORDS}
+    cfg = check_config(build(SynthConfig, synth.get("config"), {**over, "eps": eps, "num_noises": m, "seed": seed},
+                             "synthesis"))
+    run = dataclasses.replace(cfg, stop="heldout") if cfg.schedule == "boundary" else cfg  # as synthesize runs it
+    given = synth.get("heldout_data")
+    if given is None and run.stop != "heldout":
+        raise NsvitError(f"fig5 measures on held-out images: stop={cfg.stop!r} trains on every image; "
+                         f"use stop='heldout' (the default) or give heldout_data=")
+    images = image_tensor(data, parts)
+    return metric_images(images, run, None if given is None else image_tensor(given, parts, "heldout_data"))[1]
 
 
 def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, eps: float = FIG5_EPS,
@@ -92,39 +131,53 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
 
     Args:
         parts: the model's adapter.
-        data: an ImageDataset (or (N, C, H, W) pixels in [0, 1]); the noises stop on images held out
-            of it (``stop="heldout"``), and every MSE-prob is measured there.
+        data: an ImageDataset (or (N, C, H, W) pixels in [0, 1]), in memory; the noises stop on
+            images held out of it (``stop="heldout"``; or on ``heldout_data``), and every MSE-prob
+            is measured there.
         out: folder receiving ``fig5_properties.png`` and ``fig5_properties.json``.
         m: noises to learn (default 100 on CUDA, as the paper, 24 on the CPU); at least 2.
-        n_pairs: random pairs (i, j) averaged in the heatmap of alpha1 v_i + alpha2 v_j.
+        n_pairs: distinct random pairs {i, j} of converged noises (drawn without replacement)
+            averaged in the heatmap of alpha1 v_i + alpha2 v_j; at most m_converged (m_converged - 1) / 2.
         eps: the stop threshold (default the paper's Sec. 5.6 value, ``FIG5_EPS``).
         seed: noise initialisation, held-out split and pair draw.
-        **synth: further settings of :func:`nsvit_fast.synth.synthesize` (lim, batch_size, ...).
+        **synth: further settings of :func:`nsvit_fast.synth.synthesize` (lim, batch_size,
+            heldout, heldout_data, ...); not num_noises (``m``) or progress, which fig5 sets. Every
+            MSE-prob is measured on the images synthesis used for its held-out metrics.
 
     Returns:
         the JSON's contents: {"study": "fig5", "m_requested", "m_converged", "n_pairs", "eps", "device",
         "alphas", "scalar_mse_mean", "scalar_mse_std" (over noises, per alpha),
         "scalar_mse_per_noise_at_1", "grid", "convex_mse" (len(grid) x len(grid), rows alpha1),
-        "convex_line_max" (largest mean on alpha1 + alpha2 = 1), "noise_norms", "synth_seconds",
-        "heldout_images", "figure"}.
+        "convex_line_max" (largest mean on alpha1 + alpha2 = 1), "pairs" (the [i, j] drawn, indices
+        into the converged noises), "noise_norms", "synth_seconds", "heldout_images", "figure"}.
 
     Raises:
-        NsvitError: m < 2, under 4 images (none to hold out, as :func:`~nsvit_fast.synth.synthesize`
-            refuses for ``stop="heldout"``), fewer than 2 noises reaching eps, bad data or settings, or
-            an unwritable ``out``.
+        NsvitError: m < 2, n_pairs above m (m - 1) / 2 (before the descent) or above m_converged
+            (m_converged - 1) / 2, under 4 images (none to hold out, as
+            :func:`~nsvit_fast.synth.synthesize` refuses for ``stop="heldout"``), settings under
+            which the metrics are not held out (``stop="batch"`` without ``heldout_data``, ``cache=``)
+            or a streamed folder, a setting fig5 sets itself, fewer than 2 noises reaching eps, bad
+            data or settings, or an unwritable ``out``.
     """
+    _refuse_own_keys("fig5", synth, {"num_noises": "pass m=N instead",
+                                     "progress": "it runs without a progress bar; drop progress="})
     out = check_output_dir(out, "out", ("fig5_properties.png", "fig5_properties.json"))  # before the descent
     cuda = next(parts.parameters()).device.type == "cuda"
     m = (100 if cuda else 24) if m is None else check_count("m", m, 2)
     n_pairs = check_count("n_pairs", n_pairs)
+    if n_pairs > m * (m - 1) // 2:
+        raise NsvitError(f"n_pairs {n_pairs} is more than the {m * (m - 1) // 2} distinct pairs of m = {m} noises")
     synth = {"stop": "heldout", "batch_size": 64, **synth}
+    held = _fig5_heldout(parts, data, synth, eps, m, seed)  # the images synthesize measures on: checked up front
     bank = synthesize(parts, data, eps=eps, num_noises=m, seed=seed, progress=False, **synth)
     V = bank.noises[bank.converged]
     if V.shape[0] < 2:
         raise NsvitError(f"only {V.shape[0]} of {m} noises reached ε {bank.meta['eps']:g} within max_steps "
                          f"{bank.meta['max_steps']}: raise ε (--eps) or, from Python, fig5(..., max_steps=N)")
-    images = data.images if hasattr(data, "images") else data
-    _, held = split_heldout(images, synth.get("heldout", SynthConfig.heldout), seed)
+    k = V.shape[0]
+    if n_pairs > k * (k - 1) // 2:
+        raise NsvitError(f"n_pairs {n_pairs} is more than the {k * (k - 1) // 2} distinct pairs of the {k} of {m} "
+                         f"noises that reached ε {eps:g}: give fewer pairs (--pairs) or raise max_steps")
     dev = next(parts.parameters()).device
     cache = CleanCache(parts, held, dev)
     V = V.to(dev)
@@ -134,7 +187,8 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
         mse, _ = noise_effect(parts, V, cache, scales=torch.full((V.shape[0],), a, device=dev))
         scal.append((float(mse.mean()), float(mse.std()) if V.shape[0] > 1 else 0.0, mse.cpu().tolist()))
     g = torch.Generator().manual_seed(seed)
-    pairs = [tuple(torch.randperm(V.shape[0], generator=g)[:2].tolist()) for _ in range(n_pairs)]
+    every = list(itertools.combinations(range(k), 2))  # distinct unordered pairs, drawn without replacement
+    pairs = [every[i] for i in torch.randperm(len(every), generator=g)[:n_pairs].tolist()]
     grid = [round(0.1 * i, 1) for i in range(11)]
     heat = torch.zeros(len(grid), len(grid))
     for i, a1 in enumerate(grid):
@@ -168,7 +222,8 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     res = {"study": "fig5", "m_requested": m, "m_converged": int(V.shape[0]), "n_pairs": n_pairs, "eps": eps,
            "device": dev.type, "alphas": alphas, "scalar_mse_mean": mean, "scalar_mse_std": std,
            "scalar_mse_per_noise_at_1": scal[alphas.index(1.0)][2], "grid": grid, "convex_mse": heat.tolist(),
-           "convex_line_max": max(on_line), "noise_norms": bank.norm[bank.converged].tolist(),
+           "convex_line_max": max(on_line), "pairs": [list(p) for p in pairs],
+           "noise_norms": bank.norm[bank.converged].tolist(),
            "synth_seconds": bank.meta["seconds"], "heldout_images": int(held.shape[0]), "figure": str(png)}
     write_json(out / "fig5_properties.json", res)
     return res
@@ -176,7 +231,8 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
 
 def _check_record(rec, where: str) -> dict:
     """A log.jsonl round record as finetune writes it: an object with a whole-number ``round`` >= 0
-    and numbers (or null) for the series the figure draws. A hand-edited line is named, not plotted."""
+    and finite numbers (or null) for the series the figure draws. A hand-edited line is named, not
+    plotted (json reads NaN and Infinity, which the figure would drop without a word)."""
     from ..train.plots import SERIES
 
     if not isinstance(rec, dict):
@@ -188,6 +244,8 @@ def _check_record(rec, where: str) -> dict:
         v = rec.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise NsvitError(f"{where}: {key!r} must be a number, got {v!r}")
+        if v is not None and not math.isfinite(v):
+            raise NsvitError(f"{where}: {key!r} must be a finite number, got {v!r}")
     return rec
 
 
@@ -203,7 +261,8 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
         for each of noise_norm, mse_prob, synth_steps, val_acc, train_loss the log has, "figure"}.
 
     Raises:
-        NsvitError: no log, an empty log, or a line that is not JSON (naming it).
+        NsvitError: no log, an empty log, a line that is not JSON or holds a bad value (naming it), or
+            an unwritable ``out`` (checked before anything is written).
     """
     from ..train.plots import trend_figure
 
@@ -211,6 +270,7 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
     log = run / "log.jsonl"
     if not log.is_file():
         raise NsvitError(f"{run} holds no finetuning log (log.jsonl)")
+    out = check_output_dir(out or run, "out", ("fig4_trend.png", "fig4_trend.json"))  # both, before either is written
     try:
         text = log.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -225,7 +285,6 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
             hist.append(_check_record(rec, f"{log}, line {i}"))
     if not hist:
         raise NsvitError(f"{log} is empty")
-    out = Path(out) if out else run
     png = trend_figure(hist, out / "fig4_trend.png", title=f"{run.name}: trend across rounds")
     keys = ("noise_norm", "mse_prob", "synth_steps", "val_acc", "train_loss")
     res = {"study": "trend", "run": str(run), "rounds": len(hist),

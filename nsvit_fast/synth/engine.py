@@ -192,7 +192,8 @@ def frozen(parts: Adapter, freeze: bool = True):
         parts.train(was_training)
 
 
-def _images(data, parts: Adapter, name: str = "data") -> torch.Tensor:
+def image_tensor(data, parts: Adapter, name: str = "data") -> torch.Tensor:
+    """data (an ImageDataset or a tensor) -> its checked (B, C, H, W) pixels in [0, 1]."""
     x = data.images if isinstance(data, ImageDataset) else data
     if not isinstance(x, torch.Tensor):
         raise NsvitError(f"{name} must be an ImageDataset or an image tensor, got {type(data).__name__}")
@@ -645,10 +646,10 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         else:  # Algorithm 1's metrics: an even sample of the folder (eval transform) that stays in training
             held, held_source = data.sample(cfg.heldout or 256), "train_sample"
         source = StreamSource(parts, data, rt.autocast)
-        held_imgs = _images(held, parts, "heldout_data")
+        held_imgs = image_tensor(held, parts, "heldout_data")
         images = train = held_imgs  # the token RMS of lim_unit=token_rms is measured on these
     else:
-        images = _images(data, parts)
+        images = image_tensor(data, parts)
         if cache is not None:
             same = isinstance(cache, CleanCache) and (cache.images is images or (
                 cache.images.shape == images.shape and torch.equal(cache.images.to(images.device), images)))
@@ -661,10 +662,10 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                                  f"the same precision")
             cache.sync(fingerprint)  # a write no version counter saw (p.data.copy_) empties it
             train = images
-            held_imgs = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else images
+            held_imgs = image_tensor(heldout_data, parts, "heldout_data") if heldout_data is not None else images
             held_source = "given" if heldout_data is not None else "train"
         else:
-            held_given = _images(heldout_data, parts, "heldout_data") if heldout_data is not None else None
+            held_given = image_tensor(heldout_data, parts, "heldout_data") if heldout_data is not None else None
             train, held_imgs, held_source = metric_images(images, run_cfg, held_given)
     lim_given = cfg.lim
     cfg, rms = resolve_lim(parts, cfg, train)
@@ -782,8 +783,8 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
     parts.check_learnable("noise synthesis")
     t0 = time.perf_counter()
     device = next(parts.parameters()).device
-    images = _images(data, parts)
-    train, held_imgs = (images, _images(heldout_data, parts, "heldout_data")) if heldout_data is not None else \
+    images = image_tensor(data, parts)
+    train, held_imgs = (images, image_tensor(heldout_data, parts, "heldout_data")) if heldout_data is not None else \
         carve_heldout(images, cfg.heldout, cfg.seed, "Eq. 4 (Fig. 3)")
     v0 = initial_noises(parts, cfg, None)
     held = CleanCache(parts, held_imgs, device)
@@ -815,4 +816,3 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
 
 # Public names for the pieces the profiler (synth/profile.py) and bench/bench_synth.py drive directly.
 SynthLog = _Log            # the JSONL check record and progress bar that ``descend`` writes to
-image_tensor = _images     # data (ImageDataset or tensor) -> checked (B, C, H, W) pixels in [0, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..io import save_figure
@@ -12,7 +13,8 @@ SERIES = (("noise_norm", "noise norm"), ("val_acc", "val accuracy"), ("mse_prob"
 
 def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: dict | None = None) -> Path | None:
     """One line per metric present in ``history`` (and ``extra``: {label: values per round}),
-    divided by its first non-zero value, against the round."""
+    divided by its first round's value, against the round. A series whose first value is 0 (or not
+    finite) cannot be put on that scale: it is not drawn, and the legend says so."""
     from ..viz import pyplot
 
     plt = pyplot()
@@ -25,10 +27,11 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
     for label, vals in series:
         if not vals or any(v is None for v in vals):
             continue
-        first = next((v for v in vals if v), None)
-        if not first:
-            continue
-        ax.plot(rounds, [v / first for v in vals], marker="o", ms=3, label=label)
+        first = vals[0]  # the axis's "first round's value", not the first non-zero one
+        if first == 0 or not math.isfinite(first):
+            ax.plot([], [], ls="none", label=f"{label}: not drawn (first round's value is {first:g})")
+        else:
+            ax.plot(rounds, [v / first for v in vals], marker="o", ms=3, label=label)
         drawn += 1
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("round")
