@@ -261,3 +261,57 @@ def test_cli_nullspace_dispatches_to_the_eva_adapter(capsys):
     assert main(["nullspace", "--model", "eva02_tiny_patch14_224", "--json"]) in (0, None)
     row = json.loads(capsys.readouterr().out)
     assert row["model"] == "eva02_tiny_patch14_224" and row["nullspace_dim"] == 3 * 14 * 14 - 192
+
+
+def test_adapt_keeps_the_models_mode_and_save_asks_for_unrecorded_settings(tmp_path):
+    import timm
+
+    from nsvit_fast import digits
+    from nsvit_fast.models import create_model, save_model
+    from nsvit_fast.synth import synthesize
+
+    torch.manual_seed(0)
+    # a new Module starts in train mode: synthesis "restored" it, training the user's eval model
+    m = timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_heads=6,
+                          num_classes=10).eval()
+    parts = adapt(m)
+    assert not parts.training
+    synthesize(parts, digits("train").images[:32], batch_size=16, max_steps=1, progress=False)
+    assert not m.training
+    # num_heads leaves every shape alone: the default build took the weights and answered otherwise
+    f = save_model(parts, tmp_path / "m.safetensors")
+    with pytest.raises(NsvitError, match="built outside nsvit-fast, with timm settings nobody recorded"):
+        load_model(checkpoint=f)
+    back = load_model("vit_tiny_patch16_224", checkpoint=f, depth=1, img_size=32, patch_size=8, num_heads=6)
+    x = digits("test").images[:4]
+    with torch.no_grad():
+        assert torch.equal(back(x), parts(x))
+    # a setting no file can hold (a class) is refused at save, not a TypeError
+    silu = create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, act_layer=nn.SiLU)
+    with pytest.raises(NsvitError, match="its setting act_layer=.* is not a JSON value"):
+        save_model(silu, tmp_path / "s.safetensors")
+
+
+def test_encode_noisy_checks_and_the_fused_path_it_may_not_take():
+    from nsvit_fast.models import create_model
+
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=5).eval()
+    u = vit.patch_embed(torch.rand(2, 3, 32, 32))
+    with pytest.raises(NsvitError, match="noises are float64 but the weights are float32"):  # was "mixed dtype"
+        vit.encode_noisy(u, torch.zeros(1, *vit.token_shape, dtype=torch.float64))
+    # DeiT-distilled's _pos_embed leaves reg tokens out: the fused assembly put them in (a size error)
+    d = create_model("deit_tiny_distilled_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=5,
+                     reg_tokens=2).eval()
+    u = d.patch_embed(torch.rand(2, 3, 32, 32))
+    v = torch.randn(2, *d.token_shape)
+    with torch.no_grad():
+        assert torch.allclose(d.encode_noisy(u, v), torch.cat([d.encode(u + v[0]), d.encode(u + v[1])]), atol=1e-5)
+    # a backend typo was ignored wherever the family runs unfused (pre-norm, EVA)
+    clip = create_model("vit_base_patch16_clip_224", depth=1, img_size=32, patch_size=8, num_classes=5)
+    with pytest.raises(NsvitError, match="no backend 'bogus'"):
+        clip.encode_noisy(clip.patch_embed(torch.rand(1, 3, 32, 32)), torch.zeros(1, *clip.token_shape),
+                          backend="bogus")
+    # pixels past the last whole patch were dropped without a word
+    with pytest.raises(NsvitError, match=r"img_size \(70, 70\) is not a multiple of the patch \(16, 16\)"):
+        create_model("vit_tiny_patch16_224", depth=1, img_size=70)

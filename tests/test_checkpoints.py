@@ -299,6 +299,12 @@ def test_timm_training_checkpoint_with_ema_weights(tmp_path):
     assert torch.equal(plain.model.head.weight, src.model.head.weight)
     assert torch.equal(averaged.model.head.weight, ema.model.head.weight)
     assert not torch.equal(plain.model.head.weight, averaged.model.head.weight)
+    # the file's mean/std hold for its EMA weights too (use_ema dropped them: the default normalisation)
+    torch.save({"state_dict": src.model.state_dict(), "state_dict_ema": ema.model.state_dict(),
+                "metadata": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}}, tmp_path / "meta.pth")
+    for use_ema in (False, True):
+        got = load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "meta.pth", depth=1, use_ema=use_ema)
+        assert got.data_config["mean"] == pytest.approx((0.1, 0.2, 0.3)), use_ema
     torch.save({"state_dict": src.model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "no_ema.pth")
     with pytest.raises(NsvitError, match="holds no EMA weights"):
         load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "no_ema.pth", depth=1, use_ema=True)

@@ -60,6 +60,8 @@ class Adapter(nn.Module):
         self.name = name or type(model).__name__
         self.arch = arch or self.name
         self.model_kwargs: dict[str, Any] = dict(model_kwargs or {})
+        # None: a timm model built outside nsvit-fast, whose constructor arguments nobody recorded
+        self.kwargs_known = model_kwargs is not None
         if data_config is None:
             from timm.data import resolve_model_data_config
 
@@ -74,7 +76,9 @@ class Adapter(nn.Module):
         except (TypeError, ValueError, RuntimeError):
             raise NsvitError(f"mean/std must be numbers, got {mean!r} and {std!r}") from None
         if mean.numel() not in (1, c) or std.numel() not in (1, c):
-            raise NsvitError(f"mean/std need 1 or {c} values, got {mean.numel()} and {std.numel()}")
+            raise NsvitError(f"{self.name}: a {c}-channel model needs mean/std of {'1' if c == 1 else f'1 or {c}'} "
+                             f"value(s), got "
+                             f"{mean.numel()} and {std.numel()} (give mean= and std= to create_model or adapt)")
         # pixels are in [0, 1]: 0-255 statistics, a std near 0 or NaN give saturated or NaN logits
         lo, hi = NORM_RANGE["mean"]
         if not bool(torch.isfinite(mean).all()) or bool(((mean < lo) | (mean > hi)).any()):
@@ -201,6 +205,10 @@ class Adapter(nn.Module):
             NsvitError: u or v of another shape (a (N, D) noise must be given as (1, N, D)), or
                 no rows at all (no noise and not ``include_clean``)."""
         self.check_noisy(u, v, include_clean)
+        if backend is not None:  # a fused family takes it; here it has nothing to choose, but a typo is a typo
+            from ..ops import backend_for
+
+            backend_for("token_assembly", u.device, backend)
         rows = [u] if include_clean else []
         if v is not None and v.shape[0]:
             rows.append((u[None] + v[:, None]).reshape(-1, *u.shape[1:]))
@@ -212,6 +220,11 @@ class Adapter(nn.Module):
         if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 3 or tuple(v.shape[1:]) != self.token_shape):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise NsvitError(f"{self.name}: noises must be (M, {self.num_patches}, {self.embed_dim}), got {got}")
+        if v is not None and (not v.is_floating_point() or (
+                torch.promote_types(v.dtype, self.weight_dtype) != self.weight_dtype
+                and not torch.is_autocast_enabled(v.device.type))):  # as the tokens: torch's "mixed dtype" deep inside
+            raise NsvitError(f"{self.name}: noises are {str(v.dtype)[6:]} but the weights are "
+                             f"{str(self.weight_dtype)[6:]}; give {str(self.weight_dtype)[6:]} noises")
         if not include_clean and (v is None or v.shape[0] == 0):
             raise NsvitError(f"{self.name}: encode_noisy needs at least one noise, or include_clean=True")
 

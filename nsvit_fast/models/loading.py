@@ -94,7 +94,7 @@ def read_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, tor
         key = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
         if key is None:
             raise NsvitError(f"{path} holds no EMA weights ({' / '.join(EMA_KEYS)}); drop --use-ema")
-        obj = {key: obj[key]}
+        obj = {key: obj[key], "metadata": obj.get("metadata")}  # its mean/std hold for the EMA weights too
     for key in (*EMA_KEYS, *WRAPPER_KEYS) if use_ema else WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             meta = obj.get("metadata", {}) if isinstance(obj.get("metadata"), dict) else {}
@@ -202,9 +202,14 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     arch = meta.get("arch")
     if arch is not None and not isinstance(arch, str):
         raise NsvitError(f"{checkpoint}: metadata 'arch' must be a model name, got {arch!r}")
-    if not isinstance(meta.get("model_kwargs", {}), dict):
+    unrecorded = "model_kwargs" in meta and meta["model_kwargs"] is None  # saved from a model built outside
+    if not unrecorded and not isinstance(meta.get("model_kwargs", {}), dict):
         raise NsvitError(f"{checkpoint}: metadata 'model_kwargs' must be a mapping, got {meta['model_kwargs']!r}")
-    model_kwargs = dict(meta.get("model_kwargs", {}))
+    if unrecorded and name is None:  # the default build may differ in what leaves the shapes alone (num_heads)
+        raise NsvitError(f"{checkpoint}: its {arch} was built outside nsvit-fast, with timm settings nobody "
+                         f"recorded: give the model name (--model {arch}, or load_model('{arch}', checkpoint=..., "
+                         f"**its settings)) to say which model it is")
+    model_kwargs = dict(meta.get("model_kwargs") or {})
     if name == embedded.NAME and arch is not None and (
             arch != embedded.ARCH or any(model_kwargs.get(k, v) != v for k, v in embedded.KWARGS.items()
                                          if k != "num_classes") or set(model_kwargs) - set(embedded.KWARGS)):
@@ -273,6 +278,16 @@ def record_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _jsonable(v: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_record(checkpoint, meta: dict[str, Any]) -> None:
     """A checkpoint's record against its digest (files written before the digest pass unchecked)."""
     if "record_digest" in meta and meta["record_digest"] != record_digest(meta):
@@ -287,10 +302,17 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
     ``metadata`` values must be JSON-serialisable. Raises NsvitError when the file cannot be
     written (a folder at ``path``, no permission, a full disk)."""
     meta = {"format": FORMAT, "nsvit_fast_version": __version__, "arch": adapter.arch,
-            "model_kwargs": adapter.model_kwargs,
+            # None: built outside nsvit-fast (adapt(timm_model)); load_model then asks which model it is
+            "model_kwargs": adapter.model_kwargs if getattr(adapter, "kwargs_known", True) else None,
             "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
     meta.update(metadata or {})
-    meta["record_digest"] = record_digest(meta)
+    try:
+        meta["record_digest"] = record_digest(meta)
+    except TypeError:  # e.g. create_model(..., act_layer=nn.SiLU): a class, which no file can record
+        bad = next((k for k, v in (meta["model_kwargs"] or {}).items() if not _jsonable(v)), "model_kwargs")
+        raise NsvitError(f"cannot save {adapter.name}: its setting {bad}={meta['model_kwargs'].get(bad)!r} is not "
+                         f"a JSON value, so load_model could not rebuild it; build the model with names or "
+                         f"numbers (e.g. act_layer='silu')") from None
     return save_tensors(path, dict(adapter.weights()), meta)
 
 

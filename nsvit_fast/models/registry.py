@@ -60,4 +60,6 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
     cfg = resolve_model_data_config(model)
     mean = cfg["mean"] if mean is None else mean
     std = cfg["std"] if std is None else std
-    return FAMILIES[fam][1](model, mean, std, name, arch=arch, model_kwargs=model_kwargs, data_config=cfg)
+    parts = FAMILIES[fam][1](model, mean, std, name, arch=arch, model_kwargs=model_kwargs, data_config=cfg)
+    parts.training = model.training  # a new Module starts in train mode: code that restores modes would train the model
+    return parts

@@ -49,6 +49,9 @@ def check_linear_stem(model: nn.Module, name: str) -> None:
         raise NsvitError(f"{name}: dynamic_img_pad pads partial patches; not supported")
     if pe.img_size is None:
         raise NsvitError(f"{name}: the patch embedding has no fixed img_size; create the model with one")
+    if any(s % k for s, k in zip(pe.img_size, proj.kernel_size)) and not getattr(pe, "dynamic_img_size", False):
+        raise NsvitError(f"{name}: img_size {tuple(pe.img_size)} is not a multiple of the patch "
+                         f"{tuple(proj.kernel_size)}: the convolution would drop the edge pixels; give a multiple")
 
 
 @contextmanager
@@ -210,6 +213,10 @@ class VitAdapter(PatchEmbedAdapter):
         pre = [t[0] for t in (m.cls_token, getattr(m, "dist_token", None), m.reg_token) if t is not None]
         d = self.embed_dim
         prefix = torch.cat(pre) if pre else m.pos_embed.new_zeros(0, d)
+        rows = self.num_patches + (0 if m.no_embed_class else prefix.shape[0])
+        # a subclass whose _pos_embed places other tokens (DeiT-distilled skips reg tokens) runs its own
+        if prefix.shape[0] != self.num_prefix_tokens or m.pos_embed.shape[1] != rows:
+            return None
         return prefix, m.pos_embed[0], not m.no_embed_class, blk
 
     def encode_noisy(self, u, v, include_clean=False, backend=None):
@@ -219,7 +226,7 @@ class VitAdapter(PatchEmbedAdapter):
         self.check_noisy(u, v, include_clean)
         fuse = self._fusable_first_block()
         if fuse is None:
-            return super().encode_noisy(u, v, include_clean)
+            return super().encode_noisy(u, v, include_clean, backend)
         from .. import ops
 
         prefix, pos, embed_prefix, blk = fuse

@@ -201,7 +201,7 @@ class FinetuneResult:
 def ema_parts(parts: Adapter, ema) -> Adapter:
     """The EMA weights wrapped like ``parts`` (same normalisation, architecture and kwargs)."""
     return adapt(ema.module, parts.data_config["mean"], parts.data_config["std"], parts.name + "+ema",
-                 arch=parts.arch, model_kwargs=parts.model_kwargs)
+                 arch=parts.arch, model_kwargs=parts.model_kwargs if parts.kwargs_known else None)
 
 
 class _LossModule(nn.Module):
