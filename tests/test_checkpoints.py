@@ -305,6 +305,10 @@ def test_timm_training_checkpoint_with_ema_weights(tmp_path):
     for use_ema in (False, True):
         got = load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "meta.pth", depth=1, use_ema=use_ema)
         assert got.data_config["mean"] == pytest.approx((0.1, 0.2, 0.3)), use_ema
+    # keys of a DDP-wrapped, torch.compile'd model (module._orig_mod.) load as the plain ones
+    torch.save({f"module._orig_mod.{k}": v for k, v in src.model.state_dict().items()}, tmp_path / "compiled.pth")
+    got = load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "compiled.pth", depth=1)
+    assert torch.equal(got.model.head.weight, src.model.head.weight)
     torch.save({"state_dict": src.model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "no_ema.pth")
     with pytest.raises(NsvitError, match="holds no EMA weights"):
         load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "no_ema.pth", depth=1, use_ema=True)

@@ -569,8 +569,10 @@ CASES = [
     ("synth-eps-2", SY + ["--eps", "2", "--out", "{C}/b.safetensors"], "--eps: must be a finite number in (0, 2)", {}),
     ("ovr-synth-eps-5", FT + ["synth.eps=5", "--out", "{C}/o"], "eps must be < 2", {}),
     ("fig5-m-1", ["analyze", "fig5", "--m", "1"], "--m: must be >= 2", {}),
-    ("fig5-nothing-held-out", ["analyze", "fig5", "--m", "2", "--max-images", "3", "--out", "{C}/o"],
+    ("fig5-nothing-held-out", ["analyze", "fig5", "--m", "2", "--pairs", "1", "--max-images", "3", "--out", "{C}/o"],
      "3 image(s) leave none; give at least 4", {}),
+    ("fig5-pairs-repeat", ["analyze", "fig5", "--m", "3", "--pairs", "4", "--out", "{C}/o"],  # a pair would repeat
+     "n_pairs 4 is more than the 3 distinct pairs of m = 3 noises", {}),
     ("table1-checkpoint", ["nullspace", "--table1", "--checkpoint", "/no/such.pt"], "--table1 takes no --checkpoint",
      {}),
     ("ckpt-int-weights", ["nullspace", "--model", "digits_vit", "--checkpoint", "{A}/intweight.pt"],
