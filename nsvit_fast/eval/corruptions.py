@@ -32,6 +32,7 @@ ALEXNET_ERR = {"gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_nois
                "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
                "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500}
 MIN_SIZE = 32
+SEEDED = ("impulse_noise", "glass_blur")  # the corruptions that take a seed= of their own
 
 
 def _lib():
@@ -70,8 +71,9 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0, start
     def one(i: int, a: np.ndarray) -> np.ndarray:
         key = [seed, CORRUPTIONS.index(name), severity, start + i]
         np.random.seed(key)
-        # impulse_noise draws from skimage's own generator, not numpy's global one: it takes a seed
-        kw = {"seed": np.random.SeedSequence(key).generate_state(1)[0]} if name == "impulse_noise" else {}
+        # impulse_noise draws from skimage's own generator and glass_blur from numba's (seeded from the
+        # OS when given none), not numpy's global one: both take a seed
+        kw = {"seed": np.random.SeedSequence(key).generate_state(1)[0]} if name in SEEDED else {}
         return np.asarray(ic.corrupt(a, corruption_name=name, severity=severity, **kw))[:h, :w, :3]
 
     try:
