@@ -40,7 +40,8 @@ void prob_shift_rows(const T* zn, const T* zc, const T* pn, const T* pc, T* grad
         s += sv[j];
       }
       T dd = std::sqrt(d2);
-      T scale = dd > 0 ? T(1) / (dd * T(B)) : T(0);  // grad of mean_b ||d||; 0 at d = 0
+      // grad of mean_b ||d||; 0 at d = 0; a NaN row stays NaN throughout, as the torch reference's
+      T scale = (dd > 0 || std::isnan(dd)) ? T(1) / (dd * T(B)) : T(0);
       T* g = grad + row * K;
       for (k = 0; k < K; ++k) g[k] = (n[k] - c[k]) * scale;
       dist[row] = dd;
@@ -55,6 +56,7 @@ std::vector<at::Tensor> prob_shift_cpu(const at::Tensor& zn_in, const at::Tensor
                                        double eps) {
   check(zn_in.dim() == 3 && zc_in.dim() == 2, "prob_shift: z_noisy must be (M, B, K) and z_clean (B, K)");
   check(zn_in.size(1) == zc_in.size(0) && zn_in.size(2) == zc_in.size(1), "prob_shift: shapes do not match");
+  check(!pc_in.defined() || pc_in.sizes() == zc_in.sizes(), "prob_shift: p_clean must have z_clean's shape");
   auto dtype = zn_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto zn = zn_in.to(dtype).contiguous(), zc = zc_in.to(dtype).contiguous();
   at::Tensor pc = pc_in.defined() ? pc_in.to(dtype).contiguous() : at::Tensor();
@@ -70,12 +72,14 @@ std::vector<at::Tensor> prob_shift_cpu(const at::Tensor& zn_in, const at::Tensor
   });
   auto loss = dist.view({M, B}).sum(1) / double(B);  // fixed-order sums: deterministic
   auto mse = sq.view({M, B}).sum(1) / double(B);
-  return {loss.to(at::kFloat), mse.to(at::kFloat), mse.lt(eps), grad};
+  // float32 as every backend, but float64 stays float64 (the reference's precision)
+  return {loss.to(dtype), mse.to(dtype), mse.lt(eps), grad};
 }
 
 at::Tensor nullspace_project_cpu(const at::Tensor& x_in, const at::Tensor& q_in, int64_t rh, int64_t rw, bool keep) {
   check(x_in.dim() == 4 && q_in.dim() == 2, "nullspace_project: x must be (B, C, H, W) and the basis (k, n)");
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  check(rh > 0 && rw > 0, "nullspace_project: patch sizes must be >= 1");
   check(H % rh == 0 && W % rw == 0, "nullspace_project: image size is not a multiple of the patch");
   const int64_t n = C * rh * rw, gh = H / rh, gw = W / rw, P = B * gh * gw;
   check(q_in.size(1) == n, "nullspace_project: basis width != C * rh * rw");

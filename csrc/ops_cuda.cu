@@ -26,11 +26,12 @@ __device__ T block_reduce(T v, T* shm, bool is_max) {
 
 // one block per (m, b) row
 template <typename T>
-__global__ void rows_kernel(const T* zn, const T* zc, const T* pc, float* grad, float* dist, float* sq, int B, int K) {
+__global__ void rows_kernel(const T* zn, const float* zc, const float* pc, float* grad, float* dist, float* sq, int B,
+                            int K) {
   __shared__ float shm[kThreads];
   const int row = blockIdx.x, b = row % B;
   const T* n = zn + (int64_t)row * K;
-  const T* c = zc + (int64_t)b * K;
+  const float* c = zc + (int64_t)b * K;
   float mn = -INFINITY, mc = -INFINITY, d2 = 0.f;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     float a = float(n[k]), e = float(c[k]);
@@ -49,7 +50,7 @@ __global__ void rows_kernel(const T* zn, const T* zc, const T* pc, float* grad, 
   sn = block_reduce(sn, shm, false);
   sc = block_reduce(sc, shm, false);
   const float dd = sqrtf(d2);
-  const float scale = dd > 0.f ? 1.f / (dd * B) : 0.f;
+  const float scale = (dd > 0.f || isnan(dd)) ? 1.f / (dd * B) : 0.f;  // a NaN row stays NaN, as the reference
   float s = 0.f;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     float a = float(n[k]), e = float(c[k]);
@@ -120,8 +121,9 @@ std::vector<at::Tensor> prob_shift_cuda(const at::Tensor& zn_in, const at::Tenso
               "nsvit_fast._C: prob_shift: z_noisy, z_clean and p_clean must be on one device");
   const c10::cuda::CUDAGuard guard(zn_in.device());
   // fp64 logits are computed in fp32 here: nsvit_fast.ops hands them to the torch reference
-  auto zn = zn_in.contiguous(), zc = zc_in.to(zn.options()).contiguous();
-  at::Tensor pc = pc_in.defined() ? pc_in.to(zn.options()).contiguous() : at::Tensor();
+  // the clean logits in fp32 whatever z_noisy's dtype: rounded to bf16 they moved the loss (as the reference does not)
+  auto zn = zn_in.contiguous(), zc = zc_in.to(at::kFloat).contiguous();
+  at::Tensor pc = pc_in.defined() ? pc_in.to(at::kFloat).contiguous() : at::Tensor();
   const int M = zn.size(0), B = zn.size(1), K = zn.size(2);
   auto f32 = zn.options().dtype(at::kFloat);
   auto grad = at::empty({M, B, K}, f32), dist = at::empty({M * B}, f32), sq = at::empty({M * B}, f32);
@@ -132,8 +134,8 @@ std::vector<at::Tensor> prob_shift_cuda(const at::Tensor& zn_in, const at::Tenso
   // below are 0 / 0 = NaN, as torch's mean over an empty batch)
   if (M > 0 && B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zn.scalar_type(), "prob_shift_cuda", [&] {
-      rows_kernel<scalar_t><<<M * B, kThreads, 0, stream>>>(zn.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(),
-                                                          pc.defined() ? pc.data_ptr<scalar_t>() : nullptr,
+      rows_kernel<scalar_t><<<M * B, kThreads, 0, stream>>>(zn.data_ptr<scalar_t>(), zc.data_ptr<float>(),
+                                                          pc.defined() ? pc.data_ptr<float>() : nullptr,
                                                           grad.data_ptr<float>(), dist.data_ptr<float>(),
                                                           sq.data_ptr<float>(), B, K);
     });

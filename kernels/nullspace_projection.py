@@ -124,14 +124,16 @@ class NullspaceProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, basis, patch, keep):
         """x (B, C, H, W), basis (k, C*r_h*r_w), patch (r_h, r_w), keep -> projected x (fresh)."""
-        ctx.basis, ctx.patch, ctx.keep = basis, patch, keep
+        ctx.save_for_backward(basis)  # saved, not kept: an in-place change before backward is refused
+        ctx.patch, ctx.keep = patch, keep
         return project_forward(x, basis, patch, keep)
 
     @staticmethod
     def backward(ctx, g):
         """The same projection of g (B, C, H, W), differentiable (``create_graph=True`` records it);
         None for basis, patch and keep."""
-        return NullspaceProject.apply(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
+        basis, = ctx.saved_tensors
+        return NullspaceProject.apply(g, basis.detach(), ctx.patch, ctx.keep), None, None, None
 
 
 def nullspace_project(x, basis, patch, keep):

@@ -55,15 +55,18 @@ def _rows_kernel(zn_ptr, zc_ptr, pc_ptr, dist_ptr, sq_ptr, grad_ptr, B, K, inv_b
         k, mask, xn, xc = _load_block(zn_row, zc_row, k0, offs, K)
         diff = xn - xc
         d2 += tl.sum(diff * diff, axis=0)
+        # while every logit so far is -inf, exp(-inf - -inf) is NaN: subtract 0 instead (exp(-inf) = 0)
         new_n = tl.maximum(m_n, tl.max(tl.where(mask, xn, -float("inf")), axis=0))
-        s_n = s_n * tl.exp(m_n - new_n) + tl.sum(tl.where(mask, tl.exp(xn - new_n), 0.0), axis=0)
+        at_n = tl.where(new_n == -float("inf"), 0.0, new_n)
+        s_n = s_n * tl.exp(m_n - at_n) + tl.sum(tl.where(mask, tl.exp(xn - at_n), 0.0), axis=0)
         m_n = new_n
         new_c = tl.maximum(m_c, tl.max(tl.where(mask, xc, -float("inf")), axis=0))
-        s_c = s_c * tl.exp(m_c - new_c) + tl.sum(tl.where(mask, tl.exp(xc - new_c), 0.0), axis=0)
+        at_c = tl.where(new_c == -float("inf"), 0.0, new_c)
+        s_c = s_c * tl.exp(m_c - at_c) + tl.sum(tl.where(mask, tl.exp(xc - at_c), 0.0), axis=0)
         m_c = new_c
     dist = tl.sqrt(d2)
     # the gradient of ||d|| is d / ||d||, and 0 where d = 0 (as torch.linalg.vector_norm)
-    scale = tl.where(dist > 0, inv_b / dist, 0.0)
+    scale = tl.where((dist > 0) | (dist != dist), inv_b / dist, 0.0)  # a NaN row stays NaN, as the reference
     # pass 2: squared probability shift, and the gradient row
     sq = tl.zeros((), tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -666,3 +666,90 @@ def test_synthesis_through_forced_backends_matches_torch(forced, monkeypatch):
     assert got.steps.tolist() == ref.steps.tolist()
     torch.testing.assert_close(got.noises, ref.noises, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.mse_prob, ref.mse_prob, rtol=1e-4, atol=1e-6)
+
+
+# -- edge cases a review found (each failed before its fix) --
+@needs_triton
+def test_token_assembly_triton_float64_keeps_its_precision():
+    # the kernel computes in fp32: float64 went through it, 3e-7 off and failing gradcheck
+    dev = DEVICE["triton"]
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(2, 4, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    prefix, pos = torch.randn(1, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    w, b = torch.rand(8, generator=g, dtype=torch.float64) + 0.5, torch.randn(8, generator=g, dtype=torch.float64)
+    args = [t.to(dev) for t in (u, v, prefix, pos, w, b)]
+    got = ops.token_assembly(*args[:4], args[4], args[5], 1e-6, True, False, backend="triton")
+    want = token_assembly_torch(u, v, prefix, pos, w, b, 1e-6, True, False)
+    for a, r in zip(got, want):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a.cpu(), r, **tol("token_assembly", torch.float64))
+
+
+@needs_ext
+def test_prob_shift_cpp_float64_keeps_its_precision_and_nan_rows():
+    g = torch.Generator().manual_seed(4)
+    zn = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    zc = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    loss, mse, _ = ops.prob_shift(zn, zc, 0.1, backend="cpp")
+    ref = prob_shift_torch(zn, zc, 0.1)
+    assert loss.dtype == mse.dtype == torch.float64  # were rounded to float32
+    torch.testing.assert_close(loss, ref[0], **tol("prob_shift", torch.float64))
+    assert torch.autograd.gradcheck(lambda z: ops.prob_shift(z, zc, 0.1, backend="cpp")[0], (zn,))
+    # a NaN logit: the reference's gradient row is NaN throughout (the kernels' was NaN at one element)
+    bad = torch.randn(1, 2, 4).requires_grad_(True)
+    with torch.no_grad():
+        bad[0, 0, 1] = float("nan")
+    for backend, _ in available_backends("prob_shift"):
+        z = bad.detach().to(DEVICE[backend]).requires_grad_(True)
+        ops.prob_shift(z, torch.zeros(2, 4, device=z.device), 0.1, backend=backend)[0].sum().backward()
+        assert bool(z.grad[0, 0].isnan().all()) and not bool(z.grad[0, 1].isnan().any()), backend
+
+
+@needs_triton
+def test_prob_shift_triton_a_block_of_minus_inf():
+    # the online softmax gave exp(-inf - -inf) = NaN when a whole 1024-logit block was -inf
+    g = torch.Generator().manual_seed(5)
+    zn, zc = torch.randn(1, 1, 1500, generator=g), torch.randn(1, 1500, generator=g)
+    zn[..., :1024], zc[..., :1024] = -float("inf"), -float("inf")
+    dev = DEVICE["triton"]
+    got = ops.prob_shift(zn.to(dev), zc.to(dev), 0.1, backend="triton")[1]
+    assert torch.allclose(got.cpu(), prob_shift_torch(zn, zc, 0.1)[1], atol=1e-6), got
+
+
+def test_nullspace_project_basis_is_a_constant_every_backend():
+    # C++ and Triton kept the basis as a plain attribute: an in-place change before backward went
+    # unseen, and a basis that required grad got one only from the torch reference
+    basis = orthonormal(48, 6).float()
+    for backend, dev in available_backends("nullspace_project"):
+        x = torch.randn(2, 3, 8, 8, device=dev, requires_grad=True)
+        q = basis.clone().to(dev).requires_grad_(True)
+        ops.nullspace_project(x, q, (4, 4), True, backend=backend).sum().backward()
+        assert q.grad is None and x.grad is not None, backend
+        q = basis.clone().to(dev)
+        y = ops.nullspace_project(x, q, (4, 4), True, backend=backend)
+        q.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_ops_refuse_inputs_no_backend_agrees_on(monkeypatch):
+    basis = orthonormal(48, 6).float()
+    with pytest.raises(NsvitError, match="images and basis must be float tensors, got uint8"):
+        ops.nullspace_project(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), basis, (4, 4), True)
+    for patch in ((0, 0), (4,)):  # ZeroDivisionError, IndexError
+        with pytest.raises(NsvitError, match="patch must be two whole numbers >= 1"):
+            ops.nullspace_project(torch.zeros(1, 3, 8, 8), basis, patch, True)
+    with pytest.raises(NsvitError, match="token_assembly: no rows"):  # torch: IndexError, triton: empty
+        ops.token_assembly(torch.zeros(1, 2, 4), None, torch.zeros(0, 4), torch.zeros(2, 4), None, None, 1e-6)
+    for env in ("prob_shif=torch", "cpp,prob_shift=torch"):  # a misspelt op, a bare name: left on the default
+        monkeypatch.setenv("NSVIT_BACKEND", env)
+        with pytest.raises(NsvitError, match="is not OP=BACKEND"):
+            ops.backend_for("prob_shift", "cpu")
+
+
+@needs_ext
+def test_extension_entry_points_check_what_the_cuda_ones_do():
+    with pytest.raises(RuntimeError, match="patch sizes must be >= 1"):  # was SIGFPE
+        ext().nullspace_project(torch.zeros(1, 3, 8, 8), torch.zeros(2, 48), 0, 0, True)
+    with pytest.raises(RuntimeError, match="p_clean must have z_clean's shape"):  # was read past its end
+        ext().prob_shift(torch.zeros(1, 2, 5), torch.zeros(2, 5), torch.zeros(1, 5), 0.1)

@@ -33,9 +33,10 @@ def prob_shift(z_noisy, z_clean, eps, p_clean=None, backend=None):
         backend: ``torch``, ``cpp``, ``cuda`` or ``triton`` to force one (see :func:`backend_for`).
 
     Returns:
-        ``(loss, mse, stop)``, each (M,): loss (z_noisy's dtype from the torch reference, which
-        the Triton and CUDA backends also run for float64 logits; else float32) with grad to
-        z_noisy; mse and stop (bool) without. Nothing is read back to the host.
+        ``(loss, mse, stop)``, each (M,): loss and mse float64 for float64 logits on every
+        backend (the Triton and CUDA ones run the torch reference for them), else float32 from
+        the compiled and Triton backends (z_noisy's dtype from the reference); loss with grad to
+        z_noisy, mse and stop (bool) without. Nothing is read back to the host.
 
     Raises:
         NsvitError: shapes that do not match, tensors (p_clean included) on two devices, integer
@@ -97,6 +98,10 @@ def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, incl
         NsvitError: an unknown or unavailable forced backend. Shapes are not checked here (the
         adapters build the arguments); mismatched ones fail inside torch or the kernel.
     """
+    if (v is None or v.shape[0] == 0) and not include_clean:  # no rows: the backends disagreed (error, or empty)
+        from ..errors import NsvitError
+
+        raise NsvitError("token_assembly: no rows: give at least one noise, or include_clean=True")
     return call("token_assembly", u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean, backend=backend)
 
 

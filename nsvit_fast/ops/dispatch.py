@@ -55,11 +55,15 @@ def _forced(op: str) -> tuple[str | None, bool]:
         return None, False
     if "=" not in env:
         return env, True
+    found = None
     for part in env.split(","):
-        k, _, v = part.partition("=")
+        k, eq, v = part.partition("=")
+        if not eq or k.strip() not in OPS or not v.strip():  # a typo would have left that op on its default
+            raise NsvitError(f"NSVIT_BACKEND={env!r}: {part.strip()!r} is not OP=BACKEND with OP one of "
+                             f"{', '.join(sorted(OPS))} (or give one backend for every op)")
         if k.strip() == op:
-            return v.strip(), False
-    return None, False
+            found = v.strip()
+    return found, False
 
 
 def backend_for(op: str, device: torch.device | str, backend: str | None = None) -> str:

@@ -24,7 +24,7 @@ def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[i
     """Torch reference, the definition of the op (arguments and result as
     :func:`nsvit_fast.ops.nullspace_project`): patchify, two products, unpatchify, in x's dtype."""
     b, c, h, w = x.shape
-    q = basis.to(device=x.device, dtype=x.dtype)
+    q = basis.detach().to(device=x.device, dtype=x.dtype)  # a constant: no backend gives it a gradient
     p = patchify(x, patch)
     part = (p @ q.T) @ q
     out = part if keep else p - part
@@ -34,6 +34,16 @@ def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[i
 def check_inputs(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int]) -> None:
     """Raise NsvitError unless x is (B, C, H, W) with H, W multiples of ``patch`` and the basis
     is (k, C * r_h * r_w)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(basis, torch.Tensor) or not x.is_floating_point() \
+            or not basis.is_floating_point():
+        got = [str(t.dtype)[6:] if isinstance(t, torch.Tensor) else type(t).__name__ for t in (x, basis)]
+        raise NsvitError(f"nullspace_project: images and basis must be float tensors, got {got[0]} and {got[1]}")
+    try:
+        bad = len(patch) != 2 or not all(not isinstance(r, bool) and int(r) == r and r >= 1 for r in patch)
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
+        raise NsvitError(f"nullspace_project: patch must be two whole numbers >= 1, got {patch}")
     if x.dim() != 4 or basis.dim() != 2:
         raise NsvitError(f"nullspace_project: images must be (B, C, H, W) and the basis (k, n), got "
                          f"{tuple(x.shape)} and {tuple(basis.shape)}")
@@ -49,12 +59,14 @@ class _ExtProject(torch.autograd.Function):
     # basis rounded to fp16 / bf16 first would lose precision for nothing
     @staticmethod
     def forward(ctx, x, basis, patch, keep):
-        ctx.basis, ctx.patch, ctx.keep = basis, patch, keep
+        ctx.save_for_backward(basis)  # saved, not kept: an in-place change before backward is refused
+        ctx.patch, ctx.keep = patch, keep
         return ext().nullspace_project(x.detach(), basis.detach(), patch[0], patch[1], keep)
 
     @staticmethod
     def backward(ctx, g):  # self-adjoint; through this Function again, so double backward is exact
-        return _ExtProject.apply(g, ctx.basis, ctx.patch, ctx.keep), None, None, None
+        basis, = ctx.saved_tensors
+        return _ExtProject.apply(g, basis.detach(), ctx.patch, ctx.keep), None, None, None
 
 
 def nullspace_project_ext(x, basis, patch, keep):

@@ -64,7 +64,8 @@ class _ExtProbShift(torch.autograd.Function):
         ctx.links = links(z_noisy)  # the rows depend on z_noisy: a double backward through them raises
         ctx.in_dtype = z_noisy.dtype
         ctx.mark_non_differentiable(mse, stop)
-        return loss.to(torch.float32), mse, stop
+        # float32 as the other backends, float64 kept for float64 logits (the reference's precision)
+        return loss.to(torch.float64 if z_noisy.dtype == torch.float64 else torch.float32), mse, stop
 
     @staticmethod
     @once_differentiable
@@ -75,8 +76,8 @@ class _ExtProbShift(torch.autograd.Function):
 
 def prob_shift_ext(z_noisy, z_clean, eps, p_clean=None):
     """The compiled (C++ on the CPU, CUDA) backend; same arguments and results as the torch
-    reference, loss in float32. Needs the extension built with the matching device. The C++ op
-    computes fp64 logits in fp64; the CUDA kernel accumulates in fp32, so fp64 logits on CUDA go
+    reference, loss in float32 (float64 for float64 logits). Needs the extension built with the
+    matching device. The C++ op computes fp64 logits in fp64; the CUDA kernel accumulates in fp32, so fp64 logits on CUDA go
     to the torch reference (fp64 results)."""
     if z_noisy.dtype == torch.float64 and z_noisy.device.type == "cuda":
         return prob_shift_torch(z_noisy, z_clean, eps, p_clean)

@@ -42,6 +42,9 @@ def token_assembly_torch(u, v, prefix, pos, weight, bias, eps, embed_prefix=True
 def token_assembly_triton(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
     """The Triton backend (``nsvit_fast.kernels.token_assembly``): the same results without
     materialising the broadcast u + v, LayerNorm fused; D <= 8192."""
+    if any(t is not None and t.dtype == torch.float64 for t in (u, v, prefix, pos, weight, bias)):
+        # the kernel computes in fp32: float64 goes to the reference, as the other ops' backends do
+        return token_assembly_torch(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
     from ..kernels.token_assembly import token_assembly
 
     return token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
