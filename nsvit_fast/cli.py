@@ -351,8 +351,10 @@ def cmd_profile(args) -> int:
     data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = _synth_overrides(args)
     res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
-    print(f"{args.steps} synthesis steps, mode {kw['mode']}, batch {kw['batch_size']}: {res['wall_ms']:.0f} ms "
-          f"({res['ms_per_step']:.1f} ms/step, first-epoch cache fills included)")
+    batch = min(kw["batch_size"], len(data))  # the batch a step takes (BatchStream: all images if fewer)
+    fills = ", first-epoch cache fills included" if kw["mode"] == "fast" else ""  # reference caches nothing
+    print(f"{args.steps} synthesis steps, mode {kw['mode']}, batch {batch}: {res['wall_ms']:.0f} ms "
+          f"({res['ms_per_step']:.1f} ms/step{fills})")
     print(f"{'phase':16s} {'ms':>10s} {'share':>7s}")
     for ph, v in res["phases"].items():
         print(f"{ph:16s} {v['ms']:10.1f} {v['pct']:6.1f}%")

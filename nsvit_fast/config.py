@@ -43,9 +43,12 @@ def check_type(name: str, value: Any, tp) -> Any:
             ok = value.is_integer()
         if not ok:
             raise NsvitError(f"{name} must be {_typename(tp)}, got {value!r}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise NsvitError(f"{name} must be a finite number, got {value!r}")
-        return tp(value)
+        try:
+            return tp(value)
+        except OverflowError:  # an int past float's range (10**400): math.isfinite raised it bare
+            raise NsvitError(f"{name} is too large, got an integer of {len(str(abs(value)))} digits") from None
     if tp is str:
         if not isinstance(value, str):
             raise NsvitError(f"{name} must be a string, got {value!r}")

@@ -39,12 +39,15 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
     for sub in ("eval", "finetune"):  # folders it writes into: a file there would fail after the run
         if (out / sub).exists() and not (out / sub).is_dir():
             raise NsvitError(f"out: {out / sub} is a file, where the demo writes a folder")
-    _check_resumable(out, demo_config(seed, quick))  # before the first stage writes its figure
-    result = nullspace_stage(out, scale, num_images, seed, log)
-    result["finetune"] = finetune_stage(out, seed, quick, log)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(out / "demo.json", result)
-    write_text(out / "report.md", _report(result))
+    from .runlock import run_lock
+
+    with run_lock(out):  # a second demo on this folder rewrote Fig. 2 before a finetune's lock stopped it
+        _check_resumable(out, demo_config(seed, quick))  # before the first stage writes its figure
+        result = nullspace_stage(out, scale, num_images, seed, log)
+        result["finetune"] = finetune_stage(out, seed, quick, log)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(out / "demo.json", result)
+        write_text(out / "report.md", _report(result))
     log(f"wrote {out / 'report.md'} ({result['seconds']} s)")
     return result
 
@@ -176,6 +179,7 @@ def _report(r: dict) -> str:
     ft = r["finetune"]
     c = ft["config"]
     ns_h = ft["histories"]["ns"]
+    from .train.plots import mse_label
     rounds = "\n".join(f"| {h['round']} | {h['noise_norm']:.1f} | {h['mse_prob']:.4f} | {h['synth_steps']} | "
                         f"{h['val_acc']:.3f} |" for h in ns_h)
     corr = any(x["suite"] == "corruptions" for x in ft["report"]["records"])  # not in --quick
@@ -209,7 +213,7 @@ Invariance to nullspace noise ({r['noise_scale']:g}× each image's norm):
 lim {c['synth']['lim']} ({c['synth']['lim_unit']}), noise init {c['noise_init']}. `random` uses Gaussian noise with
 the ns run's per-round norms (the paper's Table 4 control).
 
-| round | ns noise norm | held-out MSE-prob | synthesis steps | val acc |
+| round | ns noise norm | {mse_label(ns_h)} | synthesis steps | val acc |
 |---|---|---|---|---|
 {rounds}
 

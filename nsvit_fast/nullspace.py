@@ -216,7 +216,6 @@ def nullspace_basis(model, rtol: float | None = None) -> PatchNullspace:
                           img_size=parts.img_size)
 
 
-@torch.no_grad()
 def _check_grid(name: str, hw) -> tuple[int, int]:
     """A (height, width) pair of whole numbers >= 1."""
     if not isinstance(hw, (tuple, list)) or len(hw) != 2:

@@ -275,6 +275,16 @@ def test_yaml_run_files_nest_method_configs(tmp_path, monkeypatch):
         load_run("old.yaml")
     with pytest.raises(NsvitError, match="config 'nope' not found .*digits"):
         find_config("nope")
+    # a block override changes its keys, not the block: the config's lim, schedule... were reset
+    from nsvit_fast.train.yamlcfg import load_yaml, parse_overrides
+
+    _, fast = load_run("digits_fast")
+    _, cfg = load_run("digits_fast", parse_overrides(["synth={eps: 0.02}"]))
+    assert cfg.synth.eps == 0.02 and fast.synth.eps != 0.02
+    assert (cfg.synth.lim, cfg.synth.schedule, cfg.synth.grow_search) == (
+        fast.synth.lim, fast.synth.schedule, fast.synth.grow_search) == (6.0, "boundary", "floor")
+    # YAML merge keys (<<: *base) are read (the duplicate-key check refused them), a key beside one wins
+    assert load_yaml("a: &x {r: 1, t: 2}\nb:\n  <<: *x\n  r: 3\n") == {"a": {"r": 1, "t": 2}, "b": {"r": 3, "t": 2}}
 
 
 def test_timm_training_checkpoint_with_ema_weights(tmp_path):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from nsvit_fast import NsvitError
 from nsvit_fast.cli import build_parser, main
 
 
@@ -92,6 +93,17 @@ def test_demo_writes_figure_and_report(tmp_path):
     for f in ("fig4_trend.png", "eval/suites.png", "finetune/ns/model.safetensors"):
         assert (tmp_path / f).stat().st_size > 1000
     assert len((tmp_path / "eval" / "report.csv").read_text().splitlines()) == 1 + 4 * 4  # header + models x suites
+    # the demo's finetunes stop as Algorithm 1 (stop=batch): their MSE-prob is in-sample, not held-out
+    assert "| MSE-prob (train sample) |" in report and "held-out MSE-prob" not in report
+    # a second demo on a folder in use is refused before it writes (it rewrote Fig. 2 first)
+    from nsvit_fast.demo import run_demo
+    from nsvit_fast.runlock import run_lock
+
+    before = png
+    with run_lock(tmp_path):
+        with pytest.raises(NsvitError, match="in use by another nsvit-fast run"):
+            run_demo(tmp_path, scale=2.0, quick=True, log=lambda *_: None)
+    assert (tmp_path / "fig2_nullspace_noise.png").read_bytes() == before
 
 
 def test_synth_writes_a_bank(cli, tmp_path):
@@ -126,6 +138,10 @@ def test_profile_synth_reports_phases(tmp_path):
     overhead = sum(shares[k] for k in ("data", "loss_and_stop", "optimizer", "host_sync"))
     assert shares["noisy_forward"] + shares["backward"] > 3 * overhead, shares
     assert json.loads(trace.read_text())["traceEvents"]
+    # the batch a step took (16 images: all of them), and no cache in reference mode (it said 128 and "cache fills")
+    r = run("profile", "synth", "--steps", "1", "--max-images", "16", "--mode", "reference")
+    assert r.returncode == 0 and r.stdout.startswith("1 synthesis steps, mode reference, batch 16: "), r.stdout
+    assert "cache" not in r.stdout.splitlines()[0]
     assert "USDT" not in r.stderr and "profiler_start" not in r.stderr  # kineto's markers stay off the terminal
 
 

@@ -199,6 +199,12 @@ def assets(tmp_path_factory):
 FT = ["finetune", "--quiet", "rounds=1", "model_steps=1", "batch_size=16", "max_images=32", "val_data=null",
       "method=plain"]
 EV = ["eval", "--suite", "clean", "--max-images", "8", "--quiet"]
+
+
+def ft(*items: str) -> list[str]:
+    """FT with its own value of each KEY in ``items`` (KEY=VALUE) dropped: a key given twice is refused."""
+    keys = {i.partition("=")[0] for i in items if "=" in i and not i.startswith("-")}
+    return [a for a in FT if a.partition("=")[0] not in keys] + list(items)
 SY = ["synth", "--max-images", "32", "--max-steps", "2", "--batch-size", "16", "--heldout", "8", "--quiet"]
 
 # (id, argv, what the line must contain, options). {A}: the assets folder, {C}: the case's own folder.
@@ -250,9 +256,9 @@ CASES = [
     ("profile-stop", ["profile", "synth", "--stop", "heldout"], "unrecognized arguments: --stop", {}),
     ("num-classes-0", ["nullspace", "--model", "digits_vit", "--num-classes", "0"], "--num-classes", {}),
     # config overrides and YAML files: typed fields
-    ("ovr-rounds-abc", FT + ["rounds=abc", "--out", "{C}/o"], "rounds must be a whole number", {}),
-    ("ovr-rounds-float", FT + ["rounds=1.7", "--out", "{C}/o"], "rounds must be a whole number, got 1.7", {}),
-    ("ovr-batch-expr", FT + ["batch_size=10**9", "--out", "{C}/o"], "batch_size must be a whole number", {}),
+    ("ovr-rounds-abc", ft("rounds=abc", "--out", "{C}/o"), "rounds must be a whole number", {}),
+    ("ovr-rounds-float", ft("rounds=1.7", "--out", "{C}/o"), "rounds must be a whole number, got 1.7", {}),
+    ("ovr-batch-expr", ft("batch_size=10**9", "--out", "{C}/o"), "batch_size must be a whole number", {}),
     ("ovr-ema-abc", FT + ["ema=abc", "--out", "{C}/o"], "ema must be a number", {}),
     ("ovr-ema-1", FT + ["ema=1.5", "--out", "{C}/o"], "ema must be in [0, 1)", {}),
     ("ovr-synth-5", FT + ["synth=5", "--out", "{C}/o"], "must be a mapping", {}),
@@ -265,11 +271,11 @@ CASES = [
     ("ovr-lr-nan", FT + ["lr=.nan", "--out", "{C}/o"], "lr must be a finite number", {}),
     ("ovr-synth-eps-inf", FT + ["synth.eps=.inf", "--out", "{C}/o"], "synth.eps must be a finite number", {}),
     ("ovr-bool-int", FT + ["tensorboard=3", "--out", "{C}/o"], "tensorboard must be true or false", {}),
-    ("ovr-int-bool", FT + ["rounds=true", "--out", "{C}/o"], "rounds must be a whole number", {}),
-    ("ovr-method-int", FT + ["method=5", "--out", "{C}/o"], "method must be a string", {}),
-    ("ovr-max-images-0", FT + ["max_images=0", "--out", "{C}/o"], "max_images must be >= 1", {}),
+    ("ovr-int-bool", ft("rounds=true", "--out", "{C}/o"), "rounds must be a whole number", {}),
+    ("ovr-method-int", ft("method=5", "--out", "{C}/o"), "method must be a string", {}),
+    ("ovr-max-images-0", ft("max_images=0", "--out", "{C}/o"), "max_images must be >= 1", {}),
     ("ovr-out-int", FT + ["out=5"], "out must be a string", {}),
-    ("ovr-bad-yaml", FT + ["rounds=[1", "--out", "{C}/o"], "not valid YAML", {}),
+    ("ovr-bad-yaml", ft("rounds=[1", "--out", "{C}/o"), "not valid YAML", {}),
     ("ovr-bad-image-mode", FT + ["on_bad_image=ignore", "--out", "{C}/o"], "on_bad_image must be", {}),
     ("yaml-anchor", ["finetune", "--config", "{A}/anchors.yaml", "--out", "{C}/o"], "rounds must be a whole number", {}),
     ("yaml-list", ["finetune", "--config", "{A}/list.yaml", "--out", "{C}/o"], "must hold a mapping", {}),
@@ -482,7 +488,7 @@ CASES = [
     ("yaml-duplicate-key", FT + ["--config", "{A}/dup.yaml", "--out", "{C}/o"], "duplicate key 'synth' (line 4)", {}),
     ("yaml-11-int", ["finetune", "--quiet", "--config", "{A}/yaml11int.yaml", "--out", "{C}/o"],
      "model_steps must be a whole number", {}),
-    ("ovr-steps-huge", FT + ["model_steps=99999999999999999999", "--out", "{C}/o"], "model_steps must be <= 2147483647",
+    ("ovr-steps-huge", ft("model_steps=99999999999999999999", "--out", "{C}/o"), "model_steps must be <= 2147483647",
      {}),
     ("synth-steps-huge", ["synth", "--max-steps", "99999999999999999999"], "must be <= 2147483647", {}),
     ("ovr-lr-float32", FT + ["lr=1e300", "--out", "{C}/o"], "lr must be <= 3.4e+38 (float32)", {}),
@@ -571,6 +577,19 @@ CASES = [
     ("fig5-m-1", ["analyze", "fig5", "--m", "1"], "--m: must be >= 2", {}),
     ("fig5-nothing-held-out", ["analyze", "fig5", "--m", "2", "--pairs", "1", "--max-images", "3", "--out", "{C}/o"],
      "3 image(s) leave none; give at least 4", {}),
+    # overrides: the last of two won, a huge int or an unhashable key was a traceback, an empty value null
+    ("ovr-twice", FT + ["rounds=2", "--out", "{C}/o"], "override 'rounds' is given twice", {}),
+    ("ovr-block-and-key", FT + ["synth.eps=0.01", "synth={eps: 0.02}", "--out", "{C}/o"],
+     "override 'synth' is given twice (also as 'synth.eps')", {}),
+    ("ovr-huge-int", FT + ["lr=1" + "0" * 400, "--out", "{C}/o"], "lr is too large, got an integer of 401 digits", {}),
+    ("ovr-unhashable-key", FT + ["synth={[1]: 2}", "--out", "{C}/o"], "found unhashable key", {}),
+    ("ovr-empty-value", FT + ["out="], "override 'out=' has no value", {}),
+    ("ovr-block-null", ["finetune", "--config", "digits", "synth=null", "--out", "{C}/o"],
+     "synth=null would drop every synth setting of the config", {}),
+    ("ovr-max-images-huge", ["finetune", "--quiet", "max_images=1e20", "--out", "{C}/o"],
+     "max_images must be <= 2147483647", {}),
+    ("ovr-workers-huge", FT + ["workers=99999999999", "--out", "{C}/o"], "workers must be <= 2147483647", {}),
+    ("digits-pretrained", ["nullspace", "--model", "digits_vit", "--pretrained"], "ships its own weights", {}),
     ("fig5-pairs-repeat", ["analyze", "fig5", "--m", "3", "--pairs", "4", "--out", "{C}/o"],  # a pair would repeat
      "n_pairs 4 is more than the 3 distinct pairs of m = 3 noises", {}),
     ("table1-checkpoint", ["nullspace", "--table1", "--checkpoint", "/no/such.pt"], "--table1 takes no --checkpoint",

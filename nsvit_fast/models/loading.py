@@ -193,6 +193,8 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     if use_ema and checkpoint is None:
         raise NsvitError("use_ema reads a checkpoint's EMA weights: give a checkpoint")
     sd, meta = (None, {})
+    if name == embedded.NAME and pretrained:  # the embedded weights were used, without a word
+        raise NsvitError(f"{embedded.NAME} ships its own weights: drop --pretrained (timm has none for it)")
     if name == embedded.NAME and checkpoint is None:
         checkpoint = embedded.CHECKPOINT
         if not checkpoint.is_file():

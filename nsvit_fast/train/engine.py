@@ -122,8 +122,7 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     check_precision(cfg.precision)
     if cfg.augment not in AUGMENTS:
         raise NsvitError(f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
-    if int(cfg.workers) < 0:
-        raise NsvitError(f"workers must be >= 0, got {cfg.workers}")
+    cfg.workers = check_count("workers", cfg.workers, 0)  # the --workers flag's range, as a key too
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be one of {', '.join(NOISE_INITS)}, got {cfg.noise_init!r}")
     cfg.noise_bank = check_count("noise_bank", cfg.noise_bank, 1)
@@ -527,6 +526,7 @@ class Engine:
         else:
             self.last_ns_noise[j] = bank.noises[0]
         info = dict(noise_norm=float(bank.norm[i]), mse_prob=float(bank.mse_prob[i]),
+                    mse_prob_on=bank.meta["heldout_source"],  # given | carved | train_sample: names the column
                     batch_mse_prob=float(bank.batch_mse_prob[i]), match_rate=float(bank.match_rate[i]),
                     synth_steps=int(bank.steps.max()), converged=bool(bank.converged.all()),
                     synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]),

@@ -11,6 +11,16 @@ SERIES = (("noise_norm", "noise norm"), ("val_acc", "val accuracy"), ("mse_prob"
           ("synth_steps", "synthesis steps"))
 
 
+def mse_label(history: list[dict]) -> str:
+    """What the rounds' ``mse_prob`` was measured on, for a column or legend: held-out images
+    (given, or carved out under stop=heldout) or Algorithm 1's in-sample train sample (stop=batch);
+    plain "MSE-prob" for a log that does not say (written before ``mse_prob_on``) or mixes them."""
+    where = {h.get("mse_prob_on") for h in history if "mse_prob" in h}
+    if where and where <= {"given", "carved"}:
+        return "held-out MSE-prob"
+    return "MSE-prob (train sample)" if where == {"train_sample"} else "MSE-prob"
+
+
 def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: dict | None = None) -> Path | None:
     """One line per metric present in ``history`` (and ``extra``: {label: values per round}),
     divided by its first round's value, against the round. A series whose first value is 0 (or not
@@ -22,7 +32,8 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     rounds = [h["round"] + 1 for h in history]
     drawn = 0
-    series = [(label, [h.get(key) for h in history]) for key, label in SERIES]
+    series = [(mse_label(history) if key == "mse_prob" else label, [h.get(key) for h in history])
+              for key, label in SERIES]
     series += list((extra or {}).items())
     for label, vals in series:
         if not vals or any(v is None for v in vals):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import check_type
-from ..errors import NsvitError
+from ..errors import NsvitError, check_count
 from .engine import FinetuneConfig, make_config
 
 RUN_KEYS = {"model": None, "checkpoint": None, "use_ema": False, "pretrained": False, "num_classes": None,
@@ -30,9 +30,18 @@ def _loader():
         def construct_mapping(self, node, deep=False):
             # YAML forbids a repeated key; PyYAML keeps the last one, so a second `synth:` block
             # would replace the first without a word
+            # checked before merge keys (<<: *base) are flattened in: a key given beside one overrides it
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:  # a list or mapping as a key: the set below would raise a bare TypeError
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found unhashable key (line {key_node.start_mark.line + 1}): keys are names",
+                        key_node.start_mark) from None
                 if isinstance(key, str) and key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): each key may be "
@@ -89,10 +98,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out = {}
     for it in items:
         key, eq, val = it.partition("=")
+        key = key.strip()
         if not eq or not key:
             raise NsvitError(f"override {it!r} must be key=value (e.g. rounds=5 or synth.eps=0.01)")
+        if not val.strip():  # an unset shell variable: out= fell back to the default folder
+            raise NsvitError(f"override {it!r} has no value (write {key}=null for null)")
+        # a key given twice, or a block beside one of its keys: the last one won without a word
+        clash = next((k for k in out if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise NsvitError(f"override {key!r} is given twice" + ("" if clash == key else f" (also as {clash!r})")
+                             + ": give each setting once")
         try:
-            out[key.strip()] = load_yaml(val)
+            out[key] = load_yaml(val)
         except yaml.YAMLError as e:
             raise NsvitError(f"override {it!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return out
@@ -117,12 +134,19 @@ def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple
             raise NsvitError(f"cannot read {p}: {e.strerror or e}") from None
         if not isinstance(raw, dict):
             raise NsvitError(f"{p} must hold a mapping of keys")
-    raw.update(overrides or {})
+    for key, val in (overrides or {}).items():
+        if isinstance(raw.get(key), dict) and isinstance(val, dict):  # synth={eps: 0.02}: that key, not the block
+            raw[key] = {**raw[key], **val}
+        elif isinstance(raw.get(key), dict) and val is None:  # it reset every other key of the config's block
+            raise NsvitError(f"{key}=null would drop every {key} setting of the config: change one with "
+                             f"{key}.KEY=VALUE, or write the {key} block of a YAML of your own")
+        else:
+            raw[key] = val
     run = {k: check_type(k, raw.pop(k, v), RUN_TYPES[k]) for k, v in RUN_KEYS.items()}
     for k in ("checkpoint", "data", "val_data", "out"):  # as the shell does for flags: ~ is the home folder
         if isinstance(run[k], str) and run[k].startswith("~"):
             run[k] = str(Path(run[k]).expanduser())
     for k in ("num_classes", "max_images"):
-        if run[k] is not None and run[k] < 1:
-            raise NsvitError(f"{k} must be >= 1 (or null for the default), got {run[k]}")
+        if run[k] is not None:
+            run[k] = check_count(k, run[k])  # >= 1 and not past 2**31 - 1 (1e20 failed later, naming another key)
     return run, make_config(None, raw)
