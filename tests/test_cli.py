@@ -139,7 +139,8 @@ def test_profile_synth_reports_phases(tmp_path):
     assert shares["noisy_forward"] + shares["backward"] > 3 * overhead, shares
     assert json.loads(trace.read_text())["traceEvents"]
     # the batch a step took (16 images: all of them), and no cache in reference mode (it said 128 and "cache fills")
-    r = run("profile", "synth", "--steps", "1", "--max-images", "16", "--mode", "reference")
+    r = run("profile", "synth", "--steps", "1", "--max-images", "16", "--mode", "reference", "--trace",
+            str(tmp_path / "ref.json"))  # not the default ./synth_trace.json, in the checkout
     assert r.returncode == 0 and r.stdout.startswith("1 synthesis steps, mode reference, batch 16: "), r.stdout
     assert "cache" not in r.stdout.splitlines()[0]
     assert "USDT" not in r.stderr and "profiler_start" not in r.stderr  # kineto's markers stay off the terminal
