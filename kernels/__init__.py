@@ -13,15 +13,20 @@ an autograd Function really makes (kernel, grid, arguments, constexprs) without 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 
 def interpreter() -> bool:
-    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` in the environment)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this process's kernels run in Triton's CPU interpreter. Triton decides that when it
+    decorates them, from ``TRITON_INTERPRET=1`` at their import, so the kernels are asked, not the
+    variable's value now (set or unset later, it changes nothing)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .prob_shift import _rows_kernel  # decorated now if not imported yet, with today's variable
+
+    return isinstance(_rows_kernel, InterpretedFunction)
 
 
 def available(device) -> bool:

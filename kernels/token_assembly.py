@@ -29,8 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import NsvitError
 from ..ops._autograd import links, once_differentiable
 from . import launch
+
+MAX_D = 8192
 
 
 @triton.jit
@@ -156,6 +159,9 @@ class TokenAssembly(torch.autograd.Function):
         ctx.links = links(u, v, prefix, pos, weight)
         u = u.contiguous()
         bsz, n, d = u.shape
+        if d > MAX_D:  # one program holds a whole row: past this the registers spill (ViT-22B's D is 6144)
+            raise NsvitError(f"token_assembly (triton): token width D = {d} is over {MAX_D}, the widest row one "
+                             f"program holds; use backend='torch' (or NSVIT_BACKEND=token_assembly=torch)")
         m = 0 if v is None else v.shape[0]
         p = prefix.shape[0]
         t = p + n
@@ -224,7 +230,7 @@ class TokenAssembly(torch.autograd.Function):
 def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
     """Differentiable fused token assembly (module docstring): u (B, N, D), v (M, N, D) or None,
     prefix (P, D), pos (P + N, D) or (N, D), weight / bias (D,) or None -> x, ln (R, P + N, D) in
-    the promoted dtype of u, v, prefix, pos. Shapes are not checked; D must be <= 8192."""
+    the promoted dtype of u, v, prefix, pos. Shapes are not checked; D over MAX_D (8192) raises NsvitError."""
     return TokenAssembly.apply(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
 
 

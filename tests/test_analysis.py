@@ -259,6 +259,8 @@ def test_trend_divides_by_the_first_rounds_value(tmp_path, monkeypatch):
     drawn = {ln.get_label(): list(ln.get_ydata()) for ln in ax.lines if not ln.get_label().startswith("_")
              and len(ln.get_ydata())}
     assert drawn == {"val accuracy": pytest.approx([1.0, 1.2, 1.8])}  # steps start at 0: no first-round scale
+    # rounds as log.jsonl and the tables number them (the axis started at 1)
+    assert [list(ln.get_xdata()) for ln in ax.lines if ln.get_label() == "val accuracy"] == [[0, 1, 2]]
     assert "synthesis steps: not drawn (first round's value is 0)" in [t.get_text() for t in ax.get_legend().texts]
 
 

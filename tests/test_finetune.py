@@ -593,9 +593,20 @@ def test_yaml_reads_exponent_floats_as_numbers(tmp_path):
 def test_yaml_reads_integers_and_keys_as_yaml_1_2_and_expands_home(tmp_path, monkeypatch):
     """YAML 1.1 (PyYAML) reads 1_0 as 10 and 010 as 8, and keeps the last of two equal keys (a second
     `synth:` block replaced the first); paths with ~ landed in a folder named ~."""
-    from nsvit_fast.train.yamlcfg import load_yaml
+    from nsvit_fast.train.yamlcfg import find_config, load_yaml
 
     assert load_yaml("a: 10\nb: -3\nc: 0x10\nd: 1_0\ne: 010") == {"a": 10, "b": -3, "c": 16, "d": "1_0", "e": "010"}
+    # floats as YAML 1.2 writes them: -.5 was the string '-.5', 1_0.5 the float 10.5
+    got = load_yaml("a: -.5\nb: +.5\nc: 1.\nd: 1e-4\ne: -2.5E+3\nf: 1_0.5\ng: 1_0e3\nh: -.inf\ni: .nan\nj: 1.5e")
+    assert {k: v for k, v in got.items() if k != "i"} == {"a": -0.5, "b": 0.5, "c": 1.0, "d": 1e-4, "e": -2500.0,
+                                                           "f": "1_0.5", "g": "1_0e3", "h": float("-inf"), "j": "1.5e"}
+    assert got["i"] != got["i"]  # NaN
+    (tmp_path / "cfgdir").mkdir()
+    with pytest.raises(NsvitError, match="'.*cfgdir' is a folder: give a YAML file in it"):
+        find_config(str(tmp_path / "cfgdir"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # a ./digits image folder does not hide the packaged config
+    assert find_config("digits").name == "digits.yaml"
     (tmp_path / "d.yaml").write_text("synth:\n  eps: 0.01\nrounds: 1\nsynth:\n  lim: 3.0\n")
     with pytest.raises(NsvitError, match="duplicate key 'synth' .line 4."):
         load_run(str(tmp_path / "d.yaml"))

@@ -753,3 +753,32 @@ def test_extension_entry_points_check_what_the_cuda_ones_do():
         ext().nullspace_project(torch.zeros(1, 3, 8, 8), torch.zeros(2, 48), 0, 0, True)
     with pytest.raises(RuntimeError, match="p_clean must have z_clean's shape"):  # was read past its end
         ext().prob_shift(torch.zeros(1, 2, 5), torch.zeros(2, 5), torch.zeros(1, 5), 0.1)
+
+
+@needs_triton
+def test_token_assembly_triton_refuses_rows_wider_than_one_block():
+    # D over 8192 was documented, not checked: the launch went ahead with a 16384-wide block
+    dev = DEVICE["triton"]
+    d = 8193
+    u, v = torch.zeros(1, 1, d, device=dev), torch.zeros(1, 1, d, device=dev)
+    prefix, pos = torch.zeros(0, d, device=dev), torch.zeros(1, d, device=dev)
+    with pytest.raises(NsvitError, match="D = 8193 is over 8192.*backend='torch'"):
+        ops.token_assembly(u, v, prefix, pos, None, None, 1e-6, True, False, backend="triton")
+    x, _ = ops.token_assembly(u, v, prefix, pos, None, None, 1e-6, True, False, backend="torch")
+    assert x.shape == (1, 1, d)
+
+
+def test_kernels_interpreter_is_what_triton_decorated_not_the_variable_now():
+    # available("cpu") read TRITON_INTERPRET at call time: set after the kernels were imported as GPU
+    # kernels it said True, and the CPU launch then failed inside triton (and the other way round)
+    import subprocess
+    import sys
+
+    code = ("import os; from nsvit_fast.kernels import prob_shift; os.environ['TRITON_INTERPRET'] = '{late}'; "
+            "from nsvit_fast.kernels import available, interpreter; print(interpreter(), available('cpu'))")
+    for first, late, want in (("0", "1", "False False"), ("1", "0", "True True")):
+        env = {**os.environ, "TRITON_INTERPRET": first}
+        out = subprocess.run([sys.executable, "-c", code.format(late=late)], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split("\n")[-2] == want, out.stdout

@@ -30,7 +30,7 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    rounds = [h["round"] + 1 for h in history]
+    rounds = [h["round"] for h in history]  # from 0, as log.jsonl and the tables number them
     drawn = 0
     series = [(mse_label(history) if key == "mse_prob" else label, [h.get(key) for h in history])
               for key, label in SERIES]

@@ -21,7 +21,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as packa
 def _loader():
     """PyYAML's SafeLoader, reading numbers as YAML 1.2 does: ``1e-4`` is a number, not the string
     PyYAML 1.1 makes of it (it wants ``1.0e-4``), since that is how people write learning rates;
-    ``1_0`` and ``010`` are not the integers 10 and 8. A repeated key is an error."""
+    ``1_0`` and ``010`` are not the integers 10 and 8, nor ``1_0.5`` the float 10.5 (``-.5`` is
+    -0.5). A repeated key is an error."""
     import re
 
     import yaml
@@ -54,10 +55,10 @@ def _loader():
     # YAML 1.2 integers: 1_0 (10) and 010 (octal 8) are YAML 1.1's, read here as strings (so refused as counts)
     Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"),
                                  list("-+0123456789"))
+    # YAML 1.2 floats, with a point or an exponent (010 is no number): -.5 is one, 1_0.5 is not
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
-         [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+         [-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9]+[eE][-+]?[0-9]+
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
     return Loader
@@ -87,6 +88,10 @@ def find_config(name: str) -> Path:
         for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
             if cand.is_file():
                 return cand
+    if p.is_dir():  # "not found" sent people looking for a file that is there (a ./digits folder still
+        # lets --config digits name the packaged one, above)
+        raise NsvitError(f"config {name!r} is a folder: give a YAML file in it, or a packaged config "
+                         f"({', '.join(packaged_configs()) or 'none'})")
     raise NsvitError(f"config {name!r} not found (a YAML path, or one of: {', '.join(packaged_configs()) or 'none'})")
 
 
