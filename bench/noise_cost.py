@@ -41,6 +41,7 @@ from common import Parser, count, cpu_model, listof, one_of, out_dir, seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = {"synth_ratio_vs_fresh": 0.15, "ns_over_plain_wall": 2.2}
+ALG1 = "ns (Algorithm 1)"
 VARIANTS = {"plain": ("digits", {"method": "plain"}),
             "ns (Algorithm 1)": ("digits", {"method": "ns", "noise_init": "fresh"}),
             "ns fast": ("digits_fast", {"method": "ns"})}
@@ -140,25 +141,24 @@ def main() -> None:
         rows += r
         report = report.merge(rep)
 
-    def total(variant, key):
-        return sum(r[key] for r in rows if r["variant"] == variant)
-
-    fresh, fast, plain = "ns (Algorithm 1)", "ns fast", "plain"
+    fresh, fast, plain = ALG1, "ns fast", "plain"
     metrics = compare(report, fresh, fast)
+    synth, wall = ratio(rows, fast, "synth_seconds", fresh), ratio(rows, fast, "wall_seconds", plain)
     summary = {
-        "synth_ratio_vs_fresh": round(total(fast, "synth_seconds") / total(fresh, "synth_seconds"), 4),
-        "ns_over_plain_wall": round(total(fast, "wall_seconds") / total(plain, "wall_seconds"), 3),
-        "alg1_over_plain_wall": round(total(fresh, "wall_seconds") / total(plain, "wall_seconds"), 3),
+        "synth_ratio_vs_fresh": round(synth, 4),
+        "ns_over_plain_wall": round(wall, 4),
+        "alg1_over_plain_wall": round(ratio(rows, fresh, "wall_seconds", plain), 4),
         "synth_steps_ratio_vs_fresh": round(sum(sum(r["synth_steps"]) for r in rows if r["variant"] == fast)
                                             / sum(sum(r["synth_steps"]) for r in rows if r["variant"] == fresh), 4),
         "metrics_within_1std": f"{sum(m['within_1std'] for m in metrics)} of {len(metrics)}",
         "metrics_worse_by_1std": [m["metric"] for m in metrics if std_gap(m) < -1],
     }
-    summary["goals_met"] = {"synth_ratio_vs_fresh": summary["synth_ratio_vs_fresh"] <= GOAL["synth_ratio_vs_fresh"],
-                            "ns_over_plain_wall": summary["ns_over_plain_wall"] <= GOAL["ns_over_plain_wall"],
+    # judged on the unrounded ratios: 0.15004 is over the goal though it is stored as 0.15
+    summary["goals_met"] = {"synth_ratio_vs_fresh": synth <= GOAL["synth_ratio_vs_fresh"],
+                            "ns_over_plain_wall": wall <= GOAL["ns_over_plain_wall"],
                             "metrics_within_1std": all(m["within_1std"] for m in metrics)}
-    summary["others"] = {v: {"synth_ratio_vs_fresh": round(total(v, "synth_seconds") / total(fresh, "synth_seconds"), 4),
-                             "ns_over_plain_wall": round(total(v, "wall_seconds") / total(plain, "wall_seconds"), 3),
+    summary["others"] = {v: {"synth_ratio_vs_fresh": round(ratio(rows, v, "synth_seconds", fresh), 4),
+                             "ns_over_plain_wall": round(ratio(rows, v, "wall_seconds", plain), 4),
                              "metrics": compare(report, fresh, v)}
                          for v in variants if v not in VARIANTS}
     # finetune's device "auto" put the runs on CUDA where there is one: label the timings by it
@@ -258,6 +258,15 @@ def figure(d: dict, path: Path) -> dict:
     return {"per_round": per_round, "gap": gap}
 
 
+def ratio(rows: list[dict], variant: str, key: str, over: str) -> float:
+    """Seconds ``key`` summed over ``variant``'s runs, over ``over``'s: the issue's ratios are of totals.
+    The report rounds this once; the stored summary's 3-4 digits rounded again gave 1.93 for 1.9248."""
+    def total(v):
+        return sum(r[key] for r in rows if r["variant"] == v)
+
+    return total(variant) / total(over)
+
+
 def render(summary, metrics, rows, report, machine, args) -> str:
     def ms(vals, d=1):
         return f"{statistics.mean(vals):.{d}f}" + (f" ± {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else "")
@@ -265,14 +274,14 @@ def render(summary, metrics, rows, report, machine, args) -> str:
     lines = [f"# Whole-run noise cost, digits_vit, K = {args.rounds}, S = 40, seeds {args.seeds}", "",
              f"{machine}. Wall and synthesis seconds summed over the seeds' runs, which ran interleaved.", "",
              "| figure | measured | goal | met |", "|---|---|---|---|",
-             f"| synth_ratio_vs_fresh | {summary['synth_ratio_vs_fresh']:.3f} | ≤ {GOAL['synth_ratio_vs_fresh']} | "
+             f"| synth_ratio_vs_fresh | {ratio(rows, 'ns fast', 'synth_seconds', ALG1):.3f} | ≤ {GOAL['synth_ratio_vs_fresh']} | "
              f"{summary['goals_met']['synth_ratio_vs_fresh']} |",
-             f"| ns_over_plain_wall | {summary['ns_over_plain_wall']:.2f} | ≤ {GOAL['ns_over_plain_wall']} | "
+             f"| ns_over_plain_wall | {ratio(rows, 'ns fast', 'wall_seconds', 'plain'):.2f} | ≤ {GOAL['ns_over_plain_wall']} | "
              f"{summary['goals_met']['ns_over_plain_wall']} |",
              f"| Table-2 metrics within 1 std of Algorithm 1 | {summary['metrics_within_1std']} | all | "
              f"{summary['goals_met']['metrics_within_1std']} |",
              f"| Table-2 metrics less robust than Algorithm 1 by > 1 std | {worse(metrics)} | – | – |", "",
-             f"Algorithm 1's ns run takes {summary['alg1_over_plain_wall']:.2f}x plain's wall time; the fast noise "
+             f"Algorithm 1's ns run takes {ratio(rows, ALG1, 'wall_seconds', 'plain'):.2f}x plain's wall time; the fast noise "
              f"takes {summary['synth_steps_ratio_vs_fresh']:.3f}x its descent steps. {overlap_bound(rows)}", "",
              "| variant | wall s | synthesis s | synthesis steps | final noise norm |", "|---|---|---|---|---|"]
     for v in dict.fromkeys(r["variant"] for r in rows):
@@ -309,7 +318,7 @@ def render(summary, metrics, rows, report, machine, args) -> str:
         for v, o in summary["others"].items():
             out = ", ".join(f"{m['metric']} {m['fast_mean']:.2f} ({std_gap(m):+.1f})" for m in o["metrics"]
                             if not m["within_1std"])
-            lines.append(f"| {v} | {o['synth_ratio_vs_fresh']:.3f} | {o['ns_over_plain_wall']:.2f} | "
+            lines.append(f"| {v} | {ratio(rows, v, 'synth_seconds', ALG1):.3f} | {ratio(rows, v, 'wall_seconds', 'plain'):.2f} | "
                          f"{sum(m['within_1std'] for m in o['metrics'])} of {len(o['metrics'])} | {out or '–'} |")
     lines += ["", "All models (mean ± std over seeds):", "", report.table2()]
     return "\n".join(lines) + "\n"
