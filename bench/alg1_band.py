@@ -25,8 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def load(ap: argparse.ArgumentParser, path: str) -> dict:
     try:
         d = json.loads(Path(path).read_text())
-        metrics = {m["metric"]: (float(m["alg1_mean"]), float(m["alg1_std"]), float(m["fast_mean"]))
-                   for m in d["metrics"]}
+        # keyed by what was measured, not by its label: the mCE column was "C↓" before it became
+        # "C↓ (vs pretrained)", and a match by label dropped it from the comparison
+        metrics = {(m["suite"], m["setting"]): (float(m["alg1_mean"]), float(m["alg1_std"]), float(m["fast_mean"]),
+                                                m["metric"]) for m in d["metrics"]}
         return {"path": path, "seeds": str(d["seeds"]), "metrics": metrics}
     except (OSError, ValueError, KeyError, TypeError) as e:
         ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
@@ -34,10 +36,10 @@ def load(ap: argparse.ArgumentParser, path: str) -> dict:
 
 def against(band: dict, other: dict) -> list[dict]:
     rows = []
-    for name, (mean, std, _) in band["metrics"].items():
-        if name not in other["metrics"]:
+    for key, (mean, std, _, name) in band["metrics"].items():
+        if key not in other["metrics"]:
             continue
-        x = other["metrics"][name][0]
+        x = other["metrics"][key][0]
         rows.append({"metric": name, "band_mean": mean, "band_std": std, "other_alg1": x,
                      "within_1std": abs(x - mean) <= std})
     return rows
