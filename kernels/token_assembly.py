@@ -159,7 +159,9 @@ class TokenAssembly(torch.autograd.Function):
         ctx.links = links(u, v, prefix, pos, weight)
         u = u.contiguous()
         bsz, n, d = u.shape
-        if d > MAX_D:  # one program holds a whole row: past this the registers spill (ViT-22B's D is 6144)
+        # one program holds a whole row. ptxas for sm_90 (kernels.aot): at D 16384 the forward spills
+        # 11 KB per thread, at 8192 108 B, at 4096 nothing (ViT-22B's D is 6144)
+        if d > MAX_D:
             raise NsvitError(f"token_assembly (triton): token width D = {d} is over {MAX_D}, the widest row one "
                              f"program holds; use backend='torch' (or NSVIT_BACKEND=token_assembly=torch)")
         m = 0 if v is None else v.shape[0]
