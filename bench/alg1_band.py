@@ -46,7 +46,7 @@ def against(band: dict, other: dict) -> list[dict]:
 
 
 def main() -> None:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("first", help="a noise_cost.json")
     ap.add_argument("second", help="a noise_cost.json on other seeds")
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for alg1_band.json / .md")

@@ -15,8 +15,6 @@ bench/results), so a GPU run never overwrites the CPU's results, and prints the 
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +28,7 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run
 
-from common import Parser, add_runtime_args, count, ns_step, out_dir, sync, write_results
+from common import Parser, add_runtime_args, count, cpu_line, ns_step, out_dir, sync, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,7 +46,7 @@ def step_ms(parts, opt, x, y, v, fused: bool, n: int, rt: Runtime | None = None)
 
 
 def main(argv=None) -> int:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--repeats", type=count(1), default=5)
     ap.add_argument("--steps", type=count(1), default=20)
     ap.add_argument("--rounds", type=count(1), default=6, help="rounds for fresh vs warm synthesis time")
@@ -100,7 +98,7 @@ def main(argv=None) -> int:
         row[f"{init}_synth_steps"] = [h["synth_steps"] for h in res.history]
     row["rounds_for_synth"] = rounds
     dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else \
-        f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        cpu_line()
     machine = f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, {rt.precision}"
     out = args.out / device_kind(rt.device)
     stem = "finetune" if rt.precision == "fp32" else f"finetune-{rt.precision}"

@@ -125,7 +125,7 @@ def rss_child(folder: str, batches: int, batch: int) -> None:
 
 
 def main() -> int:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--images", type=count(10), default=2000,
                     help="N, at least one per class (10); the RSS comparison also writes 10 N")
     ap.add_argument("--batch", type=count(1), default=64, help="loader batch")

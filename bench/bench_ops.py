@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -84,7 +83,7 @@ def test_op(benchmark, op, size, backend):
     benchmark.group = f"{op} {size}"
     benchmark.extra_info.update(op=op, size=size, backend=backend, device=device_kind(DEV), precision=PRECISION)
     if DEV.type == "cuda":
-        benchmark(lambda: (fn(backend), torch.cuda.synchronize()))
+        benchmark(lambda: (fn(backend), torch.cuda.synchronize(DEV)))  # DEV's queue: cuda:1 is not the current device
     else:
         benchmark(fn, backend)
 
@@ -102,8 +101,9 @@ def summarise(raw: dict) -> tuple[list[dict], str]:
     if DEV.type == "cuda":
         machine = f"{torch.cuda.get_device_name(DEV)}, torch {torch.__version__}"
     else:
-        machine = f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, " \
-                  f"{torch.get_num_threads()} threads"
+        from common import cpu_line
+
+        machine = f"{cpu_line()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     md = [f"Machine: {machine}. Inputs {PRECISION}. Forward + backward, median of pytest-benchmark rounds.", "",
           "| op | size | backend | median ms | speed-up over torch |", "|---|---|---|---|---|"]
     md += [f"| {r['op']} | {r['size']} | {r['backend']} | {r['median_ms']} | {r['torch_over_backend']} |" for r in rows]

@@ -125,7 +125,7 @@ def table(rows: list[dict], precisions: list[str], machine: str) -> str:
 def main(argv=None) -> int:
     from nsvit_fast.runtime import device_kind
 
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     add_runtime_args(ap, precision=False)
     ap.add_argument("--precisions", type=listof(str, "precisions"), default=["fp32", "bf16"],
                     help="comma-separated; the first is the baseline (default fp32,bf16)")
@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="digits_vit, batch 8, 1 step, 1 repeat: a smoke run")
     args = ap.parse_args(argv)
     precisions = args.precisions
+    if len(set(precisions)) != len(precisions):  # fp32,fp32 printed one list divided by itself as a ratio
+        ap.error(f"--precisions names {next(p for p in precisions if precisions.count(p) > 1)} twice")
     rts = [ap.runtime(args.device, p) for p in precisions]  # the first bad one is the one error line
     dev = rts[0].device
     warnings.simplefilter("ignore")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import platform
 import statistics
 import sys
@@ -42,7 +41,7 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.synth.cache import CleanCache
 from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
 
-from common import POSITIVE, Parser, add_runtime_args, count, listof, one_of, out_dir, sync, write_results
+from common import POSITIVE, Parser, add_runtime_args, count, cpu_line, listof, one_of, out_dir, sync, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -238,7 +237,7 @@ def table(rows: list[dict], machine: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--models", type=listof(one_of(SETTINGS, "model"), "models"), default=list(SETTINGS),
                     help=f"comma-separated (default {','.join(SETTINGS)})")
     ap.add_argument("--repeats", type=count(1), default=5)
@@ -254,7 +253,7 @@ def main(argv=None) -> int:
     rt = ap.runtime(args.device, args.precision)
     out = args.out / device_kind(rt.device)
     suffix = "" if rt.precision == "fp32" else f"-{rt.precision}"
-    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_line()
     machine = f"{dev}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, " \
               f"{rt.precision}"
     if args.lims:

@@ -24,7 +24,16 @@ from nsvit_fast.runtime import Runtime
 
 class Parser(argparse.ArgumentParser):
     """argparse with the CLI's one-line errors: ``<script>: error: ...`` and exit 2, no usage block.
-    A bench run can take an hour, so every argument is checked here, before the first one."""
+    A bench run can take an hour, so every argument is checked here, before the first one. Flags are
+    never abbreviated: ``--precision`` was read as bench_precision's ``--precisions``. ``doc``: the
+    script's docstring, whose first paragraph is the --help description (its first line was cut
+    mid-sentence)."""
+
+    def __init__(self, *args, doc: str | None = None, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        if doc is not None:
+            kwargs.setdefault("description", " ".join(doc.strip().split("\n\n")[0].split()))
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         first = (message.strip().splitlines() or ["bad arguments"])[0]
@@ -44,7 +53,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def out_dir(text: str) -> Path:
-    """An output folder that exists or can be made, and can be written (argparse type)."""
+    """An output folder that exists or can be made, and can be written (argparse type). An empty
+    or blank name is refused: '' was the working directory (an unset shell variable)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"--out {text!r} is empty: name a folder")
     try:
         return check_output_dir(text, what="folder")
     except NsvitError as e:
@@ -90,11 +102,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_line() -> str:
+    """``CPU (model, N cores)``: what a CPU timing is labelled with, in every script."""
+    return f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
+
+
 def machine_line(rt: Runtime) -> str:
     """The device (GPU name, or CPU model and cores), torch version and CPU threads, for a results header."""
     if rt.device.type == "cuda":
         return f"{torch.cuda.get_device_name(rt.device)}, torch {torch.__version__}"
-    return f"CPU ({cpu_model()}, {os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_line()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def ns_step(parts, opt, x, y, v, rt: Runtime, fused: bool = True) -> None:
@@ -117,4 +134,4 @@ def ns_step(parts, opt, x, y, v, rt: Runtime, fused: bool = True) -> None:
 
 
 __all__ = ["Parser", "out_dir", "seeds", "POSITIVE", "SEED", "count", "listof", "number", "one_of", "add_runtime_args",
-           "sync", "cpu_model", "machine_line", "ns_step"]
+           "sync", "cpu_model", "cpu_line", "machine_line", "ns_step"]

@@ -60,7 +60,7 @@ def measure(seed: int, cfg) -> dict:
 
 
 def main() -> None:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for confirm_share.json / .md")
     args = ap.parse_args()

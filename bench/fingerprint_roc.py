@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for fingerprint.json / .md / .png")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -43,7 +43,7 @@ def main() -> None:
                      ("plain 5x40 lr3e-4", dict(method="plain", rounds=5, lr=3e-4)),
                      ("ns 3x40 lr1e-4", dict(method="ns", rounds=3, lr=1e-4, noise_init="fresh", synth=synth))):
         m = load_model("digits_vit")
-        finetune(m, train, model_steps=40, progress=False, **kw)
+        finetune(m, train, model_steps=40, progress=False, device="cpu", **kw)
         derived[name] = m
     derived["pruned 20%"], derived["pruned 50%"] = pruned_copy(owner, 0.2), pruned_copy(owner, 0.5)
     derived["int8"], derived["int6"] = quantised_copy(owner, 8), quantised_copy(owner, 6)
@@ -55,12 +55,12 @@ def main() -> None:
     from nsvit_fast.models import adapt
 
     other = adapt(other.model, embedded.MEAN, embedded.STD, "digits dim64")
-    finetune(other, train, method="plain", rounds=15, model_steps=40, lr=2e-3, progress=False)
+    finetune(other, train, method="plain", rounds=15, model_steps=40, lr=2e-3, progress=False, device="cpu")
     unrelated["dim 64, depth 4"] = other
     evade = load_model("digits_vit")
     with torch.no_grad():
         torch.nn.init.trunc_normal_(evade.model.patch_embed.proj.weight, std=0.02)
-    finetune(evade, train, method="plain", rounds=5, model_steps=40, lr=1e-3, progress=False)
+    finetune(evade, train, method="plain", rounds=5, model_steps=40, lr=1e-3, progress=False, device="cpu")
     rows = []
     for group, models in (("derived", derived), ("unrelated", unrelated), ("evasion", {"patch embed retrained": evade})):
         for name, m in models.items():

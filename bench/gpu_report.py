@@ -11,7 +11,9 @@ It runs, each as its own process:
 - the achieved bandwidth of each op and backend against the device's own copy bandwidth;
 - bench/bench_synth.py and bench/bench_finetune.py --device cuda --precision P for each precision;
 - bench/bench_precision.py --device cuda --precisions fp32,...: the ns finetuning and synthesis
-  step times of each precision against fp32, interleaved in one process.
+  step times of each precision against fp32, interleaved in one process;
+- bench/bench_loader.py --device cuda --no-rss: the streaming loader's images/s against what one ns
+  step of ViT-S/16 consumes (peak RSS is host memory, measured on the CPU).
 
 Every script resolves the device through nsvit_fast.runtime and writes its own files under the
 same bench/results/<device kind>/ folder as this report.
@@ -135,6 +137,11 @@ def main(argv=None) -> int:
     if rc:
         failed.append("bench_precision.py")
     report += ["## bench_precision.py: step time against fp32", "", f"(exit {rc})", "", stdout.strip()[-6000:], ""]
+    # the loader against the ns step it feeds; RSS is a host-memory question the CPU results answer
+    rc, stdout = run([sys.executable, str(HERE / "bench_loader.py"), "--device", "cuda", "--no-rss"])
+    if rc:
+        failed.append("bench_loader.py")
+    report += ["## bench_loader.py: images/s against the ns step's", "", f"(exit {rc})", "", stdout.strip()[-6000:], ""]
     path = write_text(out_dir / "gpu_report.md", "\n".join(report) + "\n")
     print(f"written: {path}")
     if failed:

@@ -94,7 +94,7 @@ def compare(report: Report, ref: str, fast: str) -> list[dict]:
 
 
 def main() -> None:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     ap.add_argument("--rounds", type=count(1), default=20, help="K (the paper's 20)")
     ap.add_argument("--suites", type=listof(one_of(SUITES, "suite"), "suites"), default=list(SUITES),

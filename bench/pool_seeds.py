@@ -134,7 +134,7 @@ def render(out: dict) -> str:
 
 
 def main() -> None:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("files", nargs="+", help="noise_cost.json files, each on its own seeds")
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for pooled_seeds.json / .md")
     ap.add_argument("--rename", action="append", default=[], metavar="N:OLD=NEW",

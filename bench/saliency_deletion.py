@@ -9,7 +9,6 @@ Writes bench/results/saliency.json and .md (or to --out). CPU timings.
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from nsvit_fast import digits, load_model
 from nsvit_fast.analysis.saliency import METHODS, saliency
 from nsvit_fast.io import write_json, write_text
 
-from common import Parser, out_dir
+from common import Parser, cpu_line, out_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,7 +33,7 @@ def blank(parts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = Parser(description=__doc__.splitlines()[0])
+    ap = Parser(doc=__doc__)
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for saliency.json / .md")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -58,7 +57,7 @@ def main() -> None:
         ms = (time.perf_counter() - t0) / len(x) * 1e3
         rows.append({"method": m, "drop_top": drop(blank(parts, x, s.argmax(1))),
                      "drop_bottom": drop(blank(parts, x, s.argmin(1))), "ms_per_image": ms})
-    res = {"model": "digits_vit", "images": len(x), "machine": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads",
+    res = {"model": "digits_vit", "images": len(x), "machine": f"{cpu_line()}, {torch.get_num_threads()} threads",
            "rows": rows}
     write_json(args.out / "saliency.json", res)
     md = [f"Deletion check, digits_vit, {len(x)} test images, {res['machine']}: mean loss of the predicted "

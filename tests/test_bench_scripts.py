@@ -260,11 +260,14 @@ BENCH_CASES = [
     ("compare_methods.py", ["--variants", "ns,bogus"], "unknown variant 'bogus'"),
     ("compare_methods.py", ["bogus_key=1"], "unknown finetune key 'bogus_key'"),
     ("compare_methods.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("compare_methods.py", ["--config", "vit_s_imagenet"], "this script runs digits_vit only"),  # ran digits
     ("bench_finetune.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
     ("bench_finetune.py", ["--steps", "0"], "argument --steps: must be >= 1"),
     ("bench_finetune.py", ["--rounds", "-2"], "argument --rounds: must be >= 1"),
     ("bench_finetune.py", ["--out", "{RO}"], "cannot write"),
     ("bench_finetune.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("bench_finetune.py", ["--out", ""], "--out '' is empty"),  # was the working directory
+    ("bench_finetune.py", ["--out", "  "], "is empty"),
     ("bench_finetune.py", ["--device", "tpu"], "device must be one of"),
     ("bench_finetune.py", ["--precision", "fp64"], "precision must be one of"),
     ("bench_loader.py", ["--images", "5"], "argument --images: must be >= 10"),
@@ -279,6 +282,8 @@ BENCH_CASES = [
     ("bench_ops.py", ["--precision", "fp8"], "argument --precision: invalid choice"),
     ("bench_precision.py", ["--precisions", "fp32,bogus"], "precision must be one of"),
     ("bench_precision.py", ["--precisions", ""], "must be comma-separated precisions"),
+    ("bench_precision.py", ["--precisions", "fp32,fp32"], "names fp32 twice"),  # a list over itself
+    ("bench_precision.py", ["--precision", "bf16"], "unrecognized arguments: --precision"),  # read as --precisions
     ("bench_precision.py", ["--models", "bogus"], "unknown model 'bogus'"),
     ("bench_precision.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
     ("bench_precision.py", ["--out", "{RO}"], "cannot write"),
