@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import MAX_NOISE_SCALE, MAX_SEED, NsvitError, env_int
+from .errors import MAX_FINGERPRINT_SCALE, MAX_NOISE_SCALE, MAX_SEED, NsvitError, env_int
 
 
 class Parser(argparse.ArgumentParser):
@@ -763,6 +763,22 @@ def add_targeted(sub) -> None:
 
 
 def cmd_fingerprint(args) -> int:
+    from .io import check_output_dir
+    from .runlock import run_lock
+
+    # each option serves one action: one given to the other was ignored (make --threshold 0.9 stored 0.25)
+    serves = {"data": "make", "split": "make", "max_images": "make", "on_bad_image": "make", "n": "make",
+              "scale": "make", "seed": "make", "threshold": "verify", "expect_digest": "verify"}
+    stray = [d for d in getattr(args, "given", ()) if serves.get(d, args.action) != args.action]
+    if stray:
+        raise NsvitError(f"fingerprint {args.action} takes no --{stray[0].replace('_', '-')} (it serves "
+                         f"fingerprint {serves[stray[0]]})")
+    # two runs on one report folder (the default runs/fingerprint): one's JSON beside the other's PNG
+    with run_lock(check_output_dir(args.report, "--report")):
+        return _fingerprint(args)
+
+
+def _fingerprint(args) -> int:
     from .analysis import Fingerprint, run_fingerprint_make, run_fingerprint_verify
     from .io import check_distinct, check_output_dir, check_output_file
 
@@ -803,7 +819,8 @@ def add_fingerprint(sub) -> None:
     _data_args(p, default="digits", split="val")
     p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
     p.add_argument("--n", type=count(1), default=64, help="make: challenges (default 64)")
-    p.add_argument("--scale", type=POSITIVE, default=2.0, help="make: noise norm / image norm (default 2)")
+    p.add_argument("--scale", type=number(0, MAX_FINGERPRINT_SCALE), default=2.0,
+                   help=f"make: noise norm / image norm (default 2, at most {MAX_FINGERPRINT_SCALE:g})")
     p.add_argument("--seed", type=SEED, default=0, help="make: seed of the challenge images and noises (default 0)")
     p.add_argument("--threshold", type=number(0, 1, hi_open=True),
                    help="verify: decision threshold in (0, 1) (default: the fingerprint's)")

@@ -286,3 +286,39 @@ def test_read_image_refusal_has_no_data_folder_advice(tmp_path):
     with pytest.raises(NsvitError, match="not a readable image") as e:
         read_image(bad)
     assert "on_bad_image" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fingerprint_make_writes_nothing_its_owner_fails(parts, tmp_path, monkeypatch):
+    # make saved the file before checking the owner (at --scale 1e30 the owner scored NaN, rc 0)
+    import nsvit_fast.analysis.fingerprint as fpmod
+    from nsvit_fast.analysis import run_fingerprint_make
+
+    monkeypatch.setattr(fpmod, "THRESHOLD", 1e-12)  # below the owner's float32 round-off score
+    with pytest.raises(NsvitError, match="does not verify against its own fingerprint"):
+        run_fingerprint_make(parts, digits("val").images[:16], tmp_path / "fp.safetensors", tmp_path / "rep", n=4)
+    assert not (tmp_path / "fp.safetensors").exists() and not (tmp_path / "rep" / "fingerprint_make.json").exists()
+    with pytest.raises(NsvitError, match="scale must be at most 1000"):
+        make_fingerprint(parts, digits("val").images[:16], n=4, scale=1e4)
+
+
+def test_gradient_saliency_of_a_frozen_model(parts):
+    # a frozen model (no parameter requiring grad) raised torch's "does not require grad" in both
+    x = digits("test").images[:4]
+    want = {m: saliency(parts, x, m) for m in ("gradcam", "chefer")}
+    frozen = load_model("digits_vit").requires_grad_(False)
+    for m, w in want.items():
+        torch.testing.assert_close(saliency(frozen, x, m), w)
+    with torch.inference_mode(), pytest.raises(NsvitError, match="outside torch.inference_mode"):
+        saliency(frozen, x, "gradcam")
+
+
+def test_watermark_checks_its_inputs_before_the_loop(parts):
+    # a str or numpy mark raised a raw AttributeError / TypeError (mark.shape read first); an image of
+    # another size ran the whole Dykstra loop before invariance() refused it
+    x = digits("test").images[:1]
+    for bad in ("logo", x.numpy()):
+        with pytest.raises(NsvitError, match="mark must be a torch tensor"):
+            watermark(parts, x, bad)
+    big = torch.rand(1, 3, 64, 64)
+    with pytest.raises(NsvitError, match=r"takes images \(B, 3, 32, 32\), got \(1, 3, 64, 64\)"):
+        watermark(parts, big, big, iters=10**9)  # refused before the loop, or this would not end

@@ -80,6 +80,7 @@ def assets(tmp_path_factory):
     _edit_tensors(good, a / "inf.safetensors", {"blocks.0.mlp.fc1.weight": w["blocks.0.mlp.fc1.weight"] * float("inf")})
     _edit_tensors(good, a / "badjson.safetensors", meta={"model_kwargs": "json:{broken"})
     _edit_tensors(good, a / "nokeys.safetensors", drop=("head.weight",))
+    _edit_tensors(good, a / "zerohead.safetensors", {"head.weight": torch.zeros_like(w["head.weight"])})
     small = load_model(embedded.ARCH, **{**embedded.KWARGS, "depth": 2})
     save_model(small, a / "wrongarch.safetensors")
     (a / "truncated.safetensors").write_bytes(good.read_bytes()[:5000])
@@ -244,6 +245,12 @@ CASES = [
     ("strength-nan", ["watermark", "--image", "skimage:coffee", "--strength", "nan"], "--strength", {}),
     ("fp-n-0", ["fingerprint", "make", "--n", "0", "--fingerprint", "{C}/fp.safetensors"], "--n: must be >= 1", {}),
     ("fp-scale-0", ["fingerprint", "make", "--scale", "0"], "--scale", {}),
+    # the owner scored NaN against its own fingerprint at 1e30, and make wrote it with rc 0
+    ("fp-scale-huge", ["fingerprint", "make", "--scale", "1e30"], "--scale: must be a finite number in (0, 1000]", {}),
+    # an option of the other action was ignored: make --threshold 0.9 stored 0.25
+    ("fp-make-threshold", ["fingerprint", "make", "--threshold", "0.9", "--fingerprint", "{C}/fpt.safetensors"],
+     "fingerprint make takes no --threshold (it serves fingerprint verify)", {}),
+    ("fp-verify-seed", ["fingerprint", "verify", "--seed", "3"], "fingerprint verify takes no --seed", {}),
     ("fp-threshold-nan", ["fingerprint", "verify", "--threshold", "nan"], "--threshold", {}),
     ("fp-threshold-2", ["fingerprint", "verify", "--threshold", "2"], "--threshold", {}),
     ("synth-eps-nan", ["synth", "--eps", "nan"], "--eps", {}),
@@ -358,6 +365,9 @@ CASES = [
     ("bank-is-fp", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/fp.safetensors", "--out", "{C}/ev"],
      "not a noise bank", {}),
     # fingerprints: an edited file must not verify anything
+    # a suspect whose output ignores its input moved under neither noise: 0 / 0 scored 0, VERIFIED
+    ("fp-zero-head", ["fingerprint", "verify", "--fingerprint", "{A}/fp.safetensors", "--checkpoint",
+                      "{A}/zerohead.safetensors", "--report", "{C}/r"], "does not respond to its input", {}),
     ("fp-zero-noise", ["fingerprint", "verify", "--fingerprint", "{A}/fp_zero.safetensors", "--report", "{C}/r"],
      "noise 0 has norm 0", {}),
     ("fp-zero-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_zero_resigned.safetensors", "--report",

@@ -138,13 +138,17 @@ def run_fingerprint_make(parts, images: torch.Tensor, fingerprint: str | Path, r
 
     Raises:
         NsvitError: a fingerprint name not ending in .safetensors, an unwritable path, images not in
-            [0, 1], n < 1, scale <= 0, or a model without a nullspace.
+            [0, 1], n < 1, scale <= 0 or > 1e3, a model without a nullspace, or an owner that does not
+            verify against its own fingerprint (nothing is written then).
     """
     rep = check_output_dir(report, "report", files=("fingerprint_make.json", "fingerprint_make.png"))
     path = check_output_file(fingerprint, (".safetensors",), "fingerprint")
     fp = make_fingerprint(parts, getattr(images, "images", images), n=n, scale=scale, seed=seed)
-    fp.save(path)
     own = verify(parts, fp)
+    if not own["verified"]:  # a file its own owner fails is no fingerprint: nothing is written
+        raise NsvitError(f"{parts.name} does not verify against its own fingerprint (score {own['score']:.3g}, "
+                         f"threshold {own['threshold']}): try a smaller scale or other images")
+    fp.save(path)
     res = {"fingerprint": str(fingerprint), **fp.meta, "owner_check": own}
     write_json(rep / "fingerprint_make.json", res)
 

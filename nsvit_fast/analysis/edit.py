@@ -51,6 +51,9 @@ def nullspace_edit(parts, x: torch.Tensor, target: torch.Tensor, iters: int = 10
         iters = check_count("iters", iters)
     if x.shape != target.shape:
         raise NsvitError(f"image {tuple(x.shape)} and target {tuple(target.shape)} differ in size")
+    from ..models import adapt
+
+    adapt(parts).check_images(x)  # another size was refused only after the whole Dykstra loop
     basis = nullspace_basis(parts)
     if basis.dim == 0:
         raise NsvitError(f"{parts.name} has no patch-embedding nullspace (embed dim {basis.embed_dim} >= "
@@ -99,6 +102,8 @@ def watermark(parts, image: torch.Tensor, mark: torch.Tensor, strength: float = 
         NsvitError: a strength outside (0, 1], a mark of another size, and as :func:`nullspace_edit`.
     """
     strength = check_number("strength", strength, lo=0, hi=1, lo_open=True)
+    check_pixels("image", image)  # before mark.shape: a str or numpy mark raised a raw AttributeError
+    check_pixels("mark", mark)
     if mark.shape != image.shape:
         raise NsvitError(f"the mark {tuple(mark.shape)} and the image {tuple(image.shape)} differ in size")
     target = (1 - strength) * image + strength * mark

@@ -11,8 +11,13 @@ quantised) keeps a patch embedding close to the owner's, so v_i stays nearly inv
 score stays small; for an unrelated model v_i is just noise and the score is near 1. The decision
 is score < threshold (default 0.25, chosen from the ROC in bench/fingerprint_roc.py).
 
-Limits, plainly: a suspect who retrains or re-initialises the patch embedding re-randomises its
-nullspace and escapes; a model without a nullspace (embed dim >= C r r, e.g. ViT-B/16) cannot be
+Limits, plainly: the test sees only the patch embedding (and the input normalisation), so a model
+that shares the owner's patch embedding verifies whatever its other weights are, e.g. an
+independent finetune of the same public checkpoint the owner started from; a suspect who retrains
+or re-initialises the patch embedding re-randomises its nullspace and escapes. Verification is
+white-box: it feeds x_i + v_i, whose pixels leave [0, 1], and reads logits (clamped to [0, 1], as an
+image API would, the owner itself no longer verifies). A model without a nullspace (embed dim >= C
+r r, e.g. ViT-B/8; the square ViT-B/16's is numerical, 0 or 1 depending on the weights) cannot be
 fingerprinted this way; the suspect must take the owner's input size.
 """
 
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NsvitError, check_count, check_finite, check_pixels, check_positive
+from ..errors import MAX_FINGERPRINT_SCALE, NsvitError, check_count, check_finite, check_pixels, check_positive
 from ..eval.accuracy import eval_mode
 from ..io import load_tensors, save_tensors
 from ..nullspace import nullspace_basis
@@ -166,6 +171,8 @@ def make_fingerprint(parts, images: torch.Tensor, n: int = 64, scale: float = 2.
     parts.check_images(images)  # a fingerprint at another size would fail only at verify
     n = check_count("n", n, 1)
     check_positive("scale", scale)
+    if scale > MAX_FINGERPRINT_SCALE:  # the owner's own score drifts up with float32 round-off, NaN at 1e30
+        raise NsvitError(f"scale must be at most {MAX_FINGERPRINT_SCALE:g} (noise norm / image norm), got {scale:g}")
     seed = check_seed("seed", seed)
     basis = nullspace_basis(parts)
     if basis.dim == 0:
@@ -195,7 +202,7 @@ def score(parts, fp: Fingerprint, batch_size: int = 256) -> dict:
         raise NsvitError(f"the suspect takes images {(parts.in_chans, *parts.img_size)}, the fingerprint holds "
                          f"{tuple(fp.images.shape[1:])}")
     dev = next(parts.parameters()).device
-    dn = dr = agree = 0.0
+    dn = dr = agree = size = 0.0
     with eval_mode(parts):
         for i in range(0, fp.images.shape[0], batch_size):
             x = fp.images[i:i + batch_size].to(dev)
@@ -205,9 +212,10 @@ def score(parts, fp: Fingerprint, batch_size: int = 256) -> dict:
             dn += float((zn - z).norm(dim=1).sum())
             dr += float((zr - z).norm(dim=1).sum())
             agree += float((zn.argmax(-1) == z.argmax(-1)).float().sum())
+            size += float(z.norm(dim=1).sum())
     n = fp.images.shape[0]
     return {"score": dn / max(dr, 1e-30), "nullspace_change": dn / n, "control_change": dr / n,
-            "prediction_agreement": agree / n}
+            "prediction_agreement": agree / n, "logit_norm": size / n}
 
 
 def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
@@ -236,6 +244,13 @@ def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
     fp.check()
     t = check_threshold(fp.meta["threshold"] if threshold is None else threshold)
     s = score(parts, fp)
+    if not all(math.isfinite(s[k]) for k in ("score", "control_change", "logit_norm")):
+        raise NsvitError(f"{parts.name}: the fingerprint's challenges give non-finite logits (score {s['score']}): "
+                         f"it cannot be scored")
+    # a model whose output ignores its input moves under neither noise: 0 / 0 scored 0, "verified"
+    if s["control_change"] <= 1e-6 * s["logit_norm"] or s["control_change"] == 0:
+        raise NsvitError(f"{parts.name}: its output does not respond to its input (the control noise moves the "
+                         f"logits by {s['control_change']:.2g}): it cannot be scored")
     return {**s, "threshold": t, "verified": s["score"] < t}
 
 

@@ -53,9 +53,12 @@ def saliency(parts, x: torch.Tensor, method: str = "rollout", target: torch.Tens
     p0 = parts.num_prefix_tokens
     has_cls = parts.has_class_token
     gh, gw = parts.grid_size
+    if method in ("gradcam", "chefer") and torch.is_inference_mode_enabled():
+        raise NsvitError(f"saliency {method!r} takes gradients: call it outside torch.inference_mode()")
     if method == "gradcam":
         with torch.enable_grad():
-            u = parts.patch_embed(x)
+            # the tokens as a leaf: a frozen model (no parameter needing grad) had no graph to differentiate
+            u = parts.patch_embed(x).detach().requires_grad_(True)
             logits, hidden = parts.encode_with_hidden(u)
             cls = logits.argmax(-1) if target is None else target
             a = hidden[-1]
@@ -84,6 +87,7 @@ def saliency(parts, x: torch.Tensor, method: str = "rollout", target: torch.Tens
 def _chefer(parts, x, target, p0: int, has_cls: bool) -> torch.Tensor:
     u = parts.patch_embed(x)  # a bad input raises here, before the adapter places any hook
     with torch.enable_grad():
+        u = u.detach().requires_grad_(True)  # a frozen model's graph starts here
         # the maps must be the ones the logits came from: the adapter's in-graph attention
         logits, maps = parts.encode_with_attention(u, in_graph=True)
         cls = logits.argmax(-1) if target is None else target
