@@ -762,6 +762,9 @@ def add_targeted(sub) -> None:
     p.set_defaults(func=cmd_targeted)
 
 
+FOLDER_POOL = 16  # fingerprint make on a folder reads 16 x --n images unless --max-images says otherwise
+
+
 def cmd_fingerprint(args) -> int:
     from .io import check_output_dir
     from .runlock import run_lock
@@ -790,9 +793,14 @@ def _fingerprint(args) -> int:
         Fingerprint.load(args.fingerprint, args.expect_digest)
     parts = _load(args)
     if args.action == "make":
-        from .data import load_data
+        from .data import load_data, parse_spec
 
-        data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image, default_split="val")
+        # n challenges from a folder: read FOLDER_POOL x n images spread over its classes, not all of it
+        # (an ImageNet val folder is 30 GB as float32)
+        pool = args.max_images
+        if pool is None and parse_spec(args.data, args.split, default_split="val").kind == "folder":
+            pool = FOLDER_POOL * args.n
+        data = load_data(args.data, args.split, parts, pool, args.on_bad_image, default_split="val")
         r = run_fingerprint_make(parts, data, args.fingerprint, rep, n=args.n, scale=args.scale, seed=args.seed)
         print(f"fingerprint of {parts.name}: {r['n']} challenges, nullspace dim {r['nullspace_dim']}, "
               f"owner score {r['owner_check']['score']:.1e} -> {args.fingerprint}; report in {rep}")
@@ -818,7 +826,8 @@ def add_fingerprint(sub) -> None:
     _model_args(p, default="digits_vit")
     _data_args(p, default="digits", split="val")
     p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
-    p.add_argument("--n", type=count(1), default=64, help="make: challenges (default 64)")
+    p.add_argument("--n", type=count(1), default=64, help=f"make: challenges (default 64), drawn from --data (a "
+                   f"folder: from {FOLDER_POOL} x n of its images spread over its classes, or --max-images)")
     p.add_argument("--scale", type=number(0, MAX_FINGERPRINT_SCALE), default=2.0,
                    help=f"make: noise norm / image norm (default 2, at most {MAX_FINGERPRINT_SCALE:g})")
     p.add_argument("--seed", type=SEED, default=0, help="make: seed of the challenge images and noises (default 0)")

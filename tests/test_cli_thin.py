@@ -14,7 +14,7 @@ from nsvit_fast import NsvitError, digits
 from nsvit_fast.cli import build_parser, main
 from nsvit_fast.data import DataSpec, parse_spec, stream_or_load
 
-from helpers import save_pixels
+from helpers import save_pixels, write_digits_folder
 
 CLI = Path(__file__).resolve().parents[1] / "nsvit_fast" / "cli.py"
 
@@ -165,6 +165,24 @@ def test_fingerprint_make_follows_split(tmp_path, capsys):
     code, _, err = cli(capsys, "fingerprint", "make", "--data", "digits:val", "--split", "test",
                        "--fingerprint", tmp_path / "x.safetensors", "--report", tmp_path / "rep")
     one_error(code, err, "names split 'val' but split 'test' was given")
+
+
+def test_fingerprint_make_reads_a_pool_of_a_folder_not_all_of_it(tmp_path, capsys, monkeypatch):
+    # 64 challenges from an ImageNet val folder read all 50k images (30 GB as float32) first
+    import nsvit_fast.data as data
+
+    seen, load = [], data.load_data
+    monkeypatch.setattr(data, "load_data", lambda *a, **kw: seen.append(a[3]) or load(*a, **kw))
+    (tmp_path / "f").mkdir()
+    root = write_digits_folder(tmp_path / "f", "val", n=60)
+    for extra, want in (([], 32), (["--max-images", "40"], 40)):
+        code, _, err = cli(capsys, "fingerprint", "make", "--n", "2", "--data", root, *extra,
+                           "--fingerprint", tmp_path / "fp.safetensors", "--report", tmp_path / "rep")
+        assert code == 0, err
+        assert seen[-1] == want
+    code, _, err = cli(capsys, "fingerprint", "make", "--n", "2", "--fingerprint", tmp_path / "d.safetensors",
+                       "--report", tmp_path / "rep")
+    assert code == 0 and seen[-1] is None, err  # digits is in memory already: all of it
 
 
 def test_analyze_follows_split(tmp_path, capsys):
