@@ -414,7 +414,11 @@ def cmd_finetune(args) -> int:
 
         if run["model"] is None and run["checkpoint"] is None:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
-        out = check_output_dir(run["out"] or f"runs/{'dry-run' if args.dry_run else 'finetune'}-{cfg.method}")
+        from .runlock import RUN_FIGURE, RUN_FILES
+
+        # a folder at one of the run's file names failed after round 0 (the figure) or with another message
+        out = check_output_dir(run["out"] or f"runs/{'dry-run' if args.dry_run else 'finetune'}-{cfg.method}",
+                               files=(*RUN_FILES, RUN_FIGURE))
         if args.dry_run and not args.resume and (out / STATE_FILE).is_file():  # --resume is no answer here
             raise NsvitError(f"{out} holds an earlier run (a dry run writes one too): remove it (rm -r {out}) or "
                              f"give another --out")
@@ -504,6 +508,7 @@ def cmd_eval(args) -> int:
         raise NsvitError(f"--seeds gives seed {twice[0]} twice")
     check_output_dir(args.out, files=Report.FILES)
     check_not_a_run(args.out)
+    Report.check_folder(args.out)  # a user's report.md was replaced, their corruptions.png deleted
     with run_lock(args.out):  # two evaluations writing one report folder: the second is refused
         return _eval(args)
 
@@ -632,6 +637,10 @@ def cmd_analyze(args) -> int:
         flag = "--" + stray[0].replace("_", "-")
         raise NsvitError(f"analyze {args.study} takes no {flag} (it serves {' and '.join(serves[stray[0]])})")
     check_output_dir(args.out)
+    if args.study == "trend" and args.out and args.run and Path(args.out).resolve() != Path(args.run).resolve():
+        from .runlock import check_not_a_run
+
+        check_not_a_run(args.out)  # another run's folder: its own Fig. 4 would be replaced by this run's
     if args.study == "trend":
         if not args.run:
             raise NsvitError("analyze trend needs --run DIR (a finetuning output folder)")

@@ -36,10 +36,12 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
         raise NsvitError(f"scale must be at most {MAX_NOISE_SCALE:g} (noise norm / image norm), got {scale:g}")
 
     out = check_output_dir(out_dir, "out", ("demo.json", "report.md", "fig2_nullspace_noise.png", "fig4_trend.png"))
+    from .runlock import check_not_a_run, run_lock
+
+    check_not_a_run(out)  # a finetune run's folder: the demo's Fig. 4 would replace the run's
     for sub in ("eval", "finetune"):  # folders it writes into: a file there would fail after the run
         if (out / sub).exists() and not (out / sub).is_dir():
             raise NsvitError(f"out: {out / sub} is a file, where the demo writes a folder")
-    from .runlock import run_lock
 
     with run_lock(out):  # a second demo on this folder rewrote Fig. 2 before a finetune's lock stopped it
         _check_resumable(out, demo_config(seed, quick))  # before the first stage writes its figure

@@ -41,14 +41,30 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
         raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
     if path.is_dir():
         raise NsvitError(f"{what} {path} is a folder; give a file name")
-    from .runlock import LOCK_NAME, RUN_FILES
+    from .runlock import LOCK_NAME, RUN_FIGURE, RUN_FILES
 
-    if path.name in (*RUN_FILES, LOCK_NAME) and any((path.parent / f).exists() for f in RUN_FILES):
+    if path.name in (*RUN_FILES, RUN_FIGURE, LOCK_NAME) and any((path.parent / f).exists() for f in RUN_FILES):
         # synth / pretrain had replaced a finetuning run's checkpoint or model: the run was lost
         raise NsvitError(f"{what} {path} is a file of the finetuning run in {path.parent}; write elsewhere")
     _check_not_folders(what, siblings)
     _check_dir(path.parent, what)
+    for p in (path, *map(Path, siblings)):
+        _check_writable_file(p, what)
     return path
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    """A read-only file is not ours to replace (the rename went over it, root or not); a name too
+    long for its temporary sibling (.NAME.XXXXXXXX.tmp) failed only at the write, after the work."""
+    with contextlib.suppress(OSError):
+        if path.is_file() and not path.stat().st_mode & 0o222:
+            raise NsvitError(f"{what}: {path} is read-only; make it writable or write elsewhere")
+    existing = path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if len(os.fsencode(path.name)) + len(".%s.XXXXXXXX.tmp" % "") > _name_max(existing):
+        raise os_error(path, OSError(errno.ENAMETOOLONG, "file name too long (with its temporary sibling's "
+                                                         "14 extra characters)"))
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "--out", files: tuple[str, ...] = ()) -> Path:

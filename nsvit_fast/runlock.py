@@ -25,6 +25,7 @@ from .io import make_dirs
 LOCK_NAME = ".nsvit.lock"
 # what a finetuning run leaves in its folder (its checkpoint first): no other run writes there
 RUN_FILES = ("checkpoint.safetensors", "config.json", "log.jsonl", "model.safetensors", "model_ema.safetensors")
+RUN_FIGURE = "fig4_trend.png"  # written by the run each round: not another command's to replace
 _HELD: set[int] = set()  # lock fds this process holds
 
 
@@ -110,4 +111,4 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                 p.rmdir()
 
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "check_not_a_run", "holder", "run_lock"]
+__all__ = ["LOCK_NAME", "RUN_FIGURE", "RUN_FILES", "check_not_a_run", "holder", "run_lock"]

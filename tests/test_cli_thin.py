@@ -227,3 +227,18 @@ def test_targeted_refuses_an_unknown_map_before_work(tmp_path, capsys):
     with pytest.raises(NsvitError, match="unknown saliency method 'lrp'"):
         run_targeted(load_model("digits_vit"), "skimage:coffee", "skimage:cat", tmp_path / "t.png", maps=["lrp"])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_read_only_output_file_is_refused_not_replaced(tmp_path, capsys):
+    # the rename went over a chmod 444 file (for root and for everyone else): it was replaced
+    ro = tmp_path / "kept.safetensors"
+    ro.write_bytes(b"the user's file")
+    ro.chmod(0o444)
+    code, _, err = cli(capsys, "synth", "--max-steps", "1", "--quiet", "--out", ro)
+    one_error(code, err, "is read-only; make it writable or write elsewhere")
+    assert ro.read_bytes() == b"the user's file"
+    sib = tmp_path / "w.json"  # a sibling written beside --out is checked too
+    sib.write_text("{}")
+    sib.chmod(0o444)
+    code, _, err = cli(capsys, "watermark", "--image", "skimage:coffee", "--out", tmp_path / "w.png")
+    one_error(code, err, "w.json is read-only")

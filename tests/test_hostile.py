@@ -431,6 +431,20 @@ CASES = [
      {"file": "run/model.safetensors"}),
     ("eval-into-finetune-run", EV + ["--out", "{C}/run"], "holds a finetuning run (config.json)",
      {"file": "run/config.json"}),
+    # files of the same names that are not ours: eval replaced a user's report.md (and deleted a
+    # corruptions.png), finetune a fig4_trend.png; analyze trend, demo and watermark wrote over a run's figure
+    ("eval-over-user-report", EV + ["--out", "{C}/mine"], "holds report.md but no nsvit-fast report.json",
+     {"file": "mine/report.md"}),
+    ("finetune-over-user-figure", FT + ["--out", "{C}/mine"], "holds a fig4_trend.png that is not this run's",
+     {"file": "mine/fig4_trend.png"}),
+    ("trend-into-another-run", ["analyze", "trend", "--run", "{C}/x", "--out", "{C}/run"],
+     "holds a finetuning run (log.jsonl)", {"file": "run/log.jsonl"}),
+    ("demo-into-a-run", ["demo", "--quick", "--out", "{C}/run"], "holds a finetuning run (log.jsonl)",
+     {"file": "run/log.jsonl"}),
+    ("watermark-over-run-figure", ["watermark", "--image", "skimage:coffee", "--out", "{C}/run/fig4_trend.png"],
+     "is a file of the finetuning run", {"file": "run/log.jsonl"}),
+    # a name too long for its temporary sibling failed at the write, after the synthesis
+    ("synth-out-name-too-long", SY + ["--out", "{C}/" + "a" * 240 + ".safetensors"], "file name too long", {}),
     ("fp-is-bank", ["fingerprint", "verify", "--fingerprint", "{A}/bank.safetensors", "--report", "{C}/r"],
      "not a fingerprint", {}),
     ("fp-make-out-suffix", ["fingerprint", "make", "--fingerprint", "{C}/fp.json", "--report", "{C}/r"],

@@ -382,6 +382,21 @@ class Report:
 
     FILES = ("report.json", "report.csv", "report.md", "suites.png", "corruptions.png")  # what save may write
 
+    @classmethod
+    def check_folder(cls, out_dir: str | Path) -> None:
+        """Refuse a folder whose report-named files (``FILES``) are not an nsvit-fast report's: a
+        user's report.md or corruptions.png was replaced or deleted as "the old report". A folder
+        with none of them, or with a report.json this class reads, is fine."""
+        out = Path(out_dir)
+        found = [n for n in cls.FILES if os.path.lexists(out / n) and not (out / n).is_dir()]
+        if not found:
+            return
+        try:
+            cls.load(out / "report.json")
+        except NsvitError:
+            raise NsvitError(f"{out} holds {found[0]} but no nsvit-fast report.json beside it: it is not an "
+                             f"evaluation report to replace; give eval its own folder") from None
+
     def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
         """Write report.json, report.csv, report.md (Table 2) and, with ``plots``, the figures into
         ``out_dir``; returns {kind: path}.
@@ -393,8 +408,10 @@ class Report:
         (a full disk, a figure that cannot be drawn) leaves ``out_dir`` exactly as it was; a failure
         while moving puts the old files back, and a save killed while moving (kill -9) is undone by
         the next save into ``out_dir``, with a warning. Other files in ``out_dir`` are never touched. Raises
-        NsvitError for a filesystem error (one line naming ``out_dir``) or an empty report."""
+        NsvitError for a filesystem error (one line naming ``out_dir``), an empty report, or report
+        files in ``out_dir`` that are not an nsvit-fast report's (:meth:`check_folder`)."""
         out = Path(out_dir)
+        self.check_folder(out)
         for name in self.FILES:  # a folder where a file goes would fail the move, after others were moved
             if (out / name).is_dir() and not (out / name).is_symlink():
                 raise NsvitError(f"cannot write {out / name}: it is a folder")

@@ -36,7 +36,7 @@ from ..io import dumps, write_json, write_text
 from ..models.base import Adapter
 from ..models.loading import save_model
 from ..models.registry import adapt
-from ..runlock import RUN_FILES, run_lock
+from ..runlock import RUN_FIGURE, RUN_FILES, run_lock
 from ..data.batches import TensorBatches
 from ..data.stream import AUGMENTS, StreamingData
 from ..runtime import Runtime, check_precision
@@ -674,7 +674,7 @@ class Engine:
             self.tb.flush()
         from .plots import trend_figure
 
-        trend_figure(self.history, self.out_dir / "fig4_trend.png", title=f"{self.parts.name}: {self.cfg.method}")
+        trend_figure(self.history, self.out_dir / RUN_FIGURE, title=f"{self.parts.name}: {self.cfg.method}")
 
 
 def data_identity(data) -> Any:
@@ -788,17 +788,19 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if out is not None and (out / "report.json").exists():  # eval refuses a run folder: the reverse too
             raise NsvitError(f"{out} holds an evaluation report (report.json); give the run its own folder")
         if out is not None and not (out / STATE_FILE).exists():  # a run whose checkpoint was deleted: not ours to overwrite
-            found = [f for f in RUN_FILES if f != STATE_FILE and (out / f).exists()]
+            found = [f for f in (*RUN_FILES, RUN_FIGURE) if f != STATE_FILE and (out / f).exists()]
             if found == ["config.json"] and _our_config(out / "config.json"):  # killed (-9) before its first
                 import warnings                                                 # checkpoint: nothing to keep
 
                 warnings.warn(f"{out}: an earlier run stopped before its first checkpoint (only its config.json "
                               f"is there); starting afresh", stacklevel=2)
+            elif found == [RUN_FIGURE]:  # a user's, a demo's or analyze trend's figure: the run rewrote it
+                raise NsvitError(f"{out} holds a {RUN_FIGURE} that is not this run's; give the run its own folder")
             elif found:
                 raise NsvitError(f"{out} holds another run's {found[0]} but no {STATE_FILE} to resume from; use "
                                  f"another folder")
         if out is not None and rank == 0 and out.is_dir():  # a kill -9 mid-write leaves these; the lock is ours
-            for f in (*RUN_FILES, "fig4_trend.png"):
+            for f in (*RUN_FILES, RUN_FIGURE):
                 for tmp in out.glob(f".{f}.*.tmp"):
                     tmp.unlink(missing_ok=True)
         if cfg.tensorboard:  # found missing at the first round's end, it would leave a run behind
