@@ -301,8 +301,11 @@ def cmd_synth(args) -> int:
 
         data = StreamingData(data, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
                              on_bad_image=args.on_bad_image)
-    bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
-    bank.save(args.out)
+    from .io import staged_writes
+
+    with staged_writes():  # the log is renamed with the bank, or removed: a failed save left it behind
+        bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
+        bank.save(args.out)
     if args.json:
         print(dumps(bank.summary()))
     else:

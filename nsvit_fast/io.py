@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -143,6 +144,56 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+class _Staging(threading.local):
+    pending: list[tuple[Path, Path]] | None = None  # (temporary, target) held back by staged_writes
+
+
+_staging = _Staging()
+
+
+@contextlib.contextmanager
+def staged_writes() -> Iterator[None]:
+    """Hold back every file written inside the block (through :func:`atomic_path`, or
+    :func:`commit` for a file written as it goes) as its temporary sibling, and rename them all into
+    place only when the block ends without an error. On an error or an interruption (Ctrl-C) the
+    temporary files are removed and no target changes: a command that writes several files (an
+    image, its JSON, its figure) leaves all of them new or all as they were (the renames at the end
+    take microseconds; a kill -9 among them can still mix the two). Nested blocks join the outer
+    one. Also a decorator. Inside the block a written file reads back as its old content."""
+    if _staging.pending is not None:
+        yield
+        return
+    _staging.pending = []
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        pending, _staging.pending = _staging.pending, None
+        done = 0
+        try:
+            if ok:
+                for tmp, path in pending:
+                    try:
+                        os.replace(tmp, path)
+                    except OSError as e:
+                        raise os_error(path, e) from None
+                    done += 1
+        finally:
+            for tmp, _ in pending[done:]:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file over ``path`` now, or at the end of the enclosing
+    :func:`staged_writes` block. Raises OSError as ``os.replace``."""
+    if _staging.pending is not None:
+        _staging.pending.append((Path(tmp), Path(path)))
+    else:
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
@@ -164,7 +215,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        commit(tmp, path)
+        tmp = None  # renamed, or staged_writes' to rename
     except OSError as e:
         raise os_error(path, e) from None
     except Exception as e:  # safetensors reports a failed write (full disk) as its own error type

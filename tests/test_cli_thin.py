@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsvit_fast import NsvitError, digits
+from nsvit_fast import NsvitError, digits, load_model
 from nsvit_fast.cli import build_parser, main
 from nsvit_fast.data import DataSpec, parse_spec, stream_or_load
 
@@ -242,3 +242,36 @@ def test_a_read_only_output_file_is_refused_not_replaced(tmp_path, capsys):
     sib.chmod(0o444)
     code, _, err = cli(capsys, "watermark", "--image", "skimage:coffee", "--out", tmp_path / "w.png")
     one_error(code, err, "w.json is read-only")
+
+
+def test_a_command_that_fails_midway_changes_none_of_its_files(tmp_path, capsys, monkeypatch):
+    # targeted wrote its PNG, then was interrupted in the saliency maps: the new PNG sat beside the
+    # old run's JSON and figure; synth renamed its log before the bank's save failed
+    from nsvit_fast.analysis import apps
+    from nsvit_fast.synth import NoiseBank
+
+    out = tmp_path / "t.png"
+    code, _, err = cli(capsys, "targeted", "--source", "skimage:astronaut", "--target", "skimage:chelsea",
+                       "--iters", "5", "--saliency", "attention", "--out", out)
+    assert code == 0, err
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(files) == {"t.png", "t.json", "t_figure.png"}
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(apps, "saliency", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apps.run_targeted(load_model("digits_vit"), "skimage:chelsea", "skimage:astronaut", out, iters=5,
+                          maps=["attention"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # no temporary files left either
+
+    def full_disk(self, path):
+        raise NsvitError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(NoiseBank, "save", full_disk)
+    log = tmp_path / "s" / "l.jsonl"
+    code, _, err = cli(capsys, "synth", "--max-steps", "2", "--quiet", "--out", tmp_path / "s" / "b.safetensors",
+                       "--log", log)
+    one_error(code, err, "No space left on device")
+    assert not log.exists() and not any((tmp_path / "s").glob(".l.jsonl.*"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NsvitError
-from ..io import check_distinct, check_output_dir, check_output_file, write_json
+from ..io import check_distinct, check_output_dir, check_output_file, staged_writes, write_json
 from ..viz import image_grid
 from .edit import targeted, watermark
 from .fingerprint import Fingerprint, make_fingerprint, verify
@@ -32,6 +32,7 @@ def _numbers(result: dict) -> dict:
     return {k: v for k, v in result.items() if not hasattr(v, "shape")}
 
 
+@staged_writes()  # its files all new or all as they were: an interrupted run mixed two runs' files
 def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", strength: float = 0.5,
                   iters: int = 100) -> dict:
     """Draw ``mark`` over ``image`` through the nullspace (:func:`.edit.watermark`) and write files.
@@ -71,6 +72,7 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
     return res
 
 
+@staged_writes()  # its files all new or all as they were: an interrupted run mixed two runs' files
 def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 100,
                  maps: tuple[str, ...] | list[str] = METHODS) -> dict:
     """An image that looks like ``target`` but is ``source`` to the model (:func:`.edit.targeted`),
@@ -118,6 +120,7 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
     return res
 
 
+@staged_writes()  # its files all new or all as they were: an interrupted run mixed two runs' files
 def run_fingerprint_make(parts, images: torch.Tensor, fingerprint: str | Path, report: str | Path,
                          n: int = 64, scale: float = 2.0, seed: int = 0) -> dict:
     """Make a fingerprint of ``parts`` (:func:`.fingerprint.make_fingerprint`), save it, check the

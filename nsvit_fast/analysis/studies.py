@@ -20,7 +20,7 @@ import torch
 
 from ..errors import NsvitError, check_count, check_number
 from ..io import check_output_dir
-from ..io import save_figure, write_json
+from ..io import save_figure, staged_writes, write_json
 from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
 from ..config import build
 from ..data.stream import StreamingData
@@ -28,6 +28,7 @@ from ..synth.engine import SynthConfig, check_config, image_tensor, metric_image
 from ..viz import pyplot
 
 
+@staged_writes()  # the figure and its JSON: both new, or both as they were
 def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), steps: int = 300, **synth) -> dict:
     """Fig. 3: Eq. 4 (keep the output, grow the noise norm, weighed by lambda) for each lambda.
 
@@ -125,6 +126,7 @@ def _fig5_heldout(parts, data, synth: dict, eps: float, m: int, seed: int) -> to
     return metric_images(images, run, None if given is None else image_tensor(given, parts, "heldout_data"))[1]
 
 
+@staged_writes()  # the figure and its JSON: both new, or both as they were
 def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, eps: float = FIG5_EPS,
          seed: int = 0, **synth) -> dict:
     """Fig. 5: properties of the approximate nullspace from m noises learned at ``eps``.
@@ -249,6 +251,7 @@ def _check_record(rec, where: str) -> dict:
     return rec
 
 
+@staged_writes()  # the figure and its JSON: both new, or both as they were
 def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """Fig. 4: noise norm, MSE-prob, synthesis steps and metrics across a finetuning run's rounds.
 

@@ -62,7 +62,7 @@ from ..config import build
 from ..distributed import all_mean, rank_world
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_finite, check_pixels, check_positive
-from ..io import current_umask, dumps, os_error
+from ..io import commit, current_umask, dumps, os_error
 from ..models.base import Adapter
 from ..models.registry import adapt
 from .adamw import MaskedAdamW, cosine_lr
@@ -322,7 +322,7 @@ class _Log:
             return
         try:
             os.chmod(self.tmp, 0o666 & ~current_umask())
-            os.replace(self.tmp, self.path)
+            commit(self.tmp, self.path)  # under staged_writes: with the bank, or not at all
         except OSError as e:
             self.tmp.unlink(missing_ok=True)
             raise os_error(self.path, e) from None
