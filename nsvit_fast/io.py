@@ -47,6 +47,11 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
     if path.name in (*RUN_FILES, RUN_FIGURE, LOCK_NAME) and any((path.parent / f).exists() for f in RUN_FILES):
         # synth / pretrain had replaced a finetuning run's checkpoint or model: the run was lost
         raise NsvitError(f"{what} {path} is a file of the finetuning run in {path.parent}; write elsewhere")
+    from .eval.report import Report
+
+    if path.name in Report.FILES and (path.parent / "report.json").is_file():
+        # synth --log REPORT/report.csv replaced one file of an evaluation report
+        raise NsvitError(f"{what} {path} is a file of the evaluation report in {path.parent}; write elsewhere")
     _check_not_folders(what, siblings)
     _check_dir(path.parent, what)
     for p in (path, *map(Path, siblings)):

@@ -443,6 +443,8 @@ CASES = [
      {"file": "run/log.jsonl"}),
     ("watermark-over-run-figure", ["watermark", "--image", "skimage:coffee", "--out", "{C}/run/fig4_trend.png"],
      "is a file of the finetuning run", {"file": "run/log.jsonl"}),
+    ("log-over-eval-report", SY + ["--out", "{C}/b.safetensors", "--log", "{C}/ev/report.csv"],
+     "is a file of the evaluation report", {"file": "ev/report.json"}),
     # a name too long for its temporary sibling failed at the write, after the synthesis
     ("synth-out-name-too-long", SY + ["--out", "{C}/" + "a" * 240 + ".safetensors"], "file name too long", {}),
     ("fp-is-bank", ["fingerprint", "verify", "--fingerprint", "{A}/bank.safetensors", "--report", "{C}/r"],
