@@ -59,16 +59,20 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
     return path
 
 
+TMP_EXTRA = len("..") + 8 + len(".tmp")  # what atomic_path's temporary name adds to the file's
+
+
 def _check_writable_file(path: Path, what: str) -> None:
     """A read-only file is not ours to replace (the rename went over it, root or not); a name too
-    long for its temporary sibling (.NAME.XXXXXXXX.tmp) failed only at the write, after the work."""
+    long for its temporary sibling (mkstemp's ".NAME.<8 characters>.tmp") failed only at the write,
+    after the work."""
     with contextlib.suppress(OSError):
         if path.is_file() and not path.stat().st_mode & 0o222:
             raise NsvitError(f"{what}: {path} is read-only; make it writable or write elsewhere")
     existing = path.parent
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
-    if len(os.fsencode(path.name)) + len(".%s.XXXXXXXX.tmp" % "") > _name_max(existing):
+    if len(os.fsencode(path.name)) + TMP_EXTRA > _name_max(existing):
         raise os_error(path, OSError(errno.ENAMETOOLONG, "file name too long (with its temporary sibling's "
                                                          "14 extra characters)"))
 
