@@ -626,7 +626,6 @@ def add_eval(sub) -> None:
 
 # -- analysis: studies, watermark, targeted noise, fingerprints --
 def cmd_analyze(args) -> int:
-    from .analysis import studies
     from .io import check_output_dir
 
     # each option serves some studies: one given to another study would be ignored without a word
@@ -644,6 +643,15 @@ def cmd_analyze(args) -> int:
         from .runlock import check_not_a_run
 
         check_not_a_run(args.out)  # another run's folder: its own Fig. 4 would be replaced by this run's
+    from .runlock import run_lock
+
+    with run_lock(args.out):  # two studies on one folder: one's figure beside the other's JSON
+        return _analyze(args)
+
+
+def _analyze(args) -> int:
+    from .analysis import studies
+
     if args.study == "trend":
         if not args.run:
             raise NsvitError("analyze trend needs --run DIR (a finetuning output folder)")

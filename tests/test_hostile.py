@@ -927,3 +927,21 @@ def test_sigterm_cleans_up_as_sigint(tmp_path):
     assert run.stderr.read().strip().splitlines() == ["nsvit-fast: terminated (SIGTERM)"]
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert not [n for n in left if n in ("config.json", ".nsvit.lock") or n.endswith(".tmp")], left
+
+
+def test_analyze_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    # two studies on one --out: both ran, and one's figure could sit beside the other's JSON
+    from nsvit_fast.cli import main
+
+    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["analyze", "fig3", "--steps", "1", "--lams", "0", "--out", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "is in use by another nsvit-fast run" in err[0], err
+        assert not (tmp_path / "fig3_regularized.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
