@@ -9,6 +9,7 @@ directory, environment and file-size limit, its stdout and stderr captured. Fork
 one folder are tested with real processes.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -892,23 +893,30 @@ def test_a_killed_runs_lock_does_not_block(tmp_path):
     assert not (tmp_path / ".nsvit.lock").exists()
 
 
+@contextlib.contextmanager
+def _lock_held_elsewhere(folder):
+    """Another process holds ``folder``'s run lock for the block; yields its pid."""
+    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(folder)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_eval_into_a_folder_in_use_is_refused(tmp_path, capsys):
     """Two evaluations on one report folder: the second is refused at once (the run lock), so one
     report is never silently replaced by another's while both print "wrote"."""
     from nsvit_fast.cli import main
 
-    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n" \
-           f"    print('held', flush=True)\n    time.sleep(600)\n"
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _lock_held_elsewhere(tmp_path) as pid:
         rc = main(["eval", "--suite", "clean", "--max-images", "8", "--quiet", "--out", str(tmp_path)])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1 and f"in use by another nsvit-fast run (pid {holder.pid} " in err[0], err
+        assert rc == 2 and len(err) == 1 and f"in use by another nsvit-fast run (pid {pid} " in err[0], err
         assert sorted(p.name for p in tmp_path.iterdir()) == [".nsvit.lock"]  # no report written
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.slow  # one finetune start-up, then SIGTERM once its config.json is written: ~5-10 s of CPU
@@ -933,15 +941,8 @@ def test_analyze_into_a_folder_in_use_is_refused(tmp_path, capsys):
     # two studies on one --out: both ran, and one's figure could sit beside the other's JSON
     from nsvit_fast.cli import main
 
-    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n" \
-           f"    print('held', flush=True)\n    time.sleep(600)\n"
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _lock_held_elsewhere(tmp_path) as pid:
         rc = main(["analyze", "fig3", "--steps", "1", "--lams", "0", "--out", str(tmp_path)])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1 and "is in use by another nsvit-fast run" in err[0], err
+        assert rc == 2 and len(err) == 1 and f"in use by another nsvit-fast run (pid {pid} " in err[0], err
         assert not (tmp_path / "fig3_regularized.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
