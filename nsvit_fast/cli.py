@@ -189,10 +189,12 @@ def add_nullspace(sub) -> None:
 def cmd_pretrain(args) -> int:
     from .io import check_output_file
     from .pretrain import PretrainConfig, pretrain_digits
+    from .runlock import output_lock
 
     check_output_file(args.out, (".safetensors",))
     cfg = PretrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    _, m = pretrain_digits(cfg, out=args.out, progress=not args.quiet)
+    with output_lock({"--out": args.out}):  # two trainings writing one file: the second is refused
+        _, m = pretrain_digits(cfg, out=args.out, progress=not args.quiet)
     print(f"digits_vit: val accuracy {m['val_acc']:.4f}, test accuracy {m['test_acc']:.4f}, "
           f"{m['train_seconds']} s on {m['threads']} threads -> {args.out}")
     return 0
@@ -284,28 +286,27 @@ def _synth_overrides(args) -> dict:
 
 def cmd_synth(args) -> int:
     from .data import stream_or_load
-    from .io import check_distinct, check_output_file, dumps
+    from .io import check_distinct, check_output_file, dumps, staged_writes
+    from .runlock import output_lock
+    from .runtime import Runtime
     from .synth import synthesize
 
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")
     check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint})
-    from .runtime import Runtime
+    with output_lock({"--out": args.out, "--log": args.log}):  # a second synth on these files: refused
+        rt = Runtime.create(args.device, args.precision or "fp32")
+        parts = _load(args).to(rt.device)
+        data = stream_or_load(args.data, parts, args.split, args.max_images, args.on_bad_image)
+        if isinstance(data, Path):  # a folder, streamed with the official augmentation
+            from .data.stream import StreamingData
 
-    rt = Runtime.create(args.device, args.precision or "fp32")
-    parts = _load(args).to(rt.device)
-    data = stream_or_load(args.data, parts, args.split, args.max_images, args.on_bad_image)
-    if isinstance(data, Path):  # a folder, streamed with the official augmentation
-        from .data.stream import StreamingData
-
-        data = StreamingData(data, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
-                             on_bad_image=args.on_bad_image)
-    from .io import staged_writes
-
-    with staged_writes():  # the log is renamed with the bank, or removed: a failed save left it behind
-        bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
-        bank.save(args.out)
+            data = StreamingData(data, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
+                                 on_bad_image=args.on_bad_image)
+        with staged_writes():  # the log is renamed with the bank, or removed: a failed save left it behind
+            bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
+            bank.save(args.out)
     if args.json:
         print(dumps(bank.summary()))
     else:
@@ -345,6 +346,7 @@ def add_synth(sub) -> None:
 def cmd_profile(args) -> int:
     from .data import load_data
     from .io import check_distinct, check_output_file
+    from .runlock import output_lock
     from .synth import profile_synth
 
     if args.trace:
@@ -353,7 +355,8 @@ def cmd_profile(args) -> int:
     parts = _load(args)
     data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = _synth_overrides(args)
-    res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
+    with output_lock({"--trace": args.trace}):
+        res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
     batch = min(kw["batch_size"], len(data))  # the batch a step takes (BatchStream: all images if fewer)
     fills = ", first-epoch cache fills included" if kw["mode"] == "fast" else ""  # reference caches nothing
     print(f"{args.steps} synthesis steps, mode {kw['mode']}, batch {batch}: {res['wall_ms']:.0f} ms "
@@ -705,24 +708,28 @@ def add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
-def _distinct_png(args, images: dict) -> None:
-    """watermark / targeted: the PNG and the files beside it are none of the inputs."""
+def _distinct_png(args, images: dict) -> dict:
+    """watermark / targeted: the PNG and the files beside it are none of the inputs. Returns them
+    ({what: path}) for the output lock."""
     from .analysis.apps import beside_files
     from .io import check_distinct
 
     js, fig = beside_files(args.out)
-    check_distinct({"--out": args.out, "the .json beside --out": js, "the _figure.png beside --out": fig},
-                   {**images, "--checkpoint": args.checkpoint})
+    outputs = {"--out": args.out, "the .json beside --out": js, "the _figure.png beside --out": fig}
+    check_distinct(outputs, {**images, "--checkpoint": args.checkpoint})
+    return outputs
 
 
 def cmd_watermark(args) -> int:
     from .analysis import run_watermark
     from .io import check_output_file
+    from .runlock import output_lock
 
     check_output_file(args.out, (".png",))  # before the model loads
-    _distinct_png(args, {"--image": args.image, "--mark": args.mark})
-    parts = _load(args)
-    r = run_watermark(parts, args.image, args.out, mark=args.mark, strength=args.strength, iters=args.iters)
+    outputs = _distinct_png(args, {"--image": args.image, "--mark": args.mark})
+    with output_lock(outputs):  # two runs on one --out: one's image beside the other's JSON
+        parts = _load(args)
+        r = run_watermark(parts, args.image, args.out, mark=args.mark, strength=args.strength, iters=args.iters)
     f, q = r["float"], r["png_8bit"]
     print(f"marked -> {args.out}: PSNR to target {r['psnr_to_target']:.2f} dB (image itself "
           f"{r['psnr_target_to_image']:.2f} dB)")
@@ -751,11 +758,13 @@ def add_watermark(sub) -> None:
 def cmd_targeted(args) -> int:
     from .analysis import run_targeted
     from .io import check_output_file
+    from .runlock import output_lock
 
     check_output_file(args.out, (".png",))  # before the model loads
-    _distinct_png(args, {"--source": args.source, "--target": args.target})
-    parts = _load(args)
-    r = run_targeted(parts, args.source, args.target, args.out, iters=args.iters, maps=args.saliency)
+    outputs = _distinct_png(args, {"--source": args.source, "--target": args.target})
+    with output_lock(outputs):  # two runs on one --out: one's image beside the other's JSON
+        parts = _load(args)
+        r = run_targeted(parts, args.source, args.target, args.out, iters=args.iters, maps=args.saliency)
     print(f"result -> {args.out}: L2 to target {r['l2_result_to_target']:.2f} (source was "
           f"{r['l2_source_to_target']:.2f}), PSNR to target {r['psnr_result_to_target']:.2f} dB")
     print(f"logits vs source: max relative change {r['logits_rel_to_source']:.2e}, predictions kept "
@@ -786,8 +795,8 @@ FOLDER_POOL = 16  # fingerprint make on a folder reads 16 x --n images unless --
 
 
 def cmd_fingerprint(args) -> int:
-    from .io import check_output_dir
-    from .runlock import run_lock
+    from .io import check_distinct, check_output_dir, check_output_file
+    from .runlock import output_lock, run_lock
 
     # each option serves one action: one given to the other was ignored (make --threshold 0.9 stored 0.25)
     serves = {"data": "make", "split": "make", "max_images": "make", "on_bad_image": "make", "n": "make",
@@ -796,20 +805,23 @@ def cmd_fingerprint(args) -> int:
     if stray:
         raise NsvitError(f"fingerprint {args.action} takes no --{stray[0].replace('_', '-')} (it serves "
                          f"fingerprint {serves[stray[0]]})")
-    # two runs on one report folder (the default runs/fingerprint): one's JSON beside the other's PNG
-    with run_lock(check_output_dir(args.report, "--report")):
+    # two runs on one report folder (the default runs/fingerprint): one's JSON beside the other's PNG;
+    # two makes on one --fingerprint: one's digest printed, the other's file kept
+    made = {}
+    if args.action == "make":  # checked before its lock makes the folders
+        check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
+        check_distinct({"--fingerprint": args.fingerprint}, {"--checkpoint": args.checkpoint})
+        made = {"--fingerprint": args.fingerprint}
+    with run_lock(check_output_dir(args.report, "--report")), output_lock(made):
         return _fingerprint(args)
 
 
 def _fingerprint(args) -> int:
     from .analysis import Fingerprint, run_fingerprint_make, run_fingerprint_verify
-    from .io import check_distinct, check_output_dir, check_output_file
+    from .io import check_output_dir
 
     rep = check_output_dir(args.report, "--report")
-    if args.action == "make":
-        check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
-        check_distinct({"--fingerprint": args.fingerprint}, {"--checkpoint": args.checkpoint})
-    else:  # checked before the suspect is loaded
+    if args.action == "verify":  # checked before the suspect is loaded
         Fingerprint.load(args.fingerprint, args.expect_digest)
     parts = _load(args)
     if args.action == "make":

@@ -6,6 +6,9 @@ in use fails at once with one line naming the running one (its pid, host and sta
 the holder writes into the lock file). The lock file is removed when the run ends; a folder that
 the lock itself created and that is still empty then (the run failed before writing anything) is
 removed too, so a refused run leaves nothing behind.
+
+One writer per output file (:func:`output_lock`): the same lock on ``.<name>.nsvit-lock`` beside
+each file a command writes by name (a noise bank, its log, a watermarked PNG).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from .errors import NsvitError
 from .io import make_dirs
@@ -43,8 +46,12 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 def holder(folder: str | os.PathLike) -> str:
     """What the lock file says about the run holding it ("pid 123 on host since ..."), or ''."""
+    return _holder(Path(folder) / LOCK_NAME)
+
+
+def _holder(lock: Path) -> str:
     try:
-        return (Path(folder) / LOCK_NAME).read_text().strip()
+        return lock.read_text().strip()
     except OSError:
         return ""
 
@@ -58,18 +65,15 @@ def check_not_a_run(folder: str | os.PathLike, what: str = "--out") -> None:
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold the run lock of ``folder`` (created if missing) for the duration of the block.
-
-    Raises:
-        NsvitError: the folder is in use by another run, or the lock file cannot be created.
-    """
-    folder = Path(folder)
+def _hold(folder: Path, name: str, busy: str) -> Iterator[Path]:
+    """Hold an exclusive flock on ``folder / name`` (the folder made if missing) for the block. A
+    lock taken: "{busy} (pid ... on host since ...)" as one NsvitError line. At the end the lock
+    file goes, and so do the folders this call made that are still empty."""
     try:
         made = make_dirs(folder)
     except OSError as e:
-        raise NsvitError(f"cannot create run folder {folder}: {e.strerror or e}") from None
-    path = folder / LOCK_NAME
+        raise NsvitError(f"cannot create folder {folder}: {e.strerror or e}") from None
+    path = folder / name
     fd = -1
     try:
         while True:
@@ -84,9 +88,7 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                     raise NsvitError(f"cannot lock {path}: {e.strerror or e}") from None
                 os.close(fd)
                 fd = -1
-                who = holder(folder) or "another process"
-                raise NsvitError(f"{folder} is in use by another nsvit-fast run ({who}); wait for it to end or "
-                                 f"use another --out") from None
+                raise NsvitError(busy.format(who=_holder(path) or "another process")) from None
             try:  # the holder before us may have removed the file between our open and our lock
                 same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -111,4 +113,66 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                 p.rmdir()
 
 
-__all__ = ["LOCK_NAME", "RUN_FIGURE", "RUN_FILES", "check_not_a_run", "holder", "run_lock"]
+def run_lock(folder: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Hold the run lock of ``folder`` (created if missing) for the duration of the block.
+
+    Raises:
+        NsvitError: the folder is in use by another run, or the lock file cannot be created.
+    """
+    return _hold(Path(folder), LOCK_NAME, f"{folder} is in use by another nsvit-fast run ({{who}}); wait for it "
+                                          f"to end or use another --out")
+
+
+def _file_lock_name(name: str) -> str:
+    return f".{name}.nsvit-lock"  # shorter than atomic_path's temporary name, which was checked to fit
+
+
+def _stale_temps(path: Path) -> list[Path]:
+    # atomic_path's and the synth log's temporaries: "." + name + "." + 8 random characters + ".tmp"
+    head, n = f".{path.name}.", len(path.name) + 2 + 8 + 4
+    try:
+        return [p for p in path.parent.iterdir() if p.name.startswith(head) and p.name.endswith(".tmp")
+                and len(p.name) == n]
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def output_lock(paths: Mapping[str, str | os.PathLike | None]) -> Iterator[None]:
+    """One writer per output file: hold a lock beside each of ``paths`` ({flag: path}; None
+    skipped) for the block, so that a second command writing one of them is refused at once in one
+    line instead of the two runs' files ending up mixed (a bank of one run beside the log of the
+    other). Holding it, the temporary files left for those names are removed, on entry (a run
+    killed with -9) and on exit (a Ctrl-C that came between a temporary's creation and the code
+    that removes it): no other process writes them meanwhile. Parent folders it makes and the
+    command leaves empty (it failed) are removed.
+
+    Raises:
+        NsvitError: another run writes one of the files, or a lock cannot be created.
+    """
+    def sweep() -> None:
+        for path in held:
+            for t in _stale_temps(path):
+                with contextlib.suppress(OSError):
+                    t.unlink()
+
+    held: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        for what, p in paths.items():
+            if p is None or str(p) == "":
+                continue
+            path = Path(os.path.abspath(p))
+            if path in held:
+                continue
+            stack.enter_context(_hold(path.parent, _file_lock_name(path.name),
+                                      f"{what} {p} is being written by another nsvit-fast run ({{who}}); wait for it "
+                                      f"to end or choose another name"))
+            held.append(path)
+        sweep()
+        try:
+            yield
+        finally:
+            sweep()
+
+
+__all__ = ["LOCK_NAME", "RUN_FIGURE", "RUN_FILES", "check_not_a_run", "holder", "output_lock", "run_lock"]

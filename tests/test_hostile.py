@@ -894,9 +894,11 @@ def test_a_killed_runs_lock_does_not_block(tmp_path):
 
 
 @contextlib.contextmanager
-def _lock_held_elsewhere(folder):
-    """Another process holds ``folder``'s run lock for the block; yields its pid."""
-    code = f"from nsvit_fast.runlock import run_lock\nimport time\nwith run_lock({str(folder)!r}):\n" \
+def _lock_held_elsewhere(folder, file=None):
+    """Another process holds ``folder``'s run lock (or, given ``file``, that output file's lock)
+    for the block; yields its pid."""
+    lock = f"run_lock({str(folder)!r})" if file is None else f"output_lock({{'--out': {str(file)!r}}})"
+    code = f"from nsvit_fast.runlock import output_lock, run_lock\nimport time\nwith {lock}:\n" \
            f"    print('held', flush=True)\n    time.sleep(600)\n"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -946,3 +948,56 @@ def test_analyze_into_a_folder_in_use_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and f"in use by another nsvit-fast run (pid {pid} " in err[0], err
         assert not (tmp_path / "fig3_regularized.json").exists()
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["synth", "--max-steps", "1", "--max-images", "16", "--quiet", "--out", "{f}"], "--out"),
+    (["synth", "--max-steps", "1", "--max-images", "16", "--quiet", "--out", "{d}/other.safetensors", "--log", "{f}"],
+     "--log"),
+    (["fingerprint", "make", "--n", "2", "--report", "{d}/rep", "--fingerprint", "{f}"], "--fingerprint"),
+    (["watermark", "--image", "skimage:chelsea", "--out", "{d}/mark.png"], "the .json beside --out"),
+])
+def test_an_output_file_in_use_is_refused(tmp_path, capsys, argv, flag):
+    """Two commands writing one file (two synths on one bank, two fingerprint makes on one
+    --fingerprint): both ran, and the file of one ended beside the other's log or printed digest.
+    The second is refused at once, in one line naming the holder, and writes nothing."""
+    from nsvit_fast.cli import main
+
+    f = tmp_path / ("mark.json" if flag.startswith("the .json") else "f.safetensors")
+    with _lock_held_elsewhere(tmp_path, file=f) as pid:
+        rc = main([a.format(f=f, d=tmp_path) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"{flag} " in err[0], err
+        assert f"is being written by another nsvit-fast run (pid {pid} " in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".{f.name}.nsvit-lock"]  # nothing written
+
+
+def test_an_output_lock_sweeps_a_killed_runs_temporaries(tmp_path, capsys):
+    """A synth killed (-9) while writing leaves its log's temporary (and maybe the bank's) beside
+    the outputs: the next run on those names removes them, and only them."""
+    from nsvit_fast.cli import main
+
+    junk = [".bank.safetensors.k3j_a9zq.tmp", ".log.jsonl.0a1b2c3d.tmp"]
+    kept = [".bank.safetensors.tmp", ".other.safetensors.abcdefgh.tmp", "bank.safetensors.abcdefgh.tmp"]
+    for n in junk + kept:
+        (tmp_path / n).write_text("x")
+    rc = main(["synth", "--max-steps", "1", "--max-images", "16", "--quiet", "--out", str(tmp_path / "bank.safetensors"),
+               "--log", str(tmp_path / "log.jsonl")])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["bank.safetensors", "log.jsonl"])
+
+
+def test_an_interrupted_synth_leaves_no_folders_it_made(tmp_path):
+    """The log's folder was made when synthesis began, and stayed, empty, after a Ctrl-C (or any
+    failure) removed the log: the output lock removes the folders it made that are still empty."""
+    log = tmp_path / "new" / "deeper" / "log.jsonl"
+    run = _cli("synth", "--quiet", "--max-steps", "100000", "--max-images", "32", "--eps", "1e-9",
+               "--out", str(tmp_path / "bank" / "bank.safetensors"), "--log", str(log))
+    t0 = time.time()
+    while not (log.parent.exists() and any(log.parent.glob(".log.jsonl.*.tmp"))) and run.poll() is None \
+            and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert run.poll() is None, run.stderr.read()
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=120) == 130, run.stderr.read()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == []

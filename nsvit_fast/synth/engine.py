@@ -291,15 +291,16 @@ class _Log:
         from tqdm.auto import tqdm
 
         self.path, self.f, self.tmp = (Path(path) if path else None), None, None
-        if self.path is not None:
+        self.bar = tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)  # None: a terminal only
+        self._last = 0
+        if self.path is not None:  # the temporary file last: the caller's try removes it from here on
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             except OSError as e:
+                self.bar.close()
                 raise os_error(self.path, e) from None
             self.tmp, self.f = Path(tmp), os.fdopen(fd, "w")
-        self.bar = tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)  # None: a terminal only
-        self._last = 0
 
     def check(self, step: int, mse: torch.Tensor, norm: torch.Tensor, active: int, **extra) -> None:
         if self.f:
@@ -678,7 +679,6 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         cache = cache or CleanCache(parts, train, device, autocast=rt.autocast)
     held = cache if isinstance(cache, CleanCache) and held_imgs is train else \
         CleanCache(parts, held_imgs, device, autocast=rt.autocast)
-    logger = _Log(log, cfg.max_steps, progress, f"synth {cfg.mode}/{cfg.schedule} x{m}")
     marks = [t0]
 
     def mark() -> float:  # seconds since the last mark; synchronised so a CUDA phase is charged to itself
@@ -687,14 +687,14 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         marks.append(time.perf_counter())
         return round(marks[-1] - marks[-2], 4)
 
-    phases = {"setup": mark()}
-
     def confirm(v: torch.Tensor) -> torch.Tensor:
         mse, _ = noise_effect(parts, v.reshape(-1, *parts.token_shape), held, cfg.max_rows)
         return mse < cfg.eps
 
     conf = confirm if run_cfg.stop == "heldout" else None
-    try:
+    logger = _Log(log, cfg.max_steps, progress, f"synth {cfg.mode}/{cfg.schedule} x{m}")
+    try:  # at once: a Ctrl-C after the log's temporary file was made removes it
+        phases = {"setup": mark()}
         with frozen(parts, freeze=cfg.mode == "fast"), rt.matmul_mode():
             init_stats, known = {}, None  # known: a held-out forward (noises, mse, match) the metrics may reuse
             if cfg.init_scale == "boundary" and init is not None:  # the given noise, grown along its good interval
