@@ -78,8 +78,14 @@ def add_runtime_args(ap: argparse.ArgumentParser, precision: bool = True) -> Non
         ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
 
 
+QUICK_NOTE = "**Smoke run (`--quick`): tiny settings, one repeat. These numbers measure nothing.**\n\n"
+
+
 def write_results(out: Path, stem: str, data: dict, md: str) -> None:
-    """``out/stem.json`` and ``out/stem.md`` (atomic writes), and the table on stdout."""
+    """``out/stem.json`` and ``out/stem.md`` (atomic writes), and the table on stdout. A ``--quick``
+    run (``data["quick"]``) says so at the top of the .md: its JSON said so, its table did not."""
+    if data.get("quick"):
+        md = QUICK_NOTE + md
     write_json(out / f"{stem}.json", data)
     write_text(out / f"{stem}.md", md)
     print(md)

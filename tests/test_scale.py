@@ -233,6 +233,7 @@ def test_bench_scripts_take_device_and_precision(script, flag, stem, tmp_path):
     assert sorted(f.name for f in (tmp_path / "r").rglob("*")) == ["cpu", f"{stem}.json", f"{stem}.md"]
     res = json.loads((tmp_path / "r" / "cpu" / f"{stem}.json").read_text())
     assert res["device"] == "cpu" and res["quick"] is True
+    assert (tmp_path / "r" / "cpu" / f"{stem}.md").read_text().startswith("**Smoke run (`--quick`)")  # not a result
     if script == "bench_precision":
         row = res["results"][0]
         assert row["ns_step_ms_bf16"] > 0 and row["synth_step_ms_fp32"] > 0 and row["ns_step_bf16_over_fp32"] > 0
