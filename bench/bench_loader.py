@@ -54,7 +54,7 @@ def loader_rate(folder: Path, parts, workers: int, batch: int, seconds: float) -
     s = StreamingData(folder, parts, batch_size=batch, seed=0, workers=workers)
     s.next()  # warm-up: workers start, first batch
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < seconds or n < 3 * batch:  # 3 batches at least: one slow batch is not a rate
         s.next()
         n += batch
     rate = n / (time.perf_counter() - t0)

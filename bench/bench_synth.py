@@ -134,9 +134,13 @@ def peak_mb(parts, data, cfg, mode: str, cache, rt: Runtime) -> float:
         with tempfile.TemporaryDirectory() as d:
             prof.export_chrome_trace(f"{d}/t.json")
             events = json.load(open(f"{d}/t.json"))["traceEvents"]
-        totals = [e["args"]["Total Allocated"] for e in events
-                  if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
-        return (max(totals) - totals[0] + 0.0) / 2**20 if totals else float("nan")
+        mem = [e["args"] for e in sorted((e for e in events if e.get("name") == "[memory]"),  # in time order
+                                         key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)))
+               if "Total Allocated" in e.get("args", {})]
+        if not mem:
+            return float("nan")
+        base = mem[0]["Total Allocated"] - mem[0].get("Bytes", 0)  # before the first record: its own bytes count
+        return (max(a["Total Allocated"] for a in mem) - base + 0.0) / 2**20
 
 
 def bench_model(name: str, repeats: int, time_to_eps: bool = True, rt: Runtime | None = None,
