@@ -746,7 +746,8 @@ def add_watermark(sub) -> None:
                                    "API: nsvit_fast.analysis.run_watermark.")
     _model_args(p, default="digits_vit")
     p.add_argument("--image", required=True, help="image file, or skimage:astronaut / chelsea / coffee ...")
-    p.add_argument("--mark", default="logo", help="mark image of the same size, or 'logo' (default)")
+    p.add_argument("--mark", default="logo", help="mark image of the same size, or 'logo' (default: the built-in "
+                                                  "mark; a file named logo is ./logo)")
     p.add_argument("--out", default="runs/watermark.png", help="marked image (8-bit PNG, so a .png name); .json and "
                                                                "_figure.png beside")
     p.add_argument("--strength", type=number(0, 1), default=0.5, help="weight of the mark in the target, in (0, 1] "

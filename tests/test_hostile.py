@@ -645,6 +645,7 @@ CASES = [
     ("wm-sizes", ["watermark", "--image", "skimage:astronaut", "--mark", "skimage:coffee", "--out", "{C}/o.png"],
      "give images of one size", {}),
     ("wm-no-image", ["watermark", "--image", "/no/such.png", "--out", "{C}/o.png"], "image not found", {}),
+    ("wm-image-is-a-folder", ["watermark", "--image", "{C}", "--out", "{C}/o2.png"], "is a folder; give one image file", {}),
     ("wm-strength-2", ["watermark", "--image", "skimage:coffee", "--strength", "2", "--out", "{C}/o.png"],
      "--strength: must be a finite number in (0, 1]", {}),
     ("wm-patch8", ["watermark", "--model", "vit_base_patch8_224", "--image", "skimage:coffee", "--out", "{C}/o.png"],

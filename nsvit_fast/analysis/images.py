@@ -37,6 +37,8 @@ def read_image(spec: str | Path) -> torch.Tensor:
         arr = np.asarray(getattr(skd, name)())
     else:
         p = Path(spec)
+        if p.is_dir():
+            raise NsvitError(f"{p} is a folder; give one image file")
         if not p.is_file():
             raise NsvitError(f"image not found: {p}")
         from ..data.folders import BadImage, read_rgb
