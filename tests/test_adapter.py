@@ -292,6 +292,32 @@ def test_adapt_keeps_the_models_mode_and_save_asks_for_unrecorded_settings(tmp_p
         save_model(silu, tmp_path / "s.safetensors")
 
 
+@pytest.mark.parametrize("arch,kw", [
+    ("deit3_small_patch16_224", {}),                                     # LayerScale, no_embed_class
+    ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}),  # prefix outside the positions
+    ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+])
+def test_the_fused_token_path_is_the_model(arch, kw):
+    """encode_noisy's fused first block (token assembly, then the block's own attention and MLP)
+    against encode of u + v on families that take it: with LayerScale gammas far from 1 (dropping
+    ls1 moved logits of size 0.87 by 0.31), prefix tokens outside the positional embedding, and
+    no class token."""
+    from nsvit_fast.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model(arch, depth=2, img_size=32, patch_size=8, num_classes=5, embed_dim=64, num_heads=2, **kw).eval()
+    for blk in m.model.blocks:
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                ls.gamma.data = torch.rand_like(ls.gamma) * 2
+    assert m._fusable_first_block() is not None  # the fused path runs, not the plain one
+    u = m.patch_embed(torch.rand(3, 3, 32, 32))
+    v = torch.randn(2, *m.token_shape)
+    with torch.no_grad():
+        want = torch.cat([m.encode(u), m.encode(u + v[0]), m.encode(u + v[1])])
+        torch.testing.assert_close(m.encode_noisy(u, v, include_clean=True), want, atol=1e-5, rtol=1e-5)
+
+
 def test_encode_noisy_checks_and_the_fused_path_it_may_not_take():
     from nsvit_fast.models import create_model
 

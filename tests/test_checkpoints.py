@@ -1,6 +1,7 @@
 """Weights in and out: safetensors with metadata, weights-only torch files, and the bad cases."""
 
 import os
+import stat
 
 import pytest
 import torch
@@ -78,6 +79,22 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert p.read_text() == "old"
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_rewritten_file_keeps_its_mode_and_a_new_one_takes_the_umask(tmp_path):
+    # the rename puts a new inode in place: a private file (0600) would come back world-readable
+    from nsvit_fast.io import write_text
+
+    p = write_text(tmp_path / "a.txt", "old")
+    os.chmod(p, 0o600)
+    write_text(p, "new")
+    assert p.read_text() == "new" and stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    old = os.umask(0o027)
+    try:
+        q = write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(q).st_mode) == 0o640
 
 
 def _at_once(body, threads=6, trials=40) -> list[str]:

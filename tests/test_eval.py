@@ -151,6 +151,15 @@ def test_suite_registry_defaults_settings_and_a_new_suite(parts, monkeypatch):
     assert rep.average(parts.name) == pytest.approx(rep.values(parts.name, "clean")[0])
 
 
+def test_accuracy_over_several_batches_is_the_hand_count(parts, test128):
+    # every other call holds one batch (<= 512 images): a slip in the batch loop's labels went unseen
+    x, y = test128.images, test128.labels
+    with torch.no_grad():
+        want = (parts(x).argmax(-1) == y).float().mean().item()
+    assert accuracy(parts, x, y, batch_size=7) == pytest.approx(want, abs=1e-12)
+    assert accuracy(parts, x[:100], y[:100].roll(1), batch_size=7) < accuracy(parts, x[:100], y[:100], batch_size=7)
+
+
 def test_corruption_severity_lowers_accuracy(parts, test128):
     x, y = test128.images, test128.labels
     sev1 = sum(accuracy(parts, corrupt(x, c, 1), y) for c in CORRUPTIONS) / 15
@@ -482,6 +491,17 @@ def test_evaluate_two_models_with_relative_mce(parts):
     assert rep.values("base", "nullspace")[0] == 100.0                     # exact nullspace: predictions kept
     assert len([r for r in rep.records if r.model == "base" and "@" in r.setting]) == 75
     assert rep.values("base", "fgsm")[0] <= rep.values("base", "clean")[0]
+    # both summaries from the 75 per-corruption accuracies, by hand: the mean accuracy, and the
+    # baseline-normalised mCE = mean over corruptions of sum_s err / sum_s baseline err
+    acc = {m: {r.setting: r.value / 100 for r in rep.records if r.model == m and "@" in r.setting}
+           for m in ("base", "other")}
+    for m in acc:
+        assert rep.values(m, "corruption_acc")[0] == pytest.approx(100 * sum(acc[m].values()) / 75, abs=1e-9)
+    names = sorted({k.split("@")[0] for k in acc["base"]})
+    err = {m: {c: sum(1 - acc[m][f"{c}@{s}"] for s in range(1, 6)) for c in names} for m in acc}
+    assert len(names) == 15
+    assert rep.values("other", "corruptions")[0] == pytest.approx(
+        100 * sum(err["other"][c] / err["base"][c] for c in names) / 15, rel=1e-9)
 
 
 def _write_folder(root, images, labels, classes):

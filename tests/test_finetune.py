@@ -172,6 +172,54 @@ def test_ns_uses_one_fused_2b_batch(monkeypatch):
     assert torch.allclose(zn, parts.encode(parts.patch_embed(x) + v), atol=1e-5)
 
 
+def test_each_round_draws_its_own_noise(train, monkeypatch):
+    """Algorithm 1 draws a fresh U(-lim, lim) noise every round: each round's synthesis gets its own
+    seed, (seed * 100003 + k) mod 2**32 (one seed for all rounds repeated one start and batch order)."""
+    import nsvit_fast.train.engine as eng
+
+    seeds = []
+    real = eng.synthesize
+
+    def spy(parts, data, cfg, *a, **kw):
+        seeds.append(cfg.seed)
+        return real(parts, data, cfg, *a, **kw)
+
+    monkeypatch.setattr(eng, "synthesize", spy)
+    res = finetune(load_model("digits_vit"), train, rounds=3, model_steps=1, batch_size=32, lr=1e-4, seed=7,
+                   synth=FAST_SYNTH, progress=False)
+    assert seeds == [7 * 100_003, 7 * 100_003 + 1, 7 * 100_003 + 2]
+    norms = [h["noise_norm"] for h in res.history]
+    assert len(set(norms)) == 3  # three draws, not one repeated
+
+
+def test_model_steps_run_in_train_mode_and_synthesis_in_eval_mode(train, monkeypatch):
+    """drop-path / dropout are part of finetuning (timm's train.py) and not of the noise's ε test:
+    the model is in train mode at every step and in eval mode while its noise is learned (the
+    digits model has neither, so only a model with drop-path shows a wrong mode)."""
+    import nsvit_fast.train.engine as eng
+    from nsvit_fast.models import create_model
+    from nsvit_fast.train.methods.ns import NS
+
+    parts = create_model("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8, num_classes=10,
+                         drop_path_rate=0.1)
+    modes = {"step": [], "synth": []}
+    real_loss, real_synth = NS.loss, eng.synthesize
+
+    def loss(self, p, *a, **kw):
+        modes["step"].append(p.training)
+        return real_loss(self, p, *a, **kw)
+
+    def synth(p, *a, **kw):
+        modes["synth"].append(p.training)
+        return real_synth(p, *a, **kw)
+
+    monkeypatch.setattr(NS, "loss", loss)
+    monkeypatch.setattr(eng, "synthesize", synth)
+    finetune(parts, train.subset(64), rounds=2, model_steps=3, batch_size=16, lr=1e-4,
+             synth={**FAST_SYNTH, "max_steps": 3, "heldout": 16}, progress=False)
+    assert modes == {"step": [True] * 6, "synth": [False] * 2}
+
+
 def test_warm_start_scales_the_previous_noise(train, monkeypatch):
     import nsvit_fast.train.engine as eng
 
@@ -402,6 +450,12 @@ def test_resume_after_kill_ends_in_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["round"] for r in log] == [0, 1, 2]
+    # the logged numbers too (a mid-round resume that lost the round's losses logged the rest's mean)
+    ref_log = [json.loads(line) for line in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(ref_log, log):
+        keys = [k for k in a if (k.startswith(("train_", "val_")) or k in ("noise_norm", "mse_prob", "synth_steps"))
+                and isinstance(a[k], (int, float))]
+        assert len(keys) >= 4 and {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-9), keys
 
 
 @pytest.mark.slow

@@ -280,14 +280,19 @@ def _ta_inputs(case, dtype=torch.float32, dev=None, frozen=False):
     return ins, emb, clean
 
 
-def _ta_check(case, dtype=torch.float32, frozen=False):
+def _ta_check(case, dtype=torch.float32, frozen=False, eps=1e-6, zero=False):
     ins, emb, clean = _ta_inputs(case, dtype, frozen=frozen)
+    if zero:  # u, v, prefix and pos all zero: every row's variance is 0, and only eps keeps LayerNorm finite
+        with torch.no_grad():
+            for t in ins[:4]:
+                if t is not None:
+                    t.zero_()
     ref_dtype = torch.float32 if dtype in LOW else dtype
     rins = tuple(None if t is None else t.detach().to(ref_dtype).requires_grad_(t.requires_grad) for t in ins)
-    got = ops.token_assembly(*ins, 1e-6, emb, clean, backend="triton")
-    ref = token_assembly_torch(*rins, 1e-6, emb, clean)
+    got = ops.token_assembly(*ins, eps, emb, clean, backend="triton")
+    ref = token_assembly_torch(*rins, eps, emb, clean)
     for a, r in zip(got, ref):
-        assert a.dtype == dtype
+        assert a.dtype == dtype and bool(torch.isfinite(a).all())
         torch.testing.assert_close(a.to(ref_dtype), r, **tol("token_assembly", dtype))
     gx, gl = torch.randn_like(ref[0]), torch.randn_like(ref[1])
     live = [i for i, t in enumerate(ins) if t is not None and t.numel() and t.requires_grad]
@@ -302,6 +307,13 @@ def _ta_check(case, dtype=torch.float32, frozen=False):
 @pytest.mark.parametrize("case", TA_CASES)
 def test_token_assembly_triton(case):
     _ta_check(case)
+
+
+@needs_triton
+def test_token_assembly_triton_takes_the_layernorm_eps():
+    # rows of unit variance hid a dropped eps under the 1e-5 tolerance: a large eps, and rows of none
+    _ta_check(TA_CASES[0], eps=0.1)
+    _ta_check(TA_CASES[3], zero=True)
 
 
 @needs_triton

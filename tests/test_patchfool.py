@@ -215,6 +215,20 @@ def test_patchfool_lite_is_the_separate_fast_variant():
     assert xa.min() >= 0 and xa.max() <= 1 and xa.shape == x.shape
     assert patch_mask(parts, torch.tensor([[0], [15]])).sum((1, 2, 3)).tolist() == [64.0, 64.0]
 
+    # it changes only the patch that receives the most attention, and (attention term weighted up)
+    # raises the attention that very token receives (aimed one token off, by the class token, it fell)
+    def received(xx):
+        with torch.no_grad():
+            _, maps = parts.encode_with_attention(parts.patch_embed(xx))
+        return torch.stack([m.mean(1).mean(1) for m in maps]).mean(0)  # (B, tokens)
+
+    p0, b = parts.num_prefix_tokens, torch.arange(len(x))
+    r0 = received(x)
+    idx = r0[:, p0:].argmax(1)
+    xa = patchfool_lite(parts, x, y, steps=5, attn_weight=1e3, generator=torch.Generator().manual_seed(0))
+    assert not ((xa != x).any(1) & ~patch_mask(parts, idx[:, None]).bool()[:, 0]).any()
+    assert bool((received(xa)[b, idx + p0] > r0[b, idx + p0]).all())
+
 
 def test_suite_defaults_are_the_class_signature_and_need_no_torchattacks():
     """The suite's copy of PatchFool's defaults (kept apart so that importing nsvit_fast.eval, as

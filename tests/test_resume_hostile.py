@@ -242,6 +242,20 @@ def test_untouched_checkpoint_resumes(run_dir, tmp_path, capsys, older):
     assert [r["round"] for r in log] == [0, 1]
 
 
+def test_a_mid_round_resume_logs_what_an_uninterrupted_run_logs(run_dir, tmp_path, capsys):
+    """The checkpoint inside round 1 holds the round's losses so far: a resume that lost them logged
+    the mean of the steps after it as the round's loss."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    assert _main(ARGS + ["--out", str(d), "--resume"]) == 0, capsys.readouterr().err
+    assert _main(ARGS + ["--out", str(tmp_path / "ref")]) == 0, capsys.readouterr().err
+    got, want = ([json.loads(line) for line in (f / "log.jsonl").read_text().splitlines()] for f in (d, tmp_path / "ref"))
+    assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1]
+    for a, b in zip(want, got):
+        keys = [k for k in a if k.startswith("train_") or k in ("noise_norm", "mse_prob", "synth_steps")]
+        assert len(keys) >= 4 and {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-9), keys
+
+
 def test_a_kill_between_the_last_checkpoint_and_its_logs_is_made_good(tmp_path, capsys):
     # the checkpoint said "done", so the resume ran no round and log.jsonl kept round 0 only;
     # a kill -9 in the middle of a checkpoint's write left its temporary file for good

@@ -239,6 +239,28 @@ def test_stop_rules_and_heldout_record(parts, train):
         assert b.meta["heldout_images"] == 256 and 0 < b.match_rate[0] <= 1
 
 
+def test_heldout_images_are_not_trained_on():
+    """stop=heldout, the boundary schedule, Eq. 4 and Fig. 5 promise measurements on images the
+    noise never descended on: the two sides of the carve are disjoint and together the whole set."""
+    tr, he = split_heldout(torch.arange(1200)[:, None], 256, 0)
+    a, b = set(tr[:, 0].tolist()), set(he[:, 0].tolist())
+    assert len(b) == 256 and not a & b and a | b == set(range(1200))
+    assert split_heldout(torch.arange(1200)[:, None], 256, 1)[1].flatten().tolist() != he.flatten().tolist()
+
+
+def test_reference_and_fast_take_the_same_trajectory_under_the_heldout_stop(parts, train):
+    """A batch pass that the held-out set refuses blocks the next confirmation for heldout_every
+    steps, in both loops: a loop that re-confirmed sooner (or never waited) stops elsewhere."""
+    kw = dict(lim=4.0, batch_size=8, max_steps=400, seed=1, stop="heldout", heldout=64, progress=False)
+    ref = synthesize(parts, train, mode="reference", **kw)
+    fast = synthesize(parts, train, mode="fast", **kw)
+    assert ref.meta["train_images"] == len(train) - 64 and ref.meta["heldout_images"] == 64
+    assert ref.converged.all() and ref.steps.tolist() == fast.steps.tolist()
+    assert (ref.noises - fast.noises).abs().max() <= 1e-4 * float(ref.noises.abs().max())
+    b = synthesize(parts, train, **{**kw, "stop": "batch"})
+    assert int(b.steps[0]) < int(ref.steps[0])  # the held-out set refused at least one batch pass
+
+
 def test_not_converged_is_flagged_with_a_warning(parts, train):
     with pytest.warns(UserWarning, match="did not pass the stop rule"):
         bank = synthesize(parts, train, lim=10.0, max_steps=5, batch_size=32, progress=False)
