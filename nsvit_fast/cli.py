@@ -117,8 +117,11 @@ SEED = count(0, MAX_SEED)
 
 
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--model", default=default, help="timm ViT name, or digits_vit (the embedded model)"
-                   + (f"; default {default}" if default else ""))
+    # the default applies without --checkpoint only: a checkpoint saved by nsvit-fast names its own model
+    # (a default of digits_vit refused every other model's file, and built a vit_tiny's as "digits_vit")
+    p.add_argument("--model", help="timm ViT name, or digits_vit (the embedded model)"
+                   + (f"; default {default}, or the model --checkpoint records" if default else ""))
+    p.set_defaults(model_default=default)
     p.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (read weights-only)")
     p.add_argument("--num-classes", type=count(1), help="head size (default: the checkpoint's)")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (network)")
@@ -130,7 +133,9 @@ def _load(args):
     from .models import load_model
 
     if args.model is None and args.checkpoint is None:
-        raise NsvitError("give --model NAME (or --checkpoint FILE saved by nsvit-fast)")
+        args.model = getattr(args, "model_default", None)
+        if args.model is None:
+            raise NsvitError("give --model NAME (or --checkpoint FILE saved by nsvit-fast)")
     import torch
 
     torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
@@ -398,16 +403,22 @@ def cmd_finetune(args) -> int:
     distributed = init_from_env(device)
     try:
         overrides = parse_overrides(args.overrides)
+        for key in ("precision", "workers", "model", "checkpoint", "data", "val_data", "out"):
+            flag = getattr(args, key, None)  # precision=bf16 --precision fp32 ran fp32 without a word
+            if flag is not None and key in overrides and str(overrides[key]) != str(flag):
+                raise NsvitError(f"{key} is given twice, as --{key.replace('_', '-')} {flag} and {key}="
+                                 f"{overrides[key]}; give one")
         for flag in ("precision", "workers"):
             if getattr(args, flag) is not None:
                 overrides[flag] = getattr(args, flag)
         if args.compile:
             overrides["compile"] = True
-        run, cfg = load_run(args.config, overrides)  # the user's own values are checked, dry run or not
+        config = args.config or "digits"
+        run, cfg = load_run(config, overrides)  # the user's own values are checked, dry run or not
         if args.dry_run:  # a minute's check of a config on the user's own data: every stage once
             overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
                               "checkpoint_every": 0})
-            run, cfg = load_run(args.config, overrides)
+            run, cfg = load_run(config, overrides)
         for key in ("model", "checkpoint", "use_ema", "data", "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
@@ -420,6 +431,17 @@ def cmd_finetune(args) -> int:
 
         if run["model"] is None and run["checkpoint"] is None:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
+        from .models import embedded
+
+        if args.config is None and run["model"] not in (None, embedded.NAME):  # lr, lim, rounds of a 32-px model
+            raise NsvitError(f"finetune --model {run['model']} takes a --config: the default one, digits, holds the "
+                             f"embedded digits model's settings; give --config vit_s_imagenet (the paper's ViT-S "
+                             f"settings), vit_b_imagenet, or a YAML of yours")
+        if (run["model"] not in (None, embedded.NAME) and run["checkpoint"] is None and not run["pretrained"]
+                and not run["random_init"]):  # the paper finetunes a pretrained model
+            raise NsvitError(f"{run['model']} would start from random weights: give checkpoint= (or --checkpoint) a "
+                             f"file of yours, pretrained=true (downloads timm's weights), or random_init=true to "
+                             f"finetune a random model on purpose")
         from .runlock import RUN_FIGURE, RUN_FILES
 
         # a folder at one of the run's file names failed after round 0 (the figure) or with another message
@@ -437,7 +459,10 @@ def cmd_finetune(args) -> int:
         # folder cut to max_images are read into memory, the fast path for small data
         from .data import stream_or_load
 
+        from .data.folders import adopt_class_names
+
         train = stream_or_load(run["data"], parts, None, run["max_images"], run["on_bad_image"])
+        adopt_class_names(parts, train)  # before the val folder is read: by the training classes' names
         val = stream_or_load(run["val_data"], parts, None, run["max_images"], run["on_bad_image"], default_split="val")
         res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet,
                        device=device, on_bad_image=run["on_bad_image"])
@@ -481,7 +506,7 @@ def add_finetune(sub) -> None:
                                    "baseline (plain, random, pgd, trades). Settings come from a YAML config "
                                    "(configs/*.yaml) and key=value overrides, e.g. rounds=5 synth.eps=0.01. "
                                    "Under torchrun it runs data-parallel (gloo on CPU, nccl on GPU).")
-    p.add_argument("--config", default="digits", help="YAML file or a name in configs/ (default digits)")
+    p.add_argument("--config", help="YAML file or a name in configs/ (default digits, for the embedded digits model)")
     p.add_argument("--model", help="override the config's model")
     p.add_argument("--checkpoint", help="override the config's checkpoint")
     p.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
@@ -536,6 +561,8 @@ def _eval(args) -> int:
     for suite, path in args.folder or []:  # a folder no suite reads would be ignored without a word
         if suite not in names:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
+    if args.model is None and args.checkpoint is None:
+        args.model = args.model_default
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
                       use_ema=args.use_ema)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]

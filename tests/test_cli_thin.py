@@ -275,3 +275,25 @@ def test_a_command_that_fails_midway_changes_none_of_its_files(tmp_path, capsys,
                        "--log", log)
     one_error(code, err, "No space left on device")
     assert not log.exists() and not any((tmp_path / "s").glob(".l.jsonl.*"))
+
+
+def test_a_checkpoint_alone_names_its_model(tmp_path, capsys):
+    """A file saved by nsvit-fast records its model: --checkpoint needs no --model. The commands'
+    default --model digits_vit refused every other model's file ("holds a vit_small..., not a
+    digits_vit") and built a vit_tiny's under the name digits_vit."""
+    from nsvit_fast.models import create_model, save_model
+
+    torch.manual_seed(0)
+    ck = save_model(create_model("vit_small_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=10),
+                    tmp_path / "small.safetensors")
+    code, out, err = cli(capsys, "eval", "--checkpoint", ck, "--suite", "clean", "--max-images", "16", "--quiet",
+                         "--out", tmp_path / "r")
+    assert code == 0, err
+    code, out, err = cli(capsys, "synth", "--checkpoint", ck, "--max-steps", "1", "--max-images", "16", "--quiet",
+                         "--out", tmp_path / "b.safetensors")
+    assert code == 0, err
+    from nsvit_fast.synth import NoiseBank
+
+    assert NoiseBank.load(tmp_path / "b.safetensors").meta["model"] == "vit_small_patch16_224"
+    code, out, err = cli(capsys, "nullspace", "--model", "digits_vit", "--json")  # the default model still works
+    assert code == 0 and '"embed_dim": 96' in out, err

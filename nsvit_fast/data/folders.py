@@ -138,9 +138,13 @@ def check_no_symlink_loop(root: str | Path) -> None:
 
 
 def known_class_names(parts) -> list[str] | None:
-    """The names of the model's outputs where they are known, in output order: the digits ("0"-"9")
-    for digits_vit, timm's ImageNet synsets (``n01440764`` ...) for a 1000-output model; else None."""
+    """The names of the model's outputs where they are known, in output order: those a finetune on a
+    folder recorded (``parts.class_names``), the digits ("0"-"9") for digits_vit, timm's ImageNet
+    synsets (``n01440764`` ...) for a 1000-output model; else None."""
     k = getattr(parts, "num_classes", None)
+    own = getattr(parts, "class_names", None)
+    if own is not None and len(own) == k:
+        return list(own)
     if getattr(parts, "name", "") == "digits_vit" and k == 10:
         from .digits import CLASSES
 
@@ -181,10 +185,44 @@ def class_index(root: str | Path, names: list[str] | None, num_classes: int | No
         if known:
             idx = {n: i for i, n in enumerate(names)}
             return list(names), {c: idx[c] for c in found}
+    if found and all(c.isascii() and c.isdigit() and str(int(c)) == c for c in found):
+        # folders named by number (ImageNet-V2's "0"-"999"): by value where every one is an output
+        # index, else in number order ("2" before "10"); torchvision's string order put "10" second
+        found = sorted(found, key=int)
+        if num_classes is not None and int(found[-1]) < num_classes:
+            return [str(i) for i in range(num_classes)], {c: int(c) for c in found}
     if num_classes is not None and found and len(found) != num_classes:
         warnings.warn(f"{root}: {len(found)} class folders for a {num_classes}-output model, read by sorted position "
                       f"(their names are not the model's): a missing or extra class shifts every later label")
     return found, {c: i for i, c in enumerate(found)}
+
+
+def adopt_class_names(parts, data) -> None:
+    """A model whose outputs have no known names (:func:`known_class_names`) takes the classes of
+    the data it is finetuned on, in label order, when they are one per output: a validation or
+    evaluation folder is then read by name (by sorted position, a val folder missing one class and
+    holding another shifted every label), and they are saved with the weights."""
+    if known_class_names(parts) is not None or not hasattr(parts, "class_names"):
+        return
+    if isinstance(data, (str, Path)):
+        classes = class_index(Path(data), None, getattr(parts, "num_classes", None))[0] if Path(data).is_dir() else None
+    else:
+        classes = getattr(data, "classes", None)
+    if classes and len(classes) == getattr(parts, "num_classes", None) and len(set(classes)) == len(classes):
+        parts.class_names = [str(c) for c in classes]
+
+
+def check_val_classes(parts, val, what: str = "the validation data") -> None:
+    """Refuse validation data whose classes are not among the model's named outputs (by name they
+    have no label; by position they would take another class's)."""
+    names = getattr(parts, "class_names", None)
+    if names is None or val is None:
+        return
+    classes = class_folders(Path(val)) if isinstance(val, (str, Path)) and Path(val).is_dir() else getattr(val, "classes", None)
+    extra = [c for c in (classes or []) if c not in names]
+    if extra:
+        raise NsvitError(f"{what}: class {extra[0]!r} is not one of the classes the model is finetuned on "
+                         f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); labels are read by name")
 
 
 def _visible_image(path: str) -> bool:

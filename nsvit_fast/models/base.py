@@ -62,6 +62,9 @@ class Adapter(nn.Module):
         self.model_kwargs: dict[str, Any] = dict(model_kwargs or {})
         # None: a timm model built outside nsvit-fast, whose constructor arguments nobody recorded
         self.kwargs_known = model_kwargs is not None
+        # the name of each output where a finetune on a folder set them (its class folders, in label
+        # order): saved with the weights, so a val or eval folder is read by name, not by position
+        self.class_names: list[str] | None = None
         if data_config is None:
             from timm.data import resolve_model_data_config
 

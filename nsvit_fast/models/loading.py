@@ -202,6 +202,12 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
                              f"{embedded.REGENERATE}")
     if checkpoint is not None:
         sd, meta = read_weights(checkpoint, use_ema)
+    other = {"nsvit-fast/finetune-state": "a finetuning run's resume state (checkpoint.safetensors); its model "
+                                          "is the run's model.safetensors",
+             "nsvit-fast/noise-bank": "a noise bank (synth's output), not model weights",
+             "nsvit-fast/fingerprint": "a fingerprint (fingerprint make's output), not model weights"}
+    if meta.get("kind") in other:  # named as what it is, not as 150 missing keys
+        raise NsvitError(f"{checkpoint} is {other[meta['kind']]}")
     arch = meta.get("arch")
     if arch is not None and not isinstance(arch, str):
         raise NsvitError(f"{checkpoint}: metadata 'arch' must be a model name, got {arch!r}")
@@ -243,6 +249,13 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
                          pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:
         parts.load_weights(sd, str(checkpoint))
+    names = meta.get("class_names")
+    if names is not None:  # the class folders a finetune learned: a val or eval folder is read by them
+        if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)
+                and len(set(names)) == len(names) == parts.num_classes):
+            raise NsvitError(f"{checkpoint}: metadata 'class_names' must be {parts.num_classes} distinct names, one "
+                             f"per output (edited or corrupt file)")
+        parts.class_names = names
     parts.eval()
     return parts
 
@@ -308,6 +321,8 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
             # None: built outside nsvit-fast (adapt(timm_model)); load_model then asks which model it is
             "model_kwargs": adapter.model_kwargs if getattr(adapter, "kwargs_known", True) else None,
             "mean": list(adapter.data_config["mean"]), "std": list(adapter.data_config["std"])}
+    if getattr(adapter, "class_names", None) is not None:
+        meta["class_names"] = list(adapter.class_names)
     meta.update(metadata or {})
     try:
         meta["record_digest"] = record_digest(meta)

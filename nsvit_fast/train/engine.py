@@ -773,6 +773,10 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
     if isinstance(val_data, ImageDataset):
         parts.check_images(val_data.images[:1])
     from ..data import BAD_IMAGE
+    from ..data.folders import adopt_class_names, check_val_classes
+
+    adopt_class_names(parts, train_data)  # saved with the weights; val and eval folders read by them
+    check_val_classes(parts, val_data)
 
     if on_bad_image not in BAD_IMAGE:  # checked even for in-memory data: a typo is a typo
         raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")

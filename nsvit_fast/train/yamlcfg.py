@@ -9,10 +9,12 @@ from ..config import check_type
 from ..errors import NsvitError, check_count
 from .engine import FinetuneConfig, make_config
 
-RUN_KEYS = {"model": None, "checkpoint": None, "use_ema": False, "pretrained": False, "num_classes": None,
+RUN_KEYS = {"model": None, "checkpoint": None, "use_ema": False, "pretrained": False, "random_init": False,
+            "num_classes": None,
             "data": "digits:train",
             "val_data": None, "max_images": None, "out": None, "on_bad_image": "error"}
-RUN_TYPES = {"model": str | None, "checkpoint": str | None, "use_ema": bool, "pretrained": bool, "num_classes": int | None,
+RUN_TYPES = {"model": str | None, "checkpoint": str | None, "use_ema": bool, "pretrained": bool, "random_init": bool,
+             "num_classes": int | None,
              "data": str | None, "val_data": str | None, "max_images": int | None, "out": str | None,
              "on_bad_image": str}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
@@ -95,6 +97,23 @@ def find_config(name: str) -> Path:
     raise NsvitError(f"config {name!r} not found (a YAML path, or one of: {', '.join(packaged_configs()) or 'none'})")
 
 
+def _check_keys(raw: dict) -> None:
+    """An unknown top-level key, named with its nearest among the run keys and the FinetuneConfig
+    fields (the config's own check knew only the fields: 'chekpoint' got 'checkpoint_every')."""
+    import dataclasses
+    import difflib
+
+    from .methods import moved_key_error
+
+    names = sorted({f.name for f in dataclasses.fields(FinetuneConfig)} | set(RUN_KEYS))
+    for k in raw:
+        if str(k).split(".")[0] in names or moved_key_error(str(k)) is not None:
+            continue
+        near = difflib.get_close_matches(str(k), names, n=1)
+        raise NsvitError(f"unknown finetune key {k!r}" + (f" (did you mean {near[0]!r}?)" if near else
+                                                           f" (valid: {', '.join(names)})"))
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["rounds=5", "synth.eps=0.01"]`` -> ``{"rounds": 5, "synth.eps": 0.01}``, each value read
     as YAML. Raises NsvitError for an item without ``key=`` or with a value that is not YAML."""
@@ -147,6 +166,7 @@ def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple
                              f"{key}.KEY=VALUE, or write the {key} block of a YAML of your own")
         else:
             raw[key] = val
+    _check_keys(raw)
     run = {k: check_type(k, raw.pop(k, v), RUN_TYPES[k]) for k, v in RUN_KEYS.items()}
     for k in ("checkpoint", "data", "val_data", "out"):  # as the shell does for flags: ~ is the home folder
         if isinstance(run[k], str) and run[k].startswith("~"):

@@ -1,0 +1,73 @@
+"""Class folders read by name: a finetune on a folder records its classes with the weights, so
+its val folder and later evaluation folders are labelled by name, not by sorted position; folders
+named by number are read by value. Real digit scans in ImageFolder layout, a small timm ViT."""
+
+import pytest
+import torch
+
+from helpers import save_pixels
+
+from nsvit_fast import NsvitError, digits, load_model
+from nsvit_fast.data import load_data
+from nsvit_fast.data.folders import class_index
+from nsvit_fast.models import create_model, save_model
+from nsvit_fast.train import finetune
+
+RUN = dict(rounds=1, model_steps=1, batch_size=8, method="plain", workers=0)
+
+
+def _folder(root, classes, per_class=3):
+    """Digits of class 0, 1, 2 ... saved under the given folder names, in that order."""
+    ds = digits("test")
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j, i in enumerate((ds.labels == k).nonzero()[:per_class, 0].tolist()):
+            save_pixels(ds.images[i], root / name / f"{j}.png")
+    return root
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=4, embed_dim=64,
+                        num_heads=2)
+
+
+def test_numbered_folders_are_read_by_value(tmp_path):
+    # ImageNet-V2's layout ("0"-"999") given as --data: torchvision's string order made "10" label 2
+    for c in ("0", "1", "2", "10", "999"):
+        (tmp_path / "v2" / c).mkdir(parents=True)
+    classes, idx = class_index(tmp_path / "v2", None, 1000)
+    assert idx == {"0": 0, "1": 1, "2": 2, "10": 10, "999": 999} and len(classes) == 1000
+    # numbers that are not all output indices (1-based, say): in number order, "2" before "10"
+    for c in ("1", "2", "10"):
+        (tmp_path / "one_based" / c).mkdir(parents=True)
+    assert class_index(tmp_path / "one_based", None, 3)[1] == {"1": 0, "2": 1, "10": 2}
+
+
+def test_a_finetune_records_its_classes_and_reads_val_and_eval_folders_by_them(tmp_path):
+    train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    parts = _model()
+    res = finetune(parts, str(train), RUN, out_dir=tmp_path / "run", progress=False)
+    assert res.parts.class_names == ["ant", "bee", "cat", "dog"]
+    saved = load_model(None, checkpoint=tmp_path / "run" / "model.safetensors")
+    assert saved.class_names == ["ant", "bee", "cat", "dog"]
+    # a folder without "ant": by position "bee" was label 0; by name it is 1
+    part = load_data(str(_folder(tmp_path / "val", ["bee", "cat", "dog"])), None, saved)
+    assert sorted(set(part.labels.tolist())) == [1, 2, 3]
+    assert part.labels.tolist() == [1] * 3 + [2] * 3 + [3] * 3
+
+
+def test_a_val_folder_with_a_class_the_training_folder_lacks_is_refused(tmp_path):
+    # same count of folders, one swapped for another that sorts first: every label moved by one
+    train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    val = _folder(tmp_path / "val", ["aardvark", "ant", "bee", "cat"])
+    with pytest.raises(NsvitError, match="class 'aardvark' is not one of the classes the model is finetuned on"):
+        finetune(_model(), str(train), RUN, val_data=str(val), progress=False)
+
+
+def test_class_names_in_a_file_are_checked(tmp_path):
+    parts = _model()
+    parts.class_names = ["a", "b", "c", "d"]
+    p = save_model(parts, tmp_path / "m.safetensors", metadata={"class_names": ["a", "a", "b", "c"]})
+    with pytest.raises(NsvitError, match="'class_names' must be 4 distinct names"):
+        load_model(None, checkpoint=p)
