@@ -87,7 +87,7 @@ def ns_step_rate(rt, batch: int, steps: int) -> tuple[float, float]:
 
 FINETUNE = ["finetune", "--config", "vit_s_imagenet", "--model", "vit_tiny_patch16_224", "--quiet", "--device", "cpu",
             "--workers", "1", "num_classes=10", "rounds=1", "model_steps=2", "synth.max_steps=2", "batch_size=16",
-            "synth.batch_size=16", "val_data=null"]
+            "synth.batch_size=16", "val_data=null", "random_init=true"]
 
 
 def finetune_rss(folder: Path, out: Path) -> float:
