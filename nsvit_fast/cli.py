@@ -129,6 +129,16 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
                    help="--checkpoint's EMA weights (state_dict_ema, as timm's --use-ema; not eval's --compare files)")
 
 
+def _check_default_data(args, parts) -> None:
+    """--data left at its digits default for a model of another input size: say so, rather than
+    "takes images (B, 3, 224, 224), got (16, 3, 32, 32)"."""
+    if "data" in getattr(args, "given", ()) or not str(getattr(args, "data", "")).startswith("digits"):
+        return
+    if tuple(parts.img_size) != (32, 32):
+        raise NsvitError(f"--data defaults to {args.data} (32 x 32 images), which {parts.name} cannot take "
+                         f"({parts.img_size[0]} x {parts.img_size[1]}): give --data FOLDER")
+
+
 def _load(args):
     from .models import load_model
 
@@ -303,6 +313,7 @@ def cmd_synth(args) -> int:
     with output_lock({"--out": args.out, "--log": args.log}):  # a second synth on these files: refused
         rt = Runtime.create(args.device, args.precision or "fp32")
         parts = _load(args).to(rt.device)
+        _check_default_data(args, parts)
         data = stream_or_load(args.data, parts, args.split, args.max_images, args.on_bad_image)
         if isinstance(data, Path):  # a folder, streamed with the official augmentation
             from .data.stream import StreamingData
@@ -358,6 +369,7 @@ def cmd_profile(args) -> int:
         check_output_file(args.trace, (".json",), what="--trace")
         check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint})
     parts = _load(args)
+    _check_default_data(args, parts)
     data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = _synth_overrides(args)
     with output_lock({"--trace": args.trace}):
@@ -463,7 +475,12 @@ def cmd_finetune(args) -> int:
 
         train = stream_or_load(run["data"], parts, None, run["max_images"], run["on_bad_image"])
         adopt_class_names(parts, train)  # before the val folder is read: by the training classes' names
-        val = stream_or_load(run["val_data"], parts, None, run["max_images"], run["on_bad_image"], default_split="val")
+        try:
+            val = stream_or_load(run["val_data"], parts, None, run["max_images"], run["on_bad_image"],
+                                 default_split="val")
+        except NsvitError as e:  # the config's /path/to/imagenet/val placeholder read as "data ... is neither"
+            where = "" if args.val_data is not None else " (the config's val_data: give --val-data, or val_data=null)"
+            raise NsvitError(f"val_data: {e}{where}") from None
         res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet,
                        device=device, on_bad_image=run["on_bad_image"])
         if rank_world()[0] == 0:
@@ -565,6 +582,7 @@ def _eval(args) -> int:
         args.model = args.model_default
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
                       use_ema=args.use_ema)
+    _check_default_data(args, main)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
     ckpts = [args.checkpoint] + [c for c in (args.compare or "").split(",") if c]
@@ -857,6 +875,7 @@ def _fingerprint(args) -> int:
 
         # n challenges from a folder: read FOLDER_POOL x n images spread over its classes, not all of it
         # (an ImageNet val folder is 30 GB as float32)
+        _check_default_data(args, parts)
         pool = args.max_images
         if pool is None and parse_spec(args.data, args.split, default_split="val").kind == "folder":
             pool = FOLDER_POOL * args.n

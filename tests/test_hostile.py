@@ -557,6 +557,12 @@ CASES = [
     ("ft-data-flag-and-key", ["finetune", "data=digits:test", "--data", "digits:train", "--out", "{C}/o"],
      "data is given twice", {}),
     ("ft-run-key-typo", ["finetune", "chekpoint=x.safetensors", "--out", "{C}/o"], "did you mean 'checkpoint'?", {}),
+    ("ft-config-val-placeholder", ["finetune", "--config", "vit_s_imagenet", "--data", "digits:train", "random_init=true",
+                                   "--out", "{C}/o"],
+     "val_data: data '/path/to/imagenet/val' is neither digits[:split], synthetic[:split] nor an existing folder (the "
+     "config's val_data", {}),
+    ("synth-default-data-for-224", ["synth", "--model", "vit_tiny_patch16_224", "--out", "{C}/x.safetensors"],
+     "--data defaults to digits (32 x 32 images), which vit_tiny_patch16_224 cannot take (224 x 224)", {}),
     ("ft-no-value", ["finetune", "rounds", "--out", "{C}/o"], "must be key=value", {}),
     ("use-ema-safetensors", ["synth", "--checkpoint", "{A}/nan.safetensors", "--use-ema", "--out", "{C}/b.safetensors"],
      "a safetensors file holds one set of weights", {}),

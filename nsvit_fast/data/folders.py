@@ -119,7 +119,7 @@ def read_rgb(path: str | Path):
                        f"refused as a possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports bad data as any of these
         raise BadImage(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                       f"; remove it, or set on_bad_image: skip") from None
+                       f"; remove it, or skip bad images (--on-bad-image skip, or on_bad_image: skip in a config)") from None
 
 
 def check_no_symlink_loop(root: str | Path) -> None:
