@@ -4,6 +4,7 @@ ImageFolder trees through synthesis and finetuning (resume after kill -9, torchr
 import json
 from pathlib import Path
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,17 @@ def test_streamed_resume_after_kill_ends_in_the_same_weights(digit_jpeg_folder, 
     assert ref.wait(timeout=900) == 0, ref.stderr.read()
     meta = load_tensors(ckpt)[1]
     assert (meta["progress"]["round"], meta["progress"]["step"]) < (3, 0) and "consumed" in meta["stream"]
+    # one image added to the folder meanwhile: said so (it read as a damaged checkpoint), nothing changed
+    extra = next(digit_jpeg_folder.rglob("*.JPEG"))
+    added = extra.with_name("zz_added.JPEG")
+    shutil.copy(extra, added)
+    try:
+        again = _cli(*args, "--out", str(tmp_path / "run"), "--resume")
+        assert again.wait(timeout=900) == 2
+        err = again.stderr.read().strip().splitlines()
+        assert len(err) == 1 and "the training folder now holds" in err[0], err
+    finally:
+        added.unlink()
     res = _cli(*args, "--out", str(tmp_path / "run"), "--resume")
     assert res.wait(timeout=900) == 0, res.stderr.read()
     a, _ = load_tensors(tmp_path / "ref" / "model.safetensors")

@@ -285,6 +285,10 @@ def check_state(path: str | Path, t: dict[str, torch.Tensor], m: dict[str, Any],
         if ss["consumed"] != steps_done:
             raise damaged(path, f"metadata 'stream' consumed is {ss['consumed']}, but the run is {steps_done} "
                                 f"step(s) in")
+        if "n" in ss and is_whole(ss["n"]) and ss["n"] != mine["n"]:  # not a damaged file: the folder changed
+            raise NsvitError(f"checkpoint {path}: the run streamed {ss['n']} images, the training folder now holds "
+                             f"{mine['n']}; a resume needs the folder as it was (or start a fresh run in another "
+                             f"--out folder)")
         for key in ("seed", "n", "batch_size"):
             if key in ss and (not is_whole(ss[key]) or ss[key] != mine[key]):
                 raise damaged(path, f"metadata 'stream' {key} is {_short(ss[key])}, this data's is {mine[key]} "
