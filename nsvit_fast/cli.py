@@ -124,6 +124,9 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.set_defaults(model_default=default)
     p.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (read weights-only)")
     p.add_argument("--num-classes", type=count(1), help="head size (default: the checkpoint's)")
+    p.add_argument("--img-size", dest="img_size", type=count(1),
+                   help="input size of a timm model built at another size than its name's (as timm's --img-size; "
+                        "a checkpoint saved by nsvit-fast records its own)")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (network)")
     p.add_argument("--use-ema", dest="use_ema", action="store_true",
                    help="--checkpoint's EMA weights (state_dict_ema, as timm's --use-ema; not eval's --compare files)")
@@ -150,7 +153,11 @@ def _load(args):
 
     torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
     return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                      pretrained=args.pretrained, use_ema=args.use_ema)
+                      pretrained=args.pretrained, use_ema=args.use_ema, **_size(args))
+
+
+def _size(args) -> dict:
+    return {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
 
 
 # -- nullspace --
@@ -161,7 +168,8 @@ def cmd_nullspace(args) -> int:
 
     if args.table1:
         given = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint),
-                                ("--num-classes", args.num_classes), ("--pretrained", args.pretrained),
+                                ("--num-classes", args.num_classes), ("--img-size", args.img_size),
+                                ("--pretrained", args.pretrained),
                                 ("--use-ema", args.use_ema)) if v]
         if given:  # the table is the paper's eight randomly initialised models; a model flag would be ignored
             raise NsvitError(f"--table1 takes no {given[0]}: it measures the paper's eight timm ViTs, randomly "
@@ -415,7 +423,8 @@ def cmd_finetune(args) -> int:
     distributed = init_from_env(device)
     try:
         overrides = parse_overrides(args.overrides)
-        for key in ("precision", "workers", "model", "checkpoint", "data", "val_data", "out"):
+        for key in ("precision", "workers", "model", "checkpoint", "data", "val_data", "out", "num_classes",
+                    "img_size"):
             flag = getattr(args, key, None)  # precision=bf16 --precision fp32 ran fp32 without a word
             if flag is not None and key in overrides and str(overrides[key]) != str(flag):
                 raise NsvitError(f"{key} is given twice, as --{key.replace('_', '-')} {flag} and {key}="
@@ -431,7 +440,8 @@ def cmd_finetune(args) -> int:
             overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
                               "checkpoint_every": 0})
             run, cfg = load_run(config, overrides)
-        for key in ("model", "checkpoint", "use_ema", "data", "val_data", "out"):
+        for key in ("model", "checkpoint", "use_ema", "pretrained", "num_classes", "img_size", "data", "val_data",
+                    "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
         if run["data"] is None:  # `data: ~` or data=null: YAML's null, not a path
@@ -466,7 +476,8 @@ def cmd_finetune(args) -> int:
             raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
                              f"fresh run there)")
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
-                           pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]))
+                           pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]),
+                           **({"img_size": run["img_size"]} if run["img_size"] else {}))
         # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
         # folder cut to max_images are read into memory, the fast path for small data
         from .data import stream_or_load
@@ -528,6 +539,12 @@ def add_finetune(sub) -> None:
     p.add_argument("--checkpoint", help="override the config's checkpoint")
     p.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
                    help="start from the checkpoint's EMA weights (config key use_ema)")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="start from timm's pretrained weights, downloaded (config key pretrained)")
+    p.add_argument("--num-classes", dest="num_classes", type=count(1),
+                   help="head size (config key num_classes; default: the checkpoint's)")
+    p.add_argument("--img-size", dest="img_size", type=count(1),
+                   help="input size of a timm model built at another size than its name's (config key img_size)")
     p.add_argument("--data", help="training data: digits:train, synthetic, or an ImageFolder path")
     p.add_argument("--val-data", dest="val_data", help="validation data scored after each round")
     p.add_argument("--out", help="output folder (default runs/finetune-<method>)")
@@ -581,7 +598,7 @@ def _eval(args) -> int:
     if args.model is None and args.checkpoint is None:
         args.model = args.model_default
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
-                      use_ema=args.use_ema)
+                      use_ema=args.use_ema, **_size(args))
     _check_default_data(args, main)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
@@ -594,7 +611,7 @@ def _eval(args) -> int:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
     for i, ck in enumerate(ckpts):
         # --use-ema is --checkpoint's (the DAT weights), so a toolkit run can be compared with it
-        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes)
+        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, **_size(args))
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
     from .data import load_data, parse_spec
@@ -639,7 +656,8 @@ def add_eval(sub) -> None:
                                    "Change a setting with name:key=value (separate such suites with ';'), "
                                    "e.g. --suite 'clean;fgsm:eps=4/255;pgd'.")
     _model_args(p, default="digits_vit")
-    p.add_argument("--compare", help="more checkpoints of the same architecture, comma-separated")
+    p.add_argument("--compare", help="more checkpoints with the same classes and input size, comma-separated "
+                                     "(each is scored on the first model's labels and images)")
     p.add_argument("--names", help="row names for the model and each --compare, comma-separated")
     from .data import BAD_IMAGE
 
@@ -668,7 +686,7 @@ def add_eval(sub) -> None:
                                      "classes, else the data's)")
     p.add_argument("--bank", help="NoiseBank file for the noisebank suite")
     p.add_argument("--out", default="runs/eval", help="report folder (default runs/eval)")
-    p.add_argument("--quiet", action="store_true", help="no per-suite timing lines")
+    p.add_argument("--quiet", action="store_true", help="no per-suite timing lines or progress bars")
     p.set_defaults(func=cmd_eval)
 
 
@@ -1036,8 +1054,11 @@ def _main(argv: list[str] | None) -> int:
         except (MemoryError, RuntimeError) as e:  # settings too large for the machine: the user's to change
             if not _out_of_memory(e):
                 raise
+            hint = {"finetune": "lower batch_size and synth.batch_size (key=value), or try --precision bf16",
+                    "eval": "lower --max-images, or try --precision bf16"}.get(
+                args.command, "lower --batch-size, --num-noises or --max-images")
             print(f"nsvit-fast: error: out of memory ({_one_line(str(e).splitlines()[0] if str(e) else 'MemoryError')});"
-                  f" lower --batch-size, --num-noises or --max-images", file=sys.stderr)
+                  f" {hint}", file=sys.stderr)
             return 2
         except Terminated:
             print("nsvit-fast: terminated (SIGTERM)", file=sys.stderr)

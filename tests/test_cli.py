@@ -156,7 +156,7 @@ def test_eval_compares_checkpoints_and_writes_a_report(cli, tmp_path):
     r = cli("eval", "--suite", "clean;fgsm:eps=8/255", "--max-images", "48", "--compare", str(ck),
             "--names", "base,shifted", "--seeds", "0,1", "--out", str(tmp_path / "ev"), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "| model | Clean | FGSM | Average |" in r.stdout and "| base |" in r.stdout and "| shifted |" in r.stdout
+    assert "| model | Clean | FGSM (eps=8/255) | Average |" in r.stdout and "| base |" in r.stdout and "| shifted |" in r.stdout
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert {x["seed"] for x in rep["records"]} == {0, 1} and len(rep["records"]) == 2 * 2 * 2
     assert (tmp_path / "ev" / "suites.png").stat().st_size > 1000

@@ -29,7 +29,8 @@ class AttackSpec:
         factory: ``(parts, seed=int, **kw) -> attack``; the attack maps (images (B, C, H, W) in
             [0, 1], labels (B,)) to adversarial images of the same shape, in [0, 1].
         defaults: the settings a user may change (``fgsm:eps=4/255``), with their defaults; they
-            name the result in a report. ``n`` is the loop's: attack only the first ``n`` images.
+            name the result in a report. ``n`` is the loop's: attack only ``n`` images, spread
+            evenly over the set (every class of a class-sorted folder, not its first ones).
         fixed: constructor arguments that are not settings (PGD's random start).
         batch_size: images per attack call.
     """
@@ -165,11 +166,11 @@ def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: s
                     batch_size: int | None = None, seed: int = 0, **kw) -> float:
     """Top-1 accuracy (a fraction) on the adversarial images that ``attack`` (a name in ATTACKS or an
     AttackSpec, settings ``kw`` over its defaults) makes from ``images`` (B, C, H, W) in [0, 1] and
-    ``labels`` (B,). With the setting ``n``, only the first ``n`` images. Seeded: the global torch
-    RNG is seeded with ``seed`` and restored afterwards; the model runs in eval mode and is given
-    back in its own mode, also when the attack raises. Raises NsvitError as make_attack does, and
-    for images that are not float pixels in [0, 1], labels that are not class indices below the
-    model's outputs, one per image, a batch_size < 1 or a seed outside [0, 2**32 - 1]."""
+    ``labels`` (B,). With the setting ``n``, only ``n`` images, spread evenly over them. Seeded: the
+    global torch RNG is seeded with ``seed`` and restored afterwards; the model runs in eval mode and
+    is given back in its own mode, also when the attack raises. Raises NsvitError as make_attack
+    does, and for images that are not float pixels in [0, 1], labels that are not class indices
+    below the model's outputs, one per image, a batch_size < 1 or a seed outside [0, 2**32 - 1]."""
     from ..errors import check_labels
     from .source import TensorImages
 
@@ -179,15 +180,17 @@ def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: s
 
 
 def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | None = None, seed: int = 0,
-                       **kw) -> float:
+                       *, progress: bool = False, desc: str | None = None, **kw) -> float:
     """:func:`attack_accuracy` over an :class:`~nsvit_fast.eval.source.EvalImages` (in memory or a
     streamed folder): the attack runs batch by batch and the hits are summed, so a folder of any
-    size is attacked holding one batch. Returns the accuracy as a fraction; NsvitError on no images."""
+    size is attacked holding one batch; ``progress``: a per-batch bar (named ``desc``) on a terminal.
+    Returns the accuracy as a fraction; NsvitError on no images."""
     from ..errors import check_count, check_seed
+    from .source import progress_bar
 
     spec = _spec(attack)
-    kw = check_settings("attack " + next((k for k, v in ATTACKS.items() if v is spec), "spec"), kw,
-                        {"n": None, **spec.defaults}, strict=False)
+    name = next((k for k, v in ATTACKS.items() if v is spec), "spec")
+    kw = check_settings("attack " + name, kw, {"n": None, **spec.defaults}, strict=False)
     n = kw.get("n", spec.defaults.get("n"))
     batch_size = spec.batch_size if batch_size is None else check_count("batch_size", batch_size)
     seed = check_seed("seed", seed)
@@ -198,7 +201,9 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
         with eval_mode(parts):
             atk = make_attack(parts, spec, seed=seed, **kw)
             torch.manual_seed(seed)
-            for x, y in data.batches(batch_size, None if n is None else int(n)):
+            todo = len(data) if n is None else min(int(n), len(data))
+            for x, y in progress_bar(data.batches(batch_size, None if n is None else int(n)),
+                                     -(-todo // batch_size), desc or name, progress):
                 x, y = x.to(dev), y.to(dev)
                 x_adv = atk(x, y)  # needs gradients: outside no_grad
                 with torch.no_grad():

@@ -11,19 +11,24 @@ from ..synth.cache import CleanCache
 from ..synth.metrics import noise_effect
 
 
-def _batches(images, batch_size: int):
-    """Image batches of a tensor (N, C, H, W) or of an EvalImages (in memory or a streamed folder)."""
+def _batches(images, batch_size: int, desc: str = "", progress: bool = False):
+    """Image batches of a tensor (N, C, H, W) or of an EvalImages (in memory or a streamed folder);
+    ``progress``: a per-batch bar on a terminal."""
+    from .source import progress_bar
+
     if isinstance(images, torch.Tensor):
-        return (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
-    return (x for x, _ in images.batches(batch_size))
+        it = (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+    else:
+        it = (x for x, _ in images.batches(batch_size))
+    return progress_bar(it, -(-len(images) // batch_size), desc, progress)
 
 
 @torch.no_grad()
 def exact_noise_effect(parts, images, scale: float = 10.0, seed: int = 0,
-                       batch_size: int = 256) -> dict:
+                       batch_size: int = 256, progress: bool = False) -> dict:
     """Exact nullspace noise of norm ``scale`` x each image's norm: match rate, MSE-prob and the
-    largest relative logit change, over ``images`` (N, C, H, W) or an EvalImages, batch by batch.
-    Returns an empty dict for a model with no nullspace."""
+    largest relative logit change, over ``images`` (N, C, H, W) or an EvalImages, batch by batch
+    (``progress``: a bar on a terminal). Returns an empty dict for a model with no nullspace."""
     basis = nullspace_basis(parts)
     if basis.dim == 0:
         return {}
@@ -32,7 +37,7 @@ def exact_noise_effect(parts, images, scale: float = 10.0, seed: int = 0,
     match = mse = 0.0
     rel = 0.0
     n = 0
-    for x in _batches(images, batch_size):
+    for x in _batches(images, batch_size, "nullspace", progress):
         n += x.shape[0]
         v = basis.sample(x.shape[0], norm=1.0, img_size=tuple(x.shape[-2:]), generator=g, dtype=torch.float64)
         v = (v * scale * x.double().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)).float()
@@ -43,16 +48,17 @@ def exact_noise_effect(parts, images, scale: float = 10.0, seed: int = 0,
     return {"match_rate": match / n, "mse_prob": mse / n, "logits_rel": rel, "nullspace_dim": basis.dim}
 
 
-def bank_effect(parts, bank, images, batch_size: int = 256) -> dict:
+def bank_effect(parts, bank, images, batch_size: int = 256, progress: bool = False) -> dict:
     """Match rate and MSE-prob of every noise of a NoiseBank on ``images`` (N, C, H, W) or an
-    EvalImages, batch by batch (each batch's clean values computed once): mean and per noise."""
+    EvalImages, batch by batch (each batch's clean values computed once; ``progress``: a bar on a
+    terminal): mean and per noise."""
     bank.check_model(parts)
     dev = next(parts.parameters()).device
     noises = bank.noises.to(dev)
     mse = torch.zeros(noises.shape[0], device=dev)
     match = torch.zeros(noises.shape[0], device=dev)
     n = 0
-    for x in _batches(images, batch_size):
+    for x in _batches(images, batch_size, "noisebank", progress):
         m, a = noise_effect(parts, noises, CleanCache(parts, x))
         mse += m * x.shape[0]
         match += a * x.shape[0]

@@ -98,11 +98,12 @@ def _check_names(root: Path, suite: str, names: list[str], folders: list[str], c
 @torch.no_grad()
 def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classes: list[str] | None = None,
                     batch_size: int = 64, max_images: int | None = None, num_workers: int = 0,
-                    on_bad_image: str = "error", precropped: bool = False) -> float:
+                    on_bad_image: str = "error", precropped: bool = False, progress: bool = False) -> float:
     """Top-1 accuracy on an OOD folder, logits masked to the classes present. An unreadable file
     stops it naming the file, or with ``on_bad_image="skip"`` is left out (one warning, the count).
     ``precropped``: the set is stored at the input size (ImageNet-C, Stylized), so images are only
-    centre-cropped, as their official evaluations do; otherwise the model's timm eval transform."""
+    centre-cropped, as their official evaluations do; otherwise the model's timm eval transform.
+    ``progress``: a per-batch bar on a terminal."""
     from torch.utils.data import DataLoader, Subset
     from ..data.folders import IndexedFolder, crop_transform, pixel_transform, read_rgb
 
@@ -118,13 +119,14 @@ def folder_accuracy(parts, root: str | Path, suite: str = "folder", model_classe
     dev = next(parts.parameters()).device
     keep = torch.full((len(names),), float("-inf"), device=dev)
     keep[to_model.to(dev)] = 0.0
-    from .source import _collate
+    from .source import _collate, progress_bar
 
     hits = n = 0
     bad: list[str] = []
+    loader = DataLoader(_SkipBad(ds, on_bad_image == "skip"), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
     with eval_mode(parts):
-        for x, y, b in DataLoader(_SkipBad(ds, on_bad_image == "skip"), batch_size=batch_size,
-                                  num_workers=num_workers, collate_fn=_collate):
+        for x, y, b in progress_bar(loader, len(loader), suite, progress):
             bad += b
             if not len(y):
                 continue

@@ -2,8 +2,10 @@
 
 Table 2 (paper): models as rows; Clean, PatchFool, CW, FGSM, DamageNet, A, C (mCE, lower is
 better), V2, R, Sketch, Stylized; Average = mean of the columns present with C entering as
-100 - mCE (the paper's own rows satisfy this: ViT-S 26.54, ViT-B + NS 39.39). Suites outside the
-paper (PGD, AutoAttack, nullspace metrics...) become extra columns, outside the Average.
+100 - mCE (the paper's own rows satisfy this: ViT-S 26.54, ViT-B + NS 39.39), each at the paper's
+setting (a registry default; FGSM eps 1/255): a column at another setting is labelled with it and left
+out of the Average. Suites outside the paper (PGD, AutoAttack, nullspace metrics...) become extra
+columns, outside the Average.
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ LOWER_IS_BETTER = {"corruptions"}
 APPROX_ALEXNET = "alexnet(approx)"  # mCE on on-the-fly corruptions normalised by AlexNet's ImageNet-C errors
 # the setting the paper's Average takes where a suite ran at several (FGSM eps 1/255, App. C; mCE vs AlexNet)
 PAPER_SETTING = {"fgsm": ["eps=1/255"], "corruptions": ["ref=alexnet", f"ref={APPROX_ALEXNET}"]}
+
+
+def _default_setting(suite: str) -> str | None:
+    """The setting a suite of the registry runs at by default, as its records name it ("eps=1/255"
+    for fgsm: the paper's); None for a suite without settings or outside the registry."""
+    from .suite import SUITES, fmt_setting  # here: suite.py imports this module
+
+    defaults = SUITES[suite].defaults if suite in SUITES else None
+    return fmt_setting(defaults) if defaults else None
+
+
+def _off_default(suite: str, setting: str) -> bool:
+    """A setting other than the suite's default (fgsm:eps=8/255): its column says so. No setting
+    (a record added by hand) is taken as the default."""
+    default = _default_setting(suite)
+    return default is not None and bool(setting) and setting != default
 
 
 def _relative_mce(suite: str, setting: str) -> bool:
@@ -291,8 +309,10 @@ class Report:
         order += own
         heads.sort(key=lambda h: order.index(h[0]))
         multi = {s for s, _ in heads if sum(1 for t, _ in heads if t == s) > 1}
+        # a suite at several settings, or at one other than its default, shows it: "FGSM" is eps=1/255 only
         return [(s, st, f"C↓ (vs {st[4:]})" if _relative_mce(s, st) else
-                 LABELS.get(s, s) + (f" ({st})" if s in multi and st else "")) for s, st in heads]
+                 LABELS.get(s, s) + (f" ({st})" if st and (s in multi or _off_default(s, st)) else ""))
+                for s, st in heads]
 
     def cell(self, model: str, suite: str, setting: str) -> tuple[float, float, int] | None:
         """(mean, std over seeds (0 for one), count) of the headline values, or None when there are none."""
@@ -302,19 +322,28 @@ class Report:
         return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
 
     def average(self, model: str) -> float | None:
-        """The paper's Average over the Table-2 columns present, C as 100 - mCE. Where a suite ran at
-        several settings it takes the paper's (``PAPER_SETTING``: FGSM eps=1/255, mCE vs AlexNet),
-        else the first; a baseline-relative mCE enters as it is (the note says so)."""
+        """The paper's Average over the Table-2 columns present, C as 100 - mCE, each at the paper's
+        setting: a column at another (fgsm:eps=8/255, cw:steps=10) is left out (:meth:`left_out`).
+        Where the mCE ran at several references it takes AlexNet's (``PAPER_SETTING``), else the
+        first; a baseline-relative mCE enters as it is (the note says so)."""
         vals = []
         settings: dict[str, list[str]] = {}
-        for suite, setting, _ in self.columns():
-            if suite in dict(TABLE2) and self.cell(model, suite, setting) is not None:
+        for suite, setting, _ in self._average_columns():
+            if self.cell(model, suite, setting) is not None:
                 settings.setdefault(suite, []).append(setting)
         for suite, present in settings.items():
             setting = next((p for p in PAPER_SETTING.get(suite, []) if p in present), present[0])
             c = self.cell(model, suite, setting)
             vals.append(100.0 - c[0] if suite in LOWER_IS_BETTER else c[0])
         return statistics.mean(vals) if vals else None
+
+    def _average_columns(self) -> list[tuple[str, str, str]]:
+        """The Table-2 columns at the paper's settings: those the Average takes."""
+        return [c for c in self.columns() if c[0] in dict(TABLE2) and not _off_default(c[0], c[1])]
+
+    def left_out(self) -> list[str]:
+        """Labels of the Table-2 columns the Average leaves out: run at another setting than the paper's."""
+        return [lab for s, st, lab in self.columns() if s in dict(TABLE2) and _off_default(s, st)]
 
     # -- rendering --
     def table2(self) -> str:
@@ -336,6 +365,9 @@ class Report:
         note = "Accuracy in %" + (", C↓ is mCE (lower is better; the Average uses 100 − mCE)"
                                   if any(s == "corruptions" for s, _, _ in cols) else "") + f". Seeds: {seeds}"
         note += "; mean ± std over seeds." if len(seeds) > 1 else "."
+        off = self.left_out()
+        if off:
+            note += (f" The Average leaves out {', '.join(off)}: not the paper's setting.")
         relative = sorted({r.setting[4:] for r in self.records if _relative_mce(r.suite, r.setting)})
         if relative:
             note += (f" C↓ (vs {', '.join(relative)}) is mCE relative to that model's corruption errors (it "

@@ -31,7 +31,8 @@ class EvalImages(ABC):
     @abstractmethod
     def batches(self, batch_size: int, n: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x (B, C, H, W) pixels in [0, 1], y (B,) int64) on the CPU, in order, ``batch_size`` at a
-        time (the last batch may be smaller); only the first ``n`` images if given."""
+        time (the last batch may be smaller); only ``n`` images if given, spread evenly over the set
+        (:func:`spread`), so a class-sorted folder gives every class, not the first one or two."""
 
 
 class TensorImages(EvalImages):
@@ -46,10 +47,10 @@ class TensorImages(EvalImages):
         return len(self.labels)
 
     def batches(self, batch_size: int, n: int | None = None):
-        end = len(self) if n is None else min(int(n), len(self))
-        for i in range(0, end, int(batch_size)):
-            j = min(i + int(batch_size), end)
-            yield self.images[i:j], self.labels[i:j]
+        keep = spread(len(self), n)
+        images, labels = (self.images, self.labels) if keep is None else (self.images[keep], self.labels[keep])
+        for i in range(0, len(labels), int(batch_size)):
+            yield images[i:i + int(batch_size)], labels[i:i + int(batch_size)]
 
 
 class FolderImages(EvalImages):
@@ -70,9 +71,7 @@ class FolderImages(EvalImages):
             raise NsvitError(f"data folder not found: {root}")
         self.dataset = SeededFolder(root, pixel_transform(parts, train=False), str(root), on_bad_image, parts=parts)
         self.classes = list(self.dataset.classes)
-        n_all = len(self.dataset)
-        n = n_all if max_images is None else min(n_all, int(max_images))
-        self.indices = torch.linspace(0, n_all - 1, n).round().long().tolist() if n < n_all else None
+        self.indices = spread(len(self.dataset), max_images)
         self.workers, self.pin_memory, self.root = int(workers), bool(pin_memory), root
         self._warned = False
 
@@ -83,8 +82,9 @@ class FolderImages(EvalImages):
         from torch.utils.data import DataLoader, Subset
 
         keep = list(range(len(self.dataset))) if self.indices is None else self.indices
-        if n is not None:
-            keep = keep[:int(n)]
+        pick = spread(len(keep), n)
+        if pick is not None:
+            keep = [keep[i] for i in pick]
         ds = _Droppable(self.dataset)
         ds = ds if len(keep) == len(self.dataset) else Subset(ds, keep)
         bad: list[str] = []
@@ -122,6 +122,22 @@ class _Droppable(torch.utils.data.Dataset):
                 raise
             return None, y, str(path)
         return self.folder.transform(img).clamp_(0, 1), y, None
+
+
+def spread(total: int, n: int | None) -> list[int] | None:
+    """Indices of ``n`` of ``total`` items spread evenly over them (first and last included), as
+    ``max_images`` picks a folder's images; None for all of them (no ``n``, or ``n >= total``)."""
+    if n is None or int(n) >= total:
+        return None
+    return torch.linspace(0, total - 1, int(n)).round().long().tolist()
+
+
+def progress_bar(batches, total: int | None, desc: str, progress: bool):
+    """``batches`` through a per-batch tqdm bar: on a terminal only, and gone when done (the suite's
+    timing line follows); none at all when ``progress`` is False."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=None if progress else True)
 
 
 def _collate(items):

@@ -47,7 +47,7 @@ from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, m
 from .ood import SUITES as OOD_SUITES
 from .ood import PRECROPPED, check_folder, folder_accuracy, model_class_names
 from .report import APPROX_ALEXNET, Report
-from .source import EvalImages, TensorImages, as_eval_images
+from .source import EvalImages, FolderImages, TensorImages, as_eval_images, progress_bar
 
 ACC_BATCH = 512  # images per forward for clean and corrupted accuracy
 
@@ -58,7 +58,8 @@ class Run:
 
     ``data`` hands out the images in batches (in memory or streamed). ``corr_err`` collects each
     model's corruption errors (model -> corruption -> per severity), so the baseline's normalise the
-    others' mCE; ``corrupted`` holds the corrupted images of in-memory data, made once.
+    others' mCE; ``corrupted`` holds the corrupted images of in-memory data, made once. ``progress``:
+    the suites show a per-batch bar on a terminal.
     """
 
     report: Report
@@ -73,6 +74,7 @@ class Run:
     on_bad_image: str = "error"
     corrupted: CorruptionSet | None = None
     corr_err: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    progress: bool = False
 
     @property
     def images(self) -> torch.Tensor:
@@ -123,14 +125,15 @@ def batch_accuracy(parts, batches) -> float:
 
 
 def _clean(run: Run, model: str, parts, kw: dict) -> None:
-    run.report.add(model, run.seed, "clean", "", "acc", 100 * batch_accuracy(parts, run.data.batches(ACC_BATCH)))
+    batches = progress_bar(run.data.batches(ACC_BATCH), -(-len(run.data) // ACC_BATCH), "clean", run.progress)
+    run.report.add(model, run.seed, "clean", "", "acc", 100 * batch_accuracy(parts, batches))
 
 
 def _attack_suite(suite: str, spec: AttackSpec, help: str) -> Suite:
     """A suite that reports accuracy under ``spec``'s attack, through the one attack loop."""
 
     def go(run: Run, model: str, parts, kw: dict) -> None:
-        acc = attack_accuracy_on(parts, run.data, spec, seed=run.seed, **kw)
+        acc = attack_accuracy_on(parts, run.data, spec, seed=run.seed, progress=run.progress, desc=suite, **kw)
         run.report.add(model, run.seed, suite, fmt_setting(kw), "acc", 100 * acc)
 
     return Suite(go, spec.defaults, help=help)
@@ -172,13 +175,15 @@ def _corruption_accuracies(run: Run, parts) -> dict[tuple[str, int], float]:
         if run.corrupted is None:
             run.corrupted = CorruptionSet(run.data.images, run.seed)
         labels = run.data.labels
+        keys = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]  # one bar step per corrupted set
         return {(c, s): batch_accuracy(parts, TensorImages(run.corrupted.get(c, s), labels).batches(ACC_BATCH))
-                for c in CORRUPTIONS for s in SEVERITIES}
+                for c, s in progress_bar(keys, len(keys), "corruptions", run.progress)}
     dev = next(parts.parameters()).device
     hits = {(c, s): 0 for c in CORRUPTIONS for s in SEVERITIES}
     seen = 0
     with torch.no_grad():
-        for x, y in run.data.batches(ACC_BATCH):
+        for x, y in progress_bar(run.data.batches(ACC_BATCH), -(-len(run.data) // ACC_BATCH), "corruptions",
+                                 run.progress):
             for key in hits:
                 pred = top1(parts(corrupt(x, *key, seed=run.seed, start=seen).to(dev))).cpu()
                 hits[key] += int((pred == y).sum())
@@ -222,7 +227,7 @@ def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
     from .nullspace_metrics import exact_noise_effect
 
     with exact_math():  # a property of the weights: fp32 whatever --precision says
-        r = exact_noise_effect(parts, run.data, seed=run.seed, **kw)
+        r = exact_noise_effect(parts, run.data, seed=run.seed, progress=run.progress, **kw)
     for k, v in r.items():
         run.report.add(model, run.seed, "nullspace", fmt_setting(kw), k, 100 * v if k == "match_rate" else v)
 
@@ -230,7 +235,7 @@ def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
 def _noisebank(run: Run, model: str, parts, kw: dict) -> None:
     from .nullspace_metrics import bank_effect
 
-    r = bank_effect(parts, run.bank, run.data)
+    r = bank_effect(parts, run.bank, run.data, progress=run.progress)
     setting = f"eps={run.bank.meta['eps']:g}"  # a number in (0, 2): checked at load
     run.report.add(model, run.seed, "noisebank", setting, "match_rate", 100 * r["match_rate"])
     run.report.add(model, run.seed, "noisebank", setting, "mse_prob", r["mse_prob"])
@@ -246,7 +251,8 @@ def _imagenet_c(run: Run, model: str, parts, kw: dict) -> None:
                 absent.append(f"{c}/{s}")
             else:
                 acc = folder_accuracy(parts, d, f"imagenet-c/{c}/{s}", run.model_classes, max_images=run.max_images,
-                                      on_bad_image=run.on_bad_image, precropped="imagenet-c" in PRECROPPED)
+                                      on_bad_image=run.on_bad_image, precropped="imagenet-c" in PRECROPPED,
+                                      progress=run.progress)
                 run.report.add(model, run.seed, "corruptions", f"{c}@{s}", "acc", 100 * acc)
                 err.setdefault(c, []).append(1 - acc)
     if not err:
@@ -266,7 +272,7 @@ def _folder_suite(suite: str) -> Suite:
 
     def go(run: Run, model: str, parts, kw: dict) -> None:
         acc = folder_accuracy(parts, run.folders[suite], suite, run.model_classes, max_images=run.max_images,
-                              on_bad_image=run.on_bad_image, precropped=suite in PRECROPPED)
+                              on_bad_image=run.on_bad_image, precropped=suite in PRECROPPED, progress=run.progress)
         run.report.add(model, run.seed, suite, "", "acc", 100 * acc)
 
     return Suite(go, needs="folder", help=f"{suite} folder (ImageFolder tree): top-1 accuracy")
@@ -277,7 +283,7 @@ _ATTACK_HELP = {
     "pgd": "PGD, L-inf, random start; torchattacks",
     "pgd_l2": "PGD, L2, random start; torchattacks",
     "cw": "CW-L2; torchattacks",
-    "autoattack": "AutoAttack standard, L-inf, on the first n images; torchattacks",
+    "autoattack": "AutoAttack standard, L-inf, on n images spread over the set; torchattacks",
 }
 
 SUITES: dict[str, Suite] = {
@@ -380,6 +386,48 @@ def fmt_setting(kw: dict[str, Any]) -> str:
     return ",".join(f"{k}={f(v)}" for k, v in kw.items())
 
 
+def check_comparable(models: dict, streamed: bool, model_classes: list[str] | None = None) -> None:
+    """Refuse models that one evaluation cannot score fairly: every model is scored on one set of
+    images and labels, made for the first model (its class mapping; for a folder, its eval
+    transform). So the others must have its class count and, where both are known, its class names,
+    its input size and, for a ``streamed`` folder, its resize and crop. Mean and std may differ:
+    each adapter normalises the pixels itself."""
+    from ..data.folders import known_class_names
+
+    names = list(models)
+    first = models[names[0]]
+    keys = ("input_size", "interpolation", "crop_pct", "crop_mode") if streamed else ("input_size",)
+    for name in names[1:]:
+        m = models[name]
+        if m.num_classes != first.num_classes:
+            raise NsvitError(f"models {names[0]!r} and {name!r} have {first.num_classes} and {m.num_classes} "
+                             f"classes: every model is scored on {names[0]!r}'s labels, so compare models with "
+                             f"the same classes (evaluate the others separately)")
+        if model_classes is None:
+            a, b = known_class_names(first), known_class_names(m)
+            if a is not None and b is not None and a != b:
+                diff = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                raise NsvitError(f"models {names[0]!r} and {name!r} name output {diff} {a[diff]!r} and {b[diff]!r}: "
+                                 f"every model is scored on {names[0]!r}'s labels (evaluate them separately)")
+        for k in keys:
+            if m.data_config[k] != first.data_config[k]:
+                raise NsvitError(f"models {names[0]!r} and {name!r} take {k} {first.data_config[k]} and "
+                                 f"{m.data_config[k]}: the images are prepared once, for {names[0]!r} (evaluate "
+                                 f"them separately)")
+
+
+def check_imagenet_c(root: str | Path, names: list[str]) -> None:
+    """Every <corruption>/<severity> folder under ``root`` checked as :func:`folder_accuracy` checks
+    it (class folders complete for the model's ``names``, none empty), before any model runs. Absent
+    ones are let through: the suite scores the others, warns, and gives no mCE."""
+    root = Path(root)
+    found = [(c, s) for c in CORRUPTIONS for s in SEVERITIES if (root / c / str(s)).is_dir()]
+    if not found:
+        raise NsvitError(f"imagenet-c: no <corruption>/<severity> folders under {root}")
+    for c, s in found:
+        check_folder(root / c / str(s), f"imagenet-c/{c}/{s}", names)
+
+
 def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline: str | None = None,
              folders: dict[str, str] | None = None, bank=None, model_classes: list[str] | None = None,
              mce_reference: str = "auto", max_images: int | None = None, progress: bool = True,
@@ -398,14 +446,16 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         mce_reference: "alexnet", "baseline" or "auto" (AlexNet for 1000-class models).
         model_classes: the models' class names, for folder suites on models without 1000 classes.
         max_images: evaluate on the first ``max_images`` images (and at most that many per folder).
-        progress, log: print (or pass to ``log``) one timing line per model and suite.
+        progress, log: print (or pass to ``log``) one timing line per model and suite; ``progress``
+            also shows a per-batch bar inside each suite, on a terminal only.
         on_bad_image: an unreadable file in a folder suite: ``error`` (stop, naming it) or ``skip``
             (left out, one warning with the count).
 
     Returns a Report with one record per (model, suite, setting, metric), at ``seed``. The model is
     put in eval mode for each suite and given back in its own mode. Raises NsvitError for an unknown
-    suite or setting, a baseline that is not a model, or a missing folder or NoiseBank, all before
-    any model runs.
+    suite or setting, a baseline that is not a model, models that cannot share one set of labels and
+    images (:func:`check_comparable`), or a missing or incomplete folder or a missing NoiseBank, all
+    before any model runs.
     """
     from ..errors import check_count, check_seed
 
@@ -440,6 +490,7 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     source = as_eval_images(data, models[names[0]], max_images)
     for name, m in models.items():
         check_labels_fit(m.num_classes, source, f"the data (for {name})")
+    check_comparable(models, isinstance(data, (str, Path, FolderImages)), model_classes)
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
@@ -448,7 +499,8 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if on_bad_image not in BAD_IMAGE:
         raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
     run = Run(Report(), source, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images,
-              on_bad_image)
+              on_bad_image, progress=progress)
+    checked = set()
     for suite, _ in specs:
         needs = SUITES[suite].needs
         if needs == "folder" and suite not in run.folders:
@@ -456,10 +508,11 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         if needs == "folder":  # the folder and the class names each model's outputs map to, before any model runs
             for parts in models.values():
                 known = model_class_names(parts, model_classes)
+                if (suite, tuple(known)) in checked:  # ImageNet-C's 75 folders once, not once per model
+                    continue
+                checked.add((suite, tuple(known)))
                 if suite == "imagenet-c":
-                    root = Path(run.folders[suite])
-                    if not any((root / c / str(s)).is_dir() for c in CORRUPTIONS for s in SEVERITIES):
-                        raise NsvitError(f"imagenet-c: no <corruption>/<severity> folders under {root}")
+                    check_imagenet_c(run.folders[suite], known)
                 else:
                     check_folder(run.folders[suite], suite, known)
         if needs == "bank" and bank is None:
