@@ -297,3 +297,26 @@ def test_a_checkpoint_alone_names_its_model(tmp_path, capsys):
     assert NoiseBank.load(tmp_path / "b.safetensors").meta["model"] == "vit_small_patch16_224"
     code, out, err = cli(capsys, "nullspace", "--model", "digits_vit", "--json")  # the default model still works
     assert code == 0 and '"embed_dim": 96' in out, err
+
+
+def test_a_timm_model_at_another_input_size_takes_img_size(tmp_path, capsys):
+    """A user's plain state dict of a ViT-Ti/16 trained at 32 px: --img-size builds it at that size
+    (as timm's train.py flag); there was no way to, and the error pointed at --num-classes."""
+    from nsvit_fast.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    torch.save(m.model.state_dict(), tmp_path / "small.pth")
+    args = ["--model", "vit_tiny_patch16_224", "--checkpoint", tmp_path / "small.pth"]
+    code, out, err = cli(capsys, "eval", *args, "--img-size", "32", "--suite", "clean", "--max-images", "16", "--quiet",
+                         "--out", tmp_path / "r")
+    assert code == 0, err
+    code, out, err = cli(capsys, "eval", *args, "--suite", "clean", "--max-images", "16", "--quiet",
+                         "--out", tmp_path / "r2")
+    one_error(code, err, "does not fit this model")
+    code, out, err = cli(capsys, "finetune", "--config", "vit_s_imagenet", *args, "--img-size", "32",
+                         "--data", "digits:train", "--quiet", "--out", tmp_path / "ft", "val_data=null", "rounds=1",
+                         "model_steps=1", "batch_size=8", "max_images=16", "synth.max_steps=2", "synth.batch_size=8",
+                         "synth.heldout=4")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["rounds"] == 1

@@ -153,7 +153,11 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
             parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
         if wrong:
             parts.append(f"shape mismatch e.g. {wrong[:2]}")
-        raise NsvitError(f"{source} does not fit this model ({'; '.join(parts)}); wrong model or --num-classes?")
+        hint = "wrong model or --num-classes?"
+        pos = sd.get("pos_embed")
+        if pos is not None and "pos_embed" in own and tuple(pos.shape) != tuple(own["pos_embed"].shape):
+            hint = "wrong model, or built at another --img-size? (its pos_embed has another number of tokens)"
+        raise NsvitError(f"{source} does not fit this model ({'; '.join(parts)}); {hint}")
     model.load_state_dict(sd, strict=True)
 
 

@@ -10,11 +10,11 @@ from ..errors import NsvitError, check_count
 from .engine import FinetuneConfig, make_config
 
 RUN_KEYS = {"model": None, "checkpoint": None, "use_ema": False, "pretrained": False, "random_init": False,
-            "num_classes": None,
+            "num_classes": None, "img_size": None,
             "data": "digits:train",
             "val_data": None, "max_images": None, "out": None, "on_bad_image": "error"}
 RUN_TYPES = {"model": str | None, "checkpoint": str | None, "use_ema": bool, "pretrained": bool, "random_init": bool,
-             "num_classes": int | None,
+             "num_classes": int | None, "img_size": int | None,
              "data": str | None, "val_data": str | None, "max_images": int | None, "out": str | None,
              "on_bad_image": str}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
@@ -171,7 +171,7 @@ def load_run(path: str | None, overrides: dict[str, Any] | None = None) -> tuple
     for k in ("checkpoint", "data", "val_data", "out"):  # as the shell does for flags: ~ is the home folder
         if isinstance(run[k], str) and run[k].startswith("~"):
             run[k] = str(Path(run[k]).expanduser())
-    for k in ("num_classes", "max_images"):
+    for k in ("num_classes", "img_size", "max_images"):
         if run[k] is not None:
             run[k] = check_count(k, run[k])  # >= 1 and not past 2**31 - 1 (1e20 failed later, naming another key)
     return run, make_config(None, raw)
