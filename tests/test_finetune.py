@@ -56,6 +56,14 @@ def test_each_method_runs_a_round_and_changes_the_weights(method, train, tmp_pat
         assert learned == [] and used == [None]
     for f in ("model.safetensors", "checkpoint.safetensors", "log.jsonl", "fig4_trend.png", "config.json"):
         assert (tmp_path / f).is_file()
+    # the folder says what it ran on, not only the settings: model, data, the weights it started from
+    from nsvit_fast.models import weights_fingerprint
+    from nsvit_fast.train.engine import data_identity
+
+    run = json.loads((tmp_path / "config.json").read_text())["run"]
+    assert run["model"] == "digits_vit" and run["arch"] == "vit_tiny_patch16_224" and run["model_kwargs"]["depth"] == 6
+    assert run["train_data"] == data_identity(train) and run["val_data"] == data_identity(digits("val"))
+    assert run["start_weights"] == weights_fingerprint(load_model("digits_vit")) != weights_fingerprint(parts)
     again = load_model(checkpoint=tmp_path / "model.safetensors")
     assert torch.equal(again.model.head.weight, parts.model.head.weight)
 

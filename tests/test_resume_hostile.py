@@ -250,6 +250,9 @@ def test_a_mid_round_resume_logs_what_an_uninterrupted_run_logs(run_dir, tmp_pat
     assert _main(ARGS + ["--out", str(d), "--resume"]) == 0, capsys.readouterr().err
     assert _main(ARGS + ["--out", str(tmp_path / "ref")]) == 0, capsys.readouterr().err
     got, want = ([json.loads(line) for line in (f / "log.jsonl").read_text().splitlines()] for f in (d, tmp_path / "ref"))
+    # config.json's record of the starting weights is the first start's, not the resumed weights'
+    runs = [json.loads((f / "config.json").read_text())["run"] for f in (d, tmp_path / "ref")]
+    assert runs[0]["start_weights"] == runs[1]["start_weights"] is not None
     assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1]
     for a, b in zip(want, got):
         keys = [k for k in a if k.startswith("train_") or k in ("noise_norm", "mse_prob", "synth_steps")]

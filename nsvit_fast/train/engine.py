@@ -702,6 +702,23 @@ def same_data(here: Any, there: Any) -> bool:
     return here == there
 
 
+def _run_record(parts, eng: "Engine", path: Path, fresh: bool) -> dict[str, Any]:
+    """What config.json adds to the settings so a run folder says what it ran on: the model (name,
+    timm arch and settings, normalisation, class names), the data's identities as the checkpoint
+    records them, and the starting weights' fingerprint (kept from the first start on a resume)."""
+    from ..models import weights_fingerprint
+
+    start = weights_fingerprint(parts) if fresh else None
+    if not fresh:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            start = json.loads(path.read_text()).get("run", {}).get("start_weights")
+    return {"model": parts.name, "arch": parts.arch,
+            "model_kwargs": parts.model_kwargs if getattr(parts, "kwargs_known", True) else None,
+            "mean": list(parts.data_config["mean"]), "std": list(parts.data_config["std"]),
+            "class_names": getattr(parts, "class_names", None), "train_data": eng._ids["train"],
+            "val_data": eng._ids["val"], "start_weights": start}
+
+
 def _our_config(path: Path) -> bool:
     """Whether ``path`` is a finetuning run's config.json (not a file of the user's by that name)."""
     try:
@@ -825,7 +842,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if out is not None and eng.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             wrote_config = not (out / "config.json").exists()
-            write_json(out / "config.json", asdict(cfg))
+            write_json(out / "config.json", {**asdict(cfg), "run": _run_record(parts, eng, out / "config.json",
+                                                                                 fresh=(k0, s0) == (0, 0))})
         try:
             with rt.matmul_mode():
                 eng.run(k0, s0)
