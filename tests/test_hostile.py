@@ -1007,7 +1007,8 @@ def test_an_output_lock_sweeps_a_killed_runs_temporaries(tmp_path, capsys):
 
 def test_an_interrupted_synth_leaves_no_folders_it_made(tmp_path):
     """The log's folder was made when synthesis began, and stayed, empty, after a Ctrl-C (or any
-    failure) removed the log: the output lock removes the folders it made that are still empty."""
+    failure) removed the log: the output lock removes the folders it made that are still empty.
+    SIGTERM takes Ctrl-C's path (a child of a background shell ignores SIGINT)."""
     log = tmp_path / "new" / "deeper" / "log.jsonl"
     run = _cli("synth", "--quiet", "--max-steps", "100000", "--max-images", "32", "--eps", "1e-9",
                "--out", str(tmp_path / "bank" / "bank.safetensors"), "--log", str(log))
@@ -1016,6 +1017,6 @@ def test_an_interrupted_synth_leaves_no_folders_it_made(tmp_path):
             and time.time() - t0 < 120:
         time.sleep(0.05)
     assert run.poll() is None, run.stderr.read()
-    run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=120) == 130, run.stderr.read()
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143, run.stderr.read()
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == []
