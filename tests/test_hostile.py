@@ -1012,11 +1012,15 @@ def test_an_interrupted_synth_leaves_no_folders_it_made(tmp_path):
     log = tmp_path / "new" / "deeper" / "log.jsonl"
     run = _cli("synth", "--quiet", "--max-steps", "100000", "--max-images", "32", "--eps", "1e-9",
                "--out", str(tmp_path / "bank" / "bank.safetensors"), "--log", str(log))
-    t0 = time.time()
-    while not (log.parent.exists() and any(log.parent.glob(".log.jsonl.*.tmp"))) and run.poll() is None \
-            and time.time() - t0 < 120:
-        time.sleep(0.05)
-    assert run.poll() is None, run.stderr.read()
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=120) == 143, run.stderr.read()
+    try:
+        t0 = time.time()
+        while not (log.parent.exists() and any(log.parent.glob(".log.jsonl.*.tmp"))) and run.poll() is None \
+                and time.time() - t0 < 120:
+            time.sleep(0.05)
+        assert run.poll() is None, run.stderr.read()
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 143, run.stderr.read()
+    finally:  # a run that ignored the signal would go on for its 100000 steps after the test
+        run.kill()
+        run.wait()
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == []
