@@ -423,10 +423,17 @@ def cmd_finetune(args) -> int:
     distributed = init_from_env(device)
     try:
         overrides = parse_overrides(args.overrides)
+        import os
+
+        def same(key, a, b) -> bool:  # paths as paths: --out ~/x (expanded by the shell) is out=~/x
+            if key in ("checkpoint", "data", "val_data", "out") and a is not None and b is not None:
+                return os.path.abspath(os.path.expanduser(str(a))) == os.path.abspath(os.path.expanduser(str(b)))
+            return str(a) == str(b)
+
         for key in ("precision", "workers", "model", "checkpoint", "data", "val_data", "out", "num_classes",
-                    "img_size"):
+                    "img_size", "pretrained", "use_ema"):
             flag = getattr(args, key, None)  # precision=bf16 --precision fp32 ran fp32 without a word
-            if flag is not None and key in overrides and str(overrides[key]) != str(flag):
+            if flag is not None and key in overrides and not same(key, overrides[key], flag):
                 raise NsvitError(f"{key} is given twice, as --{key.replace('_', '-')} {flag} and {key}="
                                  f"{overrides[key]}; give one")
         for flag in ("precision", "workers"):
@@ -451,9 +458,12 @@ def cmd_finetune(args) -> int:
         from .models import load_model
         from .train.engine import STATE_FILE
 
+        from .models import embedded
+
+        if args.config is None and args.checkpoint is not None and args.model is None and "model" not in overrides:
+            run["model"] = None  # the file names its model; the digits config's digits_vit called any model so
         if run["model"] is None and run["checkpoint"] is None:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
-        from .models import embedded
 
         if args.config is None and run["model"] not in (None, embedded.NAME):  # lr, lim, rounds of a 32-px model
             raise NsvitError(f"finetune --model {run['model']} takes a --config: the default one, digits, holds the "
@@ -478,6 +488,14 @@ def cmd_finetune(args) -> int:
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
                            pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]),
                            **({"img_size": run["img_size"]} if run["img_size"] else {}))
+        if run["model"] is None:  # named by its file: the digits model is still digits_vit, anything else needs a config
+            body = lambda kw: {k: v for k, v in kw.items() if k != "num_classes"}  # noqa: E731 (the head may differ)
+            if parts.arch == embedded.ARCH and body(parts.model_kwargs) == body(embedded.KWARGS):
+                parts.name = embedded.NAME
+            elif args.config is None:
+                raise NsvitError(f"finetune of {args.checkpoint} ({parts.arch}) takes a --config: the default one, "
+                                 f"digits, holds the embedded digits model's settings; give --config vit_s_imagenet "
+                                 f"(the paper's ViT-S settings), vit_b_imagenet, or a YAML of yours")
         # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
         # folder cut to max_images are read into memory, the fast path for small data
         from .data import stream_or_load

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -127,14 +128,26 @@ def _file_lock_name(name: str) -> str:
     return f".{name}.nsvit-lock"  # shorter than atomic_path's temporary name, which was checked to fit
 
 
-def _stale_temps(path: Path) -> list[Path]:
-    # atomic_path's and the synth log's temporaries: "." + name + "." + 8 random characters + ".tmp"
+def _stale_temps(path: Path, since: float | None = None) -> list[Path]:
+    """atomic_path's and the synth log's temporaries for ``path``: "." + name + "." + 8 random
+    characters + ".tmp", mode 0600 (mkstemp's; a user's file by that pattern has its own mode), ours.
+    ``since``: only those modified after it (at exit: this run's), else only those untouched for a
+    minute (at entry: a writer that takes no lock, the Python API, may be writing one now)."""
     head, n = f".{path.name}.", len(path.name) + 2 + 8 + 4
+    now = time.time()
+    out = []
     try:
-        return [p for p in path.parent.iterdir() if p.name.startswith(head) and p.name.endswith(".tmp")
-                and len(p.name) == n]
+        for p in path.parent.iterdir():
+            if not (p.name.startswith(head) and p.name.endswith(".tmp") and len(p.name) == n):
+                continue
+            st = os.stat(p, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.getuid():
+                continue
+            if (st.st_mtime >= since) if since is not None else (now - st.st_mtime > 60):
+                out.append(p)
     except OSError:
-        return []
+        pass
+    return out
 
 
 @contextlib.contextmanager
@@ -150,9 +163,9 @@ def output_lock(paths: Mapping[str, str | os.PathLike | None]) -> Iterator[None]
     Raises:
         NsvitError: another run writes one of the files, or a lock cannot be created.
     """
-    def sweep() -> None:
+    def sweep(since: float | None = None) -> None:
         for path in held:
-            for t in _stale_temps(path):
+            for t in _stale_temps(path, since):
                 with contextlib.suppress(OSError):
                     t.unlink()
 
@@ -169,10 +182,11 @@ def output_lock(paths: Mapping[str, str | os.PathLike | None]) -> Iterator[None]
                                       f"to end or choose another name"))
             held.append(path)
         sweep()
+        start = time.time() - 0.05  # file times come from a coarser clock, a few ms behind
         try:
             yield
         finally:
-            sweep()
+            sweep(since=start)
 
 
 __all__ = ["LOCK_NAME", "RUN_FIGURE", "RUN_FILES", "check_not_a_run", "holder", "output_lock", "run_lock"]

@@ -41,7 +41,8 @@ def test_numbered_folders_are_read_by_value(tmp_path):
     # numbers that are not all output indices (1-based, say): in number order, "2" before "10"
     for c in ("1", "2", "10"):
         (tmp_path / "one_based" / c).mkdir(parents=True)
-    assert class_index(tmp_path / "one_based", None, 3)[1] == {"1": 0, "2": 1, "10": 2}
+    with pytest.warns(UserWarning, match="read in number order"):  # a model trained in string order reads them otherwise
+        assert class_index(tmp_path / "one_based", None, 3)[1] == {"1": 0, "2": 1, "10": 2}
 
 
 def test_a_finetune_records_its_classes_and_reads_val_and_eval_folders_by_them(tmp_path):
@@ -71,3 +72,29 @@ def test_class_names_in_a_file_are_checked(tmp_path):
     p = save_model(parts, tmp_path / "m.safetensors", metadata={"class_names": ["a", "a", "b", "c"]})
     with pytest.raises(NsvitError, match="'class_names' must be 4 distinct names"):
         load_model(None, checkpoint=p)
+
+
+def test_a_finetune_on_new_classes_replaces_the_recorded_ones(tmp_path):
+    """A model finetuned on ant..dog, finetuned again on a folder of other classes: those are the
+    new task's names (it kept the old ones, refused the new val folder and saved wrong names)."""
+    train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    finetune(_model(), str(train), RUN, out_dir=tmp_path / "run", progress=False)
+    first = load_model(None, checkpoint=tmp_path / "run" / "model.safetensors")
+    new = ["eel", "fox", "gnu", "hen"]
+    res = finetune(first, str(_folder(tmp_path / "t2", new)), RUN, val_data=str(_folder(tmp_path / "v2", new[1:])),
+                   progress=False)
+    assert res.parts.class_names == new
+    mixed = _folder(tmp_path / "mixed", ["ant", "bee", "cat", "eel"])  # partly the old classes: ambiguous
+    with pytest.raises(NsvitError, match="'eel' is not one of the model's class names"):
+        finetune(load_model(None, checkpoint=tmp_path / "run" / "model.safetensors"), str(mixed), RUN, progress=False)
+
+
+def test_compare_refuses_models_that_name_their_outputs_differently():
+    from nsvit_fast.eval.suite import check_comparable
+
+    a, b = _model(), _model()
+    a.class_names, b.class_names = ["ant", "bee", "cat", "dog"], ["bee", "ant", "cat", "dog"]
+    with pytest.raises(NsvitError, match="name output 0 'ant' and 'bee'"):
+        check_comparable({"a": a, "b": b}, streamed=False)
+    b.class_names = list(a.class_names)
+    check_comparable({"a": a, "b": b}, streamed=False)

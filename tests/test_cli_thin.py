@@ -295,8 +295,12 @@ def test_a_checkpoint_alone_names_its_model(tmp_path, capsys):
     from nsvit_fast.synth import NoiseBank
 
     assert NoiseBank.load(tmp_path / "b.safetensors").meta["model"] == "vit_small_patch16_224"
-    code, out, err = cli(capsys, "nullspace", "--model", "digits_vit", "--json")  # the default model still works
-    assert code == 0 and '"embed_dim": 96' in out, err
+    # finetune too: the digits config's digits_vit named any checkpoint, and its settings applied
+    tiny = save_model(create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=10),
+                      tmp_path / "tiny.safetensors")
+    code, out, err = cli(capsys, "finetune", "--checkpoint", tiny, "--quiet", "--out", tmp_path / "ft")
+    one_error(code, err, "(vit_tiny_patch16_224) takes a --config")
+    assert not (tmp_path / "ft").exists()
 
 
 def test_a_timm_model_at_another_input_size_takes_img_size(tmp_path, capsys):

@@ -554,6 +554,8 @@ CASES = [
      "vit_small_patch32_224 would start from random weights", {}),
     ("ft-flag-and-key", ["finetune", "precision=bf16", "--precision", "fp32", "--out", "{C}/o"],
      "precision is given twice, as --precision fp32 and precision=bf16", {}),
+    ("ft-pretrained-flag-and-key", ["finetune", "pretrained=false", "--pretrained", "--out", "{C}/o"],
+     "pretrained is given twice", {}),
     ("ft-data-flag-and-key", ["finetune", "data=digits:test", "--data", "digits:train", "--out", "{C}/o"],
      "data is given twice", {}),
     ("ft-run-key-typo", ["finetune", "chekpoint=x.safetensors", "--out", "{C}/o"], "did you mean 'checkpoint'?", {}),
@@ -996,9 +998,13 @@ def test_an_output_lock_sweeps_a_killed_runs_temporaries(tmp_path, capsys):
     from nsvit_fast.cli import main
 
     junk = [".bank.safetensors.k3j_a9zq.tmp", ".log.jsonl.0a1b2c3d.tmp"]
-    kept = [".bank.safetensors.tmp", ".other.safetensors.abcdefgh.tmp", "bank.safetensors.abcdefgh.tmp"]
+    kept = [".bank.safetensors.tmp", ".other.safetensors.abcdefgh.tmp", "bank.safetensors.abcdefgh.tmp",
+            ".bank.safetensors.userfile.tmp",  # the pattern, but a user's mode (0644): not a temporary of ours
+            ".log.jsonl.fresh123.tmp"]  # mkstemp's, but seconds old: a writer that takes no lock may own it
     for n in junk + kept:
         (tmp_path / n).write_text("x")
+        os.chmod(tmp_path / n, 0o644 if "userfile" in n else 0o600)
+        os.utime(tmp_path / n, (time.time() - (5 if "fresh" in n else 3600),) * 2)
     rc = main(["synth", "--max-steps", "1", "--max-images", "16", "--quiet", "--out", str(tmp_path / "bank.safetensors"),
                "--log", str(tmp_path / "log.jsonl")])
     assert rc == 0, capsys.readouterr().err

@@ -188,6 +188,10 @@ def class_index(root: str | Path, names: list[str] | None, num_classes: int | No
     if found and all(c.isascii() and c.isdigit() and str(int(c)) == c for c in found):
         # folders named by number (ImageNet-V2's "0"-"999"): by value where every one is an output
         # index, else in number order ("2" before "10"); torchvision's string order put "10" second
+        if names is None and found != sorted(found, key=int):  # names unknown: a model trained on them before
+            warnings.warn(f"{root}: class folders named by number are read in number order (2 before 10), not "
+                          f"torchvision's string order; a model trained on them in string order (torchvision, or "
+                          f"an nsvit-fast model saved without class_names) reads them differently", stacklevel=2)
         found = sorted(found, key=int)
         if num_classes is not None and int(found[-1]) < num_classes:
             return [str(i) for i in range(num_classes)], {c: int(c) for c in found}
@@ -202,12 +206,21 @@ def adopt_class_names(parts, data) -> None:
     the data it is finetuned on, in label order, when they are one per output: a validation or
     evaluation folder is then read by name (by sorted position, a val folder missing one class and
     holding another shifted every label), and they are saved with the weights."""
-    if known_class_names(parts) is not None or not hasattr(parts, "class_names"):
-        return
+    own = getattr(parts, "class_names", None)
+    if not hasattr(parts, "class_names") or (own is None and known_class_names(parts) is not None):
+        return  # digits_vit's digits, ImageNet's synsets: fixed by the model
     if isinstance(data, (str, Path)):
-        classes = class_index(Path(data), None, getattr(parts, "num_classes", None))[0] if Path(data).is_dir() else None
+        if not Path(data).is_dir():
+            return
+        found = class_folders(Path(data))
+        if own is not None and set(found) & set(own):
+            return  # the classes it learned: read by them (a folder mixing in others is refused there)
+        classes = class_index(Path(data), None, getattr(parts, "num_classes", None))[0]
     else:
         classes = getattr(data, "classes", None)
+        if own is not None and classes and set(classes) & set(own):
+            return
+    # no recorded names, or none of them here: a new task, whose classes replace the old ones
     if classes and len(classes) == getattr(parts, "num_classes", None) and len(set(classes)) == len(classes):
         parts.class_names = [str(c) for c in classes]
 

@@ -386,7 +386,7 @@ def fmt_setting(kw: dict[str, Any]) -> str:
     return ",".join(f"{k}={f(v)}" for k, v in kw.items())
 
 
-def check_comparable(models: dict, streamed: bool, model_classes: list[str] | None = None) -> None:
+def check_comparable(models: dict, streamed: bool) -> None:
     """Refuse models that one evaluation cannot score fairly: every model is scored on one set of
     images and labels, made for the first model (its class mapping; for a folder, its eval
     transform). So the others must have its class count and, where both are known, its class names,
@@ -403,12 +403,13 @@ def check_comparable(models: dict, streamed: bool, model_classes: list[str] | No
             raise NsvitError(f"models {names[0]!r} and {name!r} have {first.num_classes} and {m.num_classes} "
                              f"classes: every model is scored on {names[0]!r}'s labels, so compare models with "
                              f"the same classes (evaluate the others separately)")
-        if model_classes is None:
-            a, b = known_class_names(first), known_class_names(m)
-            if a is not None and b is not None and a != b:
-                diff = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-                raise NsvitError(f"models {names[0]!r} and {name!r} name output {diff} {a[diff]!r} and {b[diff]!r}: "
-                                 f"every model is scored on {names[0]!r}'s labels (evaluate them separately)")
+        # known names compared whatever the labels come from (--classes or the folder): the same class
+        # at another output is scored as wrong
+        a, b = known_class_names(first), known_class_names(m)
+        if a is not None and b is not None and a != b:
+            diff = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            raise NsvitError(f"models {names[0]!r} and {name!r} name output {diff} {a[diff]!r} and {b[diff]!r}: "
+                             f"every model is scored on {names[0]!r}'s labels (evaluate them separately)")
         for k in keys:
             if m.data_config[k] != first.data_config[k]:
                 raise NsvitError(f"models {names[0]!r} and {name!r} take {k} {first.data_config[k]} and "
@@ -490,7 +491,7 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     source = as_eval_images(data, models[names[0]], max_images)
     for name, m in models.items():
         check_labels_fit(m.num_classes, source, f"the data (for {name})")
-    check_comparable(models, isinstance(data, (str, Path, FolderImages)), model_classes)
+    check_comparable(models, isinstance(data, (str, Path, FolderImages)))
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
