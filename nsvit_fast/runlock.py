@@ -135,18 +135,21 @@ def _stale_temps(path: Path, since: float | None = None) -> list[Path]:
     minute (at entry: a writer that takes no lock, the Python API, may be writing one now)."""
     head, n = f".{path.name}.", len(path.name) + 2 + 8 + 4
     now = time.time()
-    out = []
     try:
-        for p in path.parent.iterdir():
-            if not (p.name.startswith(head) and p.name.endswith(".tmp") and len(p.name) == n):
-                continue
+        names = [p for p in path.parent.iterdir()
+                 if p.name.startswith(head) and p.name.endswith(".tmp") and len(p.name) == n]
+    except OSError:  # an unreadable folder: nothing of ours to find there
+        return []
+    out = []
+    for p in names:
+        try:
             st = os.stat(p, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.getuid():
-                continue
-            if (st.st_mtime >= since) if since is not None else (now - st.st_mtime > 60):
-                out.append(p)
-    except OSError:
-        pass
+        except OSError:  # gone meanwhile (its writer renamed it)
+            continue
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.getuid():
+            continue
+        if (st.st_mtime >= since) if since is not None else (now - st.st_mtime > 60):
+            out.append(p)
     return out
 
 
