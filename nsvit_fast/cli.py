@@ -145,15 +145,26 @@ def _check_default_data(args, parts) -> None:
 def _load(args):
     from .models import load_model
 
-    if args.model is None and args.checkpoint is None:
-        args.model = getattr(args, "model_default", None)
-        if args.model is None:
-            raise NsvitError("give --model NAME (or --checkpoint FILE saved by nsvit-fast)")
+    _default_model(args)
     import torch
 
     torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
     return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                       pretrained=args.pretrained, use_ema=args.use_ema, **_size(args))
+
+
+def _default_model(args) -> None:
+    """--model falls back to the command's default only without --checkpoint (a file names its model)."""
+    if args.model is None and args.checkpoint is None:
+        args.model = getattr(args, "model_default", None)
+        if args.model is None:
+            raise NsvitError("give --model NAME (or --checkpoint FILE saved by nsvit-fast)")
+
+
+def _needs_config(what: str) -> NsvitError:
+    return NsvitError(f"finetune {what} takes a --config: the default one, digits, holds the embedded digits "
+                      f"model's settings; give --config vit_s_imagenet (the paper's ViT-S settings), vit_b_imagenet, "
+                      f"or a YAML of yours")
 
 
 def _size(args) -> dict:
@@ -466,9 +477,7 @@ def cmd_finetune(args) -> int:
             raise NsvitError("the config names no model: give --model or a config with 'model:'")
 
         if args.config is None and run["model"] not in (None, embedded.NAME):  # lr, lim, rounds of a 32-px model
-            raise NsvitError(f"finetune --model {run['model']} takes a --config: the default one, digits, holds the "
-                             f"embedded digits model's settings; give --config vit_s_imagenet (the paper's ViT-S "
-                             f"settings), vit_b_imagenet, or a YAML of yours")
+            raise _needs_config(f"--model {run['model']}")
         if (run["model"] not in (None, embedded.NAME) and run["checkpoint"] is None and not run["pretrained"]
                 and not run["random_init"]):  # the paper finetunes a pretrained model
             raise NsvitError(f"{run['model']} would start from random weights: give checkpoint= (or --checkpoint) a "
@@ -493,9 +502,7 @@ def cmd_finetune(args) -> int:
             if parts.arch == embedded.ARCH and body(parts.model_kwargs) == body(embedded.KWARGS):
                 parts.name = embedded.NAME
             elif args.config is None:
-                raise NsvitError(f"finetune of {args.checkpoint} ({parts.arch}) takes a --config: the default one, "
-                                 f"digits, holds the embedded digits model's settings; give --config vit_s_imagenet "
-                                 f"(the paper's ViT-S settings), vit_b_imagenet, or a YAML of yours")
+                raise _needs_config(f"of {args.checkpoint} ({parts.arch})")
         # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
         # folder cut to max_images are read into memory, the fast path for small data
         from .data import stream_or_load
@@ -613,8 +620,7 @@ def _eval(args) -> int:
     for suite, path in args.folder or []:  # a folder no suite reads would be ignored without a word
         if suite not in names:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
-    if args.model is None and args.checkpoint is None:
-        args.model = args.model_default
+    _default_model(args)
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
                       use_ema=args.use_ema, **_size(args))
     _check_default_data(args, main)
