@@ -520,6 +520,8 @@ def cmd_finetune(args) -> int:
         res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet,
                        device=device, on_bad_image=run["on_bad_image"])
         if rank_world()[0] == 0:
+            if res.history and res.history[0].get("val_acc_start") is not None:
+                print(f"val accuracy of the starting model: {res.history[0]['val_acc_start']:.4g}")
             cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
             print(" ".join(f"{c:>12s}" for c in cols))
             for h in res.history:

@@ -184,6 +184,8 @@ def _report(r: dict) -> str:
     from .train.plots import mse_label
     rounds = "\n".join(f"| {h['round']} | {h['noise_norm']:.1f} | {h['mse_prob']:.4f} | {h['synth_steps']} | "
                         f"{h['val_acc']:.3f} |" for h in ns_h)
+    if ns_h and ns_h[0].get("val_acc_start") is not None:  # the starting model's row, as Fig. 4 starts there
+        rounds = f"| start | - | - | - | {ns_h[0]['val_acc_start']:.3f} |\n" + rounds
     corr = any(x["suite"] == "corruptions" for x in ft["report"]["records"])  # not in --quick
     heading = "attacks in pixel space" + (", corruptions on the fly" if corr else "")
     c_note = ("C↓ is mCE relative to the pretrained model (so it scores 100); C acc is the mean accuracy over the\n"

@@ -261,7 +261,28 @@ def test_trend_divides_by_the_first_rounds_value(tmp_path, monkeypatch):
     assert drawn == {"val accuracy": pytest.approx([1.0, 1.2, 1.8])}  # steps start at 0: no first-round scale
     # rounds as log.jsonl and the tables number them (the axis started at 1)
     assert [list(ln.get_xdata()) for ln in ax.lines if ln.get_label() == "val accuracy"] == [[0, 1, 2]]
-    assert "synthesis steps: not drawn (first round's value is 0)" in [t.get_text() for t in ax.get_legend().texts]
+    assert "synthesis steps: not drawn (first value is 0)" in [t.get_text() for t in ax.get_legend().texts]
+
+
+def test_trend_starts_val_accuracy_at_the_starting_model(tmp_path, monkeypatch):
+    """With val_acc_start in round 0's record, val accuracy is drawn from round -1 and divided by
+    the starting model's value (the paper's "divided by their initial values"); the rest as before."""
+    from nsvit_fast.analysis.studies import trend
+    from nsvit_fast.train import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(fig) or path)
+    _round_log(tmp_path, [{"round": 0, "val_acc_start": 0.4, "val_acc": 0.5, "noise_norm": 2.0},
+                          {"round": 1, "val_acc": 0.6, "noise_norm": 3.0}])
+    r = trend(tmp_path)
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in figs[0].axes[0].lines
+             if not ln.get_label().startswith("_")}
+    assert lines["val accuracy (from the start)"] == ([-1, 0, 1], pytest.approx([1.0, 1.25, 1.5]))
+    assert lines["noise norm"] == ([0, 1], pytest.approx([1.0, 1.5]))
+    assert r["val_acc_start"] == 0.4 and r["series"]["val_acc"] == [0.5, 0.6]
+    (tmp_path / "log.jsonl").write_text('{"round": 0, "val_acc_start": NaN}\n')
+    with pytest.raises(NsvitError, match="'val_acc_start' must be a finite number"):
+        trend(tmp_path)
 
 
 def test_watermark_figure_of_a_zero_noise_is_not_blank(parts, tmp_path, monkeypatch):

@@ -88,6 +88,7 @@ def test_demo_writes_figure_and_report(tmp_path):
         assert f"| {m} | {clean:.2f}" in report
     ns_hist = out["finetune"]["histories"]["ns"]
     assert len(ns_hist) == 2 and all(h["converged"] for h in ns_hist)
+    assert f"| start | - | - | - | {ns_hist[0]['val_acc_start']:.3f} |" in report  # Fig. 4's starting point
     # random got the ns run's norms, round by round
     assert [h["noise_norm"] for h in out["finetune"]["histories"]["random"]] == [h["noise_norm"] for h in ns_hist]
     for f in ("fig4_trend.png", "eval/suites.png", "finetune/ns/model.safetensors"):

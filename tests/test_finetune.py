@@ -679,6 +679,20 @@ def test_yaml_reads_integers_and_keys_as_yaml_1_2_and_expands_home(tmp_path, mon
     assert run["val_data"] is None
 
 
+def test_the_starting_models_val_accuracy_is_measured_before_round_0():
+    """Fig. 4 divides by the initial value: round 0's record holds the untouched model's val
+    accuracy, not the first round's (a large lr wrecks the model within the round)."""
+    from nsvit_fast.eval.accuracy import accuracy
+
+    val = digits("val")
+    want = accuracy(load_model("digits_vit"), val.images, val.labels)
+    res = finetune(load_model("digits_vit"), digits("train").subset(64), method="plain", rounds=2, model_steps=3,
+                   lr=0.05, batch_size=32, val_data=val, progress=False)
+    h = res.history
+    assert want > 0.9 and h[0]["val_acc_start"] == pytest.approx(want) and h[0]["val_acc"] < want - 0.2
+    assert "val_acc_start" not in h[1]  # once, before round 0
+
+
 def test_val_images_are_spread_over_the_set():
     """val_images scored the first N images, which in a folder's class order is one or two classes:
     here the first 40 (classes 0-1) are labelled right and the rest shifted, so the first 40 score

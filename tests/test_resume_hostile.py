@@ -146,6 +146,8 @@ CASES = [
     ("history-not-dicts", _meta("history", [5]), "'history' record 0 must be a JSON object"),
     ("history-norm-str", lambda t, m: _set(m, "history", [{**_get(m, "history")[0], "noise_norm": "big"}]),
      "'noise_norm' must be a number or null"),
+    ("history-start-str", lambda t, m: _set(m, "history", [{**_get(m, "history")[0], "val_acc_start": "x"}]),
+     "'val_acc_start' must be a number or null"),
     # optimiser
     ("opt-extra", _tensor("opt/x/exp_avg", lambda v: torch.zeros(1)), "unexpected optimiser tensor 'opt/x/exp_avg'"),
     ("opt-index-big", _tensor("opt/999/exp_avg", lambda v: torch.zeros(1)), "unexpected optimiser tensor"),

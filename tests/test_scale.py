@@ -93,6 +93,22 @@ def test_streamed_synthesis_and_finetune_on_a_folder(digits_parts, digit_folder,
     assert load_tensors(tmp_path / "run" / "checkpoint.safetensors")[1]["stream"]["consumed"] == 3
 
 
+def test_a_bad_val_image_stops_the_run_before_round_0(digit_folder, tmp_path, monkeypatch):
+    """The val folder is read once before round 0 (the starting model's accuracy), so an unreadable
+    val image stops the run before any noise is learned or step taken, not after round 0."""
+    import nsvit_fast.train.engine as eng
+
+    val = tmp_path / "val"
+    shutil.copytree(digit_folder, val)
+    (val / "digit3" / "broken.png").write_bytes(b"not a png")
+    calls = []
+    monkeypatch.setattr(eng, "synthesize", lambda *a, **kw: calls.append(1))
+    with pytest.raises(NsvitError, match="broken.png is not a readable image"):
+        finetune(load_model("digits_vit"), digit_folder, method="ns", rounds=1, model_steps=2, batch_size=32,
+                 workers=0, val_data=val, progress=False, out_dir=tmp_path / "run", device="cpu")
+    assert calls == [] and not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def test_a_streamed_folder_is_carved_as_memory_is(digits_parts, digit_folder):
     """stop=heldout on a streamed folder: heldout images chosen by the seed are set aside (read
     through the eval transform), the descent streams only the rest, and the bank's metrics are

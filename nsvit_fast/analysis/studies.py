@@ -235,14 +235,14 @@ def _check_record(rec, where: str) -> dict:
     """A log.jsonl round record as finetune writes it: an object with a whole-number ``round`` >= 0
     and finite numbers (or null) for the series the figure draws. A hand-edited line is named, not
     plotted (json reads NaN and Infinity, which the figure would drop without a word)."""
-    from ..train.plots import SERIES
+    from ..train.plots import RECORD_NUMBERS
 
     if not isinstance(rec, dict):
         raise NsvitError(f"{where}: a round record must be a JSON object, got {type(rec).__name__}")
     r = rec.get("round")
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise NsvitError(f"{where}: 'round' must be a whole number >= 0, got {r!r}")
-    for key, _ in SERIES:
+    for key in RECORD_NUMBERS:
         v = rec.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise NsvitError(f"{where}: {key!r} must be a number, got {v!r}")
@@ -261,7 +261,8 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
     Returns:
         the JSON's contents: {"study": "trend", "run", "rounds", "series": {key: one value per round}
-        for each of noise_norm, mse_prob, synth_steps, val_acc, train_loss the log has, "figure"}.
+        for each of noise_norm, mse_prob, synth_steps, val_acc, train_loss the log has, "figure"},
+        and "val_acc_start" (the starting model's val accuracy) when round 0's record has it.
 
     Raises:
         NsvitError: no log, an empty log, a line that is not JSON or holds a bad value (naming it), or
@@ -292,6 +293,8 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
     keys = ("noise_norm", "mse_prob", "synth_steps", "val_acc", "train_loss")
     res = {"study": "trend", "run": str(run), "rounds": len(hist),
            "series": {k: [h.get(k) for h in hist] for k in keys if any(k in h for h in hist)}, "figure": str(png)}
+    if hist[0].get("val_acc_start") is not None:  # the starting model's, measured before round 0
+        res["val_acc_start"] = hist[0]["val_acc_start"]
     write_json(out / "fig4_trend.json", res)
     return res
 

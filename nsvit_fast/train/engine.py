@@ -388,12 +388,12 @@ class Engine:
                                     f"got {h!r}"[:200])
         if "round" in p["round_info"]:
             raise damaged(path, "progress round_info must not hold 'round'")
-        from .plots import SERIES
+        from .plots import RECORD_NUMBERS
 
         m_bank = cfg.noise_bank
         for where, rec in [(f"'history' record {i}", h) for i, h in enumerate(history)] + [
                 ("progress round_info", p["round_info"])]:
-            key = next((key for key, _ in SERIES if rec.get(key) is not None and not is_real(rec[key])), None)
+            key = next((key for key in RECORD_NUMBERS if rec.get(key) is not None and not is_real(rec[key])), None)
             if key is not None:
                 raise damaged(path, f"{where} {key!r} must be a number or null, got {rec[key]!r}"[:200])
             if "noise_norm" in rec and not (is_finite(rec["noise_norm"]) and rec["noise_norm"] > 0):
@@ -589,9 +589,11 @@ class Engine:
             t0 = time.perf_counter()
             if start_step == 0:
                 self.parts.eval()
+                # the starting model's val accuracy: Fig. 4 divides by it, and a bad val folder shows now
+                start = {"val_acc_start": self.val_accuracy()} if k == 0 and self.val is not None else {}
                 ctx = self.context(k)
                 self.noise = self.method.prepare(ctx)
-                self.round_info, self.round_losses = dict(ctx.info), {}
+                self.round_info, self.round_losses = {**start, **ctx.info}, {}
             elif self.method.rebuild_on_resume:  # objects the checkpoint does not hold (attacks); keep its noise
                 self.method.prepare(self.context(k))
             self.parts.train()

@@ -9,6 +9,8 @@ from ..io import save_figure
 
 SERIES = (("noise_norm", "noise norm"), ("val_acc", "val accuracy"), ("mse_prob", "held-out MSE-prob"),
           ("synth_steps", "synthesis steps"))
+START = "val_acc_start"  # round 0's record: the starting model's val accuracy, measured before round 0
+RECORD_NUMBERS = (*(key for key, _ in SERIES), START)  # a round record's numbers (finite or null when present)
 
 
 def mse_label(history: list[dict]) -> str:
@@ -23,8 +25,10 @@ def mse_label(history: list[dict]) -> str:
 
 def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: dict | None = None) -> Path | None:
     """One line per metric present in ``history`` (and ``extra``: {label: values per round}),
-    divided by its first round's value, against the round. A series whose first value is 0 (or not
-    finite) cannot be put on that scale: it is not drawn, and the legend says so."""
+    divided by its first value, against the round. Val accuracy starts at round -1, the starting
+    model, when round 0's record holds ``val_acc_start`` (the paper's Fig. 4 divides by the initial
+    value). A series whose first value is 0 (or not finite) cannot be put on that scale: it is not
+    drawn, and the legend says so."""
     from ..viz import pyplot
 
     plt = pyplot()
@@ -32,21 +36,25 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     rounds = [h["round"] for h in history]  # from 0, as log.jsonl and the tables number them
     drawn = 0
-    series = [(mse_label(history) if key == "mse_prob" else label, [h.get(key) for h in history])
+    start = history[0].get(START) if history else None
+    series = [(mse_label(history) if key == "mse_prob" else label, rounds, [h.get(key) for h in history])
               for key, label in SERIES]
-    series += list((extra or {}).items())
-    for label, vals in series:
+    if start is not None:  # val accuracy from the starting model on
+        series = [(label + " (from the start)", [-1, *x], [start, *v]) if label == "val accuracy" else (label, x, v)
+                  for label, x, v in series]
+    series += [(label, rounds, vals) for label, vals in (extra or {}).items()]
+    for label, x, vals in series:
         if not vals or any(v is None for v in vals):
             continue
-        first = vals[0]  # the axis's "first round's value", not the first non-zero one
+        first = vals[0]  # the axis's "first value", not the first non-zero one
         if first == 0 or not math.isfinite(first):
-            ax.plot([], [], ls="none", label=f"{label}: not drawn (first round's value is {first:g})")
+            ax.plot([], [], ls="none", label=f"{label}: not drawn (first value is {first:g})")
         else:
-            ax.plot(rounds, [v / first for v in vals], marker="o", ms=3, label=label)
+            ax.plot(x, [v / first for v in vals], marker="o", ms=3, label=label)
         drawn += 1
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("round")
-    ax.set_ylabel("value / first round's value")
+    ax.set_xlabel("round" + (" (-1: the starting model)" if start is not None else ""))
+    ax.set_ylabel("value / first value")
     ax.set_title(title or "finetuning trend", fontsize=9)
     if drawn:
         ax.legend(fontsize=7)
