@@ -10,6 +10,7 @@ always the only line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import re
@@ -130,6 +131,15 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (network)")
     p.add_argument("--use-ema", dest="use_ema", action="store_true",
                    help="--checkpoint's EMA weights (state_dict_ema, as timm's --use-ema; not eval's --compare files)")
+    _norm_args(p, "")
+
+
+def _norm_args(p: argparse.ArgumentParser, key_note: str) -> None:
+    for flag, what in (("mean", "mean pixel value"), ("std", "pixel std")):
+        p.add_argument(f"--{flag}", type=number(), nargs="+", metavar=flag.upper(),
+                       help=f"the {what} per channel (1 or C numbers) the weights were trained with, when not "
+                            f"the model's timm config's (as timm's --{flag}; a checkpoint saved by nsvit-fast "
+                            f"records its own){key_note}")
 
 
 def _check_default_data(args, parts) -> None:
@@ -150,7 +160,7 @@ def _load(args):
 
     torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
     return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                      pretrained=args.pretrained, use_ema=args.use_ema, **_size(args))
+                      pretrained=args.pretrained, use_ema=args.use_ema, mean=args.mean, std=args.std, **_size(args))
 
 
 def _default_model(args) -> None:
@@ -180,7 +190,7 @@ def cmd_nullspace(args) -> int:
     if args.table1:
         given = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                 ("--num-classes", args.num_classes), ("--img-size", args.img_size),
-                                ("--pretrained", args.pretrained),
+                                ("--pretrained", args.pretrained), ("--mean", args.mean), ("--std", args.std),
                                 ("--use-ema", args.use_ema)) if v]
         if given:  # the table is the paper's eight randomly initialised models; a model flag would be ignored
             raise NsvitError(f"--table1 takes no {given[0]}: it measures the paper's eight timm ViTs, randomly "
@@ -439,10 +449,13 @@ def cmd_finetune(args) -> int:
         def same(key, a, b) -> bool:  # paths as paths: --out ~/x (expanded by the shell) is out=~/x
             if key in ("checkpoint", "data", "val_data", "out") and a is not None and b is not None:
                 return os.path.abspath(os.path.expanduser(str(a))) == os.path.abspath(os.path.expanduser(str(b)))
+            if key in ("mean", "std") and isinstance(a, list) and isinstance(b, list):  # mean=[0,0,0] is --mean 0 0 0
+                with contextlib.suppress(TypeError, ValueError):
+                    return [float(x) for x in a] == [float(x) for x in b]
             return str(a) == str(b)
 
         for key in ("precision", "workers", "model", "checkpoint", "data", "val_data", "out", "num_classes",
-                    "img_size", "pretrained", "use_ema"):
+                    "img_size", "pretrained", "use_ema", "mean", "std"):
             flag = getattr(args, key, None)  # precision=bf16 --precision fp32 ran fp32 without a word
             if flag is not None and key in overrides and not same(key, overrides[key], flag):
                 raise NsvitError(f"{key} is given twice, as --{key.replace('_', '-')} {flag} and {key}="
@@ -458,8 +471,8 @@ def cmd_finetune(args) -> int:
             overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
                               "checkpoint_every": 0})
             run, cfg = load_run(config, overrides)
-        for key in ("model", "checkpoint", "use_ema", "pretrained", "num_classes", "img_size", "data", "val_data",
-                    "out"):
+        for key in ("model", "checkpoint", "use_ema", "pretrained", "num_classes", "img_size", "mean", "std", "data",
+                    "val_data", "out"):
             if getattr(args, key, None) is not None:
                 run[key] = getattr(args, key)
         if run["data"] is None:  # `data: ~` or data=null: YAML's null, not a path
@@ -495,8 +508,8 @@ def cmd_finetune(args) -> int:
             raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
                              f"fresh run there)")
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
-                           pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]),
-                           **({"img_size": run["img_size"]} if run["img_size"] else {}))
+                           pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]), mean=run["mean"],
+                           std=run["std"], **({"img_size": run["img_size"]} if run["img_size"] else {}))
         if run["model"] is None:  # named by its file: the digits model is still digits_vit, anything else needs a config
             body = lambda kw: {k: v for k, v in kw.items() if k != "num_classes"}  # noqa: E731 (the head may differ)
             if parts.arch == embedded.ARCH and body(parts.model_kwargs) == body(embedded.KWARGS):
@@ -572,6 +585,7 @@ def add_finetune(sub) -> None:
                    help="head size (config key num_classes; default: the checkpoint's)")
     p.add_argument("--img-size", dest="img_size", type=count(1),
                    help="input size of a timm model built at another size than its name's (config key img_size)")
+    _norm_args(p, " (config keys mean, std)")
     p.add_argument("--data", help="training data: digits:train, synthetic, or an ImageFolder path")
     p.add_argument("--val-data", dest="val_data", help="validation data scored after each round")
     p.add_argument("--out", help="output folder (default runs/finetune-<method>)")
@@ -624,7 +638,7 @@ def _eval(args) -> int:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
     _default_model(args)
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
-                      use_ema=args.use_ema, **_size(args))
+                      use_ema=args.use_ema, mean=args.mean, std=args.std, **_size(args))
     _check_default_data(args, main)
     names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
     models = {}
@@ -637,7 +651,8 @@ def _eval(args) -> int:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
     for i, ck in enumerate(ckpts):
         # --use-ema is --checkpoint's (the DAT weights), so a toolkit run can be compared with it
-        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, **_size(args))
+        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, mean=args.mean,
+                                           std=args.std, **_size(args))
         label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
         models[label] = m
     from .data import load_data, parse_spec

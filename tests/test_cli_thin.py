@@ -324,3 +324,58 @@ def test_a_timm_model_at_another_input_size_takes_img_size(tmp_path, capsys):
                          "synth.heldout=4")
     assert code == 0, err
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["rounds"] == 1
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _imagenet_normalised_digits(path):
+    """digits_vit's weights refolded to take ImageNet-normalised input (same logits, exactly in real
+    arithmetic), saved as a plain state dict: weights trained with other statistics than their
+    architecture's timm config (0.5 / 0.5), which the file does not record."""
+    parts = load_model("digits_vit")
+    sd = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    w, b = sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"]  # (D, C, r, r), (D,)
+    m_a, s_a = (torch.tensor(parts.data_config[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    m_b, s_b = (torch.tensor(v).view(1, -1, 1, 1) for v in IMAGENET)
+    sd["patch_embed.proj.bias"] = b + (w * (m_b - m_a) / s_a).sum((1, 2, 3))
+    sd["patch_embed.proj.weight"] = w * s_b / s_a
+    torch.save(sd, path)
+    return parts
+
+
+def test_mean_and_std_flags_give_the_weights_their_normalisation(tmp_path, capsys):
+    """--mean/--std (timm's flags; load_model's mean=/std=; finetune's keys): weights trained with
+    ImageNet's statistics under a name whose timm config says 0.5 were normalised wrong, with no way
+    to say otherwise, and scored far below their accuracy."""
+    f = tmp_path / "imnet.pth"
+    orig = _imagenet_normalised_digits(f)
+    x = digits("test").images[:64]
+    refolded = load_model("digits_vit", checkpoint=f, mean=IMAGENET[0], std=IMAGENET[1])
+    with torch.no_grad():
+        assert torch.allclose(refolded(x), orig(x), atol=1e-4)
+    assert refolded.data_config["mean"] == pytest.approx(IMAGENET[0])
+
+    def clean(*extra, out):
+        code, _, err = cli(capsys, "eval", "--model", "digits_vit", "--checkpoint", f, *extra, "--suite", "clean",
+                           "--max-images", "200", "--quiet", "--out", tmp_path / out)
+        assert code == 0, err
+        return json.loads((tmp_path / out / "report.json").read_text())["records"][0]["value"]
+
+    good = clean("--mean", *IMAGENET[0], "--std", *IMAGENET[1], out="good")
+    assert good > 95 and clean(out="bad") < good - 20
+    # finetune records them with the model (config.json's run block, the saved file's metadata)
+    ft = ["finetune", "--model", "digits_vit", "--checkpoint", f, "--mean", *IMAGENET[0], "--std", *IMAGENET[1], "--quiet", "val_data=null",
+          "rounds=1", "model_steps=1", "batch_size=16", "max_images=32", "method=plain"]
+    code, _, err = cli(capsys, *ft, "--out", tmp_path / "ft")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["run"]["mean"] == pytest.approx(IMAGENET[0])
+    assert load_model(checkpoint=tmp_path / "ft" / "model.safetensors").data_config["std"] == pytest.approx(IMAGENET[1])
+    code, _, err = cli(capsys, *ft, "mean=[0.485, 0.456, 0.406]", "--out", tmp_path / "ft2")  # the same value twice
+    assert code == 0, err
+    code, _, err = cli(capsys, *ft, "std=[0.5, 0.5, 0.5]", "--out", tmp_path / "ft3")
+    one_error(code, err, "std is given twice")
+    code, _, err = cli(capsys, "nullspace", "--model", "digits_vit", "--std", "0.2", "0.3")
+    one_error(code, err, "needs mean/std of 1 or 3 value(s), got 3 and 2 (mean= and std=, or --mean and --std)")
+    code, _, err = cli(capsys, "nullspace", "--table1", "--mean", "0.5")
+    one_error(code, err, "--table1 takes no --mean")

@@ -81,7 +81,7 @@ class Adapter(nn.Module):
         if mean.numel() not in (1, c) or std.numel() not in (1, c):
             raise NsvitError(f"{self.name}: a {c}-channel model needs mean/std of {'1' if c == 1 else f'1 or {c}'} "
                              f"value(s), got "
-                             f"{mean.numel()} and {std.numel()} (give mean= and std= to create_model or adapt)")
+                             f"{mean.numel()} and {std.numel()} (mean= and std=, or --mean and --std)")
         # pixels are in [0, 1]: 0-255 statistics, a std near 0 or NaN give saturated or NaN logits
         lo, hi = NORM_RANGE["mean"]
         if not bool(torch.isfinite(mean).all()) or bool(((mean < lo) | (mean > hi)).any()):

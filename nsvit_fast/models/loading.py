@@ -162,7 +162,7 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, num_classes: int | None = None,
-               pretrained: bool = False, use_ema: bool = False, **kwargs) -> Adapter:
+               pretrained: bool = False, use_ema: bool = False, mean=None, std=None, **kwargs) -> Adapter:
     """A timm ViT by name, wrapped in its adapter (pixels in [0, 1] in, logits out).
 
     Args:
@@ -173,11 +173,15 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         pretrained: download timm's pretrained weights. Needs network: only when asked.
         use_ema: a torch training checkpoint's EMA weights (``state_dict_ema``, as timm's
             ``--use-ema`` and the official evaluation of the DAT weights).
+        mean, std: the pixel normalisation the weights were trained with, 1 or C numbers each (as
+            timm's ``--mean/--std``), when it is not the architecture's: e.g. ImageNet's statistics
+            for weights trained with them under a name whose timm config says 0.5. They replace
+            the checkpoint's recorded ones too, and are saved with the model.
         **kwargs: extra timm constructor arguments (``img_size=...``).
 
     Returns:
-        the adapter, in eval mode, recording ``arch`` and ``model_kwargs``; a checkpoint's own
-        mean/std (from its metadata) replace the architecture's.
+        the adapter, in eval mode, recording ``arch`` and ``model_kwargs``; ``mean``/``std`` when
+        given, else a checkpoint's own (from its metadata), else the architecture's.
 
     Raises:
         NsvitError: no name and no architecture in the checkpoint, a checkpoint of another
@@ -239,17 +243,19 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         model_kwargs["num_classes"] = int(num_classes)
     elif sd is not None and "num_classes" not in model_kwargs and "head.weight" in _clean_keys(sd):
         model_kwargs["num_classes"] = int(_clean_keys(sd)["head.weight"].shape[0])
-    mean, std = meta.get("mean"), meta.get("std")
-    # pixels are in [0, 1]: a mean far outside it or a std near 0 (hand-edited metadata) would give
-    # NaN or saturated logits and a silently wrong evaluation, not an error
-    for key, val in (("mean", mean), ("std", std)):
+    # pixels are in [0, 1]: a mean far outside it or a std near 0 (hand-edited metadata, or a typo in
+    # --mean) would give NaN or saturated logits and a silently wrong evaluation, not an error
+    norm = {}
+    for key, given in (("mean", mean), ("std", std)):
         lo, hi = NORM_RANGE[key]
-        if val is not None and (not isinstance(val, list) or not val or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in val)):
-            raise NsvitError(f"{checkpoint}: metadata {key!r} must be a list of numbers in [{lo:g}, {hi:g}] "
-                             f"(pixel normalisation), got {val!r}")
+        for where, val in ((f"{checkpoint}: metadata {key!r}", meta.get(key)), (key, given)):
+            if val is not None and (not isinstance(val, (list, tuple)) or not val or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in val)):
+                raise NsvitError(f"{where} must be a list of numbers in [{lo:g}, {hi:g}] (pixel normalisation), "
+                                 f"got {val!r}")
+        norm[key] = meta.get(key) if given is None else [float(v) for v in given]  # the caller's first
     _check_record(checkpoint, meta)
-    parts = create_model(arch, name=name or "", mean=mean, std=std,
+    parts = create_model(arch, name=name or "", mean=norm["mean"], std=norm["std"],
                          pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:
         parts.load_weights(sd, str(checkpoint))

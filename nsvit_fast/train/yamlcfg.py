@@ -10,11 +10,11 @@ from ..errors import NsvitError, check_count
 from .engine import FinetuneConfig, make_config
 
 RUN_KEYS = {"model": None, "checkpoint": None, "use_ema": False, "pretrained": False, "random_init": False,
-            "num_classes": None, "img_size": None,
+            "num_classes": None, "img_size": None, "mean": None, "std": None,
             "data": "digits:train",
             "val_data": None, "max_images": None, "out": None, "on_bad_image": "error"}
 RUN_TYPES = {"model": str | None, "checkpoint": str | None, "use_ema": bool, "pretrained": bool, "random_init": bool,
-             "num_classes": int | None, "img_size": int | None,
+             "num_classes": int | None, "img_size": int | None, "mean": list[float] | None, "std": list[float] | None,
              "data": str | None, "val_data": str | None, "max_images": int | None, "out": str | None,
              "on_bad_image": str}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data (nsvit_fast/configs)
