@@ -336,6 +336,17 @@ def test_timm_training_checkpoint_with_ema_weights(tmp_path):
     torch.save({f"module._orig_mod.{k}": v for k, v in src.model.state_dict().items()}, tmp_path / "compiled.pth")
     got = load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "compiled.pth", depth=1)
     assert torch.equal(got.model.head.weight, src.model.head.weight)
+    # a Lightning checkpoint: the model under its LightningModule attribute ("model."), next to a loss's
+    # weights; the head size (5) is read under the prefix (it was taken as timm's 1000, then "does not fit")
+    sd = src.model.state_dict()
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(5)},
+                "epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.4.0"}, tmp_path / "lit.ckpt")
+    with pytest.warns(UserWarning, match="under 'model.'; left out 1 other entry .e.g. 'criterion.weight'"):
+        got = load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "lit.ckpt", depth=1)
+    assert got.num_classes == 5 and torch.equal(got.model.head.weight, src.model.head.weight)
+    torch.save({f"{who}.{k}": v for who in ("student", "teacher") for k, v in sd.items()}, tmp_path / "two.pth")
+    with pytest.raises(NsvitError, match="holds 2 models' weights .under 'student.', 'teacher.'"):
+        load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "two.pth", depth=1)
     torch.save({"state_dict": src.model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "no_ema.pth")
     with pytest.raises(NsvitError, match="holds no EMA weights"):
         load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "no_ema.pth", depth=1, use_ema=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,32 @@ def read_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, tor
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+PROBE = "patch_embed.proj.weight"  # every ViT the adapter serves has it: where it sits, the model's keys sit
+
+
+def _clean_keys(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model's own keys. Prefixes are dropped: ``module.`` (DistributedDataParallel),
+    ``_orig_mod.`` (torch.compile), and the one the model sits under inside a larger module, as a
+    Lightning checkpoint's ``model.`` (its LightningModule's attribute), found where ``PROBE`` sits;
+    entries outside that prefix (a loss's weights, metrics) are left out with a warning. Raises
+    NsvitError when several prefixes hold a model (a teacher and a student), naming them."""
     for prefix in ("module.", "_orig_mod."):  # saved from DistributedDataParallel, from a torch.compile'd model
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    if PROBE in sd:
+        return sd
+    where = sorted(k[:-len(PROBE)] for k in sd if k.endswith("." + PROBE))
+    if len(where) > 1:
+        raise NsvitError(f"{source} holds {len(where)} models' weights (under {', '.join(repr(w) for w in where)}); "
+                         f"save the one to load on its own (its state_dict())")
+    if not where:
+        return sd  # not a ViT's weights: load_state names the missing keys
+    prefix = where[0]
+    rest = [k for k in sd if not k.startswith(prefix)]
+    if rest:
+        warnings.warn(f"{source}: took the model's weights under {prefix!r}; left out {len(rest)} other "
+                      f"entr{'y' if len(rest) == 1 else 'ies'} (e.g. {rest[0]!r})", stacklevel=2)
+    return _clean_keys({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, source)
 
 
 def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -122,7 +144,7 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
     Raises:
         NsvitError: missing, unexpected or wrongly shaped keys, or a NaN/inf weight, naming ``source``."""
-    sd = _clean_keys(sd)
+    sd = _clean_keys(sd, source)
     own = model.state_dict()
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.device.type == "meta":
@@ -241,8 +263,12 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
     model_kwargs.update(kwargs)
     if num_classes is not None:
         model_kwargs["num_classes"] = int(num_classes)
-    elif sd is not None and "num_classes" not in model_kwargs and "head.weight" in _clean_keys(sd):
-        model_kwargs["num_classes"] = int(_clean_keys(sd)["head.weight"].shape[0])
+    if sd is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load_weights warns about what it leaves out, once
+            own = _clean_keys(sd, str(checkpoint))
+    if num_classes is None and sd is not None and "num_classes" not in model_kwargs and "head.weight" in own:
+        model_kwargs["num_classes"] = int(own["head.weight"].shape[0])
     # pixels are in [0, 1]: a mean far outside it or a std near 0 (hand-edited metadata, or a typo in
     # --mean) would give NaN or saturated logits and a silently wrong evaluation, not an error
     norm = {}
