@@ -693,6 +693,18 @@ def test_the_starting_models_val_accuracy_is_measured_before_round_0():
     assert "val_acc_start" not in h[1]  # once, before round 0
 
 
+def test_validating_on_the_training_data_warns():
+    train = digits("train").subset(32)
+    kw = dict(method="plain", rounds=1, model_steps=1, batch_size=16, progress=False)
+    with pytest.warns(UserWarning, match="the validation data is the training data"):
+        finetune(load_model("digits_vit"), train, val_data=train, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the validation data")  # a held-out split: no word
+        finetune(load_model("digits_vit"), train, val_data=digits("val").subset(32), **kw)
+
+
 def test_val_images_are_spread_over_the_set():
     """val_images scored the first N images, which in a folder's class order is one or two classes:
     here the first 40 (classes 0-1) are labelled right and the rest shifted, so the first 40 score

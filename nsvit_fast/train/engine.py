@@ -834,6 +834,11 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             if out is not None and (out / "tensorboard").exists() and not (out / "tensorboard").is_dir():
                 raise NsvitError(f"{out / 'tensorboard'} is a file, where tensorboard=True writes its folder")
         eng = Engine(parts, train_data, cfg, val_data, out, progress, rt, on_bad_image)
+        if val_data is not None and eng._ids["val"] == eng._ids["train"] and rank == 0:
+            import warnings
+
+            warnings.warn("the validation data is the training data: val_acc will measure fit, not accuracy on "
+                          "unseen images (give a held-out split or folder)", stacklevel=2)
         check_labels_fit(parts.num_classes, getattr(eng.stream, "dataset", train_data), "the training data")
         if val_data is not None:
             check_labels_fit(parts.num_classes, val_data, "the validation data")
