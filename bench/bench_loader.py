@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import POSITIVE, Parser, add_runtime_args, count, ns_step, out_dir, sync
+from common import POSITIVE, Parser, add_runtime_args, count, machine_line, ns_step, out_dir, sync
 
 ROOT = Path(__file__).resolve().parent
 
@@ -148,7 +148,8 @@ def main() -> int:
 
     rt = ap.runtime(args.device, args.precision)
     dest = args.out / device_kind(rt.device)
-    res = {"runtime": rt.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    res = {"machine": machine_line(rt), "runtime": rt.describe(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "images": args.images, "loader_batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
         small = write_jpegs(Path(tmp) / "n", args.images)
@@ -175,7 +176,7 @@ def main() -> int:
                 res["rss_ratio_20k_over_2k"] = res["rss_ratio_10n_over_n"]
     write_json(dest / "loader.json", res)
     lr = res["loader_images_per_s"]
-    md = [f"# Loader benchmark ({rt.describe()['device']}, {rt.precision}; {res['cpus']} CPUs, torch {torch.__version__})",
+    md = [f"# Loader benchmark ({res['machine']}, {rt.precision}; {res['cpus']} CPUs)",
           "", "| workers | images/s delivered |", "|---|---|"]
     md += [f"| {w} | {r} |" for w, r in lr.items()]
     md += ["", f"ViT-S/16 224 ns step (batch {step_batch}, clean + noisy views): {res['ns_step_ms']} ms, "
