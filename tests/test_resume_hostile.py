@@ -324,3 +324,24 @@ def test_resume_on_another_folder_of_the_same_layout_is_refused(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "belongs to a run on other train data" in err[0], err
     assert _main(args + ["--data", str(tmp_path / "a"), "--resume"]) == 0, capsys.readouterr().err
+
+
+def test_resume_after_a_class_folder_was_renamed_is_refused(tmp_path, capsys):
+    # a streamed folder was named by its path alone: `mv dog aardvark` between a stop and --resume
+    # shifted every label by one, and the run went on, recording the new names with the model
+    from helpers import write_digits_folder
+
+    (tmp_path / "data").mkdir()
+    data = write_digits_folder(tmp_path / "data", n=48)
+    out = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith("max_images")] + ["workers=0", "--data", str(data), "--out", str(out)]
+    _stopped_after_checkpoint(args)
+    (data / "digit9").rename(data / "digit_aardvark")
+    capsys.readouterr()
+    assert _main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class folders of" in err[0] and "(digit9 gone, digit_aardvark new)" in err[0], err
+    (data / "digit_aardvark").rename(data / "digit9")
+    assert _main(args + ["--resume"]) == 0, capsys.readouterr().err
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert run["train_data"] == {"folder": str(data.resolve()), "classes": [f"digit{i}" for i in range(10)]}

@@ -361,6 +361,15 @@ class Engine:
         if there is not None:
             for which in ("train", "val"):
                 if not same_data(here[which], there[which]):
+                    a, b = there[which], here[which]
+                    if isinstance(a, dict) and isinstance(b, dict) and a.get("folder") == b.get("folder") and \
+                            isinstance(a.get("classes"), list):
+                        gone = [c for c in a["classes"] if c not in b["classes"]]
+                        new = [c for c in b["classes"] if c not in a["classes"]]
+                        raise NsvitError(f"the class folders of {b['folder']} changed since the run started ("
+                                         f"{', '.join(map(str, gone[:3])) or 'none'} gone, {', '.join(new[:3]) or 'none'}"
+                                         f" new): labels would shift; put them back, or start a new run in another "
+                                         f"--out")
                     raise NsvitError(f"{path} belongs to a run on other {which} data ({_what(there[which])} there, "
                                      f"{_what(here[which])} here); resume with the same data, or use another --out")
         p, history = m["progress"], m["history"]
@@ -685,7 +694,12 @@ def data_identity(data) -> Any:
     an epoch's reads; labels alone let a folder of the same layout pass for another, cut by
     max_images)."""
     if data is None or not isinstance(data, ImageDataset):
-        return None if data is None else str(Path(data).resolve())
+        if data is None:
+            return None
+        from ..data.folders import class_folders
+
+        # the classes too: a class folder renamed between a stop and --resume relabels every later one
+        return {"folder": str(Path(data).resolve()), "classes": class_folders(Path(data))}
     import hashlib
 
     n = len(data)
@@ -701,6 +715,8 @@ def same_data(here: Any, there: Any) -> bool:
     here = json.loads(json.dumps(here))
     if isinstance(here, list) and isinstance(there, list) and len(there) == 2:
         return here[:2] == there
+    if isinstance(here, dict) and isinstance(there, str):  # a folder recorded by its path alone
+        return here.get("folder") == there
     return here == there
 
 
@@ -737,6 +753,9 @@ def _what(identity: Any) -> str:
     if isinstance(identity, list) and len(identity) in (2, 3):
         return f"{identity[0]} images in memory, labels {identity[1]}" + (
             f", pixels {identity[2]}" if len(identity) == 3 else "")
+    if isinstance(identity, dict) and isinstance(identity.get("classes"), list):
+        c = identity["classes"]
+        return f"{identity.get('folder')}, classes {', '.join(map(str, c[:4]))}{', ...' if len(c) > 4 else ''}"
     return str(identity)
 
 
