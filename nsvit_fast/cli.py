@@ -432,6 +432,30 @@ def add_profile(sub) -> None:
     p.set_defaults(func=lambda args: PROFILED[args.what](args))
 
 
+def _eval_classes(args, main) -> list[str] | None:
+    """--classes, checked before any data is read: one distinct name per output of the model."""
+    if not args.classes:
+        return None
+    given = [c.strip() for c in args.classes.split(",")]
+    if any(not c for c in given) or len(set(given)) != len(given) or len(given) != main.num_classes:
+        raise NsvitError(f"--classes gives {len(given)} names ({len(set(c for c in given if c))} distinct, non-empty) "
+                         f"for {main.name}'s {main.num_classes} outputs: give one name per output, in output order")
+    _name_outputs(main, given, args.checkpoint)
+    return given
+
+
+def _name_outputs(parts, classes: list[str] | None, source) -> None:
+    """The model's outputs take --classes' names (folders are then read by them), unless its file
+    records others."""
+    if classes is None:
+        return
+    own = getattr(parts, "class_names", None)
+    if own is not None and list(own) != classes:
+        raise NsvitError(f"--classes differs from the class names {source} records ({', '.join(own[:4])}"
+                         f"{', ...' if len(own) > 4 else ''}); drop --classes, the file's are used")
+    parts.class_names = list(classes)
+
+
 # -- finetune --
 def cmd_finetune(args) -> int:
     from .distributed import init_from_env, peer_lost, rank_world
@@ -640,12 +664,17 @@ def _eval(args) -> int:
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
                       use_ema=args.use_ema, mean=args.mean, std=args.std, **_size(args))
     _check_default_data(args, main)
-    names = [n.strip() for n in (args.names or "").split(",") if n.strip()]
+    classes = _eval_classes(args, main)
+    # by position: an empty entry is that model's default name (dropping it gave the next model's name)
+    names = [n.strip() for n in (args.names or "").split(",")]
+    while names and not names[-1]:
+        names.pop()
     models = {}
     ckpts = [args.checkpoint] + [c for c in (args.compare or "").split(",") if c]
     if len(names) > len(ckpts):
         raise NsvitError(f"--names gives {len(names)} names for {len(ckpts)} model(s) (the model and each --compare)")
-    labels = [names[i] if i < len(names) else (args.model if ck is None else str(ck)) for i, ck in enumerate(ckpts)]
+    labels = [names[i] if i < len(names) and names[i] else (args.model if ck is None else str(ck))
+              for i, ck in enumerate(ckpts)]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
@@ -653,14 +682,18 @@ def _eval(args) -> int:
         # --use-ema is --checkpoint's (the DAT weights), so a toolkit run can be compared with it
         m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, mean=args.mean,
                                            std=args.std, **_size(args))
-        label = names[i] if i < len(names) else (args.model if ck is None else str(ck))
-        models[label] = m
+        _name_outputs(m, classes, ck)
+        models[labels[i]] = m
     from .data import load_data, parse_spec
 
     # a bare digits / synthetic is their test split, a folder is read as given: never a train split by default
     spec = parse_spec(args.data, None, default_split="test")
     if spec.kind == "folder":  # streams through the eval transform, batch by batch, never read whole
+        from .data.folders import check_val_classes
         from .eval.source import FolderImages
+
+        for label, m in models.items():  # a folder of none of a model's recorded classes was read by position
+            check_val_classes(m, spec.root, f"--data {spec.root} (for {label})")
 
         data = FolderImages(spec.root, main, args.max_images, args.workers, rt.device.type == "cuda",
                             args.on_bad_image)
@@ -672,8 +705,7 @@ def _eval(args) -> int:
         from .synth import NoiseBank
 
         bank = NoiseBank.load(args.bank)
-    classes = args.classes.split(",") if args.classes else (getattr(data, "classes", None)
-                                                             if main.num_classes != 1000 else None)
+    classes = classes or (getattr(data, "classes", None) if main.num_classes != 1000 else None)
     for m in models.values():
         m.to(rt.device)
     report = None
@@ -723,8 +755,9 @@ def add_eval(sub) -> None:
                    help="what normalises the corruptions' mCE: AlexNet's ImageNet-C errors, or the baseline "
                         "model's; auto (default) takes AlexNet for 1000-class models, else the baseline")
     p.add_argument("--folder", action="append", type=suite_folder, help="SUITE=PATH for folder suites (repeatable)")
-    p.add_argument("--classes", help="the model's class names in output order (default: ImageNet's for 1000 "
-                                     "classes, else the data's)")
+    p.add_argument("--classes", help="the model's class names in output order, one per output; folders (--data and "
+                                     "the folder suites) are then read by them (default: the names a finetuned "
+                                     "model's file records, ImageNet's for 1000 classes, else the data's)")
     p.add_argument("--bank", help="NoiseBank file for the noisebank suite")
     p.add_argument("--out", default="runs/eval", help="report folder (default runs/eval)")
     p.add_argument("--quiet", action="store_true", help="no per-suite timing lines or progress bars")

@@ -62,7 +62,7 @@ def test_a_val_folder_with_a_class_the_training_folder_lacks_is_refused(tmp_path
     # same count of folders, one swapped for another that sorts first: every label moved by one
     train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
     val = _folder(tmp_path / "val", ["aardvark", "ant", "bee", "cat"])
-    with pytest.raises(NsvitError, match="class 'aardvark' is not one of the classes the model is finetuned on"):
+    with pytest.raises(NsvitError, match="class 'aardvark' is not one of the model's named classes"):
         finetune(_model(), str(train), RUN, val_data=str(val), progress=False)
 
 
@@ -98,3 +98,66 @@ def test_compare_refuses_models_that_name_their_outputs_differently():
         check_comparable({"a": a, "b": b}, streamed=False)
     b.class_names = list(a.class_names)
     check_comparable({"a": a, "b": b}, streamed=False)
+
+
+def _eval(capsys, *args):
+    from nsvit_fast.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _clean(out):
+    import json
+
+    return json.loads((out / "report.json").read_text())["records"][0]["value"]
+
+
+def test_eval_classes_name_the_outputs_and_label_the_data_folder_by_them(tmp_path, capsys):
+    # --classes was only passed to the folder suites: for --data it was ignored (and never counted),
+    # so reversed names scored as the right ones
+    data = _folder(tmp_path / "d", [f"c{k}" for k in range(10)], per_class=4)
+    ev = ["eval", "--model", "digits_vit", "--data", data, "--suite", "clean", "--quiet"]
+    right = ",".join(f"c{k}" for k in range(10))
+    assert _eval(capsys, *ev, "--classes", right, "--out", tmp_path / "a")[0] == 0
+    assert _eval(capsys, *ev, "--classes", ",".join(f"c{k}" for k in reversed(range(10))), "--out", tmp_path / "b")[0] == 0
+    assert _clean(tmp_path / "a") >= 90 and _clean(tmp_path / "b") <= 30
+    for bad, msg in (("a,b", "--classes gives 2 names (2 distinct, non-empty) for digits_vit's 10 outputs"),
+                     (right.replace("c9", "c8"), "(9 distinct"), (right.replace("c9", ""), "(9 distinct, non-empty)")):
+        code, err = _eval(capsys, *ev, "--classes", bad, "--out", tmp_path / "x")
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_refuses_a_folder_of_none_of_the_recorded_classes_and_a_clashing_classes(tmp_path, capsys):
+    # the same images under other folder names were read by position: 8% where the names give 50%
+    train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    finetune(_model(), str(train), RUN, out_dir=tmp_path / "run", progress=False)
+    ck = tmp_path / "run" / "model.safetensors"
+    ev = ["eval", "--checkpoint", ck, "--suite", "clean", "--quiet"]
+    other = _folder(tmp_path / "other", ["zeta", "yak", "xeno", "wolf"])
+    code, err = _eval(capsys, *ev, "--data", other, "--out", tmp_path / "x")
+    assert code == 2 and "class 'wolf' is not one of the model's named classes (ant, bee, cat, dog)" in err, err
+    code, err = _eval(capsys, *ev, "--data", train, "--classes", "bee,ant,cat,dog", "--out", tmp_path / "x")
+    assert code == 2 and "--classes differs from the class names" in err, err
+    assert _eval(capsys, *ev, "--data", train, "--classes", "ant,bee,cat,dog", "--out", tmp_path / "ok")[0] == 0
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_names_keep_their_positions(tmp_path, capsys):
+    # `--names ,zeroed` dropped the empty entry: the first model's row took "zeroed"
+    import json
+
+    zero = load_model("digits_vit")
+    with torch.no_grad():
+        zero.model.head.weight.zero_()
+        zero.model.head.bias.zero_()
+    f = save_model(zero, tmp_path / "zero.safetensors")
+    code, err = _eval(capsys, "eval", "--model", "digits_vit", "--compare", f, "--names", ",zeroed", "--suite", "clean",
+                      "--max-images", "40", "--quiet", "--out", tmp_path / "r")
+    assert code == 0, err
+    rec = {r["model"]: r["value"] for r in json.loads((tmp_path / "r" / "report.json").read_text())["records"]}
+    assert rec["digits_vit"] >= 90 and rec["zeroed"] <= 20, rec

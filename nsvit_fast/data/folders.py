@@ -234,7 +234,7 @@ def check_val_classes(parts, val, what: str = "the validation data") -> None:
     classes = class_folders(Path(val)) if isinstance(val, (str, Path)) and Path(val).is_dir() else getattr(val, "classes", None)
     extra = [c for c in (classes or []) if c not in names]
     if extra:
-        raise NsvitError(f"{what}: class {extra[0]!r} is not one of the classes the model is finetuned on "
+        raise NsvitError(f"{what}: class {extra[0]!r} is not one of the model's named classes "
                          f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); labels are read by name")
 
 
