@@ -487,6 +487,9 @@ def cmd_finetune(args) -> int:
         for flag in ("precision", "workers"):
             if getattr(args, flag) is not None:
                 overrides[flag] = getattr(args, flag)
+        if args.compile and overrides.get("compile", True) is not True:  # compile=false --compile had compiled
+            raise NsvitError(f"compile is given twice, as --compile and compile={str(overrides['compile']).lower()}; "
+                             f"give one")
         if args.compile:
             overrides["compile"] = True
         config = args.config or "digits"
@@ -515,6 +518,12 @@ def cmd_finetune(args) -> int:
 
         if args.config is None and run["model"] not in (None, embedded.NAME):  # lr, lim, rounds of a 32-px model
             raise _needs_config(f"--model {run['model']}")
+        if run["random_init"] and (run["checkpoint"] is not None or run["pretrained"]
+                                   or run["model"] in (None, embedded.NAME)):  # it had been ignored: weights were used
+            given = ("checkpoint=" + str(run["checkpoint"]) if run["checkpoint"] is not None else
+                     "pretrained=true" if run["pretrained"] else f"{embedded.NAME}, which ships its weights")
+            raise NsvitError(f"random_init=true starts from random weights, but weights are given ({given}): drop "
+                             f"one")
         if (run["model"] not in (None, embedded.NAME) and run["checkpoint"] is None and not run["pretrained"]
                 and not run["random_init"]):  # the paper finetunes a pretrained model
             raise NsvitError(f"{run['model']} would start from random weights: give checkpoint= (or --checkpoint) a "
@@ -539,7 +548,7 @@ def cmd_finetune(args) -> int:
             if parts.arch == embedded.ARCH and body(parts.model_kwargs) == body(embedded.KWARGS):
                 parts.name = embedded.NAME
             elif args.config is None:
-                raise _needs_config(f"of {args.checkpoint} ({parts.arch})")
+                raise _needs_config(f"of {run['checkpoint']} ({parts.arch})")
         # a folder without max_images streams (nothing holds it whole); digits, synthetic and a
         # folder cut to max_images are read into memory, the fast path for small data
         from .data import stream_or_load

@@ -161,3 +161,21 @@ def test_eval_names_keep_their_positions(tmp_path, capsys):
     assert code == 0, err
     rec = {r["model"]: r["value"] for r in json.loads((tmp_path / "r" / "report.json").read_text())["records"]}
     assert rec["digits_vit"] >= 90 and rec["zeroed"] <= 20, rec
+
+
+def test_swapped_class_names_in_a_file_are_refused(tmp_path):
+    # class_names were outside the record digest: two names swapped by hand scored another labelling
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    parts = _model()
+    parts.class_names = ["ant", "bee", "cat", "dog"]
+    p = save_model(parts, tmp_path / "m.safetensors")
+    assert load_model(None, checkpoint=p).class_names == ["ant", "bee", "cat", "dog"]
+    with safe_open(str(p), framework="pt") as f:
+        meta, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert "bee" in meta["class_names"]
+    meta["class_names"] = 'json:["bee", "ant", "cat", "dog"]'
+    save_file(t, str(tmp_path / "swapped.safetensors"), metadata=meta)
+    with pytest.raises(NsvitError, match="record_digest differs"):
+        load_model(None, checkpoint=tmp_path / "swapped.safetensors")

@@ -175,6 +175,8 @@ def assets(tmp_path_factory):
     _edit_tensors(a / "saved.safetensors", a / "pool_edit_undigested.safetensors", meta={"model_kwargs": "json:" + kw},
                   drop=("record_digest",))
     save_model(load_model(embedded.ARCH, **embedded.KWARGS), a / "timm_saved.safetensors")  # a timm arch, not digits_vit
+    save_model(load_model(embedded.ARCH, depth=1, img_size=32, patch_size=8, num_classes=10),
+               a / "tiny_other.safetensors")  # not the digits model's settings: finetune asks for a config
     _edit_tensors(a / "timm_saved.safetensors", a / "nopool_undigested.safetensors",
                   meta={"model_kwargs": "json:" + json.dumps({**embedded.KWARGS, "global_pool": ""})},
                   drop=("record_digest",))
@@ -662,6 +664,16 @@ CASES = [
     ("mean-word", EV + ["--mean", "imagenet", "--out", "{C}/ev"], "argument --mean: must be a number", {}),
     ("ft-mean-scalar", ft("mean=0.5", "--out", "{C}/o"), "mean must be a list, got 0.5", {}),
     ("ft-std-string", ft("std=[a, b, c]", "--out", "{C}/o"), "std[0] must be a number", {}),
+    # random_init=true with weights given had been ignored (the weights were used); compile=false --compile compiled
+    ("ft-random-init-digits", ft("random_init=true", "--out", "{C}/o"), "random_init=true starts from random weights, "
+     "but weights are given (digits_vit, which ships its weights)", {}),
+    ("ft-random-init-ckpt", ft("random_init=true", "--model", "vit_tiny_patch16_224", "--config", "vit_s_imagenet",
+                               "--checkpoint", "{A}/five.safetensors", "--out", "{C}/o"),
+     "but weights are given (checkpoint=", {}),
+    ("ft-compile-twice", ft("compile=false", "--compile", "--out", "{C}/o"),
+     "compile is given twice, as --compile and compile=false", {}),
+    ("ft-ckpt-key-needs-config", ft("checkpoint={A}/tiny_other.safetensors", "model=null", "--out", "{C}/o"),
+     "tiny_other.safetensors (vit_tiny_patch16_224) takes a --config", {}),
     ("demo-other-seed", ["demo", "--quick", "--seed", "1", "--out", "{A}/demo_seed0"], "belongs to another demo", {}),
     ("synth-noises-huge", SY + ["--num-noises", "1000000000", "--device", "cpu", "--out", "{C}/b.safetensors"],
      "out of memory",

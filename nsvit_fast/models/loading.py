@@ -320,13 +320,17 @@ RECORD = ("arch", "model_kwargs", "mean", "std")  # what rebuilds the model arou
 
 
 def record_digest(meta: dict[str, Any]) -> str:
-    """sha256 (16 hex digits) of the architecture record (RECORD) as JSON: written by save_model,
-    checked by load_model, so that an edit of, e.g., ``global_pool`` or ``num_heads`` (which leave
-    every weight's shape as it was) cannot silently build another model around the weights."""
+    """sha256 (16 hex digits) of the architecture record (RECORD, and ``class_names`` when the file
+    has them) as JSON: written by save_model, checked by load_model, so that an edit of, e.g.,
+    ``global_pool`` or ``num_heads`` (which leave every weight's shape as it was), or two class names
+    swapped, cannot silently build another model around the weights."""
     import hashlib
     import json
 
-    text = json.dumps([meta.get(k) for k in RECORD], sort_keys=True, separators=(",", ":"))
+    record = [meta.get(k) for k in RECORD]
+    if meta.get("class_names") is not None:  # which output is which class: a swap would score another task
+        record.append(meta["class_names"])
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -343,7 +347,7 @@ def _jsonable(v: Any) -> bool:
 def _check_record(checkpoint, meta: dict[str, Any]) -> None:
     """A checkpoint's record against its digest (files written before the digest pass unchecked)."""
     if "record_digest" in meta and meta["record_digest"] != record_digest(meta):
-        raise NsvitError(f"{checkpoint}: its architecture record ({', '.join(RECORD)}) is not the one saved "
+        raise NsvitError(f"{checkpoint}: its architecture record ({', '.join(RECORD)}, class_names) is not the one saved "
                          f"with the weights (record_digest differs): edited metadata would build another model")
 
 
