@@ -148,6 +148,7 @@ CASES = [
      "'noise_norm' must be a number or null"),
     ("history-start-str", lambda t, m: _set(m, "history", [{**_get(m, "history")[0], "val_acc_start": "x"}]),
      "'val_acc_start' must be a number or null"),
+    ("start-weights-edited", _meta("start_weights", {"evil": [1, 2]}), "'start_weights' must be a weights fingerprint"),
     # optimiser
     ("opt-extra", _tensor("opt/x/exp_avg", lambda v: torch.zeros(1)), "unexpected optimiser tensor 'opt/x/exp_avg'"),
     ("opt-index-big", _tensor("opt/999/exp_avg", lambda v: torch.zeros(1)), "unexpected optimiser tensor"),
@@ -249,10 +250,12 @@ def test_a_mid_round_resume_logs_what_an_uninterrupted_run_logs(run_dir, tmp_pat
     the mean of the steps after it as the round's loss."""
     d = tmp_path / "run"
     shutil.copytree(run_dir, d)
+    (d / "config.json").write_text('{"rounds": 2, "run": {"start_weights": {"evil": [1')  # truncated by hand
     assert _main(ARGS + ["--out", str(d), "--resume"]) == 0, capsys.readouterr().err
     assert _main(ARGS + ["--out", str(tmp_path / "ref")]) == 0, capsys.readouterr().err
     got, want = ([json.loads(line) for line in (f / "log.jsonl").read_text().splitlines()] for f in (d, tmp_path / "ref"))
-    # config.json's record of the starting weights is the first start's, not the resumed weights'
+    # config.json's record of the starting weights is the first start's, not the resumed weights', and
+    # comes from the checkpoint (a damaged config.json had lost it, an edited one had been copied over)
     runs = [json.loads((f / "config.json").read_text())["run"] for f in (d, tmp_path / "ref")]
     assert runs[0]["start_weights"] == runs[1]["start_weights"] is not None
     assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1]

@@ -274,6 +274,7 @@ class Engine:
         self.history: list[dict] = []
         self.round_info: dict[str, Any] = {}
         self.round_losses: dict[str, float] = {}
+        self.start_weights: str | None = None  # the first start's weights fingerprint, kept across resumes
         self.tb = None
 
     # -- state --
@@ -282,7 +283,8 @@ class Engine:
         model kwargs, per-round records."""
         return {"config": asdict(self.cfg), "model": self.parts.name, "arch": self.parts.arch,
                 "model_kwargs": self.parts.model_kwargs, "data_config": self.parts.data_config,
-                "history": self.history, "data": {"train": self._ids["train"], "val": self._ids["val"]}}
+                "history": self.history, "data": {"train": self._ids["train"], "val": self._ids["val"]},
+                "start_weights": self.start_weights}
 
     def save(self, k: int, s: int) -> None:
         """Checkpoint (on rank 0, with an out_dir) the state to resume at round ``k``, step ``s``:
@@ -311,6 +313,7 @@ class Engine:
                                     stream=self.stream, loaded=(t, m))
             self.noise, self.last_ns_noise = tensors.get("noise"), tensors.get("last_ns_noise")
             self.history = [dict(h) for h in m["history"]]
+            self.start_weights = m.get("start_weights")
             p = m["progress"]
             self.round_info, self.round_losses = dict(p["round_info"]), dict(p["round_losses"])
             if self.scaler is not None and "grad_scaler" in p:
@@ -354,6 +357,9 @@ class Engine:
                     key, a, b = f"{key}.{sub}", a.get(sub, "<absent>"), b.get(sub, "<absent>")
             raise NsvitError(f"{path} belongs to another run (config key {key!r}: {a!r} there, {b!r} here); "
                              f"use another --out")
+        sw = m.get("start_weights")  # absent before it was recorded
+        if sw is not None and not is_fingerprint(sw):
+            raise damaged(path, f"'start_weights' must be a weights fingerprint (16 hex digits), got {sw!r}"[:200])
         here = self._ids
         there = m.get("data")  # absent in checkpoints from before it was recorded: not checked
         if there is not None and not (isinstance(there, dict) and set(there) == {"train", "val"}):
@@ -726,15 +732,23 @@ def _run_record(parts, eng: "Engine", path: Path, fresh: bool) -> dict[str, Any]
     records them, and the starting weights' fingerprint (kept from the first start on a resume)."""
     from ..models import weights_fingerprint
 
-    start = weights_fingerprint(parts) if fresh else None
-    if not fresh:
+    if fresh:
+        eng.start_weights = weights_fingerprint(parts)
+    elif eng.start_weights is None:  # a checkpoint from before it held it: config.json's, if it is one
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            start = json.loads(path.read_text()).get("run", {}).get("start_weights")
+            sw = json.loads(path.read_text()).get("run", {}).get("start_weights")
+            eng.start_weights = sw if is_fingerprint(sw) else None
+    start = eng.start_weights
     return {"model": parts.name, "arch": parts.arch,
             "model_kwargs": parts.model_kwargs if getattr(parts, "kwargs_known", True) else None,
             "mean": list(parts.data_config["mean"]), "std": list(parts.data_config["std"]),
             "class_names": getattr(parts, "class_names", None), "train_data": eng._ids["train"],
             "val_data": eng._ids["val"], "start_weights": start}
+
+
+def is_fingerprint(v: Any) -> bool:
+    """A :func:`~nsvit_fast.models.weights_fingerprint`: 16 lowercase hex digits."""
+    return isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v)
 
 
 def _our_config(path: Path) -> bool:
