@@ -343,3 +343,23 @@ def test_watermark_checks_its_inputs_before_the_loop(parts):
     big = torch.rand(1, 3, 64, 64)
     with pytest.raises(NsvitError, match=r"takes images \(B, 3, 32, 32\), got \(1, 3, 64, 64\)"):
         watermark(parts, big, big, iters=10**9)  # refused before the loop, or this would not end
+
+
+@pytest.mark.parametrize("line2,msg", [
+    ('{"round": 0, "val_acc": 0.6}', "line 2: 'round' must be 1 (records are rounds 0, 1, 2 ... in order), got '0'"),
+    ('{"round": 7, "val_acc": 0.6}', "'round' must be 1"),
+    ('{"round": 1' + "0" * 400 + ', "val_acc": 0.6}', "'round' must be 1"),  # an OverflowError traceback before
+    ('{"round": 1, "train_loss": "big"}', "'train_loss' must be a number, got 'big'"),
+    ('{"round": 1, "train_loss": NaN}', "'train_loss' must be a finite number"),
+    ('{"round": 1, "val_acc": -5}', "'val_acc' must be a number in [0, 1], got -5"),
+    ('{"round": 1, "synth_steps": 1.5}', "'synth_steps' must be a whole number in [0, inf], got 1.5"),
+    ('{"round": 1, "noise_norm": 1' + "0" * 400 + '}', "'noise_norm' must be a finite number"),
+])
+def test_trend_refuses_records_finetune_never_writes(tmp_path, line2, msg):
+    from nsvit_fast.analysis.studies import trend
+
+    (tmp_path / "log.jsonl").write_text('{"round": 0, "val_acc": 0.5, "train_loss": 1.0}\n' + line2 + "\n")
+    with pytest.raises(NsvitError) as e:
+        trend(tmp_path)
+    assert msg in str(e.value) and len(str(e.value)) < 300, str(e.value)
+    assert not (tmp_path / "fig4_trend.png").exists() and not (tmp_path / "fig4_trend.json").exists()

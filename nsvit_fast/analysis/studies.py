@@ -231,24 +231,36 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     return res
 
 
-def _check_record(rec, where: str) -> dict:
-    """A log.jsonl round record as finetune writes it: an object with a whole-number ``round`` >= 0
-    and finite numbers (or null) for the series the figure draws. A hand-edited line is named, not
-    plotted (json reads NaN and Infinity, which the figure would drop without a word)."""
+def _check_record(rec, where: str, index: int) -> dict:
+    """A log.jsonl round record as finetune writes it: an object whose ``round`` is its place
+    (``index``: rounds 0, 1, 2 ... in order), and finite numbers (or null) in their ranges
+    (RECORD_RANGES) for the series the figure draws and the JSON reports. A hand-edited line is
+    named, not plotted (json reads NaN and Infinity, which the figure would drop without a word)."""
     from ..train.plots import RECORD_NUMBERS
 
     if not isinstance(rec, dict):
         raise NsvitError(f"{where}: a round record must be a JSON object, got {type(rec).__name__}")
     r = rec.get("round")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise NsvitError(f"{where}: 'round' must be a whole number >= 0, got {r!r}")
-    for key in RECORD_NUMBERS:
+    if isinstance(r, bool) or not isinstance(r, int) or r != index:  # finetune writes 0, 1, 2 ... in order
+        raise NsvitError(f"{where}: 'round' must be {index} (records are rounds 0, 1, 2 ... in order), "
+                         f"got {str(r)[:40]!r}")
+    for key in (*RECORD_NUMBERS, "train_loss"):
         v = rec.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise NsvitError(f"{where}: {key!r} must be a number, got {v!r}")
-        if v is not None and not math.isfinite(v):
-            raise NsvitError(f"{where}: {key!r} must be a finite number, got {v!r}")
+            raise NsvitError(f"{where}: {key!r} must be a number, got {str(v)[:40]!r}")
+        if v is not None and (abs(v) > 1e300 if isinstance(v, int) else not math.isfinite(v)):
+            raise NsvitError(f"{where}: {key!r} must be a finite number, got {str(v)[:40]}")
+        lo, hi, whole = RECORD_RANGES.get(key, (None, None, False))
+        if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)
+                              or (whole and v != int(v))):
+            raise NsvitError(f"{where}: {key!r} must be a{' whole' if whole else ''} number in [{lo:g}, "
+                             f"{'inf' if hi is None else f'{hi:g}'}], got {v!r}")
     return rec
+
+
+# what finetune writes: accuracies are fractions, steps are counts
+RECORD_RANGES = {"val_acc": (0.0, 1.0, False), "val_acc_start": (0.0, 1.0, False), "synth_steps": (0, None, True),
+                 "mse_prob": (0.0, 2.0, False), "noise_norm": (0.0, None, False), "train_loss": (0.0, None, False)}
 
 
 @staged_writes()  # the figure and its JSON: both new, or both as they were
@@ -286,7 +298,7 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise NsvitError(f"{log}, line {i}: not a JSON record (a truncated log?)") from None
-            hist.append(_check_record(rec, f"{log}, line {i}"))
+            hist.append(_check_record(rec, f"{log}, line {i}", len(hist)))
     if not hist:
         raise NsvitError(f"{log} is empty")
     png = trend_figure(hist, out / "fig4_trend.png", title=f"{run.name}: trend across rounds")
