@@ -42,6 +42,8 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
         raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
     if path.is_dir():
         raise NsvitError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():  # the rename would put a file where the device or pipe was
+        raise NsvitError(f"{what} {path} is not a regular file (a device, pipe or socket); give a file name")
     from .runlock import LOCK_NAME, RUN_FIGURE, RUN_FILES
 
     if path.name in (*RUN_FILES, RUN_FIGURE, LOCK_NAME) and any((path.parent / f).exists() for f in RUN_FILES):
@@ -203,20 +205,30 @@ def commit(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def link_target(path: str | os.PathLike) -> Path:
+    """The file a symbolic link points to (``path`` itself when it is none): a write replaces the
+    target and keeps the link (the rename had put a plain file where the link was)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+    """Yield a temporary path next to ``path`` (next to its target, for a symbolic link); on success
+    rename it over ``path``.
 
     The caller writes the whole file to the yielded path. On an exception the temporary file
     is removed and ``path`` is untouched. A filesystem error (read-only folder, full disk, a
-    folder where the file should be) raises NsvitError naming ``path``.
+    folder, device or pipe where the file should be) raises NsvitError naming ``path``.
     """
-    path = Path(path)
+    path = link_target(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             raise NsvitError(f"cannot write {path}: it is a folder")
+        if path.exists() and not path.is_file():
+            raise NsvitError(f"cannot write {path}: it is not a regular file (a device, pipe or socket)")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(tmp)
@@ -359,7 +371,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
     path = Path(path)
     if not path.is_file():
-        raise NsvitError(f"no such file: {path}")
+        raise NsvitError(f"{path} is not a regular file (a pipe, device or socket)" if path.exists() else
+                         f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -81,6 +81,34 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_writes_follow_a_link_and_refuse_a_pipe(tmp_path, capsys):
+    """The rename had put a plain file where a symbolic link was (its target kept the old content),
+    and where a pipe or device was; a pipe as an image or checkpoint was "not found", and one in a
+    data folder hung the reader (open() waits for a writer)."""
+    from nsvit_fast.cli import main
+    from nsvit_fast.data.folders import BadImage, read_rgb
+    from nsvit_fast.io import write_text
+
+    (tmp_path / "real.txt").write_text("old")
+    os.symlink("real.txt", tmp_path / "link.txt")
+    write_text(tmp_path / "link.txt", "new")
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "real.txt").read_text() == "new"
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(NsvitError, match="it is not a regular file"):
+        write_text(tmp_path / "pipe.png", "x")
+    with pytest.raises(BadImage, match="pipe.png is not a readable image .not a regular file"):
+        read_rgb(tmp_path / "pipe.png")  # at once: no hang
+    for argv, msg in ((["synth", "--max-images", "8", "--log", tmp_path / "pipe.png"], "is not a regular file"),
+                      (["watermark", "--image", tmp_path / "pipe.png", "--out", tmp_path / "w.png"],
+                       "pipe.png is not a regular file"),
+                      (["nullspace", "--model", "digits_vit", "--checkpoint", tmp_path / "pipe.png"],
+                       "checkpoint " + str(tmp_path / "pipe.png") + " is not a regular file")):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe.png").st_mode)
+
+
 def test_a_rewritten_file_keeps_its_mode_and_a_new_one_takes_the_umask(tmp_path):
     # the rename puts a new inode in place: a private file (0600) would come back world-readable
     from nsvit_fast.io import write_text

@@ -40,7 +40,8 @@ def read_image(spec: str | Path) -> torch.Tensor:
         if p.is_dir():
             raise NsvitError(f"{p} is a folder; give one image file")
         if not p.is_file():
-            raise NsvitError(f"image not found: {p}")
+            raise NsvitError(f"{p} is not a regular file (a pipe, device or socket)" if p.exists() else
+                             f"image not found: {p}")
         from ..data.folders import BadImage, read_rgb
 
         try:

@@ -103,10 +103,16 @@ def read_rgb(path: str | Path):
     Raises BadImage naming the file if it is corrupt or truncated, or if it is larger than PIL's
     decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 million pixels): such a file
     is refused before it is decoded, not after it has filled the memory."""
+    import contextlib
+    import stat
     import warnings
 
     from PIL import Image
 
+    with contextlib.suppress(OSError):  # a missing file: open() below says so
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe's open() waits for a writer: for ever
+            raise BadImage(f"{path} is not a readable image (not a regular file: a pipe, device or socket); "
+                           f"remove it, or skip bad images (--on-bad-image skip, or on_bad_image: skip in a config)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

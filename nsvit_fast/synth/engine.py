@@ -62,7 +62,7 @@ from ..config import build
 from ..distributed import all_mean, rank_world
 from ..data.base import ImageDataset
 from ..errors import NsvitError, check_finite, check_pixels, check_positive
-from ..io import commit, current_umask, dumps, os_error
+from ..io import commit, current_umask, dumps, link_target, os_error
 from ..models.base import Adapter
 from ..models.registry import adapt
 from .adamw import MaskedAdamW, cosine_lr
@@ -290,7 +290,7 @@ class _Log:
     def __init__(self, path, total: int, progress: bool, desc: str):
         from tqdm.auto import tqdm
 
-        self.path, self.f, self.tmp = (Path(path) if path else None), None, None
+        self.path, self.f, self.tmp = (link_target(path) if path else None), None, None
         self.bar = tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)  # None: a terminal only
         self._last = 0
         if self.path is not None:  # the temporary file last: the caller's try removes it from here on
