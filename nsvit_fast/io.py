@@ -92,8 +92,9 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", files: tuple[
 
 def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> None:
     """Refuse an output that is one of the inputs (the same file by any path: writing it would
-    destroy the input before or while it is read) or another output. ``outputs`` and ``inputs`` map
-    a flag's name to its path; None values are skipped."""
+    destroy the input before or while it is read), one inside an input folder (a data folder: it
+    would be read as data), or another output. ``outputs`` and ``inputs`` map a flag's name to its
+    path; None values are skipped, and so are inputs that are no path (``digits:train``)."""
     def same(a, b) -> bool:
         try:
             return os.path.samefile(a, b)
@@ -106,6 +107,10 @@ def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> Non
         for k2, q in ins:
             if same(p, q):
                 raise NsvitError(f"{k} {p} is also {k2}: writing it would destroy that input; give another path")
+            if Path(q).is_dir() and Path(q).resolve() in Path(p).resolve().parents:
+                # an image folder: a run's figures under it became samples of a class (or a new class)
+                raise NsvitError(f"{k} {p} is inside {k2} {q}: what is written there would be read as its "
+                                 f"data; write elsewhere")
         for k2, q in outs[i + 1:]:
             if same(p, q):
                 raise NsvitError(f"{k} and {k2} are one file ({p}); give each its own path")

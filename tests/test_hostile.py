@@ -674,6 +674,13 @@ CASES = [
      "compile is given twice, as --compile and compile=false", {}),
     ("ft-ckpt-key-needs-config", ft("checkpoint={A}/tiny_other.safetensors", "model=null", "--out", "{C}/o"),
      "tiny_other.safetensors (vit_tiny_patch16_224) takes a --config", {}),
+    # an output inside a data folder: its figures became samples of a class, or a class of their own
+    ("eval-out-in-data", EV + ["--data", "{A}/good", "--out", "{A}/good/0/ev"], "good/0/ev is inside --data",
+     {}),
+    ("ft-out-in-data", ft("--data", "{A}/good", "--out", "{A}/good/run"), "is inside --data", {}),
+    ("synth-out-in-data", SY + ["--data", "{A}/good", "--out", "{A}/good/0/b.safetensors"], "is inside --data", {}),
+    ("fingerprint-report-in-data", ["fingerprint", "make", "--data", "{A}/good", "--report", "{A}/good/fp",
+                                    "--fingerprint", "{C}/fp.safetensors"], "good/fp is inside --data", {}),
     ("demo-other-seed", ["demo", "--quick", "--seed", "1", "--out", "{A}/demo_seed0"], "belongs to another demo", {}),
     ("synth-noises-huge", SY + ["--num-noises", "1000000000", "--device", "cpu", "--out", "{C}/b.safetensors"],
      "out of memory",
