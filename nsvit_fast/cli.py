@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import MAX_FINGERPRINT_SCALE, MAX_NOISE_SCALE, MAX_SEED, NsvitError, env_int
+from .errors import MAX_COUNT, MAX_FINGERPRINT_SCALE, MAX_NOISE_SCALE, MAX_SEED, MAX_WORKERS, NsvitError, env_int
 
 
 class Parser(argparse.ArgumentParser):
@@ -383,7 +383,7 @@ def add_synth(sub) -> None:
     p.add_argument("--augment", default="rrc_flip", choices=AUGMENTS,
                    help="a streamed folder (no --max-images): rrc_flip (RandomResizedCrop + flip, timm's, the model's "
                         "interpolation; default), official (torchvision's bilinear, as the official scripts) or none")
-    p.add_argument("--workers", type=count(0), default=4, help="DataLoader workers for a streamed folder (default 4)")
+    p.add_argument("--workers", type=count(0, MAX_WORKERS), default=4, help="DataLoader workers for a streamed folder (default 4)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -630,7 +630,7 @@ def add_finetune(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks (off by default)")
-    p.add_argument("--workers", type=count(0), default=None,
+    p.add_argument("--workers", type=count(0, MAX_WORKERS), default=None,
                    help="DataLoader workers for a streamed folder (config key workers, default 4)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="check the config on your data in a minute: 1 round, 2 model steps, 3 synthesis steps, "
@@ -751,7 +751,7 @@ def add_eval(sub) -> None:
                    help="digits:test (default; a bare digits or synthetic is its test split), or an ImageFolder "
                         "path, read as given (a folder of split folders is refused: give FOLDER/val)")
     p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
-    p.add_argument("--workers", type=count(0), default=0,
+    p.add_argument("--workers", type=count(0, MAX_WORKERS), default=0,
                    help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
@@ -984,7 +984,7 @@ def _fingerprint(args) -> int:
         _check_default_data(args, parts)
         pool = args.max_images
         if pool is None and parse_spec(args.data, args.split, default_split="val").kind == "folder":
-            pool = FOLDER_POOL * args.n
+            pool = min(FOLDER_POOL * args.n, MAX_COUNT)  # the user's --n is checked, not this product
         data = load_data(args.data, args.split, parts, pool, args.on_bad_image, default_split="val")
         r = run_fingerprint_make(parts, data, args.fingerprint, rep, n=args.n, scale=args.scale, seed=args.seed)
         print(f"fingerprint of {parts.name}: {r['n']} challenges, nullspace dim {r['nullspace_dim']}, "

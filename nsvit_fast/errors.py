@@ -30,6 +30,7 @@ def check_positive(name: str, value: float) -> float:
 
 
 MAX_COUNT = 2**31 - 1  # counts (steps, rounds, images, batch sizes): int32, so no tensor or loop index overflows
+MAX_WORKERS = 256  # DataLoader worker processes: each is a fork; 100000 would exhaust the process table
 MAX_NOISE_SCALE = 1e6  # demo noise norm / image norm: float32 noise overflows (sum of squares) far above
 MAX_FINGERPRINT_SCALE = 1e3  # fingerprint noise / image norm: float32 round-off lifts the owner's own score
 # with the scale (1.8e-2 at 1e6, NaN at 1e30); at 1e3 it stays near 1e-5, far below the threshold

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import build
 from ..data.base import ImageDataset, check_labels_fit
-from ..errors import NsvitError, check_count, check_number, check_positive, check_seed
+from ..errors import MAX_WORKERS, NsvitError, check_count, check_number, check_positive, check_seed
 from ..eval.accuracy import accuracy, eval_mode, top1
 from ..io import dumps, write_json, write_text
 from ..models.base import Adapter
@@ -122,15 +122,12 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     check_precision(cfg.precision)
     if cfg.augment not in AUGMENTS:
         raise NsvitError(f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
-    cfg.workers = check_count("workers", cfg.workers, 0)  # the --workers flag's range, as a key too
+    cfg.workers = check_count("workers", cfg.workers, 0, MAX_WORKERS)  # the --workers flag's range, as a key too
     if cfg.noise_init not in NOISE_INITS:
         raise NsvitError(f"noise_init must be one of {', '.join(NOISE_INITS)}, got {cfg.noise_init!r}")
     cfg.noise_bank = check_count("noise_bank", cfg.noise_bank, 1)
     if cfg.noise_bank > 1 and cfg.noise_init != "warm_boundary":
         raise NsvitError(f"noise_bank {cfg.noise_bank} needs noise_init warm_boundary, got {cfg.noise_init!r}")
-    if cfg.noise_bank > cfg.synth.batch_size:
-        raise NsvitError(f"noise_bank {cfg.noise_bank} is more than synth.batch_size {cfg.synth.batch_size}: "
-                         "each noise of the bank descends on synth.batch_size // noise_bank images")
     if not 0 <= cfg.ema < 1:
         raise NsvitError(f"ema must be in [0, 1), got {cfg.ema}")
     from ..synth.engine import check_config as check_synth
@@ -139,6 +136,9 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         check_synth(cfg.synth)
     except NsvitError as e:  # the finetune config has fields of the same names (weight_decay, seed)
         raise NsvitError(f"synth: {e}") from None
+    if cfg.noise_bank > cfg.synth.batch_size:  # after synth's own checks: batch_size 0 is named as such
+        raise NsvitError(f"noise_bank {cfg.noise_bank} is more than synth.batch_size {cfg.synth.batch_size}: "
+                         "each noise of the bank descends on synth.batch_size // noise_bank images")
     return cfg
 
 
