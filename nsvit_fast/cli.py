@@ -240,14 +240,14 @@ def cmd_pretrain(args) -> int:
     with output_lock({"--out": args.out}):  # two trainings writing one file: the second is refused
         _, m = pretrain_digits(cfg, out=args.out, progress=not args.quiet)
     print(f"digits_vit: val accuracy {m['val_acc']:.4f}, test accuracy {m['test_acc']:.4f}, "
-          f"{m['train_seconds']} s on {m['threads']} threads -> {args.out}")
+          f"{m['train_seconds']} s on {m['threads']} thread{'s' if m['threads'] != 1 else ''} -> {args.out}")
     return 0
 
 
 def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train the embedded digits ViT from scratch",
                        description="Train digits_vit (img 32, patch 8, dim 96, depth 6) on scikit-learn's digits.")
-    p.add_argument("--out", default="digits_vit.safetensors", help="output checkpoint (.safetensors)")
+    p.add_argument("--out", default="digits_vit.safetensors", help="output checkpoint (.safetensors; default digits_vit.safetensors)")
     p.add_argument("--epochs", type=count(1), default=60, help="passes over the 1200 training digits (default 60)")
     p.add_argument("--lr", type=POSITIVE, default=2e-3, help="AdamW learning rate (default 0.002)")
     p.add_argument("--batch-size", type=count(1), default=64, help="images per step (default 64)")
@@ -755,10 +755,10 @@ def add_eval(sub) -> None:
                    help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
-    from .eval.suite import DEFAULT_SUITES, MCE_REFERENCES
+    from .eval.suite import DEFAULT_SUITES, MCE_REFERENCES, SUITES
 
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES),
-                   help=f"suites (default: {','.join(DEFAULT_SUITES)}: everything that needs no folder; "
+                   help=f"suites (default: {','.join(DEFAULT_SUITES)}; also {', '.join(s for s in SUITES if s not in DEFAULT_SUITES)}; "
                         f"`python -c 'import nsvit_fast.eval as e; print(e.suite_help())'` lists all with settings)")
     add_runtime_args(p)
     p.add_argument("--seeds", type=listof(SEED, "seeds >= 0"), default=[0],
@@ -898,8 +898,8 @@ def add_watermark(sub) -> None:
     p.add_argument("--image", required=True, help="image file, or skimage:astronaut / chelsea / coffee ...")
     p.add_argument("--mark", default="logo", help="mark image of the same size, or 'logo' (default: the built-in "
                                                   "mark; a file named logo is ./logo)")
-    p.add_argument("--out", default="runs/watermark.png", help="marked image (8-bit PNG, so a .png name); .json and "
-                                                               "_figure.png beside")
+    p.add_argument("--out", default="runs/watermark.png", help="marked image (8-bit PNG, so a .png name; default "
+                                                               "runs/watermark.png); .json and _figure.png beside")
     p.add_argument("--strength", type=number(0, 1), default=0.5, help="weight of the mark in the target, in (0, 1] "
                                                                       "(default 0.5)")
     p.add_argument("--iters", type=count(1), default=100, help="Dykstra iterations for the [0, 1] box (default 100)")
@@ -934,8 +934,8 @@ def add_targeted(sub) -> None:
     _model_args(p, default="digits_vit")
     p.add_argument("--source", required=True, help="image file or skimage:NAME")
     p.add_argument("--target", required=True, help="image file or skimage:NAME (both are resized to the model's size)")
-    p.add_argument("--out", default="runs/targeted.png", help="result image (8-bit PNG, so a .png name); .json and "
-                                                               "_figure.png beside")
+    p.add_argument("--out", default="runs/targeted.png", help="result image (8-bit PNG, so a .png name; default "
+                                                               "runs/targeted.png); .json and _figure.png beside")
     p.add_argument("--iters", type=count(1), default=100, help="Dykstra iterations for the [0, 1] box (default 100)")
     p.add_argument("--saliency", type=listof(one_of(METHODS, "saliency method"), "saliency methods"),
                    default=list(METHODS), help=f"maps to draw, comma-separated (default {','.join(METHODS)})")
@@ -1010,7 +1010,8 @@ def add_fingerprint(sub) -> None:
     p.add_argument("action", choices=FINGERPRINT_ACTIONS)
     _model_args(p, default="digits_vit")
     _data_args(p, default="digits", split="val")
-    p.add_argument("--fingerprint", default="fingerprint.safetensors", help="fingerprint file")
+    p.add_argument("--fingerprint", default="fingerprint.safetensors",
+                   help="fingerprint file (default fingerprint.safetensors)")
     p.add_argument("--n", type=count(1), default=64, help=f"make: challenges (default 64), drawn from --data (a "
                    f"folder: from {FOLDER_POOL} x n of its images spread over its classes, or --max-images)")
     p.add_argument("--scale", type=number(0, MAX_FINGERPRINT_SCALE), default=2.0,
@@ -1020,7 +1021,7 @@ def add_fingerprint(sub) -> None:
                    help="verify: decision threshold in (0, 1) (default: the fingerprint's)")
     p.add_argument("--expect-digest", type=sha256_hex, help="verify: refuse unless the fingerprint's digest is this one (printed by "
                                            "make)")
-    p.add_argument("--report", default="runs/fingerprint", help="folder for the JSON (and make's PNG)")
+    p.add_argument("--report", default="runs/fingerprint", help="folder for the JSON (and make's PNG; default runs/fingerprint)")
     p.set_defaults(func=cmd_fingerprint)
 
 

@@ -215,7 +215,8 @@ Invariance to nullspace noise ({r['noise_scale']:g}× each image's norm):
 
 {c['rounds']} rounds × {c['model_steps']} steps, lr {c['lr']}, batch {c['batch_size']}, eps {c['synth']['eps']},
 lim {c['synth']['lim']} ({c['synth']['lim_unit']}), noise init {c['noise_init']}. `random` uses Gaussian noise with
-the ns run's per-round norms (the paper's Table 4 control).
+the ns run's per-round norms (`random.match: norm`, a norm-matched control; the literal reading of the paper's
+Table 4 control, an ε-matched Gaussian, is `random.match: eps`, the finetune default).
 
 | round | ns noise norm | {mse_label(ns_h)} | synthesis steps | val acc |
 |---|---|---|---|---|

@@ -112,7 +112,8 @@ class PatchEmbedAdapter(Adapter):
         pool = getattr(model, "global_pool", "token")
         if not pool or self.num_classes < 1:  # logits per token, or features: every softmax would mean another thing
             self.not_a_classifier = (f"{self.name}: the model must end in a classifier giving logits (B, classes), "
-                                     f"got global_pool={pool!r}, num_classes={self.num_classes}")
+                                     f"got global_pool={pool!r}, num_classes={self.num_classes}"
+                                     + ("; give num_classes=N (--num-classes N)" if self.num_classes < 1 else ""))
         self._nhwc = bool(getattr(model, "dynamic_img_size", False))
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
