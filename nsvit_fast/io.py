@@ -55,7 +55,7 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
         # synth --log REPORT/report.csv replaced one file of an evaluation report
         raise NsvitError(f"{what} {path} is a file of the evaluation report in {path.parent}; write elsewhere")
     _check_not_folders(what, siblings)
-    _check_dir(path.parent, what)
+    _check_dir(path.parent, what, path)
     for p in (path, *map(Path, siblings)):
         _check_writable_file(p, what)
     return path
@@ -123,7 +123,8 @@ def _check_not_folders(what: str, paths) -> None:
             raise NsvitError(f"{what}: {p} is a folder, where this command writes a file")
 
 
-def _check_dir(folder: Path, what: str) -> None:
+def _check_dir(folder: Path, what: str, given: Path | None = None) -> None:
+    """``folder`` can be made and written (``given``: the path the user gave, named in the refusal)."""
     folder = Path(folder) if str(folder) else Path(".")
     existing = folder
     while not existing.exists():  # the nearest existing ancestor decides
@@ -133,7 +134,7 @@ def _check_dir(folder: Path, what: str) -> None:
             break
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise NsvitError(f"{what} {folder}: {existing} is a file, not a folder")
+        raise NsvitError(f"{what} {given or folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise NsvitError(f"cannot write {folder}: {existing} is not writable")
     # os.access trusts root: write a real file where the folder would be made. The missing part is
