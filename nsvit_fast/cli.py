@@ -252,7 +252,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--lr", type=POSITIVE, default=2e-3, help="AdamW learning rate (default 0.002)")
     p.add_argument("--batch-size", type=count(1), default=64, help="images per step (default 64)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the weights and the batch order (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal only)")
     p.set_defaults(func=cmd_pretrain)
 
 
