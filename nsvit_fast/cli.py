@@ -338,7 +338,7 @@ def cmd_synth(args) -> int:
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")
-    check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint, "--data": args.data})
+    check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint}, {"--data": args.data})
     with output_lock({"--out": args.out, "--log": args.log}):  # a second synth on these files: refused
         rt = Runtime.create(args.device, args.precision or "fp32")
         parts = _load(args).to(rt.device)
@@ -396,7 +396,7 @@ def cmd_profile(args) -> int:
 
     if args.trace:
         check_output_file(args.trace, (".json",), what="--trace")
-        check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint, "--data": args.data})
+        check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint}, {"--data": args.data})
     parts = _load(args)
     _check_default_data(args, parts)
     data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
@@ -536,7 +536,7 @@ def cmd_finetune(args) -> int:
                                files=(*RUN_FILES, RUN_FIGURE))
         from .io import check_distinct
 
-        check_distinct({"--out": out}, {"--data": run["data"], "--val-data": run["val_data"]})
+        check_distinct({"--out": out}, {}, {"--data": run["data"], "--val-data": run["val_data"]})
         if args.dry_run and not args.resume and (out / STATE_FILE).is_file():  # --resume is no answer here
             raise NsvitError(f"{out} holds an earlier run (a dry run writes one too): remove it (rm -r {out}) or "
                              f"give another --out")
@@ -649,7 +649,7 @@ def cmd_eval(args) -> int:
     if twice:  # one run counted twice in the mean ± std
         raise NsvitError(f"--seeds gives seed {twice[0]} twice")
     check_output_dir(args.out, files=Report.FILES)
-    check_distinct({"--out": args.out}, {"--data": args.data, **{f"--folder {k}": v for k, v in args.folder or []}})
+    check_distinct({"--out": args.out}, {}, {"--data": args.data, **{f"--folder {k}": v for k, v in args.folder or []}})
     check_not_a_run(args.out)
     Report.check_folder(args.out)  # a user's report.md was replaced, their corruptions.png deleted
     with run_lock(args.out):  # two evaluations writing one report folder: the second is refused
@@ -961,8 +961,8 @@ def cmd_fingerprint(args) -> int:
     made = {}
     if args.action == "make":  # checked before its lock makes the folders
         check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
-        check_distinct({"--fingerprint": args.fingerprint, "--report": args.report},
-                       {"--checkpoint": args.checkpoint, "--data": args.data})
+        check_distinct({"--fingerprint": args.fingerprint, "--report": args.report}, {"--checkpoint": args.checkpoint},
+                       {"--data": args.data})
         made = {"--fingerprint": args.fingerprint}
     with run_lock(check_output_dir(args.report, "--report")), output_lock(made):
         return _fingerprint(args)

@@ -90,11 +90,12 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", files: tuple[
     return path
 
 
-def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> None:
+def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any],
+                   folders: Mapping[str, Any] | None = None) -> None:
     """Refuse an output that is one of the inputs (the same file by any path: writing it would
-    destroy the input before or while it is read), one inside an input folder (a data folder: it
-    would be read as data), or another output. ``outputs`` and ``inputs`` map a flag's name to its
-    path; None values are skipped, and so are inputs that are no path (``digits:train``)."""
+    destroy the input before or while it is read), one at or inside a data folder of ``folders`` (it
+    would be read as data), or another output. ``outputs``, ``inputs`` and ``folders`` map a flag's
+    name to its path; None values are skipped, and so are folders that are no path (``digits:train``)."""
     def same(a, b) -> bool:
         try:
             return os.path.samefile(a, b)
@@ -107,8 +108,8 @@ def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> Non
         for k2, q in ins:
             if same(p, q):
                 raise NsvitError(f"{k} {p} is also {k2}: writing it would destroy that input; give another path")
-            if Path(q).is_dir() and Path(q).resolve() in Path(p).resolve().parents:
-                # an image folder: a run's figures under it became samples of a class (or a new class)
+        for k2, q in (folders or {}).items():  # a run's figures under it became samples of a class
+            if q is not None and Path(q).is_dir() and Path(q).resolve() in (Path(p).resolve(), *Path(p).resolve().parents):
                 raise NsvitError(f"{k} {p} is inside {k2} {q}: what is written there would be read as its "
                                  f"data; write elsewhere")
         for k2, q in outs[i + 1:]:
@@ -377,7 +378,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
     path = Path(path)
     if not path.is_file():
-        raise NsvitError(f"{path} is not a regular file (a pipe, device or socket)" if path.exists() else
+        raise NsvitError(f"{path} is a folder, not a file" if path.is_dir() else
+                         f"{path} is not a regular file (a pipe, device or socket)" if path.exists() else
                          f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:

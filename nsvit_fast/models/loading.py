@@ -65,7 +65,8 @@ def read_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, tor
     """
     path = Path(path)
     if not path.is_file():
-        raise NsvitError(f"checkpoint {path} is not a regular file (a pipe, device or socket)" if path.exists() else
+        raise NsvitError(f"checkpoint {path} is a folder, not a file" if path.is_dir() else
+                         f"checkpoint {path} is not a regular file (a pipe, device or socket)" if path.exists() else
                          f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         if use_ema:
