@@ -122,10 +122,12 @@ def test_a_named_set_is_not_shadowed_by_a_folder_of_its_name(tmp_path, monkeypat
 
 def test_eval_never_evaluates_a_train_folder(tmp_path, capsys):
     # train/ holds every digit under the wrong class: evaluating on it would score about 0%
-    _digit_folder(tmp_path, "train", 2, shift=1)
-    val = _digit_folder(tmp_path, "val", 2)
-    code, _, err = cli(capsys, "eval", "--data", tmp_path, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
-    one_error(code, err, f"{tmp_path} holds the split folders train, val")
+    root = tmp_path / "d"  # the report beside the data, not in it (an --out inside --data is refused)
+    root.mkdir()
+    _digit_folder(root, "train", 2, shift=1)
+    val = _digit_folder(root, "val", 2)
+    code, _, err = cli(capsys, "eval", "--data", root, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
+    one_error(code, err, f"{root} holds the split folders train, val")
     assert not (tmp_path / "ev" / "report.json").exists()
     code, _, err = cli(capsys, "eval", "--data", val, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
     assert code == 0, err

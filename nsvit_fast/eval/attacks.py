@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import NsvitError
+from ..errors import MAX_NOISE_SCALE, NsvitError
 from ..extras import load_torchattacks
 from .accuracy import eval_mode, top1
 
@@ -92,14 +92,29 @@ def _spec(attack: str | AttackSpec) -> AttackSpec:
     return ATTACKS[attack]
 
 
-# each numeric setting's kind and range: ("count", lo) a whole number >= lo; ("number", lo, open) a
-# finite number > lo (open) or >= lo. Unlisted numeric settings must be finite.
+# each numeric setting's kind and range: ("count", lo) a whole number in [lo, MAX_COUNT]; ("number", lo,
+# open, hi) a finite number > lo (open) or >= lo, and <= hi. Unlisted numeric settings must be finite.
+# The upper bounds keep the attacks' float32 arithmetic finite, far past any sensible value:
 SETTING_RANGES: dict[str, tuple] = {
     "steps": ("count", 1), "n": ("count", 1), "num_patch": ("count", 1), "n_patches": ("count", 1),
     "step_size": ("count", 1), "atten_select": ("count", 0),
-    "eps": ("number", 0, False), "kappa": ("number", 0, False), "atten_loss_weight": ("number", 0, False),
-    "alpha": ("number", 0, True), "lr": ("number", 0, True), "c": ("number", 0, True), "gamma": ("number", 0, True),
-    "scale": ("number", 0, True),
+    # L2 radius and step (pgd_l2; L-inf eps is <= 1, check_linf_eps): [0, 1]^(3 x 224 x 224) is 388 across,
+    # 1e4 is a 5800-px image's; at 1e30 the delta's norm overflowed and PGD-L2 gave back the clean images
+    "eps": ("number", 0, False, 1e4), "alpha": ("number", 0, True, 1e4),
+    # CW: torchattacks stops at step 0 with the clean images once c x the batch's summed logit margins
+    # tops 1e10 (c=1e8 scored clean accuracy on digits); 1e4 x 256 images x a margin of 30 stays far below
+    "c": ("number", 0, True, 1e4),
+    # a logit margin: past any model's logit gap it changes nothing (1e308 did not fit float32)
+    "kappa": ("number", 0, False, 1e6),
+    # Adam moves each coordinate by about lr; CW's tanh space and PatchFool's normalised pixels span a
+    # few units, so 1e6 saturates in one step and stays finite (1e300 did not fit float32)
+    "lr": ("number", 0, True, 1e6),
+    # Adam normalises the step: the weight only sets the attention term's share
+    "atten_loss_weight": ("number", 0, False, 1e6),
+    # StepLR multiplies lr by gamma every step_size steps: above 1 the lr grows without bound with steps
+    "gamma": ("number", 0, True, 1.0),
+    # nullspace noise norm / image norm: float32 round-off past it (1e7 matched 81%, 1e20 25%, 1e30 NaN)
+    "scale": ("number", 0, True, MAX_NOISE_SCALE),
 }
 
 
@@ -123,12 +138,15 @@ def check_settings(what: str, kw: dict[str, Any], defaults: dict[str, Any], stri
             out[k] = v
             continue
         rule = SETTING_RANGES.get(k)
-        if rule and rule[0] == "count":
-            out[k] = check_count(f"{what}: {k}", v, rule[1])
-        elif rule:
-            out[k] = check_number(f"{what}: {k}", v, lo=rule[1], lo_open=rule[2])
-        else:
-            out[k] = check_number(f"{what}: {k}", v)
+        try:
+            if rule and rule[0] == "count":
+                out[k] = check_count(f"{what}: {k}", v, rule[1])
+            elif rule:
+                out[k] = check_number(f"{what}: {k}", v, lo=rule[1], lo_open=rule[2], hi=rule[3])
+            else:
+                out[k] = check_number(f"{what}: {k}", v)
+        except OverflowError:  # an int past float's range (10**400)
+            raise NsvitError(f"{what}: {k} must be a finite number, got an integer past float's range") from None
     return out
 
 
@@ -148,7 +166,7 @@ def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
     """Build ``attack`` (a name in ATTACKS or an AttackSpec) on ``parts`` with its defaults updated by
     ``kw``; returns a callable (images, labels) -> adversarial images. The loop setting ``n`` is
     ignored here. Raises NsvitError for an unknown attack, or a setting it does not have or out of
-    range (:func:`check_settings`: eps >= 0, steps >= 1, alpha > 0, finite numbers)."""
+    range (:func:`check_settings`: eps >= 0, steps >= 1, alpha > 0, each below its upper bound)."""
     spec = _spec(attack)
     what = "attack " + next((k for k, v in ATTACKS.items() if v is spec), "spec")
     # the settings are checked; other keys go to the attack's constructor (n_classes, torchattacks' own)
@@ -192,6 +210,11 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
     name = next((k for k, v in ATTACKS.items() if v is spec), "spec")
     kw = check_settings("attack " + name, kw, {"n": None, **spec.defaults}, strict=False)
     n = kw.get("n", spec.defaults.get("n"))
+    if kw.get("n") is not None and kw["n"] > len(data):  # asked for, not the default: say it was cut
+        import warnings
+
+        warnings.warn(f"attack {name}: n={kw['n']} but there are {len(data)} image(s): all {len(data)} are "
+                      f"attacked", stacklevel=2)
     batch_size = spec.batch_size if batch_size is None else check_count("batch_size", batch_size)
     seed = check_seed("seed", seed)
     dev = next(parts.parameters()).device

@@ -29,6 +29,9 @@ def exact_noise_effect(parts, images, scale: float = 10.0, seed: int = 0,
     """Exact nullspace noise of norm ``scale`` x each image's norm: match rate, MSE-prob and the
     largest relative logit change, over ``images`` (N, C, H, W) or an EvalImages, batch by batch
     (``progress``: a bar on a terminal). Returns an empty dict for a model with no nullspace."""
+    from ..errors import MAX_NOISE_SCALE, check_number
+
+    check_number("scale", scale, lo=0, lo_open=True, hi=MAX_NOISE_SCALE)  # float32 round-off past it
     basis = nullspace_basis(parts)
     if basis.dim == 0:
         return {}

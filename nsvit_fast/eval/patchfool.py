@@ -114,8 +114,14 @@ class PatchFool(_attack_base()):
             raise NsvitError(f"num_patch must be in 1..{model.num_patches}, got {num_patch}")
         if int(atten_select) < 0:
             raise NsvitError(f"atten_select must be a block index >= 0, got {atten_select}")
-        if int(steps) < 0 or int(step_size) < 1 or lr <= 0 or gamma <= 0:
-            raise NsvitError("steps must be >= 0, step_size >= 1, lr and gamma > 0")
+        if int(steps) < 0 or int(step_size) < 1:
+            raise NsvitError("steps must be >= 0, step_size >= 1")
+        from ..errors import check_number
+        from .attacks import SETTING_RANGES  # the suites' bounds: float32 stays finite (gamma > 1 grows lr)
+
+        for k, v in (("lr", lr), ("gamma", gamma), ("atten_loss_weight", atten_loss_weight)):
+            _, lo, lo_open, hi = SETTING_RANGES[k]
+            check_number(k, v, lo=lo, lo_open=lo_open, hi=hi)
         self.num_patch, self.patch_select, self.atten_select = int(num_patch), patch_select, int(atten_select)
         self.loss_mode, self.atten_loss_weight = attack_mode, float(atten_loss_weight)  # torchattacks owns .attack_mode
         self.lr, self.steps, self.step_size, self.gamma = float(lr), int(steps), int(step_size), float(gamma)

@@ -36,6 +36,7 @@ LABELS = dict(TABLE2 + EXTRA)
 HEADLINE = {"corruptions": "mce", "nullspace": "match_rate", "noisebank": "match_rate"}  # else "acc"
 LOWER_IS_BETTER = {"corruptions"}
 APPROX_ALEXNET = "alexnet(approx)"  # mCE on on-the-fly corruptions normalised by AlexNet's ImageNet-C errors
+PARTIAL_C = "partial="  # corruption_acc over a partial ImageNet-C tree: "partial=74/75" (folders scored)
 # the setting the paper's Average takes where a suite ran at several (FGSM eps 1/255, App. C; mCE vs AlexNet)
 PAPER_SETTING = {"fgsm": ["eps=1/255"], "corruptions": ["ref=alexnet", f"ref={APPROX_ALEXNET}"]}
 
@@ -54,6 +55,11 @@ def _off_default(suite: str, setting: str) -> bool:
     (a record added by hand) is taken as the default."""
     default = _default_setting(suite)
     return default is not None and bool(setting) and setting != default
+
+
+def _partial_c(suite: str, setting: str) -> bool:
+    """The mean accuracy over a partial ImageNet-C tree (no mCE: AlexNet's is over all 75 folders)."""
+    return suite == "corruption_acc" and setting.startswith(PARTIAL_C)
 
 
 def _relative_mce(suite: str, setting: str) -> bool:
@@ -311,6 +317,7 @@ class Report:
         multi = {s for s, _ in heads if sum(1 for t, _ in heads if t == s) > 1}
         # a suite at several settings, or at one other than its default, shows it: "FGSM" is eps=1/255 only
         return [(s, st, f"C↓ (vs {st[4:]})" if _relative_mce(s, st) else
+                 f"C acc (ImageNet-C, partial {st[len(PARTIAL_C):]})" if _partial_c(s, st) else
                  LABELS.get(s, s) + (f" ({st})" if st and (s in multi or _off_default(s, st)) else ""))
                 for s, st in heads]
 
@@ -373,6 +380,11 @@ class Report:
             note += (f" C↓ (vs {', '.join(relative)}) is mCE relative to that model's corruption errors (it "
                      f"scores 100), not the paper's AlexNet-normalised mCE, so that Average compares these "
                      f"rows only, not the paper's.")
+        partial = sorted({r.setting[len(PARTIAL_C):] for r in self.records if _partial_c(r.suite, r.setting)})
+        if partial:
+            note += (f" C acc (ImageNet-C, partial {', '.join(partial)}) is the mean accuracy over the "
+                     f"<corruption>/<severity> folders present: without all of them there is no mCE, so no C↓ "
+                     f"enters the Average.")
         if any(r.setting == f"ref={APPROX_ALEXNET}" for r in self.records):
             note += (" mCE against AlexNet on on-the-fly corruptions is approximate (AlexNet's errors were "
                      "measured on the original ImageNet-C files); the imagenet-c suite on the pre-generated "

@@ -46,7 +46,7 @@ from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on, ch
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
 from .ood import PRECROPPED, check_folder, folder_accuracy, model_class_names
-from .report import APPROX_ALEXNET, Report
+from .report import APPROX_ALEXNET, PARTIAL_C, Report
 from .source import EvalImages, FolderImages, TensorImages, as_eval_images, progress_bar
 
 ACC_BATCH = 512  # images per forward for clean and corrupted accuracy
@@ -260,8 +260,13 @@ def _imagenet_c(run: Run, model: str, parts, kw: dict) -> None:
     if absent:  # AlexNet's numbers are over all 15 x 5: a partial tree's mCE would be another quantity
         import warnings
 
-        warnings.warn(f"imagenet-c: {len(absent)} of {len(CORRUPTIONS) * len(SEVERITIES)} <corruption>/<severity> "
-                      f"folders absent under {root} (e.g. {absent[0]}): accuracies only, no mCE", stacklevel=2)
+        total = len(CORRUPTIONS) * len(SEVERITIES)
+        warnings.warn(f"imagenet-c: {len(absent)} of {total} <corruption>/<severity> folders absent under {root} "
+                      f"(e.g. {absent[0]}): accuracies only, no mCE", stacklevel=2)
+        # the per-folder records make no column: their mean is the table's, labelled partial
+        accs = [1 - e for errs in err.values() for e in errs]
+        run.report.add(model, run.seed, "corruption_acc", f"{PARTIAL_C}{len(accs)}/{total}", "acc",
+                       100 * sum(accs) / len(accs))
         return
     run.corr_err[model] = err
     run.report.add(model, run.seed, "corruptions", "ref=alexnet", "mce", mce_imagenet(err))
@@ -333,15 +338,22 @@ def _num(v: str):
 
 
 def _check_setting(suite: str, k: str, v):
+    from ..errors import MAX_COUNT
+
     rule = SETTING_RANGES.get(k)
     if isinstance(v, str):
         return v
+    shown = f"{v:g}" if isinstance(v, float) or abs(v) < 1e15 else f"{str(v)[:6]}... ({len(str(v))} digits)"
     if rule and rule[0] == "count":
-        if not float(v).is_integer() or v < rule[1]:
-            raise NsvitError(f"{suite}: {k} must be a whole number >= {rule[1]}, got {v:g}")
+        if (isinstance(v, float) and not v.is_integer()) or v < rule[1]:
+            raise NsvitError(f"{suite}: {k} must be a whole number >= {rule[1]}, got {shown}")
+        if v > MAX_COUNT:  # int32: no tensor or loop index overflows (as the API's check_count)
+            raise NsvitError(f"{suite}: {k} must be <= {MAX_COUNT}, got {shown}")
         return int(v)
     if rule and (v < rule[1] or (rule[2] and v == rule[1])):
-        raise NsvitError(f"{suite}: {k} must be {'>' if rule[2] else '>='} {rule[1]}, got {v:g}")
+        raise NsvitError(f"{suite}: {k} must be {'>' if rule[2] else '>='} {rule[1]}, got {shown}")
+    if rule and v > rule[3]:  # float32 arithmetic stays finite below it (attacks.SETTING_RANGES)
+        raise NsvitError(f"{suite}: {k} must be <= {rule[3]:g}, got {shown}")
     return v
 
 
@@ -350,7 +362,8 @@ def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
     registry's defaults updated by the ones given. Values are numbers (ints, floats or fractions),
     or words where the default is a word (patchfool:attack_mode=ce).
     Raises NsvitError for an unknown suite (naming the nearest), an unknown key, a value that is
-    not a number (where the default is one), or a negative eps."""
+    not a number (where the default is one), or a value outside its range (``SETTING_RANGES``: a
+    negative eps, and past each upper bound, e.g. cw:c=1e39, where float32 stops being finite)."""
     name, _, rest = spec.strip().partition(":")
     if name not in SUITES:
         import difflib
@@ -429,6 +442,28 @@ def check_imagenet_c(root: str | Path, names: list[str]) -> None:
         check_folder(root / c / str(s), f"imagenet-c/{c}/{s}", names)
 
 
+def _refuse_twice(suites, specs: list[tuple[str, dict]]) -> None:
+    """Refuse two suites that would make the same records (``suites`` as given, ``specs`` parsed)."""
+    # as the records name them: "fgsm" is "fgsm:eps=1/255", scale=10 is scale=10.0000001 (6 digits)
+    full = [(name, fmt_setting({**SUITES[name].defaults, **kw})) for name, kw in specs]
+    for i, spec in enumerate(full):
+        if spec in full[:i]:
+            raise NsvitError(f"suite {suites[i]} is given twice (as {suites[full.index(spec)]})")
+
+
+def _fit_n(suite: str, kw: dict[str, Any], total: int) -> dict[str, Any]:
+    """``kw`` with its ``n`` (images to attack) cut to the ``total`` images there are, and a warning:
+    the record is named by the n attacked, not "n=1000" for a 4-image set."""
+    n = kw.get("n")
+    if n is None or n <= total:
+        return kw
+    import warnings
+
+    warnings.warn(f"{suite}: n={n} but the data holds {total} image(s): all {total} are attacked, "
+                  f"recorded as n={total}", stacklevel=3)
+    return {**kw, "n": total}
+
+
 def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline: str | None = None,
              folders: dict[str, str] | None = None, bank=None, model_classes: list[str] | None = None,
              mce_reference: str = "auto", max_images: int | None = None, progress: bool = True,
@@ -452,11 +487,13 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         on_bad_image: an unreadable file in a folder suite: ``error`` (stop, naming it) or ``skip``
             (left out, one warning with the count).
 
-    Returns a Report with one record per (model, suite, setting, metric), at ``seed``. The model is
-    put in eval mode for each suite and given back in its own mode. Raises NsvitError for an unknown
-    suite or setting, a baseline that is not a model, models that cannot share one set of labels and
-    images (:func:`check_comparable`), or a missing or incomplete folder or a missing NoiseBank, all
-    before any model runs.
+    Returns a Report with one record per (model, suite, setting, metric), at ``seed``. An attack's
+    ``n`` above the number of images is cut to it, with a warning: the record names the n attacked.
+    A partial ImageNet-C tree gives its mean accuracy (``corruption_acc`` at ``partial=K/75``), no
+    mCE. The model is put in eval mode for each suite and given back in its own mode. Raises
+    NsvitError for an unknown suite or setting, a baseline that is not a model, models that cannot
+    share one set of labels and images (:func:`check_comparable`), or a missing or incomplete folder
+    or a missing NoiseBank, all before any model runs.
     """
     from ..errors import check_count, check_seed
 
@@ -479,11 +516,7 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if bank is not None and not hasattr(bank, "check_model"):
         raise NsvitError(f"bank must be a NoiseBank (NoiseBank.load(path, parts)), got {type(bank).__name__}")
     specs = [parse_suite(s) for s in suites]
-    # as the records name them: "fgsm" is "fgsm:eps=1/255", scale=10 is scale=10.0000001 (6 digits)
-    full = [(name, fmt_setting({**SUITES[name].defaults, **kw})) for name, kw in specs]
-    for i, spec in enumerate(full):
-        if spec in full[:i]:
-            raise NsvitError(f"suite {suites[i]} is given twice (as {suites[full.index(spec)]})")
+    _refuse_twice(suites, specs)
     if {"corruptions", "imagenet-c"} <= {s for s, _ in specs}:  # one C column, one set of records
         raise NsvitError("suites corruptions and imagenet-c both fill the corruption column (C): give one of "
                          "them per evaluation")
@@ -492,6 +525,9 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     for name, m in models.items():
         check_labels_fit(m.num_classes, source, f"the data (for {name})")
     check_comparable(models, isinstance(data, (str, Path, FolderImages)))
+    for i, (name, kw) in enumerate(specs):  # a loop, not a comprehension: the warning names our caller
+        specs[i] = (name, _fit_n(name, kw, len(source)))
+    _refuse_twice(suites, specs)  # autoattack:n=100 and n=200 on 50 images are one run
     baseline = baseline or names[0]
     if baseline not in models:
         raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
