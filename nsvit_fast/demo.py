@@ -227,7 +227,8 @@ Table 4 control, an ε-matched Gaussian, is `random.match: eps`, the finetune de
 ## 3. Robustness (397 test digits, {heading})
 
 {ft['table2']}
-{c_note}One seed: differences of 1-3 points are within the noise of a 397-image test set (one image is
+{c_note}The Average is the paper's: over its Table-2 columns at its settings; PGD and any other
+column outside Table 2 are shown beside it, not averaged. One seed: differences of 1-3 points are within the noise of a 397-image test set (one image is
 0.25 points). `bench/compare_methods.py` repeats the comparison over seeds with error bars.
 
 ![suites](eval/suites.png)
