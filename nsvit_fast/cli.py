@@ -139,7 +139,7 @@ def _norm_args(p: argparse.ArgumentParser, key_note: str) -> None:
         p.add_argument(f"--{flag}", type=number(), nargs="+", metavar=flag.upper(),
                        help=f"the {what} per channel (1 or C numbers) the weights were trained with, when not "
                             f"the model's timm config's (as timm's --{flag}; a checkpoint saved by nsvit-fast "
-                            f"records its own){key_note}")
+                            f"records its own; eval's --compare files keep theirs){key_note}")
 
 
 def _check_default_data(args, parts) -> None:
@@ -175,6 +175,22 @@ def _needs_config(what: str) -> NsvitError:
     return NsvitError(f"finetune {what} takes a --config: the default one, digits, holds the embedded digits "
                       f"model's settings; give --config vit_s_imagenet (the paper's ViT-S settings), vit_b_imagenet, "
                       f"or a YAML of yours")
+
+
+def _image_folder(data, split: str | None = None, default: str = "train") -> Path | None:
+    """The folder ``--data`` reads (a split folder when --split names one); None for a named set or
+    a spec that does not parse (the command's own reading of it says why)."""
+    from .data import parse_spec
+
+    if data is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the command's own parse warns, once
+            spec = parse_spec(data, split, default_split=default)
+    except NsvitError:
+        return None
+    return Path(spec.root) if spec.kind == "folder" else None
 
 
 def _size(args) -> dict:
@@ -338,7 +354,8 @@ def cmd_synth(args) -> int:
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")
-    check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint}, {"--data": args.data})
+    check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint},
+                   {"--data": _image_folder(args.data, args.split)}, files=("--out", "--log"))
     with output_lock({"--out": args.out, "--log": args.log}):  # a second synth on these files: refused
         rt = Runtime.create(args.device, args.precision or "fp32")
         parts = _load(args).to(rt.device)
@@ -396,7 +413,8 @@ def cmd_profile(args) -> int:
 
     if args.trace:
         check_output_file(args.trace, (".json",), what="--trace")
-        check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint}, {"--data": args.data})
+        check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint},
+                       {"--data": _image_folder(args.data, args.split)}, files=("--trace",))
     parts = _load(args)
     _check_default_data(args, parts)
     data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
@@ -536,7 +554,8 @@ def cmd_finetune(args) -> int:
                                files=(*RUN_FILES, RUN_FIGURE))
         from .io import check_distinct
 
-        check_distinct({"--out": out}, {}, {"--data": run["data"], "--val-data": run["val_data"]})
+        check_distinct({"--out": out}, {}, {"--data": _image_folder(run["data"]),
+                                            "--val-data": _image_folder(run["val_data"], default="val")})
         if args.dry_run and not args.resume and (out / STATE_FILE).is_file():  # --resume is no answer here
             raise NsvitError(f"{out} holds an earlier run (a dry run writes one too): remove it (rm -r {out}) or "
                              f"give another --out")
@@ -649,7 +668,8 @@ def cmd_eval(args) -> int:
     if twice:  # one run counted twice in the mean ± std
         raise NsvitError(f"--seeds gives seed {twice[0]} twice")
     check_output_dir(args.out, files=Report.FILES)
-    check_distinct({"--out": args.out}, {}, {"--data": args.data, **{f"--folder {k}": v for k, v in args.folder or []}})
+    check_distinct({"--out": args.out}, {}, {"--data": _image_folder(args.data, default="test"),
+                                             **{f"--folder {k}": v for k, v in args.folder or []}})
     check_not_a_run(args.out)
     Report.check_folder(args.out)  # a user's report.md was replaced, their corruptions.png deleted
     with run_lock(args.out):  # two evaluations writing one report folder: the second is refused
@@ -693,8 +713,8 @@ def _eval(args) -> int:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")
     for i, ck in enumerate(ckpts):
         # --use-ema is --checkpoint's (the DAT weights), so a toolkit run can be compared with it
-        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, mean=args.mean,
-                                           std=args.std, **_size(args))
+        # --mean/--std, as --use-ema, are --checkpoint's: a --compare file records its own
+        m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, **_size(args))
         _name_outputs(m, classes, ck)
         models[labels[i]] = m
     from .data import load_data, parse_spec
@@ -792,6 +812,10 @@ def cmd_analyze(args) -> int:
         flag = "--" + stray[0].replace("_", "-")
         raise NsvitError(f"analyze {args.study} takes no {flag} (it serves {' and '.join(serves[stray[0]])})")
     check_output_dir(args.out)
+    if args.study in ("fig3", "fig5"):
+        from .io import check_distinct
+
+        check_distinct({"--out": args.out}, {}, {"--data": _image_folder(args.data, args.split)})
     if args.study == "trend" and args.out and args.run and Path(args.out).resolve() != Path(args.run).resolve():
         from .runlock import check_not_a_run
 
@@ -962,7 +986,7 @@ def cmd_fingerprint(args) -> int:
     if args.action == "make":  # checked before its lock makes the folders
         check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
         check_distinct({"--fingerprint": args.fingerprint, "--report": args.report}, {"--checkpoint": args.checkpoint},
-                       {"--data": args.data})
+                       {"--data": _image_folder(args.data, args.split, "val")}, files=("--fingerprint",))
         made = {"--fingerprint": args.fingerprint}
     with run_lock(check_output_dir(args.report, "--report")), output_lock(made):
         return _fingerprint(args)

@@ -42,6 +42,8 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
         raise NsvitError(f"{what} {path} must end in {' or '.join(suffixes)} (that is the format written)")
     if path.is_dir():
         raise NsvitError(f"{what} {path} is a folder; give a file name")
+    if path.is_symlink():  # the checks below are of the link's name, the write would land on its target
+        raise NsvitError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); give the file's own path")
     if path.exists() and not path.is_file():  # the rename would put a file where the device or pipe was
         raise NsvitError(f"{what} {path} is not a regular file (a device, pipe or socket); give a file name")
     from .runlock import LOCK_NAME, RUN_FIGURE, RUN_FILES
@@ -90,17 +92,27 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", files: tuple[
     return path
 
 
+def _real(p) -> Path:
+    """The absolute path with links resolved, as far as they resolve (a loop stops there)."""
+    try:
+        return Path(p).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return Path(os.path.abspath(p))
+
+
 def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any],
-                   folders: Mapping[str, Any] | None = None) -> None:
+                   folders: Mapping[str, Any] | None = None, files: tuple[str, ...] = ()) -> None:
     """Refuse an output that is one of the inputs (the same file by any path: writing it would
-    destroy the input before or while it is read), one at or inside a data folder of ``folders`` (it
-    would be read as data), or another output. ``outputs``, ``inputs`` and ``folders`` map a flag's
-    name to its path; None values are skipped, and so are folders that are no path (``digits:train``)."""
+    destroy the input before or while it is read), one inside an image folder of ``folders`` (it
+    would be read as data: a folder output at or under its root, a file output in one of its class
+    folders; ``files`` names the outputs that are files), or another output. ``outputs``,
+    ``inputs`` and ``folders`` map a flag's name to its path; None values are skipped, and so are
+    folders that are no folder."""
     def same(a, b) -> bool:
         try:
             return os.path.samefile(a, b)
         except OSError:  # not both there yet
-            return Path(a).resolve() == Path(b).resolve()
+            return _real(a) == _real(b)
 
     outs = [(k, v) for k, v in outputs.items() if v is not None]
     ins = [(k, v) for k, v in inputs.items() if v is not None]
@@ -109,7 +121,12 @@ def check_distinct(outputs: Mapping[str, Any], inputs: Mapping[str, Any],
             if same(p, q):
                 raise NsvitError(f"{k} {p} is also {k2}: writing it would destroy that input; give another path")
         for k2, q in (folders or {}).items():  # a run's figures under it became samples of a class
-            if q is not None and Path(q).is_dir() and Path(q).resolve() in (Path(p).resolve(), *Path(p).resolve().parents):
+            if q is None or not Path(q).is_dir():
+                continue
+            root, here = _real(q), _real(p)
+            # a folder output at the root becomes a class; a file there is not read (only folders are)
+            inside = root in here.parents if k in files else root == here or root in here.parents
+            if inside and not (k in files and here.parent == root):
                 raise NsvitError(f"{k} {p} is inside {k2} {q}: what is written there would be read as its "
                                  f"data; write elsewhere")
         for k2, q in outs[i + 1:]:

@@ -280,6 +280,12 @@ def test_trend_starts_val_accuracy_at_the_starting_model(tmp_path, monkeypatch):
     assert lines["val accuracy (from the start)"] == ([-1, 0, 1], pytest.approx([1.0, 1.25, 1.5]))
     assert lines["noise norm"] == ([0, 1], pytest.approx([1.0, 1.5]))
     assert r["val_acc_start"] == 0.4 and r["series"]["val_acc"] == [0.5, 0.6]
+    # a starting model that scores 0 (a new head) leaves nothing to divide by: round 0's value is the scale
+    figs.clear()
+    _round_log(tmp_path, [{"round": 0, "val_acc_start": 0.0, "val_acc": 0.5}, {"round": 1, "val_acc": 0.6}])
+    trend(tmp_path)
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in figs[0].axes[0].lines if not ln.get_label().startswith("_")}
+    assert lines == {"val accuracy": pytest.approx([1.0, 1.2])}
     (tmp_path / "log.jsonl").write_text('{"round": 0, "val_acc_start": NaN}\n')
     with pytest.raises(NsvitError, match="'val_acc_start' must be a finite number"):
         trend(tmp_path)

@@ -179,3 +179,25 @@ def test_swapped_class_names_in_a_file_are_refused(tmp_path):
     save_file(t, str(tmp_path / "swapped.safetensors"), metadata=meta)
     with pytest.raises(NsvitError, match="record_digest differs"):
         load_model(None, checkpoint=tmp_path / "swapped.safetensors")
+
+
+def test_a_model_file_digested_before_class_names_were_still_loads(tmp_path):
+    # files written before the digest covered class_names (no record_digest_version) must load
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nsvit_fast.models.loading import RECORD
+
+    parts = _model()
+    parts.class_names = ["ant", "bee", "cat", "dog"]
+    p = save_model(parts, tmp_path / "m.safetensors")
+    with safe_open(str(p), framework="pt") as f:
+        meta, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("record_digest_version")
+    old = [json.loads(meta[k][5:]) if meta[k].startswith("json:") else meta[k] for k in RECORD]
+    meta["record_digest"] = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    save_file(t, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert load_model(None, checkpoint=tmp_path / "old.safetensors").class_names == ["ant", "bee", "cat", "dog"]

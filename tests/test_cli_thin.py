@@ -366,6 +366,16 @@ def test_mean_and_std_flags_give_the_weights_their_normalisation(tmp_path, capsy
 
     good = clean("--mean", *IMAGENET[0], "--std", *IMAGENET[1], out="good")
     assert good > 95 and clean(out="bad") < good - 20
+    # --mean/--std are --checkpoint's: a --compare file keeps its own (they had been forced on it)
+    from nsvit_fast import save_model
+
+    plain = save_model(load_model("digits_vit"), tmp_path / "plain.safetensors")
+    code, _, err = cli(capsys, "eval", "--model", "digits_vit", "--checkpoint", f, "--mean", *IMAGENET[0], "--std",
+                       *IMAGENET[1], "--compare", plain, "--suite", "clean", "--max-images", "200", "--quiet",
+                       "--out", tmp_path / "cmp")
+    assert code == 0, err
+    recs = {r["model"]: r["value"] for r in json.loads((tmp_path / "cmp" / "report.json").read_text())["records"]}
+    assert recs[str(plain)] == recs[str(f)] == good
     # finetune records them with the model (config.json's run block, the saved file's metadata)
     ft = ["finetune", "--model", "digits_vit", "--checkpoint", f, "--mean", *IMAGENET[0], "--std", *IMAGENET[1], "--quiet", "val_data=null",
           "rounds=1", "model_steps=1", "batch_size=16", "max_images=32", "method=plain"]

@@ -685,6 +685,9 @@ CASES = [
     ("workers-fork-bomb", EV + ["--workers", "100000", "--out", "{C}/ev"], "argument --workers: must be <= 256", {}),
     ("ft-workers-fork-bomb", ft("workers=100000", "--out", "{C}/o"), "workers must be <= 256", {}),
     ("ft-bank-batch-zero", ft("synth.batch_size=0", "--out", "{C}/o"), "synth: batch_size must be >= 1, got 0", {}),
+    # an output that is a symbolic link: the checks were of the link's name, the write of its target's
+    ("synth-log-link", SY + ["--log", "{C}/l.jsonl", "--out", "{C}/b.safetensors"], "is a symbolic link",
+     {"link": ("l.jsonl", "/nonexistent/x.jsonl")}),
     ("demo-other-seed", ["demo", "--quick", "--seed", "1", "--out", "{A}/demo_seed0"], "belongs to another demo", {}),
     ("synth-noises-huge", SY + ["--num-noises", "1000000000", "--device", "cpu", "--out", "{C}/b.safetensors"],
      "out of memory",

@@ -451,16 +451,18 @@ def _refuse_twice(suites, specs: list[tuple[str, dict]]) -> None:
             raise NsvitError(f"suite {suites[i]} is given twice (as {suites[full.index(spec)]})")
 
 
-def _fit_n(suite: str, kw: dict[str, Any], total: int) -> dict[str, Any]:
-    """``kw`` with its ``n`` (images to attack) cut to the ``total`` images there are, and a warning:
-    the record is named by the n attacked, not "n=1000" for a 4-image set."""
+def _fit_n(suite: str, kw: dict[str, Any], total: int, asked: bool = True) -> dict[str, Any]:
+    """``kw`` with its ``n`` (images to attack) cut to the ``total`` images there are, and a warning
+    when the caller ``asked`` for that n (the default's cut on a small set is no news): the record
+    is named by the n attacked, not "n=1000" for a 4-image set."""
     n = kw.get("n")
     if n is None or n <= total:
         return kw
     import warnings
 
-    warnings.warn(f"{suite}: n={n} but the data holds {total} image(s): all {total} are attacked, "
-                  f"recorded as n={total}", stacklevel=3)
+    if asked:
+            warnings.warn(f"{suite}: n={n} but the data holds {total} image(s): all {total} are attacked, "
+                      f"recorded as n={total}", stacklevel=3)
     return {**kw, "n": total}
 
 
@@ -526,7 +528,8 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         check_labels_fit(m.num_classes, source, f"the data (for {name})")
     check_comparable(models, isinstance(data, (str, Path, FolderImages)))
     for i, (name, kw) in enumerate(specs):  # a loop, not a comprehension: the warning names our caller
-        specs[i] = (name, _fit_n(name, kw, len(source)))
+        given = str(suites[i]).partition(":")[2]
+        specs[i] = (name, _fit_n(name, kw, len(source), "n" in {p.split("=")[0].strip() for p in given.split(",")}))
     _refuse_twice(suites, specs)  # autoattack:n=100 and n=200 on 50 images are one run
     baseline = baseline or names[0]
     if baseline not in models:

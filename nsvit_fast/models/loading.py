@@ -321,6 +321,9 @@ def create_model(arch: str, *, name: str = "", mean=None, std=None, pretrained: 
 RECORD = ("arch", "model_kwargs", "mean", "std")  # what rebuilds the model around its weights
 
 
+DIGEST_VERSION = 2  # 2: class_names digested too
+
+
 def record_digest(meta: dict[str, Any]) -> str:
     """sha256 (16 hex digits) of the architecture record (RECORD, and ``class_names`` when the file
     has them) as JSON: written by save_model, checked by load_model, so that an edit of, e.g.,
@@ -330,7 +333,9 @@ def record_digest(meta: dict[str, Any]) -> str:
     import json
 
     record = [meta.get(k) for k in RECORD]
-    if meta.get("class_names") is not None:  # which output is which class: a swap would score another task
+    # which output is which class (a swap would score another task); files of digest version 1
+    # (before 2026-12-07) were digested without them and still load
+    if meta.get("class_names") is not None and meta.get("record_digest_version") == DIGEST_VERSION:
         record.append(meta["class_names"])
     text = json.dumps(record, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -367,6 +372,7 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
         meta["class_names"] = list(adapter.class_names)
     meta.update(metadata or {})
     try:
+        meta["record_digest_version"] = DIGEST_VERSION
         meta["record_digest"] = record_digest(meta)
     except TypeError:  # e.g. create_model(..., act_layer=nn.SiLU): a class, which no file can record
         bad = next((k for k, v in (meta["model_kwargs"] or {}).items() if not _jsonable(v)), "model_kwargs")

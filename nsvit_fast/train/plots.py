@@ -37,6 +37,8 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
     rounds = [h["round"] for h in history]  # from 0, as log.jsonl and the tables number them
     drawn = 0
     start = history[0].get(START) if history else None
+    if start is not None and not (math.isfinite(start) and start > 0):  # nothing to divide by: round 0's scale
+        start = None
     series = [(mse_label(history) if key == "mse_prob" else label, rounds, [h.get(key) for h in history])
               for key, label in SERIES]
     if start is not None:  # val accuracy from the starting model on
