@@ -134,9 +134,20 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     _norm_args(p, "")
 
 
+def _norm_value(text: str) -> float:
+    """A --mean / --std number. They take 1 or C numbers, so a key=value or a subcommand right after
+    them is read as one: say so."""
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r} (--mean and --std read every word after "
+                                         f"them: put other arguments before them)") from None
+    return number()(text)
+
+
 def _norm_args(p: argparse.ArgumentParser, key_note: str) -> None:
     for flag, what in (("mean", "mean pixel value"), ("std", "pixel std")):
-        p.add_argument(f"--{flag}", type=number(), nargs="+", metavar=flag.upper(),
+        p.add_argument(f"--{flag}", type=_norm_value, nargs="+", metavar=flag.upper(),
                        help=f"the {what} per channel (1 or C numbers) the weights were trained with, when not "
                             f"the model's timm config's (as timm's --{flag}; a checkpoint saved by nsvit-fast "
                             f"records its own; eval's --compare files keep theirs){key_note}")

@@ -663,6 +663,8 @@ CASES = [
     ("std-zero", EV + ["--std", "0", "--out", "{C}/ev"], "std must be a list of numbers in [0.001, 1000]", {}),
     ("std-two-of-three", EV + ["--std", "0.2", "0.3", "--out", "{C}/ev"], "needs mean/std of 1 or 3 value(s)", {}),
     ("mean-word", EV + ["--mean", "imagenet", "--out", "{C}/ev"], "argument --mean: must be a number", {}),
+    ("mean-swallows-a-key", ["finetune", "--mean", "0.5", "rounds=1", "--out", "{C}/o"],
+     "got 'rounds=1' (--mean and --std read every word after them: put other arguments before them)", {}),
     ("ft-mean-scalar", ft("mean=0.5", "--out", "{C}/o"), "mean must be a list, got 0.5", {}),
     ("ft-std-string", ft("std=[a, b, c]", "--out", "{C}/o"), "std[0] must be a number", {}),
     # random_init=true with weights given had been ignored (the weights were used); compile=false --compile compiled
