@@ -16,49 +16,44 @@ from nsvit_fast.train import finetune
 
 
 @pytest.fixture(scope="module")
-def parts():
-    return load_model("digits_vit")
-
-
-@pytest.fixture(scope="module")
 def train():
     return digits("train")
 
 
-def test_a_stopped_noise_keeps_the_batch_mse_prob_it_stopped_on(parts, train):
+def test_a_stopped_noise_keeps_the_batch_mse_prob_it_stopped_on(digits_parts, train):
     """With the stop flags read every 16 steps (CUDA's default), a noise that passed at step t went
     on being measured until the next read, and later batches overwrote its batch MSE-prob (0.066
     logged for a noise that stopped at 0.028, above eps on a noise marked converged)."""
     kw = dict(lim=4.0, batch_size=64, max_steps=400, heldout=0, progress=False)
-    every = {k: synthesize(parts, train, check_every=k, **kw) for k in (1, 16)}
+    every = {k: synthesize(digits_parts, train, check_every=k, **kw) for k in (1, 16)}
     assert bool(every[16].converged.all()) and int(every[16].steps[0]) % 16 != 15  # stopped between reads
     assert torch.equal(every[1].batch_mse_prob, every[16].batch_mse_prob)
     assert (every[16].batch_mse_prob < 0.03).all()
 
 
-def test_fast_mode_takes_synth_weight_decay_as_the_reference_does(parts, train):
+def test_fast_mode_takes_synth_weight_decay_as_the_reference_does(digits_parts, train):
     """Every reference-vs-fast comparison used the default 0.01: fast mode ignoring
     synth.weight_decay went unseen."""
     init = (torch.rand(1, 16, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 3
     kw = dict(batch_size=64, max_steps=12, progress=False, init=init)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 12 steps: not meant to reach eps
-        ref = synthesize(parts, train, mode="reference", weight_decay=0.5, **kw)
-        fast = synthesize(parts, train, mode="fast", weight_decay=0.5, **kw)
-        default = synthesize(parts, train, mode="fast", **kw)
+        ref = synthesize(digits_parts, train, mode="reference", weight_decay=0.5, **kw)
+        fast = synthesize(digits_parts, train, mode="fast", weight_decay=0.5, **kw)
+        default = synthesize(digits_parts, train, mode="fast", **kw)
     top = float(ref.noises.abs().max())
     assert (ref.noises - fast.noises).abs().max() <= 1e-5 * top
     assert (fast.noises - default.noises).abs().max() > 1e-3 * top  # the setting changes the noise at all
 
 
-def test_the_boundary_schedule_fits_its_scale_on_the_held_out_images(parts, train, monkeypatch):
+def test_the_boundary_schedule_fits_its_scale_on_the_held_out_images(digits_parts, train, monkeypatch):
     """schedule=boundary must search the held-out images, never the ones the noise was learned on."""
     import nsvit_fast.synth.engine as eng
 
     seen = []
     real = eng._to_boundary
     monkeypatch.setattr(eng, "_to_boundary", lambda p, V, held, cfg: seen.append(held) or real(p, V, held, cfg))
-    synthesize(parts, train, lim=3.0, schedule="boundary", batch_size=64, max_steps=600, progress=False)
+    synthesize(digits_parts, train, lim=3.0, schedule="boundary", batch_size=64, max_steps=600, progress=False)
     rest, held = split_heldout(train.images, 256, 0)
     assert len(seen) == 1 and torch.equal(seen[0].images.cpu(), held)
     assert len(held) == 256 and len(rest) == len(train) - 256
