@@ -201,3 +201,16 @@ def test_a_model_file_digested_before_class_names_were_still_loads(tmp_path):
     meta["record_digest"] = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     save_file(t, str(tmp_path / "old.safetensors"), metadata=meta)
     assert load_model(None, checkpoint=tmp_path / "old.safetensors").class_names == ["ant", "bee", "cat", "dog"]
+
+
+def test_a_resume_after_a_training_class_was_renamed_names_the_rename_not_the_val_data(tmp_path):
+    # the starting model took the renamed classes from the training folder, so the val folder's
+    # (unchanged) names were refused first: the refusal blamed the val data, not the rename
+    train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    val = _folder(tmp_path / "val", ["ant", "bee", "cat", "dog"], per_class=2)
+    run = dict(RUN, rounds=1, checkpoint_every=1)
+    finetune(_model(), str(train), run, val_data=str(val), out_dir=tmp_path / "run", progress=False)
+    (train / "dog").rename(train / "eel")
+    with pytest.raises(NsvitError, match=r"class folders of .*\(dog gone, eel new\)"):
+        finetune(_model(), str(train), run, val_data=str(val), out_dir=tmp_path / "run", progress=False,
+                 resume=True)

@@ -828,14 +828,16 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
     from ..data.folders import adopt_class_names, check_val_classes
 
     adopt_class_names(parts, train_data)  # saved with the weights; val and eval folders read by them
-    check_val_classes(parts, val_data)
+    out = Path(out_dir) if out_dir is not None else None
+    resuming = resume and out is not None and (out / STATE_FILE).exists()
+    if not resuming:  # on a resume, a renamed training class is named by the data check first
+        check_val_classes(parts, val_data)
 
     if on_bad_image not in BAD_IMAGE:  # checked even for in-memory data: a typo is a typo
         raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
     if cfg.compile:
         parts.compile_encoder()
     torch.manual_seed(cfg.seed)
-    out = Path(out_dir) if out_dir is not None else None
     rank = dist_util.rank_world()[0]
     with run_lock(out) if out is not None and rank == 0 else contextlib.nullcontext():
         if out is not None and (out / STATE_FILE).exists() and not resume:
@@ -878,6 +880,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         k0 = s0 = 0
         if resume and out is not None and (out / STATE_FILE).exists():
             k0, s0 = eng.restore()
+            check_val_classes(parts, val_data)
         wrote_config = False
         if out is not None and eng.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
