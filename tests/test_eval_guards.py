@@ -157,3 +157,23 @@ def test_default_rank_tolerance_is_max_dim_times_float32_eps():
     ns = nullspace_basis(wide)
     assert (ns.embed_dim, ns.input_dim) == (192, 48)
     assert ns.rtol == pytest.approx(192 * EPS32, rel=1e-12, abs=0)
+
+
+def test_a_bank_that_does_not_fit_is_refused_before_any_suite_runs(parts, test_images, monkeypatch):
+    """The bank's shape was checked at the noisebank suite's turn, after the suites before it had run
+    (minutes of PGD on a real set) for nothing."""
+    from nsvit_fast.eval import suite
+
+    ran = []
+    import dataclasses
+
+    monkeypatch.setitem(suite.SUITES, "clean", dataclasses.replace(suite.SUITES["clean"],
+                                                                   run=lambda *a, **k: ran.append("clean")))
+    g = torch.Generator().manual_seed(0)
+    noises = torch.randn(2, parts.token_shape[0] + 1, parts.token_shape[1], generator=g)
+    bank = NoiseBank(noises, noises.flatten(1).norm(dim=1), torch.ones(2), torch.ones(2),
+                     torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.bool), torch.ones(2), meta={},
+                     source="b.safetensors")
+    with pytest.raises(nsvit_fast.NsvitError, match=r"b.safetensors: noises of shape \(17, 96\) do not fit"):
+        suite.evaluate({"m": parts}, test_images, ["clean", "noisebank"], bank=bank, max_images=8, progress=False)
+    assert ran == []

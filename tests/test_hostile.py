@@ -70,7 +70,7 @@ def _edit_tensors(src: Path, dst: Path, tensors=None, meta=None, drop=()):
 def assets(tmp_path_factory):
     from nsvit_fast import digits, load_model, save_model
     from nsvit_fast.analysis.fingerprint import digest, make_fingerprint
-    from nsvit_fast.models import embedded
+    from nsvit_fast.models import embedded, weights_fingerprint
     from nsvit_fast.synth import NoiseBank
 
     a = tmp_path_factory.mktemp("assets")
@@ -97,7 +97,10 @@ def assets(tmp_path_factory):
     m, n, d = 1, 16, 96
     noises = torch.randn(m, n, d)
     bank = NoiseBank(noises, noises.flatten(1).norm(dim=1), *(torch.ones(m) for _ in range(2)),
-                     torch.ones(m, dtype=torch.long), torch.ones(m, dtype=torch.bool), torch.ones(m), meta={"eps": 0.03})
+                     torch.ones(m, dtype=torch.long), torch.ones(m, dtype=torch.bool), torch.ones(m),
+                     meta={"eps": 0.03, "model": "digits_vit",
+                           "model_fingerprint": weights_fingerprint(load_model("digits_vit")),
+                           "token_shape": [n, d]})
     bank.save(a / "bank.safetensors")
     for name, v in (("f8", noises.to(torch.float8_e4m3fn)), ("int", noises.long()), ("bool", noises > 0),
                     ("norm", noises * 2)):  # norm: the noise doubled, its recorded norm not
@@ -110,6 +113,18 @@ def assets(tmp_path_factory):
     _edit_tensors(a / "bank.safetensors", a / "bank_inf.safetensors",
                   {"noises": torch.full((m, n, d), float("inf"))})
     _edit_tensors(a / "bank.safetensors", a / "bank_missing.safetensors", drop=("norm",))
+    # edits that passed: a zeroed noise scored a 100% match; a dropped fingerprint silenced the
+    # other-weights warning; per-noise records out of range were read as given
+    _edit_tensors(a / "bank.safetensors", a / "bank_zero.safetensors", {"noises": torch.zeros(m, n, d),
+                                                                        "norm": torch.zeros(m)})
+    _edit_tensors(a / "bank.safetensors", a / "bank_nofp.safetensors", drop=("model_fingerprint",))
+    _edit_tensors(a / "bank.safetensors", a / "bank_shape_meta.safetensors", meta={"token_shape": "json:[17, 96]"})
+    _edit_tensors(a / "bank.safetensors", a / "bank_conv_half.safetensors", {"converged": torch.full((m,), 0.5)})
+    _edit_tensors(a / "bank.safetensors", a / "bank_steps_neg.safetensors", {"steps": torch.full((m,), -3)})
+    _edit_tensors(a / "bank.safetensors", a / "bank_match_5.safetensors", {"match_rate": torch.full((m,), 5.0)})
+    long = torch.randn(m, n + 1, d)
+    _edit_tensors(a / "bank.safetensors", a / "bank_n17.safetensors",
+                  {"noises": long, "norm": long.flatten(1).norm(dim=1)}, {"token_shape": f"json:[{n + 1}, {d}]"})
 
     parts = load_model("digits_vit")
     fp = make_fingerprint(parts, digits("val").images, n=8)
@@ -121,6 +136,16 @@ def assets(tmp_path_factory):
     tiny = fp.noise * 1e-6
     _edit_tensors(a / "fp.safetensors", a / "fp_tiny_resigned.safetensors", {"noise": tiny},
                   {"digest": digest(fp.images, tiny, fp.control, fp.meta)})
+    # re-signed edits: a scale past make's bound (scale x norm overflowed, so any noise passed and an
+    # unrelated model verified), and a signed record that does not describe the tensors
+    big = {**fp.meta, "scale": 1e308}
+    _edit_tensors(a / "fp.safetensors", a / "fp_bigscale_resigned.safetensors", {"noise": tiny},
+                  {"scale": "json:1e+308", "digest": digest(fp.images, tiny, fp.control, big)})
+    _edit_tensors(a / "fp.safetensors", a / "fp_n_resigned.safetensors",
+                  meta={"n": "json:9", "digest": digest(fp.images, fp.noise, fp.control, {**fp.meta, "n": 9})})
+    size = {**fp.meta, "input_size": [3, 224, 224]}
+    _edit_tensors(a / "fp.safetensors", a / "fp_size_resigned.safetensors",
+                  meta={"input_size": "json:[3, 224, 224]", "digest": digest(fp.images, fp.noise, fp.control, size)})
     _edit_tensors(a / "fp.safetensors", a / "fp_thr_nan.safetensors", meta={"threshold": "json:NaN"})
     _edit_tensors(a / "fp.safetensors", a / "fp_thr_abc.safetensors", meta={"threshold": "abc"})
     _edit_tensors(a / "fp.safetensors", a / "fp_thr_big.safetensors", meta={"threshold": "json:5"})
@@ -366,6 +391,20 @@ CASES = [
                                 "{C}/ev"], "metadata eps must be a number in (0, 2)", {}),
     ("bank-without-suite", EV + ["--bank", "{A}/bank.safetensors", "--out", "{C}/ev"],
      "--bank is read by the noisebank suite only", {}),
+    ("bank-zero", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_zero.safetensors", "--out", "{C}/ev"],
+     "a zero noise tests nothing", {}),
+    ("bank-no-fingerprint", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_nofp.safetensors", "--out",
+                                      "{C}/ev"], "metadata 'model_fingerprint' must name the model", {}),
+    ("bank-token-shape-meta", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_shape_meta.safetensors",
+                                        "--out", "{C}/ev"], "metadata token_shape [17, 96] is not the noises'", {}),
+    ("bank-converged-half", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_conv_half.safetensors",
+                                      "--out", "{C}/ev"], "converged must be 0/1", {}),
+    ("bank-steps-negative", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_steps_neg.safetensors",
+                                      "--out", "{C}/ev"], "steps must be whole counts", {}),
+    ("bank-match-5", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_match_5.safetensors", "--out",
+                               "{C}/ev"], "match_rate must lie in [0, 1]", {}),
+    ("bank-wrong-tokens", EV[:2] + ["clean;noisebank", "--max-images", "8", "--bank", "{A}/bank_n17.safetensors",
+                                    "--out", "{C}/ev"], "bank_n17.safetensors: noises of shape (17, 96) do not fit", {}),
     ("bank-is-fp", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/fp.safetensors", "--out", "{C}/ev"],
      "not a noise bank", {}),
     # fingerprints: an edited file must not verify anything
@@ -378,6 +417,12 @@ CASES = [
                           "{C}/r"], "noise 0 has norm 0", {}),
     ("fp-tiny-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_tiny_resigned.safetensors", "--report",
                           "{C}/r"], "zeroed or rescaled", {}),
+    ("fp-bigscale-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_bigscale_resigned.safetensors",
+                              "--report", "{C}/r"], "scale must be a finite number in (0, 1000], got 1e+308", {}),
+    ("fp-n-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_n_resigned.safetensors", "--report", "{C}/r"],
+     "n is 9 but the file holds 8 challenges", {}),
+    ("fp-size-resigned", ["fingerprint", "verify", "--fingerprint", "{A}/fp_size_resigned.safetensors", "--report",
+                          "{C}/r"], "input_size is [3, 224, 224] but the challenges are [3, 32, 32]", {}),
     ("fp-thr-nan", ["fingerprint", "verify", "--fingerprint", "{A}/fp_thr_nan.safetensors", "--report", "{C}/r"],
      "threshold must be a finite number", {}),
     ("fp-thr-abc", ["fingerprint", "verify", "--fingerprint", "{A}/fp_thr_abc.safetensors", "--report", "{C}/r"],

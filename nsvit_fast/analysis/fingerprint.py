@@ -126,8 +126,21 @@ class Fingerprint:
         check_pixels(f"{source}: images", x)
         check_threshold(m.get("threshold"), f"{source}: threshold")
         scale = m.get("scale")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise NsvitError(f"{source}: scale must be a finite number > 0, got {scale!r}")
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+                or scale > MAX_FINGERPRINT_SCALE):  # past make's bound, scale x norm can overflow and pass anything
+            raise NsvitError(f"{source}: scale must be a finite number in (0, {MAX_FINGERPRINT_SCALE:g}], got {scale!r}")
+        # the signed record must describe these tensors: a re-signed n or input size would mislead a reader
+        if m.get("n") != x.shape[0] or isinstance(m.get("n"), bool):
+            raise NsvitError(f"{source}: n is {m.get('n')!r} but the file holds {x.shape[0]} challenges (edited file?)")
+        if m.get("input_size") != list(x.shape[1:]):
+            raise NsvitError(f"{source}: input_size is {m.get('input_size')!r} but the challenges are "
+                             f"{list(x.shape[1:])} (edited file?)")
+        for key in ("owner", "arch"):
+            if not isinstance(m.get(key), str) or not m.get(key):
+                raise NsvitError(f"{source}: {key} must be a model name, got {m.get(key)!r} (edited file?)")
+        seed = m.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise NsvitError(f"{source}: seed must be an integer >= 0, got {seed!r} (edited file?)")
         want = scale * x.double().flatten(1).norm(dim=1)
         for name, t in (("noise", v), ("control", r)):
             got = t.double().flatten(1).norm(dim=1)

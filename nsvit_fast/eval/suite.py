@@ -527,6 +527,9 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     for name, m in models.items():
         check_labels_fit(m.num_classes, source, f"the data (for {name})")
     check_comparable(models, isinstance(data, (str, Path, FolderImages)))
+    if bank is not None and any(s == "noisebank" for s, _ in specs):  # before any suite runs, not at its turn
+        for m in models.values():
+            bank.check_fits(m)
     for i, (name, kw) in enumerate(specs):  # a loop, not a comprehension: the warning names our caller
         given = str(suites[i]).partition(":")[2]
         specs[i] = (name, _fit_n(name, kw, len(source), "n" in {p.split("=")[0].strip() for p in given.split(",")}))

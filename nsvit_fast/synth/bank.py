@@ -13,6 +13,7 @@ from ..errors import NsvitError, check_finite
 from ..io import load_tensors, save_tensors
 
 PER_NOISE = ("norm", "mse_prob", "match_rate", "steps", "converged", "batch_mse_prob")
+MIN_NORM = 1e-12  # below it a noise is zero in float32 next to any patch token
 
 
 @dataclass
@@ -38,6 +39,7 @@ class NoiseBank:
     converged: torch.Tensor
     batch_mse_prob: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="noise bank", repr=False, compare=False)  # what errors name: the file read
 
     def __len__(self) -> int:
         return self.noises.shape[0]
@@ -49,7 +51,8 @@ class NoiseBank:
             i = [operator.index(i)]
         except TypeError:
             pass  # a slice, list or mask: used as given
-        return NoiseBank(self.noises[i], *(getattr(self, k)[i] for k in PER_NOISE), meta=dict(self.meta))
+        return NoiseBank(self.noises[i], *(getattr(self, k)[i] for k in PER_NOISE), meta=dict(self.meta),
+                         source=self.source)
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -79,7 +82,10 @@ class NoiseBank:
         Raises:
             NsvitError: the file is missing or not a noise bank, lacks a per-noise tensor, its
                 tensors disagree in shape, its noises are not float32 or hold NaN / inf, a noise's
-                norm is not the one recorded, its eps is not in (0, 2), or (with parts) the noise
+                norm is not the one recorded or is zero, its eps is not in (0, 2), its model,
+                model fingerprint or token shape is not recorded (or the shape is not the noises'),
+                a per-noise record is out of range (converged not 0/1, steps < 0 or fractional,
+                MSE-probs outside [0, 2], match rates outside [0, 1]), or (with parts) the noise
                 shape does not fit the model. Warns when the bank was learned on other weights.
         """
         t, meta = load_tensors(path)
@@ -105,22 +111,49 @@ class NoiseBank:
             i = int(off.nonzero()[0])
             raise NsvitError(f"{path}: noise {i} has norm {float(norm[i]):.4g}, but the bank records "
                              f"{float(t['norm'][i]):.4g} (edited or corrupt file)")
+        if bool((norm < MIN_NORM).any()):  # a zeroed noise moves nothing: every check on it would pass
+            i = int((norm < MIN_NORM).nonzero()[0])
+            raise NsvitError(f"{path}: noise {i} has norm {float(norm[i]):.4g}, below {MIN_NORM:g}: a zero noise "
+                             f"tests nothing (edited or corrupt file)")
+        for k in ("model", "model_fingerprint"):  # synth writes them; without them no other-weights warning
+            if not isinstance(meta.get(k), str) or not meta.get(k):
+                raise NsvitError(f"{path}: metadata {k!r} must name the model the noises were learned on, got "
+                                 f"{meta.get(k)!r} (edited or corrupt file)")
+        shape = list(t["noises"].shape[1:])
+        if meta.get("token_shape", shape) != shape:
+            raise NsvitError(f"{path}: metadata token_shape {meta.get('token_shape')!r} is not the noises' "
+                             f"{shape} (edited or corrupt file)")
+        c = t["converged"]
+        if c.dtype != torch.uint8 or bool((c > 1).any()):  # as save writes it; 0.5 would read as True
+            raise NsvitError(f"{path}: converged must be 0/1 (uint8) per noise (edited or corrupt file)")
+        st = t["steps"]
+        if st.is_floating_point() or st.dtype == torch.bool or bool((st < 0).any()):
+            raise NsvitError(f"{path}: steps must be whole counts >= 0 (edited or corrupt file)")
+        for k, hi in (("mse_prob", 2.0), ("batch_mse_prob", 2.0), ("match_rate", 1.0)):
+            # an MSE of two probability vectors lies in [0, 2]; a match rate in [0, 1]
+            if bool(((t[k] < 0) | (t[k] > hi)).any()):
+                raise NsvitError(f"{path}: {k} must lie in [0, {hi:g}] (edited or corrupt file)")
         eps = meta.get("eps")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 2:
             raise NsvitError(f"{path}: metadata eps must be a number in (0, 2), got {eps!r} (edited or corrupt file)")
-        bank = cls(t["noises"], *(t[k] for k in PER_NOISE), meta=meta)
+        bank = cls(t["noises"], *(t[k] for k in PER_NOISE), meta=meta, source=str(path))
         bank.converged = bank.converged.bool()
         if parts is not None:
             bank.check_model(parts, source=str(path))
         return bank
 
-    def check_model(self, parts, source: str = "noise bank") -> None:
+    def check_fits(self, parts, source: str | None = None) -> None:
+        """Raise if the noise shape does not fit the model's patch tokens."""
+        if self.token_shape != tuple(parts.token_shape):
+            raise NsvitError(f"{source or self.source}: noises of shape {self.token_shape} do not fit {parts.name}'s "
+                             f"tokens {tuple(parts.token_shape)}")
+
+    def check_model(self, parts, source: str | None = None) -> None:
         """Raise if the noise shape does not fit the model; warn if it was learned on other weights."""
         from ..models import weights_fingerprint
 
-        if self.token_shape != tuple(parts.token_shape):
-            raise NsvitError(f"{source}: noises of shape {self.token_shape} do not fit {parts.name}'s "
-                             f"tokens {tuple(parts.token_shape)}")
+        self.check_fits(parts, source)
+        source = source or self.source
         fp = self.meta.get("model_fingerprint")
         if fp and fp != weights_fingerprint(parts):
             warnings.warn(f"{source} was learned on other weights (model {self.meta.get('model', '?')}, "
