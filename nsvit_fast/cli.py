@@ -417,7 +417,7 @@ def add_synth(sub) -> None:
 
 # -- profile --
 def cmd_profile(args) -> int:
-    from .data import load_data
+    from .data import load_data, parse_spec
     from .io import check_distinct, check_output_file
     from .runlock import output_lock
     from .synth import profile_synth
@@ -428,8 +428,11 @@ def cmd_profile(args) -> int:
                        {"--data": _image_folder(args.data, args.split)}, files=("--trace",))
     parts = _load(args)
     _check_default_data(args, parts)
-    data = load_data(args.data, args.split, parts, args.max_images, args.on_bad_image)
     kw = _synth_overrides(args)
+    cap = args.max_images
+    if cap is None and parse_spec(args.data, args.split).kind == "folder":  # a folder is read whole: an
+        cap = args.steps * kw["batch_size"]  # ImageNet train folder for 20 steps took hours, then memory
+    data = load_data(args.data, args.split, parts, cap, args.on_bad_image)
     with output_lock({"--trace": args.trace}):
         res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
     batch = min(kw["batch_size"], len(data))  # the batch a step takes (BatchStream: all images if fewer)
@@ -451,7 +454,8 @@ PROFILE_FIXED = ("eps", "max_steps", "stop", "heldout", "schedule")  # profile_s
 def add_profile(sub) -> None:
     p = sub.add_parser("profile", help="profile noise synthesis by phase (torch.profiler)",
                        description="Run a few synthesis steps under torch.profiler; print time per phase and "
-                                   "write a Chrome trace.")
+                                   "write a Chrome trace. A --data folder is read only as far as the steps take "
+                                   "(--steps x --batch-size images) unless --max-images is given.")
     p.add_argument("what", choices=PROFILED, help="what to profile")
     _model_args(p, default="digits_vit")
     _data_args(p)

@@ -391,3 +391,22 @@ def test_mean_and_std_flags_give_the_weights_their_normalisation(tmp_path, capsy
     one_error(code, err, "needs mean/std of 1 or 3 value(s), got 3 and 2 (mean= and std=, or --mean and --std)")
     code, _, err = cli(capsys, "nullspace", "--table1", "--mean", "0.5")
     one_error(code, err, "--table1 takes no --mean")
+
+
+def test_profile_reads_a_folder_only_as_far_as_its_steps_take(tmp_path, capsys, monkeypatch):
+    # the whole folder was read into memory for a few steps: an ImageNet train folder for 20 steps
+    import nsvit_fast.data as data_mod
+
+    (tmp_path / "d").mkdir()
+    write_digits_folder(tmp_path / "d", n=60)
+    read = []
+    real = data_mod.load_data
+    monkeypatch.setattr(data_mod, "load_data", lambda *a, **k: read.append(real(*a, **k)) or read[-1])
+    trace = str(tmp_path / "t.json")
+    code, out, err = cli(capsys, "profile", "synth", "--data", str(tmp_path / "d"), "--steps", "2", "--batch-size",
+                         "8", "--trace", trace)
+    assert code == 0, err
+    assert len(read[-1]) == 16 and out.startswith("2 synthesis steps, mode fast, batch 8: ")
+    code, out, err = cli(capsys, "profile", "synth", "--data", str(tmp_path / "d"), "--steps", "2", "--batch-size",
+                         "8", "--max-images", "40", "--trace", trace)
+    assert code == 0 and len(read[-1]) == 40, err

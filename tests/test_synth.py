@@ -557,3 +557,14 @@ def test_profile_refuses_settings_it_would_ignore(parts, kw):
 
     with pytest.raises(NsvitError, match=f"takes no '{kw}'"):
         profile_synth(parts, torch.rand(4, 3, 32, 32), steps=1, trace=None, **{kw: 1})
+
+
+def test_profile_runs_every_step_even_for_a_noise_that_moves_nothing(parts, train):
+    # eps was forced to 1e-12, so a noise of MSE-prob 0 (lim 1e-6) stopped at its first step, and the
+    # report still gave 20 steps and a per-step time 13x too small
+    from nsvit_fast.synth import profile_synth
+
+    out = profile_synth(parts, train.images[:32], steps=5, trace=None, lim=1e-6, batch_size=16)
+    assert out["steps"] == 5
+    assert {p: out["phases"][p]["calls"] for p in ("noisy_forward", "backward", "optimizer")} == {
+        "noisy_forward": 5, "backward": 5, "optimizer": 5}
