@@ -371,7 +371,8 @@ def cmd_synth(args) -> int:
         rt = Runtime.create(args.device, args.precision or "fp32")
         parts = _load(args).to(rt.device)
         _check_default_data(args, parts)
-        data = stream_or_load(args.data, parts, args.split, args.max_images, args.on_bad_image)
+        data = stream_or_load(args.data, parts, args.split, args.max_images, args.on_bad_image,
+                              progress=not args.quiet)
         if isinstance(data, Path):  # a folder, streamed with the official augmentation
             from .data.stream import StreamingData
 
@@ -592,11 +593,12 @@ def cmd_finetune(args) -> int:
 
         from .data.folders import adopt_class_names
 
-        train = stream_or_load(run["data"], parts, None, run["max_images"], run["on_bad_image"])
+        train = stream_or_load(run["data"], parts, None, run["max_images"], run["on_bad_image"],
+                               progress=not args.quiet)
         adopt_class_names(parts, train)  # before the val folder is read: by the training classes' names
         try:
             val = stream_or_load(run["val_data"], parts, None, run["max_images"], run["on_bad_image"],
-                                 default_split="val")
+                                 default_split="val", progress=not args.quiet)
         except NsvitError as e:  # the config's /path/to/imagenet/val placeholder read as "data ... is neither"
             where = "" if args.val_data is not None else " (the config's val_data: give --val-data, or val_data=null)"
             raise NsvitError(f"val_data: {e}{where}") from None
@@ -746,7 +748,8 @@ def _eval(args) -> int:
         data = FolderImages(spec.root, main, args.max_images, args.workers, rt.device.type == "cuda",
                             args.on_bad_image)
     else:
-        data = load_data(args.data, None, main, args.max_images, args.on_bad_image, default_split="test")
+        data = load_data(args.data, None, main, args.max_images, args.on_bad_image, default_split="test",
+                         progress=not args.quiet)
     folders = dict(args.folder) if args.folder else {}
     bank = None
     if args.bank:

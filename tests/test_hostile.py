@@ -163,6 +163,8 @@ def assets(tmp_path_factory):
 
     _folder(a / "good")
     corrupt = _folder(a / "corrupt")
+    big = _folder(a / "big_corrupt", n=110)  # past the 200 images where folders get a reading bar
+    (big / "1" / "zz.jpg").write_bytes((big / "0" / "0.png").read_bytes()[:60])
     (corrupt / "0" / "9.jpg").write_bytes((corrupt / "0" / "0.png").read_bytes()[:60])  # truncated
     loop = _folder(a / "loop")
     os.symlink(loop / "0", loop / "0" / "again")
@@ -503,6 +505,12 @@ CASES = [
     # data folders and images
     ("data-corrupt-synth", SY + ["--data", "{A}/corrupt", "--out", "{C}/b.safetensors"], "9.jpg is not a readable image",
      {}),
+    # a reading bar on stderr (not a terminal) put two more lines before the error
+    ("data-corrupt-read-bar", ["synth", "--max-images", "300", "--max-steps", "1", "--batch-size", "16", "--quiet",
+                               "--data", "{A}/big_corrupt", "--out", "{C}/b.safetensors"],
+     "zz.jpg is not a readable image", {}),
+    ("data-corrupt-read-bar-profile", ["profile", "synth", "--max-images", "300", "--steps", "1", "--data",
+                                       "{A}/big_corrupt", "--trace", "{C}/t.json"], "zz.jpg is not a readable image", {}),
     ("data-corrupt-eval", EV + ["--data", "{A}/corrupt", "--out", "{C}/ev"], "9.jpg is not a readable image", {}),
     ("data-symlink-loop", EV + ["--data", "{A}/loop", "--out", "{C}/ev"], "symlink loop", {}),
     ("data-bomb", EV + ["--data", "{A}/bomb", "--out", "{C}/ev"], "decompression bomb", {}),

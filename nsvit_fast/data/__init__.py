@@ -117,7 +117,7 @@ def _check_options(max_images, on_bad_image) -> int | None:
 
 
 def load_data(spec: str | Path, split: str | None = None, parts=None, max_images: int | None = None,
-              on_bad_image: str = "error", *, default_split: str = "train") -> ImageDataset:
+              on_bad_image: str = "error", *, default_split: str = "train", progress: bool = True) -> ImageDataset:
     """Read the data a spec names (see :func:`parse_spec`) into memory.
 
     A folder is read whole (or ``max_images`` of it, spread evenly over its classes) through the
@@ -130,6 +130,7 @@ def load_data(spec: str | Path, split: str | None = None, parts=None, max_images
         max_images: at most this many images (>= 1), the first ones of a named set; None: all.
         on_bad_image: ``error`` stops at the first unreadable image of a folder, naming it;
             ``skip`` leaves such images out and warns how many.
+        progress: a reading bar for a folder of 200 images or more, on a terminal only.
 
     Returns:
         an :class:`ImageDataset`: images (N, C, H, W) float32 in [0, 1], labels (N,) int64.
@@ -150,12 +151,13 @@ def load_data(spec: str | Path, split: str | None = None, parts=None, max_images
             raise NsvitError("a folder of images needs the model (for its input size and transform)")
         if not hasattr(parts, "data_config"):
             raise NsvitError(f"parts must be the model's adapter (load_model(...)), got {type(parts).__name__}")
-        ds = _materialise(image_folder(s.root, parts), max_images, str(s.root), on_bad_image)
+        ds = _materialise(image_folder(s.root, parts), max_images, str(s.root), on_bad_image, progress)
     return ds.subset(max_images) if max_images else ds
 
 
 def stream_or_load(spec: str | Path | None, parts, split: str | None = None, max_images: int | None = None,
-                   on_bad_image: str = "error", *, default_split: str = "train") -> ImageDataset | Path | None:
+                   on_bad_image: str = "error", *, default_split: str = "train",
+                   progress: bool = True) -> ImageDataset | Path | None:
     """The form each engine takes: a folder without ``max_images`` as its resolved Path (to be
     streamed: nothing holds it whole), anything else read by :func:`load_data`.
 
@@ -173,10 +175,11 @@ def stream_or_load(spec: str | Path | None, parts, split: str | None = None, max
     s = parse_spec(spec, split, default_split=default_split)
     if s.kind == "folder" and max_images is None:
         return s.root
-    return load_data(spec, split, parts, max_images, on_bad_image, default_split=default_split)
+    return load_data(spec, split, parts, max_images, on_bad_image, default_split=default_split, progress=progress)
 
 
-def _materialise(folder, max_images: int | None, name: str, on_bad_image: str = "error") -> ImageDataset:
+def _materialise(folder, max_images: int | None, name: str, on_bad_image: str = "error",
+                 progress: bool = True) -> ImageDataset:
     import torch
     from tqdm.auto import tqdm
 
@@ -185,7 +188,8 @@ def _materialise(folder, max_images: int | None, name: str, on_bad_image: str = 
         raise NsvitError(f"{name} holds no images")
     idx = torch.linspace(0, len(folder) - 1, n).round().long().tolist()  # spread over the classes
     xs, ys, bad = [], [], []
-    for i in tqdm(idx, desc=f"reading {name}", leave=False, disable=n < 200):
+    # None: tqdm's own test, off where stderr is not a terminal (a log, a pipe: one error line there)
+    for i in tqdm(idx, desc=f"reading {name}", leave=False, disable=True if n < 200 or not progress else None):
         try:
             x, y = folder[i]
         except BadImage:
