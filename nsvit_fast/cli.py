@@ -889,8 +889,10 @@ def add_analyze(sub) -> None:
     p.add_argument("--run", help="trend: the finetuning output folder")
     p.add_argument("--lim", type=POSITIVE, default=3.0, help="noise init U(-lim, lim) (default 3)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the noise inits and the images drawn (default 0)")
-    p.add_argument("--lams", type=listof(number(0, lo_open=False), "lambdas >= 0"), default=[0, 0.5, 1, 2, 4, 8],
-                   help="fig3: lambda values (default 0,0.5,1,2,4,8)")
+    from .synth.engine import MAX_LAM
+
+    p.add_argument("--lams", type=listof(number(0, MAX_LAM, lo_open=False), f"lambdas in [0, {MAX_LAM:g}]"),
+                   default=[0, 0.5, 1, 2, 4, 8], help="fig3: lambda values (default 0,0.5,1,2,4,8)")
     p.add_argument("--steps", type=count(1), default=300, help="fig3: optimisation steps (default 300)")
     p.add_argument("--batch-size", type=count(1), default=64, help="fig3: images per step (default 64)")
     p.add_argument("--m", type=count(2), help="fig5: noises, >= 2 (default 100 on CUDA, 24 on the CPU)")

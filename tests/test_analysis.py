@@ -2,6 +2,7 @@
 fingerprints (owner and derived copies verify, an independent model does not)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -218,6 +219,13 @@ def test_studies_refuse_keys_they_set_themselves(parts, tmp_path):
         fig3(parts, x, tmp_path, lams=[0], steps=2, progress=True)
     with pytest.raises(NsvitError, match="fig5 sets num_noises itself: pass m=N"):
         fig5(parts, x, tmp_path, m=2, num_noises=3, eps=0.5, max_steps=5)
+    # a λ past the bound left the noise unlearned (AdamW's squared gradient overflowed) and was drawn
+    with pytest.raises(NsvitError, match=r"lambda must be a finite number in \[0, 1e\+06\], got 1e\+25"):
+        fig3(parts, x, tmp_path, lams=[0, 1e25], steps=2)
+    from nsvit_fast.synth import synthesize_regularized
+
+    with pytest.raises(NsvitError, match=r"lam must be a finite number in \[0, 1e\+06\]"):
+        synthesize_regularized(parts, x, [1e25], steps=2, progress=False)
     assert not list(tmp_path.iterdir())
 
 
@@ -261,7 +269,7 @@ def test_trend_divides_by_the_first_rounds_value(tmp_path, monkeypatch):
     assert drawn == {"val accuracy": pytest.approx([1.0, 1.2, 1.8])}  # steps start at 0: no first-round scale
     # rounds as log.jsonl and the tables number them (the axis started at 1)
     assert [list(ln.get_xdata()) for ln in ax.lines if ln.get_label() == "val accuracy"] == [[0, 1, 2]]
-    assert "synthesis steps: not drawn (first value is 0)" in [t.get_text() for t in ax.get_legend().texts]
+    assert "synthesis steps: not drawn (the first value is 0)" in [t.get_text() for t in ax.get_legend().texts]
 
 
 def test_trend_starts_val_accuracy_at_the_starting_model(tmp_path, monkeypatch):
@@ -369,3 +377,22 @@ def test_trend_refuses_records_finetune_never_writes(tmp_path, line2, msg):
         trend(tmp_path)
     assert msg in str(e.value) and len(str(e.value)) < 300, str(e.value)
     assert not (tmp_path / "fig4_trend.png").exists() and not (tmp_path / "fig4_trend.json").exists()
+
+
+def test_trend_names_a_gap_and_a_scale_it_cannot_draw(tmp_path, monkeypatch):
+    # a null in one round dropped the whole series and its legend entry without a word; a first
+    # value of 5e-324 made every ratio inf, so its entry was there with no line
+    from nsvit_fast.analysis.studies import trend
+    from nsvit_fast.train import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(fig) or path)
+    _round_log(tmp_path, [{"round": 0, "noise_norm": 2.0, "val_acc": 5e-324},
+                          {"round": 1, "noise_norm": None, "val_acc": 0.5},
+                          {"round": 2, "noise_norm": 3.0, "val_acc": 0.6}])
+    trend(tmp_path)
+    ax = figs[0].axes[0]
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.lines if not ln.get_label().startswith("_")}
+    y = lines["noise norm (no value at round 1)"]
+    assert y[0] == 1.0 and math.isnan(y[1]) and y[2] == 1.5
+    assert "val accuracy: not drawn (the first value is 4.94066e-324)" in [t.get_text() for t in ax.get_legend().texts]

@@ -263,6 +263,8 @@ CASES = [
     ("folder-no-eq", ["eval", "--folder", "imagenet-r"], "SUITE=PATH", {}),
     ("lams-words", ["analyze", "fig3", "--lams", "a,b"], "--lams", {}),
     ("lams-nan", ["analyze", "fig3", "--lams", "1,nan"], "--lams", {}),
+    # past ~1e20 AdamW's squared gradient overflowed, the noise never moved and Fig. 3 drew it
+    ("lams-huge", ["analyze", "fig3", "--lams", "0,1e30"], "must be a finite number in [0, 1e+06]", {}),
     ("fig5-m-0", ["analyze", "fig5", "--m", "0"], "--m: must be >= 2", {}),
     ("fig5-pairs-0", ["analyze", "fig5", "--pairs", "0"], "--pairs", {}),
     ("demo-scale-neg", ["demo", "--scale", "-1", "--out", "{C}/d"], "--scale", {}),

@@ -24,7 +24,7 @@ from ..io import save_figure, staged_writes, write_json
 from ..synth import CleanCache, noise_effect, synthesize, synthesize_regularized
 from ..config import build
 from ..data.stream import StreamingData
-from ..synth.engine import SynthConfig, check_config, image_tensor, metric_images
+from ..synth.engine import MAX_LAM, SynthConfig, check_config, image_tensor, metric_images
 from ..viz import pyplot
 
 
@@ -57,7 +57,7 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
     out = check_output_dir(out, "out", ("fig3_regularized.png", "fig3_regularized.json"))  # before the descent
     if isinstance(lams, (str, bytes)) or not hasattr(lams, "__iter__"):
         raise NsvitError(f"lams must be a list of numbers, got {lams!r}")
-    lams = [check_number("lambda", v, lo=0) for v in lams]
+    lams = [check_number("lambda", v, lo=0, hi=MAX_LAM) for v in lams]
     if not lams:
         raise NsvitError("lams is empty: give at least one lambda")
     bank = synthesize_regularized(parts, data, lam=list(lams), steps=steps, progress=False, **synth)

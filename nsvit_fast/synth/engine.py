@@ -754,6 +754,11 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
     return bank
 
 
+# Eq. 4's weight on -log ||v||: the paper sweeps 0-8. Past ~1e20 its gradient squared overflows
+# float32 in AdamW's second moment, every update is 0, and Fig. 3 would show an unlearned noise.
+MAX_LAM = 1e6
+
+
 def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConfig | None = None, *,
                            heldout_data=None, progress: bool = True, log: str | Path | None = None,
                            **overrides: Any) -> NoiseBank:
@@ -769,14 +774,14 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
         steps: descent steps for every noise (``max_steps``); none stops early.
         config, overrides: SynthConfig settings (``lim``, ``lr``, ``batch_size``...); mode is fast.
 
-    Returns a NoiseBank with len(lam) noises. Raises NsvitError for a λ that is negative or not
-    finite, and as :func:`synthesize` for bad settings or data."""
+    Returns a NoiseBank with len(lam) noises. Raises NsvitError for a λ that is negative, above
+    MAX_LAM or not finite, and as :func:`synthesize` for bad settings or data."""
     from ..errors import check_number
 
     vals = list(lam) if isinstance(lam, (list, tuple)) else [lam]
     if not vals:
         raise NsvitError("lam is empty: give one λ or a list of them")
-    lams = torch.tensor([check_number("lam", v, lo=0) for v in vals], dtype=torch.float32)
+    lams = torch.tensor([check_number("lam", v, lo=0, hi=MAX_LAM) for v in vals], dtype=torch.float32)
     cfg = check_config(build(SynthConfig, config, {**overrides, "max_steps": steps, "num_noises": len(lams),
                                                    "mode": "fast"}, "synthesis"))
     parts = adapt(model)

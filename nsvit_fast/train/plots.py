@@ -27,8 +27,9 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
     """One line per metric present in ``history`` (and ``extra``: {label: values per round}),
     divided by its first value, against the round. Val accuracy starts at round -1, the starting
     model, when round 0's record holds ``val_acc_start`` (the paper's Fig. 4 divides by the initial
-    value). A series whose first value is 0 (or not finite) cannot be put on that scale: it is not
-    drawn, and the legend says so."""
+    value). A series whose first value is 0, missing or too small to divide by cannot be put on that
+    scale: it is not drawn, and the legend says so. A round without a value leaves a gap in its
+    line, named in the legend."""
     from ..viz import pyplot
 
     plt = pyplot()
@@ -46,13 +47,17 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
                   for label, x, v in series]
     series += [(label, rounds, vals) for label, vals in (extra or {}).items()]
     for label, x, vals in series:
-        if not vals or any(v is None for v in vals):
-            continue
+        if not vals or all(v is None for v in vals):
+            continue  # a metric this run does not log (a plain run's noise norm)
         first = vals[0]  # the axis's "first value", not the first non-zero one
-        if first == 0 or not math.isfinite(first):
-            ax.plot([], [], ls="none", label=f"{label}: not drawn (first value is {first:g})")
-        else:
-            ax.plot(x, [v / first for v in vals], marker="o", ms=3, label=label)
+        ratios = [] if first is None or first == 0 else [math.nan if v is None else v / first for v in vals]
+        gaps = [r for r, v in zip(x, vals) if v is None]
+        if first is None or first == 0 or not all(math.isfinite(r) for r, v in zip(ratios, vals) if v is not None):
+            why = "it has no first value" if first is None else f"the first value is {first:g}"
+            ax.plot([], [], ls="none", label=f"{label}: not drawn ({why})")
+        else:  # a round without the value leaves a gap in the line, named in the legend
+            gap = f" (no value at round{'s' if len(gaps) > 1 else ''} {', '.join(map(str, gaps))})" if gaps else ""
+            ax.plot(x, ratios, marker="o", ms=3, label=label + gap)
         drawn += 1
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("round" + (" (-1: the starting model)" if start is not None else ""))
