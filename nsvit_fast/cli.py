@@ -339,7 +339,8 @@ def _synth_args(p: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
     add("--num-noises", type=count(1), default=d.num_noises, help="noises learned at once (default 1)")
     add("--mode", choices=MODES, default=d.mode, help="default fast")
     add("--schedule", choices=SCHEDULES, default=d.schedule, help="default paper")
-    add("--stop", choices=STOPS, default=d.stop, help="default batch (the paper's)")
+    add("--stop", choices=STOPS, default=None, help=f"default {d.stop} (the paper's); --schedule boundary stops "
+                                                     f"on held-out images")
     add("--heldout", type=count(0), default=d.heldout, help=f"held-out images: carved out of the data for "
         f"--stop heldout; a metrics sample left in training for --stop batch (default {d.heldout})")
     add("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
@@ -352,7 +353,9 @@ def _synth_args(p: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
 def _synth_overrides(args) -> dict:
     keys = ("eps", "lim", "lr", "max_steps", "batch_size", "num_noises", "mode", "schedule", "stop", "heldout", "seed",
             "lr_schedule", "lr_t_max")
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if getattr(args, "stop", None) == "batch" and getattr(args, "schedule", None) == "boundary":
+        raise NsvitError("--stop batch: --schedule boundary stops its descent on held-out images; leave --stop out")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def cmd_synth(args) -> int:
@@ -390,8 +393,8 @@ def cmd_synth(args) -> int:
         for i in range(len(bank)):
             print(f"{i:5d} {int(bank.steps[i]):6d} {str(bool(bank.converged[i])):>5s} {float(bank.norm[i]):9.2f} "
                   f"{float(bank.mse_prob[i]):18.4f} {float(bank.match_rate[i]):6.3f}")
-        print(f"eps {bank.meta['eps']}, {bank.meta['mode']}/{bank.meta['schedule']}, stop {bank.meta['stop']}, "
-              f"{bank.meta['seconds']} s -> {args.out}")
+        print(f"eps {bank.meta['eps']}, {bank.meta['mode']}/{bank.meta['schedule']}, stop {bank.meta['descent_stop']}, "
+              f"lr {bank.meta['descent_lr']:g}, {bank.meta['seconds']} s -> {args.out}")
     return 0
 
 

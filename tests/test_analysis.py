@@ -396,3 +396,17 @@ def test_trend_names_a_gap_and_a_scale_it_cannot_draw(tmp_path, monkeypatch):
     y = lines["noise norm (no value at round 1)"]
     assert y[0] == 1.0 and math.isnan(y[1]) and y[2] == 1.5
     assert "val accuracy: not drawn (the first value is 4.94066e-324)" in [t.get_text() for t in ax.get_legend().texts]
+
+
+def test_invariance_of_a_model_with_a_constant_zero_output_is_a_number():
+    # logits_rel was 0/0: "logits nan, predictions kept 100%" printed as a result
+    from nsvit_fast.analysis.edit import invariance, max_rel
+
+    parts = load_model("digits_vit")
+    with torch.no_grad():
+        parts.model.head.weight.zero_()
+        parts.model.head.bias.zero_()
+    x = digits("test").images[:4]
+    r = invariance(parts, x, (x + 0.1).clamp(0, 1))
+    assert r["logits_rel"] == 0.0 and r["patch_embed_rel"] > 0 and r["predictions_match"] == 1.0
+    assert max_rel(torch.ones(2), torch.zeros(2)) == math.inf and max_rel(torch.ones(2), 2 * torch.ones(2)) == 0.5

@@ -410,3 +410,17 @@ def test_profile_reads_a_folder_only_as_far_as_its_steps_take(tmp_path, capsys, 
     code, out, err = cli(capsys, "profile", "synth", "--data", str(tmp_path / "d"), "--steps", "2", "--batch-size",
                          "8", "--max-images", "40", "--trace", trace)
     assert code == 0 and len(read[-1]) == 40, err
+
+
+def test_synth_reports_the_stop_and_lr_its_descent_ran_with(tmp_path, capsys):
+    # schedule boundary descends at lr x boundary_lr with the held-out stop; the line and the bank
+    # said "stop batch" and lr 0.1
+    from nsvit_fast.synth import NoiseBank
+
+    out = tmp_path / "b.safetensors"
+    code, stdout, err = cli(capsys, "synth", "--schedule", "boundary", "--max-images", "32", "--max-steps", "2",
+                            "--batch-size", "16", "--heldout", "8", "--quiet", "--out", out)
+    assert code == 0, err
+    assert ", stop heldout, lr 0.6, " in stdout.splitlines()[-1], stdout
+    meta = NoiseBank.load(out).meta
+    assert (meta["descent_stop"], meta["descent_lr"], meta["stop"]) == ("heldout", pytest.approx(0.6), "batch")

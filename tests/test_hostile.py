@@ -278,6 +278,8 @@ CASES = [
     ("fp-n-0", ["fingerprint", "make", "--n", "0", "--fingerprint", "{C}/fp.safetensors"], "--n: must be >= 1", {}),
     ("fp-scale-0", ["fingerprint", "make", "--scale", "0"], "--scale", {}),
     # the owner scored NaN against its own fingerprint at 1e30, and make wrote it with rc 0
+    ("fp-scale-tiny", ["fingerprint", "make", "--scale", "1e-9", "--n", "4", "--fingerprint", "{C}/fp.safetensors",
+                       "--report", "{C}/r"], "scale 1e-09 is too small to move float32 pixels", {}),
     ("fp-scale-huge", ["fingerprint", "make", "--scale", "1e30"], "--scale: must be a finite number in (0, 1000]", {}),
     # an option of the other action was ignored: make --threshold 0.9 stored 0.25
     ("fp-make-threshold", ["fingerprint", "make", "--threshold", "0.9", "--fingerprint", "{C}/fpt.safetensors"],
@@ -340,6 +342,12 @@ CASES = [
      {"link": ("gone", "nowhere")}),
     ("trace-under-file", ["profile", "synth", "--trace", "{A}/afile/t.json"], "is a file", {}),
     ("trace-suffix", ["profile", "synth", "--trace", "{C}/t.png"], "must end in .json", {}),
+    # schedule boundary stops on held-out images: an explicit --stop batch was overridden without a word
+    ("synth-boundary-stop-batch", SY + ["--schedule", "boundary", "--stop", "batch", "--out", "{C}/b.safetensors"],
+     "--stop batch: --schedule boundary stops its descent on held-out images", {}),
+    ("synth-boundary-3-images", ["synth", "--max-images", "3", "--max-steps", "1", "--schedule", "boundary", "--quiet",
+                                 "--out", "{C}/b.safetensors"],
+     "schedule=boundary (its descent stops on held-out images) measures on held-out images", {}),
     ("synth-out-suffix", SY + ["--out", "{C}/bank.npz"], "must end in .safetensors", {}),
     ("log-under-file", SY + ["--out", "{C}/b.safetensors", "--log", "{A}/afile/l.jsonl"], "is a file", {}),
     ("ft-out-file", FT + ["--out", "{A}/afile"], "is a file, not a folder", {}),

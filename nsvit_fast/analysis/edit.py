@@ -15,6 +15,8 @@ patches of all images through ``nsvit_fast.ops.nullspace_project``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import NsvitError, check_count, check_number, check_pixels
@@ -71,12 +73,19 @@ def nullspace_edit(parts, x: torch.Tensor, target: torch.Tensor, iters: int = 10
     return z.to(x.dtype), violation
 
 
+def max_rel(new: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |new - ref| / max |ref|: 0 when nothing moved, inf when only a zero reference did (a model
+    whose output is constant 0 gave 0/0 = NaN, printed as a result)."""
+    d, m = float((new - ref).abs().max()), float(ref.abs().max())
+    return 0.0 if d == 0 else (d / m if m > 0 else math.inf)
+
+
 @torch.no_grad()
 def invariance(parts, x: torch.Tensor, edited: torch.Tensor) -> dict:
     u, ue = parts.patch_embed(x), parts.patch_embed(edited)
     z, ze = parts.encode(u), parts.encode(ue)
-    return {"patch_embed_rel": float((ue - u).abs().max() / u.abs().max()),
-            "logits_rel": float((ze - z).abs().max() / z.abs().max()),
+    return {"patch_embed_rel": max_rel(ue, u),
+            "logits_rel": max_rel(ze, z),
             "predictions_match": float((z.argmax(-1) == ze.argmax(-1)).float().mean())}
 
 
@@ -142,6 +151,6 @@ def targeted(parts, source: torch.Tensor, target: torch.Tensor, iters: int = 100
             "l2_source_to_target": float((source - target).flatten(1).norm(dim=1).mean()),
             "l2_result_to_source": float((result - source).flatten(1).norm(dim=1).mean()),
             "psnr_result_to_target": psnr(result.clamp(0, 1), target),
-            "logits_rel_to_source": float((zr - zs).abs().max() / zs.abs().max()),
+            "logits_rel_to_source": max_rel(zr, zs),
             "predictions_match_source": float((zr.argmax(-1) == zs.argmax(-1)).float().mean()),
             "png_8bit": invariance(parts, source, _quantised(result))}

@@ -262,8 +262,10 @@ def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
                          f"it cannot be scored")
     # a model whose output ignores its input moves under neither noise: 0 / 0 scored 0, "verified"
     if s["control_change"] <= 1e-6 * s["logit_norm"] or s["control_change"] == 0:
-        raise NsvitError(f"{parts.name}: its output does not respond to its input (the control noise moves the "
-                         f"logits by {s['control_change']:.2g}): it cannot be scored")
+        small = f" or the fingerprint's scale {fp.meta['scale']:g} is too small to move float32 pixels" \
+            if fp.meta["scale"] < 1e-3 else ""
+        raise NsvitError(f"{parts.name}: its output does not respond to its input{small} (the control noise moves "
+                         f"the logits by {s['control_change']:.2g}): it cannot be scored")
     return {**s, "threshold": t, "verified": s["score"] < t}
 
 

@@ -236,7 +236,9 @@ def metric_images(images: torch.Tensor, cfg: SynthConfig, heldout: torch.Tensor 
     if heldout is not None:
         return images, heldout, "given"
     if cfg.stop == "heldout":
-        return *carve_heldout(images, cfg.heldout, cfg.seed, "stop=heldout"), "carved"
+        what = "schedule=boundary (its descent stops on held-out images)" if cfg.schedule == "boundary" else \
+            "stop=heldout"
+        return *carve_heldout(images, cfg.heldout, cfg.seed, what), "carved"
     return images, split_heldout(images, cfg.heldout, cfg.seed)[1], "train_sample"
 
 
@@ -742,6 +744,8 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         match_rate=match.cpu(), steps=steps.cpu(), converged=conv.cpu().bool(), batch_mse_prob=bmse.cpu(),
         meta={**{k: v for k, v in asdict(cfg).items()}, "num_noises": m, "lim_given": lim_given,  # m: init='s count
               "token_rms": rms, "model": parts.name,
+              # what the descent ran with: schedule=boundary takes lr x boundary_lr and the held-out stop
+              "descent_lr": run_cfg.lr, "descent_stop": run_cfg.stop,
               "model_fingerprint": fingerprint, "token_shape": list(parts.token_shape),
               "heldout_images": int(held_imgs.shape[0]), "heldout_source": held_source,
               "train_images": len(data) if source is not None else int(train.shape[0]), "precision": rt.precision,
