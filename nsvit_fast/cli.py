@@ -1179,13 +1179,13 @@ def _main(argv: list[str] | None) -> int:
                                  f"torchrun (WORLD_SIZE={env_int('WORLD_SIZE', 1)})")
             code = int(args.func(args) or 0)
         except NsvitError as e:
-            print(f"nsvit-fast: error: {_one_line(e)}", file=sys.stderr)
+            _say(f"nsvit-fast: error: {_one_line(e)}")
             return 2
         except OSError as e:  # the filesystem said no (read-only, full disk...): the user's to fix
             if e.errno not in FS_ERRORS:
                 raise
             where = f"{e.filename}: " if e.filename else ""
-            print(f"nsvit-fast: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+            _say(f"nsvit-fast: error: {where}{_one_line(e.strerror or e)}")
             return 2
         except (MemoryError, RuntimeError) as e:  # settings too large for the machine: the user's to change
             if not _out_of_memory(e):
@@ -1193,20 +1193,26 @@ def _main(argv: list[str] | None) -> int:
             hint = {"finetune": "lower batch_size and synth.batch_size (key=value), or try --precision bf16",
                     "eval": "lower --max-images, or try --precision bf16"}.get(
                 args.command, "lower --batch-size, --num-noises or --max-images")
-            print(f"nsvit-fast: error: out of memory ({_one_line(str(e).splitlines()[0] if str(e) else 'MemoryError')});"
-                  f" {hint}", file=sys.stderr)
+            _say(f"nsvit-fast: error: out of memory ({_one_line(str(e).splitlines()[0] if str(e) else 'MemoryError')});"
+                 f" {hint}")
             return 2
         except Terminated:
-            print("nsvit-fast: terminated (SIGTERM)", file=sys.stderr)
+            _say("nsvit-fast: terminated (SIGTERM)")
             return 143
         except KeyboardInterrupt:
-            print("nsvit-fast: interrupted", file=sys.stderr)
+            _say("nsvit-fast: interrupted")
             return 130
     # each rank has its own (a skipped-image count is its shard's), so each says whose it is
     who = f"rank {env_int('RANK', 0)}: " if getattr(args, "distributed", False) and env_int("WORLD_SIZE", 1) > 1 else ""
     for line in dict.fromkeys(_one_line(w.message) for w in caught):  # each once, in order
-        print(f"nsvit-fast: warning: {who}{line}", file=sys.stderr)
+        _say(f"nsvit-fast: warning: {who}{line}")
     return code
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: ranks failing together interleaved print's text and newline."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun: its agent has gathered the ranks already
         dist.init_process_group(backend)
     else:
-        _join_by_hand(addr, port, env_int("RANK", 0), world, backend)
+        with quiet_cpp_logs():
+            _join_by_hand(addr, port, env_int("RANK", 0), world, backend)
     return True
 
 
@@ -96,7 +97,6 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
         NsvitError: the others did not join in time, or MASTER_PORT is taken on rank 0's machine."""
     import socket
     import time
-    from datetime import timedelta
 
     from .errors import NsvitError, env_int
 
@@ -118,8 +118,10 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
                 time.sleep(0.5)
     dist_error = getattr(dist, "DistError", RuntimeError)  # torch < 2.2 raises plain RuntimeErrors
     try:
-        store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
-                              timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())), wait_for_workers=False)
+        store = _store(addr, port, world, rank == 0, max(1.0, deadline - time.monotonic()))
+        if store is None:
+            raise NsvitError(f"rank {rank}: something answers at {addr}:{port} but not as rank 0 of a run within "
+                             f"{join} s (another program on MASTER_PORT?): {hint}")
     except dist_error as e:
         text = str(e)
         why = text.splitlines()[0] if text else type(e).__name__
@@ -179,6 +181,69 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
+def _store(addr: str, port: int, world: int | None, is_master: bool, seconds: float):
+    """A TCPStore (rank 0's server, or a client of it), or None when a client is not through in
+    ``seconds``. torch's client ignores its timeout when something at the port accepts and never
+    answers (another program on MASTER_PORT): it waits inside C++, where signals are not acted on,
+    until that program closes the connection. So the client is opened in a daemon thread (the call
+    releases the GIL) and waited for in a Python loop; a thread left behind dies with the process."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    def open_store():
+        return dist.TCPStore(addr, port, world_size=world, is_master=is_master, timeout=timedelta(seconds=seconds),
+                             wait_for_workers=False)
+
+    if is_master:
+        return open_store()  # listens and returns
+    box: dict = {}
+
+    def run():
+        try:
+            box["store"] = open_store()
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="nsvit-store-client", daemon=True)
+    t.start()
+    until = time.monotonic() + seconds + 2.0  # torch's own timeout first, where it keeps it
+    while t.is_alive() and time.monotonic() < until:
+        t.join(0.2)
+    if t.is_alive():
+        return None
+    if "error" in box:
+        raise box["error"]
+    return box["store"]
+
+
+@contextlib.contextmanager
+def quiet_cpp_logs():
+    """Send file descriptor 2 to /dev/null while ranks join: torch's C++ store logs a backtrace of
+    ~40 lines on every failed call (a rank 0 gone while the others wait), ahead of the one line
+    this project prints; its errors still arrive as exceptions. Python's sys.stderr is flushed
+    first and is whole again after."""
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (a daemon): nothing to quiet
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tell_rank0(why: str, patience: float = 3.0) -> None:
     """Best effort: leave ``why`` where ranks waiting in :func:`_join_by_hand` read it and stop, for a
     rank that refuses itself before joining (a RANK outside WORLD_SIZE); else they wait out their
@@ -186,7 +251,6 @@ def _tell_rank0(why: str, patience: float = 3.0) -> None:
     gives up silently: the caller raises its own error either way."""
     import socket
     import time
-    from datetime import timedelta
 
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
     if not addr or not port.isdigit() or not 0 < int(port) < 65536:
@@ -200,9 +264,9 @@ def _tell_rank0(why: str, patience: float = 3.0) -> None:
             if time.monotonic() >= until:
                 return
             time.sleep(0.2)
-    with contextlib.suppress(Exception):
-        store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
-        if not store.check([_REFUSED]):
+    with contextlib.suppress(Exception), quiet_cpp_logs():
+        store = _store(addr, int(port), None, False, 2.0)
+        if store is not None and not store.check([_REFUSED]):
             store.set(_REFUSED, why)
 
 

@@ -31,7 +31,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch device for ``spec``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``,
     ``cuda:N``. Under torchrun (LOCAL_RANK set) ``auto`` and ``cuda`` mean this rank's GPU.
 
-    Raises NsvitError for an unknown spec, CUDA where there is none, or a GPU index past the count."""
+    Raises NsvitError for an unknown spec, CUDA where there is none, a GPU index past the count,
+    or ``cuda:N`` in a run of several ranks (all of them on GPU N)."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = (spec or "auto").strip().lower()
@@ -46,6 +47,9 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         tail = spec[5:]
         if spec != "cuda" and not tail.isdigit():
             raise NsvitError(f"device must be one of {', '.join(DEVICES)}, got {spec!r}")
+        if spec != "cuda" and env_int("WORLD_SIZE", 1) > 1:  # NCCL refuses two ranks on one GPU, in a traceback
+            raise NsvitError(f"device {spec!r} would put all {env_int('WORLD_SIZE', 1)} ranks on one GPU: give "
+                             f"--device cuda (or auto), and each rank takes its LOCAL_RANK's GPU")
         if not torch.cuda.is_available():
             raise NsvitError(f"device {spec!r} asked for, but torch sees no CUDA GPU on this machine "
                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")

@@ -904,7 +904,10 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
         taken.listen()
         runs = {"rank 0 alone": (alone(0, free_port()), "rank 0: 1 of 2 ranks joined at 127.0.0.1:"),
                 "rank 1 alone": (alone(1, free_port()), "rank 1: rank 0 did not open 127.0.0.1:"),
-                "port taken": (alone(0, taken.getsockname()[1]), "is in use on rank 0's machine")}
+                "port taken": (alone(0, taken.getsockname()[1]), "is in use on rank 0's machine"),
+                # a program on the port that accepts and never answers: torch's client ignored its
+                # timeout and waited, deaf to SIGTERM, until that program closed the connection
+                "port answers": (alone(1, taken.getsockname()[1]), "rank 1: something answers at 127.0.0.1:")}
         port = free_port()  # a typo in one rank's WORLD_SIZE: both say so at once, not after the wait
         runs["world 2"] = alone(0, port, wait=300), "rank 0: rank 1 was started with WORLD_SIZE=3, rank 0 with 2"
         runs["world 3"] = alone(1, port, wait=300, world=3), "rank 1 was started with WORLD_SIZE=3, rank 0 with 2"
@@ -930,6 +933,25 @@ def test_ranks_started_by_hand_give_up_on_the_others_in_one_line(tmp_path):
     waiting.send_signal(signal.SIGTERM)
     assert waiting.wait(timeout=30) == 143
     assert waiting.stderr.read().strip().splitlines() == ["nsvit-fast: terminated (SIGTERM)"]
+    # rank 0 killed while the others wait: torch's C++ store logged ~48 lines of frames before our line
+    port = free_port()
+    first = alone(0, port, wait=300, world=3)
+    wait_for_port(port, first)
+    second = alone(1, port, wait=300, world=3)
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30), wait_for_workers=False)
+    until = time.monotonic() + 60
+    while store.add("nsvit/joined", 0) < 2 and time.monotonic() < until:  # both counted in, both waiting
+        time.sleep(0.2)
+    del store
+    first.kill()
+    lines = second.communicate(timeout=120)[1].strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, lines
+    assert "rank 1: lost rank 0 at 127.0.0.1:" in lines[0] or "rank 1: rank 0 stopped" in lines[0], lines
+    first.communicate(timeout=30)
     assert not any(tmp_path.iterdir())  # refused before --out was made
 
 
@@ -947,6 +969,36 @@ def test_a_rank_that_fails_after_joining_stops_the_others_in_one_line(tmp_path):
     assert len(errs[1]) == 1 and "o1" in errs[1][0], errs[1]
     assert len(errs[0]) == 1 and "rank 0: another rank left the run" in errs[0][0], errs[0]
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+def test_ranks_resuming_from_different_checkpoints_are_refused(tmp_path):
+    # each rank restores its own --out: one without the run started afresh while rank 0 resumed, and
+    # the two trained on mixed state (or one waited on a collective the other never made)
+    assert subprocess.run([sys.executable, "-m", "nsvit_fast", *FT, "--out",
+                           str(tmp_path / "o0")], env=ENV, capture_output=True, text=True, timeout=300).returncode == 0
+    import shutil
+
+    shutil.copytree(tmp_path / "o0", tmp_path / "o1")  # another node's copy of the run, a step apart
+    ck = tmp_path / "o1" / "checkpoint.safetensors"
+    from safetensors.torch import load_file
+
+    t = load_file(str(ck))
+    key = next(k for k in t if k.endswith("head.bias"))
+    _edit_tensors(ck, tmp_path / "edited.safetensors", {key: t[key] + 1e-3})
+    os.replace(tmp_path / "edited.safetensors", ck)
+    port = free_port()
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen([sys.executable, "-m", "nsvit_fast", *FT, "--resume",
+                               "--out", str(tmp_path / f"o{r}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r)}) for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=300)[1].strip().splitlines() for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [2, 2], errs
+    for lines in errs:
+        assert len(lines) == 1 and "different checkpoints to resume from" in lines[0] and "[1]" in lines[0], errs
 
 
 def test_each_rank_names_itself_in_its_warnings(tmp_path):

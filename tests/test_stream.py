@@ -137,3 +137,15 @@ def test_runtime_device_and_precision():
             assert torch.get_float32_matmul_precision() == "highest"
         assert torch.get_float32_matmul_precision() == "high"
     assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_a_numbered_gpu_is_refused_for_a_run_of_several_ranks(monkeypatch):
+    # every rank on cuda:N: NCCL's duplicate-GPU error came as a traceback; refused before CUDA is asked
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(NsvitError, match=r"device 'cuda:1' would put all 2 ranks on one GPU: give --device cuda"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if not torch.cuda.is_available():
+        with pytest.raises(NsvitError, match="no CUDA"):
+            resolve_device("cuda:1")

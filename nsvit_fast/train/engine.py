@@ -881,6 +881,11 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
         if resume and out is not None and (out / STATE_FILE).exists():
             k0, s0 = eng.restore()
             check_val_classes(parts, val_data)
+        if eng.world > 1:  # each rank restores its own --out: a folder one node lacks, or an older copy,
+            from ..models import weights_fingerprint  # trained on mixed state without a word
+
+            dist_util.check_same("checkpoints to resume from (each rank reads its own --out)",
+                                 {"at": [k0, s0], "weights": weights_fingerprint(parts)})
         wrote_config = False
         if out is not None and eng.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
