@@ -884,7 +884,7 @@ def add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="the paper's studies: fig3 (Eq. 4 sweep), fig5 (nullspace properties), trend",
                        description="fig3: Sec. 3.3 / Fig. 3 (Eq. 4 over lambda, with the permuted control); fig5: "
                                    "Sec. 5.6 / Fig. 5 (scalar multiples and convex combinations of m noises); trend: "
-                                   "Fig. 4 from a finetuning run's log. Each writes a PNG and a JSON.")
+                                   "a Fig. 4-style trend from a finetuning run's log. Each writes a PNG and a JSON.")
     p.add_argument("study", choices=STUDIES)
     _model_args(p, default="digits_vit")
     _data_args(p)

@@ -349,8 +349,22 @@ def test_timm_training_checkpoint_with_ema_weights(tmp_path):
                 "optimizer": opt.state_dict(), "version": 2, "metric": 80.1,
                 "args": argparse.Namespace(model="vit_tiny_patch16_224", lr=5e-4, aa="rand-m9", smoothing=0.1),
                 "state_dict_ema": ema.model.state_dict()}, p)
-    plain = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1)
-    averaged = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1, use_ema=True)
+    # the official evaluation switches a "dat" checkpoint to ImageNet's mean/std by its name: said, not done
+    with pytest.warns(UserWarning, match=r"official evaluation reads DAT weights .* give --mean 0.485 0.456 0.406"):
+        plain = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1)
+    with pytest.warns(UserWarning, match="official evaluation reads DAT weights"):
+        averaged = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1, use_ema=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dat = load_model("vit_tiny_patch16_224", checkpoint=p, depth=1, use_ema=True, mean=[0.485, 0.456, 0.406],
+                         std=[0.229, 0.224, 0.225])
+    assert dat.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    from nsvit_fast.models.loading import _dat_name
+
+    assert [_dat_name(n) for n in ("a/vit_b-dat.pth.tar", "DAT_vit.pth", "/data/update.pth", "dataset.pt")] == [
+        True, True, False, False]
     assert torch.equal(plain.model.head.weight, src.model.head.weight)
     assert torch.equal(averaged.model.head.weight, ema.model.head.weight)
     assert not torch.equal(plain.model.head.weight, averaged.model.head.weight)

@@ -5,7 +5,8 @@
 - ``fig5``: Sec. 5.6 / Fig. 5, from m noises learned at ε: MSE-prob of alpha v against alpha (with
   the alpha ε line), and the heatmap of MSE-prob of alpha1 v_i + alpha2 v_j over n pairs, with the ε
   contour. The noises stop on held-out data (``stop="heldout"``) so that each is within ε there.
-- ``trend``: Sec. 5.4 / Fig. 4 from a finetuning run's log.
+- ``trend``: Sec. 5.4, a Fig. 4-style trend from a finetuning run's log (its per-round metrics,
+  not the paper's robustness scores).
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
         seed: noise initialisation, held-out split and pair draw.
         **synth: further settings of :func:`nsvit_fast.synth.synthesize` (lim, batch_size,
             heldout, heldout_data, ...); not num_noises (``m``) or progress, which fig5 sets. Every
-            MSE-prob is measured on the images synthesis used for its held-out metrics.
+            MSE-prob is measured on the images synthesis used for its held-out metrics. Our
+            defaults, not the paper's: batch_size 64 (its B = 128), and the m noises are learned in
+            one batched descent, so they share one batch order and differ in their starting draws.
 
     Returns:
         the JSON's contents: {"study": "fig5", "m_requested", "m_converged", "n_pairs", "eps", "device",
@@ -265,7 +268,8 @@ RECORD_RANGES = {"val_acc": (0.0, 1.0, False), "val_acc_start": (0.0, 1.0, False
 
 @staged_writes()  # the figure and its JSON: both new, or both as they were
 def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
-    """Fig. 4: noise norm, MSE-prob, synthesis steps and metrics across a finetuning run's rounds.
+    """A Fig. 4-style trend: noise norm, MSE-prob, synthesis steps and val accuracy across a finetuning
+    run's rounds (the paper's Fig. 4 has robustness scores in place of the last three).
 
     Args:
         run_dir: a finetuning output folder (it holds ``log.jsonl``, one JSON record per round).

@@ -185,6 +185,15 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     model.load_state_dict(sd, strict=True)
 
 
+def _dat_name(checkpoint) -> bool:
+    """The official get_model_and_config switches to ImageNet's mean/std when "dat" is anywhere in
+    the checkpoint's path (a /data/ folder too). Here: "dat" as a word of the file's name
+    (vit_base_patch16_224-dat.pth.tar, dat_vit.pth), and only to warn: no statistics change unasked."""
+    import re
+
+    return re.search(r"(?<![a-z])dat(?![a-z])", Path(checkpoint).name.lower()) is not None
+
+
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, num_classes: int | None = None,
                pretrained: bool = False, use_ema: bool = False, mean=None, std=None, **kwargs) -> Adapter:
     """A timm ViT by name, wrapped in its adapter (pixels in [0, 1] in, logits out).
@@ -283,6 +292,13 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
                                  f"got {val!r}")
         norm[key] = meta.get(key) if given is None else [float(v) for v in given]  # the caller's first
     _check_record(checkpoint, meta)
+    if checkpoint is not None and norm["mean"] is None and norm["std"] is None and _dat_name(checkpoint):
+        from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
+        warnings.warn(f"{checkpoint}: the official evaluation reads DAT weights (a checkpoint named '*dat*') with "
+                      f"ImageNet's mean {list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}, not the architecture's "
+                      f"timm config; if these are DAT weights give --mean {' '.join(map(str, IMAGENET_MEAN))} "
+                      f"--std {' '.join(map(str, IMAGENET_STD))} (load_model(..., mean=, std=))", stacklevel=2)
     parts = create_model(arch, name=name or "", mean=norm["mean"], std=norm["std"],
                          pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:

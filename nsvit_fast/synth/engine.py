@@ -4,6 +4,10 @@
     repeat on minibatches:  stop if mean ||softmax(z(u+v)) - softmax(z(u))||^2 < eps   (before the update)
                             v <- AdamW(v, grad of mean ||z(u+v) - z(u)||)               cosine lr
 
+Where the paper disagrees with itself this follows the official code: the logit distance not
+squared (Eq. 7; Alg. 1 line 12 squares it), the stop on MSE-prob (Alg. 1 lines 8-9; Eq. 8 stops on
+the logit loss), AdamW (App. C; Alg. 1 line 13 writes plain SGD).
+
 Modes (same mathematics, same trajectory for the same seed and batches):
 
 - ``reference``: the official loop (``encoder_level_epsilon_noise`` in ``utils.py`` of the official

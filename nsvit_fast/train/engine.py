@@ -3,7 +3,7 @@
     for round k in 0..K-1:
         noise_k = method.prepare(ctx)            e.g. a fresh ε-approximate noise learned on the current model
         for s in 0..S-1: one AdamW step on method.loss(batch, noise_k)        (cosine lr over K*S steps)
-        validation accuracy; history; checkpoint (atomic); Fig. 4 trend plot
+        validation accuracy; history; checkpoint (atomic); Fig. 4-style trend plot
 
 Checkpoints hold the whole state (weights, EMA, optimiser, scheduler, RNG, batch stream, noise),
 so ``resume=True`` continues after a kill at any point and, on the CPU with a fixed seed, ends in
@@ -673,7 +673,7 @@ class Engine:
 
     def write_logs(self, rec: dict) -> None:
         """On rank 0 with an out_dir: rewrite log.jsonl with the history, add ``rec``'s numbers to
-        TensorBoard if enabled, redraw the Fig. 4 trend. Raises NsvitError when TensorBoard is
+        TensorBoard if enabled, redraw the Fig. 4-style trend. Raises NsvitError when TensorBoard is
         asked for and not installed."""
         if self.out_dir is None or self.rank != 0:
             return
@@ -789,7 +789,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             or ``**{"synth.eps": 0.01}``, ``precision="bf16"``).
         val_data: images scored after every round (validation accuracy in the log): an ImageDataset
             or a folder (streamed through the eval transform; ``val_images`` of them, 0 = all).
-        out_dir: where checkpoints, log.jsonl, the Fig. 4 plot and the final weights go. A folder
+        out_dir: where checkpoints, log.jsonl, the Fig. 4-style plot and the final weights go. A folder
             that holds another run is refused unless ``resume``, and so is one that holds a run's
             files (config.json, log.jsonl, model weights) without its checkpoint; a folder in use by
             a running finetune (its lock file held) is refused always.

@@ -1,4 +1,6 @@
-"""The paper's Fig. 4: noise norm and metrics across finetuning rounds, each divided by its first value."""
+"""A Fig. 4-style trend: noise norm and a run's per-round metrics (val accuracy, MSE-prob, synthesis
+steps) across finetuning rounds, each divided by its first value. The paper's Fig. 4 plots robustness
+scores (Adversarial, OOD, their average) with the noise norm; a run does not measure those per round."""
 
 from __future__ import annotations
 
