@@ -72,11 +72,21 @@ def test_stream_ranks_together_see_one_process(digits_parts, jpeg_folder):
 
 
 def test_stream_leaves_the_callers_rng_alone(digits_parts, jpeg_folder):
+    import random
+
     torch.manual_seed(123)
-    expect = torch.rand(3)
+    random.seed(7)
+    expect, expect_py = torch.rand(3), random.random()
     torch.manual_seed(123)
+    random.seed(7)  # the augmentation seeds Python's random too (timm's transforms draw from it)
     _take(StreamingData(jpeg_folder, digits_parts, batch_size=4, seed=0, workers=0), 2)
-    assert torch.equal(torch.rand(3), expect)
+    assert torch.equal(torch.rand(3), expect) and random.random() == expect_py
+
+
+def test_a_streamed_sample_spreads_over_the_folder(digits_parts, jpeg_folder):
+    # the first n files would be the first class only: held-out metrics on one class
+    sample = StreamingData(jpeg_folder, digits_parts, batch_size=4, seed=0, workers=0).sample(3)
+    assert sorted(sample.labels.tolist()) == [0, 1, 2]
 
 
 def test_eval_loader_and_transforms(digits_parts, jpeg_folder):
