@@ -29,7 +29,8 @@ def load(ap: argparse.ArgumentParser, path: str) -> dict:
         # "C↓ (vs pretrained)", and a match by label dropped it from the comparison
         metrics = {(m["suite"], m["setting"]): (float(m["alg1_mean"]), float(m["alg1_std"]), float(m["fast_mean"]),
                                                 m["metric"]) for m in d["metrics"]}
-        return {"path": path, "seeds": str(d["seeds"]), "metrics": metrics}
+        return {"path": path, "seeds": str(d["seeds"]), "metrics": metrics, "machine": str(d.get("machine", "?")),
+                "rounds": d.get("rounds")}
     except (OSError, ValueError, KeyError, TypeError) as e:
         ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
 
@@ -54,9 +55,16 @@ def main() -> None:
     a, b = load(ap, args.first), load(ap, args.second)
     if a["seeds"] == b["seeds"]:
         ap.error(f"both files are on seeds {a['seeds']}: the point is two different sets")
-    out = {"pairs": []}
+    if a["rounds"] != b["rounds"]:  # a band from another K is another experiment
+        ap.error(f"the files ran {a['rounds']} and {b['rounds']} rounds: compare runs of one setting")
+    if set(a["metrics"]) != set(b["metrics"]):  # a metric one file lacks would leave the count short, unsaid
+        only = sorted(set(a["metrics"]) ^ set(b["metrics"]))
+        ap.error(f"the files measured different metrics ({', '.join(f'{s}:{t}' for s, t in only)} in one only): "
+                 f"compare runs of one suite")
+    out = {"pairs": [], "machines": {a["path"]: a["machine"], b["path"]: b["machine"]}, "rounds": a["rounds"]}
     md = ["# Algorithm 1 against its own band on other seeds (issue 16's bar)", "",
-          "No runs: from the noise_cost.json files named. CPU results (digits, K = 20, S = 40).", ""]
+          f"No runs: from the noise_cost.json files named, K = {a['rounds']}.", "",
+          *[f"- `{f['path']}` (seeds {f['seeds']}): {f['machine']}" for f in (a, b)], ""]
     for band, other in ((a, b), (b, a)):
         rows = against(band, other)
         n = sum(r["within_1std"] for r in rows)

@@ -9,7 +9,8 @@ the pooled seeds, the variant's, the issue's verdict (within one of Algorithm 1'
 signed gap in those stds (+ more robust, mCE flipped), and a paired t-test on the per-seed
 differences (each seed's runs start from the same pretrained model and draw the same data order),
 so a gap that three seeds could not tell from the seeds' spread can be told apart from it.
-Timings are not pooled: the files may come from different machines.
+Timings are not pooled: the files may come from different machines (each file's machine is named, and
+each metric's number of pooled seeds); files of different round counts are refused.
 Writes bench/results/pooled_seeds.{json,md,png} (the figure: per-seed differences, in Algorithm 1's stds).
 """
 
@@ -31,16 +32,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALG1 = "ns (Algorithm 1)"
 
 
-def load(ap: argparse.ArgumentParser, path: str) -> tuple[list[int], Report]:
+def load(ap: argparse.ArgumentParser, path: str) -> tuple[list[int], Report, str, int]:
+    """(seeds, report, machine, rounds) of one noise_cost.json."""
     try:
         d = json.loads(Path(path).read_text())
         rep = Report.from_dict(d["report"])
         seeds = sorted({r.seed for r in rep.records})
         if not isinstance(d.get("rows"), list) or ALG1 not in rep.models or not seeds:
             raise ValueError("no Algorithm 1 runs")
+        rounds = d["rounds"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
-    return seeds, rep
+    return seeds, rep, str(d.get("machine", "?")), rounds
 
 
 def per_seed(rep: Report, model: str, suite: str, setting: str) -> dict[int, float]:
@@ -119,16 +122,19 @@ def render(out: dict) -> str:
              "more robust (mCE flipped). p: paired t-test on the per-seed differences, two-sided, "
              "not corrected for the number of metrics."
              + (f" Renamed: {'; '.join(out['renamed'])}." if out.get("renamed") else ""), ""]
+    if out.get("machines"):  # metrics only are pooled; the files may come from different machines
+        lines += [f"K = {out['rounds']} rounds. " + "; ".join(f"`{f}`: {m}" for f, m in out["machines"].items()) + ".",
+                  ""]
     for v, rows in out["variants"].items():
         n = sum(r["within_1std"] for r in rows)
         sig = [f"{r['metric']} ({'+' if r['signed_diff'] > 0 else '−'})" for r in rows if r["paired_p"] < 0.05]
         lines += [f"## {v}: within 1 std on {n} of {len(rows)}; paired p < 0.05 on "
                   f"{', '.join(sig) if sig else 'none'}", "",
-                  "| metric | Algorithm 1 | variant | gap (stds) | within 1 std | paired p |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['metric']}{' (mCE)' if r['metric_key'] == 'mce' else ''} | {r['alg1_mean']:.2f} ± "
-                  f"{r['alg1_std']:.2f} | {r['variant_mean']:.2f} ± {r['variant_std']:.2f} | {gap(r)} | "
-                  f"{r['within_1std']} | {r['paired_p']:.3f} |" for r in rows]
+                  "| metric | seeds | Algorithm 1 | variant | gap (stds) | within 1 std | paired p |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']}{' (mCE)' if r['metric_key'] == 'mce' else ''} | {len(r['seeds'])} | "
+                  f"{r['alg1_mean']:.2f} ± {r['alg1_std']:.2f} | {r['variant_mean']:.2f} ± {r['variant_std']:.2f} | "
+                  f"{gap(r)} | {r['within_1std']} | {r['paired_p']:.3f} |" for r in rows]
         lines.append("")
     return "\n".join(lines)
 
@@ -155,18 +161,23 @@ def main() -> None:
         for r in rep.records:
             if r.model == old:
                 r.model = new
+    rounds = {f: k for f, (_, _, _, k) in zip(args.files, loaded)}
+    if len(set(rounds.values())) > 1:  # seeds of another K are another experiment
+        ap.error(f"the files ran different numbers of rounds ({', '.join(f'{f}: {k}' for f, k in rounds.items())}); "
+                 f"pool runs of one setting")
     seen: set[int] = set()
-    for f, (seeds, _) in zip(args.files, loaded):
+    for f, (seeds, *_) in zip(args.files, loaded):
         if seen & set(seeds):
             ap.error(f"{f}: seeds {sorted(seen & set(seeds))} are in an earlier file too; pool disjoint seeds")
         seen |= set(seeds)
     rep = Report()
-    for _, r in loaded:
+    for _, r, *_ in loaded:
         rep = rep.merge(r)
     # the ns variants every file ran
-    common = set.intersection(*(set(r.models) for _, r in loaded))
+    common = set.intersection(*(set(r.models) for _, r, *_ in loaded))
     variants = [m for m in rep.models if m in common and m.startswith("ns") and m != ALG1]
-    out = {"files": args.files, "renamed": args.rename, "seeds": sorted(seen),
+    out = {"files": args.files, "renamed": args.rename, "seeds": sorted(seen), "rounds": loaded[0][3],
+           "machines": {f: m for f, (_, _, m, _) in zip(args.files, loaded)},
            "variants": {v: compare(rep, v) for v in variants}}
     write_json(args.out / "pooled_seeds.json", out)
     md = render(out)

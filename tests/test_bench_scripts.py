@@ -60,7 +60,11 @@ def test_pool_seeds_pools_per_seed_values_and_pairs_them_by_seed(tmp_path):
     assert all(fast[k] > alg1[k] for k in alg1) and r["paired_p"] < 0.05
     assert r["within_1std"] == (abs(r["variant_mean"] - r["alg1_mean"]) <= r["alg1_std"])
     assert rows["C↓ (vs pretrained)"]["metric_key"] == "mce"
-    assert "## ns fast, floor: within 1 std on" in (tmp_path / "pooled_seeds.md").read_text()
+    md = (tmp_path / "pooled_seeds.md").read_text()
+    assert "## ns fast, floor: within 1 std on" in md
+    # the files' machines are named (timings are not pooled, metrics are), and each row's seed count
+    assert out["machines"] == {str(f): json.loads(f.read_text())["machine"] for f in (a, b)} and out["rounds"] == 20
+    assert "AMD EPYC" in md and "Intel" in md and "| FGSM (eps=8/255) | 6 |" in md
     # the figure's dots: each seed's difference, whose mean is the bar
     assert r["per_seed_diff"] == pytest.approx([fast[k] - alg1[k] for k in range(6)], abs=1e-3)
     assert sum(r["per_seed_diff"]) / 6 == pytest.approx(r["signed_diff"], abs=0.01)
@@ -239,10 +243,13 @@ BENCH_CASES = [
     ("alg1_band.py", ["{N}", "{N}"], "both files are on seeds"),
     ("alg1_band.py", ["{N}", "README.md"], "not a noise_cost.json"),
     ("alg1_band.py", ["{N}", "missing.json"], "not a noise_cost.json"),
+    ("alg1_band.py", ["{N}", "{J:rounds10}"], "the files ran 20 and 10 rounds"),
+    ("alg1_band.py", ["{H}", "{B}"], "the files measured different metrics"),  # its count was 1 of 1, unsaid
     ("alg1_band.py", ["{A}", "{B}", "--out", "{RO}"], "cannot write"),
     ("alg1_band.py", ["{A}", "{B}", "--out", "{FILE}"], "is a file, not a folder"),
     ("pool_seeds.py", ["{A}", "{A}"], "are in an earlier file too"),
     ("pool_seeds.py", ["{A}"], "at least two"),
+    ("pool_seeds.py", ["{A}", "{J:rounds10}"], "the files ran different numbers of rounds"),
     ("pool_seeds.py", ["{A}", "{B}", "--rename", "3:ns fast=x"], "--rename wants N:OLD=NEW"),
     ("pool_seeds.py", ["{A}", "{B}", "--rename", "1:ns fastt=x"], "file 1 has models"),
     ("pool_seeds.py", ["{A}", "{B}", "--rename", "1:ns fast=ns fast, floor"], "file 1 has models"),
@@ -313,11 +320,13 @@ def test_every_bench_script_refuses_bad_input_with_one_line_exit_2_before_runnin
     j.mkdir()
     d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
     d.pop("rounds")  # a hand-cut report
-    for name, text in (("empty", "{}"), ("list", "[1]"), ("no_rounds", json.dumps(d))):
+    ten = {**json.loads((RES / "grow_search_seeds345" / "noise_cost.json").read_text()), "rounds": 10}
+    for name, text in (("empty", "{}"), ("list", "[1]"), ("no_rounds", json.dumps(d)), ("rounds10", json.dumps(ten))):
         (j / f"{name}.json").write_text(text)
     (tmp_path / "a_file").write_text("not a folder\n")
     subs = {"{A}": RES / "grow_search" / "noise_cost.json", "{B}": RES / "grow_search_seeds345" / "noise_cost.json",
-            "{N}": RES / "noise_cost.json", "{RO}": "/sys/nsvit-bench", "{FILE}": tmp_path / "a_file"}
+            "{N}": RES / "noise_cost.json", "{H}": RES / "nvidia-h200" / "noise_cost" / "noise_cost.json",
+            "{RO}": "/sys/nsvit-bench", "{FILE}": tmp_path / "a_file"}
     jobs = []
     for i, (script, argv, _) in enumerate(BENCH_CASES):
         out, log = tmp_path / "out" / str(i), tmp_path / "log" / str(i)
