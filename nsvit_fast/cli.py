@@ -737,6 +737,9 @@ def _eval(args) -> int:
         m = main if i == 0 else load_model(args.model, checkpoint=ck, num_classes=args.num_classes, **_size(args))
         _name_outputs(m, classes, ck)
         models[labels[i]] = m
+    from .eval.suite import share_class_names
+
+    share_class_names(models)  # a folder is read by the first model's rules: by names, where any has them
     from .data import load_data, parse_spec
 
     # a bare digits / synthetic is their test split, a folder is read as given: never a train split by default

@@ -214,3 +214,23 @@ def test_a_resume_after_a_training_class_was_renamed_names_the_rename_not_the_va
     with pytest.raises(NsvitError, match=r"class folders of .*\(dog gone, eel new\)"):
         finetune(_model(), str(train), run, val_data=str(val), out_dir=tmp_path / "run", progress=False,
                  resume=True)
+
+
+def test_compared_models_are_read_by_the_names_one_of_them_records(tmp_path):
+    # a first model without recorded names (a timm train.py file) read the folder by position, and a
+    # finetuned --compare model that records its classes was scored on those labels: both 0% on a
+    # folder missing one class, where the names give 33%
+    from nsvit_fast.eval import evaluate
+
+    train = _folder(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    finetune(_model(), str(train), RUN, out_dir=tmp_path / "run", progress=False)
+    named, unnamed = (load_model(None, checkpoint=tmp_path / "run" / "model.safetensors") for _ in range(2))
+    unnamed.class_names = None
+    for m in (named, unnamed):  # always "dog", output 3
+        with torch.no_grad():
+            m.model.head.weight.zero_()
+            m.model.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    val = _folder(tmp_path / "val", ["bee", "cat", "dog"])
+    with pytest.warns(UserWarning, match="model 'start' records no class names: its outputs are read as 'ns'"):
+        rep = evaluate({"start": unnamed, "ns": named}, str(val), ["clean"], progress=False)
+    assert rep.values("start", "clean") == rep.values("ns", "clean") == [pytest.approx(100 / 3)]

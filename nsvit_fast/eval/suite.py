@@ -399,6 +399,28 @@ def fmt_setting(kw: dict[str, Any]) -> str:
     return ",".join(f"{k}={f(v)}" for k, v in kw.items())
 
 
+def share_class_names(models: dict) -> None:
+    """Models compared in one evaluation are scored on the first model's labels. Where some record
+    their class names and others (a timm train.py file, a plain torch checkpoint) do not, the
+    unnamed ones take the named ones' names, with a warning naming them: an unnamed first model
+    read a folder by sorted position while a finetuned --compare model recorded its classes, and a
+    folder missing one class scored both 0%. Called before any folder is read."""
+    import warnings
+
+    from ..data.folders import known_class_names
+
+    known = {name: known_class_names(m) for name, m in models.items()}
+    named = [name for name, k in known.items() if k is not None]
+    if not named or len(named) == len(models):
+        return
+    ref = known[named[0]]
+    for name, m in models.items():
+        if known[name] is None and hasattr(m, "class_names") and m.num_classes == len(ref):
+            m.class_names = list(ref)
+            warnings.warn(f"model {name!r} records no class names: its outputs are read as {named[0]!r}'s "
+                          f"({', '.join(ref[:4])}{', ...' if len(ref) > 4 else ''}), in that order", stacklevel=3)
+
+
 def check_comparable(models: dict, streamed: bool) -> None:
     """Refuse models that one evaluation cannot score fairly: every model is scored on one set of
     images and labels, made for the first model (its class mapping; for a folder, its eval
@@ -523,6 +545,7 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         raise NsvitError("suites corruptions and imagenet-c both fill the corruption column (C): give one of "
                          "them per evaluation")
     names = list(models)
+    share_class_names(models)  # before the first model's rules read a folder
     source = as_eval_images(data, models[names[0]], max_images)
     for name, m in models.items():
         check_labels_fit(m.num_classes, source, f"the data (for {name})")
