@@ -177,3 +177,13 @@ def test_a_bank_that_does_not_fit_is_refused_before_any_suite_runs(parts, test_i
     with pytest.raises(nsvit_fast.NsvitError, match=r"b.safetensors: noises of shape \(17, 96\) do not fit"):
         suite.evaluate({"m": parts}, test_images, ["clean", "noisebank"], bank=bank, max_images=8, progress=False)
     assert ran == []
+
+
+def test_one_model_object_under_two_names_is_refused(parts, test_images):
+    # finetune trains its model in place: {"start": parts, "ns": res.parts} scored the finetuned model
+    # twice, under two names, without a word
+    with pytest.raises(nsvit_fast.NsvitError, match="models 'start' and 'ns' are one model object"):
+        nsvit_fast.eval.evaluate({"start": parts, "ns": parts}, test_images, ["clean"], max_images=8, progress=False)
+    with pytest.raises(nsvit_fast.NsvitError, match="are one model object"):
+        nsvit_fast.eval.evaluate({"a": parts.model, "b": parts.model}, test_images, ["clean"], max_images=8,
+                                 progress=False)

@@ -526,6 +526,12 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if not models:
         raise NsvitError("evaluate needs at least one model")
     models = {k: adapt(m) for k, m in models.items()}
+    seen: dict[int, str] = {}
+    for k, m in models.items():  # finetune trains its model in place: {"start": parts, "ns": res.parts} is one model
+        if id(m.model) in seen:
+            raise NsvitError(f"models {seen[id(m.model)]!r} and {k!r} are one model object (finetune trains the "
+                             f"model it is given in place): load the other one again to compare them")
+        seen[id(m.model)] = k
     if isinstance(suites, str):  # one suite spec, not its letters
         suites = [suites]
     if not suites or not all(isinstance(s, str) for s in suites):
