@@ -163,12 +163,25 @@ def _check_default_data(args, parts) -> None:
                          f"({parts.img_size[0]} x {parts.img_size[1]}): give --data FOLDER")
 
 
-def _load(args):
+def _random_weights(args) -> bool:
+    """A timm architecture with neither --checkpoint nor --pretrained: randomly initialised."""
+    from .models import embedded
+
+    return (args.checkpoint is None and not getattr(args, "pretrained", False) and args.model is not None
+            and args.model != embedded.NAME)
+
+
+def _load(args, random_ok: bool = False):
+    """The model the flags name. ``random_ok``: random weights serve the command (the nullspace's
+    rank); elsewhere they are warned about (finetune refuses them)."""
     from .models import load_model
 
     _default_model(args)
     import torch
 
+    if _random_weights(args) and not random_ok:  # scored, synthesised on or fingerprinted as if trained
+        warnings.warn(f"{args.model} has random weights (seed 0): no --checkpoint and no --pretrained, so its "
+                      f"results are a random model's")
     torch.manual_seed(0)  # a model without weights given is randomly initialised: reproducibly
     return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                       pretrained=args.pretrained, use_ema=args.use_ema, mean=args.mean, std=args.std, **_size(args))
@@ -236,7 +249,7 @@ def cmd_nullspace(args) -> int:
                   "draw under the default tolerance; our unverified guess is that the paper's 2 came from "
                   "pretrained weights.")
         return 0
-    parts = _load(args)
+    parts = _load(args, random_ok=True)  # the rank of a random draw is Table 1's reading
     # a checkpoint is named by its path, as in eval's rows: its arch name would hide its own patch size
     label = args.model or (str(args.checkpoint) if args.checkpoint else parts.arch)
     row = nullspace_basis(parts, rtol=args.rtol).summary(label)
@@ -714,6 +727,10 @@ def _eval(args) -> int:
         if suite not in names:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
     _default_model(args)
+    random_main = _random_weights(args)
+    if random_main:
+        warnings.warn(f"{args.model} has random weights: no --checkpoint and no --pretrained, so its row is a random "
+                      f"model's (named '{args.model} (random init)')")
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
                       use_ema=args.use_ema, mean=args.mean, std=args.std, **_size(args))
     _check_default_data(args, main)
@@ -726,7 +743,8 @@ def _eval(args) -> int:
     ckpts = [args.checkpoint] + [c for c in (args.compare or "").split(",") if c]
     if len(names) > len(ckpts):
         raise NsvitError(f"--names gives {len(names)} names for {len(ckpts)} model(s) (the model and each --compare)")
-    labels = [names[i] if i < len(names) and names[i] else (args.model if ck is None else str(ck))
+    default = f"{args.model} (random init)" if random_main else args.model
+    labels = [names[i] if i < len(names) and names[i] else (default if ck is None else str(ck))
               for i, ck in enumerate(ckpts)]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

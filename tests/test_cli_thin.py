@@ -424,3 +424,19 @@ def test_synth_reports_the_stop_and_lr_its_descent_ran_with(tmp_path, capsys):
     assert ", stop heldout, lr 0.6, " in stdout.splitlines()[-1], stdout
     meta = NoiseBank.load(out).meta
     assert (meta["descent_stop"], meta["descent_lr"], meta["stop"]) == ("heldout", pytest.approx(0.6), "batch")
+
+
+def test_a_timm_model_without_weights_is_named_random_in_eval_and_warned_about(tmp_path, capsys):
+    # its row was named after the architecture, so it read like the pretrained model's
+    code, out, err = cli(capsys, "eval", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+                         "--data", "digits", "--max-images", "4", "--suite", "clean", "--quiet", "--out",
+                         tmp_path / "ev")
+    assert code == 0, err
+    assert "| vit_tiny_patch16_224 (random init) |" in out
+    assert "vit_tiny_patch16_224 has random weights" in err
+    code, out, err = cli(capsys, "synth", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", "digits",
+                         "--max-images", "16", "--max-steps", "1", "--batch-size", "8", "--heldout", "4", "--quiet",
+                         "--out", tmp_path / "b.safetensors")
+    assert code == 0 and "vit_tiny_patch16_224 has random weights (seed 0)" in err, err
+    code, out, err = cli(capsys, "nullspace", "--model", "vit_tiny_patch16_224")  # Table 1 reads random draws
+    assert code == 0 and "random weights" not in err
