@@ -618,15 +618,29 @@ def cmd_finetune(args) -> int:
         except NsvitError as e:  # the config's /path/to/imagenet/val placeholder read as "data ... is neither"
             where = "" if args.val_data is not None else " (the config's val_data: give --val-data, or val_data=null)"
             raise NsvitError(f"val_data: {e}{where}") from None
-        res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume, progress=not args.quiet,
-                       device=device, on_bad_image=run["on_bad_image"])
+        cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
+        shown: list[int] = []
+
+        def show(history: list[dict]) -> None:  # each round's row as it ends (a long run is not silent)
+            if not shown:
+                if history[0].get("val_acc_start") is not None:
+                    print(f"val accuracy of the starting model: {history[0]['val_acc_start']:.4g}")
+                print(" ".join(f"{c:>12s}" for c in cols))
+            for h in history[len(shown):]:
+                print(" ".join(f"{h[c]:>12.4g}" if isinstance(h.get(c), (int, float)) else f"{'-':>12s}"
+                               for c in cols), flush=True)
+                shown.append(h["round"])
+
+        try:
+            res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume,
+                           progress=not args.quiet, device=device, on_bad_image=run["on_bad_image"], on_round=show)
+        except (KeyboardInterrupt, Terminated):
+            if rank_world()[0] == 0 and (out / "checkpoint.safetensors").is_file():
+                print(f"stopped: {out} holds the run's checkpoint; the same command with --resume goes on", flush=True)
+            raise
         if rank_world()[0] == 0:
-            if res.history and res.history[0].get("val_acc_start") is not None:
-                print(f"val accuracy of the starting model: {res.history[0]['val_acc_start']:.4g}")
-            cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
-            print(" ".join(f"{c:>12s}" for c in cols))
-            for h in res.history:
-                print(" ".join(f"{h[c]:>12.4g}" if isinstance(h.get(c), (int, float)) else f"{'-':>12s}" for c in cols))
+            if res.history:
+                show(res.history)
             print(f"{cfg.method}: {len(res.history)} rounds -> {out}/model.safetensors, log.jsonl, fig4_trend.png")
     except RuntimeError as e:  # another rank stopped (its own line says why): this one's traceback would bury it
         if distributed and peer_lost(e):

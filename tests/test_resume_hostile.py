@@ -348,3 +348,32 @@ def test_resume_after_a_class_folder_was_renamed_is_refused(tmp_path, capsys):
     assert _main(args + ["--resume"]) == 0, capsys.readouterr().err
     run = json.loads((out / "config.json").read_text())["run"]
     assert run["train_data"] == {"folder": str(data.resolve()), "classes": [f"digit{i}" for i in range(10)]}
+
+
+def test_rows_stream_and_a_stopped_round_keeps_its_seconds(tmp_path, capsys):
+    # each round's row was printed only after the last round, a stop printed none, and a round
+    # resumed mid-way counted only the seconds after the resume (less than its own synthesis)
+    import time
+
+    out = tmp_path / "run"
+    save = engine.Engine.save
+
+    def slow_then_stop(self, k, s):
+        if (k, s) == STOP_AT:
+            time.sleep(0.4)  # seconds of round 1 before the stop
+        save(self, k, s)
+        if (k, s) == STOP_AT:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine.Engine, "save", slow_then_stop)
+        assert _main([a for a in ARGS if a != "--quiet"] + ["--out", str(out)]) == 130
+    so = capsys.readouterr().out.splitlines()
+    rows = [ln.split() for ln in so if ln.split() and ln.split()[0].replace(".", "").isdigit()]
+    assert [r[0] for r in rows] == ["0"], so  # round 0's row, printed as it ended
+    assert so[-1] == f"stopped: {out} holds the run's checkpoint; the same command with --resume goes on"
+    assert _main(ARGS + ["--out", str(out), "--resume"]) == 0
+    so = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in so if ln.split() and ln.split()[0].isdigit()] == ["0", "1"], so
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert recs[1]["round_seconds"] >= 0.4 + recs[1]["synth_seconds"], recs[1]

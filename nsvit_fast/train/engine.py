@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -243,6 +243,9 @@ class Engine:
         self.on_bad_image = on_bad_image
         self._val_folder = None  # the validation folder's FolderImages, made at the first validation
         self.out_dir, self.progress = out_dir, progress
+        self.on_round: Callable[[list[dict]], None] | None = None  # rank 0, after each round's record
+        self._t0 = 0.0               # the current round's start (perf_counter)
+        self._elapsed_before = 0.0   # a resumed round's seconds before the stop
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
         self._ids = {"train": data_identity(train), "val": data_identity(val)}  # once: a pixel digest each
@@ -292,6 +295,8 @@ class Engine:
         if self.out_dir is None or self.rank != 0:
             return
         progress = {"round": k, "step": s, "round_info": self.round_info, "round_losses": self.round_losses}
+        if s:  # mid-round: the seconds so far, so a resumed round's round_seconds is the whole round's
+            progress["round_seconds"] = round(time.perf_counter() - self._t0, 3)
         if self.scaler is not None:
             progress["grad_scaler"] = self.scaler.state_dict()
         save_state(self.out_dir / STATE_FILE, parts=self.parts, opt=self.opt, sched=self.sched, ema=self.ema,
@@ -316,6 +321,7 @@ class Engine:
             self.start_weights = m.get("start_weights")
             p = m["progress"]
             self.round_info, self.round_losses = dict(p["round_info"]), dict(p["round_losses"])
+            self._elapsed_before = float(p.get("round_seconds", 0.0))  # older checkpoints: the part after it
             if self.scaler is not None and "grad_scaler" in p:
                 self.scaler.load_state_dict(p["grad_scaler"])
         except NsvitError:
@@ -391,6 +397,9 @@ class Engine:
         for key in ("round_info", "round_losses"):
             if not isinstance(p.get(key), dict):
                 raise damaged(path, f"progress {key!r} must be a JSON object, got {p.get(key)!r}"[:200])
+        if "round_seconds" in p and not (is_finite(p["round_seconds"]) and p["round_seconds"] >= 0):
+            raise damaged(path, f"progress 'round_seconds' must be a finite number >= 0, "
+                                f"got {p['round_seconds']!r}"[:200])
         bad = [n for n, v in p["round_losses"].items() if not is_finite(v)]
         if bad:
             raise damaged(path, f"progress round_losses {bad[0]!r} must be a finite number, "
@@ -600,9 +609,12 @@ class Engine:
             log = self.out_dir / "log.jsonl"  # a kill between a round's checkpoint and its logs: write them now
             if not log.is_file() or len(log.read_bytes().splitlines()) < len(self.history):
                 self.write_logs(self.history[-1])
+        if self.rank == 0 and self.on_round is not None and self.history:
+            self.on_round(self.history)  # a resumed run's earlier rounds first
         for k in range(start_round, cfg.rounds):
-            t0 = time.perf_counter()
+            t0 = self._t0 = time.perf_counter() - (self._elapsed_before if start_step else 0.0)
             if start_step == 0:
+                bar.set_postfix_str(f"round {k}: preparing ({cfg.method})")  # a noise's descent moves no step
                 self.parts.eval()
                 # the starting model's val accuracy: Fig. 4 divides by it, and a bad val folder shows now
                 start = {"val_acc_start": self.val_accuracy()} if k == 0 and self.val is not None else {}
@@ -649,6 +661,8 @@ class Engine:
             self.history.append(rec)
             self.save(k + 1, 0)
             self.write_logs(rec)
+            if self.rank == 0 and self.on_round is not None:
+                self.on_round(self.history)
         bar.close()
 
     def check_finite(self, k: int) -> None:
@@ -776,7 +790,8 @@ def _what(identity: Any) -> str:
 def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfig | None = None, *,
              val_data: ImageDataset | str | Path | None = None, out_dir: str | Path | None = None,
              resume: bool = False, progress: bool = True, device: str | torch.device | None = "auto",
-             on_bad_image: str = "error", **overrides: Any) -> FinetuneResult:
+             on_bad_image: str = "error", on_round: Callable[[list[dict]], None] | None = None,
+             **overrides: Any) -> FinetuneResult:
     """Finetune ``model`` on ``train_data`` with one of the methods (Algorithm 1 for ``method="ns"``).
 
     Args:
@@ -798,6 +813,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             ``cuda``, ``cuda:N``; None keeps the model where it is.
         on_bad_image: a streamed folder's unreadable file: ``error`` (stop, naming it) or ``skip``
             (the next readable file takes its place).
+        on_round: called on rank 0 with the history (every round record so far, a resumed run's
+            earlier ones included) as each round ends, e.g. to print its row while the run goes on.
 
     A method's own settings are nested: ``pgd={"eps": 4 / 255}``, ``random={"norms": [...]}`` (the
     per-round NS noise norms to match, e.g. from an ns run's history), or ``**{"trades.beta": 3}``.
@@ -869,6 +886,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             if out is not None and (out / "tensorboard").exists() and not (out / "tensorboard").is_dir():
                 raise NsvitError(f"{out / 'tensorboard'} is a file, where tensorboard=True writes its folder")
         eng = Engine(parts, train_data, cfg, val_data, out, progress, rt, on_bad_image)
+        eng.on_round = on_round
         if val_data is not None and eng._ids["val"] == eng._ids["train"] and rank == 0:
             import warnings
 
