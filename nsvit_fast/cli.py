@@ -632,8 +632,11 @@ def cmd_finetune(args) -> int:
                 shown.append(h["round"])
 
         try:
+            # the warnings of the set-up (labels read by position, a val set that is the training set)
+            # matter before hours of training, not after: printed once the run has started
             res = finetune(parts, train, cfg, val_data=val, out_dir=out, resume=args.resume,
-                           progress=not args.quiet, device=device, on_bad_image=run["on_bad_image"], on_round=show)
+                           progress=not args.quiet, device=device, on_bad_image=run["on_bad_image"], on_round=show,
+                           on_start=args.release_warnings)
         except (KeyboardInterrupt, Terminated):
             if rank_world()[0] == 0 and (out / "checkpoint.safetensors").is_file():
                 print(f"stopped: {out} holds the run's checkpoint; the same command with --resume goes on", flush=True)
@@ -1204,6 +1207,8 @@ def _main(argv: list[str] | None) -> int:
         or getattr(args, a.dest, None) != a.default)]
     with warnings.catch_warnings(record=True) as caught:  # held back: an error line must be the only line
         warnings.simplefilter("default")
+        _said.clear()
+        args.release_warnings = lambda: _release_warnings(caught, args)  # a long run's, once it has started
         try:
             empty = [k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()]
             if empty:  # --out '' had fallen back to the default folder, --device '' to auto
@@ -1237,11 +1242,22 @@ def _main(argv: list[str] | None) -> int:
         except KeyboardInterrupt:
             _say("nsvit-fast: interrupted")
             return 130
-    # each rank has its own (a skipped-image count is its shard's), so each says whose it is
+    _release_warnings(caught, args)
+    return code
+
+
+_said: set[str] = set()  # warnings already printed by this command (a run's early ones, at its start)
+
+
+def _release_warnings(caught: list, args) -> None:
+    """Print the held warnings, each once, and empty ``caught``. Each rank has its own (a skipped-image
+    count is its shard's), so each says whose it is."""
     who = f"rank {env_int('RANK', 0)}: " if getattr(args, "distributed", False) and env_int("WORLD_SIZE", 1) > 1 else ""
     for line in dict.fromkeys(_one_line(w.message) for w in caught):  # each once, in order
-        _say(f"nsvit-fast: warning: {who}{line}")
-    return code
+        if line not in _said:
+            _said.add(line)
+            _say(f"nsvit-fast: warning: {who}{line}")
+    caught.clear()
 
 
 def _say(line: str) -> None:

@@ -440,3 +440,22 @@ def test_a_timm_model_without_weights_is_named_random_in_eval_and_warned_about(t
     assert code == 0 and "vit_tiny_patch16_224 has random weights (seed 0)" in err, err
     code, out, err = cli(capsys, "nullspace", "--model", "vit_tiny_patch16_224")  # Table 1 reads random draws
     assert code == 0 and "random weights" not in err
+
+
+def test_finetune_prints_its_set_up_warnings_when_the_run_starts(tmp_path, capsys, monkeypatch):
+    # held until the command succeeded, a warning that the labels were read by position came hours late
+    from nsvit_fast.train import engine
+
+    seen_at_start = []
+    real_run = engine.Engine.run
+
+    def run(self, *a, **k):
+        seen_at_start.append(capsys.readouterr().err)
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(engine.Engine, "run", run)
+    code, out, err = cli(capsys, "finetune", "--quiet", "rounds=1", "model_steps=1", "batch_size=16", "max_images=32",
+                         "method=plain", "val_data=digits:train", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "the validation data is the training data" in seen_at_start[0]
+    assert "the validation data is the training data" not in err  # printed once, at the start

@@ -791,7 +791,7 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
              val_data: ImageDataset | str | Path | None = None, out_dir: str | Path | None = None,
              resume: bool = False, progress: bool = True, device: str | torch.device | None = "auto",
              on_bad_image: str = "error", on_round: Callable[[list[dict]], None] | None = None,
-             **overrides: Any) -> FinetuneResult:
+             on_start: Callable[[], None] | None = None, **overrides: Any) -> FinetuneResult:
     """Finetune ``model`` on ``train_data`` with one of the methods (Algorithm 1 for ``method="ns"``).
 
     Args:
@@ -815,6 +815,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             (the next readable file takes its place).
         on_round: called on rank 0 with the history (every round record so far, a resumed run's
             earlier ones included) as each round ends, e.g. to print its row while the run goes on.
+        on_start: called once the run is set up and checked, before its first step (the CLI prints
+            the warnings of the set-up then).
 
     A method's own settings are nested: ``pgd={"eps": 4 / 255}``, ``random={"norms": [...]}`` (the
     per-round NS noise norms to match, e.g. from an ns run's history), or ``**{"trades.beta": 3}``.
@@ -910,6 +912,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             wrote_config = not (out / "config.json").exists()
             write_json(out / "config.json", {**asdict(cfg), "run": _run_record(parts, eng, out / "config.json",
                                                                                  fresh=(k0, s0) == (0, 0))})
+        if on_start is not None:
+            on_start()
         try:
             with rt.matmul_mode():
                 eng.run(k0, s0)
