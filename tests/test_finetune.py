@@ -622,9 +622,17 @@ def test_checkpoint_from_another_run_is_refused(train, tmp_path):
     with pytest.raises(NsvitError, match="belongs to another run.*lr"):
         finetune(load_model("digits_vit"), train, method="plain", rounds=1, model_steps=1, batch_size=32,
                  lr=1.0, out_dir=tmp_path, resume=True, progress=False)
-    with pytest.raises(NsvitError, match=r"config key 'synth.eps': 0.03 there, 0.5 here\); use another --out$"):
+    with pytest.raises(NsvitError, match=r"config key 'synth.eps': 0.03 there, 0.5 here\); to resume it give its "
+                                         r"settings \(synth.eps=0.03; its config.json holds them all\), or use another "
+                                         r"--out$"):
         finetune(load_model("digits_vit"), train, method="plain", rounds=1, model_steps=1, batch_size=32,
                  synth={"eps": 0.5}, out_dir=tmp_path, resume=True, progress=False)  # the key, not both dicts
+    # every differing key is named, with the settings that would resume (one key a try, and "use
+    # another --out" was the only advice)
+    with pytest.raises(NsvitError, match=r"\(config key 'model_steps': 1 there, 2 here; 1 more: lr\); to "
+                                         r"resume it give its settings \(model_steps=1 lr=1e-05;"):
+        finetune(load_model("digits_vit"), train, method="plain", rounds=1, model_steps=2, batch_size=32,
+                 lr=0.5, out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(NsvitError, match="belongs to another run.*model"):
         finetune(load_model(embedded.ARCH, **{**embedded.KWARGS, "depth": 4}),
                  train, method="plain", rounds=1, model_steps=1, batch_size=32, out_dir=tmp_path, resume=True,

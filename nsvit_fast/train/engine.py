@@ -356,13 +356,21 @@ class Engine:
             raise NsvitError(f"{path} belongs to a run of a model with other input settings ({key} {there!r} there, "
                              f"{mine_dc.get(key)!r} here): resume with the same model or checkpoint, or use another --out")
         if diff:
-            key, a, b = diff[0], theirs[diff[0]], mine[diff[0]]
-            if isinstance(a, dict) and isinstance(b, dict):  # name the nested key (synth.eps), not both dicts
-                sub = next((k for k in {**a, **b} if a.get(k, "<absent>") != b.get(k, "<absent>")), None)
-                if sub is not None:
-                    key, a, b = f"{key}.{sub}", a.get(sub, "<absent>"), b.get(sub, "<absent>")
-            raise NsvitError(f"{path} belongs to another run (config key {key!r}: {a!r} there, {b!r} here); "
-                             f"use another --out")
+            pairs = []  # every differing key, nested ones by name (synth.eps), not as whole dicts
+            for key in diff:
+                a, b = theirs[key], mine[key]
+                if isinstance(a, dict) and isinstance(b, dict):
+                    pairs += [(f"{key}.{k}", a.get(k, "<absent>"), b.get(k, "<absent>")) for k in {**a, **b}
+                              if a.get(k, "<absent>") != b.get(k, "<absent>")]
+                else:
+                    pairs.append((key, a, b))
+            key, a, b = pairs[0]
+            more = f"; {len(pairs) - 1} more: {', '.join(k for k, _, _ in pairs[1:])}" if len(pairs) > 1 else ""
+            # the user usually wants to go on: the run's own settings are the way (a YAML value, as key=value)
+            same = " ".join(f"{k}={json.dumps(x)}" for k, x, _ in pairs[:6] if x != "<absent>")
+            raise NsvitError(f"{path} belongs to another run (config key {key!r}: {a!r} there, {b!r} here{more}); "
+                             f"to resume it give its settings ({same}{' ...' if len(pairs) > 6 else ''}; "
+                             f"its config.json holds them all), or use another --out")
         sw = m.get("start_weights")  # absent before it was recorded
         if sw is not None and not is_fingerprint(sw):
             raise damaged(path, f"'start_weights' must be a weights fingerprint (16 hex digits), got {sw!r}"[:200])
