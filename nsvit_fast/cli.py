@@ -618,8 +618,13 @@ def cmd_finetune(args) -> int:
         except NsvitError as e:  # the config's /path/to/imagenet/val placeholder read as "data ... is neither"
             where = "" if args.val_data is not None else " (the config's val_data: give --val-data, or val_data=null)"
             raise NsvitError(f"val_data: {e}{where}") from None
-        cols = ("round", "noise_norm", "mse_prob", "synth_steps", "train_loss", "val_acc", "round_seconds")
+        cols = ("round", "noise_norm", "mse_prob", "synth_steps", "converged", "train_loss", "val_acc", "round_seconds")
         shown: list[int] = []
+
+        def cell(v) -> str:
+            if isinstance(v, bool):  # the noise passed the stop rule (on its batch) within max_steps
+                return f"{'yes' if v else 'NO':>12s}"
+            return f"{v:>12.4g}" if isinstance(v, (int, float)) else f"{'-':>12s}"
 
         def show(history: list[dict]) -> None:  # each round's row as it ends (a long run is not silent)
             if not shown:
@@ -627,8 +632,7 @@ def cmd_finetune(args) -> int:
                     print(f"val accuracy of the starting model: {history[0]['val_acc_start']:.4g}")
                 print(" ".join(f"{c:>12s}" for c in cols))
             for h in history[len(shown):]:
-                print(" ".join(f"{h[c]:>12.4g}" if isinstance(h.get(c), (int, float)) else f"{'-':>12s}"
-                               for c in cols), flush=True)
+                print(" ".join(cell(h.get(c)) for c in cols), flush=True)
                 shown.append(h["round"])
 
         try:

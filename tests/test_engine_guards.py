@@ -114,3 +114,20 @@ def test_a_bank_round_is_converged_only_when_every_noise_is(monkeypatch):
                    batch_size=16, noise_init="warm_boundary", noise_bank=3,
                    synth={"lim": 3.0, "batch_size": 48, "max_steps": 300, "heldout": 32}, progress=False)
     assert res.history[0]["converged"] is False
+
+
+def test_a_noise_that_did_not_converge_is_named_by_its_round(digits_parts):
+    # two rounds' "1 of 1 noise(s) did not pass the stop rule" read as one line: which round's?
+    import copy
+    import warnings
+
+    from nsvit_fast import digits
+    from nsvit_fast.train import finetune
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = finetune(copy.deepcopy(digits_parts), digits("train").subset(64), rounds=2, model_steps=1, batch_size=32,
+                       synth={"max_steps": 1, "eps": 1e-9, "batch_size": 32, "heldout": 16}, progress=False)
+    lines = [str(w.message) for w in said if "did not pass the stop rule" in str(w.message)]
+    assert [ln.split(":")[0] for ln in lines] == ["round 0", "round 1"], lines
+    assert [h["converged"] for h in res.history] == [False, False]

@@ -549,7 +549,13 @@ class Engine:
             data = StreamingData(self.train, self.parts, scfg.batch_size, scfg.seed, cfg.augment, cfg.workers,
                                  device=self.device, rank=self.rank, world=self.world,
                                  on_bad_image=self.on_bad_image)
-        bank = synthesize(self.parts, data, scfg, init=init, progress=False, runtime=self.rt)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as said:  # each round's own: two rounds' alike read as one
+            warnings.simplefilter("always")
+            bank = synthesize(self.parts, data, scfg, init=init, progress=False, runtime=self.rt)
+        for w in said:
+            warnings.warn(f"round {k}: {w.message}", w.category, stacklevel=2)
         i = j if bank.noises.shape[0] > 1 else 0  # the noise this round uses
         if m == 1:
             self.last_ns_noise = bank.noises[0]
