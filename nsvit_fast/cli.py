@@ -811,6 +811,10 @@ def _eval(args) -> int:
                          model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet,
                          on_bad_image=args.on_bad_image)
         report = r if report is None else report.merge(r)
+    for label, ck in zip(labels, ckpts):  # each row's file, beside the weights' fingerprint
+        if ck is not None and label in report.context.get("models", {}):
+            report.context["models"][label]["checkpoint"] = str(ck)
+    report.context["data"] = str(args.data)  # as given: a folder's path, digits:test
     paths = report.save(args.out)
     print(report.table2())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

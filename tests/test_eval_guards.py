@@ -187,3 +187,18 @@ def test_one_model_object_under_two_names_is_refused(parts, test_images):
     with pytest.raises(nsvit_fast.NsvitError, match="are one model object"):
         nsvit_fast.eval.evaluate({"a": parts.model, "b": parts.model}, test_images, ["clean"], max_images=8,
                                  progress=False)
+
+
+def test_a_report_says_what_it_was_computed_on(parts, test_images, tmp_path):
+    # report.json held the numbers only: not the data, the image count or whose weights
+    from nsvit_fast.eval.report import Report
+    from nsvit_fast.models import weights_fingerprint
+
+    rep = nsvit_fast.eval.evaluate({"m": parts}, test_images, ["clean"], max_images=8, progress=False)
+    assert rep.context == {"data": "digits/test", "images": 8,
+                           "models": {"m": {"arch": parts.arch, "weights": weights_fingerprint(parts)}}}
+    rep.save(tmp_path)
+    again = Report.load(tmp_path / "report.json")
+    assert again.context == rep.context
+    assert f"Data: digits/test, 8 images. Models: m: {parts.arch} (weights {weights_fingerprint(parts)})." in (
+        tmp_path / "report.md").read_text()

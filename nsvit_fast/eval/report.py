@@ -264,9 +264,11 @@ class Report:
     """Every number of an evaluation as Records; aggregates them over seeds and renders Table 2,
     CSV, JSON and plots. ``evaluate`` returns one; ``Report.load`` reads a saved one back."""
 
-    def __init__(self, records: list[Record] | None = None):
+    def __init__(self, records: list[Record] | None = None, context: dict | None = None):
         self.records: list[Record] = []
         self._keys: set[tuple] = set()
+        # what the numbers were computed on: data, image count, each model's weights (and file)
+        self.context: dict = dict(context or {})
         for r in records or []:
             self._append(r)
 
@@ -289,7 +291,7 @@ class Report:
     def merge(self, other: "Report") -> "Report":
         """A new Report with this one's records, then ``other``'s (e.g. runs of other seeds). Raises
         NsvitError where both hold the same model, seed, suite, setting and metric."""
-        return Report(self.records + other.records)
+        return Report(self.records + other.records, self.context or other.context)
 
     @property
     def models(self) -> list[str]:
@@ -391,16 +393,31 @@ class Report:
                      "folders gives the comparable number.")
         return "\n".join(lines) + "\n\n" + note + "\n"
 
+    def context_line(self) -> str:
+        """One paragraph for report.md: the data, its image count and each model's weights, from
+        ``context`` (empty when there is none)."""
+        c = self.context
+        if not c:
+            return ""
+        models = "; ".join(f"{name}: {m.get('checkpoint') or m.get('arch', '?')} (weights {m.get('weights', '?')})"
+                           for name, m in c.get("models", {}).items())
+        return f"Data: {c.get('data', '?')}, {c.get('images', '?')} images. Models: {models}.\n\n"
+
     def to_dict(self) -> dict:
         """JSON-ready dict: {"kind": "nsvit-fast/report", "records": [...]}."""
-        return {"kind": "nsvit-fast/report", "records": [asdict(r) for r in self.records]}
+        d = {"kind": "nsvit-fast/report", "records": [asdict(r) for r in self.records]}
+        if self.context:
+            d["context"] = self.context
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
         """Inverse of to_dict. Raises NsvitError when ``d`` is not an nsvit-fast report."""
         if d.get("kind") != "nsvit-fast/report":
             raise NsvitError("not an nsvit-fast report")
-        return cls([Record(**r) for r in d["records"]])
+        if not isinstance(d.get("context", {}), dict):
+            raise NsvitError("not an nsvit-fast report ('context' must be a JSON object)")
+        return cls([Record(**r) for r in d["records"]], d.get("context"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
@@ -496,7 +513,7 @@ class Report:
 
     def _write_all(self, folder: Path, plots: bool) -> dict[str, Path]:
         """Write every report file into ``folder`` (the staging folder of ``save``)."""
-        table = "# Robustness report\n\n" + self.table2()  # an empty report fails here, before any write
+        table = "# Robustness report\n\n" + self.context_line() + self.table2()  # an empty report fails here
         paths = {"json": write_json(folder / "report.json", self.to_dict()),
                  "csv": write_text(folder / "report.csv", self.to_csv()),
                  "md": write_text(folder / "report.md", table)}

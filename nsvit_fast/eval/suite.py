@@ -570,8 +570,13 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
 
     if on_bad_image not in BAD_IMAGE:
         raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
-    run = Run(Report(), source, seed, baseline, dict(folders or {}), bank, model_classes, mce_reference, max_images,
-              on_bad_image, progress=progress)
+    from ..models import weights_fingerprint
+
+    what = str(getattr(source, "root", None) or getattr(data, "name", None) or type(data).__name__)
+    context = {"data": what, "images": len(source) if max_images is None else min(len(source), max_images),
+               "models": {n: {"arch": m.arch, "weights": weights_fingerprint(m)} for n, m in models.items()}}
+    run = Run(Report(context=context), source, seed, baseline, dict(folders or {}), bank, model_classes,
+              mce_reference, max_images, on_bad_image, progress=progress)
     checked = set()
     for suite, _ in specs:
         needs = SUITES[suite].needs
