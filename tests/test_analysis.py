@@ -410,3 +410,15 @@ def test_invariance_of_a_model_with_a_constant_zero_output_is_a_number():
     r = invariance(parts, x, (x + 0.1).clamp(0, 1))
     assert r["logits_rel"] == 0.0 and r["patch_embed_rel"] > 0 and r["predictions_match"] == 1.0
     assert max_rel(torch.ones(2), torch.zeros(2)) == math.inf and max_rel(torch.ones(2), 2 * torch.ones(2)) == 0.5
+
+
+def test_trend_ticks_are_whole_rounds(tmp_path, monkeypatch):
+    from nsvit_fast.analysis.studies import trend
+    from nsvit_fast.train import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(fig) or path)
+    _round_log(tmp_path, [{"round": 0, "val_acc_start": 0.4, "val_acc": 0.5}, {"round": 1, "val_acc": 0.6}])
+    trend(tmp_path)
+    ticks = figs[0].axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks

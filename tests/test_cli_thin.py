@@ -100,8 +100,10 @@ def _digit_folder(root: Path, split: str, n_per_class: int, shift: int = 0) -> P
 def test_folder_of_split_folders_needs_a_split(tmp_path):
     _digit_folder(tmp_path, "train", 1)
     _digit_folder(tmp_path, "val", 1)
-    with pytest.raises(NsvitError, match="holds the split folders train, val"):
-        parse_spec(tmp_path)
+    with pytest.raises(NsvitError, match="holds the split folders train, val: name one \\(e.g. .*train\\)"):
+        parse_spec(tmp_path)  # a training command's split is the example (it was val, for synth and finetune)
+    with pytest.raises(NsvitError, match="name one \\(e.g. .*val\\)"):
+        parse_spec(tmp_path, default_split="val")
     assert parse_spec(tmp_path, "val").root == tmp_path / "val"
     assert parse_spec(tmp_path / "val").root == tmp_path / "val"  # a class tree is read as given
     with pytest.raises(NsvitError, match="has no split folder 'test'"):
@@ -127,7 +129,7 @@ def test_eval_never_evaluates_a_train_folder(tmp_path, capsys):
     _digit_folder(root, "train", 2, shift=1)
     val = _digit_folder(root, "val", 2)
     code, _, err = cli(capsys, "eval", "--data", root, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
-    one_error(code, err, f"{root} holds the split folders train, val")
+    one_error(code, err, f"{root} holds the split folders train, val: name one (e.g. {root / 'val'})")
     assert not (tmp_path / "ev" / "report.json").exists()
     code, _, err = cli(capsys, "eval", "--data", val, "--suite", "clean", "--out", tmp_path / "ev", "--quiet")
     assert code == 0, err

@@ -202,3 +202,23 @@ def test_a_report_says_what_it_was_computed_on(parts, test_images, tmp_path):
     assert again.context == rep.context
     assert f"Data: digits/test, 8 images. Models: m: {parts.arch} (weights {weights_fingerprint(parts)})." in (
         tmp_path / "report.md").read_text()
+
+
+def test_a_bank_learned_on_other_weights_names_the_row(parts, test_images):
+    # "bank was learned on other weights" did not say which compared model it meant
+    import copy
+    import warnings
+
+    from nsvit_fast.synth import synthesize
+
+    bank = synthesize(parts, nsvit_fast.digits("train").subset(64), max_steps=1, batch_size=32, heldout=16,
+                      progress=False)
+    other = copy.deepcopy(parts)
+    with torch.no_grad():
+        other.model.head.bias.add_(0.1)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        nsvit_fast.eval.evaluate({"own": parts, "other": other}, test_images, ["noisebank"], bank=bank, max_images=8,
+                                 progress=False)
+    lines = [str(w.message) for w in said if "learned on other weights" in str(w.message)]
+    assert lines and all(ln.startswith("model 'other': ") for ln in lines), lines

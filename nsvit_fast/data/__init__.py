@@ -79,7 +79,8 @@ def parse_spec(spec: str | Path, split: str | None = None, *, default_split: str
         found = split_folders(root)
         if split is None:
             if found:
-                pick = "val" if "val" in found else found[0]
+                # the command's own split as the example: train for synth and finetune (it said val)
+                pick = default_split if default_split in found else ("val" if "val" in found else found[0])
                 raise NsvitError(f"data folder {root} holds the split folders {', '.join(found)}: name one "
                                  f"(e.g. {root / pick}); a split is never picked on its own")
             return DataSpec("folder", None, root)

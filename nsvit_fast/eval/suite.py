@@ -233,9 +233,15 @@ def _nullspace(run: Run, model: str, parts, kw: dict) -> None:
 
 
 def _noisebank(run: Run, model: str, parts, kw: dict) -> None:
+    import warnings
+
     from .nullspace_metrics import bank_effect
 
-    r = bank_effect(parts, run.bank, run.data, progress=run.progress)
+    with warnings.catch_warnings(record=True) as said:  # "learned on other weights": which row's?
+        warnings.simplefilter("always")
+        r = bank_effect(parts, run.bank, run.data, progress=run.progress)
+    for w in said:
+        warnings.warn(f"model {model!r}: {w.message}", w.category, stacklevel=2)
     setting = f"eps={run.bank.meta['eps']:g}"  # a number in (0, 2): checked at load
     run.report.add(model, run.seed, "noisebank", setting, "match_rate", 100 * r["match_rate"])
     run.report.add(model, run.seed, "noisebank", setting, "mse_prob", r["mse_prob"])

@@ -20,6 +20,7 @@ import importlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -94,7 +95,8 @@ class FinetuneConfig(MethodConfigs):
     precision: str = "fp32"       # fp32 | tf32 | bf16 | fp16: autocast of the model; noise, optimiser state, losses fp32
     compile: bool = False         # torch.compile of the encoder (timm train.py's --torchcompile)
     augment: str = "rrc_flip"     # streamed folders: RandomResizedCrop + flip (timm's) | official (torchvision's) | none
-    workers: int = 4              # streamed folders: DataLoader worker processes
+    # streamed folders: DataLoader worker processes, at most the CPUs (torch warns past them)
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

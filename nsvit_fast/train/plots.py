@@ -61,6 +61,9 @@ def trend_figure(history: list[dict], path: str | Path, title: str = "", extra: 
             gap = f" (no value at round{'s' if len(gaps) > 1 else ''} {', '.join(map(str, gaps))})" if gaps else ""
             ax.plot(x, ratios, marker="o", ms=3, label=label + gap)
         drawn += 1
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no tick at round 0.5
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("round" + (" (-1: the starting model)" if start is not None else ""))
     ax.set_ylabel("value / first value")
