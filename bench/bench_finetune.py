@@ -5,7 +5,9 @@ batch; rounds per minute per method; synthesis time over K rounds with fresh vs 
     .venv/bin/python bench/bench_finetune.py --device cuda --precision bf16
     .venv/bin/python bench/bench_finetune.py --quick --out /tmp/r   # tiny settings: a smoke run
 
-All on the digits model and configs/digits.yaml, in one process, variants interleaved; medians.
+All on the digits model and configs/digits.yaml, in one process. The two step variants are
+interleaved, repeat by repeat (medians); rounds per minute (model load included) and fresh vs warm
+are one run each, one after another.
 ``--device`` (auto, cpu, cuda, cuda:N) and ``--precision`` (fp32, tf32, bf16, fp16) go through
 nsvit_fast.runtime.Runtime, as in the engines. Writes <out>/<device kind>/finetune.json and
 finetune.md (finetune-<precision>.* for precisions other than fp32; ``--out`` defaults to

@@ -7,8 +7,10 @@ token / logit / image shapes of the digits model, ViT-S/32 and ViT-B/16. Forward
 
 Results go to bench/results/<device kind>/ops.{json,md} (ops-bf16.*, ops-fp16.* for the other
 precisions): ``cpu`` or the GPU's name, so a GPU run never overwrites the CPU results or another
-GPU's. On the CPU the backends are torch and the compiled C++ extension (``make ext``); Triton
-runs on the CPU only under its interpreter, far too slow to time, so it is timed on CUDA only.
+GPU's (``--out`` elsewhere). On the CPU the backends are torch and the compiled C++ extension
+(``make ext``); Triton runs on the CPU only under its interpreter, far too slow to time, so it is
+timed on CUDA only. pytest-benchmark times each backend's rounds in one block, not alternated
+with the others': compare backends on an idle machine, and distrust differences of a few percent.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def test_op(benchmark, op, size, backend):
         benchmark(fn, backend)
 
 
-def summarise(raw: dict) -> tuple[list[dict], str]:
+def summarise(raw: dict) -> tuple[list[dict], str, str]:
     rows = []
     for bm in raw["benchmarks"]:
         e = bm["extra_info"]
@@ -107,18 +109,20 @@ def summarise(raw: dict) -> tuple[list[dict], str]:
     md = [f"Machine: {machine}. Inputs {PRECISION}. Forward + backward, median of pytest-benchmark rounds.", "",
           "| op | size | backend | median ms | speed-up over torch |", "|---|---|---|---|---|"]
     md += [f"| {r['op']} | {r['size']} | {r['backend']} | {r['median_ms']} | {r['torch_over_backend']} |" for r in rows]
-    return rows, "\n".join(md) + "\n"
+    return rows, "\n".join(md) + "\n", machine
 
 
 def main(argv=None) -> int:
     global DEV, PRECISION
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, when this file is imported by pytest
-    from common import Parser, write_results
+    from common import Parser, out_dir, write_results
 
     ap = Parser(description="op microbenchmarks, results under bench/results/<device kind>/")
     ap.add_argument("--device", default=str(DEV), help="cpu or cuda[:N] (default: cuda if there is one)")
     ap.add_argument("--precision", default=PRECISION, choices=sorted(PRECISIONS), help="input dtype")
+    ap.add_argument("--out", type=out_dir, default=None,
+                    help="folder for ops.json / .md (default bench/results/<device kind>)")
     args = ap.parse_args(argv)
     dev = ap.runtime(args.device).device  # a bad name, or CUDA where there is none, is one error line
     env = dict(os.environ, NSVIT_BENCH_DEVICE=str(dev), NSVIT_BENCH_PRECISION=args.precision)
@@ -129,10 +133,11 @@ def main(argv=None) -> int:
                        check=True, env=env)
         raw = json.loads(raw_path.read_text())
     DEV, PRECISION = dev, args.precision  # for summarise's labels
-    rows, md = summarise(raw)
+    rows, md, machine = summarise(raw)
     stem = "ops" if args.precision == "fp32" else f"ops-{args.precision}"
-    out = results_dir(dev)
-    write_results(out, stem, {"device": device_kind(dev), "precision": args.precision, "results": rows}, md)
+    out = args.out or results_dir(dev)
+    write_results(out, stem, {"device": device_kind(dev), "machine": machine, "precision": args.precision,
+                              "results": rows}, md)
     return 0
 
 
