@@ -275,8 +275,10 @@ def render(summary, metrics, rows, report, machine, args) -> str:
     def ms(vals, d=1):
         return f"{statistics.mean(vals):.{d}f}" + (f" ± {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else "")
 
-    over = f" Overrides of both configs: {' '.join(args.overrides)}." if args.overrides else ""
-    lines = [f"# Whole-run noise cost, digits_vit, K = {args.rounds}, S = {args.model_steps}, seeds {args.seeds}", "",
+    overrides = getattr(args, "overrides", None) or summary.get("overrides") or []
+    over = f" Overrides of both configs: {' '.join(overrides)}." if overrides else ""
+    steps = getattr(args, "model_steps", None) or summary.get("model_steps", 40)  # S: 40 in every stored run
+    lines = [f"# Whole-run noise cost, digits_vit, K = {args.rounds}, S = {steps}, seeds {args.seeds}", "",
              f"{machine}. Wall and synthesis seconds summed over the seeds' runs; within a seed the variants "
              f"ran one after another (plain, Algorithm 1, fast, then any others), once each.{over}", "",
              "| figure | measured | goal | met |", "|---|---|---|---|",

@@ -749,9 +749,6 @@ def _eval(args) -> int:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
     _default_model(args)
     random_main = _random_weights(args)
-    if random_main:
-        warnings.warn(f"{args.model} has random weights: no --checkpoint and no --pretrained, so its row is a random "
-                      f"model's (named '{args.model} (random init)')")
     main = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
                       use_ema=args.use_ema, mean=args.mean, std=args.std, **_size(args))
     _check_default_data(args, main)
@@ -767,6 +764,9 @@ def _eval(args) -> int:
     default = f"{args.model} (random init)" if random_main else args.model
     labels = [names[i] if i < len(names) and names[i] else (default if ck is None else str(ck))
               for i, ck in enumerate(ckpts)]
+    if random_main:  # named by its row, whatever --names made of it
+        warnings.warn(f"{args.model} has random weights: no --checkpoint and no --pretrained, so row "
+                      f"{labels[0]!r} is a random model's")
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise NsvitError(f"two models would share the row name {dup[0]!r}; give distinct --names")

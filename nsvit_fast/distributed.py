@@ -72,8 +72,7 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun: its agent has gathered the ranks already
         dist.init_process_group(backend)
     else:
-        with quiet_cpp_logs():
-            _join_by_hand(addr, port, env_int("RANK", 0), world, backend)
+        _join_by_hand(addr, port, env_int("RANK", 0), world, backend)
     return True
 
 
@@ -117,6 +116,20 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
                     raise NsvitError(f"rank {rank}: rank 0 did not open {addr}:{port} within {join} s: {hint}") from None
                 time.sleep(0.5)
     dist_error = getattr(dist, "DistError", RuntimeError)  # torch < 2.2 raises plain RuntimeErrors
+    with quiet_cpp_logs():  # the store's C++ backtraces, while the ranks meet; not init_process_group's
+        store = _meet(addr, port, rank, world, join, hint, deadline, dist_error)
+    from torch.distributed import constants
+
+    store.set_timeout(constants.default_pg_nccl_timeout if backend == "nccl" else constants.default_pg_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def _meet(addr: str, port: int, rank: int, world: int, join: int, hint: str, deadline: float, dist_error):
+    """The store of :func:`_join_by_hand`, once every rank has counted itself in."""
+    import time
+
+    from .errors import NsvitError
+
     try:
         store = _store(addr, port, world, rank == 0, max(1.0, deadline - time.monotonic()))
         if store is None:
@@ -175,10 +188,7 @@ def _join_by_hand(addr: str, port: int, rank: int, world: int, backend: str) -> 
             raise NsvitError(f"rank {rank}: lost rank 0 at {addr}:{port} while the ranks joined ({why}): "
                              f"{hint}") from None
         raise
-    from torch.distributed import constants
-
-    store.set_timeout(constants.default_pg_nccl_timeout if backend == "nccl" else constants.default_pg_timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    return store
 
 
 def _store(addr: str, port: int, world: int | None, is_master: bool, seconds: float):
@@ -225,6 +235,9 @@ def quiet_cpp_logs():
     first and is whole again after."""
     import sys
 
+    if any(os.environ.get(v) for v in ("TORCH_CPP_LOG_LEVEL", "TORCH_DISTRIBUTED_DEBUG", "NCCL_DEBUG")):
+        yield  # logs the user asked for
+        return
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     try:

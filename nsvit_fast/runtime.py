@@ -16,6 +16,7 @@ fp32/fp64 with TF32 off whatever the precision: :func:`exact_math` switches TF32
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,10 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         tail = spec[5:]
         if spec != "cuda" and not tail.isdigit():
             raise NsvitError(f"device must be one of {', '.join(DEVICES)}, got {spec!r}")
-        if spec != "cuda" and env_int("WORLD_SIZE", 1) > 1:  # NCCL refuses two ranks on one GPU, in a traceback
-            raise NsvitError(f"device {spec!r} would put all {env_int('WORLD_SIZE', 1)} ranks on one GPU: give "
+        if spec != "cuda" and env_int("WORLD_SIZE", 1) > 1 and int(tail) != local:
+            # every rank on GPU N: NCCL refuses two ranks on one GPU, in a traceback (cuda:$LOCAL_RANK is fine)
+            raise NsvitError(f"device {spec!r} under WORLD_SIZE={env_int('WORLD_SIZE', 1)} is not this rank's GPU "
+                             f"(LOCAL_RANK={os.environ.get('LOCAL_RANK', 'unset')}): ranks would share a GPU; give "
                              f"--device cuda (or auto), and each rank takes its LOCAL_RANK's GPU")
         if not torch.cuda.is_available():
             raise NsvitError(f"device {spec!r} asked for, but torch sees no CUDA GPU on this machine "

@@ -234,3 +234,4 @@ def test_compared_models_are_read_by_the_names_one_of_them_records(tmp_path):
     with pytest.warns(UserWarning, match="model 'start' records no class names: its outputs are read as 'ns'"):
         rep = evaluate({"start": unnamed, "ns": named}, str(val), ["clean"], progress=False)
     assert rep.values("start", "clean") == rep.values("ns", "clean") == [pytest.approx(100 / 3)]
+    assert unnamed.class_names is None  # the caller's adapter keeps what it had (a save would record them)

@@ -435,7 +435,11 @@ def test_a_timm_model_without_weights_is_named_random_in_eval_and_warned_about(t
                          tmp_path / "ev")
     assert code == 0, err
     assert "| vit_tiny_patch16_224 (random init) |" in out
-    assert "vit_tiny_patch16_224 has random weights" in err
+    assert "vit_tiny_patch16_224 has random weights" in err and "row 'vit_tiny_patch16_224 (random init)'" in err
+    code, out, err = cli(capsys, "eval", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+                         "--data", "digits", "--max-images", "4", "--suite", "clean", "--quiet", "--names", "rnd",
+                         "--out", tmp_path / "ev2")
+    assert code == 0 and "row 'rnd' is a random model's" in err, err  # the row it has, not the default name
     code, out, err = cli(capsys, "synth", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", "digits",
                          "--max-images", "16", "--max-steps", "1", "--batch-size", "8", "--heldout", "4", "--quiet",
                          "--out", tmp_path / "b.safetensors")

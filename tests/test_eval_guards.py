@@ -200,6 +200,15 @@ def test_a_report_says_what_it_was_computed_on(parts, test_images, tmp_path):
     rep.save(tmp_path)
     again = Report.load(tmp_path / "report.json")
     assert again.context == rep.context
+    # seeds of one evaluation share it; reports of other weights or data keep each (the first's named all rows)
+    from nsvit_fast.eval.report import merge_context
+
+    assert merge_context(rep.context, again.context) == rep.context
+    other = nsvit_fast.eval.evaluate({"m": parts}, test_images, ["clean"], max_images=6, seed=1, progress=False)
+    both = rep.merge(other)
+    assert both.context == {"merged": [rep.context, other.context]}
+    assert merge_context(both.context, rep.context) == both.context
+    assert "Merged from 2 evaluations:" in both.context_line() and "6 images" in both.context_line()
     assert f"Data: digits/test, 8 images. Models: m: {parts.arch} (weights {weights_fingerprint(parts)})." in (
         tmp_path / "report.md").read_text()
 

@@ -403,6 +403,8 @@ CASES = [
                                 "{C}/ev"], "metadata eps must be a number in (0, 2)", {}),
     ("bank-without-suite", EV + ["--bank", "{A}/bank.safetensors", "--out", "{C}/ev"],
      "--bank is read by the noisebank suite only", {}),
+    # synth wrote a bank of norm-0 noise that its own loader then called corrupt
+    ("synth-lim-tiny", SY + ["--lim", "1e-15", "--out", "{C}/b.safetensors"], "below 1e-12: it moves nothing", {}),
     ("bank-zero", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_zero.safetensors", "--out", "{C}/ev"],
      "a zero noise tests nothing", {}),
     ("bank-no-fingerprint", EV[:2] + ["noisebank", "--max-images", "8", "--bank", "{A}/bank_nofp.safetensors", "--out",

@@ -152,8 +152,16 @@ def test_runtime_device_and_precision():
 def test_a_numbered_gpu_is_refused_for_a_run_of_several_ranks(monkeypatch):
     # every rank on cuda:N: NCCL's duplicate-GPU error came as a traceback; refused before CUDA is asked
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(NsvitError, match=r"device 'cuda:1' would put all 2 ranks on one GPU: give --device cuda"):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(NsvitError, match=r"device 'cuda:1' under WORLD_SIZE=2 is not this rank's GPU "
+                                         r"\(LOCAL_RANK=unset\)"):
         resolve_device("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(NsvitError, match=r"not this rank's GPU \(LOCAL_RANK=0\)"):
+        resolve_device("cuda:1")
+    if not torch.cuda.is_available():  # cuda:$LOCAL_RANK is this rank's own GPU: on to the CUDA check
+        with pytest.raises(NsvitError, match="no CUDA"):
+            resolve_device("cuda:0")
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")
     if not torch.cuda.is_available():

@@ -14,6 +14,7 @@ worker RNG, so it does not depend on the number of workers, on prefetching or on
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -182,7 +183,11 @@ class StreamingData:
         check_even(len(self), self.batch_size, self.world, f"{self.dataset.name}")
         sampler = SeededBatchSampler(len(self), self.batch_size, self.seed, self.rank, self.world,
                                      start=self.consumed)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
+        # at most the CPUs this process may use (cgroups and SLURM cpusets too): torch warns past them,
+        # and every batch is the same whatever the count (seeds are per sample)
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(self.workers, usable)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
                           prefetch_factor=self.prefetch_factor,
                           # its own generator: creating an iterator must not draw from the global RNG

@@ -260,6 +260,15 @@ def _new_stage(out: Path) -> tuple[Path, int | None]:
     raise OSError(errno.EAGAIN, "its staging folders were removed as they were made", str(out))
 
 
+def merge_context(a: dict, b: dict) -> dict:
+    """Two reports' contexts, merged: one when they are equal (seeds of one evaluation), else both
+    kept, as ``{"merged": [...]}`` (other weights or data: one context would misname the rows)."""
+    if not a or not b or a == b:
+        return dict(a or b)
+    parts = [*a.get("merged", [a]), *b.get("merged", [b])]
+    return {"merged": [p for i, p in enumerate(parts) if p not in parts[:i]]}
+
+
 class Report:
     """Every number of an evaluation as Records; aggregates them over seeds and renders Table 2,
     CSV, JSON and plots. ``evaluate`` returns one; ``Report.load`` reads a saved one back."""
@@ -291,7 +300,7 @@ class Report:
     def merge(self, other: "Report") -> "Report":
         """A new Report with this one's records, then ``other``'s (e.g. runs of other seeds). Raises
         NsvitError where both hold the same model, seed, suite, setting and metric."""
-        return Report(self.records + other.records, self.context or other.context)
+        return Report(self.records + other.records, merge_context(self.context, other.context))
 
     @property
     def models(self) -> list[str]:
@@ -399,9 +408,16 @@ class Report:
         c = self.context
         if not c:
             return ""
-        models = "; ".join(f"{name}: {m.get('checkpoint') or m.get('arch', '?')} (weights {m.get('weights', '?')})"
-                           for name, m in c.get("models", {}).items())
-        return f"Data: {c.get('data', '?')}, {c.get('images', '?')} images. Models: {models}.\n\n"
+        parts = c.get("merged", [c])
+
+        def one(c: dict) -> str:
+            models = "; ".join(f"{name}: {m.get('checkpoint') or m.get('arch', '?')} (weights {m.get('weights', '?')})"
+                               for name, m in c.get("models", {}).items())
+            return f"Data: {c.get('data', '?')}, {c.get('images', '?')} images. Models: {models}."
+
+        if len(parts) == 1:
+            return one(parts[0]) + "\n\n"
+        return f"Merged from {len(parts)} evaluations:\n\n" + "\n".join(f"- {one(p)}" for p in parts) + "\n\n"
 
     def to_dict(self) -> dict:
         """JSON-ready dict: {"kind": "nsvit-fast/report", "records": [...]}."""

@@ -405,12 +405,13 @@ def fmt_setting(kw: dict[str, Any]) -> str:
     return ",".join(f"{k}={f(v)}" for k, v in kw.items())
 
 
-def share_class_names(models: dict) -> None:
+def share_class_names(models: dict) -> dict:
     """Models compared in one evaluation are scored on the first model's labels. Where some record
     their class names and others (a timm train.py file, a plain torch checkpoint) do not, the
     unnamed ones take the named ones' names, with a warning naming them: an unnamed first model
     read a folder by sorted position while a finetuned --compare model recorded its classes, and a
-    folder missing one class scored both 0%. Called before any folder is read."""
+    folder missing one class scored both 0%. Called before any folder is read. Returns {name: the
+    class_names it had} for the models it named, so a caller can put them back."""
     import warnings
 
     from ..data.folders import known_class_names
@@ -418,13 +419,15 @@ def share_class_names(models: dict) -> None:
     known = {name: known_class_names(m) for name, m in models.items()}
     named = [name for name, k in known.items() if k is not None]
     if not named or len(named) == len(models):
-        return
-    ref = known[named[0]]
+        return {}
+    ref, given = known[named[0]], {}
     for name, m in models.items():
         if known[name] is None and hasattr(m, "class_names") and m.num_classes == len(ref):
+            given[name] = m.class_names
             m.class_names = list(ref)
             warnings.warn(f"model {name!r} records no class names: its outputs are read as {named[0]!r}'s "
                           f"({', '.join(ref[:4])}{', ...' if len(ref) > 4 else ''}), in that order", stacklevel=3)
+    return given
 
 
 def check_comparable(models: dict, streamed: bool) -> None:
@@ -557,57 +560,61 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         raise NsvitError("suites corruptions and imagenet-c both fill the corruption column (C): give one of "
                          "them per evaluation")
     names = list(models)
-    share_class_names(models)  # before the first model's rules read a folder
-    source = as_eval_images(data, models[names[0]], max_images)
-    for name, m in models.items():
-        check_labels_fit(m.num_classes, source, f"the data (for {name})")
-    check_comparable(models, isinstance(data, (str, Path, FolderImages)))
-    if bank is not None and any(s == "noisebank" for s, _ in specs):  # before any suite runs, not at its turn
-        for m in models.values():
-            bank.check_fits(m)
-    for i, (name, kw) in enumerate(specs):  # a loop, not a comprehension: the warning names our caller
-        given = str(suites[i]).partition(":")[2]
-        specs[i] = (name, _fit_n(name, kw, len(source), "n" in {p.split("=")[0].strip() for p in given.split(",")}))
-    _refuse_twice(suites, specs)  # autoattack:n=100 and n=200 on 50 images are one run
-    baseline = baseline or names[0]
-    if baseline not in models:
-        raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
-    from ..data import BAD_IMAGE
+    lent = share_class_names(models)  # before the first model's rules read a folder
+    try:
+        source = as_eval_images(data, models[names[0]], max_images)
+        for name, m in models.items():
+            check_labels_fit(m.num_classes, source, f"the data (for {name})")
+        check_comparable(models, isinstance(data, (str, Path, FolderImages)))
+        if bank is not None and any(s == "noisebank" for s, _ in specs):  # before any suite runs, not at its turn
+            for m in models.values():
+                bank.check_fits(m)
+        for i, (name, kw) in enumerate(specs):  # a loop, not a comprehension: the warning names our caller
+            given = str(suites[i]).partition(":")[2]
+            specs[i] = (name, _fit_n(name, kw, len(source), "n" in {p.split("=")[0].strip() for p in given.split(",")}))
+        _refuse_twice(suites, specs)  # autoattack:n=100 and n=200 on 50 images are one run
+        baseline = baseline or names[0]
+        if baseline not in models:
+            raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
+        from ..data import BAD_IMAGE
 
-    if on_bad_image not in BAD_IMAGE:
-        raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
-    from ..models import weights_fingerprint
+        if on_bad_image not in BAD_IMAGE:
+            raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
+        from ..models import weights_fingerprint
 
-    what = str(getattr(source, "root", None) or getattr(data, "name", None) or type(data).__name__)
-    context = {"data": what, "images": len(source) if max_images is None else min(len(source), max_images),
-               "models": {n: {"arch": m.arch, "weights": weights_fingerprint(m)} for n, m in models.items()}}
-    run = Run(Report(context=context), source, seed, baseline, dict(folders or {}), bank, model_classes,
-              mce_reference, max_images, on_bad_image, progress=progress)
-    checked = set()
-    for suite, _ in specs:
-        needs = SUITES[suite].needs
-        if needs == "folder" and suite not in run.folders:
-            raise NsvitError(f"suite {suite} needs its folder: folders={{'{suite}': PATH}} (--folder {suite}=PATH)")
-        if needs == "folder":  # the folder and the class names each model's outputs map to, before any model runs
-            for parts in models.values():
-                known = model_class_names(parts, model_classes)
-                if (suite, tuple(known)) in checked:  # ImageNet-C's 75 folders once, not once per model
-                    continue
-                checked.add((suite, tuple(known)))
-                if suite == "imagenet-c":
-                    check_imagenet_c(run.folders[suite], known)
-                else:
-                    check_folder(run.folders[suite], suite, known)
-        if needs == "bank" and bank is None:
-            raise NsvitError(f"suite {suite} needs a NoiseBank (bank=..., --bank FILE)")
-    say = log or (print if progress else (lambda *_: None))
-    # the baseline first: its corruption errors normalise everyone's mCE
-    for name in sorted(names, key=lambda n: n != baseline):
-        parts = models[name]
-        for suite, kw in specs:
-            t0 = time.perf_counter()
-            with eval_mode(parts):  # every suite, the nullspace metrics too
-                SUITES[suite].run(run, name, parts, kw)
-            setting = fmt_setting(kw)
-            say(f"  {name} {suite}{':' + setting if setting else ''}: {time.perf_counter() - t0:.1f} s")
-    return run.report
+        what = str(getattr(source, "root", None) or getattr(data, "name", None) or type(data).__name__)
+        context = {"data": what, "images": len(source) if max_images is None else min(len(source), max_images),
+                   "models": {n: {"arch": m.arch, "weights": weights_fingerprint(m)} for n, m in models.items()}}
+        run = Run(Report(context=context), source, seed, baseline, dict(folders or {}), bank, model_classes,
+                  mce_reference, max_images, on_bad_image, progress=progress)
+        checked = set()
+        for suite, _ in specs:
+            needs = SUITES[suite].needs
+            if needs == "folder" and suite not in run.folders:
+                raise NsvitError(f"suite {suite} needs its folder: folders={{'{suite}': PATH}} (--folder {suite}=PATH)")
+            if needs == "folder":  # the folder and the class names each model's outputs map to, before any model runs
+                for parts in models.values():
+                    known = model_class_names(parts, model_classes)
+                    if (suite, tuple(known)) in checked:  # ImageNet-C's 75 folders once, not once per model
+                        continue
+                    checked.add((suite, tuple(known)))
+                    if suite == "imagenet-c":
+                        check_imagenet_c(run.folders[suite], known)
+                    else:
+                        check_folder(run.folders[suite], suite, known)
+            if needs == "bank" and bank is None:
+                raise NsvitError(f"suite {suite} needs a NoiseBank (bank=..., --bank FILE)")
+        say = log or (print if progress else (lambda *_: None))
+        # the baseline first: its corruption errors normalise everyone's mCE
+        for name in sorted(names, key=lambda n: n != baseline):
+            parts = models[name]
+            for suite, kw in specs:
+                t0 = time.perf_counter()
+                with eval_mode(parts):  # every suite, the nullspace metrics too
+                    SUITES[suite].run(run, name, parts, kw)
+                setting = fmt_setting(kw)
+                say(f"  {name} {suite}{':' + setting if setting else ''}: {time.perf_counter() - t0:.1f} s")
+        return run.report
+    finally:  # the caller's adapters keep the names they had
+        for name, had in lent.items():
+            models[name].class_names = had

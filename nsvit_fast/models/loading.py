@@ -298,7 +298,8 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         warnings.warn(f"{checkpoint}: the official evaluation reads DAT weights (a checkpoint named '*dat*') with "
                       f"ImageNet's mean {list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}, not the architecture's "
                       f"timm config; if these are DAT weights give --mean {' '.join(map(str, IMAGENET_MEAN))} "
-                      f"--std {' '.join(map(str, IMAGENET_STD))} (load_model(..., mean=, std=))", stacklevel=2)
+                      f"--std {' '.join(map(str, IMAGENET_STD))} (load_model(..., mean=, std=); in eval they "
+                      f"apply to --checkpoint, so give DAT weights there, not as --compare)", stacklevel=2)
     parts = create_model(arch, name=name or "", mean=norm["mean"], std=norm["std"],
                          pretrained=pretrained and sd is None, **model_kwargs)
     if sd is not None:

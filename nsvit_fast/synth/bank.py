@@ -70,7 +70,13 @@ class NoiseBank:
 
     def save(self, path: str | Path) -> Path:
         """Write the bank to a safetensors file (atomically; ``meta`` in its header, noises as
-        float32). Returns the path written."""
+        float32). Returns the path written. Raises NsvitError for a zero noise (:meth:`load` refuses
+        one), before anything is written."""
+        norm = self.noises.double().flatten(1).norm(dim=1)
+        if bool((norm < MIN_NORM).any()):  # load refuses it: do not write a file that cannot be read back
+            i = int((norm < MIN_NORM).nonzero()[0])
+            raise NsvitError(f"noise {i} has norm {float(norm[i]):.4g}, below {MIN_NORM:g}: it moves nothing, so "
+                             f"the bank would test nothing (a lim too small?); nothing was written")
         tensors = {"noises": self.noises.float(), **{k: getattr(self, k) for k in PER_NOISE}}
         tensors["converged"] = tensors["converged"].to(torch.uint8)
         return save_tensors(path, tensors, {"kind": "nsvit-fast/noise-bank", **self.meta})

@@ -20,7 +20,6 @@ import importlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -95,8 +94,7 @@ class FinetuneConfig(MethodConfigs):
     precision: str = "fp32"       # fp32 | tf32 | bf16 | fp16: autocast of the model; noise, optimiser state, losses fp32
     compile: bool = False         # torch.compile of the encoder (timm train.py's --torchcompile)
     augment: str = "rrc_flip"     # streamed folders: RandomResizedCrop + flip (timm's) | official (torchvision's) | none
-    # streamed folders: DataLoader worker processes, at most the CPUs (torch warns past them)
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = 4              # streamed folders: DataLoader worker processes (at most the usable CPUs)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -369,7 +367,10 @@ class Engine:
             key, a, b = pairs[0]
             more = f"; {len(pairs) - 1} more: {', '.join(k for k, _, _ in pairs[1:])}" if len(pairs) > 1 else ""
             # the user usually wants to go on: the run's own settings are the way (a YAML value, as key=value)
-            same = " ".join(f"{k}={json.dumps(x)}" for k, x, _ in pairs[:6] if x != "<absent>")
+            import shlex  # pasted into a shell: a list's spaces would split it
+
+            same = " ".join(shlex.quote(f"{k}={json.dumps(x, separators=(',', ':'))}") for k, x, _ in pairs[:6]
+                            if x != "<absent>")
             raise NsvitError(f"{path} belongs to another run (config key {key!r}: {a!r} there, {b!r} here{more}); "
                              f"to resume it give its settings ({same}{' ...' if len(pairs) > 6 else ''}; "
                              f"its config.json holds them all), or use another --out")
