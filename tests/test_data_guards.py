@@ -146,3 +146,33 @@ def test_a_streamed_checkpoint_with_an_edited_position_is_refused(tmp_path):
     save_tensors(ck, t, {**m, "stream": {**m["stream"], "consumed": 5}})
     with pytest.raises(NsvitError, match="consumed is 5, but the run is 2 step"):
         finetune(load_model("digits_vit"), str(data), out_dir=tmp_path / "run", resume=True, **kw)
+
+
+def test_a_resume_restores_the_global_rng_a_dropout_model_draws_from(tmp_path, monkeypatch):
+    # a resume that left torch's RNG where the new process started it drew other dropout masks after
+    # the stop: the run then ended elsewhere than the uninterrupted one (digits_vit has no dropout)
+    from nsvit_fast.models import create_model
+    from nsvit_fast.train import engine, finetune
+
+    def model():
+        torch.manual_seed(0)
+        return create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=10, embed_dim=64,
+                            num_heads=2, drop_rate=0.3)
+
+    train = digits("train").subset(96)
+    kw = dict(rounds=1, model_steps=4, batch_size=32, lr=1e-3, method="plain", checkpoint_every=1, progress=False)
+    ref = finetune(model(), train, out_dir=tmp_path / "ref", **kw).parts.state_dict()
+    save = engine.Engine.save
+
+    def stop_after(self, k, s):
+        save(self, k, s)
+        if (k, s) == (0, 2):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Engine, "save", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model(), train, out_dir=tmp_path / "run", **kw)
+    monkeypatch.setattr(engine.Engine, "save", save)
+    torch.manual_seed(123)  # the new process's RNG is not the stopped one's
+    again = finetune(model(), train, out_dir=tmp_path / "run", resume=True, **kw).parts.state_dict()
+    assert all(torch.equal(ref[k], again[k]) for k in ref)
