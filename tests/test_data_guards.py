@@ -102,29 +102,37 @@ def test_an_output_at_a_data_folders_root_is_refused(tmp_path):
     check_distinct({"--out": tmp_path / "data" / "x.json"}, {}, {"--data": tmp_path / "data"}, files=("--out",))
 
 
+def _stopped_then_resumed(make, train, kw, out, at, monkeypatch):
+    """Run finetune into ``out`` until its checkpoint at (round, step) ``at``, stop it there as Ctrl-C
+    would, then resume it from a fresh ``make()`` model; returns the resumed run's result."""
+    from nsvit_fast.train import engine, finetune
+
+    save = engine.Engine.save
+
+    def stop_after(self, k, s):
+        save(self, k, s)
+        if (k, s) == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Engine, "save", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(make(), train, out_dir=out, **kw)
+    monkeypatch.setattr(engine.Engine, "save", save)
+    return finetune(make(), train, out_dir=out, resume=True, **kw)
+
+
 def test_a_resume_restores_the_ema_weights(tmp_path, monkeypatch):
     # a resume that left the EMA copy at the starting weights saved a model_ema.safetensors that
     # was not the uninterrupted run's
     from safetensors.torch import load_file
 
-    from nsvit_fast.train import engine, finetune
+    from nsvit_fast.train import finetune
 
     train = digits("train").subset(96)
     kw = dict(rounds=2, model_steps=3, batch_size=32, lr=1e-3, method="plain", ema=0.5, checkpoint_every=1,
               progress=False)
     finetune(load_model("digits_vit"), train, out_dir=tmp_path / "ref", **kw)
-    save = engine.Engine.save
-
-    def stop_after(self, k, s):
-        save(self, k, s)
-        if (k, s) == (1, 1):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine.Engine, "save", stop_after)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(load_model("digits_vit"), train, out_dir=tmp_path / "run", **kw)
-    monkeypatch.setattr(engine.Engine, "save", save)
-    finetune(load_model("digits_vit"), train, out_dir=tmp_path / "run", resume=True, **kw)
+    _stopped_then_resumed(lambda: load_model("digits_vit"), train, kw, tmp_path / "run", (1, 1), monkeypatch)
     a, b = (load_file(str(tmp_path / d / "model_ema.safetensors")) for d in ("ref", "run"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -152,7 +160,7 @@ def test_a_resume_restores_the_global_rng_a_dropout_model_draws_from(tmp_path, m
     # a resume that left torch's RNG where the new process started it drew other dropout masks after
     # the stop: the run then ended elsewhere than the uninterrupted one (digits_vit has no dropout)
     from nsvit_fast.models import create_model
-    from nsvit_fast.train import engine, finetune
+    from nsvit_fast.train import finetune
 
     def model():
         torch.manual_seed(0)
@@ -162,17 +170,5 @@ def test_a_resume_restores_the_global_rng_a_dropout_model_draws_from(tmp_path, m
     train = digits("train").subset(96)
     kw = dict(rounds=1, model_steps=4, batch_size=32, lr=1e-3, method="plain", checkpoint_every=1, progress=False)
     ref = finetune(model(), train, out_dir=tmp_path / "ref", **kw).parts.state_dict()
-    save = engine.Engine.save
-
-    def stop_after(self, k, s):
-        save(self, k, s)
-        if (k, s) == (0, 2):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine.Engine, "save", stop_after)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(model(), train, out_dir=tmp_path / "run", **kw)
-    monkeypatch.setattr(engine.Engine, "save", save)
-    torch.manual_seed(123)  # the new process's RNG is not the stopped one's
-    again = finetune(model(), train, out_dir=tmp_path / "run", resume=True, **kw).parts.state_dict()
+    again = _stopped_then_resumed(model, train, kw, tmp_path / "run", (0, 2), monkeypatch).parts.state_dict()
     assert all(torch.equal(ref[k], again[k]) for k in ref)
