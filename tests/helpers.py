@@ -88,3 +88,16 @@ def wait_for_port(port: int, proc, timeout: float = 120) -> None:
         except OSError:
             assert time.time() - t0 < timeout and proc.poll() is None, "rank 0 never opened its port"
             time.sleep(0.1)
+
+
+def spy_adamw(monkeypatch, key: str) -> list:
+    """Record ``param_groups[0][key]`` (lr, weight_decay) at every AdamW step; returns the list."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0][key])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen

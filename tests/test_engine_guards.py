@@ -72,14 +72,9 @@ def test_a_batch_stream_covers_every_image_once_per_epoch():
 
 def test_the_models_optimiser_takes_the_configs_weight_decay(monkeypatch):
     """weight_decay read from the config but AdamW built with 0.01: nothing checked the optimiser."""
-    seen = []
-    step = torch.optim.AdamW.step
+    from helpers import spy_adamw
 
-    def spy(self, *a, **k):
-        seen.append(self.param_groups[0]["weight_decay"])
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = spy_adamw(monkeypatch, "weight_decay")
     finetune(load_model("digits_vit"), digits("train").subset(64), method="plain", rounds=1, model_steps=2,
              batch_size=16, weight_decay=0.05, progress=False)
     assert seen == [0.05, 0.05]

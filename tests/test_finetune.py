@@ -775,14 +775,9 @@ def test_lr_t_max_sets_the_models_cosine(train, t_max, monkeypatch):
     # the lr each AdamW step uses: cosine over rounds x model_steps (0) or over lr_t_max steps
     import math
 
-    seen = []
-    step = torch.optim.AdamW.step
+    from helpers import spy_adamw
 
-    def spy(self, *a, **k):
-        seen.append(self.param_groups[0]["lr"])
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = spy_adamw(monkeypatch, "lr")
     finetune(load_model("digits_vit"), train, method="plain", rounds=2, model_steps=4, lr=1e-3, batch_size=16,
              lr_t_max=t_max, progress=False)
     total = t_max or 8
