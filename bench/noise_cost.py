@@ -15,6 +15,10 @@ each metric's distance from Algorithm 1 in units of its std):
 - per Table-2 metric, mean ± std over seeds of each variant, whether the fast one is within one
   std of Algorithm 1 (the issue's bar) and its signed gap in those stds (+ more robust); the metrics
   it is more than one std *less* robust on are named apart. CPU timings: run it on an idle machine.
+
+Each finished seed is saved to noise_cost.partial.json in --out; a run stopped part-way goes on from
+the next seed with the same command plus --resume (the same machine and settings, else refused), and
+the partial file is removed once the report is written.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from nsvit_fast import digits, load_model
 from nsvit_fast.demo import SUITES
 from nsvit_fast.eval import evaluate
 from nsvit_fast.eval.report import HEADLINE, Report
+from nsvit_fast.errors import NsvitError
 from nsvit_fast.io import write_json, write_text
+from nsvit_fast.runlock import run_lock
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run, parse_overrides
 
@@ -43,6 +49,7 @@ from common import Parser, count, cpu_model, listof, one_of, out_dir, seeds
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = {"synth_ratio_vs_fresh": 0.15, "ns_over_plain_wall": 2.2}
 ALG1 = "ns (Algorithm 1)"
+PARTIAL = "noise_cost.partial.json"  # the seeds done so far, for --resume
 VARIANTS = {"plain": ("digits", {"method": "plain"}),
             "ns (Algorithm 1)": ("digits", {"method": "ns", "noise_init": "fresh"}),
             "ns fast": ("digits_fast", {"method": "ns"})}
@@ -105,6 +112,8 @@ def main() -> None:
     ap.add_argument("--also", action="append", default=[], metavar="NAME=K=V[,K=V]",
                     help="another fast variant: digits_fast with these overrides, e.g. 'cap 8=warm_max_growth=8'")
     ap.add_argument("--render", metavar="JSON", help="only write noise_cost.md and .png again from a noise_cost.json")
+    ap.add_argument("--resume", action="store_true",
+                    help=f"go on from the seeds saved in --out's {PARTIAL} (same command otherwise)")
     args = ap.parse_args()
     if args.render:
         try:
@@ -136,14 +145,22 @@ def main() -> None:
         extra = ap.check(parse_overrides, kvs.split(","))
         ap.check(load_run, "digits_fast", {"rounds": args.rounds, **overrides, **extra})
         variants[f"ns fast, {name.strip()}"] = ("digits_fast", {"method": "ns", "overrides": extra})
-    warnings.simplefilter("ignore")
-    train, val, test = digits("train"), digits("val"), digits("test")
-    rows, report = [], Report()
-    for seed in seed_list:
-        r, rep = run_seed(seed, args.rounds, overrides, args.suites, test, train, val, variants)
-        rows += r
-        report = report.merge(rep)
+    # finetune's device "auto" put the runs on CUDA where there is one: label the timings by it
+    machine = (f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}" if torch.cuda.is_available() else
+               f"CPU ({platform.machine()}, {cpu_model()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    plan = {"machine": machine, "rounds": args.rounds, "seeds": args.seeds, "model_steps": args.model_steps,
+            "overrides": args.overrides, "suites": args.suites, "also": args.also}
+    try:
+        with run_lock(args.out):  # two runs into one --out would mix their seeds
+            rows, report = run_seeds(ap, args, plan, seed_list, overrides, variants)
+            write_report(args, machine, rows, report, variants)
+    except NsvitError as e:
+        ap.error(str(e))
 
+
+def write_report(args, machine: str, rows: list[dict], report: Report, variants: dict) -> None:
+    """noise_cost.json, .md and .png in --out from every seed's rows and scores; the partial file goes."""
     fresh, fast, plain = ALG1, "ns fast", "plain"
     metrics = compare(report, fresh, fast)
     synth, wall = ratio(rows, fast, "synth_seconds", fresh), ratio(rows, fast, "wall_seconds", plain)
@@ -164,10 +181,6 @@ def main() -> None:
                              "ns_over_plain_wall": round(ratio(rows, v, "wall_seconds", plain), 4),
                              "metrics": compare(report, fresh, v)}
                          for v in variants if v not in VARIANTS}
-    # finetune's device "auto" put the runs on CUDA where there is one: label the timings by it
-    machine = (f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}" if torch.cuda.is_available() else
-               f"CPU ({platform.machine()}, {cpu_model()}, {os.cpu_count()} cores), torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
     out = args.out
     write_json(out / "noise_cost.json", {"machine": machine, "rounds": args.rounds, "seeds": args.seeds,
                                           "model_steps": args.model_steps, "overrides": args.overrides, **summary, "goal": GOAL,
@@ -175,7 +188,42 @@ def main() -> None:
     md = render(summary, metrics, rows, report, machine, args)
     write_text(out / "noise_cost.md", md)
     figure(json.loads((out / "noise_cost.json").read_text()), out / "noise_cost.png")
+    (out / PARTIAL).unlink(missing_ok=True)
     print(md)
+
+
+def run_seeds(ap: Parser, args, plan: dict, seed_list: list[int], overrides: dict, variants: dict
+              ) -> tuple[list[dict], Report]:
+    """Every seed's runs, each finished seed saved to --out's PARTIAL; under --resume the seeds
+    saved there (by the same plan) are taken from it instead of run again."""
+    partial = args.out / PARTIAL
+    done, rows, report = [], [], Report()
+    if partial.exists():
+        if not args.resume:
+            ap.error(f"{partial} holds an unfinished run: add --resume to go on from it, or use another --out")
+        try:
+            saved = json.loads(partial.read_text())
+            done, rows, report = saved["done"], saved["rows"], Report.from_dict(saved["report"])
+            if (not isinstance(saved["plan"], dict) or done != seed_list[:len(done)]
+                    or {r["seed"] for r in rows} != set(done)):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError, NsvitError):
+            ap.error(f"--resume: {partial} is not a noise_cost partial file")
+        other = [f"{k} {saved['plan'].get(k)!r} (now {v!r})" for k, v in plan.items() if saved["plan"].get(k) != v]
+        if other:
+            ap.error(f"--resume: {partial} was run with other settings: {'; '.join(other)}")
+        print(f"resuming: seeds {', '.join(map(str, done))} done, from {partial}", flush=True)
+    elif args.resume:
+        ap.error(f"--resume: {args.out} holds no unfinished run ({PARTIAL})")
+    warnings.simplefilter("ignore")
+    train, val, test = digits("train"), digits("val"), digits("test")
+    for seed in seed_list[len(done):]:
+        r, rep = run_seed(seed, args.rounds, overrides, args.suites, test, train, val, variants)
+        rows += r
+        report = report.merge(rep)
+        done.append(seed)
+        write_json(partial, {"plan": plan, "done": done, "rows": rows, "report": report.to_dict()})
+    return rows, report
 
 
 def std_gap(m: dict) -> float:

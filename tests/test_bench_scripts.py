@@ -193,6 +193,59 @@ def test_noise_cost_short_run_reports_where_synthesis_time_went(tmp_path):
     assert "Where the synthesis time went" in (tmp_path / "noise_cost.md").read_text()
 
 
+def test_noise_cost_resume_goes_on_from_the_seeds_a_stopped_run_saved(tmp_path, monkeypatch, capsys):
+    """A run stopped in its second seed keeps the first in noise_cost.partial.json; the same command
+    is refused until --resume is added, another setting is refused under --resume, and the resumed
+    run runs only the missing seed, its report holding the saved seed's rows and scores as saved."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import noise_cost
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    real, ran = noise_cost.run_seed, []
+
+    def run_seed(seed, *a, **k):
+        if seed == stop_at:
+            raise KeyboardInterrupt
+        ran.append(seed)
+        return real(seed, *a, **k)
+
+    def main(*extra):
+        monkeypatch.setattr(sys, "argv", ["noise_cost.py", "--seeds", "0,1", "--rounds", "1", "--suites", "clean",
+                                          "--out", str(tmp_path), "synth.lim=3", "model_steps=3", "batch_size=16",
+                                          "synth.batch_size=32", "synth.max_steps=30", "synth.heldout=64", *extra])
+        noise_cost.main()
+
+    def refused(*extra):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(*extra)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1, lines
+        return lines[0]
+
+    monkeypatch.setattr(noise_cost, "run_seed", run_seed)
+    stop_at = 1
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    partial = tmp_path / noise_cost.PARTIAL
+    saved = json.loads(partial.read_text())
+    assert ran == [0] and saved["done"] == [0] and {r["seed"] for r in saved["rows"]} == {0}
+    assert not (tmp_path / "noise_cost.json").exists()
+    assert "holds an unfinished run: add --resume" in refused()
+    assert "rounds 1 (now 2)" in refused("--resume", "--rounds", "2")
+    stop_at = None
+    main("--resume")
+    assert ran == [0, 1] and not partial.exists()
+    d = json.loads((tmp_path / "noise_cost.json").read_text())
+    assert [r["seed"] for r in d["rows"]] == [0, 0, 0, 1, 1, 1] and d["rows"][:3] == saved["rows"]
+    seed0 = [r for r in d["report"]["records"] if r["seed"] == 0]
+    assert seed0 == saved["report"]["records"] and len(d["report"]["records"]) == 2 * len(seed0)
+    assert "holds no unfinished run" in refused("--resume")
+    partial.write_text(json.dumps({**saved, "done": [1]}))  # a hand-edited file: seed 1 "done" with seed 0's rows
+    assert "is not a noise_cost partial file" in refused("--resume")
+
+
 def test_confirm_share_counts_the_held_out_reads_of_a_real_round_0(tmp_path):
     # a real round 0: 1-2 min on 2 idle cores, over 4 min when another job shares them
     p = run(ROOT / "bench" / "confirm_share.py", "--seeds", "0", "--out", tmp_path, timeout=1500)
@@ -234,6 +287,7 @@ BENCH_CASES = [
     ("noise_cost.py", ["--also", "bank 2"], "NAME=key=value"),
     ("noise_cost.py", ["--also", "bank=noise_bogus=2"], "noise_bogus"),
     ("noise_cost.py", ["--also", "bank=noise_bank=zero"], "noise_bank"),
+    ("noise_cost.py", ["--resume"], "holds no unfinished run"),
     ("noise_cost.py", ["--render", "missing.json"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "README.md"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "pyproject.toml"], "not a noise_cost.json"),
