@@ -678,10 +678,14 @@ def add_runtime_args(p, precision: bool = True) -> None:
 
 
 def add_finetune(sub) -> None:
+    from .train.methods import DEFAULT_METHOD, METHODS
+
+    others = ", ".join(m for m in METHODS if m != DEFAULT_METHOD)
     p = sub.add_parser("finetune", help="finetune a ViT: Algorithm 1 (ns) or a baseline",
-                       description="Finetune with nullspace noise augmentation (the paper's Algorithm 1) or a "
-                                   "baseline (plain, random, pgd, trades). Settings come from a YAML config "
-                                   "(configs/*.yaml) and key=value overrides, e.g. rounds=5 synth.eps=0.01. "
+                       description=f"Finetune with nullspace noise augmentation (the paper's Algorithm 1, method "
+                                   f"{DEFAULT_METHOD}) or a baseline ({others}). Settings come from a YAML config "
+                                   "(configs/*.yaml) and key=value overrides, e.g. method=plain rounds=5 "
+                                   "synth.eps=0.01 (a method's own settings: METHOD.key=value). "
                                    "Under torchrun it runs data-parallel (gloo on CPU, nccl on GPU).")
     p.add_argument("--config", help="YAML file or a name in configs/ (default digits, for the embedded digits model)")
     p.add_argument("--model", help="override the config's model")
@@ -822,10 +826,11 @@ def _eval(args) -> int:
 
 
 def add_eval(sub) -> None:
+    from .eval.suite import DEFAULT_SUITES, MCE_REFERENCES, SUITES
+
     p = sub.add_parser("eval", help="robustness evaluation: attacks, corruptions, OOD folders (Table 2)",
                        description="Evaluate one model, or several with --compare, on the paper's suites, in pixel "
-                                   "space. Suites: clean, fgsm, pgd, pgd_l2, cw, autoattack, patchfool, corruptions, "
-                                   "nullspace, noisebank, imagenet-a/-r/-v2/-sketch, stylized, damagenet, imagenet-c. "
+                                   f"space. Suites: {', '.join(SUITES)}. "
                                    "Change a setting with name:key=value (separate such suites with ';'), "
                                    "e.g. --suite 'clean;fgsm:eps=4/255;pgd'.")
     _model_args(p, default="digits_vit")
@@ -842,8 +847,6 @@ def add_eval(sub) -> None:
                    help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",
                    help="an unreadable image in a folder: stop naming it (default), or skip it and count it")
-    from .eval.suite import DEFAULT_SUITES, MCE_REFERENCES, SUITES
-
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES),
                    help=f"suites (default: {','.join(DEFAULT_SUITES)}; also {', '.join(s for s in SUITES if s not in DEFAULT_SUITES)}; "
                         f"`python -c 'import nsvit_fast.eval as e; print(e.suite_help())'` lists all with settings)")

@@ -151,6 +151,48 @@ def test_suite_registry_defaults_settings_and_a_new_suite(parts, monkeypatch):
     assert rep.average(parts.name) == pytest.approx(rep.values(parts.name, "clean")[0])
 
 
+def test_every_suite_setting_has_a_range_and_every_eps_a_norm():
+    """What a new suite or attack must declare: a range for each numeric setting (else decay=1e300
+    ran and scored the clean images), and the norm of an eps (else an L-inf eps=8 ran as 8, not 8/255)."""
+    from nsvit_fast.eval.attacks import SETTING_RANGES
+
+    numeric = {(name, k) for name, s in SUITES.items() for k, v in s.defaults.items() if not isinstance(v, str)}
+    assert numeric and not {k for _, k in numeric if k not in SETTING_RANGES}
+    with_eps = {name for name, s in SUITES.items() if "eps" in s.defaults}
+    assert with_eps == {"fgsm", "pgd", "pgd_l2", "autoattack"}
+    assert {name: SUITES[name].norm for name in with_eps} == {"fgsm": "Linf", "pgd": "Linf", "pgd_l2": "L2",
+                                                              "autoattack": "Linf"}
+    assert all(SUITES[name].help for name in SUITES)
+    with pytest.raises(NsvitError, match="L-inf radius"):
+        parse_suite("pgd:eps=8")
+    assert parse_suite("pgd_l2:eps=8")[1]["eps"] == 8  # an L2 radius may pass 1
+
+
+@pytest.mark.filterwarnings("ignore:corruptions. no mCE")
+def test_every_suite_that_needs_no_folder_runs_on_a_few_digits(parts):
+    """Each registered suite, at its cheapest settings, on 8 test digits: a registered attack with a
+    misspelt torchattacks class or a wrong setting name fails here, not in a user's run."""
+    data = digits("test").subset(8)
+    names = [n for n, s in SUITES.items() if s.needs is None]
+    cheap = {"steps": 1, "n": 4, "num_patch": 1}
+    suites = [n + (":" + ",".join(f"{k}={v}" for k, v in cheap.items() if k in SUITES[n].defaults)
+                   if any(k in SUITES[n].defaults for k in cheap) else "") for n in names]
+    rep = evaluate(parts, data, suites, progress=False)
+    scored = {r.suite for r in rep.records}
+    assert set(names) <= scored | {"corruptions"} and "corruption_acc" in scored
+    for r in rep.records:
+        assert r.value == r.value and (0 <= r.value <= 100 or r.metric in ("mce", "mse_prob")), r
+
+
+def test_an_attack_on_a_class_torchattacks_lacks_is_one_line():
+    from nsvit_fast.eval.attacks import AttackSpec, _torchattacks
+
+    spec = AttackSpec(_torchattacks("MIFSGM"), {"eps": 4 / 255}, norm="Linf")
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(NsvitError, match="torchattacks .* has no attack 'MIFSGM'"):
+        attack_accuracy(load_model("digits_vit"), x, torch.tensor([0, 1]), spec)
+
+
 def test_accuracy_over_several_batches_is_the_hand_count(parts, test128):
     # every other call holds one batch (<= 512 images): a slip in the batch loop's labels went unseen
     x, y = test128.images, test128.labels

@@ -31,14 +31,22 @@ class AttackSpec:
         defaults: the settings a user may change (``fgsm:eps=4/255``), with their defaults; they
             name the result in a report. ``n`` is the loop's: attack only ``n`` images, spread
             evenly over the set (every class of a class-sorted folder, not its first ones).
+            Each numeric setting needs a range in :data:`SETTING_RANGES` (a test holds every suite to it).
         fixed: constructor arguments that are not settings (PGD's random start).
         batch_size: images per attack call.
+        help: one line for ``eval --help`` and the suite list.
+        norm: "Linf" where ``eps`` is an L-inf radius on pixels in [0, 1] (refused above 1).
+
+    A new attack is one entry in :data:`ATTACKS`; ``nsvit_fast.eval.suite`` makes it a suite of
+    the same name. Its report column is labelled by that name.
     """
 
     factory: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
     defaults: dict[str, Any]
     fixed: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 256
+    help: str = ""
+    norm: str | None = None
 
 
 class FloatLogits(torch.nn.Module):
@@ -69,18 +77,26 @@ def _torchattacks(cls: str, seeded: bool = False, classes: bool = False):
             kw.setdefault("seed", seed)
         if classes:
             kw.setdefault("n_classes", parts.num_classes)
-        return getattr(load_torchattacks(), cls)(FloatLogits(parts), **kw)
+        ta = load_torchattacks()
+        if not hasattr(ta, cls):
+            raise NsvitError(f"torchattacks {getattr(ta, '__version__', '')} has no attack {cls!r}")
+        return getattr(ta, cls)(FloatLogits(parts), **kw)
 
     return make
 
 
 ATTACKS: dict[str, AttackSpec] = {
-    "fgsm": AttackSpec(_torchattacks("FGSM"), {"eps": 1 / 255}),                      # the paper's setting
-    "pgd": AttackSpec(_torchattacks("PGD"), {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}, {"random_start": True}),
-    "pgd_l2": AttackSpec(_torchattacks("PGDL2"), {"eps": 0.5, "alpha": 0.1, "steps": 10}, {"random_start": True}),
-    "cw": AttackSpec(_torchattacks("CW"), {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}),
+    "fgsm": AttackSpec(_torchattacks("FGSM"), {"eps": 1 / 255}, norm="Linf",  # the paper's setting
+                       help="FGSM, L-inf (eps 1/255 is the paper's); torchattacks"),
+    "pgd": AttackSpec(_torchattacks("PGD"), {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}, {"random_start": True},
+                      norm="Linf", help="PGD, L-inf, random start; torchattacks"),
+    "pgd_l2": AttackSpec(_torchattacks("PGDL2"), {"eps": 0.5, "alpha": 0.1, "steps": 10}, {"random_start": True},
+                         norm="L2", help="PGD, L2, random start; torchattacks"),
+    "cw": AttackSpec(_torchattacks("CW"), {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}, norm="L2",
+                     help="CW-L2; torchattacks"),
     "autoattack": AttackSpec(_torchattacks("AutoAttack", seeded=True, classes=True), {"eps": 4 / 255, "n": 64},
-                             {"norm": "Linf", "version": "standard"}),
+                             {"norm": "Linf", "version": "standard"}, norm="Linf",
+                             help="AutoAttack standard, L-inf, on n images spread over the set; torchattacks"),
 }
 
 
@@ -150,14 +166,12 @@ def check_settings(what: str, kw: dict[str, Any], defaults: dict[str, Any], stri
     return out
 
 
-LINF = ("fgsm", "pgd", "autoattack")  # eps is an L-inf radius on pixels in [0, 1] (AutoAttack unless norm="L2")
-
-
-def check_linf_eps(name: str, kw: dict[str, Any]) -> None:
-    """Refuse an L-inf ``eps`` above 1 for the attacks in :data:`LINF`: every pixel may then take
-    any value, and "eps=8" meant 8/255 (the finetuning methods refuse it the same way)."""
+def check_linf_eps(name: str, kw: dict[str, Any], norm: str | None) -> None:
+    """Refuse an ``eps`` above 1 for an attack of ``norm`` "Linf" (AutoAttack unless given
+    norm="L2"): every pixel may then take any value, and "eps=8" meant 8/255 (the finetuning
+    methods refuse it the same way)."""
     eps = kw.get("eps")
-    if name in LINF and kw.get("norm", "Linf") == "Linf" and isinstance(eps, (int, float)) and eps > 1:
+    if norm == "Linf" and kw.get("norm", "Linf") == "Linf" and isinstance(eps, (int, float)) and eps > 1:
         raise NsvitError(f"{name}: eps={eps:g} is an L-inf radius on pixels in [0, 1], so it must be <= 1 "
                          f"(8/255, not 8)")
 
@@ -172,7 +186,7 @@ def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
     # the settings are checked; other keys go to the attack's constructor (n_classes, torchattacks' own)
     kw = check_settings(what, kw, {"n": None, **spec.defaults}, strict=False)
     kw = {**spec.fixed, **spec.defaults, **kw}
-    check_linf_eps(what.removeprefix("attack "), kw)
+    check_linf_eps(what.removeprefix("attack "), kw, spec.norm)
     kw.pop("n", None)
     try:
         return spec.factory(parts, seed=seed, **kw)

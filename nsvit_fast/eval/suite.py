@@ -102,12 +102,14 @@ class Suite:
         defaults: the settings the suite takes, with their defaults (empty: it takes none).
         needs: "folder" (a path in ``folders``) or "bank" (a NoiseBank), checked before any model runs.
         help: what it measures, one line (its settings are listed from ``defaults``).
+        norm: an attack suite's norm ("Linf": eps is refused above 1).
     """
 
     run: Callable[[Run, str, Any, dict[str, Any]], None]
     defaults: dict[str, Any] = field(default_factory=dict)
     needs: str | None = None
     help: str = ""
+    norm: str | None = None
 
 
 @torch.no_grad()
@@ -129,14 +131,14 @@ def _clean(run: Run, model: str, parts, kw: dict) -> None:
     run.report.add(model, run.seed, "clean", "", "acc", 100 * batch_accuracy(parts, batches))
 
 
-def _attack_suite(suite: str, spec: AttackSpec, help: str) -> Suite:
+def _attack_suite(suite: str, spec: AttackSpec) -> Suite:
     """A suite that reports accuracy under ``spec``'s attack, through the one attack loop."""
 
     def go(run: Run, model: str, parts, kw: dict) -> None:
         acc = attack_accuracy_on(parts, run.data, spec, seed=run.seed, progress=run.progress, desc=suite, **kw)
         run.report.add(model, run.seed, suite, fmt_setting(kw), "acc", 100 * acc)
 
-    return Suite(go, spec.defaults, help=help)
+    return Suite(go, spec.defaults, help=spec.help, norm=spec.norm)
 
 
 def _patchfool(parts, seed: int = 0, **kw):
@@ -163,8 +165,11 @@ PATCHFOOL_DEFAULTS: dict[str, Any] = {"num_patch": 1, "patch_select": "attn", "a
                                       "steps": 250, "step_size": 10, "gamma": 0.95}
 # batch 64 as the authors' main.py: their PCGrad divides by ||g_ce|| once, so its correction scales
 # with the per-image CE gradient (1 / batch for a batch-mean loss), and the batch changes the attack
-PATCHFOOL = AttackSpec(_patchfool, PATCHFOOL_DEFAULTS, batch_size=64)
-PATCHFOOL_LITE = AttackSpec(_patchfool_lite, {"n_patches": 1, "steps": 30}, batch_size=128)
+PATCHFOOL = AttackSpec(_patchfool, PATCHFOOL_DEFAULTS, batch_size=64,
+                       help="Patch-Fool as its authors wrote it (Fu et al., ICLR 2022): attention-aware adversarial "
+                            "patch")
+PATCHFOOL_LITE = AttackSpec(_patchfool_lite, {"n_patches": 1, "steps": 30}, batch_size=128,
+                            help="this project's faster patch attack, not Patch-Fool: Adam in pixel space, 30 steps")
 
 
 def _corruption_accuracies(run: Run, parts) -> dict[tuple[str, int], float]:
@@ -289,21 +294,11 @@ def _folder_suite(suite: str) -> Suite:
     return Suite(go, needs="folder", help=f"{suite} folder (ImageFolder tree): top-1 accuracy")
 
 
-_ATTACK_HELP = {
-    "fgsm": "FGSM, L-inf (eps 1/255 is the paper's); torchattacks",
-    "pgd": "PGD, L-inf, random start; torchattacks",
-    "pgd_l2": "PGD, L2, random start; torchattacks",
-    "cw": "CW-L2; torchattacks",
-    "autoattack": "AutoAttack standard, L-inf, on n images spread over the set; torchattacks",
-}
-
 SUITES: dict[str, Suite] = {
     "clean": Suite(_clean, help="top-1 accuracy"),
-    **{name: _attack_suite(name, spec, _ATTACK_HELP[name]) for name, spec in ATTACKS.items()},
-    "patchfool": _attack_suite("patchfool", PATCHFOOL, "Patch-Fool as its authors wrote it (Fu et al., ICLR 2022): "
-                                                       "attention-aware adversarial patch"),
-    "patchfool_lite": _attack_suite("patchfool_lite", PATCHFOOL_LITE, "this project's faster patch attack, not "
-                                                                      "Patch-Fool: Adam in pixel space, 30 steps"),
+    **{name: _attack_suite(name, spec) for name, spec in ATTACKS.items()},
+    "patchfool": _attack_suite("patchfool", PATCHFOOL),
+    "patchfool_lite": _attack_suite("patchfool_lite", PATCHFOOL_LITE),
     "corruptions": Suite(_corruptions, help="15 corruptions x 5 severities on the fly: accuracy, mean corruption "
                                             "accuracy, mCE (AlexNet reference on 1000 classes, else the baseline)"),
     "nullspace": Suite(_nullspace, {"scale": 10}, help="exact patch-embedding nullspace noise at scale x the "
@@ -391,7 +386,7 @@ def parse_suite(spec: str) -> tuple[str, dict[str, Any]]:
     if kw.get("eps", 0) < 0:
         raise NsvitError(f"eps must be >= 0, got {kw['eps']}")
     full = {**defaults, **{k: _check_setting(name, k, v) for k, v in kw.items()}}
-    check_linf_eps(name, full)
+    check_linf_eps(name, full, SUITES[name].norm)
     return name, full
 
 
