@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NsvitError
+from ..runtime import exact_math
 from ._backends import cpp_ok, cuda_ok, ext, triton_ok
 from .dispatch import register
 from .patches import patchify, unpatchify
@@ -20,15 +21,38 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol
              torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
-def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
-    """Torch reference, the definition of the op (arguments and result as
-    :func:`nsvit_fast.ops.nullspace_project`): patchify, two products, unpatchify, in x's dtype."""
+def _project(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     q = basis.detach().to(device=x.device, dtype=x.dtype)  # a constant: no backend gives it a gradient
-    p = patchify(x, patch)
-    part = (p @ q.T) @ q
-    out = part if keep else p - part
-    return unpatchify(out, c, (h // patch[0], w // patch[1]), patch)
+    with exact_math():
+        p = patchify(x, patch)
+        part = (p @ q.T) @ q
+        out = part if keep else p - part
+        return unpatchify(out, c, (h // patch[0], w // patch[1]), patch)
+
+
+class _TorchProject(torch.autograd.Function):
+    # the op is self-adjoint: the backward is the op again, so it too runs without autocast or TF32
+    # (torch's own backward of the products took the autocast of a backward() called inside it)
+    @staticmethod
+    def forward(ctx, x, basis, patch, keep):
+        ctx.save_for_backward(basis)
+        ctx.patch, ctx.keep = patch, keep
+        return _project(x.detach(), basis, patch, keep)
+
+    @staticmethod
+    def backward(ctx, g):
+        basis, = ctx.saved_tensors
+        return _TorchProject.apply(g, basis.detach(), ctx.patch, ctx.keep), None, None, None
+
+
+def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:
+    """Torch reference, the definition of the op (arguments and result as
+    :func:`nsvit_fast.ops.nullspace_project`): patchify, two products, unpatchify, in x's dtype.
+    The products run without autocast or TF32 (``exact_math``), forward and backward: under bf16
+    autocast they came out bf16 for fp32 images, and TF32 misses the fp32 tolerance (the Triton
+    kernel pins its own precision)."""
+    return _TorchProject.apply(x, basis, tuple(patch), bool(keep))
 
 
 def check_inputs(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int]) -> None:
@@ -61,7 +85,8 @@ class _ExtProject(torch.autograd.Function):
     def forward(ctx, x, basis, patch, keep):
         ctx.save_for_backward(basis)  # saved, not kept: an in-place change before backward is refused
         ctx.patch, ctx.keep = patch, keep
-        return ext().nullspace_project(x.detach(), basis.detach(), patch[0], patch[1], keep)
+        with exact_math():  # its at::mm would take autocast's bf16 (then fail on a float pointer) and TF32
+            return ext().nullspace_project(x.detach(), basis.detach(), patch[0], patch[1], keep)
 
     @staticmethod
     def backward(ctx, g):  # self-adjoint; through this Function again, so double backward is exact
@@ -85,7 +110,7 @@ def nullspace_project_triton(x, basis, patch, keep):
     return nullspace_project(x, basis, patch, keep)
 
 
-register("nullspace_project", "torch", nullspace_project_torch)
+register("nullspace_project", "torch", nullspace_project_torch, tolerance=TOLERANCE)
 # C++ on the CPU: 1.35x at the digits size, 1.0x at ViT-S/32, 0.87x at ViT-B/16 (bench_ops): not
 # faster across sizes, so not the CPU default; force it with backend="cpp"
 register("nullspace_project", "cpp", nullspace_project_ext, cpp_ok)
