@@ -38,7 +38,8 @@ MAX_D = 8192
 
 @triton.jit
 def _assemble_fwd(u_ptr, v_ptr, pre_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, ln_ptr, mean_ptr, rstd_ptr,
-                  B, N, P, D, CLEAN_B, eps, EMBED_PREFIX: tl.constexpr, BLOCK_D: tl.constexpr):
+                  B, N, P, D, CLEAN_B, eps, EMBED_PREFIX: tl.constexpr, ROUND_UV: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # token row = r * T + t; int64: row * D passes 2**31 at large R
     T = P + N
     r = row // T
@@ -52,8 +53,11 @@ def _assemble_fwd(u_ptr, v_ptr, pre_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, ln_ptr, m
     m = rr // B
     b = tl.where(noisy, rr % B, r)
     x = tl.load(pre_ptr + t * D + d, mask=dm & is_pre, other=0.0).to(tl.float32)
-    x += tl.load(u_ptr + (b * N + i) * D + d, mask=dm & (t >= P), other=0.0).to(tl.float32)
-    x += tl.load(v_ptr + (m * N + i) * D + d, mask=dm & (t >= P) & noisy, other=0.0).to(tl.float32)
+    uv = tl.load(u_ptr + (b * N + i) * D + d, mask=dm & (t >= P), other=0.0).to(tl.float32)
+    uv += tl.load(v_ptr + (m * N + i) * D + d, mask=dm & (t >= P) & noisy, other=0.0).to(tl.float32)
+    if ROUND_UV:  # the reference adds fp16 / bf16 u and v in their dtype before pos: round as it does
+        uv = uv.to(u_ptr.dtype.element_ty).to(tl.float32)  # round to nearest even on a GPU
+    x += uv
     if EMBED_PREFIX:
         x += tl.load(pos_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
     else:
@@ -184,8 +188,11 @@ class TokenAssembly(torch.autograd.Function):
         mean = torch.empty(r * t, device=dev, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         block_d = triton.next_power_of_2(d)
+        # u + v rounded to their dtype where it is fp16 / bf16 (the reference's add; both then that dtype)
+        round_uv = bool(m) and torch.promote_types(u.dtype, vv.dtype) in (torch.float16, torch.bfloat16)
         launch(_assemble_fwd, (r * t,), u, vv, pre, pos.contiguous(), w, bb, x, ln,
-               mean, rstd, bsz, n, p, d, clean_b, float(eps), EMBED_PREFIX=bool(embed_prefix), BLOCK_D=block_d)
+               mean, rstd, bsz, n, p, d, clean_b, float(eps), EMBED_PREFIX=bool(embed_prefix), ROUND_UV=round_uv,
+               BLOCK_D=block_d)
         ctx.save_for_backward(x, mean, rstd, w)
         ctx.meta = (bsz, n, d, m, p, clean_b, bool(embed_prefix), block_d, v is not None)
         ctx.dtypes = (u.dtype, None if v is None else v.dtype, prefix.dtype, pos.dtype, bb.dtype)
