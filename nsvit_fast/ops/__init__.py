@@ -14,8 +14,10 @@ the CPU runs only under the interpreter (TRITON_INTERPRET=1), never by default.
 from . import nullspace_projection as _nullspace_projection
 from . import prob_shift as _prob_shift
 from . import token_assembly as _token_assembly
-from .dispatch import backend_for, backends, call, register
+from .dispatch import OPS, backend_for, backends, call, register
 from .patches import patchify, unpatchify
+
+_OP_MODULES = (_nullspace_projection, _prob_shift, _token_assembly)  # imported for their register() calls
 
 
 def prob_shift(z_noisy, z_clean, eps, p_clean=None, backend=None):
@@ -105,8 +107,7 @@ def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, incl
     return call("token_assembly", u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean, backend=backend)
 
 
-TOLERANCES = {"prob_shift": _prob_shift.TOLERANCE, "nullspace_project": _nullspace_projection.TOLERANCE,
-              "token_assembly": _token_assembly.TOLERANCE}
+TOLERANCES = {name: op.tolerance for name, op in OPS.items()}  # each op's, as its torch reference registered it
 
 __all__ = ["call", "register", "backend_for", "backends", "prob_shift", "nullspace_project", "token_assembly",
            "patchify", "unpatchify", "TOLERANCES"]

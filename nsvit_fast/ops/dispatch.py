@@ -26,19 +26,26 @@ class Op:
     impls: dict[str, Callable] = field(default_factory=dict)
     available: dict[str, Callable[[torch.device], bool]] = field(default_factory=dict)
     preference: dict[str, list[str]] = field(default_factory=lambda: {"cuda": [], "cpu": []})
+    # per dtype, the rtol / atol every backend is held to against the torch reference
+    tolerance: dict[torch.dtype, dict[str, float]] | None = None
 
 
 OPS: dict[str, Op] = {}
 
 
 def register(op: str, backend: str, fn: Callable, available: Callable[[torch.device], bool] = lambda d: True,
-             prefer_on: tuple[str, ...] = ()) -> None:
+             prefer_on: tuple[str, ...] = (), tolerance: dict | None = None) -> None:
     """Register ``fn`` as ``op``'s ``backend`` implementation; ``prefer_on`` device types put it
-    ahead of those already registered there (the torch reference registers first, last in line).
+    ahead of those already registered there (the torch reference registers first, last in line,
+    with the op's ``tolerance``: {dtype: dict(rtol=, atol=)} for fp32, fp64, fp16 and bf16).
 
     ``available(device) -> bool`` says where ``fn`` can run (checked per call). Registering a
-    backend again replaces it and its place in the order. Called at import by each op's module."""
+    backend again replaces it and its place in the order. Called at import by each op's module
+    (``nsvit_fast/ops/<op>.py``, imported by ``nsvit_fast/ops/__init__.py``, which also gives the
+    op its public function; tests/test_ops.py checks that every registered op has all of these)."""
     o = OPS.setdefault(op, Op(op))
+    if tolerance is not None:
+        o.tolerance = tolerance
     o.impls[backend] = fn
     o.available[backend] = available
     for dev in ("cuda", "cpu"):

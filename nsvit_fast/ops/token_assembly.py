@@ -50,6 +50,6 @@ def token_assembly_triton(u, v, prefix, pos, weight, bias, eps, embed_prefix=Tru
     return token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
 
 
-register("token_assembly", "torch", token_assembly_torch)
+register("token_assembly", "torch", token_assembly_torch, tolerance=TOLERANCE)
 # no C++ version: on the CPU the reference is a cat, an add and torch's LayerNorm, nothing to fuse away
 register("token_assembly", "triton", token_assembly_triton, triton_ok, prefer_on=("cuda",))
