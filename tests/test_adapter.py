@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nsvit_fast import NsvitError, adapt, load_model
+from nsvit_fast.models.registry import FAMILIES
 
 # (timm name, constructor overrides): real architectures, random init; depth cut where it only costs time
 VARIANTS = [
@@ -173,6 +174,40 @@ def test_eva_nullspace_noise_leaves_outputs_unchanged():
     assert inv["patch_embed_rel"] <= 1e-10 and inv["logits_rel"] <= 1e-10
     rnd = torch.randn_like(v) * (v.flatten(1).norm(dim=1) / 64 / 3 ** 0.5).reshape(-1, 1, 1, 1)
     assert verify_invariance(parts, x, rnd)["logits_rel"] > 0.01  # the check can fail
+
+
+# one small example per family of nsvit_fast.models.registry.FAMILIES: a new family adds one here
+FAMILY_EXAMPLES = {"vit": ("vit_tiny_patch16_224", {"img_size": 64, "depth": 2}), "eva": EVA_VARIANTS[0]}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_meets_the_adapter_contract(family):
+    """For each registered family: encode(patch_embed(x)) is the model, the insertion point is live,
+    encode_noisy is encode of the noisy tokens, and exact-nullspace noise ten times the image's norm
+    leaves the logits unchanged (fp64) where random noise of the same size does not."""
+    from nsvit_fast import nullspace_basis, verify_invariance
+
+    assert family in FAMILY_EXAMPLES, f"add a small {family} model to FAMILY_EXAMPLES"
+    parts = _eva(*FAMILY_EXAMPLES[family])
+    assert parts.family == family
+    x = torch.rand(2, *parts.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        u = parts.patch_embed(x)
+        ref = parts.model(parts.normalize(x))
+        got = parts.encode(u)
+        assert ref.abs().max() > 0.1 and (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+        v = torch.randn(u.shape[1:], generator=torch.Generator().manual_seed(1))
+        assert (parts.encode(u + v) - got).abs().max() > 1e-3
+        torch.testing.assert_close(parts.encode_noisy(u, v[None], include_clean=True),
+                                   parts.encode(torch.cat([u, u + v])), rtol=1e-5, atol=1e-5)
+    parts = parts.double()
+    n = nullspace_basis(parts).sample(2, norm=1.0, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = x.double()
+    n = n * 10 * x.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    assert verify_invariance(parts, x, n)["logits_rel"] <= 1e-10
+    rnd = torch.randn(n.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rnd = rnd * (n.flatten(1).norm(dim=1) / rnd.flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
+    assert verify_invariance(parts, x, rnd)["logits_rel"] > 0.01
 
 
 @pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {"img_size": 64, "depth": 2}),

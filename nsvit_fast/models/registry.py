@@ -1,6 +1,8 @@
 """Model families: each maps a predicate on the timm model to its adapter class.
 
-A new family is one file in ``nsvit_fast/models/`` and one entry here (``eva.py`` is one).
+A new family is one file in ``nsvit_fast/models/`` and one entry here (``eva.py`` is one), plus a
+small example in ``FAMILY_EXAMPLES`` of tests/test_adapter.py and its file named in the README's
+Layout (README: "Adding a family, method, attack or op").
 """
 
 from __future__ import annotations

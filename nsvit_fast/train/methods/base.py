@@ -18,7 +18,8 @@ and declares its hyperparameters and traits on the class:
 
 A method reads the context and keeps its own objects; it never writes engine state. The engine
 names no method. A new method is one file in this folder, one entry in ``METHODS`` and, with a
-Config, one field of ``MethodConfigs`` (both in ``methods/__init__.py``).
+Config, one field of ``MethodConfigs`` (both in ``methods/__init__.py``); name the file in the
+README's Layout (tests/test_boundaries.py checks it).
 """
 
 from __future__ import annotations
