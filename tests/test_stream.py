@@ -89,6 +89,46 @@ def test_a_streamed_sample_spreads_over_the_folder(digits_parts, jpeg_folder):
     assert sorted(sample.labels.tolist()) == [0, 1, 2]
 
 
+def test_a_streamed_fast_run_scans_its_folder_once_and_reads_the_drift_sample_once(digits_parts, tmp_path,
+                                                                                   monkeypatch):
+    """Each round's synthesis stream used to scan the whole folder again (an ImageNet listing per
+    round and rank), and rounds 1 on re-read the same 256-image sample from disk to measure the last
+    noise's drift. The run's noises and weights are those of a fresh stream per round."""
+    import warnings
+
+    from helpers import write_digits_folder
+
+    from nsvit_fast import load_model, weights_fingerprint
+    from nsvit_fast.data import folders, stream
+    from nsvit_fast.train import finetune
+    from nsvit_fast.train.yamlcfg import load_run
+
+    (tmp_path / "train").mkdir()
+    root = write_digits_folder(tmp_path / "train", n=160)
+    _, cfg = load_run("digits_fast", {"rounds": 3, "model_steps": 1, "batch_size": 16, "synth.batch_size": 16,
+                                      "synth.heldout": 32, "synth.max_steps": 20, "workers": 0, "val_data": None})
+    scans, reads = [], []
+    real_scan, real_read = folders.image_folder, stream.StreamingData._read
+    monkeypatch.setattr(folders, "image_folder", lambda *a, **k: scans.append(a[0]) or real_scan(*a, **k))
+    monkeypatch.setattr(stream.StreamingData, "_read", lambda self, view, what: reads.append(what) or
+                        real_read(self, view, what))
+    parts = load_model("digits_vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = finetune(parts, str(root), cfg, progress=False)
+    assert len(scans) == 1 and [h["mse_prob_on"] for h in res.history] == ["carved", "train_sample", "train_sample"]
+    assert reads == ["held out 32", "sample 32"], reads  # round 0's carve, then one sample for rounds 1 and 2
+    # a new stream per round (the old way) gives the same run
+    monkeypatch.setattr(stream.StreamingData, "reseeded", lambda self, b, seed: stream.StreamingData(
+        root, parts, b, seed, cfg.augment, 0))
+    again = load_model("digits_vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res2 = finetune(again, str(root), cfg, progress=False)
+    assert weights_fingerprint(again) == weights_fingerprint(parts)
+    assert [h["noise_norm"] for h in res2.history] == [h["noise_norm"] for h in res.history]
+
+
 def test_eval_loader_and_transforms(digits_parts, jpeg_folder):
     xs, ys = zip(*eval_loader(jpeg_folder, digits_parts, batch_size=10))
     x, y = torch.cat(xs), torch.cat(ys)

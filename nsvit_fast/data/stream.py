@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -170,6 +170,20 @@ class StreamingData:
         self.consumed = 0
         self._it = None
         self._warned = False
+        self._samples: dict[int, Any] = {}  # sample(n), read once: its pixels never change
+
+    def reseeded(self, batch_size: int, seed: int) -> "StreamingData":
+        """A stream over this one's files with its settings but its own batch size and seed, from
+        its first batch: a finetuning round's synthesis stream. The folder is not scanned again
+        (an ImageNet listing each round), and :meth:`sample` reads stay shared."""
+        import copy
+
+        if int(batch_size) < 1:
+            raise NsvitError(f"batch_size must be >= 1, got {batch_size}")
+        new = copy.copy(self)
+        new.batch_size, new.seed = int(batch_size), int(seed)
+        new.consumed, new._it, new._warned = 0, None, False
+        return new
 
     def __len__(self) -> int:
         """Images this stream serves (a carved stream: those not held out)."""
@@ -224,10 +238,14 @@ class StreamingData:
 
     def sample(self, n: int):
         """``n`` images of the folder spread evenly over it (so over its classes), read through the
-        eval transform into an in-memory ImageDataset: held-out metrics, token statistics."""
+        eval transform into an in-memory ImageDataset: held-out metrics, token statistics. Read
+        once per stream and its :meth:`reseeded` copies (the same files every time): a run measures
+        its noise on them every round."""
         n = max(1, min(int(n), len(self.dataset)))
-        idx = torch.linspace(0, len(self.dataset) - 1, n).round().long().tolist()
-        return self._read(self._view(idx, False), f"sample {n}")
+        if n not in self._samples:
+            idx = torch.linspace(0, len(self.dataset) - 1, n).round().long().tolist()
+            self._samples[n] = self._read(self._view(idx, False), f"sample {n}")
+        return self._samples[n]
 
     def _view(self, idx: list[int], own_skips: bool) -> SeededFolder:
         """This stream's folder restricted to files ``idx`` (an unreadable one is then replaced by the
@@ -267,7 +285,7 @@ class StreamingData:
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
         rest = copy.copy(self)
         rest.dataset = self._view(sorted(perm[h:].tolist()), False)  # skips counted as the stream's own
-        rest.consumed, rest._it, rest._warned = 0, None, False
+        rest.consumed, rest._it, rest._warned, rest._samples = 0, None, False, {}  # other files: its own samples
         view = self._view(sorted(perm[:h].tolist()), True)
         held = self._read(view, f"held out {h}")
         if view.skips.value:

@@ -548,10 +548,8 @@ class Engine:
             scfg = dataclasses.replace(scfg, num_noises=m, batch_size=scfg.batch_size // m)
         if isinstance(self.train, ImageDataset):
             data = self.train
-        else:  # the round's own seeded stream over the folder, with the run's augmentation
-            data = StreamingData(self.train, self.parts, scfg.batch_size, scfg.seed, cfg.augment, cfg.workers,
-                                 device=self.device, rank=self.rank, world=self.world,
-                                 on_bad_image=self.on_bad_image)
+        else:  # the round's own seeded stream over the training stream's files, with the run's augmentation
+            data = self.stream.reseeded(scfg.batch_size, scfg.seed)
         import warnings
 
         with warnings.catch_warnings(record=True) as said:  # each round's own: two rounds' alike read as one
