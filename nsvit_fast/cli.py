@@ -545,8 +545,9 @@ def cmd_finetune(args) -> int:
         config = args.config or "digits"
         run, cfg = load_run(config, overrides)  # the user's own values are checked, dry run or not
         if args.dry_run:  # a minute's check of a config on the user's own data: every stage once
-            overrides.update({"rounds": 1, "model_steps": 2, "synth.max_steps": 3, "val_images": 64,
-                              "checkpoint_every": 0})
+            # a warm noise_init (the _fast configs) differs from fresh only from round 1 on: run it too
+            overrides.update({"rounds": 1 if cfg.noise_init == "fresh" else 2, "model_steps": 2,
+                              "synth.max_steps": 3, "val_images": 64, "checkpoint_every": 0})
             run, cfg = load_run(config, overrides)
         for key in ("model", "checkpoint", "use_ema", "pretrained", "num_classes", "img_size", "mean", "std", "data",
                     "val_data", "out"):
@@ -710,8 +711,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--workers", type=count(0, MAX_WORKERS), default=None,
                    help="DataLoader workers for a streamed folder (config key workers, default 4)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="check the config on your data in a minute: 1 round, 2 model steps, 3 synthesis steps, "
-                        "64 validation images (output in runs/dry-run-<method> unless --out)")
+                   help="check the config on your data in a minute: 1 round (2 with a warm noise_init, so the "
+                        "warm start runs), 2 model steps, 3 synthesis steps, 64 validation images (output in "
+                        "runs/dry-run-<method> unless --out)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (synth.key for synthesis)")
     p.set_defaults(func=cmd_finetune, distributed=True)
 

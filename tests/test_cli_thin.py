@@ -465,3 +465,19 @@ def test_finetune_prints_its_set_up_warnings_when_the_run_starts(tmp_path, capsy
     assert code == 0, err
     assert "the validation data is the training data" in seen_at_start[0]
     assert "the validation data is the training data" not in err  # printed once, at the start
+
+
+def test_a_dry_run_of_a_fast_config_runs_its_warm_start(capsys, tmp_path):
+    """A _fast config differs from its base only from round 1 on (the warm start, growth, cap and
+    drift); its dry run stopped after round 0 and so never ran any of it."""
+    import json
+
+    for config, rounds in (("digits", 1), ("digits_fast", 2)):
+        out = tmp_path / config
+        code, _, err = cli(capsys, "finetune", "--config", config, "--dry-run", "--quiet", "max_images=64",
+                           "batch_size=16", "synth.batch_size=16", "synth.heldout=16", "--out", out)
+        assert code == 0, err
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        rounds_run = [r for r in log if "round" in r and "noise_norm" in r]
+        assert len(rounds_run) == rounds, log
+        assert ("init_mse_prob" in rounds_run[-1]) == (config == "digits_fast")

@@ -117,6 +117,9 @@ def test_a_streamed_fast_run_scans_its_folder_once_and_reads_the_drift_sample_on
         warnings.simplefilter("ignore")
         res = finetune(parts, str(root), cfg, progress=False)
     assert len(scans) == 1 and [h["mse_prob_on"] for h in res.history] == ["carved", "train_sample", "train_sample"]
+    # the log says what each round's descent ran with: round 0's boundary schedule, then the paper's
+    assert [(h["descent_stop"], h["descent_lr"]) for h in res.history] == [
+        ("heldout", pytest.approx(0.6)), ("batch", pytest.approx(0.1)), ("batch", pytest.approx(0.1))]
     assert reads == ["held out 32", "sample 32"], reads  # round 0's carve, then one sample for rounds 1 and 2
     # a new stream per round (the old way) gives the same run
     monkeypatch.setattr(stream.StreamingData, "reseeded", lambda self, b, seed: stream.StreamingData(

@@ -59,7 +59,8 @@ class FinetuneConfig(MethodConfigs):
     grows each round (to about 595).
     ``noise_init="warm_boundary"`` (the ``*_fast`` configs; bench/results/noise_cost.md) learns round
     0's noise with ``synth`` as configured (the fast configs: ``schedule: boundary``), and starts every
-    later round from the last noise grown to just inside ε on held-out images in forward passes only
+    later round from the last noise grown to just inside ε in forward passes only (on the round's metric
+    images: from round 1 a sample of the training data, as the paper's batch stop rule runs)
     (``synth.init_scale="boundary"``), and by at least ``warm_growth``, followed by the paper's descent
     and stop rule. The floor matters: after a few rounds the model ignores the noise at exactly its own
     scale but not at 1.1x (a valley narrow in scale), and a pure rescale would then stall at x1 with
@@ -136,6 +137,12 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         check_synth(cfg.synth)
     except NsvitError as e:  # the finetune config has fields of the same names (weight_decay, seed)
         raise NsvitError(f"synth: {e}") from None
+    if cfg.synth.heldout == 0 and (cfg.synth.stop == "heldout" or cfg.synth.schedule == "boundary"):
+        # the noise is confirmed on held-out images carved from the training data: none to carve.
+        # Refused here, not after the starting model's validation pass (a folder's error named no key)
+        why = "stop=heldout" if cfg.synth.stop == "heldout" else "schedule=boundary"
+        raise NsvitError(f"synth.heldout 0 leaves synth.{why} no held-out images to confirm the noise on: give "
+                         f"synth.heldout >= 1 (default 256)")
     if cfg.noise_bank > cfg.synth.batch_size:  # after synth's own checks: batch_size 0 is named as such
         raise NsvitError(f"noise_bank {cfg.noise_bank} is more than synth.batch_size {cfg.synth.batch_size}: "
                          "each noise of the bank descends on synth.batch_size // noise_bank images")
@@ -566,6 +573,8 @@ class Engine:
             self.last_ns_noise[j] = bank.noises[0]
         info = dict(noise_norm=float(bank.norm[i]), mse_prob=float(bank.mse_prob[i]),
                     mse_prob_on=bank.meta["heldout_source"],  # given | carved | train_sample: names the column
+                    # what the descent ran with (round 0 of a _fast config: held-out stop at lr x 6)
+                    descent_stop=bank.meta["descent_stop"], descent_lr=float(bank.meta["descent_lr"]),
                     batch_mse_prob=float(bank.batch_mse_prob[i]), match_rate=float(bank.match_rate[i]),
                     synth_steps=int(bank.steps.max()), converged=bool(bank.converged.all()),
                     synth_seconds=float(bank.meta["seconds"]), lim=float(bank.meta["lim"]),
