@@ -125,8 +125,12 @@ def main() -> None:
         args.rounds, args.seeds, args.model_steps = d["rounds"], d["seeds"], d.get("model_steps", 40)
         args.overrides = d.get("overrides", [])
         md = render(d, d["metrics"], d["rows"], ap.check(Report.from_dict, d["report"]), d["machine"], args)
-        write_text(args.out / "noise_cost.md", md)
-        figure(d, args.out / "noise_cost.png")
+        try:
+            with run_lock(args.out):  # not over the files of a run writing there
+                write_text(args.out / "noise_cost.md", md)
+                figure(d, args.out / "noise_cost.png")
+        except NsvitError as e:
+            ap.error(str(e))
         print(md)
         return
     # every config a run will load, loaded now: a bad key or value fails here, not an hour in
@@ -204,8 +208,10 @@ def run_seeds(ap: Parser, args, plan: dict, seed_list: list[int], overrides: dic
         try:
             saved = json.loads(partial.read_text())
             done, rows, report = saved["done"], saved["rows"], Report.from_dict(saved["report"])
+            # a hand edit (or NaN written as null) would fail only after the next seed's runs, in a traceback
             if (not isinstance(saved["plan"], dict) or done != seed_list[:len(done)]
-                    or {r["seed"] for r in rows} != set(done)):
+                    or {r["seed"] for r in rows} != set(done) or {r.seed for r in report.records} != set(done)
+                    or not all(isinstance(r.value, (int, float)) and math.isfinite(r.value) for r in report.records)):
                 raise ValueError
         except (OSError, ValueError, KeyError, TypeError, NsvitError):
             ap.error(f"--resume: {partial} is not a noise_cost partial file")

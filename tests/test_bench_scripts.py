@@ -194,9 +194,10 @@ def test_noise_cost_short_run_reports_where_synthesis_time_went(tmp_path):
 
 
 def test_noise_cost_resume_goes_on_from_the_seeds_a_stopped_run_saved(tmp_path, monkeypatch, capsys):
-    """A run stopped in its second seed keeps the first in noise_cost.partial.json; the same command
-    is refused until --resume is added, another setting is refused under --resume, and the resumed
-    run runs only the missing seed, its report holding the saved seed's rows and scores as saved."""
+    """A run stopped in its third seed keeps the first two (rows and scores) in
+    noise_cost.partial.json; the same command is refused until --resume is added; under --resume
+    every plan key is compared and a hand-edited file is refused; the resumed run runs only the
+    missing seed, its report holding the saved seeds' rows and scores as saved."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import noise_cost
@@ -210,40 +211,62 @@ def test_noise_cost_resume_goes_on_from_the_seeds_a_stopped_run_saved(tmp_path, 
         ran.append(seed)
         return real(seed, *a, **k)
 
-    def main(*extra):
-        monkeypatch.setattr(sys, "argv", ["noise_cost.py", "--seeds", "0,1", "--rounds", "1", "--suites", "clean",
+    def main(*extra, steps=30):
+        monkeypatch.setattr(sys, "argv", ["noise_cost.py", "--seeds", "0,1,2", "--rounds", "1", "--suites", "clean",
                                           "--out", str(tmp_path), "synth.lim=3", "model_steps=3", "batch_size=16",
-                                          "synth.batch_size=32", "synth.max_steps=30", "synth.heldout=64", *extra])
+                                          "synth.batch_size=32", f"synth.max_steps={steps}", "synth.heldout=64", *extra])
         noise_cost.main()
 
-    def refused(*extra):
+    def refused(*extra, **kw):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            main(*extra)
+            main(*extra, **kw)
         lines = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(lines) == 1, lines
         return lines[0]
 
     monkeypatch.setattr(noise_cost, "run_seed", run_seed)
-    stop_at = 1
+    stop_at = 2
     with pytest.raises(KeyboardInterrupt):
         main()
     partial = tmp_path / noise_cost.PARTIAL
-    saved = json.loads(partial.read_text())
-    assert ran == [0] and saved["done"] == [0] and {r["seed"] for r in saved["rows"]} == {0}
+    text = partial.read_text()
+    saved = json.loads(text)
+    assert ran == [0, 1] and saved["done"] == [0, 1] and {r["seed"] for r in saved["rows"]} == {0, 1}
+    assert {r["seed"] for r in saved["report"]["records"]} == {0, 1}  # every finished seed, not the last one
     assert not (tmp_path / "noise_cost.json").exists()
     assert "holds an unfinished run: add --resume" in refused()
     assert "rounds 1 (now 2)" in refused("--resume", "--rounds", "2")
+    assert "overrides" in refused("--resume", steps=20)
+    for plan, why in (({**saved["plan"], "machine": "another CPU"}, "machine 'another CPU'"),
+                      ({k: v for k, v in saved["plan"].items() if k != "also"}, "also None")):
+        partial.write_text(json.dumps({**saved, "plan": plan}))
+        assert why in refused("--resume")
+    records = saved["report"]["records"]
+    for edit in ({"done": [1, 2], "rows": [{**r, "seed": r["seed"] + 1} for r in saved["rows"]]},  # not a prefix
+                 {"done": [0]},  # rows of a seed not done
+                 {"report": {**saved["report"], "records": [r for r in records if r["seed"] == 0]}},  # scores lost
+                 {"report": {**saved["report"], "records": [{**records[0], "value": None}, *records[1:]]}},
+                 {"plan": None}):
+        partial.write_text(json.dumps({**saved, **edit}))
+        assert "is not a noise_cost partial file" in refused("--resume"), edit
+    partial.write_text(json.dumps({k: v for k, v in saved.items() if k != "plan"}))
+    assert "is not a noise_cost partial file" in refused("--resume")
+    partial.write_text(text)
     stop_at = None
     main("--resume")
-    assert ran == [0, 1] and not partial.exists()
+    assert ran == [0, 1, 2] and not partial.exists()
     d = json.loads((tmp_path / "noise_cost.json").read_text())
-    assert [r["seed"] for r in d["rows"]] == [0, 0, 0, 1, 1, 1] and d["rows"][:3] == saved["rows"]
-    seed0 = [r for r in d["report"]["records"] if r["seed"] == 0]
-    assert seed0 == saved["report"]["records"] and len(d["report"]["records"]) == 2 * len(seed0)
+    assert [r["seed"] for r in d["rows"]] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and d["rows"][:6] == saved["rows"]
+    done = [r for r in d["report"]["records"] if r["seed"] in (0, 1)]
+    assert done == saved["report"]["records"] and {r["seed"] for r in d["report"]["records"]} == {0, 1, 2}
     assert "holds no unfinished run" in refused("--resume")
-    partial.write_text(json.dumps({**saved, "done": [1]}))  # a hand-edited file: seed 1 "done" with seed 0's rows
-    assert "is not a noise_cost partial file" in refused("--resume")
+    from nsvit_fast.runlock import run_lock
+
+    monkeypatch.setattr(noise_cost, "run_seed", lambda *a, **k: pytest.fail("ran into a folder in use"))
+    with run_lock(tmp_path):  # another run writes there
+        assert "in use by another" in refused()
+        assert "in use by another" in refused("--render", str(tmp_path / "noise_cost.json"))
 
 
 def test_confirm_share_counts_the_held_out_reads_of_a_real_round_0(tmp_path):
