@@ -198,8 +198,9 @@ def test_every_family_meets_the_adapter_contract(family):
         assert ref.abs().max() > 0.1 and (got - ref).abs().max() <= 1e-6 * ref.abs().max()
         v = torch.randn(u.shape[1:], generator=torch.Generator().manual_seed(1))
         assert (parts.encode(u + v) - got).abs().max() > 1e-3
-        torch.testing.assert_close(parts.encode_noisy(u, v[None], include_clean=True),
-                                   parts.encode(torch.cat([u, u + v])), rtol=1e-5, atol=1e-5)
+        vs = torch.stack([v, -2 * v])  # two noises: rows noise-major, after the clean ones
+        torch.testing.assert_close(parts.encode_noisy(u, vs, include_clean=True),
+                                   parts.encode(torch.cat([u, u + vs[0], u + vs[1]])), rtol=1e-5, atol=1e-5)
     parts = parts.double()
     n = nullspace_basis(parts).sample(2, norm=1.0, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x = x.double()

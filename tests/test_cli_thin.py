@@ -481,3 +481,29 @@ def test_a_dry_run_of_a_fast_config_runs_its_warm_start(capsys, tmp_path):
         rounds_run = [r for r in log if "round" in r and "noise_norm" in r]
         assert len(rounds_run) == rounds, log
         assert ("init_mse_prob" in rounds_run[-1]) == (config == "digits_fast")
+
+
+def test_help_texts_name_every_registered_method_and_suite(capsys):
+    """The finetune and eval descriptions are built from the registries: a new method or suite is
+    named there once, with nothing to edit in cli.py."""
+    from nsvit_fast.eval.suite import SUITES
+    from nsvit_fast.train.methods import METHODS
+
+    code, out, _ = cli(capsys, "finetune", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and all(text.count(f"{m}") >= 1 for m in METHODS)
+    desc = text.split("Finetune with", 1)[1].split("Settings come", 1)[0]
+    assert sorted(m for m in METHODS if re.search(rf"\b{m}\b", desc)) == sorted(METHODS), desc
+    code, out, _ = cli(capsys, "eval", "--help")
+    listed = " ".join(out.split()).split("Suites: ", 1)[1].split(". ", 1)[0].split(", ")
+    assert code == 0 and listed == list(SUITES)
+
+
+def test_synth_heldout_0_is_refused_only_where_the_noise_is_learned(capsys, tmp_path):
+    # plain learns no noise: the boundary schedule's held-out images never come into it
+    code, _, err = cli(capsys, "finetune", "--config", "digits_fast", "method=plain", "synth.heldout=0", "--dry-run",
+                       "--quiet", "max_images=64", "batch_size=16", "--out", tmp_path / "plain")
+    assert code == 0, err
+    code, _, err = cli(capsys, "finetune", "--config", "digits_fast", "synth.heldout=0", "--dry-run",
+                       "--out", tmp_path / "ns")
+    one_error(code, err, "synth.heldout 0 leaves synth.schedule=boundary no held-out images")

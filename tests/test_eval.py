@@ -156,16 +156,24 @@ def test_every_suite_setting_has_a_range_and_every_eps_a_norm():
     ran and scored the clean images), and the norm of an eps (else an L-inf eps=8 ran as 8, not 8/255)."""
     from nsvit_fast.eval.attacks import SETTING_RANGES
 
+    from nsvit_fast.eval.attacks import make_attack
+
     numeric = {(name, k) for name, s in SUITES.items() for k, v in s.defaults.items() if not isinstance(v, str)}
     assert numeric and not {k for _, k in numeric if k not in SETTING_RANGES}
-    with_eps = {name for name, s in SUITES.items() if "eps" in s.defaults}
-    assert with_eps == {"fgsm", "pgd", "pgd_l2", "autoattack"}
-    assert {name: SUITES[name].norm for name in with_eps} == {"fgsm": "Linf", "pgd": "Linf", "pgd_l2": "L2",
-                                                              "autoattack": "Linf"}
+    assert all(SUITES[name].norm in ("Linf", "L2") for name in SUITES if "eps" in SUITES[name].defaults)
     assert all(SUITES[name].help for name in SUITES)
-    with pytest.raises(NsvitError, match="L-inf radius"):
-        parse_suite("pgd:eps=8")
+    # the shipped attacks' norms, as their papers define them
+    shipped = {"fgsm": "Linf", "pgd": "Linf", "pgd_l2": "L2", "cw": "L2", "autoattack": "Linf"}
+    assert {name: ATTACKS[name].norm for name in shipped} == shipped
+    parts = load_model("digits_vit")
+    for name in ("fgsm", "pgd", "autoattack"):  # through the suites and the Python API alike
+        with pytest.raises(NsvitError, match="L-inf radius"):
+            parse_suite(f"{name}:eps=8")
+        with pytest.raises(NsvitError, match="L-inf radius"):
+            make_attack(parts, name, eps=8)
     assert parse_suite("pgd_l2:eps=8")[1]["eps"] == 8  # an L2 radius may pass 1
+    assert parse_suite("fgsm:eps=1")[1]["eps"] == 1  # the bound itself is allowed
+    make_attack(parts, "autoattack", norm="L2", eps=2)  # AutoAttack's L2 version: an L2 radius
 
 
 @pytest.mark.filterwarnings("ignore:corruptions. no mCE")

@@ -254,6 +254,21 @@ def test_nullspace_kernel_dot_precision_fits_tolerance(dtype):
         assert worst("tf32") > 10 * tol("nullspace_project", dtype)["atol"]
 
 
+def test_nullspace_project_reference_works_with_forward_mode_and_torch_func():
+    # an autograd.Function without setup_context / jvp broke torch.func and forward-mode AD that the
+    # plain torch ops had served
+    from torch.func import grad, vmap
+
+    q = orthonormal(48, 10, seed=3)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    f = lambda t: nullspace_project_torch(t, q, (4, 4), False)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x,))
+    g = grad(lambda t: f(t).pow(2).sum())(x.detach())
+    torch.testing.assert_close(g, 2 * f(x.detach()))  # the complement projection is idempotent and self-adjoint
+    torch.testing.assert_close(vmap(f)(x.detach()[None])[0], f(x.detach()))
+
+
 def test_nullspace_project_gradcheck_and_noncontiguous():
     q = orthonormal(12, 5)
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -374,6 +389,28 @@ def test_token_assembly_triton_autocast_dtypes():
             for t, a, r in zip(live, ga, gr):
                 assert a.dtype == t.dtype
                 torch.testing.assert_close(a.float(), r.float(), **tol("token_assembly", amp))
+
+
+@needs_triton
+def test_token_assembly_triton_rounds_u_plus_v_only_to_their_shared_low_dtype():
+    """fp16 u with fp32 v: the reference adds them in fp32, so the kernel must not round to fp16.
+    bf16 u = 1 and v = 2**-9: 1 in bf16 (truncated or rounded to nearest), 1.00195 in fp16, so a
+    kernel rounding to the wrong dtype differs from the reference even under the interpreter."""
+    g = torch.Generator().manual_seed(0)
+    b, n, d, m = 2, 3, 16, 2
+    u = torch.randn(b, n, d, generator=g).half()
+    v = torch.randn(m, n, d, generator=g) * 1e-3
+    pre, pos = torch.randn(1, d, generator=g), torch.randn(1 + n, d, generator=g)
+    w, bias = torch.ones(d), torch.zeros(d)
+    got = ops.token_assembly(u, v, pre, pos, w, bias, 1e-6, True, True, backend="triton")
+    ref = token_assembly_torch(u, v, pre, pos, w, bias, 1e-6, True, True)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, **tol("token_assembly", torch.float32))
+    u = torch.ones(1, n, d, dtype=torch.bfloat16)
+    v = torch.full((1, n, d), 2.0 ** -9, dtype=torch.bfloat16)
+    pre, pos = torch.zeros(0, d), torch.zeros(n, d)
+    x = ops.token_assembly(u, v, pre, pos, w, bias, 1e-6, True, False, backend="triton")[0]
+    assert torch.equal(x, token_assembly_torch(u, v, pre, pos, w, bias, 1e-6, True, False)[0])
 
 
 @needs_triton

@@ -163,6 +163,12 @@ def test_stream_bad_input(digits_parts, tmp_path, jpeg_folder):
     skip = StreamingData(bad, digits_parts, batch_size=2, augment="none", on_bad_image="skip")
     x, y = skip.next()
     assert x.shape == (2, 3, 32, 32) and float(x.max()) == 0.0  # the readable image stands in for the bad one
+    # a round's reseeded copy reads the same files (no second listing) and counts its own skipped
+    # reads: sharing the count, every round's warning gave the run's running total
+    again = skip.reseeded(2, 1)
+    assert again.dataset.samples is skip.dataset.samples and skip.dataset.skips.value == 1
+    again.next()
+    assert again.dataset.skips.value == 1 and skip.dataset.skips.value == 1
 
 
 def test_runtime_device_and_precision():

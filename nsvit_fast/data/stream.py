@@ -177,12 +177,15 @@ class StreamingData:
         its first batch: a finetuning round's synthesis stream. The folder is not scanned again
         (an ImageNet listing each round), and :meth:`sample` reads stay shared."""
         import copy
+        import multiprocessing
 
         if int(batch_size) < 1:
             raise NsvitError(f"batch_size must be >= 1, got {batch_size}")
         new = copy.copy(self)
         new.batch_size, new.seed = int(batch_size), int(seed)
         new.consumed, new._it, new._warned = 0, None, False
+        new.dataset = copy.copy(self.dataset)  # the same files, its own count of skipped reads (its warning's)
+        new.dataset.skips = multiprocessing.Value("q", 0)
         return new
 
     def __len__(self) -> int:

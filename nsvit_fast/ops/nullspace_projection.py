@@ -32,18 +32,31 @@ def _project(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep:
 
 
 class _TorchProject(torch.autograd.Function):
-    # the op is self-adjoint: the backward is the op again, so it too runs without autocast or TF32
-    # (torch's own backward of the products took the autocast of a backward() called inside it)
+    # the op is linear and self-adjoint: backward and the forward-mode jvp are the op again, so they
+    # too run without autocast or TF32 (torch's own backward of the products took the autocast of a
+    # backward() called inside it). setup_context and the vmap rule keep torch.func working.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, basis, patch, keep):
-        ctx.save_for_backward(basis)
-        ctx.patch, ctx.keep = patch, keep
+    def forward(x, basis, patch, keep):
         return _project(x.detach(), basis, patch, keep)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, basis, patch, keep = inputs
+        ctx.save_for_backward(basis)
+        ctx.save_for_forward(basis)
+        ctx.patch, ctx.keep = patch, keep
 
     @staticmethod
     def backward(ctx, g):
         basis, = ctx.saved_tensors
         return _TorchProject.apply(g, basis.detach(), ctx.patch, ctx.keep), None, None, None
+
+    @staticmethod
+    def jvp(ctx, t, *_):
+        basis, = ctx.saved_tensors
+        return _project(t, basis, ctx.patch, ctx.keep)
 
 
 def nullspace_project_torch(x: torch.Tensor, basis: torch.Tensor, patch: tuple[int, int], keep: bool) -> torch.Tensor:

@@ -137,7 +137,8 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         check_synth(cfg.synth)
     except NsvitError as e:  # the finetune config has fields of the same names (weight_decay, seed)
         raise NsvitError(f"synth: {e}") from None
-    if cfg.synth.heldout == 0 and (cfg.synth.stop == "heldout" or cfg.synth.schedule == "boundary"):
+    if cfg.synth.heldout == 0 and (cfg.synth.stop == "heldout" or cfg.synth.schedule == "boundary") \
+            and method_for(cfg, cfg.method).learns_noise():
         # the noise is confirmed on held-out images carved from the training data: none to carve.
         # Refused here, not after the starting model's validation pass (a folder's error named no key)
         why = "stop=heldout" if cfg.synth.stop == "heldout" else "schedule=boundary"
