@@ -309,7 +309,7 @@ CASES = [
     ("ovr-noise-bank-0", FT + ["noise_bank=0", "--out", "{C}/o"], "noise_bank must be >= 1", {}),
     ("ovr-noise-bank-fresh", FT + ["noise_bank=2", "--out", "{C}/o"], "needs noise_init warm_boundary", {}),
     # a folder's carve error came after the starting model's validation pass and named no key
-    ("ovr-heldout-0-boundary", FT + ["synth.schedule=boundary", "synth.heldout=0", "--out", "{C}/o"],
+    ("ovr-heldout-0-boundary", FT[:-1] + ["synth.schedule=boundary", "synth.heldout=0", "--out", "{C}/o"],
      "synth.heldout 0 leaves synth.schedule=boundary no held-out images", {}),
     ("ovr-ckpt-every-neg", FT + ["checkpoint_every=-1", "--out", "{C}/o"], "checkpoint_every must be >= 0", {}),
     ("ovr-lr-nan", FT + ["lr=.nan", "--out", "{C}/o"], "lr must be a finite number", {}),
