@@ -382,6 +382,8 @@ BENCH_CASES = [
     ("fingerprint_roc.py", ["--out", "{FILE}"], "is a file, not a folder"),
     ("saliency_deletion.py", ["--out", "{FILE}"], "is a file, not a folder"),
     ("saliency_deletion.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("bench_round_setup.py", ["--files", "10"], "argument --files: must be >= 100"),
+    ("bench_round_setup.py", ["--out", "{FILE}"], "is a file, not a folder"),
 ] + ([("bench_finetune.py", ["--device", "cuda"], "CUDA"), ("bench_ops.py", ["--device", "cuda"], "CUDA"),
       ("gpu_report.py", [], "no CUDA device here")] if NO_CUDA else [])
 NO_OUT = {"bench_ops.py", "gpu_report.py"}  # results under bench/results/<device kind>/ only
