@@ -509,6 +509,25 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert float(diff.mean()) < 1e-6
 
 
+def test_ranks_take_the_same_synthesis_decisions_on_different_held_out_sums(tmp_path):
+    # each rank measures on other held-out images (a GPU's sums need not agree to the last bit); without
+    # the held-out numbers averaged across ranks, a rank left the descent at its confirmation while the
+    # other stepped on into an all-reduce (gloo: connection closed; nccl: a hang), and the secant and walk
+    # growth searches picked a scale per rank (noise norms 25.1 against 28.1 and 33.0)
+    script = os.path.join(os.path.dirname(__file__), "_rank_agree.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
+    two = subprocess.run([*TORCHRUN2, script, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, _ = load_tensors(tmp_path / "rank0.safetensors")
+    b, _ = load_tensors(tmp_path / "rank1.safetensors")
+    assert sorted(a) == sorted(b) == sorted(["boundary", "secant", "walk", "boundary_steps", "secant_steps",
+                                             "walk_steps"])
+    assert int(a["boundary_steps"][0]) > 0  # the descent ran and was confirmed on held-out images
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_the_largest_seed_runs_a_round_of_synthesis():
     # round k's synthesis seed was seed * 100003 + k, past the 2**32 - 1 synthesis accepts from seed 42949 on
     from nsvit_fast import digits, load_model

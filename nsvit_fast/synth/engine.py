@@ -443,6 +443,21 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
     return V, steps, done.clone(), bmse
 
 
+def _held_effect(parts: Adapter, V: torch.Tensor, held: CleanCache, max_rows: int,
+                 scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`noise_effect` on the held-out set, averaged across ranks under torchrun. Every
+    decision synthesis takes on these numbers (the growth searches, the confirmation, the boundary
+    scan) must be the same on every rank: one rank stopping its descent while another steps on
+    would wait forever in the next all-reduce, and ranks picking different scales would train on
+    different noises. The ranks measure the same images, but a GPU need not give them bit-equal
+    sums, so the mean, the same on every rank, decides. No-op in one process."""
+    mse, match = noise_effect(parts, V, held, max_rows, scales=scales)
+    if rank_world()[1] > 1:
+        both = all_mean(torch.stack([mse.float(), match.float()]))
+        mse, match = both[0], both[1]
+    return mse, match
+
+
 def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConfig
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale each noise up to the ε boundary on the held-out set (forward passes only): returns the
@@ -459,7 +474,7 @@ def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
     m = V.shape[0]
     cols = []
     for i in range(k + 1):  # up the grid until every noise has failed once: later scales are never used
-        cols.append(noise_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0])
+        cols.append(_held_effect(parts, V, held, cfg.max_rows, scales=grid[i].expand(m))[0])
         if bool((torch.stack(cols, 1) >= cfg.eps).any(1).all()):
             break
     mses = torch.stack(cols + [torch.full((m,), float("inf"), device=V.device)] * (k + 1 - len(cols)), 1)
@@ -471,7 +486,7 @@ def _to_boundary(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
     hi = torch.where(first_bad == 0, torch.ones(m, device=V.device), hi)
     for _ in range(cfg.boundary_iters):
         mid = (lo + hi) / 2
-        good = noise_effect(parts, V, held, cfg.max_rows, scales=mid)[0] < cfg.eps
+        good = _held_effect(parts, V, held, cfg.max_rows, scales=mid)[0] < cfg.eps
         lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
     lo = torch.where(first_bad > k, grid[-1], lo)  # good all the way: keep the largest scale tried
     return V * lo.reshape(-1, 1, 1), lo, mses[:, 0]
@@ -493,7 +508,7 @@ def _grow_to_eps(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
     largest scale seen inside ε; the smallest tried when none was) and the MSE-prob at scale 1 (M,)."""
     m, dev, eps = V.shape[0], V.device, cfg.eps
     s = torch.ones(m, device=dev)
-    mse = noise_effect(parts, V, held, cfg.max_rows)[0]
+    mse = _held_effect(parts, V, held, cfg.max_rows)[0]
     mse1 = mse.clone()
     best = torch.where(mse < eps, s, torch.zeros_like(s))
     smallest = s.clone()
@@ -504,7 +519,7 @@ def _grow_to_eps(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthCo
             break
         step = ((GROW_TARGET * eps) / mse.clamp_min(1e-12)) ** (1 / slope)
         s_new = torch.where(near, s, (s * step.clamp(0.25, 4.0)).clamp(1 / cfg.boundary_grow, cfg.boundary_grow))
-        mse_new = noise_effect(parts, V, held, cfg.max_rows, scales=s_new)[0]
+        mse_new = _held_effect(parts, V, held, cfg.max_rows, scales=s_new)[0]
         moved = s_new != s
         fit = (mse_new.clamp_min(1e-12).log() - mse.clamp_min(1e-12).log()) / (s_new.log() - s.log())
         slope = torch.where(moved & fit.isfinite(), fit.clamp(0.5, 4.0), slope)
@@ -532,9 +547,9 @@ def _grow_walk(parts: Adapter, V: torch.Tensor, held: CleanCache, cfg: SynthConf
     top = max(f, cfg.init_max_scale if cfg.init_max_scale > 0 else cfg.boundary_grow)
 
     def mse_at(v: torch.Tensor, s: float) -> float:
-        return float(noise_effect(parts, v, held, cfg.max_rows, scales=torch.full((1,), s, device=v.device))[0][0])
+        return float(_held_effect(parts, v, held, cfg.max_rows, scales=torch.full((1,), s, device=v.device))[0][0])
 
-    mse1 = noise_effect(parts, V, held, cfg.max_rows)[0]
+    mse1 = _held_effect(parts, V, held, cfg.max_rows)[0]
     scales = []
     for i in range(V.shape[0]):
         v, e1 = V[i:i + 1], float(mse1[i])
@@ -694,7 +709,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
         return round(marks[-1] - marks[-2], 4)
 
     def confirm(v: torch.Tensor) -> torch.Tensor:
-        mse, _ = noise_effect(parts, v.reshape(-1, *parts.token_shape), held, cfg.max_rows)
+        mse, _ = _held_effect(parts, v.reshape(-1, *parts.token_shape), held, cfg.max_rows)
         return mse < cfg.eps
 
     conf = confirm if run_cfg.stop == "heldout" else None
@@ -707,7 +722,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 v0 = v0.to(device)
                 capped = 0 < cfg.init_max_scale <= cfg.init_min_scale  # the cap binds whatever the search finds
                 if capped or cfg.grow_search == "floor":  # no search: the cap, or the floor below the cap
-                    mse1, match1 = noise_effect(parts, v0, held, cfg.max_rows)  # the drift, for the log
+                    mse1, match1 = _held_effect(parts, v0, held, cfg.max_rows)  # the drift, for the log
                     s0 = cfg.init_max_scale if capped else cfg.init_min_scale
                     if capped and abs(s0 - 1) <= 1e-6:  # at the cap already (a float32 norm ratio): as it is, and
                         s0, known = 1.0, (v0, mse1, match1)  # a descent that passes at once reuses this forward
@@ -737,7 +752,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 mse, match = known[1], known[2]
             else:
                 with torch.no_grad():
-                    mse, match = noise_effect(parts, V, held, cfg.max_rows)
+                    mse, match = _held_effect(parts, V, held, cfg.max_rows)
             phases["metrics"] = mark()
     except BaseException:
         logger.close(ok=False)

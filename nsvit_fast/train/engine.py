@@ -9,7 +9,8 @@ Checkpoints hold the whole state (weights, EMA, optimiser, scheduler, RNG, batch
 so ``resume=True`` continues after a kill at any point and, on the CPU with a fixed seed, ends in
 the same weights as an uninterrupted run. Under torchrun every rank takes its slice of each global
 batch (the batches of a single-process run) and DistributedDataParallel averages the gradients;
-noise synthesis averages the noise gradient and the stop statistic across ranks, so all ranks hold
+noise synthesis averages the noise gradient, the stop statistic and every held-out measurement
+across ranks, so all ranks take the same decisions and hold
 the same noise (as the official code does) and synthesis, the main cost, is data-parallel too.
 """
 
