@@ -239,7 +239,8 @@ class TokenAssembly(torch.autograd.Function):
 def token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
     """Differentiable fused token assembly (module docstring): u (B, N, D), v (M, N, D) or None,
     prefix (P, D), pos (P + N, D) or (N, D), weight / bias (D,) or None -> x, ln (R, P + N, D) in
-    the promoted dtype of u, v, prefix, pos. Shapes are not checked; D over MAX_D (8192) raises NsvitError."""
+    the promoted dtype of u, v, prefix, pos. Shapes are not checked; D over MAX_D (8192) raises NsvitError
+    (``nsvit_fast.ops.token_assembly`` sends those rows to the torch reference instead)."""
     return TokenAssembly.apply(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
 
 

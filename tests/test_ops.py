@@ -869,16 +869,23 @@ def test_extension_entry_points_check_what_the_cuda_ones_do():
 
 
 @needs_triton
-def test_token_assembly_triton_refuses_rows_wider_than_one_block():
-    # D over 8192 was documented, not checked: the launch went ahead with a 16384-wide block
+def test_token_assembly_rows_wider_than_one_block_go_to_the_reference():
+    # D over 8192 was documented, not checked: the launch went ahead with a 16384-wide block; then it
+    # raised, so a model that wide failed on the GPU's default backend. The kernel itself still refuses
+    from nsvit_fast.kernels.token_assembly import token_assembly as kernel
+
     dev = DEVICE["triton"]
     d = 8193
-    u, v = torch.zeros(1, 1, d, device=dev), torch.zeros(1, 1, d, device=dev)
-    prefix, pos = torch.zeros(0, d, device=dev), torch.zeros(1, d, device=dev)
-    with pytest.raises(NsvitError, match="D = 8193 is over 8192.*backend='torch'"):
-        ops.token_assembly(u, v, prefix, pos, None, None, 1e-6, True, False, backend="triton")
-    x, _ = ops.token_assembly(u, v, prefix, pos, None, None, 1e-6, True, False, backend="torch")
-    assert x.shape == (1, 1, d)
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(2, 1, d, generator=g).to(dev), torch.randn(1, 1, d, generator=g).to(dev)
+    prefix, pos = torch.randn(1, d, generator=g).to(dev), torch.randn(2, d, generator=g).to(dev)
+    w, b = torch.randn(d, generator=g).to(dev), torch.randn(d, generator=g).to(dev)
+    with pytest.raises(NsvitError, match="D = 8193 is over 8192"):
+        kernel(u, v, prefix, pos, w, b, 1e-6, True, True)
+    want = ops.token_assembly(u, v, prefix, pos, w, b, 1e-6, True, True, backend="torch")
+    for backend in ("triton", None):  # forced, and the device's default order
+        got = ops.token_assembly(u, v, prefix, pos, w, b, 1e-6, True, True, backend=backend)
+        assert got[0].shape == (4, 2, d) and all(torch.equal(a, c) for a, c in zip(got, want))
 
 
 def test_kernels_interpreter_is_what_triton_decorated_not_the_variable_now():

@@ -41,11 +41,14 @@ def token_assembly_torch(u, v, prefix, pos, weight, bias, eps, embed_prefix=True
 
 def token_assembly_triton(u, v, prefix, pos, weight, bias, eps, embed_prefix=True, include_clean=False):
     """The Triton backend (``nsvit_fast.kernels.token_assembly``): the same results without
-    materialising the broadcast u + v, LayerNorm fused; D <= 8192."""
-    if any(t is not None and t.dtype == torch.float64 for t in (u, v, prefix, pos, weight, bias)):
-        # the kernel computes in fp32: float64 goes to the reference, as the other ops' backends do
+    materialising the broadcast u + v, LayerNorm fused. float64, and rows wider than one block
+    (D over ``MAX_D``, 8192), go to the torch reference."""
+    from ..kernels.token_assembly import MAX_D, token_assembly
+
+    if u.shape[-1] > MAX_D or any(t is not None and t.dtype == torch.float64
+                                  for t in (u, v, prefix, pos, weight, bias)):
+        # the kernel computes in fp32 and holds a row in one block: the reference, as for the other ops
         return token_assembly_torch(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
-    from ..kernels.token_assembly import token_assembly
 
     return token_assembly(u, v, prefix, pos, weight, bias, eps, embed_prefix, include_clean)
 
