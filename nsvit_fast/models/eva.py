@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .vit import PatchEmbedAdapter, attention_in_graph
+from .patch_embed import PatchEmbedAdapter, attention_in_graph
 
 
 def _eva_class():
