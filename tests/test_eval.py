@@ -193,12 +193,54 @@ def test_every_suite_that_needs_no_folder_runs_on_a_few_digits(parts):
 
 
 def test_an_attack_on_a_class_torchattacks_lacks_is_one_line():
-    from nsvit_fast.eval.attacks import AttackSpec, _torchattacks
+    from nsvit_fast.eval.attacks import AttackSpec, from_torchattacks
 
-    spec = AttackSpec(_torchattacks("MIFSGM"), {"eps": 4 / 255}, norm="Linf")
+    spec = AttackSpec(from_torchattacks("MIFSGM"), {"eps": 4 / 255}, norm="Linf")
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(NsvitError, match="torchattacks .* has no attack 'MIFSGM'"):
         attack_accuracy(load_model("digits_vit"), x, torch.tensor([0, 1]), spec)
+
+
+def test_an_attack_registered_from_outside_is_a_suite(parts):
+    """register_attack: MI-FGSM from torchattacks becomes the suite mifgsm, its settings checked like
+    the shipped ones; bad registrations are one line and leave the registries as they were."""
+    from nsvit_fast.eval import AttackSpec, from_torchattacks, register_attack
+    from nsvit_fast.eval.attacks import SETTING_RANGES
+    from nsvit_fast.eval.suite import suite_help
+
+    spec = AttackSpec(from_torchattacks("MIFGSM"), {"eps": 8 / 255, "alpha": 2 / 255, "steps": 2, "decay": 1.0},
+                      norm="Linf", help="MI-FGSM, L-inf; torchattacks")
+    before = (dict(ATTACKS), dict(SUITES), dict(SETTING_RANGES))
+    bad = [("fgsm", spec, None, "exists already"), ("clean", spec, None, "not an attack"),
+           ("mi:fgsm", spec, None, "letters, digits"), ("mifgsm", spec, None, "ranges= for the numeric setting"),
+           ("mifgsm", AttackSpec(spec.factory, spec.defaults, help=""), None, "help line"),
+           ("mifgsm", AttackSpec(spec.factory, spec.defaults, help="x"), None, "eps needs norm"),
+           ("mifgsm", spec, {"decay": ("number", 0, False, float("inf"))}, "finite lo <= hi"),
+           ("mifgsm", spec, {"steps": ("count", 5)}, "has the range"),
+           ("mifgsm", AttackSpec(spec.factory, {**spec.defaults, "decay": -1.0}, norm="Linf", help="x"),
+            {"decay": ("number", 0, False, 1e3)}, "decay"),
+           ("mifgsm", AttackSpec(spec.factory, {**spec.defaults, "eps": 8}, norm="Linf", help="x"),
+            {"decay": ("number", 0, False, 1e3)}, "L-inf radius")]
+    for name, sp, ranges, msg in bad:
+        with pytest.raises(NsvitError, match=msg):
+            register_attack(name, sp, ranges)
+        assert (dict(ATTACKS), dict(SUITES), dict(SETTING_RANGES)) == before, name
+    try:
+        register_attack("mifgsm", spec, {"decay": ("number", 0, False, 1e3)})
+        assert "mifgsm" in suite_help() and parse_suite("mifgsm:decay=0.5")[1]["decay"] == 0.5
+        with pytest.raises(NsvitError, match="decay"):
+            parse_suite("mifgsm:decay=1e300")
+        with pytest.raises(NsvitError, match="L-inf radius"):
+            parse_suite("mifgsm:eps=8")
+        data = digits("test").subset(16)
+        rep = evaluate(parts, data, ["clean", "mifgsm", "mifgsm:eps=0"], progress=False)
+        acc = {(r.suite, r.setting): r.value for r in rep.records}
+        clean = acc[("clean", "")]
+        attacked = [v for (su, st), v in acc.items() if su == "mifgsm" and "eps=0," not in st + ","]
+        assert len(attacked) == 1 and attacked[0] < clean  # 8/255 moves some of the 16 digits
+        assert [v for (su, st), v in acc.items() if su == "mifgsm" and "eps=0," in st + ","] == [clean]
+    finally:
+        ATTACKS.pop("mifgsm", None), SUITES.pop("mifgsm", None), SETTING_RANGES.pop("decay", None)
 
 
 def test_accuracy_over_several_batches_is_the_hand_count(parts, test128):

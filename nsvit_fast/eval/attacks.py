@@ -38,7 +38,8 @@ class AttackSpec:
         norm: "Linf" where ``eps`` is an L-inf radius on pixels in [0, 1] (refused above 1).
 
     A new attack is one entry in :data:`ATTACKS`; ``nsvit_fast.eval.suite`` makes it a suite of
-    the same name. Its report column is labelled by that name.
+    the same name. Its report column is labelled by that name. From outside the package,
+    :func:`nsvit_fast.eval.register_attack` adds one at run time.
     """
 
     factory: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -68,9 +69,11 @@ class FloatLogits(torch.nn.Module):
         return self.parts(x).float()
 
 
-def _torchattacks(cls: str, seeded: bool = False, classes: bool = False):
-    """A factory for torchattacks' ``cls``; ``seeded`` attacks take the seed themselves (AutoAttack),
-    ``classes`` ones the model's class count."""
+def from_torchattacks(cls: str, seeded: bool = False, classes: bool = False):
+    """An :class:`AttackSpec` factory for torchattacks' class ``cls`` (``"MIFGSM"``): the attack is
+    built on the model with float32 logits; ``seeded`` attacks take the run's seed themselves
+    (AutoAttack), ``classes`` ones the model's class count. A class torchattacks lacks is an
+    NsvitError when the attack is built."""
 
     def make(parts, seed: int = 0, **kw):
         if seeded:
@@ -86,15 +89,15 @@ def _torchattacks(cls: str, seeded: bool = False, classes: bool = False):
 
 
 ATTACKS: dict[str, AttackSpec] = {
-    "fgsm": AttackSpec(_torchattacks("FGSM"), {"eps": 1 / 255}, norm="Linf",  # the paper's setting
+    "fgsm": AttackSpec(from_torchattacks("FGSM"), {"eps": 1 / 255}, norm="Linf",  # the paper's setting
                        help="FGSM, L-inf (eps 1/255 is the paper's); torchattacks"),
-    "pgd": AttackSpec(_torchattacks("PGD"), {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}, {"random_start": True},
+    "pgd": AttackSpec(from_torchattacks("PGD"), {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}, {"random_start": True},
                       norm="Linf", help="PGD, L-inf, random start; torchattacks"),
-    "pgd_l2": AttackSpec(_torchattacks("PGDL2"), {"eps": 0.5, "alpha": 0.1, "steps": 10}, {"random_start": True},
+    "pgd_l2": AttackSpec(from_torchattacks("PGDL2"), {"eps": 0.5, "alpha": 0.1, "steps": 10}, {"random_start": True},
                          norm="L2", help="PGD, L2, random start; torchattacks"),
-    "cw": AttackSpec(_torchattacks("CW"), {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}, norm="L2",
+    "cw": AttackSpec(from_torchattacks("CW"), {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}, norm="L2",
                      help="CW-L2; torchattacks"),
-    "autoattack": AttackSpec(_torchattacks("AutoAttack", seeded=True, classes=True), {"eps": 4 / 255, "n": 64},
+    "autoattack": AttackSpec(from_torchattacks("AutoAttack", seeded=True, classes=True), {"eps": 4 / 255, "n": 64},
                              {"norm": "Linf", "version": "standard"}, norm="Linf",
                              help="AutoAttack standard, L-inf, on n images spread over the set; torchattacks"),
 }

@@ -42,7 +42,7 @@ from ..data.base import check_labels_fit
 from ..errors import NsvitError
 from ..models.registry import adapt
 from .accuracy import eval_mode, top1
-from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on, check_linf_eps
+from .attacks import ATTACKS, SETTING_RANGES, AttackSpec, attack_accuracy_on, check_linf_eps, check_settings
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionSet, corrupt, mce, mce_imagenet
 from .ood import SUITES as OOD_SUITES
 from .ood import PRECROPPED, check_folder, folder_accuracy, model_class_names
@@ -308,6 +308,76 @@ SUITES: dict[str, Suite] = {
     "imagenet-c": Suite(_imagenet_c, needs="folder", help="pre-generated ImageNet-C folder "
                                                           "(<corruption>/<severity>/<class>): accuracy, mCE"),
 }
+
+def register_attack(name: str, spec: AttackSpec, ranges: dict[str, tuple] | None = None, *,
+                    replace: bool = False) -> None:
+    """Add an attack from outside the package: it joins :data:`~nsvit_fast.eval.attacks.ATTACKS`
+    and becomes the suite ``name`` (``evaluate(model, data, ["name:eps=2/255"])``, ``attack_accuracy``).
+
+    Args:
+        name: letters, digits, ``_`` and ``-``, starting with a letter (the suite syntax splits on
+            ``:``, ``,`` and ``=``); a name already taken is refused unless ``replace`` and it is an attack.
+        spec: the :class:`AttackSpec`, with a ``help`` line, and ``norm`` ("Linf" or "L2") if its
+            defaults have ``eps``.
+        ranges: a range for each numeric setting :data:`SETTING_RANGES` lacks, in its format
+            (``("count", lo)`` or ``("number", lo, open, hi)``); a setting already there keeps its own.
+
+    Raises:
+        NsvitError: a bad or taken name, a spec without help, an eps without a norm, a numeric
+        setting without a range, a malformed range or one that differs from the existing one.
+
+    Example::
+
+        from nsvit_fast.eval import AttackSpec, from_torchattacks, register_attack
+        register_attack("mifgsm", AttackSpec(from_torchattacks("MIFGSM"), {"eps": 4 / 255, "steps": 10,
+                        "decay": 1.0}, norm="Linf", help="MI-FGSM, L-inf; torchattacks"),
+                        ranges={"decay": ("number", 0, False, 1e3)})
+    """
+    import math
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+        raise NsvitError(f"attack name {name!r} must be letters, digits, _ and -, starting with a letter")
+    if name in SUITES and not (replace and name in ATTACKS):
+        raise NsvitError(f"suite {name!r} exists already" + (" (replace=True replaces an attack)"
+                                                              if name in ATTACKS else " and is not an attack"))
+    if not isinstance(spec, AttackSpec) or not callable(spec.factory) or not isinstance(spec.defaults, dict):
+        raise NsvitError(f"attack {name!r}: spec must be an AttackSpec with a callable factory and a dict of "
+                         f"defaults, got {type(spec).__name__}")
+    if not isinstance(spec.help, str) or not spec.help.strip():
+        raise NsvitError(f"attack {name!r}: give the spec a help line (eval --help and the suite list show it)")
+    if "eps" in spec.defaults and spec.norm not in ("Linf", "L2"):
+        raise NsvitError(f"attack {name!r}: eps needs norm='Linf' or 'L2' (an L-inf eps above 1 is refused), "
+                         f"got {spec.norm!r}")
+    ranges = dict(ranges or {})
+    for k, r in ranges.items():
+        ok = isinstance(r, tuple) and (
+            (len(r) == 2 and r[0] == "count" and isinstance(r[1], int))
+            or (len(r) == 4 and r[0] == "number" and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                         for x in (r[1], r[3])) and isinstance(r[2], bool)
+                and r[1] <= r[3]))
+        if not ok:
+            raise NsvitError(f"attack {name!r}: range of {k!r} must be ('count', lo) or ('number', lo, open, hi) "
+                             f"with finite lo <= hi, got {r!r}")
+        if k in SETTING_RANGES and SETTING_RANGES[k] != r:
+            raise NsvitError(f"attack {name!r}: {k!r} has the range {SETTING_RANGES[k]!r} already, not {r!r}")
+    numeric = [k for k, v in spec.defaults.items() if not isinstance(v, str)]
+    missing = [k for k in numeric if k not in SETTING_RANGES and k not in ranges]
+    if missing:
+        raise NsvitError(f"attack {name!r}: give ranges= for the numeric setting(s) {', '.join(missing)} "
+                         f"(a setting without one ran at any value, 1e300 included)")
+    added = [k for k in ranges if k not in SETTING_RANGES]
+    SETTING_RANGES.update(ranges)
+    try:  # the defaults themselves in range
+        check_settings(f"attack {name!r}", spec.defaults, spec.defaults)
+        check_linf_eps(f"attack {name!r}", spec.defaults, spec.norm)
+    except NsvitError:
+        for k in added:
+            del SETTING_RANGES[k]
+        raise
+    ATTACKS[name] = spec
+    SUITES[name] = _attack_suite(name, spec)
+
 
 # what `nsvit-fast eval` runs when no --suite is given: every suite that needs no folder or bank,
 # PGD-L2 left out (the paper reports L-inf attacks)
