@@ -747,21 +747,34 @@ def test_val_images_are_spread_over_the_set():
     assert res.history[0]["val_acc"] < 0.5
 
 
-@pytest.mark.slow  # two process start-ups under torchrun, refused before any training: ~15 s of CPU
-def test_torchrun_ranks_with_different_settings_are_refused(tmp_path):
+@pytest.mark.slow  # two process start-ups under torchrun per case, refused before any training: ~15 s of CPU
+@pytest.mark.parametrize("rank1", ["method", "weights", "mean_std"])
+def test_torchrun_ranks_with_different_settings_are_refused(tmp_path, rank1):
     # rank 1 started with another seed (or method) trained its own way, or hung on a collective
-    # rank 0 never made (ns against plain): every rank now compares its settings first
+    # rank 0 never made (ns against plain): every rank now compares its settings first. Other weights
+    # or another mean / std on rank 1 ran as rank 0's (DDP's broadcast made them win, without a word)
+    from nsvit_fast.models import save_model
+
+    other = tmp_path / "other.safetensors"
+    if rank1 == "weights":
+        parts = load_model("digits_vit")
+        with torch.no_grad():
+            parts.model.head.bias.add_(0.01)
+        save_model(parts, other)
+    extra = {"method": "['method=plain']", "weights": f"['--checkpoint', {str(other)!r}]",
+             "mean_std": "['--mean', '0.4', '0.4', '0.4', '--std', '0.3', '0.3', '0.3']"}[rank1]
     script = tmp_path / "rank_args.py"
     script.write_text("import os, sys\nfrom nsvit_fast.cli import main\n"
                       f"sys.exit(main(['finetune', '--quiet', '--out', {str(tmp_path / 'run')!r}, 'rounds=1', "
                       "'model_steps=1', 'batch_size=16', 'max_images=32', 'val_data=null', 'synth.max_steps=1', "
-                      "'synth.batch_size=16', 'method=' + ('ns' if os.environ['RANK'] == '0' else 'plain')]))\n")
+                      f"'synth.batch_size=16'] + ({extra} if os.environ['RANK'] == '1' else [])))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([*TORCHRUN2, str(script)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode != 0
     assert "the ranks were started with different settings, model or data: rank(s) [1] differ" in run.stderr
+    assert "]: Traceback" not in run.stderr, run.stderr[-3000:]  # a rank's own (torchrun's follows, as documented)
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 

@@ -258,7 +258,13 @@ class Engine:
         self.method = method_for(cfg, cfg.method)
         self.rank, self.world = dist_util.rank_world()
         self._ids = {"train": data_identity(train), "val": data_identity(val)}  # once: a pixel digest each
-        dist_util.check_same("settings, model or data", {"config": asdict(cfg), "model": parts.name, **self._ids})
+        if self.world > 1:  # before DDP's broadcast, which would make rank 0's weights and mean / std win
+            from ..models import weights_fingerprint  # silently (and a model of another shape fail in a traceback)
+
+            model = {"name": parts.name, "arch": parts.arch, "model_kwargs": parts.model_kwargs,
+                     "data_config": parts.data_config,
+                     "class_names": parts.class_names, "weights": weights_fingerprint(parts)}
+            dist_util.check_same("settings, model or data", {"config": asdict(cfg), "model": model, **self._ids})
         if self.world > 1 and cfg.synth.mode == "reference" and self.method.learns_noise():
             raise NsvitError("synth mode reference runs in one process; use mode fast under torchrun")
         if cfg.batch_size % self.world or cfg.synth.batch_size % self.world:
