@@ -528,6 +528,29 @@ def test_ranks_take_the_same_synthesis_decisions_on_different_held_out_sums(tmp_
         assert torch.equal(a[k], b[k]), k
 
 
+def test_attack_random_starts_differ_per_rank_and_the_generators_stay_in_step(monkeypatch):
+    # every rank is seeded alike, so torchattacks' PGD / TPGD drew one random start for all ranks'
+    # different slices of the batch; now each draws its own, and the shared generator (the checkpoint
+    # keeps rank 0's for all) advances alike on every rank
+    import nsvit_fast.distributed as dist_util
+    from nsvit_fast.train.methods.base import own_draws_per_rank
+
+    def draw(x):
+        return x + torch.empty_like(x).uniform_(-1, 1)  # as torchattacks' random start
+
+    x = torch.zeros(4, 3)
+    out, after = {}, {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(dist_util, "rank_world", lambda r=rank, w=world: (r, w))
+        torch.manual_seed(5)
+        out[rank, world] = own_draws_per_rank(draw, x)
+        after[rank, world] = torch.get_rng_state()
+    torch.manual_seed(5)
+    assert torch.equal(out[0, 1], draw(x))  # one process: unchanged, on the shared generator
+    assert not torch.equal(out[0, 2], out[1, 2])  # two ranks: their own starts
+    assert torch.equal(after[0, 2], after[1, 2])  # ... and generators in step
+
+
 def test_the_largest_seed_runs_a_round_of_synthesis():
     # round k's synthesis seed was seed * 100003 + k, past the 2**32 - 1 synthesis accepts from seed 42949 on
     from nsvit_fast import digits, load_model

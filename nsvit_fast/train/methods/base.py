@@ -94,6 +94,27 @@ class Method:
         raise NotImplementedError
 
 
+def own_draws_per_rank(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with each torchrun rank drawing its own random numbers from torch's global
+    generator (an attack's random start), while every rank's generator ends where the others' do.
+
+    Every rank is seeded alike and a checkpoint keeps rank 0's generator for all, so without this
+    the ranks drew the same PGD random start for their different slices of the batch. Here one
+    seed is drawn from the shared generator (the same on every rank, so they stay in step and a
+    resume replays it), and ``fn`` runs on a forked generator seeded from it and the rank. In one
+    process ``fn`` runs as it is, on the shared generator."""
+    from ...distributed import rank_world
+
+    rank, world = rank_world()
+    if world == 1:
+        return fn(*args)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + rank) % 2**63)
+        return fn(*args)
+
+
 def check_attack_config(where: str, eps: float, alpha: float, steps: int) -> None:
     """Refuse an attack radius, step size or step count that cannot be meant (the L∞ radius is in
     pixels of [0, 1]: above 1 it covers every image, e.g. 300 for 300/255)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .base import Method, check_attack_config, load_torchattacks
+from .base import Method, check_attack_config, load_torchattacks, own_draws_per_rank
 
 
 @dataclass
@@ -42,6 +42,6 @@ class PGD(Method):
         return None
 
     def loss(self, parts, x, y, noise):
-        x_adv = self.attack(x, y)
+        x_adv = own_draws_per_rank(self.attack, x, y)  # each rank its own random start
         ce = F.cross_entropy(parts(x_adv), y)
         return ce, {"ce_adv": ce.detach()}

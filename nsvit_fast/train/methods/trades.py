@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Method, check_attack_config, load_torchattacks
+from .base import Method, check_attack_config, load_torchattacks, own_draws_per_rank
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TRADES(Method):
         return None
 
     def loss(self, parts, x, y, noise):
-        x_adv = self.attack(x, y)
+        x_adv = own_draws_per_rank(self.attack, x, y)  # each rank its own random start
         z = parts(torch.cat([x, x_adv]))
         zc, za = z[: x.shape[0]], z[x.shape[0]:]
         ce = F.cross_entropy(zc, y)
