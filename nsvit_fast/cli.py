@@ -595,6 +595,9 @@ def cmd_finetune(args) -> int:
         if args.resume and not (out / STATE_FILE).is_file():
             raise NsvitError(f"nothing to resume: {out} holds no {STATE_FILE} (run without --resume to start a "
                              f"fresh run there)")
+        import torch
+
+        torch.manual_seed(cfg.seed)  # random_init: the same command starts from the same weights
         parts = load_model(run["model"], checkpoint=run["checkpoint"], num_classes=run["num_classes"],
                            pretrained=bool(run["pretrained"]), use_ema=bool(run["use_ema"]), mean=run["mean"],
                            std=run["std"], **({"img_size": run["img_size"]} if run["img_size"] else {}))

@@ -507,3 +507,21 @@ def test_synth_heldout_0_is_refused_only_where_the_noise_is_learned(capsys, tmp_
     code, _, err = cli(capsys, "finetune", "--config", "digits_fast", "synth.heldout=0", "--dry-run",
                        "--out", tmp_path / "ns")
     one_error(code, err, "synth.heldout 0 leaves synth.schedule=boundary no held-out images")
+
+
+def test_finetune_random_init_starts_from_the_same_weights_each_time(capsys, tmp_path):
+    # the model was built before anything was seeded: the same command started from other weights
+    import json
+
+    torch.manual_seed(123)  # whatever the process drew before must not matter
+    starts = []
+    for i, seed in enumerate((0, 0, 1)):
+        torch.rand(i + 1)
+        code, _, err = cli(capsys, "finetune", "--quiet", "--config", "vit_s_imagenet", "--data", "digits:train",
+                           "--val-data", "digits:val", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                           "--num-classes", "10", "random_init=true", "method=plain", "rounds=1", "model_steps=1",
+                           "batch_size=8", "max_images=16", "val_images=8", "workers=0", f"seed={seed}",
+                           "--out", tmp_path / str(i))
+        assert code == 0, err
+        starts.append(json.loads((tmp_path / str(i) / "config.json").read_text())["run"]["start_weights"])
+    assert starts[0] == starts[1] != starts[2]  # the run's seed picks the weights
