@@ -205,3 +205,28 @@ def test_weights_beyond_float32_and_nan_logits_are_refused(tmp_path, xy):
     save_file(sd, str(tmp_path / "edge.safetensors"))
     with pytest.raises(NsvitError, match="NaN or inf logits"):
         accuracy(ns.load_model("digits_vit", checkpoint=tmp_path / "edge.safetensors"), *xy)
+
+
+def test_a_folder_of_split_folders_is_refused_by_every_reader(tmp_path, parts):
+    # evaluate / finetune / image_folder read train/ and val/ as two classes and scored or trained a
+    # 2-class set without a word; only load_data (parse_spec) refused it
+    from helpers import write_digits_folder
+
+    from nsvit_fast.data import image_folder
+    from nsvit_fast.data.stream import StreamingData
+    from nsvit_fast.eval import evaluate
+    from nsvit_fast.train import finetune
+
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        write_digits_folder(tmp_path / split, "train", 10)
+    calls = {"evaluate": lambda: evaluate(parts, tmp_path, ["clean"], progress=False),
+             "finetune": lambda: finetune(parts, tmp_path, rounds=1, model_steps=1, batch_size=8, method="plain",
+                                          progress=False),
+             "image_folder": lambda: image_folder(tmp_path, parts),
+             "StreamingData": lambda: StreamingData(tmp_path, parts, 8),
+             "load_data": lambda: ns.load_data(str(tmp_path), parts=parts)}
+    for name, call in calls.items():
+        with pytest.raises(NsvitError, match="holds the split folders train, val"):
+            call()
+    assert len(image_folder(tmp_path / "train", parts)) == 10  # a split folder itself reads

@@ -16,12 +16,11 @@ from pathlib import Path
 from ..errors import NsvitError
 from .base import ImageDataset
 from .digits import digits
-from .folders import BAD_IMAGE, BadImage, image_folder, pixel_transform
+from .folders import BAD_IMAGE, SPLIT_FOLDERS, BadImage, image_folder, pixel_transform
 from .synthetic import SPLITS as SYNTHETIC_SPLITS
 from .synthetic import synthetic
 
 DATASETS = ("digits", "synthetic")  # the named, built-in data sets
-SPLIT_FOLDERS = ("train", "val", "test")  # sub-folders of a data folder read as splits, not as classes
 
 
 @dataclass(frozen=True)

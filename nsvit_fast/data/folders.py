@@ -162,6 +162,9 @@ def known_class_names(parts) -> list[str] | None:
     return None
 
 
+SPLIT_FOLDERS = ("train", "val", "test")  # sub-folders of a data folder read as splits, not as classes
+
+
 def class_folders(root: Path) -> list[str]:
     """The class folders of ``root``, sorted; dot-folders (``.ipynb_checkpoints``) are not classes."""
     import os
@@ -279,8 +282,8 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
         the ImageFolder: item i is ((C, H, W) pixels in [0, 1], class index) with the model's transform.
 
     Raises:
-        NsvitError: the folder is missing, has no class folders, holds no images, or holds a symlink
-            loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming the file.
+        NsvitError: the folder is missing, has no class folders, holds only split folders
+            (train / val / test: name one), holds no images, or holds a symlink loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming the file.
     """
     if transform == "model" and not hasattr(parts, "data_config"):
         raise NsvitError(f"image_folder needs the model's adapter (load_model(...)) for its transform, or "
@@ -288,8 +291,12 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"data folder not found: {root}")
-    if not class_folders(root):
+    classes = class_folders(root)
+    if not classes:
         raise NsvitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    if set(classes) <= set(SPLIT_FOLDERS):  # read as classes, train/ and val/ scored a 2-class set silently
+        raise NsvitError(f"data folder {root} holds the split folders {', '.join(classes)}, not class folders: "
+                         f"give one of them (e.g. {root / classes[0]})")
     check_no_symlink_loop(root)
     names = known_class_names(parts) if parts is not None else None
     index = class_index(root, names, getattr(parts, "num_classes", None))
