@@ -29,7 +29,7 @@ def _cases(parts, x, y):
     from nsvit_fast.analysis import make_fingerprint, saliency, watermark
     from nsvit_fast.eval import accuracy, attack_accuracy, corrupt, evaluate, mce, mce_imagenet
     from nsvit_fast.eval.source import TensorImages
-    from nsvit_fast.synth import CleanCache, SynthConfig, noise_effect, synthesize, synthesize_regularized
+    from nsvit_fast.synth import CleanCache, NoiseBank, SynthConfig, noise_effect, synthesize, synthesize_regularized
     from nsvit_fast.train import finetune
 
     d = ns.ImageDataset(x, y)
@@ -38,6 +38,16 @@ def _cases(parts, x, y):
     return [
         # images: integer, 0-255, NaN, float64 labels, labels out of range or shape
         ("acc-uint8", lambda: accuracy(parts, (x * 255).to(torch.uint8), y), "got uint8"),
+        # a bank or folder no listed suite reads was ignored; save / fingerprint of a name or a timm
+        # model without an adapter raised AttributeError
+        ("eval-bank-unused", lambda: evaluate(parts, d, ["clean"], bank=object(), progress=False),
+         "bank must be a NoiseBank"),
+        ("eval-bank-unlisted", lambda: evaluate(parts, d, ["clean"], bank=NoiseBank.__new__(NoiseBank),
+                                                progress=False), "noisebank suite only"),
+        ("eval-folder-unlisted", lambda: evaluate(parts, d, ["clean"], folders={"imagenet-rr": "/nonexistent"},
+                                                  progress=False), "did you mean 'imagenet-r'"),
+        ("save-name", lambda: ns.save_model("digits_vit", "/nonexistent/x.safetensors"), "a name: use load_model"),
+        ("fingerprint-name", lambda: ns.weights_fingerprint("digits_vit"), "a name: use load_model"),
         ("acc-255", lambda: accuracy(parts, x * 255, y), r"pixels in \[0, 1\], got values in \[0, 255\]"),
         ("acc-nan", lambda: accuracy(parts, x * float("nan"), y), "NaN"),
         ("acc-label-high", lambda: accuracy(parts, x, y + 10), r"< 10 \(the model's outputs\)"),

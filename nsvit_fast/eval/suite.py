@@ -621,6 +621,16 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         raise NsvitError(f"bank must be a NoiseBank (NoiseBank.load(path, parts)), got {type(bank).__name__}")
     specs = [parse_suite(s) for s in suites]
     _refuse_twice(suites, specs)
+    listed = {s for s, _ in specs}  # what no listed suite reads would be ignored without a word
+    if bank is not None and "noisebank" not in listed:
+        raise NsvitError("bank= is read by the noisebank suite only; add noisebank to suites")
+    for suite in folders or {}:
+        if suite not in listed:
+            import difflib
+
+            near = difflib.get_close_matches(str(suite), [n for n, s in SUITES.items() if s.needs == "folder"], n=1)
+            raise NsvitError(f"folders[{suite!r}]: no suite {suite!r} in suites reads it"
+                             + (f" (did you mean {near[0]!r}?)" if near and near[0] != suite else "; add it to suites"))
     if {"corruptions", "imagenet-c"} <= {s for s, _ in specs}:  # one C column, one set of records
         raise NsvitError("suites corruptions and imagenet-c both fill the corruption column (C): give one of "
                          "them per evaluation")

@@ -379,8 +379,10 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
     """Write the model's weights as safetensors (atomically) with what load_model needs to rebuild it
     (``arch``, ``model_kwargs``, mean and std, and their :func:`record_digest`) and ``metadata``;
     returns the path written.
-    ``metadata`` values must be JSON-serialisable. Raises NsvitError when the file cannot be
-    written (a folder at ``path``, no permission, a full disk)."""
+    ``adapter`` is an adapter or a timm ViT (adapted here). ``metadata`` values must be
+    JSON-serialisable. Raises NsvitError for a model the adapters do not serve (a name, a ResNet),
+    and when the file cannot be written (a folder at ``path``, no permission, a full disk)."""
+    adapter = adapt(adapter)
     meta = {"format": FORMAT, "nsvit_fast_version": __version__, "arch": adapter.arch,
             # None: built outside nsvit-fast (adapt(timm_model)); load_model then asks which model it is
             "model_kwargs": adapter.model_kwargs if getattr(adapter, "kwargs_known", True) else None,
@@ -402,9 +404,11 @@ def save_model(adapter: Adapter, path: str | Path, metadata: dict[str, Any] | No
 def weights_fingerprint(adapter: Adapter) -> str:
     """A short hash (16 hex digits) of the model weights, over names and float32 values: noise banks
     and runs record which model they belong to. Reads every weight as float32 on the CPU, so the
-    same weights give the same hash on any device and in any dtype that holds them exactly."""
+    same weights give the same hash on any device and in any dtype that holds them exactly.
+    ``adapter``: an adapter or a timm ViT. Raises NsvitError for a model the adapters do not serve."""
     import hashlib
 
+    adapter = adapt(adapter)
     h = hashlib.sha256()
     for k, v in sorted(adapter.weights().items()):
         h.update(k.encode())
