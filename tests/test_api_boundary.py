@@ -46,6 +46,8 @@ def _cases(parts, x, y):
                                                 progress=False), "noisebank suite only"),
         ("eval-folder-unlisted", lambda: evaluate(parts, d, ["clean"], folders={"imagenet-rr": "/nonexistent"},
                                                   progress=False), "did you mean 'imagenet-r'"),
+        ("device-images", lambda: ns.load_model("digits_vit").to("meta")(x), "images are on cpu, the model on meta"),
+        ("device-tokens", lambda: parts.encode(u.to("meta")), "patch tokens are on meta, the model on cpu"),
         ("save-name", lambda: ns.save_model("digits_vit", "/nonexistent/x.safetensors"), "a name: use load_model"),
         ("fingerprint-name", lambda: ns.weights_fingerprint("digits_vit"), "a name: use load_model"),
         ("acc-255", lambda: accuracy(parts, x * 255, y), r"pixels in \[0, 1\], got values in \[0, 255\]"),

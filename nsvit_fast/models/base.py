@@ -140,16 +140,27 @@ class Adapter(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def check_images(self, x: torch.Tensor) -> None:
-        """Shape and dtype check only (no host sync): float (B, C, H, W) at the model's input size.
+        """Shape, dtype and device check only (no host sync): float (B, C, H, W) at the model's input
+        size, on the model's device. The range [0, 1] is not checked here, on every forward of the
+        hot paths (it would cost a host sync per call on a GPU): the engines and ``accuracy`` check it
+        where data comes in (:func:`nsvit_fast.errors.check_pixels`); a caller of ``parts(x)`` or
+        ``patch_embed`` keeps x in [0, 1] itself.
 
         Raises:
-            NsvitError: any other shape, or integer pixels (uint8 0-255 would be scored as noise)."""
+            NsvitError: any other shape, integer pixels (uint8 0-255 would be scored as noise), or
+            images on another device than the model."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = str(x.dtype).replace("torch.", "") if isinstance(x, torch.Tensor) else type(x).__name__
             raise NsvitError(f"{self.name} takes float pixels in [0, 1], got {got}")
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
             raise NsvitError(f"{self.name} takes images (B, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
+        self._check_device("images", x)
+
+    def _check_device(self, what: str, t: torch.Tensor) -> None:
+        if t.device != self.mean.device:  # else a torch traceback 17 frames deep
+            raise NsvitError(f"{self.name}: {what} are on {t.device}, the model on {self.mean.device}: move one "
+                             f"of them (.to(...))")
 
     def check_tokens(self, u: torch.Tensor) -> None:
         """Check before ``encode``: patch tokens of shape (B, N, D), and a model that gives logits.
@@ -164,6 +175,7 @@ class Adapter(nn.Module):
         if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
             raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
                              f"got {tuple(u.shape)}")
+        self._check_device("patch tokens", u)
         w = self.weight_dtype
         # tokens wider than the weights (float64 into float32, float32 into float16) give torch's "mixed
         # dtype" error deep in the encoder; narrower ones are promoted at the positional embedding
