@@ -265,3 +265,15 @@ def test_suite_runs_the_authors_attack():
     rep = evaluate({"m": parts}, test, ["patchfool:steps=3"], max_images=8, progress=False)
     rec = [r for r in rep.records if r.suite == "patchfool"]
     assert rec and "attack_mode=attention" in rec[0].setting and 0 <= rec[0].value <= 100  # accuracy in %
+
+
+def test_attack_accuracy_runs_patchfool_by_name_as_its_suite_does():
+    # README: attack_accuracy is the one loop that runs any attack; "patchfool" was an unknown attack there
+    from nsvit_fast import digits, load_model
+    from nsvit_fast.eval import attack_accuracy, evaluate
+
+    parts, d = load_model("digits_vit"), digits("test").subset(8)
+    for name in ("patchfool", "patchfool_lite"):
+        acc = attack_accuracy(parts, d.images, d.labels, name, steps=2, seed=3)
+        rep = evaluate(parts, d, [f"{name}:steps=2"], seed=3, progress=False)
+        assert [r.value for r in rep.records if r.suite == name] == [pytest.approx(100 * acc)], name

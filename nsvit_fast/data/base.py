@@ -21,7 +21,8 @@ class ImageDataset(Dataset):
         name: shown in messages and ``repr``.
 
     Raises:
-        NsvitError: no images, images not 4-D float, outside [0, 1] or not finite; labels not a 1-D
+        NsvitError: no images, images not 4-D float, channels-last (B, H, W, C), outside [0, 1] or
+            not finite; labels not a 1-D
             integer tensor of indices >= 0 of the same length; classes fewer than the labels need.
     """
 
@@ -31,6 +32,9 @@ class ImageDataset(Dataset):
             raise NsvitError(f"{name} is empty")
         what = "" if name == "images" else f"{name}: "
         check_pixels(f"{what}images", images)
+        if images.shape[1] not in (1, 3, 4) and images.shape[-1] in (1, 3, 4):  # found only at the model before
+            raise NsvitError(f"{what}images look channels-last {tuple(images.shape)}: give (B, C, H, W), e.g. "
+                             f"images.permute(0, 3, 1, 2)")
         labels = check_labels(f"{what}labels", labels, images.shape[0])
         top = int(labels.max()) + 1
         if classes is not None and (isinstance(classes, (str, bytes)) or not all(isinstance(c, str) for c in classes)

@@ -106,9 +106,12 @@ ATTACKS: dict[str, AttackSpec] = {
 def _spec(attack: str | AttackSpec) -> AttackSpec:
     if isinstance(attack, AttackSpec):
         return attack
-    if attack not in ATTACKS:
-        raise NsvitError(f"unknown attack {attack!r} (attacks: {', '.join(ATTACKS)})")
-    return ATTACKS[attack]
+    from .suite import PATCHFOOL, PATCHFOOL_LITE  # defined with their suites (they import this module)
+
+    known = {**ATTACKS, "patchfool": PATCHFOOL, "patchfool_lite": PATCHFOOL_LITE}
+    if attack not in known:
+        raise NsvitError(f"unknown attack {attack!r} (attacks: {', '.join(known)})")
+    return known[attack]
 
 
 # each numeric setting's kind and range: ("count", lo) a whole number in [lo, MAX_COUNT]; ("number", lo,
@@ -180,12 +183,14 @@ def check_linf_eps(name: str, kw: dict[str, Any], norm: str | None) -> None:
 
 
 def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
-    """Build ``attack`` (a name in ATTACKS or an AttackSpec) on ``parts`` with its defaults updated by
-    ``kw``; returns a callable (images, labels) -> adversarial images. The loop setting ``n`` is
-    ignored here. Raises NsvitError for an unknown attack, or a setting it does not have or out of
-    range (:func:`check_settings`: eps >= 0, steps >= 1, alpha > 0, each below its upper bound)."""
+    """Build ``attack`` (a name in ATTACKS, ``patchfool`` or ``patchfool_lite``, or an AttackSpec) on
+    ``parts`` with its defaults updated by ``kw``; returns a callable (images, labels) ->
+    adversarial images. The loop setting ``n`` is ignored here. Raises NsvitError for an unknown
+    attack, or a setting it does not have or out of range (:func:`check_settings`: eps >= 0, steps
+    >= 1, alpha > 0, each below its upper bound)."""
     spec = _spec(attack)
-    what = "attack " + next((k for k, v in ATTACKS.items() if v is spec), "spec")
+    what = "attack " + (attack if isinstance(attack, str) else next((k for k, v in ATTACKS.items() if v is spec),
+                                                                   "spec"))
     # the settings are checked; other keys go to the attack's constructor (n_classes, torchattacks' own)
     kw = check_settings(what, kw, {"n": None, **spec.defaults}, strict=False)
     kw = {**spec.fixed, **spec.defaults, **kw}
@@ -199,13 +204,14 @@ def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
 
 def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: str | AttackSpec,
                     batch_size: int | None = None, seed: int = 0, **kw) -> float:
-    """Top-1 accuracy (a fraction) on the adversarial images that ``attack`` (a name in ATTACKS or an
-    AttackSpec, settings ``kw`` over its defaults) makes from ``images`` (B, C, H, W) in [0, 1] and
-    ``labels`` (B,). With the setting ``n``, only ``n`` images, spread evenly over them. Seeded: the
-    global torch RNG is seeded with ``seed`` and restored afterwards; the model runs in eval mode and
-    is given back in its own mode, also when the attack raises. Raises NsvitError as make_attack
-    does, and for images that are not float pixels in [0, 1], labels that are not class indices
-    below the model's outputs, one per image, a batch_size < 1 or a seed outside [0, 2**32 - 1]."""
+    """Top-1 accuracy (a fraction) on the adversarial images that ``attack`` (a name in ATTACKS,
+    ``patchfool`` or ``patchfool_lite``, or an AttackSpec, settings ``kw`` over its defaults) makes
+    from ``images`` (B, C, H, W) in [0, 1] and ``labels`` (B,). With the setting ``n``, only ``n``
+    images, spread evenly over them. Seeded: the global torch RNG is seeded with ``seed`` and
+    restored afterwards; the model runs in eval mode and is given back in its own mode, also when
+    the attack raises. Raises NsvitError as make_attack does, and for images that are not float
+    pixels in [0, 1], labels that are not class indices below the model's outputs, one per image, a
+    batch_size < 1 or a seed outside [0, 2**32 - 1]."""
     from ..errors import check_labels
     from .source import TensorImages
 
@@ -224,7 +230,7 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
     from .source import progress_bar
 
     spec = _spec(attack)
-    name = next((k for k, v in ATTACKS.items() if v is spec), "spec")
+    name = attack if isinstance(attack, str) else next((k for k, v in ATTACKS.items() if v is spec), "spec")
     kw = check_settings("attack " + name, kw, {"n": None, **spec.defaults}, strict=False)
     n = kw.get("n", spec.defaults.get("n"))
     if kw.get("n") is not None and kw["n"] > len(data):  # asked for, not the default: say it was cut

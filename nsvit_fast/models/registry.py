@@ -38,7 +38,9 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
         model: a timm model of a supported family (``FAMILIES``).
         mean, std: normalisation, C values each; by default the model's timm data config's.
         name: how reports name it; by default timm's architecture name.
-        arch, model_kwargs: the record that rebuilds it (``Adapter``); by default the name and {}.
+        arch, model_kwargs: the record that rebuilds it (``Adapter``); by default the name, and
+            ``model_kwargs`` None: settings unrecorded, so ``save_model``'s file needs the model
+            name given again to ``load_model``.
 
     Raises:
         NsvitError: a model of no supported family, or one its family's adapter cannot serve

@@ -23,8 +23,10 @@ class NoiseBank:
     Attributes:
         noises: (M, N, D) float32.
         norm: (M,) L2 norm of each noise.
-        mse_prob: (M,) held-out mean squared-L2 probability change (the ε test on held-out data).
-        match_rate: (M,) held-out fraction of unchanged predictions.
+        mse_prob: (M,) mean squared-L2 probability change on the metric images (the ε test):
+            held-out, given, or a sample of the training images under ``stop="batch"``
+            (``meta["heldout_source"]``; ``meta["heldout_images"]`` of them).
+        match_rate: (M,) fraction of unchanged predictions on the same images.
         steps: (M,) optimiser updates taken before the stop (max_steps if it never stopped).
         converged: (M,) whether the stop rule fired.
         batch_mse_prob: (M,) MSE-prob on the batch where the stop rule fired (or the last batch).

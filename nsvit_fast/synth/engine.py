@@ -200,7 +200,14 @@ def image_tensor(data, parts: Adapter, name: str = "data") -> torch.Tensor:
     """data (an ImageDataset or a tensor) -> its checked (B, C, H, W) pixels in [0, 1]."""
     x = data.images if isinstance(data, ImageDataset) else data
     if not isinstance(x, torch.Tensor):
-        raise NsvitError(f"{name} must be an ImageDataset or an image tensor, got {type(data).__name__}")
+        hint = ""
+        if isinstance(data, (str, Path)):  # a spec or a folder: say how to pass it
+            hint = (f" ({str(data)!r}: load_data({str(data)!r}, parts=model) reads it; a folder also "
+                    f"streams as StreamingData(root, model, batch_size))" if name == "data" else
+                    f" ({str(data)!r}: load_data({str(data)!r}, parts=model) reads it)")
+        raise NsvitError(f"{name} must be an ImageDataset or an image tensor"
+                         + (" or a StreamingData folder" if name == "data" else "")
+                         + f", got {type(data).__name__}{hint}")
     if x.dim() == 4 and x.shape[0] == 0:
         raise NsvitError(f"{name} is empty")
     check_pixels(name, x)
