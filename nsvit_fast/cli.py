@@ -262,7 +262,7 @@ def add_nullspace(sub) -> None:
                        description="Rank and nullspace dimension of the flattened patch projection "
                                    "(SVD in float64; rank = singular values > sigma_max * rtol).")
     _model_args(p)
-    p.add_argument("--rtol", type=number(0, 1, hi_open=True), help="rank tolerance relative to sigma_max "
+    p.add_argument("--rtol", type=number(0, 1, lo_open=False, hi_open=True), help="rank tolerance relative to sigma_max "
                                               "(default max(D, C*r*r) * float32 eps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--table1", action="store_true", help="the paper's Table 1: eight timm ViTs, randomly initialised")
@@ -880,20 +880,21 @@ def cmd_analyze(args) -> int:
     serves = {"run": ("trend",), "lams": ("fig3",), "steps": ("fig3",), "batch_size": ("fig3",), "m": ("fig5",),
               "pairs": ("fig5",), "eps": ("fig5",)}
     for dest in ("model", "checkpoint", "num_classes", "pretrained", "use_ema", "data", "split", "max_images",
-                 "on_bad_image", "lim", "seed"):
+                 "on_bad_image", "lim", "seed", "img_size", "mean", "std"):
         serves[dest] = ("fig3", "fig5")
     stray = [d for d in getattr(args, "given", ()) if args.study not in serves.get(d, (args.study,))]
     if stray:
         flag = "--" + stray[0].replace("_", "-")
         raise NsvitError(f"analyze {args.study} takes no {flag} (it serves {' and '.join(serves[stray[0]])})")
     check_output_dir(args.out)
+    from .runlock import check_not_a_run
+
     if args.study in ("fig3", "fig5"):
         from .io import check_distinct
 
         check_distinct({"--out": args.out}, {}, {"--data": _image_folder(args.data, args.split)})
+        check_not_a_run(args.out)  # a finetuning run's folder is that run's
     if args.study == "trend" and args.out and args.run and Path(args.out).resolve() != Path(args.run).resolve():
-        from .runlock import check_not_a_run
-
         check_not_a_run(args.out)  # another run's folder: its own Fig. 4 would be replaced by this run's
     from .runlock import run_lock
 
@@ -974,10 +975,11 @@ def _distinct_png(args, images: dict) -> dict:
 def cmd_watermark(args) -> int:
     from .analysis import run_watermark
     from .io import check_output_file
-    from .runlock import output_lock
+    from .runlock import check_not_a_run, output_lock
 
     check_output_file(args.out, (".png",))  # before the model loads
     outputs = _distinct_png(args, {"--image": args.image, "--mark": args.mark})
+    check_not_a_run(Path(args.out).parent, "--out's folder")  # its files and a finetuning run's side by side
     with output_lock(outputs):  # two runs on one --out: one's image beside the other's JSON
         parts = _load(args)
         r = run_watermark(parts, args.image, args.out, mark=args.mark, strength=args.strength, iters=args.iters)
@@ -1010,10 +1012,11 @@ def add_watermark(sub) -> None:
 def cmd_targeted(args) -> int:
     from .analysis import run_targeted
     from .io import check_output_file
-    from .runlock import output_lock
+    from .runlock import check_not_a_run, output_lock
 
     check_output_file(args.out, (".png",))  # before the model loads
     outputs = _distinct_png(args, {"--source": args.source, "--target": args.target})
+    check_not_a_run(Path(args.out).parent, "--out's folder")  # its files and a finetuning run's side by side
     with output_lock(outputs):  # two runs on one --out: one's image beside the other's JSON
         parts = _load(args)
         r = run_targeted(parts, args.source, args.target, args.out, iters=args.iters, maps=args.saliency)
@@ -1065,6 +1068,9 @@ def cmd_fingerprint(args) -> int:
         check_distinct({"--fingerprint": args.fingerprint, "--report": args.report}, {"--checkpoint": args.checkpoint},
                        {"--data": _image_folder(args.data, args.split, "val")}, files=("--fingerprint",))
         made = {"--fingerprint": args.fingerprint}
+    from .runlock import check_not_a_run
+
+    check_not_a_run(check_output_dir(args.report, "--report"), "--report")  # a finetuning run's folder is that run's
     with run_lock(check_output_dir(args.report, "--report")), output_lock(made):
         return _fingerprint(args)
 

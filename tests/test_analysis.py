@@ -336,6 +336,13 @@ def test_fingerprint_make_writes_nothing_its_owner_fails(parts, tmp_path, monkey
         make_fingerprint(parts, digits("val").images[:16], n=4, scale=1e4)
 
 
+def test_fingerprint_asked_for_more_challenges_than_images_says_so(parts):
+    # --n 5000 on 200 images made 200 challenges without a word
+    with pytest.warns(UserWarning, match="n=9 challenges asked for, but there are 6 images: 6 challenges made"):
+        fp = make_fingerprint(parts, digits("val").images[:6], n=9)
+    assert fp.meta["n"] == 6
+
+
 def test_gradient_saliency_of_a_frozen_model(parts):
     # a frozen model (no parameter requiring grad) raised torch's "does not require grad" in both
     x = digits("test").images[:4]

@@ -219,7 +219,7 @@ def assets(tmp_path_factory):
     _edit_tensors(good, a / "std_tiny.safetensors", meta={"std": "json:[1e-30, 1e-30, 1e-30]"})
     _edit_tensors(good, a / "mean_huge.safetensors", meta={"mean": "json:[1e30, 0.5, 0.5]"})
     for name, text in (("list", "[1, 2]\n"), ("noround", '{"noise_norm": 1}\n'), ("wordround", '{"round": "a"}\n'),
-                       ("wordnorm", '{"round": 0, "noise_norm": "big"}\n')):
+                       ("wordnorm", '{"round": 0, "noise_norm": "big"}\n'), ("bare", '{"round": 0}\n')):
         (a / f"run_{name}").mkdir()
         (a / f"run_{name}" / "log.jsonl").write_text(text)
     (a / "run_latin1").mkdir()
@@ -271,7 +271,8 @@ CASES = [
     ("demo-scale-inf", ["demo", "--scale", "inf", "--out", "{C}/d"], "--scale", {}),
     ("demo-scale-huge", ["demo", "--scale", "1e39", "--out", "{C}/d"], "--scale: must be a finite number in (0, 1e+06]", {}),
     ("rtol-nan", ["nullspace", "--model", "digits_vit", "--rtol", "nan"], "--rtol", {}),
-    ("rtol-zero", ["nullspace", "--model", "digits_vit", "--rtol", "0"], "--rtol", {}),
+    ("rtol-one", ["nullspace", "--model", "digits_vit", "--rtol", "1"], "--rtol: must be a finite number in [0, 1)",
+     {}),  # rtol 0 is allowed, as nullspace_basis allows it (rank of every nonzero singular value)
     ("iters-0", ["watermark", "--image", "skimage:coffee", "--iters", "0"], "--iters: must be >= 1", {}),
     ("iters-neg", ["targeted", "--source", "skimage:coffee", "--target", "skimage:cat", "--iters", "-5"], "--iters", {}),
     ("strength-nan", ["watermark", "--image", "skimage:coffee", "--strength", "nan"], "--strength", {}),
@@ -507,6 +508,16 @@ CASES = [
      "holds a finetuning run (log.jsonl)", {"file": "run/log.jsonl"}),
     ("demo-into-a-run", ["demo", "--quick", "--out", "{C}/run"], "holds a finetuning run (log.jsonl)",
      {"file": "run/log.jsonl"}),
+    # analyze fig3 / fig5, fingerprint --report, watermark and targeted wrote their files into a run's folder
+    ("fig3-into-a-run", ["analyze", "fig3", "--steps", "1", "--lams", "1", "--out", "{C}/run"],
+     "holds a finetuning run (log.jsonl)", {"file": "run/log.jsonl"}),
+    ("fingerprint-report-into-a-run", ["fingerprint", "make", "--n", "2", "--fingerprint", "{C}/fp.safetensors",
+                                       "--report", "{C}/run"], "holds a finetuning run (log.jsonl)",
+     {"file": "run/log.jsonl"}),
+    ("watermark-into-a-run", ["watermark", "--image", "skimage:coffee", "--out", "{C}/run/wm.png"],
+     "error: --out's folder ", {"file": "run/log.jsonl"}),
+    ("targeted-into-a-run", ["targeted", "--source", "skimage:coffee", "--target", "skimage:astronaut", "--out",
+                             "{C}/run/t.png"], "holds a finetuning run (log.jsonl)", {"file": "run/log.jsonl"}),
     ("watermark-over-run-figure", ["watermark", "--image", "skimage:coffee", "--out", "{C}/run/fig4_trend.png"],
      "is a file of the finetuning run", {"file": "run/log.jsonl"}),
     ("log-over-eval-report", SY + ["--out", "{C}/b.safetensors", "--log", "{C}/ev/report.csv"],
@@ -534,6 +545,10 @@ CASES = [
     ("data-no-images", EV + ["--data", "{A}/empty_classes", "--out", "{C}/ev"], "", {}),
     ("trend-truncated-log", ["analyze", "trend", "--run", "{A}/run_badlog", "--out", "{C}/an"], "line 2", {}),
     ("trend-log-list", ["analyze", "trend", "--run", "{A}/run_list", "--out", "{C}/an"], "must be a JSON object", {}),
+    ("trend-log-nothing-to-plot", ["analyze", "trend", "--run", "{A}/run_bare", "--out", "{C}/an"],
+     "no round records a value to plot", {}),  # an empty figure and exit 0
+    ("trend-stray-img-size", ["analyze", "trend", "--run", "{A}/run_bare", "--img-size", "64"],
+     "analyze trend takes no --img-size", {}),  # was ignored without a word
     ("trend-log-noround", ["analyze", "trend", "--run", "{A}/run_noround", "--out", "{C}/an"], "'round' must be", {}),
     ("trend-log-wordround", ["analyze", "trend", "--run", "{A}/run_wordround", "--out", "{C}/an"], "'round' must be",
      {}),

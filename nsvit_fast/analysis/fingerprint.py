@@ -165,7 +165,7 @@ def make_fingerprint(parts, images: torch.Tensor, n: int = 64, scale: float = 2.
         parts: the owner's adapter.
         images: (N, C, H, W) pixels in [0, 1] at the model's input size; n of them, drawn with
             ``seed``, become the challenges (all of them if N < n).
-        n: challenges, >= 1.
+        n: challenges, >= 1 (at most the images given; more is a warning and one challenge per image).
         scale: noise norm / image norm, > 0.
         seed: challenge draw and noise directions.
 
@@ -191,6 +191,11 @@ def make_fingerprint(parts, images: torch.Tensor, n: int = 64, scale: float = 2.
     if basis.dim == 0:
         raise NsvitError(f"{parts.name} has no patch-embedding nullspace (embed dim {basis.embed_dim} >= "
                          f"C*r*r = {basis.input_dim}): this fingerprint needs one")
+    if n > images.shape[0]:  # fewer challenges than asked, silently (the threshold was set at 128)
+        import warnings
+
+        warnings.warn(f"fingerprint: n={n} challenges asked for, but there are {images.shape[0]} images: "
+                      f"{images.shape[0]} challenges made", stacklevel=2)
     g = torch.Generator().manual_seed(seed)
     x = images[torch.randperm(images.shape[0], generator=g)[:n]].float()
     norms = scale * x.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)

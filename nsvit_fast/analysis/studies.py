@@ -39,13 +39,16 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
         out: folder receiving ``fig3_regularized.png`` and ``fig3_regularized.json``.
         lams: the lambda values, one noise each.
         steps: optimisation steps per noise.
-        **synth: settings of :func:`nsvit_fast.synth.synthesize_regularized` (lim, seed, batch_size, ...);
-            not the ones fig3 sets itself (max_steps: ``steps``; num_noises, lam: ``lams``; progress; mode).
+        **synth: settings of :func:`nsvit_fast.synth.synthesize_regularized` (lim, seed, batch_size, ...;
+            batch_size 64 unless given, as ``analyze fig3``); not the ones fig3 sets itself (max_steps:
+            ``steps``; num_noises, lam: ``lams``; progress; mode). The λ noises are learned in one
+            batched descent, so they share one batch order and differ in their starting draws.
 
     Returns:
-        the JSON's contents: {"study": "fig3", "steps", "rows": one {"lambda", "norm", "match_rate",
-        "mse_prob", "permuted_match_rate", "permuted_mse_prob"} per lambda, "heldout_images",
-        "figure": the PNG's path}.
+        the JSON's contents: {"study": "fig3", "model", "model_weights" (its weights fingerprint),
+        "steps", "synth" (the synthesis settings it ran with: lim, batch_size, lr, seed, ...), "rows":
+        one {"lambda", "norm", "match_rate", "mse_prob", "permuted_match_rate", "permuted_mse_prob"}
+        per lambda, "heldout_images", "figure": the PNG's path}.
 
     Raises:
         NsvitError: bad data or settings (as synthesis raises them; under 4 images leave none to
@@ -61,6 +64,7 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
     lams = [check_number("lambda", v, lo=0, hi=MAX_LAM) for v in lams]
     if not lams:
         raise NsvitError("lams is empty: give at least one lambda")
+    synth = {"batch_size": 64, **synth}  # the command's default (the API fell through to synthesis' 128)
     bank = synthesize_regularized(parts, data, lam=list(lams), steps=steps, progress=False, **synth)
     rows = [{"lambda": lam, "norm": float(bank.norm[i]), "match_rate": float(bank.match_rate[i]),
              "mse_prob": float(bank.mse_prob[i]), "permuted_match_rate": bank.meta["permuted_match_rate"][i],
@@ -89,10 +93,18 @@ def fig3(parts, data, out: str | Path, lams=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0), step
     fig.tight_layout()
     png = save_figure(fig, out / "fig3_regularized.png", dpi=110)
     plt.close(fig)
-    res = {"study": "fig3", "steps": steps, "rows": rows, "heldout_images": bank.meta["heldout_images"],
-           "figure": str(png)}
+    res = {"study": "fig3", **_provenance(parts, bank), "steps": steps, "rows": rows,
+           "heldout_images": bank.meta["heldout_images"], "figure": str(png)}
     write_json(out / "fig3_regularized.json", res)
     return res
+
+
+def _provenance(parts, bank) -> dict:
+    """What made a study's numbers: the model, its weights fingerprint and the synthesis settings."""
+    keys = ("eps", "lim", "lim_unit", "lr", "lr_schedule", "weight_decay", "max_steps", "batch_size", "mode",
+            "schedule", "stop", "heldout", "seed", "precision")
+    return {"model": parts.name, "model_weights": bank.meta.get("model_fingerprint"),
+            "synth": {k: bank.meta[k] for k in keys if k in bank.meta}}
 
 
 def _refuse_own_keys(study: str, synth: dict, own: dict) -> None:
@@ -150,7 +162,7 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
             one batched descent, so they share one batch order and differ in their starting draws.
 
     Returns:
-        the JSON's contents: {"study": "fig5", "m_requested", "m_converged", "n_pairs", "eps", "device",
+        the JSON's contents: {"study": "fig5", "model", "model_weights", "synth" (as fig3's), "m_requested", "m_converged", "n_pairs", "eps", "device",
         "alphas", "scalar_mse_mean", "scalar_mse_std" (over noises, per alpha),
         "scalar_mse_per_noise_at_1", "grid", "convex_mse" (len(grid) x len(grid), rows alpha1),
         "convex_line_max" (largest mean on alpha1 + alpha2 = 1), "pairs" (the [i, j] drawn, indices
@@ -224,7 +236,7 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     png = save_figure(fig, out / "fig5_properties.png", dpi=110)
     plt.close(fig)
     on_line = [float(heat[i, len(grid) - 1 - i]) for i in range(len(grid))]  # alpha1 + alpha2 = 1
-    res = {"study": "fig5", "m_requested": m, "m_converged": int(V.shape[0]), "n_pairs": n_pairs, "eps": eps,
+    res = {"study": "fig5", **_provenance(parts, bank), "m_requested": m, "m_converged": int(V.shape[0]), "n_pairs": n_pairs, "eps": eps,
            "device": dev.type, "alphas": alphas, "scalar_mse_mean": mean, "scalar_mse_std": std,
            "scalar_mse_per_noise_at_1": scal[alphas.index(1.0)][2], "grid": grid, "convex_mse": heat.tolist(),
            "convex_line_max": max(on_line), "pairs": [list(p) for p in pairs],
@@ -281,11 +293,14 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
         and "val_acc_start" (the starting model's val accuracy) when round 0's record has it.
 
     Raises:
-        NsvitError: no log, an empty log, a line that is not JSON or holds a bad value (naming it), or
-            an unwritable ``out`` (checked before anything is written).
+        NsvitError: ``run_dir`` not a path, no log, an empty log or one with nothing to plot, a line
+            that is not JSON or holds a bad value (naming it), or an unwritable ``out`` (checked
+            before anything is written).
     """
     from ..train.plots import trend_figure
 
+    if not isinstance(run_dir, (str, Path)):
+        raise NsvitError(f"run_dir must be a finetuning output folder (a path), got {type(run_dir).__name__}")
     run = Path(run_dir)
     log = run / "log.jsonl"
     if not log.is_file():
@@ -305,8 +320,10 @@ def trend(run_dir: str | Path, out: str | Path | None = None) -> dict:
             hist.append(_check_record(rec, f"{log}, line {i}", len(hist)))
     if not hist:
         raise NsvitError(f"{log} is empty")
-    png = trend_figure(hist, out / "fig4_trend.png", title=f"{run.name}: trend across rounds")
     keys = ("noise_norm", "mse_prob", "synth_steps", "val_acc", "train_loss")
+    if not any(h.get(k) is not None for h in hist for k in keys):  # an empty figure, and rc 0
+        raise NsvitError(f"{log}: no round records a value to plot ({', '.join(keys)}): not a finetuning log")
+    png = trend_figure(hist, out / "fig4_trend.png", title=f"{run.name}: trend across rounds")
     res = {"study": "trend", "run": str(run), "rounds": len(hist),
            "series": {k: [h.get(k) for h in hist] for k in keys if any(k in h for h in hist)}, "figure": str(png)}
     if hist[0].get("val_acc_start") is not None:  # the starting model's, measured before round 0
