@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nsvit_fast import NsvitError, digits, load_model
+from nsvit_fast import NsvitError, digits, load_model, weights_fingerprint
 from nsvit_fast.analysis import make_fingerprint, saliency, targeted, verify, watermark
 from nsvit_fast.analysis.images import fit, logo, read_image, save_image
 
@@ -116,9 +116,12 @@ def test_fig5_properties(parts, tmp_path):
 def test_fig3_regularized_sweep(parts, tmp_path):
     from nsvit_fast.analysis.studies import fig3
 
-    r = fig3(parts, digits("train"), tmp_path, lams=(0.0, 4.0), steps=60, batch_size=64, lim=3.0)
+    r = fig3(parts, digits("train"), tmp_path, lams=(0.0, 4.0), steps=60, lim=3.0)
     a, b = r["rows"]
     assert b["norm"] > a["norm"]
+    # what made the numbers is in the JSON, batch 64 as `analyze fig3` (the API had fallen through to 128)
+    assert r["model"] == "digits_vit" and r["model_weights"] == weights_fingerprint(parts)
+    assert r["synth"]["batch_size"] == 64 and r["synth"]["lim"] == 3.0 and r["synth"]["max_steps"] == 60
     assert a["match_rate"] > a["permuted_match_rate"] and b["mse_prob"] < b["permuted_mse_prob"]
     assert (tmp_path / "fig3_regularized.png").is_file()
 
@@ -307,6 +310,7 @@ def test_watermark_figure_of_a_zero_noise_is_not_blank(parts, tmp_path, monkeypa
     r = apps.run_watermark(parts, "skimage:coffee", tmp_path / "w.png", mark="skimage:coffee", iters=5)
     noise = panels[-1][0]
     assert r["psnr_to_image"] > 60 and torch.isfinite(noise).all()  # the mark is the image: no noise to draw
+    assert r["model"] == "digits_vit" and r["model_weights"] == weights_fingerprint(parts) and r["iters"] == 5
 
 
 def test_watermark_size_message_gives_full_shapes(parts):

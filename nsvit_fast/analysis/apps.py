@@ -32,6 +32,13 @@ def _numbers(result: dict) -> dict:
     return {k: v for k, v in result.items() if not hasattr(v, "shape")}
 
 
+def _model_record(parts) -> dict:
+    """Which model made a result file: its name and weights fingerprint."""
+    from ..models import weights_fingerprint
+
+    return {"model": parts.name, "model_weights": weights_fingerprint(parts)}
+
+
 @staged_writes()  # its files all new or all as they were: an interrupted run mixed two runs' files
 def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", strength: float = 0.5,
                   iters: int = 100) -> dict:
@@ -47,7 +54,7 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
         iters: Dykstra iterations for the [0, 1] box.
 
     Returns:
-        {"image", "mark", "strength", "psnr_to_target", "psnr_to_image", "psnr_target_to_image",
+        {"model", "model_weights", "image", "mark", "strength", "iters", "psnr_to_target", "psnr_to_image", "psnr_target_to_image",
         "box_violation", "float": {...}, "png_8bit": {...}}; the last two hold the invariance
         numbers (``patch_embed_rel``, ``logits_rel``, ``predictions_match``) of the float result and
         of the saved 8-bit PNG.
@@ -62,7 +69,8 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
     x, m = load_pair(parts, image, mark)
     r = watermark(parts, x, m, strength, iters)
     save_image(r["marked"][0], out)
-    res = {"image": str(image), "mark": str(mark), "strength": strength, **_numbers(r)}
+    res = {**_model_record(parts), "image": str(image), "mark": str(mark), "strength": strength, "iters": iters,
+           **_numbers(r)}
     write_json(out.with_suffix(".json"), res)
     v = r["noise"][0]  # zero when the mark is the image: the clamp keeps its panel grey, not NaN (0/0)
     image_grid([[(x[0], "image"), (r["target"][0], f"target ({strength:g} mark)"),
@@ -88,7 +96,7 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
         maps: saliency methods to draw, each one of :data:`.saliency.METHODS`; may be empty.
 
     Returns:
-        {"source", "target", "box_violation", "l2_result_to_target", "l2_source_to_target",
+        {"model", "model_weights", "source", "target", "iters", "box_violation", "l2_result_to_target", "l2_source_to_target",
         "l2_result_to_source", "psnr_result_to_target", "logits_rel_to_source",
         "predictions_match_source", "png_8bit": {...}}.
 
@@ -115,7 +123,7 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
         rows.append([(saliency(parts, img, m, target=cls)[0], m) for img in (a, b, shown)])
     image_grid(rows, out.with_name(out.stem + "_figure.png"),
                title=f"{parts.name}: targeted nullspace noise (columns: source, target, result)")
-    res = {"source": str(source), "target": str(target), **_numbers(r)}
+    res = {**_model_record(parts), "source": str(source), "target": str(target), "iters": iters, **_numbers(r)}
     write_json(out.with_suffix(".json"), res)
     return res
 
