@@ -1,7 +1,8 @@
 """Run on 2 ranks (tests/test_finetune.py): each rank measures its held-out decisions on *other*
 images, as a GPU could give two ranks sums that differ in the last bit. Synthesis must still take
-the same decisions on every rank (growth searches, held-out confirmation, boundary scan), or it
-hangs in an all-reduce or trains each rank on its own noise. Saves each rank's noises."""
+the same decisions on every rank (growth searches, held-out confirmation, boundary scan, the
+scale to ε of random.match=eps), or it hangs in an all-reduce or trains each rank on its own
+noise. Saves each rank's noises."""
 
 import sys
 
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from nsvit_fast import digits, load_model
 from nsvit_fast.distributed import init_from_env, rank_world
-from nsvit_fast.synth import synthesize
+from nsvit_fast.synth import CleanCache, scale_to_eps, synthesize
 
 out = sys.argv[1]
 assert init_from_env("cpu")
@@ -34,5 +35,8 @@ for name, kw in runs.items():
                       init=None if name == "boundary" else warm, **{**base, **kw})
     saved[name] = bank.noises.contiguous()
     saved[name + "_steps"] = bank.steps.contiguous()
+# random.match=eps: the scale that puts a noise just inside ε, searched on each rank's held-out images
+s, e = scale_to_eps(model, warm, CleanCache(model, held), 0.03)
+saved["eps_scale"] = torch.tensor([s, e], dtype=torch.float64)
 save_file(saved, f"{out}/rank{rank}.safetensors")
 dist.destroy_process_group()

@@ -347,6 +347,25 @@ def test_fingerprint_asked_for_more_challenges_than_images_says_so(parts):
     assert fp.meta["n"] == 6
 
 
+def test_a_fingerprint_threshold_other_than_the_built_in_one_is_named(parts):
+    # the digest is plain sha256: an editor re-signs a file with threshold 0.99, and an unrelated
+    # model (score ~0.8) then verified without a word
+    from nsvit_fast.analysis.fingerprint import Fingerprint, digest
+
+    fp = make_fingerprint(parts, digits("val").images[:8], n=4)
+    meta = {**fp.meta, "threshold": 0.99}
+    meta["digest"] = digest(fp.images, fp.noise, fp.control, meta)
+    edited = Fingerprint(fp.images, fp.noise, fp.control, meta)
+    with pytest.warns(UserWarning, match="own threshold is 0.99, not the built-in 0.25"):
+        assert verify(parts, edited)["threshold"] == 0.99
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verify(parts, edited, threshold=0.25)  # a threshold given: nothing to warn about
+        verify(parts, fp)  # the built-in one
+
+
 def test_gradient_saliency_of_a_frozen_model(parts):
     # a frozen model (no parameter requiring grad) raised torch's "does not require grad" in both
     x = digits("test").images[:4]

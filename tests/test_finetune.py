@@ -522,7 +522,7 @@ def test_ranks_take_the_same_synthesis_decisions_on_different_held_out_sums(tmp_
     a, _ = load_tensors(tmp_path / "rank0.safetensors")
     b, _ = load_tensors(tmp_path / "rank1.safetensors")
     assert sorted(a) == sorted(b) == sorted(["boundary", "secant", "walk", "boundary_steps", "secant_steps",
-                                             "walk_steps"])
+                                             "walk_steps", "eps_scale"])
     assert int(a["boundary_steps"][0]) > 0  # the descent ran and was confirmed on held-out images
     for k in a:
         assert torch.equal(a[k], b[k]), k

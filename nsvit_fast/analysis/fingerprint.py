@@ -242,7 +242,8 @@ def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
     Args:
         parts: the suspect's adapter (it must take the fingerprint's input size).
         fp: the fingerprint, checked first (see :meth:`Fingerprint.check`).
-        threshold: in (0, 1); None: the fingerprint's own.
+        threshold: in (0, 1); None: the fingerprint's own, with a warning when it is not the
+            built-in one (``make`` stores that, so another value was written by hand).
 
     Returns:
         {"score": mean nullspace change / mean control change of the logits (0 for the owner, ~1 for
@@ -261,6 +262,12 @@ def verify(parts, fp: Fingerprint, threshold: float | None = None) -> dict:
     parts = adapt(parts)
     fp.check()
     t = check_threshold(fp.meta["threshold"] if threshold is None else threshold)
+    if threshold is None and t != THRESHOLD:  # make always stores the built-in one; the digest is no seal
+        import warnings
+
+        warnings.warn(f"the fingerprint's own threshold is {t:g}, not the built-in {THRESHOLD:g}: the file was "
+                      f"edited (its digest can be recomputed) or made by another version; give the threshold "
+                      f"you trust (--threshold), and keep the digest apart (--expect-digest)", stacklevel=2)
     s = score(parts, fp)
     if not all(math.isfinite(s[k]) for k in ("score", "control_change", "logit_norm")):
         raise NsvitError(f"{parts.name}: the fingerprint's challenges give non-finite logits (score {s['score']}): "

@@ -62,7 +62,8 @@ def scale_to_eps(parts: Adapter, noise: torch.Tensor, clean: CleanCache, eps: fl
     noise whose MSE-prob stays under ``low`` ε up to ``max_scale`` (ε near MSE-prob's ceiling of 2),
     or ``iters`` spent. Raises NsvitError for a noise that is not (N, D) of the model's tokens or is
     all zeros, ε <= 0, ``low`` outside (0, 1], ``iters`` < 1, ``max_scale`` <= 0, a model whose
-    outputs are not finite, or no scale down to 1e-12 inside ε."""
+    outputs are not finite, or no scale down to 1e-12 inside ε. Under torchrun each MSE-prob is
+    averaged over the ranks, so every rank takes the same search steps and returns the same scale."""
     from ..errors import check_count
 
     if noise.dim() != 2 or tuple(noise.shape) != parts.token_shape:
@@ -78,8 +79,15 @@ def scale_to_eps(parts: Adapter, noise: torch.Tensor, clean: CleanCache, eps: fl
     iters = check_count("iters", iters)
     v = noise[None]
 
+    from ..distributed import all_mean, rank_world
+
+    world = rank_world()[1]
+
     def mse_at(s: float) -> float:
-        e = float(noise_effect(parts, v, clean, max_rows, scales=torch.full((1,), s))[0][0])
+        e = noise_effect(parts, v, clean, max_rows, scales=torch.full((1,), s))[0][:1]
+        if world > 1:  # under torchrun every rank takes the search's steps on the same (averaged) number
+            e = all_mean(e.float().clone())
+        e = float(e[0])
         if e != e:
             raise NsvitError(f"MSE-prob is NaN at scale {s:g}: the model's outputs are not finite")
         return e
