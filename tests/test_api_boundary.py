@@ -49,6 +49,10 @@ def _cases(parts, x, y):
         ("device-images", lambda: ns.load_model("digits_vit").to("meta")(x), "images are on cpu, the model on meta"),
         ("device-tokens", lambda: parts.encode(u.to("meta")), "patch tokens are on meta, the model on cpu"),
         ("synth-spec-string", lambda: synthesize(parts, "digits"), r"load_data\('digits', parts=model\) reads it"),
+        ("bank-save-suffix", lambda: NoiseBank(torch.ones(1, *parts.token_shape), torch.ones(1), torch.zeros(1),
+                                               torch.ones(1), torch.ones(1, dtype=torch.long),
+                                               torch.ones(1, dtype=torch.bool), torch.zeros(1)).save("/nonexistent/b.pt"),
+         "give a .safetensors name"),  # it wrote safetensors under .pt, which torch.load cannot read
         ("save-name", lambda: ns.save_model("digits_vit", "/nonexistent/x.safetensors"), "a name: use load_model"),
         ("fingerprint-name", lambda: ns.weights_fingerprint("digits_vit"), "a name: use load_model"),
         ("acc-255", lambda: accuracy(parts, x * 255, y), r"pixels in \[0, 1\], got values in \[0, 255\]"),

@@ -53,6 +53,9 @@ class NoiseBank:
             i = [operator.index(i)]
         except TypeError:
             pass  # a slice, list or mask: used as given
+        else:  # an IndexError still (it ends a for loop over the bank), but one that says why
+            if not -len(self) <= i[0] < len(self):
+                raise IndexError(f"noise {i[0]} out of range: the bank has {len(self)} noise(s)")
         return NoiseBank(self.noises[i], *(getattr(self, k)[i] for k in PER_NOISE), meta=dict(self.meta),
                          source=self.source)
 
@@ -72,8 +75,11 @@ class NoiseBank:
 
     def save(self, path: str | Path) -> Path:
         """Write the bank to a safetensors file (atomically; ``meta`` in its header, noises as
-        float32). Returns the path written. Raises NsvitError for a zero noise (:meth:`load` refuses
-        one), before anything is written."""
+        float32). Returns the path written. Raises NsvitError for a name not ending in
+        ``.safetensors`` (``bank.pt`` held safetensors, which ``torch.load`` cannot read) or a zero
+        noise (:meth:`load` refuses one), before anything is written."""
+        if Path(path).suffix != ".safetensors":
+            raise NsvitError(f"{path}: a NoiseBank is written as safetensors; give a .safetensors name")
         norm = self.noises.double().flatten(1).norm(dim=1)
         if bool((norm < MIN_NORM).any()):  # load refuses it: do not write a file that cannot be read back
             i = int((norm < MIN_NORM).nonzero()[0])
