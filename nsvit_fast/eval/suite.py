@@ -386,8 +386,9 @@ MCE_REFERENCES = ("auto", "alexnet", "baseline")  # what normalises mCE (evaluat
 
 
 def suite_help() -> str:
-    """One line per suite of SUITES: name, what it measures, its settings with their defaults, and
-    what it needs; for ``--help`` texts and the README."""
+    """Returns one line per suite of SUITES, joined into one string (it prints nothing): name, what it
+    measures, its settings with their defaults, and what it needs; for ``--help`` texts and the
+    README."""
     lines = []
     for name, suite in SUITES.items():
         extra = [fmt_setting(suite.defaults)] if suite.defaults else []
