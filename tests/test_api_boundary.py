@@ -248,3 +248,22 @@ def test_a_folder_of_split_folders_is_refused_by_every_reader(tmp_path, parts):
         with pytest.raises(NsvitError, match="holds the split folders train, val"):
             call()
     assert len(image_folder(tmp_path / "train", parts)) == 10  # a split folder itself reads
+
+
+def test_data_kept_on_the_host_is_not_a_device_mismatch(xy):
+    # the device check sat in check_images, which also checks data that stays on the host and is moved
+    # batch by batch: a CUDA synthesize / finetune / CleanCache on CPU images was refused (meta stands in
+    # for the accelerator here). The forward still refuses, and adapt() puts mean / std on the weights'
+    import timm
+
+    from nsvit_fast.synth import CleanCache
+    from nsvit_fast.synth.engine import image_tensor
+
+    x, _ = xy
+    gpu = ns.load_model("digits_vit").to("meta")
+    CleanCache(gpu, x)
+    assert image_tensor(x, gpu) is x or torch.equal(image_tensor(x, gpu), x)
+    with pytest.raises(NsvitError, match="images are on cpu, the model on meta"):
+        gpu(x)
+    adapted = ns.adapt(timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32).to("meta"))
+    assert adapted.mean.device.type == adapted.std.device.type == "meta"

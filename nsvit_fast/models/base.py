@@ -89,8 +89,10 @@ class Adapter(nn.Module):
         lo, hi = NORM_RANGE["std"]
         if not bool(torch.isfinite(std).all()) or bool(((std < lo) | (std > hi)).any()):
             raise NsvitError(f"std must be numbers in [{lo:g}, {hi:g}] (pixels in [0, 1]), got {std.tolist()}")
-        self.register_buffer("mean", mean.expand(c).reshape(1, c, 1, 1).clone(), persistent=False)
-        self.register_buffer("std", std.expand(c).reshape(1, c, 1, 1).clone(), persistent=False)
+        # on the weights' device: adapt(model_on_gpu) and the EMA copy had their mean on the CPU
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.register_buffer("mean", mean.expand(c).reshape(1, c, 1, 1).clone().to(dev), persistent=False)
+        self.register_buffer("std", std.expand(c).reshape(1, c, 1, 1).clone().to(dev), persistent=False)
 
     # -- geometry (subclasses set these attributes) --
     in_chans: int
@@ -140,27 +142,30 @@ class Adapter(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def check_images(self, x: torch.Tensor) -> None:
-        """Shape, dtype and device check only (no host sync): float (B, C, H, W) at the model's input
-        size, on the model's device. The range [0, 1] is not checked here, on every forward of the
-        hot paths (it would cost a host sync per call on a GPU): the engines and ``accuracy`` check it
-        where data comes in (:func:`nsvit_fast.errors.check_pixels`); a caller of ``parts(x)`` or
-        ``patch_embed`` keeps x in [0, 1] itself.
+        """Shape and dtype check only (no host sync): float (B, C, H, W) at the model's input size, on
+        any device (data kept on the host and moved batch by batch is checked here too; the forward,
+        ``patch_embed``, also checks the device). The range [0, 1] is not checked here, on every
+        forward of the hot paths (it would cost a host sync per call on a GPU): the engines and
+        ``accuracy`` check it where data comes in (:func:`nsvit_fast.errors.check_pixels`); a
+        caller of ``parts(x)`` or ``patch_embed`` keeps x in [0, 1] itself.
 
         Raises:
-            NsvitError: any other shape, integer pixels (uint8 0-255 would be scored as noise), or
-            images on another device than the model."""
+            NsvitError: any other shape, or integer pixels (uint8 0-255 would be scored as noise)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = str(x.dtype).replace("torch.", "") if isinstance(x, torch.Tensor) else type(x).__name__
             raise NsvitError(f"{self.name} takes float pixels in [0, 1], got {got}")
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
             raise NsvitError(f"{self.name} takes images (B, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
-        self._check_device("images", x)
 
-    def _check_device(self, what: str, t: torch.Tensor) -> None:
-        if t.device != self.mean.device:  # else a torch traceback 17 frames deep
-            raise NsvitError(f"{self.name}: {what} are on {t.device}, the model on {self.mean.device}: move one "
-                             f"of them (.to(...))")
+    def check_device(self, what: str, t: torch.Tensor) -> None:
+        """Raise NsvitError naming both devices when ``t`` (``what``: images, patch tokens) is not on
+        the model's weights' device (else a torch traceback 17 frames deep). For the forward path
+        only: data that stays on the host between batches is not a mistake."""
+        dev = next((p.device for p in self.parameters()), t.device)
+        if t.device != dev:
+            raise NsvitError(f"{self.name}: {what} are on {t.device}, the model on {dev}: move one of them "
+                             f"(.to(...))")
 
     def check_tokens(self, u: torch.Tensor) -> None:
         """Check before ``encode``: patch tokens of shape (B, N, D), and a model that gives logits.
@@ -175,7 +180,7 @@ class Adapter(nn.Module):
         if u.dim() != 3 or tuple(u.shape[1:]) != self.token_shape:
             raise NsvitError(f"{self.name}: patch tokens must be (B, {self.num_patches}, {self.embed_dim}), "
                              f"got {tuple(u.shape)}")
-        self._check_device("patch tokens", u)
+        self.check_device("patch tokens", u)
         w = self.weight_dtype
         # tokens wider than the weights (float64 into float32, float32 into float16) give torch's "mixed
         # dtype" error deep in the encoder; narrower ones are promoted at the positional embedding

@@ -103,6 +103,7 @@ class PatchEmbedAdapter(Adapter):
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_images(x)
+        self.check_device("images", x)
         w = self.model.patch_embed.proj.weight
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(w.dtype)  # float64 / float16 pixels for a float32 model: conv2d refuses mixed dtypes
