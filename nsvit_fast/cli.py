@@ -741,7 +741,7 @@ def cmd_eval(args) -> int:
 
 def _eval(args) -> int:
     from .eval import evaluate
-    from .eval.suite import parse_suite
+    from .eval.suite import SUITES, parse_suite
     from .models import load_model
     from .runtime import Runtime
 
@@ -754,6 +754,8 @@ def _eval(args) -> int:
     if args.bank and "noisebank" not in names:
         raise NsvitError("--bank is read by the noisebank suite only; add noisebank to --suite")
     for suite, path in args.folder or []:  # a folder no suite reads would be ignored without a word
+        if suite in SUITES and SUITES[suite].needs != "folder":
+            raise NsvitError(f"--folder {suite}={path}: suite {suite!r} reads no folder")
         if suite not in names:
             raise NsvitError(f"--folder {suite}={path}: no suite {suite!r} in --suite reads it; add it to --suite")
     _default_model(args)

@@ -53,6 +53,8 @@ def _cases(parts, x, y):
                                                torch.ones(1), torch.ones(1, dtype=torch.long),
                                                torch.ones(1, dtype=torch.bool), torch.zeros(1)).save("/nonexistent/b.pt"),
          "give a .safetensors name"),  # it wrote safetensors under .pt, which torch.load cannot read
+        ("eval-folder-for-clean", lambda: evaluate(parts, d, ["clean"], folders={"clean": "/nonexistent"},
+                                                   progress=False), "suite 'clean' reads no folder"),
         ("save-name", lambda: ns.save_model("digits_vit", "/nonexistent/x.safetensors"), "a name: use load_model"),
         ("fingerprint-name", lambda: ns.weights_fingerprint("digits_vit"), "a name: use load_model"),
         ("acc-255", lambda: accuracy(parts, x * 255, y), r"pixels in \[0, 1\], got values in \[0, 255\]"),
@@ -248,6 +250,11 @@ def test_a_folder_of_split_folders_is_refused_by_every_reader(tmp_path, parts):
         with pytest.raises(NsvitError, match="holds the split folders train, val"):
             call()
     assert len(image_folder(tmp_path / "train", parts)) == 10  # a split folder itself reads
+    two = tmp_path / "two"  # classes of images that happen to be named like splits are classes
+    for c, i in (("test", 0), ("train", 1)):
+        (two / c).mkdir(parents=True)
+        (tmp_path / "train" / f"digit{int(ns.digits('train').labels[i])}" / f"{i}.png").rename(two / c / f"{i}.png")
+    assert image_folder(two, parts).classes == ["test", "train"]
 
 
 def test_data_kept_on_the_host_is_not_a_device_mismatch(xy):

@@ -220,7 +220,14 @@ def test_an_attack_registered_from_outside_is_a_suite(parts):
            ("mifgsm", AttackSpec(spec.factory, {**spec.defaults, "decay": -1.0}, norm="Linf", help="x"),
             {"decay": ("number", 0, False, 1e3)}, "decay"),
            ("mifgsm", AttackSpec(spec.factory, {**spec.defaults, "eps": 8}, norm="Linf", help="x"),
-            {"decay": ("number", 0, False, 1e3)}, "L-inf radius")]
+            {"decay": ("number", 0, False, 1e3)}, "L-inf radius"),
+           # a range for no setting of it stayed in the global table; a switch asked for a range; a
+           # bool passed as a count's lower bound
+           ("mifgsm", spec, {"decay": ("number", 0, False, 1e3), "zzz": ("count", 1)}, "'zzz', which is not one"),
+           ("mifgsm", AttackSpec(spec.factory, {**spec.defaults, "random_start": True}, norm="Linf", help="x"),
+            {"decay": ("number", 0, False, 1e3)}, "is a switch, not a setting: give it in fixed="),
+           ("mifgsm", AttackSpec(spec.factory, {**spec.defaults, "decay": 1}, norm="Linf", help="x"),
+            {"decay": ("count", True)}, "must be \\('count', lo\\)")]
     for name, sp, ranges, msg in bad:
         with pytest.raises(NsvitError, match=msg):
             register_attack(name, sp, ranges)

@@ -549,6 +549,17 @@ def test_attack_random_starts_differ_per_rank_and_the_generators_stay_in_step(mo
     assert torch.equal(out[0, 1], draw(x))  # one process: unchanged, on the shared generator
     assert not torch.equal(out[0, 2], out[1, 2])  # two ranks: their own starts
     assert torch.equal(after[0, 2], after[1, 2])  # ... and generators in step
+    # and the two methods with a random start make their attacks through it
+    import nsvit_fast.train.methods.pgd as pgd_mod
+    import nsvit_fast.train.methods.trades as trades_mod
+
+    monkeypatch.setattr(dist_util, "rank_world", lambda: (0, 1))
+    for mod, method in ((pgd_mod, "pgd"), (trades_mod, "trades")):
+        calls = []
+        monkeypatch.setattr(mod, "own_draws_per_rank", lambda fn, *a: calls.append(fn) or fn(*a))
+        finetune(load_model("digits_vit"), digits("train").subset(16), method=method, rounds=1, model_steps=1,
+                 batch_size=8, device="cpu", progress=False, **{method: {"steps": 1}})
+        assert len(calls) == 1, method
 
 
 def test_the_largest_seed_runs_a_round_of_synthesis():

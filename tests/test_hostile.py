@@ -509,6 +509,10 @@ CASES = [
     ("demo-into-a-run", ["demo", "--quick", "--out", "{C}/run"], "holds a finetuning run (log.jsonl)",
      {"file": "run/log.jsonl"}),
     # analyze fig3 / fig5, fingerprint --report, watermark and targeted wrote their files into a run's folder
+    ("eval-folder-for-clean", EV[:3] + ["--folder", "clean={A}/good", "--out", "{C}/o"], "suite 'clean' reads no folder",
+     {}),  # a folder for a listed suite that reads none was ignored
+    ("fig5-into-a-run", ["analyze", "fig5", "--m", "2", "--pairs", "1", "--out", "{C}/run"],
+     "holds a finetuning run (log.jsonl)", {"file": "run/log.jsonl"}),
     ("fig3-into-a-run", ["analyze", "fig3", "--steps", "1", "--lams", "1", "--out", "{C}/run"],
      "holds a finetuning run (log.jsonl)", {"file": "run/log.jsonl"}),
     ("fingerprint-report-into-a-run", ["fingerprint", "make", "--n", "2", "--fingerprint", "{C}/fp.safetensors",

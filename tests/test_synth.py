@@ -492,6 +492,10 @@ def test_summary_counts_the_noises_it_holds(parts, train):
     bank = synthesize(parts, train.images[:64], init=init, batch_size=32, max_steps=2, progress=False)
     assert bank.meta["num_noises"] == 3 and bank.summary()["num_noises"] == 3  # was the config's 1
     assert bank[:2].summary()["num_noises"] == 2
+    # an index past the bank names its size, and stays an IndexError so a for loop ends
+    with pytest.raises(IndexError, match="noise 3 out of range: the bank has 3 noise"):
+        bank[3]
+    assert len(bank[-3]) == 1 and len(list(bank)) == 3
 
 
 def test_ranks_refuse_a_batch_they_cannot_share_evenly(parts, train):

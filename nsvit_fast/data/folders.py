@@ -294,7 +294,9 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
     classes = class_folders(root)
     if not classes:
         raise NsvitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    if set(classes) <= set(SPLIT_FOLDERS):  # read as classes, train/ and val/ scored a 2-class set silently
+    # train/ and val/ that hold class folders were read as two classes and scored without a word; a
+    # class of images that happens to be named test is a class
+    if set(classes) <= set(SPLIT_FOLDERS) and all(class_folders(root / c) for c in classes):
         raise NsvitError(f"data folder {root} holds the split folders {', '.join(classes)}, not class folders: "
                          f"give one of them (e.g. {root / classes[0]})")
     check_no_symlink_loop(root)

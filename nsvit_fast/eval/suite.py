@@ -350,11 +350,19 @@ def register_attack(name: str, spec: AttackSpec, ranges: dict[str, tuple] | None
         raise NsvitError(f"attack {name!r}: eps needs norm='Linf' or 'L2' (an L-inf eps above 1 is refused), "
                          f"got {spec.norm!r}")
     ranges = dict(ranges or {})
+    flags = [k for k, v in spec.defaults.items() if isinstance(v, bool)]
+    if flags:  # a setting takes a number or a word: a switch is the constructor's, as PGD's random_start
+        raise NsvitError(f"attack {name!r}: {flags[0]}={spec.defaults[flags[0]]} is a switch, not a setting: give it "
+                         f"in fixed= (AttackSpec(..., fixed={{{flags[0]!r}: ...}}))")
     for k, r in ranges.items():
+        if k not in spec.defaults:  # it would stay in the global table, ranging nothing of this attack
+            raise NsvitError(f"attack {name!r}: ranges= names {k!r}, which is not one of its settings "
+                             f"({', '.join(spec.defaults)})")
         ok = isinstance(r, tuple) and (
-            (len(r) == 2 and r[0] == "count" and isinstance(r[1], int))
+            (len(r) == 2 and r[0] == "count" and type(r[1]) is int)
             or (len(r) == 4 and r[0] == "number" and all(isinstance(x, (int, float)) and math.isfinite(x)
-                                                         for x in (r[1], r[3])) and isinstance(r[2], bool)
+                                                         and not isinstance(x, bool) for x in (r[1], r[3]))
+                and isinstance(r[2], bool)
                 and r[1] <= r[3]))
         if not ok:
             raise NsvitError(f"attack {name!r}: range of {k!r} must be ('count', lo) or ('number', lo, open, hi) "
@@ -626,6 +634,8 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if bank is not None and "noisebank" not in listed:
         raise NsvitError("bank= is read by the noisebank suite only; add noisebank to suites")
     for suite in folders or {}:
+        if suite in SUITES and SUITES[suite].needs != "folder":
+            raise NsvitError(f"folders[{suite!r}]: suite {suite!r} reads no folder")
         if suite not in listed:
             import difflib
 

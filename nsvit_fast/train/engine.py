@@ -847,6 +847,8 @@ def finetune(model, train_data: ImageDataset | str | Path, config: FinetuneConfi
             (the next readable file takes its place).
         on_round: called on rank 0 with the history (every round record so far, a resumed run's
             earlier ones included) as each round ends, e.g. to print its row while the run goes on.
+            Under torchrun it runs on rank 0 alone, so it must make no collective call: no
+            ``synthesize`` or ``scale_to_eps`` there (they average over the ranks), or it waits forever.
         on_start: called once the run is set up and checked, before its first step (the CLI prints
             the warnings of the set-up then).
 
