@@ -237,7 +237,7 @@ def test_suite_defaults_are_the_class_signature_and_need_no_torchattacks():
     import subprocess
     import sys
 
-    from nsvit_fast.eval.suite import PATCHFOOL, PATCHFOOL_DEFAULTS
+    from nsvit_fast.eval.attacks import PATCHFOOL, PATCHFOOL_DEFAULTS
 
     sig = inspect.signature(PatchFool.__init__).parameters
     assert PATCHFOOL_DEFAULTS == {k: p.default for k, p in sig.items() if k not in ("self", "model", "seed")}

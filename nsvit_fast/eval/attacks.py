@@ -88,6 +88,37 @@ def from_torchattacks(cls: str, seeded: bool = False, classes: bool = False):
     return make
 
 
+def _patchfool(parts, seed: int = 0, **kw):
+    """The authors' Patch-Fool (a torchattacks Attack), seeded once for all batches."""
+    from .patchfool import PatchFool
+
+    return PatchFool(parts, seed=seed, **kw)
+
+
+def _patchfool_lite(parts, seed: int = 0, **kw):
+    """patchfool_lite as an attack (images, labels) -> adversarial images: one generator seeded once
+    and drawn from batch after batch (nsvit_fast.eval.patchfool)."""
+    from .patchfool import patchfool_lite
+
+    g = torch.Generator().manual_seed(seed)
+    return lambda x, y: patchfool_lite(parts, x, y, generator=g, **kw)
+
+
+# PatchFool's settings with its authors' defaults. Written here as well as in PatchFool's signature
+# because reading the class imports torchattacks (and scipy), ~0.7 s on every command that imports
+# nsvit_fast.eval, --help included; tests/test_patchfool.py checks the two agree.
+PATCHFOOL_DEFAULTS: dict[str, Any] = {"num_patch": 1, "patch_select": "attn", "atten_select": 4,
+                                      "attack_mode": "attention", "atten_loss_weight": 0.002, "lr": 0.22,
+                                      "steps": 250, "step_size": 10, "gamma": 0.95}
+# batch 64 as the authors' main.py: their PCGrad divides by ||g_ce|| once, so its correction scales
+# with the per-image CE gradient (1 / batch for a batch-mean loss), and the batch changes the attack
+PATCHFOOL = AttackSpec(_patchfool, PATCHFOOL_DEFAULTS, batch_size=64,
+                       help="Patch-Fool as its authors wrote it (Fu et al., ICLR 2022): attention-aware adversarial "
+                            "patch")
+PATCHFOOL_LITE = AttackSpec(_patchfool_lite, {"n_patches": 1, "steps": 30}, batch_size=128,
+                            help="this project's faster patch attack, not Patch-Fool: Adam in pixel space, 30 steps")
+
+
 ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(from_torchattacks("FGSM"), {"eps": 1 / 255}, norm="Linf",  # the paper's setting
                        help="FGSM, L-inf (eps 1/255 is the paper's); torchattacks"),
@@ -100,18 +131,17 @@ ATTACKS: dict[str, AttackSpec] = {
     "autoattack": AttackSpec(from_torchattacks("AutoAttack", seeded=True, classes=True), {"eps": 4 / 255, "n": 64},
                              {"norm": "Linf", "version": "standard"}, norm="Linf",
                              help="AutoAttack standard, L-inf, on n images spread over the set; torchattacks"),
+    "patchfool": PATCHFOOL,
+    "patchfool_lite": PATCHFOOL_LITE,
 }
 
 
 def _spec(attack: str | AttackSpec) -> AttackSpec:
     if isinstance(attack, AttackSpec):
         return attack
-    from .suite import PATCHFOOL, PATCHFOOL_LITE  # defined with their suites (they import this module)
-
-    known = {**ATTACKS, "patchfool": PATCHFOOL, "patchfool_lite": PATCHFOOL_LITE}
-    if attack not in known:
-        raise NsvitError(f"unknown attack {attack!r} (attacks: {', '.join(known)})")
-    return known[attack]
+    if attack not in ATTACKS:
+        raise NsvitError(f"unknown attack {attack!r} (attacks: {', '.join(ATTACKS)})")
+    return ATTACKS[attack]
 
 
 # each numeric setting's kind and range: ("count", lo) a whole number in [lo, MAX_COUNT]; ("number", lo,
@@ -183,11 +213,11 @@ def check_linf_eps(name: str, kw: dict[str, Any], norm: str | None) -> None:
 
 
 def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
-    """Build ``attack`` (a name in ATTACKS, ``patchfool`` or ``patchfool_lite``, or an AttackSpec) on
-    ``parts`` with its defaults updated by ``kw``; returns a callable (images, labels) ->
-    adversarial images. The loop setting ``n`` is ignored here. Raises NsvitError for an unknown
-    attack, or a setting it does not have or out of range (:func:`check_settings`: eps >= 0, steps
-    >= 1, alpha > 0, each below its upper bound)."""
+    """Build ``attack`` (a name in ATTACKS, ``patchfool`` and ``patchfool_lite`` included, or an
+    AttackSpec) on ``parts`` with its defaults updated by ``kw``; returns a callable (images,
+    labels) -> adversarial images. The loop setting ``n`` is ignored here. Raises NsvitError for an
+    unknown attack, or a setting it does not have or out of range (:func:`check_settings`: eps >= 0,
+    steps >= 1, alpha > 0, each below its upper bound)."""
     spec = _spec(attack)
     what = "attack " + (attack if isinstance(attack, str) else next((k for k, v in ATTACKS.items() if v is spec),
                                                                    "spec"))
@@ -205,13 +235,13 @@ def make_attack(parts, attack: str | AttackSpec, seed: int = 0, **kw):
 def attack_accuracy(parts, images: torch.Tensor, labels: torch.Tensor, attack: str | AttackSpec,
                     batch_size: int | None = None, seed: int = 0, **kw) -> float:
     """Top-1 accuracy (a fraction) on the adversarial images that ``attack`` (a name in ATTACKS,
-    ``patchfool`` or ``patchfool_lite``, or an AttackSpec, settings ``kw`` over its defaults) makes
-    from ``images`` (B, C, H, W) in [0, 1] and ``labels`` (B,). With the setting ``n``, only ``n``
-    images, spread evenly over them. Seeded: the global torch RNG is seeded with ``seed`` and
-    restored afterwards; the model runs in eval mode and is given back in its own mode, also when
-    the attack raises. Raises NsvitError as make_attack does, and for images that are not float
-    pixels in [0, 1], labels that are not class indices below the model's outputs, one per image, a
-    batch_size < 1 or a seed outside [0, 2**32 - 1]."""
+    ``patchfool`` and ``patchfool_lite`` included, or an AttackSpec, settings ``kw`` over its
+    defaults) makes from ``images`` (B, C, H, W) in [0, 1] and ``labels`` (B,). With the setting
+    ``n``, only ``n`` images, spread evenly over them. Seeded: the global torch RNG is seeded with
+    ``seed`` and restored afterwards; the model runs in eval mode and is given back in its own mode,
+    also when the attack raises. Raises NsvitError as make_attack does, and for images that are not
+    float pixels in [0, 1], labels that are not class indices below the model's outputs, one per
+    image, a batch_size < 1 or a seed outside [0, 2**32 - 1]."""
     from ..errors import check_labels
     from .source import TensorImages
 

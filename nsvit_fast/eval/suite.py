@@ -141,37 +141,6 @@ def _attack_suite(suite: str, spec: AttackSpec) -> Suite:
     return Suite(go, spec.defaults, help=spec.help, norm=spec.norm)
 
 
-def _patchfool(parts, seed: int = 0, **kw):
-    """The authors' Patch-Fool (a torchattacks Attack), seeded once for all batches."""
-    from .patchfool import PatchFool
-
-    return PatchFool(parts, seed=seed, **kw)
-
-
-def _patchfool_lite(parts, seed: int = 0, **kw):
-    """patchfool_lite as an attack (images, labels) -> adversarial images: one generator seeded once
-    and drawn from batch after batch (nsvit_fast.eval.patchfool)."""
-    from .patchfool import patchfool_lite
-
-    g = torch.Generator().manual_seed(seed)
-    return lambda x, y: patchfool_lite(parts, x, y, generator=g, **kw)
-
-
-# PatchFool's settings with its authors' defaults. Written here as well as in PatchFool's signature
-# because reading the class imports torchattacks (and scipy), ~0.7 s on every command that imports
-# nsvit_fast.eval, --help included; tests/test_patchfool.py checks the two agree.
-PATCHFOOL_DEFAULTS: dict[str, Any] = {"num_patch": 1, "patch_select": "attn", "atten_select": 4,
-                                      "attack_mode": "attention", "atten_loss_weight": 0.002, "lr": 0.22,
-                                      "steps": 250, "step_size": 10, "gamma": 0.95}
-# batch 64 as the authors' main.py: their PCGrad divides by ||g_ce|| once, so its correction scales
-# with the per-image CE gradient (1 / batch for a batch-mean loss), and the batch changes the attack
-PATCHFOOL = AttackSpec(_patchfool, PATCHFOOL_DEFAULTS, batch_size=64,
-                       help="Patch-Fool as its authors wrote it (Fu et al., ICLR 2022): attention-aware adversarial "
-                            "patch")
-PATCHFOOL_LITE = AttackSpec(_patchfool_lite, {"n_patches": 1, "steps": 30}, batch_size=128,
-                            help="this project's faster patch attack, not Patch-Fool: Adam in pixel space, 30 steps")
-
-
 def _corruption_accuracies(run: Run, parts) -> dict[tuple[str, int], float]:
     """Accuracy per (corruption, severity). In memory: the corrupted sets made once for every model.
     Streamed: one pass over the folder, each batch corrupted 75 ways as it passes. The corruption
@@ -296,9 +265,7 @@ def _folder_suite(suite: str) -> Suite:
 
 SUITES: dict[str, Suite] = {
     "clean": Suite(_clean, help="top-1 accuracy"),
-    **{name: _attack_suite(name, spec) for name, spec in ATTACKS.items()},
-    "patchfool": _attack_suite("patchfool", PATCHFOOL),
-    "patchfool_lite": _attack_suite("patchfool_lite", PATCHFOOL_LITE),
+    **{name: _attack_suite(name, spec) for name, spec in ATTACKS.items()},  # patchfool and patchfool_lite too
     "corruptions": Suite(_corruptions, help="15 corruptions x 5 severities on the fly: accuracy, mean corruption "
                                             "accuracy, mCE (AlexNet reference on 1000 classes, else the baseline)"),
     "nullspace": Suite(_nullspace, {"scale": 10}, help="exact patch-embedding nullspace noise at scale x the "
