@@ -262,8 +262,8 @@ def add_nullspace(sub) -> None:
                        description="Rank and nullspace dimension of the flattened patch projection "
                                    "(SVD in float64; rank = singular values > sigma_max * rtol).")
     _model_args(p)
-    p.add_argument("--rtol", type=number(0, 1, lo_open=False, hi_open=True), help="rank tolerance relative to sigma_max "
-                                              "(default max(D, C*r*r) * float32 eps)")
+    p.add_argument("--rtol", type=number(0, 1, lo_open=False, hi_open=True),
+                   help="rank tolerance relative to sigma_max, in [0, 1) (default max(D, C*r*r) * float32 eps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--table1", action="store_true", help="the paper's Table 1: eight timm ViTs, randomly initialised")
     p.set_defaults(func=cmd_nullspace)
@@ -1072,8 +1072,9 @@ def cmd_fingerprint(args) -> int:
         made = {"--fingerprint": args.fingerprint}
     from .runlock import check_not_a_run
 
-    check_not_a_run(check_output_dir(args.report, "--report"), "--report")  # a finetuning run's folder is that run's
-    with run_lock(check_output_dir(args.report, "--report")), output_lock(made):
+    report = check_output_dir(args.report, "--report")
+    check_not_a_run(report, "--report")  # a finetuning run's folder is that run's
+    with run_lock(report), output_lock(made):
         return _fingerprint(args)
 
 

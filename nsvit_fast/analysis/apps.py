@@ -54,7 +54,8 @@ def run_watermark(parts, image: str, out: str | Path, mark: str = "logo", streng
         iters: Dykstra iterations for the [0, 1] box.
 
     Returns:
-        {"model", "model_weights", "image", "mark", "strength", "iters", "psnr_to_target", "psnr_to_image", "psnr_target_to_image",
+        {"model", "model_weights", "image", "mark", "strength", "iters", "psnr_to_target",
+        "psnr_to_image", "psnr_target_to_image",
         "box_violation", "float": {...}, "png_8bit": {...}}; the last two hold the invariance
         numbers (``patch_embed_rel``, ``logits_rel``, ``predictions_match``) of the float result and
         of the saved 8-bit PNG.
@@ -96,7 +97,8 @@ def run_targeted(parts, source: str, target: str, out: str | Path, iters: int = 
         maps: saliency methods to draw, each one of :data:`.saliency.METHODS`; may be empty.
 
     Returns:
-        {"model", "model_weights", "source", "target", "iters", "box_violation", "l2_result_to_target", "l2_source_to_target",
+        {"model", "model_weights", "source", "target", "iters", "box_violation",
+        "l2_result_to_target", "l2_source_to_target",
         "l2_result_to_source", "psnr_result_to_target", "logits_rel_to_source",
         "predictions_match_source", "png_8bit": {...}}.
 

@@ -162,7 +162,8 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
             one batched descent, so they share one batch order and differ in their starting draws.
 
     Returns:
-        the JSON's contents: {"study": "fig5", "model", "model_weights", "synth" (as fig3's), "m_requested", "m_converged", "n_pairs", "eps", "device",
+        the JSON's contents: {"study": "fig5", "model", "model_weights", "synth" (as fig3's),
+        "m_requested", "m_converged", "n_pairs", "eps", "device",
         "alphas", "scalar_mse_mean", "scalar_mse_std" (over noises, per alpha),
         "scalar_mse_per_noise_at_1", "grid", "convex_mse" (len(grid) x len(grid), rows alpha1),
         "convex_line_max" (largest mean on alpha1 + alpha2 = 1), "pairs" (the [i, j] drawn, indices
@@ -236,7 +237,8 @@ def fig5(parts, data, out: str | Path, m: int | None = None, n_pairs: int = 10, 
     png = save_figure(fig, out / "fig5_properties.png", dpi=110)
     plt.close(fig)
     on_line = [float(heat[i, len(grid) - 1 - i]) for i in range(len(grid))]  # alpha1 + alpha2 = 1
-    res = {"study": "fig5", **_provenance(parts, bank), "m_requested": m, "m_converged": int(V.shape[0]), "n_pairs": n_pairs, "eps": eps,
+    res = {"study": "fig5", **_provenance(parts, bank), "m_requested": m, "m_converged": int(V.shape[0]),
+           "n_pairs": n_pairs, "eps": eps,
            "device": dev.type, "alphas": alphas, "scalar_mse_mean": mean, "scalar_mse_std": std,
            "scalar_mse_per_noise_at_1": scal[alphas.index(1.0)][2], "grid": grid, "convex_mse": heat.tolist(),
            "convex_line_max": max(on_line), "pairs": [list(p) for p in pairs],

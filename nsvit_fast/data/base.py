@@ -22,8 +22,8 @@ class ImageDataset(Dataset):
 
     Raises:
         NsvitError: no images, images not 4-D float, channels-last (B, H, W, C), outside [0, 1] or
-            not finite; labels not a 1-D
-            integer tensor of indices >= 0 of the same length; classes fewer than the labels need.
+            not finite; labels not a 1-D integer tensor of indices >= 0 of the same length; classes
+            fewer than the labels need.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None,

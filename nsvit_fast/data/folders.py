@@ -283,7 +283,9 @@ def image_folder(root: str | Path, parts, train: bool = False, transform="model"
 
     Raises:
         NsvitError: the folder is missing, has no class folders, holds only split folders
-            (train / val / test: name one), holds no images, or holds a symlink loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming the file.
+            (train / val / test holding class folders: name one), holds no images, or holds a
+            symlink loop. Reading a corrupt image raises :class:`BadImage` (an NsvitError) naming
+            the file.
     """
     if transform == "model" and not hasattr(parts, "data_config"):
         raise NsvitError(f"image_folder needs the model's adapter (load_model(...)) for its transform, or "
