@@ -562,6 +562,36 @@ def test_attack_random_starts_differ_per_rank_and_the_generators_stay_in_step(mo
         assert len(calls) == 1, method
 
 
+def test_dropout_masks_differ_per_rank_and_every_step_draws_through_the_fork(monkeypatch):
+    # every rank is seeded alike, so a model with dropout drew the same masks on every rank for
+    # their different slices of the batch; the step now runs the loss on a per-rank fork
+    import nsvit_fast.distributed as dist_util
+    import nsvit_fast.train.engine as engine_mod
+    from nsvit_fast.models import create_model
+    from nsvit_fast.train.engine import _LossModule
+
+    torch.manual_seed(0)
+    parts = create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=10, embed_dim=64,
+                         num_heads=2, drop_rate=0.3)
+    parts.train()
+    step = _LossModule(parts, METHODS["plain"]())
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    loss, after = {}, {}
+    for rank in (0, 1):
+        monkeypatch.setattr(dist_util, "rank_world", lambda r=rank: (r, 2))
+        torch.manual_seed(5)
+        loss[rank] = engine_mod.own_draws_per_rank(step, x, y, None)[0]
+        after[rank] = torch.get_rng_state()
+    assert not torch.equal(loss[0], loss[1])  # other masks on the same images
+    assert torch.equal(after[0], after[1])
+    monkeypatch.setattr(dist_util, "rank_world", lambda: (0, 1))
+    calls = []
+    monkeypatch.setattr(engine_mod, "own_draws_per_rank", lambda fn, *a: calls.append(fn) or fn(*a))
+    finetune(parts, digits("train").subset(16), method="plain", rounds=1, model_steps=3, batch_size=8,
+             progress=False)
+    assert len(calls) == 3 and all(isinstance(fn, _LossModule) for fn in calls)
+
+
 def test_the_largest_seed_runs_a_round_of_synthesis():
     # round k's synthesis seed was seed * 100003 + k, past the 2**32 - 1 synthesis accepts from seed 42949 on
     from nsvit_fast import digits, load_model

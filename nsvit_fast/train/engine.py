@@ -44,6 +44,7 @@ from ..runtime import Runtime, check_precision
 from ..synth.engine import SynthConfig, synthesize
 from .. import distributed as dist_util
 from .checkpoint import check_header, check_state, damaged, is_finite, is_real, is_whole, load_state, save_state
+from .methods.base import own_draws_per_rank
 from .methods import DEFAULT_METHOD, MethodConfigs, RoundContext, check_method_configs, method_for, moved_key_error
 
 STATE_FILE = "checkpoint.safetensors"
@@ -660,8 +661,8 @@ class Engine:
             host = self.device.type == "cpu"
             for s in range(start_step, cfg.model_steps):
                 x, y = self.local_batch()
-                with self.rt.autocast():
-                    loss, parts_of_loss = self.loss_module(x, y, self.noise)
+                with self.rt.autocast():  # each rank its own dropout / drop-path masks for its slice
+                    loss, parts_of_loss = own_draws_per_rank(self.loss_module, x, y, self.noise)
                 self.opt.zero_grad(set_to_none=True)
                 if self.scaler is None:
                     loss.backward()

@@ -96,10 +96,13 @@ class Method:
 
 def own_draws_per_rank(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` with each torchrun rank drawing its own random numbers from torch's global
-    generator (an attack's random start), while every rank's generator ends where the others' do.
+    generators (an attack's random start, the model's dropout and drop-path masks), while every
+    rank's generator ends where the others' do.
 
     Every rank is seeded alike and a checkpoint keeps rank 0's generator for all, so without this
-    the ranks drew the same PGD random start for their different slices of the batch. Here one
+    the ranks drew the same PGD random start, and the same dropout masks, for their different
+    slices of the batch. The finetuning step runs each loss through it; pgd and trades also run
+    their attack through it, for callers of ``Method.loss`` outside the engine. Here one
     seed is drawn from the shared generator (the same on every rank, so they stay in step and a
     resume replays it), and ``fn`` runs on a forked generator seeded from it and the rank. In one
     process ``fn`` runs as it is, on the shared generator."""
