@@ -962,26 +962,27 @@ def add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
-def _distinct_png(args, images: dict) -> dict:
-    """watermark / targeted: the PNG and the files beside it are none of the inputs. Returns them
-    ({what: path}) for the output lock."""
+def _png_outputs(args, images: dict) -> dict:
+    """watermark / targeted, before the model loads: ``--out`` is a writable .png outside a run
+    folder, and it and the files beside it are none of the inputs. Returns them ({what: path})
+    for the output lock."""
     from .analysis.apps import beside_files
-    from .io import check_distinct
+    from .io import check_distinct, check_output_file
+    from .runlock import check_not_a_run
 
+    check_output_file(args.out, (".png",))
     js, fig = beside_files(args.out)
     outputs = {"--out": args.out, "the .json beside --out": js, "the _figure.png beside --out": fig}
     check_distinct(outputs, {**images, "--checkpoint": args.checkpoint})
+    check_not_a_run(Path(args.out).parent, "--out's folder")  # its files and a finetuning run's side by side
     return outputs
 
 
 def cmd_watermark(args) -> int:
     from .analysis import run_watermark
-    from .io import check_output_file
-    from .runlock import check_not_a_run, output_lock
+    from .runlock import output_lock
 
-    check_output_file(args.out, (".png",))  # before the model loads
-    outputs = _distinct_png(args, {"--image": args.image, "--mark": args.mark})
-    check_not_a_run(Path(args.out).parent, "--out's folder")  # its files and a finetuning run's side by side
+    outputs = _png_outputs(args, {"--image": args.image, "--mark": args.mark})
     with output_lock(outputs):  # two runs on one --out: one's image beside the other's JSON
         parts = _load(args)
         r = run_watermark(parts, args.image, args.out, mark=args.mark, strength=args.strength, iters=args.iters)
@@ -1013,12 +1014,9 @@ def add_watermark(sub) -> None:
 
 def cmd_targeted(args) -> int:
     from .analysis import run_targeted
-    from .io import check_output_file
-    from .runlock import check_not_a_run, output_lock
+    from .runlock import output_lock
 
-    check_output_file(args.out, (".png",))  # before the model loads
-    outputs = _distinct_png(args, {"--source": args.source, "--target": args.target})
-    check_not_a_run(Path(args.out).parent, "--out's folder")  # its files and a finetuning run's side by side
+    outputs = _png_outputs(args, {"--source": args.source, "--target": args.target})
     with output_lock(outputs):  # two runs on one --out: one's image beside the other's JSON
         parts = _load(args)
         r = run_targeted(parts, args.source, args.target, args.out, iters=args.iters, maps=args.saliency)
