@@ -503,6 +503,15 @@ def _name_outputs(parts, classes: list[str] | None, source) -> None:
     if own is not None and list(own) != classes:
         raise NsvitError(f"--classes differs from the class names {source} records ({', '.join(own[:4])}"
                          f"{', ...' if len(own) > 4 else ''}); drop --classes, the file's are used")
+    from .data.folders import known_class_names
+
+    known = known_class_names(parts)  # digits_vit's digits, ImageNet's synsets: fixed by the model
+    if own is None and known is not None and list(known) != classes:
+        if set(known) == set(classes):  # the same names in another order: every label read wrong
+            raise NsvitError(f"--classes puts {parts.name}'s own class names ({', '.join(known[:4])}, ...) in "
+                             f"another order; its outputs are in that order: drop --classes")
+        warnings.warn(f"--classes renames {parts.name}'s outputs, known as {', '.join(known[:4])}, ...: folders "
+                      f"are read by the new names")
     parts.class_names = list(classes)
 
 
@@ -820,7 +829,7 @@ def _eval(args) -> int:
         with rt.matmul_mode(), rt.autocast():  # attacks and corruptions run the model in its precision
             r = evaluate(models, data, suites, seed=seed, baseline=args.baseline, folders=folders, bank=bank,
                          model_classes=classes, mce_reference=args.mce_reference, progress=not args.quiet,
-                         on_bad_image=args.on_bad_image)
+                         max_images=args.max_images, on_bad_image=args.on_bad_image)
         report = r if report is None else report.merge(r)
     for label, ck in zip(labels, ckpts):  # each row's file, beside the weights' fingerprint
         if ck is not None and label in report.context.get("models", {}):
@@ -849,7 +858,8 @@ def add_eval(sub) -> None:
     p.add_argument("--data", default="digits:test",
                    help="digits:test (default; a bare digits or synthetic is its test split), or an ImageFolder "
                         "path, read as given (a folder of split folders is refused: give FOLDER/val)")
-    p.add_argument("--max-images", type=count(1), help="use at most this many images (>= 1; default all)")
+    p.add_argument("--max-images", type=count(1), help="use at most this many images of --data and of each "
+                                                       "--folder, spread over their classes (>= 1; default all)")
     p.add_argument("--workers", type=count(0, MAX_WORKERS), default=0,
                    help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",

@@ -231,3 +231,132 @@ def test_a_bank_learned_on_other_weights_names_the_row(parts, test_images):
                                  progress=False)
     lines = [str(w.message) for w in said if "learned on other weights" in str(w.message)]
     assert lines and all(ln.startswith("model 'other': ") for ln in lines), lines
+
+
+def _digit_folder(root, test_images, per_class=2):
+    """``per_class`` test digits of each class as PNGs in folders named "0".."9" (digits_vit's names)."""
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for j, i in enumerate((test_images.labels == c).nonzero().flatten()[:per_class].tolist()):
+            save_pixels(test_images.images[i], root / str(c) / f"{j}.png")
+    return root
+
+
+def test_max_images_picks_the_same_spread_images_from_every_kind_of_data(parts, test_images, tmp_path):
+    # an ImageDataset kept its first max_images (one class of a class-sorted folder read whole), an
+    # EvalImages ignored max_images while the report's context said it was applied
+    from nsvit_fast.data import load_data
+    from nsvit_fast.eval.source import FolderImages, TensorImages
+
+    root = _digit_folder(tmp_path / "f", test_images)
+    whole = load_data(root, parts=parts)
+    kinds = {"folder": str(root), "dataset": whole, "tensor": TensorImages(whole.images, whole.labels),
+             "streamed": FolderImages(root, parts)}
+    seen = {}
+    for kind, data in kinds.items():
+        rep = nsvit_fast.eval.evaluate(parts, data, ["clean"], max_images=5, progress=False)
+        assert rep.context["images"] == 5, kind
+        seen[kind] = [r.value for r in rep.records]
+    assert len({tuple(v) for v in seen.values()}) == 1, seen
+    from nsvit_fast.eval.source import as_eval_images
+
+    labels = [int(y) for _, ys in as_eval_images(whole, parts, 5).batches(8) for y in ys]
+    assert labels == [0, 2, 5, 7, 9]  # spread over the classes, not the first five (0, 0, 1, 1, 2)
+
+
+def _with_bad_file(root):
+    (root / "3" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_a_skipped_file_is_counted_out_of_the_report_and_the_attack(parts, test_images, tmp_path):
+    # with on_bad_image skip the context said 21 images for 20 scored; evaluate on a folder path ignored
+    # skip for the data itself; an attack's n picked the bad file and attacked one fewer without a word
+    import warnings
+
+    from nsvit_fast.eval.attacks import attack_accuracy_on
+    from nsvit_fast.eval.source import FolderImages
+
+    root = _with_bad_file(_digit_folder(tmp_path / "f", test_images))
+    with pytest.raises(nsvit_fast.NsvitError, match="bad.png"):
+        nsvit_fast.eval.evaluate(parts, str(root), ["clean"], progress=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        rep = nsvit_fast.eval.evaluate(parts, str(root), ["clean"], on_bad_image="skip", progress=False)
+        acc = attack_accuracy_on(parts, FolderImages(root, parts, on_bad_image="skip"), "fgsm", n=21)
+    assert rep.context["images"] == 20 and rep.context["skipped"] == 1
+    assert "(1 unreadable skipped)" in rep.context_line()
+    assert any("1 of the n=21 images picked were unreadable (skipped): 20 attacked" in str(w.message) for w in said)
+    assert 0 < acc <= 1
+
+
+def test_a_folder_with_no_readable_image_is_one_error(parts, test_images, tmp_path):
+    # nullspace divided by zero; the attacks said "accuracy of an empty image set is undefined"
+    root = tmp_path / "f"
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        (root / str(c) / "x.png").write_bytes(b"not an image")
+    for suite in ("nullspace", "fgsm", "clean"):
+        with pytest.raises(nsvit_fast.NsvitError, match=r"no readable image among the 10 read \(all skipped"):
+            nsvit_fast.eval.evaluate(parts, str(root), [suite], on_bad_image="skip", progress=False)
+
+
+def test_folder_suites_refuse_a_symlink_loop_and_a_class_of_dot_files_only(parts, test_images, tmp_path):
+    # a loop was followed (one class read 40 times over: Sketch 11.8 instead of 96.8); a class folder of
+    # macOS ._ files passed the check and failed in torchvision's traceback after the other suites ran
+    import os
+
+    from nsvit_fast.eval.ood import check_folder
+
+    loop = _digit_folder(tmp_path / "loop", test_images)
+    os.symlink("..", loop / "9" / "back")
+    with pytest.raises(nsvit_fast.NsvitError, match="symlink loop"):
+        nsvit_fast.eval.evaluate(parts, test_images, ["clean", "imagenet-sketch"], max_images=4, progress=False,
+                                 folders={"imagenet-sketch": str(loop)})
+    dots = _digit_folder(tmp_path / "dots", test_images)
+    for f in (dots / "4").iterdir():
+        f.rename(f.with_name("._" + f.name))
+    with pytest.raises(nsvit_fast.NsvitError, match=r"hold no images, e.g. \['4'\]"):
+        check_folder(dots, "imagenet-sketch", [str(c) for c in range(10)])
+
+
+def test_numbered_folders_read_by_value_without_a_zero_warn(tmp_path):
+    # 1..9 of a set numbered 1..10 were read one label off (folder 3 as class 3) without a word
+    import warnings
+
+    from nsvit_fast.data.folders import class_index
+
+    for c in range(1, 10):
+        (tmp_path / str(c)).mkdir()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        classes, idx = class_index(tmp_path, None, 10)
+    assert idx["3"] == 3 and any("there is no folder '0'" in str(w.message) for w in said)
+    (tmp_path / "0").mkdir()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        class_index(tmp_path, None, 10)
+    assert not any("no folder '0'" in str(w.message) for w in said)
+
+
+def test_a_hand_edited_report_is_refused_naming_the_record(tmp_path):
+    import json
+
+    from nsvit_fast.eval.report import Report
+
+    good = {"model": "a", "seed": 0, "suite": "clean", "setting": "", "metric": "acc", "value": 99.0}
+    assert Report.from_dict({"kind": "nsvit-fast/report", "records": [good]}).records[0].value == 99.0
+    cases = {"no records": ({"kind": "nsvit-fast/report"}, "'records' must be a JSON list"),
+             "a list": ([good], "not an nsvit-fast report"),
+             "keys missing": ({"kind": "nsvit-fast/report", "records": [{"model": "a", "seed": 0}]},
+                              "record 0 must be an object with the keys"),
+             "value a string": ({"kind": "nsvit-fast/report", "records": [{**good, "value": "high"}]},
+                                "record 0: value must be a finite number, got 'high'"),
+             "seed a string": ({"kind": "nsvit-fast/report", "records": [good, {**good, "seed": "x"}]},
+                               "record 1: seed must be an integer"),
+             "suite a number": ({"kind": "nsvit-fast/report", "records": [{**good, "suite": 3}]},
+                                "record 0: suite must be a string")}
+    for what, (d, msg) in cases.items():
+        (tmp_path / "report.json").write_text(json.dumps(d))
+        with pytest.raises(nsvit_fast.NsvitError, match=msg):
+            Report.load(tmp_path / "report.json")

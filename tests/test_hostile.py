@@ -564,6 +564,13 @@ CASES = [
     ("ood-corrupt", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/ood_corrupt", "--classes",
                               "a,b,c,d,e,f,g,h,i,j", "--max-images", "8", "--quiet", "--out", "{C}/ev"],
      "9.jpg is not a readable image", {}),
+    ("ood-symlink-loop", EV[:1] + ["--suite", "clean;imagenet-sketch", "--folder", "imagenet-sketch={A}/loop",
+                                   "--max-images", "8", "--quiet", "--out", "{C}/ev"], "symlink loop", {}),
+    # a loop in a folder suite's folder was followed: one class read over and over, a wrong score, exit 0
+    ("eval-over-edited-report", EV + ["--out", "{C}/ev"], "record 0 must be an object with the keys",
+     {"file": "ev/report.json", "text": '{"kind": "nsvit-fast/report", "records": [{"model": "a", "seed": 0}]}'}),
+    ("eval-classes-reordered", EV + ["--classes", "9,8,7,6,5,4,3,2,1,0", "--out", "{C}/ev"],
+     "own class names (0, 1, 2, 3, ...) in another order", {}),  # scored 0% with exit 0
     ("ood-classes-count", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/good", "--classes",
                                     "a,b", "--out", "{C}/ev"], "2 names (2 distinct", {}),
     ("ood-classes-dup", EV[:1] + ["--suite", "imagenet-v2", "--folder", "imagenet-v2={A}/good", "--classes",
@@ -835,7 +842,7 @@ def _prepare(cases, assets: Path, root: Path) -> list[dict]:
             os.symlink(opt["link"][1], case / opt["link"][0])
         if opt.get("file"):
             (case / opt["file"]).parent.mkdir(parents=True, exist_ok=True)
-            (case / opt["file"]).write_text("a file\n")
+            (case / opt["file"]).write_text(opt.get("text", "a file\n"))
         sub = [a.replace("{A}", str(assets)).replace("{C}", str(case)) for a in argv]
         out.append({"argv": sub, "cwd": opt.get("cwd", str(case)), "log": str(log), "env": {k: v.replace("{C}", str(case)) for k, v in opt.get("env", {}).items()},
                     "fsize": opt.get("fsize", 0), "as": opt.get("as", 0)})

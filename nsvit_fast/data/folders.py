@@ -15,8 +15,6 @@ from torchvision.datasets.folder import IMG_EXTENSIONS as TV_EXTENSIONS, has_fil
 
 from ..errors import NsvitError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
-
 
 def pixel_transform(parts, train: bool = False):
     """timm's transform for this model: PIL image -> (C, H, W) float32 pixels in [0, 1].
@@ -203,6 +201,10 @@ def class_index(root: str | Path, names: list[str] | None, num_classes: int | No
                           f"an nsvit-fast model saved without class_names) reads them differently", stacklevel=2)
         found = sorted(found, key=int)
         if num_classes is not None and int(found[-1]) < num_classes:
+            if found[0] != "0" and names is None:  # 1..9 of a 1-based 1..10 set would be read one label off
+                warnings.warn(f"{root}: class folders named by number are read by value (folder {found[0]!r} is "
+                              f"output {found[0]}), and there is no folder '0': if the classes are numbered from "
+                              f"1, every label is one off (rename the folders 0..{num_classes - 1})", stacklevel=2)
             return [str(i) for i in range(num_classes)], {c: int(c) for c in found}
     if num_classes is not None and found and len(found) != num_classes:
         warnings.warn(f"{root}: {len(found)} class folders for a {num_classes}-output model, read by sorted position "
@@ -247,7 +249,7 @@ def check_val_classes(parts, val, what: str = "the validation data") -> None:
                          f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); labels are read by name")
 
 
-def _visible_image(path: str) -> bool:
+def visible_image(path: str) -> bool:
     """An image file by extension, as torchvision's, that is not a dot-file: macOS leaves ``._x.JPEG``
     AppleDouble files beside each image in copied trees, which are not images."""
     return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, TV_EXTENSIONS)
@@ -260,7 +262,7 @@ class IndexedFolder(ImageFolder):
     def __init__(self, root, index: tuple[list[str], dict[str, int]], **kw):
         self._index = index
         if "extensions" not in kw:
-            kw.setdefault("is_valid_file", _visible_image)
+            kw.setdefault("is_valid_file", visible_image)
         super().__init__(root, **kw)
 
     def find_classes(self, directory):

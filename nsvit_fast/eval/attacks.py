@@ -289,4 +289,9 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
         torch.set_rng_state(state)
     if seen == 0:
         raise NsvitError("accuracy of an empty image set is undefined")
+    if n is not None and seen < todo:  # a streamed folder's unreadable files, skipped after the spread
+        import warnings
+
+        warnings.warn(f"attack {name}: {todo - seen} of the n={todo} images picked were unreadable (skipped): "
+                      f"{seen} attacked", stacklevel=2)
     return hits / seen

@@ -64,8 +64,9 @@ def check_folder(root: str | Path, suite: str, names: list[str]) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise NsvitError(f"{suite}: folder not found: {root}")
-    from ..data.folders import class_folders
+    from ..data.folders import check_no_symlink_loop, class_folders
 
+    check_no_symlink_loop(root)  # the loader follows links: a loop would be read over and over
     classes = class_folders(root)  # dot-folders (.ipynb_checkpoints) are not classes, as for training folders
     if not classes:
         raise NsvitError(f"{suite}: {root} has no class folders (expected {root}/<class>/<image>)")
@@ -85,11 +86,10 @@ def _check_names(root: Path, suite: str, names: list[str], folders: list[str], c
         missing = [c for c in names if c not in classes][:3] if expected == len(names) else []
         raise NsvitError(f"{suite}: incomplete, {len(classes)} of {expected} class folders"
                          + (f" (missing e.g. {missing})" if missing else ""))
-    from .. data.folders import IMG_EXTENSIONS
+    from ..data.folders import visible_image
 
-    # as torchvision's ImageFolder reads them: any case of the extension, in sub-folders too
-    empty = [c for c in folders if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob("*")
-                                           if f.is_file())]
+    # as the loader reads them: any case of the extension, in sub-folders too, no dot-files (._x.JPEG)
+    empty = [c for c in folders if not any(visible_image(str(f)) for f in (root / c).rglob("*") if f.is_file())]
     if empty:
         raise NsvitError(f"{suite}: {len(empty)} class folder(s) hold no images, e.g. {empty[:3]}")
     return folders

@@ -16,13 +16,15 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 import statistics
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from ..errors import NsvitError
 from ..io import make_dirs, os_error, save_figure, write_json, write_text
@@ -78,6 +80,31 @@ class Record:
     setting: str
     metric: str
     value: float
+
+
+def _records_of(d: dict) -> list:
+    """A report dict's ``records`` list; NsvitError when it is absent or not a list."""
+    records = d.get("records")
+    if not isinstance(records, list):
+        raise NsvitError("not an nsvit-fast report ('records' must be a JSON list)")
+    return records
+
+
+def _record(r: Any, i: int) -> Record:
+    """Record ``i`` of a report file, after checking its fields (a hand-edited file loaded
+    "value": "high" as a number)."""
+    names = [f.name for f in fields(Record)]
+    if not isinstance(r, dict) or sorted(r) != sorted(names):
+        raise NsvitError(f"record {i} must be an object with the keys {', '.join(names)}")
+    bad = next((k for k in ("model", "suite", "setting", "metric") if not isinstance(r[k], str)), None)
+    if bad is not None:
+        raise NsvitError(f"record {i}: {bad} must be a string, got {r[bad]!r}")
+    if not isinstance(r["seed"], int) or isinstance(r["seed"], bool):
+        raise NsvitError(f"record {i}: seed must be an integer, got {r['seed']!r}")
+    v = r["value"]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise NsvitError(f"record {i}: value must be a finite number, got {v!r}")
+    return Record(**r)
 
 
 def _commit(stage: Path, out: Path, new: list[str], managed: tuple[str, ...]) -> None:
@@ -413,7 +440,8 @@ class Report:
         def one(c: dict) -> str:
             models = "; ".join(f"{name}: {m.get('checkpoint') or m.get('arch', '?')} (weights {m.get('weights', '?')})"
                                for name, m in c.get("models", {}).items())
-            return f"Data: {c.get('data', '?')}, {c.get('images', '?')} images. Models: {models}."
+            skipped = f" ({c['skipped']} unreadable skipped)" if c.get("skipped") else ""
+            return f"Data: {c.get('data', '?')}, {c.get('images', '?')} images{skipped}. Models: {models}."
 
         if len(parts) == 1:
             return one(parts[0]) + "\n\n"
@@ -429,11 +457,11 @@ class Report:
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
         """Inverse of to_dict. Raises NsvitError when ``d`` is not an nsvit-fast report."""
-        if d.get("kind") != "nsvit-fast/report":
+        if not isinstance(d, dict) or d.get("kind") != "nsvit-fast/report":
             raise NsvitError("not an nsvit-fast report")
         if not isinstance(d.get("context", {}), dict):
             raise NsvitError("not an nsvit-fast report ('context' must be a JSON object)")
-        return cls([Record(**r) for r in d["records"]], d.get("context"))
+        return cls([_record(r, i) for i, r in enumerate(_records_of(d))], d.get("context"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
@@ -470,7 +498,9 @@ class Report:
             return
         try:
             cls.load(out / "report.json")
-        except NsvitError:
+        except NsvitError as e:
+            if os.path.lexists(out / "report.json"):  # ours by name, but damaged or edited by hand
+                raise NsvitError(f"{e}; not an evaluation report to replace: give eval its own folder") from None
             raise NsvitError(f"{out} holds {found[0]} but no nsvit-fast report.json beside it: it is not an "
                              f"evaluation report to replace; give eval its own folder") from None
 

@@ -3,9 +3,9 @@
 Every suite reads its images through :meth:`EvalImages.batches`, so a suite's loop is one loop for
 both: attacks run per batch and hits are summed. :class:`TensorImages` slices tensors already in
 memory (digits, small sets); :class:`FolderImages` streams an ImageFolder tree (ImageNet val, -C,
--A, -R, ...) through :func:`nsvit_fast.data.stream.eval_loader`'s DataLoader and the model's timm
-eval transform, holding one batch at a time. Both give the same batches of the same images in the
-same order, so the numbers agree.
+-A, -R, ...) through a DataLoader and the model's timm eval transform, holding one batch at a time.
+Both give the same batches of the same images in the same order, so the numbers agree (with one
+exception under ``on_bad_image="skip"``, see :class:`FolderImages`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class EvalImages(ABC):
         time (the last batch may be smaller); only ``n`` images if given, spread evenly over the set
         (:func:`spread`), so a class-sorted folder gives every class, not the first one or two."""
 
+    @abstractmethod
+    def subset(self, n: int) -> "EvalImages":
+        """``n`` of the images spread evenly over the set (:func:`spread`), as ``max_images`` picks
+        them; the set itself when it holds no more than ``n``."""
+
 
 class TensorImages(EvalImages):
     """Images (N, C, H, W) and labels (N,) already in memory."""
@@ -45,6 +50,10 @@ class TensorImages(EvalImages):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, n: int) -> "TensorImages":
+        keep = spread(len(self), n)
+        return self if keep is None else TensorImages(self.images[keep], self.labels[keep], self.classes)
 
     def batches(self, batch_size: int, n: int | None = None):
         keep = spread(len(self), n)
@@ -59,7 +68,11 @@ class FolderImages(EvalImages):
     :func:`nsvit_fast.data.load_data` reads into memory). ``workers`` DataLoader workers decode;
     ``pin_memory`` for CUDA. An unreadable file stops the run naming it (``on_bad_image="error"``) or,
     with ``"skip"``, is left out of the batch and counted, as the in-memory path does: one warning
-    per pass names how many and the first (a substitute would count another image twice)."""
+    per run names how many and the first (a substitute would count another image twice), and
+    ``skipped`` holds their paths. The one difference from the in-memory path: an attack's ``n``
+    images are spread over the folder's files before the unreadable ones are known, so it attacks
+    fewer than ``n`` where one of them is unreadable (the attack warns); in memory they are spread
+    over the readable images. A pass that reads no image at all raises NsvitError."""
 
     def __init__(self, root: str | Path, parts, max_images: int | None = None, workers: int = 0,
                  pin_memory: bool = False, on_bad_image: str = "error"):
@@ -68,15 +81,29 @@ class FolderImages(EvalImages):
 
         root = Path(root)
         if not root.is_dir():
-            raise NsvitError(f"data folder not found: {root}")
+            named = str(root).partition(":")[0] in ("digits", "synthetic")
+            raise NsvitError(f"data folder not found: {root}" + (" (for a named set pass load_data's ImageDataset: "
+                                                                 f"load_data({str(root)!r}, parts=...))" if named else ""))
         self.dataset = SeededFolder(root, pixel_transform(parts, train=False), str(root), on_bad_image, parts=parts)
         self.classes = list(self.dataset.classes)
         self.indices = spread(len(self.dataset), max_images)
         self.workers, self.pin_memory, self.root = int(workers), bool(pin_memory), root
+        self.skipped: set[str] = set()
         self._warned = False
 
     def __len__(self) -> int:
         return len(self.dataset) if self.indices is None else len(self.indices)
+
+    def subset(self, n: int) -> "FolderImages":
+        import copy
+
+        pick = spread(len(self), n)
+        if pick is None:
+            return self
+        out = copy.copy(self)
+        keep = list(range(len(self.dataset))) if self.indices is None else self.indices
+        out.indices, out.skipped = [keep[i] for i in pick], set()
+        return out
 
     def batches(self, batch_size: int, n: int | None = None):
         from torch.utils.data import DataLoader, Subset
@@ -88,11 +115,17 @@ class FolderImages(EvalImages):
         ds = _Droppable(self.dataset)
         ds = ds if len(keep) == len(self.dataset) else Subset(ds, keep)
         bad: list[str] = []
+        read = 0
         for x, y, b in DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.workers,
                                   pin_memory=self.pin_memory, collate_fn=_collate):
             bad += b
+            read += len(y)
             if len(y):
                 yield x, y
+        self.skipped.update(bad)
+        if bad and not read:  # every suite would fail its own way (a division by zero, an "empty set")
+            raise NsvitError(f"{self.root}: no readable image among the {len(bad)} read (all skipped, "
+                             f"on_bad_image: skip), e.g. {bad[0]}")
         if bad and not self._warned:  # once per run, though every suite makes a pass
             import warnings
 
@@ -149,18 +182,16 @@ def _collate(items):
 
 
 def as_eval_images(data, parts=None, max_images: int | None = None, **folder_kw) -> EvalImages:
-    """``data`` as EvalImages: an ImageDataset (its first ``max_images``), an EvalImages as it is,
-    or a folder path (streamed through ``parts``' eval transform; ``folder_kw`` to FolderImages).
+    """``data`` as EvalImages: an ImageDataset (held in memory), an EvalImages, or a folder path
+    (streamed through ``parts``' eval transform; ``folder_kw`` to FolderImages), each cut to
+    ``max_images`` spread evenly over it (:func:`spread`: a class-sorted set keeps every class).
     Raises NsvitError for anything else, or a folder without the model."""
     from ..data.base import ImageDataset
 
     if isinstance(data, EvalImages):
-        return data
+        return data if not max_images else data.subset(max_images)
     if isinstance(data, ImageDataset):
-        x, y = data.images, data.labels
-        if max_images:
-            x, y = x[:max_images], y[:max_images]
-        return TensorImages(x, y, getattr(data, "classes", None))
+        return TensorImages(data.images, data.labels, getattr(data, "classes", None)).subset(max_images or len(data))
     if isinstance(data, (str, Path)):
         if parts is None:
             raise NsvitError("a folder of images needs the model (for its input size and transform)")

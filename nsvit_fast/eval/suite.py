@@ -555,11 +555,13 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         bank: a NoiseBank for the ``noisebank`` suite.
         mce_reference: "alexnet", "baseline" or "auto" (AlexNet for 1000-class models).
         model_classes: the models' class names, for folder suites on models without 1000 classes.
-        max_images: evaluate on the first ``max_images`` images (and at most that many per folder).
+        max_images: evaluate on ``max_images`` images spread evenly over the data (a class-sorted
+            folder keeps every class), and at most that many per folder suite.
         progress, log: print (or pass to ``log``) one timing line per model and suite; ``progress``
             also shows a per-batch bar inside each suite, on a terminal only.
-        on_bad_image: an unreadable file in a folder suite: ``error`` (stop, naming it) or ``skip``
-            (left out, one warning with the count).
+        on_bad_image: an unreadable file in a data folder or a folder suite: ``error`` (stop,
+            naming it) or ``skip`` (left out, one warning with the count; the report's context
+            counts the images scored and the ``skipped`` ones).
 
     Returns a Report with one record per (model, suite, setting, metric), at ``seed``. An attack's
     ``n`` above the number of images is cut to it, with a warning: the record names the n attacked.
@@ -612,10 +614,15 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
     if {"corruptions", "imagenet-c"} <= {s for s, _ in specs}:  # one C column, one set of records
         raise NsvitError("suites corruptions and imagenet-c both fill the corruption column (C): give one of "
                          "them per evaluation")
+    from ..data import BAD_IMAGE
+
+    if on_bad_image not in BAD_IMAGE:
+        raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
     names = list(models)
     lent = share_class_names(models)  # before the first model's rules read a folder
     try:
-        source = as_eval_images(data, models[names[0]], max_images)
+        kw = {"on_bad_image": on_bad_image} if isinstance(data, (str, Path)) else {}
+        source = as_eval_images(data, models[names[0]], max_images, **kw)
         for name, m in models.items():
             check_labels_fit(m.num_classes, source, f"the data (for {name})")
         check_comparable(models, isinstance(data, (str, Path, FolderImages)))
@@ -629,14 +636,10 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         baseline = baseline or names[0]
         if baseline not in models:
             raise NsvitError(f"baseline {baseline!r} is not one of the evaluated models {names}")
-        from ..data import BAD_IMAGE
-
-        if on_bad_image not in BAD_IMAGE:
-            raise NsvitError(f"on_bad_image must be one of {', '.join(BAD_IMAGE)}, got {on_bad_image!r}")
         from ..models import weights_fingerprint
 
         what = str(getattr(source, "root", None) or getattr(data, "name", None) or type(data).__name__)
-        context = {"data": what, "images": len(source) if max_images is None else min(len(source), max_images),
+        context = {"data": what, "images": len(source),
                    "models": {n: {"arch": m.arch, "weights": weights_fingerprint(m)} for n, m in models.items()}}
         run = Run(Report(context=context), source, seed, baseline, dict(folders or {}), bank, model_classes,
                   mce_reference, max_images, on_bad_image, progress=progress)
@@ -667,6 +670,9 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
                     SUITES[suite].run(run, name, parts, kw)
                 setting = fmt_setting(kw)
                 say(f"  {name} {suite}{':' + setting if setting else ''}: {time.perf_counter() - t0:.1f} s")
+        skipped = len(getattr(source, "skipped", ()))
+        if skipped:  # known once a pass has read them: the count scored, not the files listed
+            run.report.context.update(images=len(source) - skipped, skipped=skipped)
         return run.report
     finally:  # the caller's adapters keep the names they had
         for name, had in lent.items():
