@@ -79,7 +79,8 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Tru
 
 
 def listof(item, what: str):
-    """Comma-separated values, each parsed by ``item``; at least one."""
+    """Comma-separated values, each parsed by ``item``; at least one, none twice (a repeated seed,
+    lambda or variant ran twice and was counted as two)."""
     def parse(text: str) -> list:
         parts = [t.strip() for t in text.split(",")]
         if not text.strip() or any(not t for t in parts):
@@ -87,9 +88,12 @@ def listof(item, what: str):
         out = []
         for t in parts:
             try:
-                out.append(item(t))
+                v = item(t)
             except argparse.ArgumentTypeError as e:
                 raise argparse.ArgumentTypeError(f"{t!r} in {text!r}: {e}") from None
+            if v in out:
+                raise argparse.ArgumentTypeError(f"{t!r} appears twice in {text!r}")
+            out.append(v)
         return out
     parse.__name__ = f"comma-separated {what}"
     return parse
@@ -195,6 +199,18 @@ def _default_model(args) -> None:
             raise NsvitError("give --model NAME (or --checkpoint FILE saved by nsvit-fast)")
 
 
+def _weights_read(args) -> dict:
+    """The weights file the command will read, for check_distinct: --checkpoint, else the built-in
+    model's own file (synth --out onto it replaced the model with a bank)."""
+    if args.checkpoint is not None:
+        return {"--checkpoint": args.checkpoint}
+    from .models import embedded
+
+    if (args.model or getattr(args, "model_default", None)) == embedded.NAME:
+        return {f"the built-in {embedded.NAME} weights": embedded.CHECKPOINT}
+    return {}
+
+
 def _needs_config(what: str) -> NsvitError:
     return NsvitError(f"finetune {what} takes a --config: the default one, digits, holds the embedded digits "
                       f"model's settings; give --config vit_s_imagenet (the paper's ViT-S settings), vit_b_imagenet, "
@@ -288,7 +304,8 @@ def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train the embedded digits ViT from scratch",
                        description="Train digits_vit (img 32, patch 8, dim 96, depth 6) on scikit-learn's digits.")
     p.add_argument("--out", default="digits_vit.safetensors", help="output checkpoint (.safetensors; default digits_vit.safetensors)")
-    p.add_argument("--epochs", type=count(1), default=60, help="passes over the 1200 training digits (default 60)")
+    p.add_argument("--epochs", type=count(1), default=60,
+                   help="passes over the 1200 training digits (default 60; the first 3 warm the lr up to --lr)")
     p.add_argument("--lr", type=POSITIVE, default=2e-3, help="AdamW learning rate (default 0.002)")
     p.add_argument("--batch-size", type=count(1), default=64, help="images per step (default 64)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the weights and the batch order (default 0)")
@@ -356,10 +373,11 @@ def _synth_args(p: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
                                                      f"on held-out images")
     add("--heldout", type=count(0), default=d.heldout, help=f"held-out images: carved out of the data for "
         f"--stop heldout; a metrics sample left in training for --stop batch (default {d.heldout})")
+    steps = "--steps" if "max_steps" in omit else "--max-steps"  # profile runs a fixed --steps
     add("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-        help="cosine over 10 x max-steps as the official code (default), or over max-steps")
+        help=f"cosine over 10 x {steps} as the official code (default), or over {steps}")
     add("--lr-t-max", dest="lr_t_max", type=count(0), default=d.lr_t_max,
-        help="official schedule's T_max (default 0: 10 x max-steps; 30030 is the official ImageNet run)")
+        help=f"official schedule's T_max (default 0: 10 x {steps}; 30030 is the official ImageNet run)")
     add("--seed", type=SEED, default=d.seed, help=f"seed of the noise init and the batches (default {d.seed})")
 
 
@@ -378,10 +396,17 @@ def cmd_synth(args) -> int:
     from .runtime import Runtime
     from .synth import synthesize
 
+    from .data import parse_spec
+
+    streamed = parse_spec(args.data, args.split).kind == "folder" and args.max_images is None
+    stray = next((f for f in ("augment", "workers") if getattr(args, f) is not None), None)
+    if stray and not streamed:  # ignored without a word: the bank was the one made without it
+        raise NsvitError(f"--{stray} applies to a streamed folder (--data FOLDER without --max-images); this data "
+                         f"is read into memory and used as it is")
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")
-    check_distinct({"--out": args.out, "--log": args.log}, {"--checkpoint": args.checkpoint},
+    check_distinct({"--out": args.out, "--log": args.log}, _weights_read(args),
                    {"--data": _image_folder(args.data, args.split)}, files=("--out", "--log"))
     with output_lock({"--out": args.out, "--log": args.log}):  # a second synth on these files: refused
         rt = Runtime.create(args.device, args.precision or "fp32")
@@ -392,7 +417,8 @@ def cmd_synth(args) -> int:
         if isinstance(data, Path):  # a folder, streamed with the official augmentation
             from .data.stream import StreamingData
 
-            data = StreamingData(data, parts, args.batch_size, args.seed, args.augment, args.workers, device=rt.device,
+            data = StreamingData(data, parts, args.batch_size, args.seed, args.augment or "rrc_flip",
+                                 4 if args.workers is None else args.workers, device=rt.device,
                                  on_bad_image=args.on_bad_image)
         with staged_writes():  # the log is renamed with the bank, or removed: a failed save left it behind
             bank = synthesize(parts, data, progress=not args.quiet, log=args.log, runtime=rt, **_synth_overrides(args))
@@ -419,16 +445,18 @@ def add_synth(sub) -> None:
     _data_args(p)
     _synth_args(p)
     p.add_argument("--out", default="noise_bank.safetensors", help="output bank (default noise_bank.safetensors)")
-    p.add_argument("--log", help="JSONL file receiving every stop check")
+    p.add_argument("--log", help="JSONL file, one record per stop check: step, active (count), noise (their "
+                                 "indices), mse_prob and norm (each noise's, as tested at that step)")
     p.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_args(p)
     from .data.stream import AUGMENTS
 
-    p.add_argument("--augment", default="rrc_flip", choices=AUGMENTS,
+    p.add_argument("--augment", choices=AUGMENTS,
                    help="a streamed folder (no --max-images): rrc_flip (RandomResizedCrop + flip, timm's, the model's "
                         "interpolation; default), official (torchvision's bilinear, as the official scripts) or none")
-    p.add_argument("--workers", type=count(0, MAX_WORKERS), default=4, help="DataLoader workers for a streamed folder (default 4)")
+    p.add_argument("--workers", type=count(0, MAX_WORKERS),
+                   help="DataLoader workers for a streamed folder (default 4)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -441,7 +469,7 @@ def cmd_profile(args) -> int:
 
     if args.trace:
         check_output_file(args.trace, (".json",), what="--trace")
-        check_distinct({"--trace": args.trace}, {"--checkpoint": args.checkpoint},
+        check_distinct({"--trace": args.trace}, _weights_read(args),
                        {"--data": _image_folder(args.data, args.split)}, files=("--trace",))
     parts = _load(args)
     _check_default_data(args, parts)
@@ -454,8 +482,10 @@ def cmd_profile(args) -> int:
         res = profile_synth(parts, data, steps=args.steps, trace=args.trace, **kw)
     batch = min(kw["batch_size"], len(data))  # the batch a step takes (BatchStream: all images if fewer)
     fills = ", first-epoch cache fills included" if kw["mode"] == "fast" else ""  # reference caches nothing
+    m = kw.get("num_noises", 1)  # reference mode steps its noises one after another: a step is all of theirs
+    each = "" if m == 1 else (f" of all {m} noises, " + ("batched" if kw["mode"] == "fast" else "one after another"))
     print(f"{args.steps} synthesis steps, mode {kw['mode']}, batch {batch}: {res['wall_ms']:.0f} ms "
-          f"({res['ms_per_step']:.1f} ms/step{fills})")
+          f"({res['ms_per_step']:.1f} ms/step{each}{fills})")
     print(f"{'phase':16s} {'ms':>10s} {'share':>7s}")
     for ph, v in res["phases"].items():
         print(f"{ph:16s} {v['ms']:10.1f} {v['pct']:6.1f}%")
@@ -736,9 +766,6 @@ def cmd_eval(args) -> int:
     from .io import check_distinct, check_output_dir
     from .runlock import check_not_a_run, run_lock
 
-    twice = [s for i, s in enumerate(args.seeds) if s in args.seeds[:i]]
-    if twice:  # one run counted twice in the mean ± std
-        raise NsvitError(f"--seeds gives seed {twice[0]} twice")
     check_output_dir(args.out, files=Report.FILES)
     check_distinct({"--out": args.out}, {}, {"--data": _image_folder(args.data, default="test"),
                                              **{f"--folder {k}": v for k, v in args.folder or []}})
@@ -983,7 +1010,7 @@ def _png_outputs(args, images: dict) -> dict:
     check_output_file(args.out, (".png",))
     js, fig = beside_files(args.out)
     outputs = {"--out": args.out, "the .json beside --out": js, "the _figure.png beside --out": fig}
-    check_distinct(outputs, {**images, "--checkpoint": args.checkpoint})
+    check_distinct(outputs, {**images, **_weights_read(args)})
     check_not_a_run(Path(args.out).parent, "--out's folder")  # its files and a finetuning run's side by side
     return outputs
 
@@ -1075,7 +1102,7 @@ def cmd_fingerprint(args) -> int:
     made = {}
     if args.action == "make":  # checked before its lock makes the folders
         check_output_file(args.fingerprint, (".safetensors",), "--fingerprint")
-        check_distinct({"--fingerprint": args.fingerprint, "--report": args.report}, {"--checkpoint": args.checkpoint},
+        check_distinct({"--fingerprint": args.fingerprint, "--report": args.report}, _weights_read(args),
                        {"--data": _image_folder(args.data, args.split, "val")}, files=("--fingerprint",))
         made = {"--fingerprint": args.fingerprint}
     from .runlock import check_not_a_run
@@ -1248,7 +1275,7 @@ def _main(argv: list[str] | None) -> int:
                 raise NsvitError(f"--{empty[0].replace('_', '-')} is empty")
             if not getattr(args, "distributed", False) and env_int("WORLD_SIZE", 1) > 1:
                 # each rank would do the whole job (synth twice) or fight over one folder (eval's lock)
-                raise NsvitError(f"{args.func.__name__[4:]} runs in one process; only finetune runs under "
+                raise NsvitError(f"{args.command} runs in one process; only finetune runs under "
                                  f"torchrun (WORLD_SIZE={env_int('WORLD_SIZE', 1)})")
             code = int(args.func(args) or 0)
         except NsvitError as e:

@@ -35,13 +35,22 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 10.0, num_images:
     if scale > MAX_NOISE_SCALE:  # float32 noise overflows: NaN, not a test of invariance
         raise NsvitError(f"scale must be at most {MAX_NOISE_SCALE:g} (noise norm / image norm), got {scale:g}")
 
-    out = check_output_dir(out_dir, "out", ("demo.json", "report.md", "fig2_nullspace_noise.png", "fig4_trend.png"))
-    from .runlock import check_not_a_run, run_lock
+    from .runlock import DEMO_FILES, check_not_a_run, run_lock
 
+    out = check_output_dir(out_dir, "out", DEMO_FILES)
     check_not_a_run(out)  # a finetune run's folder: the demo's Fig. 4 would replace the run's
+    if (out / "report.json").is_file():  # an evaluation's folder: its report.md would become the demo's
+        raise NsvitError(f"out: {out} holds an evaluation report (report.json); give the demo its own folder")
     for sub in ("eval", "finetune"):  # folders it writes into: a file there would fail after the run
         if (out / sub).exists() and not (out / sub).is_dir():
             raise NsvitError(f"out: {out / sub} is a file, where the demo writes a folder")
+    from .eval.report import Report
+
+    Report.check_folder(out / "eval")  # a user's report there was refused only after the whole demo ran
+    for method in ("ns", "plain", "random"):  # as the finetunes would, after the nullspace stage's figure
+        if (out / "finetune" / method / "report.json").exists():
+            raise NsvitError(f"out: {out / 'finetune' / method} holds an evaluation report (report.json); "
+                             f"give the demo its own folder")
 
     with run_lock(out):  # a second demo on this folder rewrote Fig. 2 before a finetune's lock stopped it
         _check_resumable(out, demo_config(seed, quick))  # before the first stage writes its figure
@@ -72,6 +81,10 @@ def nullspace_stage(out: Path, scale: float, num_images: int, seed: int, log) ->
     unit = basis.sample(len(test), norm=1.0, generator=g, dtype=torch.float64)
     noise64 = unit * (scale * test.images.double().flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
     noise = noise64.float()
+    moved = ((test.images + noise) != test.images).flatten(1).float().mean(1)
+    if not bool((moved > 0.5).all()):  # below float32's resolution: "predictions unchanged" would test nothing
+        raise NsvitError(f"scale {scale:g} is too small for float32: adding the noise leaves most pixels of some "
+                         f"images as they were (x + noise == x), so nothing would be tested; use a larger scale")
     inv32 = verify_invariance(parts, test.images, noise)
     parts64 = load_model("digits_vit").double()
     inv64 = verify_invariance(parts64, test.images.double(), noise64)

@@ -46,11 +46,13 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), w
         raise NsvitError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); give the file's own path")
     if path.exists() and not path.is_file():  # the rename would put a file where the device or pipe was
         raise NsvitError(f"{what} {path} is not a regular file (a device, pipe or socket); give a file name")
-    from .runlock import LOCK_NAME, RUN_FIGURE, RUN_FILES
+    from .runlock import DEMO_FILES, LOCK_NAME, RUN_FIGURE, RUN_FILES
 
     if path.name in (*RUN_FILES, RUN_FIGURE, LOCK_NAME) and any((path.parent / f).exists() for f in RUN_FILES):
         # synth / pretrain had replaced a finetuning run's checkpoint or model: the run was lost
         raise NsvitError(f"{what} {path} is a file of the finetuning run in {path.parent}; write elsewhere")
+    if path.name in DEMO_FILES and (path.parent / "demo.json").is_file():  # synth --log DEMO/report.md
+        raise NsvitError(f"{what} {path} is a file of the demo in {path.parent}; write elsewhere")
     from .eval.report import Report
 
     if path.name in Report.FILES and (path.parent / "report.json").is_file():

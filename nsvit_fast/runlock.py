@@ -30,6 +30,7 @@ LOCK_NAME = ".nsvit.lock"
 # what a finetuning run leaves in its folder (its checkpoint first): no other run writes there
 RUN_FILES = ("checkpoint.safetensors", "config.json", "log.jsonl", "model.safetensors", "model_ema.safetensors")
 RUN_FIGURE = "fig4_trend.png"  # written by the run each round: not another command's to replace
+DEMO_FILES = ("demo.json", "report.md", "fig2_nullspace_noise.png", RUN_FIGURE)  # a demo's folder: demo.json beside
 _HELD: set[int] = set()  # lock fds this process holds
 
 

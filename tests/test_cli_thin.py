@@ -525,3 +525,51 @@ def test_finetune_random_init_starts_from_the_same_weights_each_time(capsys, tmp
         assert code == 0, err
         starts.append(json.loads((tmp_path / str(i) / "config.json").read_text())["run"]["start_weights"])
     assert starts[0] == starts[1] != starts[2]  # the run's seed picks the weights
+
+
+def test_synth_refuses_to_write_over_the_built_in_weights_it_reads(tmp_path, capsys, monkeypatch):
+    # synth --out nsvit_fast/assets/digits_vit.safetensors replaced the embedded model with a bank
+    # (a copy stands in for the package's file, so a regression breaks only the copy)
+    import shutil
+
+    from nsvit_fast.models import embedded
+
+    copy = tmp_path / "digits_vit.safetensors"
+    shutil.copy(embedded.CHECKPOINT, copy)
+    monkeypatch.setattr(embedded, "CHECKPOINT", copy)
+    before = copy.read_bytes()
+    small = ["--max-images", "32", "--max-steps", "1", "--batch-size", "16", "--heldout", "8", "--quiet"]
+    for flag in ("--out", "--log"):
+        other = ["--out", tmp_path / "b.safetensors"] if flag == "--log" else []
+        one_error(*cli(capsys, "synth", *small, *other, flag, copy)[::2],
+                  f"{flag} {copy} is also the built-in digits_vit weights")
+    one_error(*cli(capsys, "fingerprint", "make", "--n", "2", "--fingerprint", copy, "--report",
+                   tmp_path / "r")[::2], "is also the built-in digits_vit weights")
+    assert copy.read_bytes() == before
+    # with --checkpoint the built-in file is not read: writing there is the user's call (pretrain's --out)
+    code, _, err = cli(capsys, "synth", *small, "--checkpoint", tmp_path / "b0.safetensors", "--out", copy)
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_an_upper_case_safetensors_name_is_written_and_read(tmp_path, capsys):
+    # the CLI's check took X.SAFETENSORS, NoiseBank.save refused it after the whole descent
+    from nsvit_fast.synth import NoiseBank
+
+    out = tmp_path / "B.SAFETENSORS"
+    code, _, err = cli(capsys, "synth", "--max-images", "32", "--max-steps", "1", "--batch-size", "16", "--heldout",
+                       "8", "--quiet", "--out", out)
+    assert code == 0, err
+    assert NoiseBank.load(out).noises.shape[0] == 1
+    code, _, err = cli(capsys, "pretrain", "--epochs", "1", "--out", tmp_path / "P.SafeTensors")
+    assert code == 0, err
+    assert load_model("digits_vit", checkpoint=tmp_path / "P.SafeTensors").num_classes == 10  # read as safetensors
+
+
+def test_profile_says_a_step_is_all_the_noises(tmp_path, capsys):
+    # reference mode's 3 steps of 2 noises are 6 single-noise steps: its ms/step is of both noises,
+    # comparable to the fast mode's batched step, and the line now says so
+    for mode, how in (("reference", "one after another"), ("fast", "batched")):
+        code, out, err = cli(capsys, "profile", "synth", "--steps", "2", "--batch-size", "16", "--max-images", "32",
+                             "--num-noises", "2", "--mode", mode, "--trace", tmp_path / f"{mode}.json")
+        assert code == 0, err
+        assert f"ms/step of all 2 noises, {how}" in out.splitlines()[0], out

@@ -590,6 +590,22 @@ CASES = [
      {"env": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
     ("synth-under-torchrun", ["synth", "--max-steps", "1"], "synth runs in one process",
      {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),
+    ("profile-under-torchrun", ["profile", "synth", "--steps", "1"], "error: profile runs in one process",
+     {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),  # "bda>"
+    ("profile-diverged", ["profile", "synth", "--steps", "2", "--lim", "1e30", "--trace", "{C}/t.json"],
+     "diverged to NaN/inf", {}),  # profiled NaN arithmetic, exit 0
+    ("synth-augment-in-memory", SY + ["--augment", "none", "--out", "{C}/b.safetensors"],
+     "--augment applies to a streamed folder", {}),  # ignored: the bank was the one made without it
+    ("synth-workers-cut-folder", SY + ["--data", "{A}/good", "--workers", "7", "--out", "{C}/b.safetensors"],
+     "--workers applies to a streamed folder", {}),
+    ("synth-log-over-demo-report", SY + ["--out", "{C}/b.safetensors", "--log", "{C}/demo/report.md"],
+     "is a file of the demo in", {"file": "demo/demo.json"}),
+    ("demo-over-foreign-eval", ["demo", "--quick", "--out", "{C}/d"], "holds report.md but no nsvit-fast report.json",
+     {"file": "d/eval/report.md"}),  # refused after the whole demo had run and rewritten its figures
+    ("demo-into-eval-report", ["demo", "--quick", "--out", "{C}/ev"], "holds an evaluation report (report.json)",
+     {"file": "ev/report.json", "text": '{"kind": "nsvit-fast/report", "records": []}'}),  # its report.md replaced
+    ("demo-scale-underflow", ["demo", "--quick", "--scale", "1e-12", "--out", "{C}/d"], "too small for float32",
+     {}),  # "predictions unchanged 100%" of a noise that changed no pixel
     ("out-empty", FT + ["--out", ""], "--out is empty", {}),
     ("override-after-options", FT + ["--out", "{C}/o", "--quiet", "bogus_key=1"], "unknown finetune key 'bogus_key'",
      {}),  # read as an override (it was "unrecognized arguments"), so checked as one
@@ -688,7 +704,7 @@ CASES = [
     # a folder suite's folder was checked only when its turn came, after the suites before it ran
     ("eval-late-folder", EV[:1] + ["--suite", "clean;imagenet-r", "--folder", "imagenet-r={A}/good/0", "--out", "{C}/ev"],
      "has no class folders", {}),
-    ("eval-seeds-twice", EV + ["--seeds", "0,1,0", "--out", "{C}/ev"], "--seeds gives seed 0 twice", {}),
+    ("eval-seeds-twice", EV + ["--seeds", "0,1,0", "--out", "{C}/ev"], "'0' appears twice in '0,1,0'", {}),
     ("eval-suite-twice", EV[:1] + ["--suite", "fgsm;fgsm:eps=1/255", "--out", "{C}/ev"],
      "suite fgsm:eps=1/255 is given twice (as fgsm)", {}),
     # both wrote the baseline's corruption errors to one slot: the last one normalised every mCE

@@ -403,6 +403,25 @@ def test_jsonl_log_has_every_check(tmp_path, parts, train):
     assert recs[-1]["mse_prob"][0] < 0.03 <= recs[0]["mse_prob"][0]
 
 
+def test_the_log_pairs_each_mse_with_the_norm_it_tested_and_names_the_noises(tmp_path, parts, train):
+    # the fast mode logged the norm after the step's update beside the step's MSE (the reference
+    # mode's next norm); records named no noise, and reference mode's second noise restarted at step 0
+    kw = dict(lim=4.0, batch_size=32, max_steps=3, eps=1e-9, num_noises=2, progress=False)
+    recs = {}
+    for mode in ("fast", "reference"):
+        synthesize(parts, train.subset(64), mode=mode, log=tmp_path / f"{mode}.jsonl", **kw)
+        recs[mode] = [json.loads(line) for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+    fast, ref = recs["fast"], recs["reference"]
+    assert [r["noise"] for r in fast] == [[0, 1]] * 3
+    assert [(r["step"], r["noise"]) for r in ref] == [(t, [i]) for i in (0, 1) for t in range(3)]
+    for r in fast:  # noise i's step t as the reference mode tested it
+        for i in (0, 1):
+            same = next(x for x in ref if x["step"] == r["step"] and x["noise"] == [i])
+            assert r["norm"][i] == pytest.approx(same["norm"][0], rel=1e-5)
+            assert r["mse_prob"][i] == pytest.approx(same["mse_prob"][0], rel=1e-4)
+    assert fast[0]["norm"] != fast[1]["norm"]  # the noise moved between the records
+
+
 def test_masked_adamw_equals_torch_adamw_with_cosine():
     torch.manual_seed(0)
     target = torch.randn(2, 5, 7)

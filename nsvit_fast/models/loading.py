@@ -68,7 +68,7 @@ def read_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, tor
         raise NsvitError(f"checkpoint {path} is a folder, not a file" if path.is_dir() else
                          f"checkpoint {path} is not a regular file (a pipe, device or socket)" if path.exists() else
                          f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":  # the outputs are checked so: P.SafeTensors is written
         if use_ema:
             raise NsvitError(f"{path}: a safetensors file holds one set of weights; --use-ema reads the EMA "
                              f"weights of a torch training checkpoint ({' / '.join(EMA_KEYS)})")

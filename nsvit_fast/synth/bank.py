@@ -78,7 +78,7 @@ class NoiseBank:
         float32). Returns the path written. Raises NsvitError for a name not ending in
         ``.safetensors`` (``bank.pt`` held safetensors, which ``torch.load`` cannot read) or a zero
         noise (:meth:`load` refuses one), before anything is written."""
-        if Path(path).suffix != ".safetensors":
+        if Path(path).suffix.lower() != ".safetensors":  # as the CLI checks it: X.SAFETENSORS failed after the run
             raise NsvitError(f"{path}: a NoiseBank is written as safetensors; give a .safetensors name")
         norm = self.noises.double().flatten(1).norm(dim=1)
         if bool((norm < MIN_NORM).any()):  # load refuses it: do not write a file that cannot be read back

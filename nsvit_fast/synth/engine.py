@@ -320,6 +320,9 @@ class _Log:
             rec = {"step": step, "active": active, "mse_prob": [round(float(x), 6) for x in mse],
                    "norm": [round(float(x), 4) for x in norm], **extra}
             self.f.write(dumps(rec) + "\n")
+        if step + 1 < self._last:  # reference mode: the next noise's descent starts again at step 0
+            self.bar.reset()
+            self._last = 0
         self.bar.update(step + 1 - self._last)
         self._last = step + 1
         if len(mse):
@@ -343,7 +346,7 @@ class _Log:
 
 
 def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: SynthConfig, device,
-                   confirm: Callable | None, log: _Log, autocast=contextlib.nullcontext):
+                   confirm: Callable | None, log: _Log, autocast=contextlib.nullcontext, index: int = 0):
     """The official loop for one noise (``encoder_level_epsilon_noise``), the held-out confirmation
     of ``stop="heldout"`` aside. Returns (v (N, D), steps, converged, last batch MSE-prob).
 
@@ -368,7 +371,7 @@ def _reference_one(parts: Adapter, images: torch.Tensor, v0: torch.Tensor, cfg: 
             mse = ((z.softmax(-1) - z_noisy.softmax(-1)) ** 2).sum(-1).mean()
         with _phase("host_sync"):
             mse_val = mse.item()                               # every step
-        log.check(t, torch.tensor([mse_val]), v.detach().norm().reshape(1).cpu(), 1)
+        log.check(t, torch.tensor([mse_val]), v.detach().norm().reshape(1).cpu(), 1, noise=[index])
         if mse_val < cfg.eps and t >= blocked_until:
             if confirm is None or bool(confirm(v.detach())[0]):
                 return v.detach()[0], t, True, mse_val
@@ -434,16 +437,18 @@ def _fast(parts: Adapter, cache: CleanCache, v0: torch.Tensor, cfg: SynthConfig,
             ok = confirm(V[active[rows]])
             fire[rows[~ok]] = False
             blocked[active[rows[~ok]]] = t + cfg.heldout_every
+        # also at steps 1, 2, 4, 8, ...: a warm-started noise often passes at once, and waiting for
+        # step k would run up to k - 1 steps whose results are masked out anyway
+        check = (t + 1) % k == 0 or (t + 1) & t == 0 or t == cfg.max_steps - 1
+        tested = V[active].flatten(1).norm(dim=1) if check else None  # the norm this step's MSE is of
         with _phase("optimizer"):
             bmse[active] = torch.where(live, mse, bmse[active])
             steps[active] = torch.where(fire, torch.full_like(steps[active], t), steps[active])
             done[active] |= fire
             opt.step(V, grads, active, ~done[active], t + 1, cosine_lr(cfg.lr, t, t_max))
-        # also at steps 1, 2, 4, 8, ...: a warm-started noise often passes at once, and waiting for
-        # step k would run up to k - 1 steps whose results are masked out anyway
-        if (t + 1) % k == 0 or (t + 1) & t == 0 or t == cfg.max_steps - 1:
+        if check:
             with _phase("host_sync"):
-                log.check(t, mse.cpu(), V[active].flatten(1).norm(dim=1).cpu(), int(active.numel()))
+                log.check(t, mse.cpu(), tested.cpu(), int(active.numel()), noise=active.tolist())
                 active = active[~done[active]]
             if active.numel() == 0:
                 break
@@ -595,13 +600,13 @@ def descend(parts: Adapter, train: torch.Tensor, v0: torch.Tensor, cfg: SynthCon
     The caller holds :func:`frozen`. ``autocast``: the reference mode's forwards (the fast mode's
     come from its cache or source)."""
     if cfg.mode == "reference":
-        outs = [_reference_one(parts, train, v0[i], cfg, device, confirm, log, autocast) for i in range(v0.shape[0])]
+        outs = [_reference_one(parts, train, v0[i], cfg, device, confirm, log, autocast, i) for i in range(v0.shape[0])]
         return (torch.stack([o[0] for o in outs]), torch.tensor([o[1] for o in outs]),
                 torch.tensor([o[2] for o in outs]), torch.tensor([o[3] for o in outs]))
     return _fast(parts, cache or CleanCache(parts, train, device), v0, cfg, device, confirm, log)
 
 
-def _check_diverged(V: torch.Tensor, cfg: SynthConfig) -> None:
+def check_finite_noise(V: torch.Tensor, cfg: SynthConfig) -> None:
     """A step that overflowed leaves NaN/inf noise, which would poison every batch it is added to."""
     if not bool(torch.isfinite(V).all()):
         raise NsvitError(f"the noise diverged to NaN/inf during descent (lr {cfg.lr:g}, lim {cfg.lim:g}); "
@@ -749,7 +754,7 @@ def synthesize(model, data, config: SynthConfig | None = None, *, init: torch.Te
                 init_stats = {"init_mse_prob": mse1.cpu().tolist(), "init_scale_factor": scale.cpu().tolist()}
             phases["grow"] = mark()
             V, steps, conv, bmse = descend(parts, train, v0, run_cfg, device, conf, logger, cache, rt.autocast)
-            _check_diverged(V, cfg)
+            check_finite_noise(V, cfg)
             phases["descent"] = mark()
             synth_seconds = time.perf_counter() - t0
             if cfg.schedule == "boundary":
@@ -827,7 +832,7 @@ def synthesize_regularized(model, data, lam, steps: int = 500, config: SynthConf
     try:
         with frozen(parts):
             V, _, _, bmse = _fast(parts, CleanCache(parts, train, device), v0, cfg, device, None, logger, lam=lams)
-            _check_diverged(V, cfg)
+            check_finite_noise(V, cfg)
             mse, match = noise_effect(parts, V, held, cfg.max_rows)
             g = torch.Generator().manual_seed(cfg.seed + 1)
             perm = torch.stack([v.flatten()[torch.randperm(v.numel(), generator=g).to(device)].reshape(v.shape)

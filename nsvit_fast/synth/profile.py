@@ -19,7 +19,8 @@ from ..config import build
 from ..errors import NsvitError
 from ..io import atomic_path
 from ..models.registry import adapt
-from .engine import SynthConfig, SynthLog, check_config, descend, frozen, image_tensor, initial_noises
+from .engine import (SynthConfig, SynthLog, check_config, check_finite_noise, descend, frozen, image_tensor,
+                     initial_noises)
 
 PHASES = ("data", "clean_forward", "noisy_forward", "backward", "loss_and_stop", "optimizer", "host_sync")
 
@@ -52,8 +53,9 @@ def profile_synth(model, data, steps: int = 20, trace: str | Path | None = "synt
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with frozen(parts, freeze=cfg.mode == "fast"), profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        taken = descend(parts, images, v0, cfg, device, None, SynthLog(None, steps, False, ""))[1]
+        V, taken = descend(parts, images, v0, cfg, device, None, SynthLog(None, steps, False, ""))[:2]
         wall = (time.perf_counter() - t0) * 1e3
+    check_finite_noise(V, cfg)  # a diverged noise's steps time NaN arithmetic, not synthesis
     if int(taken.max()) != steps:  # the times below are per step: they must be of the steps run
         raise NsvitError(f"the profiled descent took {int(taken.max())} of {steps} steps")
     totals, calls = {p: 0.0 for p in PHASES}, {p: 0 for p in PHASES}
