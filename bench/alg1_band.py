@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from nsvit_fast.io import write_json, write_text
@@ -29,8 +30,14 @@ def load(ap: argparse.ArgumentParser, path: str) -> dict:
         # "C↓ (vs pretrained)", and a match by label dropped it from the comparison
         metrics = {(m["suite"], m["setting"]): (float(m["alg1_mean"]), float(m["alg1_std"]), float(m["fast_mean"]),
                                                 m["metric"]) for m in d["metrics"]}
-        return {"path": path, "seeds": str(d["seeds"]), "metrics": metrics, "machine": str(d.get("machine", "?")),
-                "rounds": d.get("rounds")}
+        bad = next((k for k, (mean, std, fast, _) in metrics.items()
+                    if not all(map(math.isfinite, (mean, std, fast))) or std < 0), None)
+        if bad or not metrics:
+            raise ValueError(f"metric {bad} is not finite or has a negative std" if bad else "no metrics")
+        seeds = d["seeds"] if isinstance(d["seeds"], list) else str(d["seeds"]).split(",")
+        return {"path": path, "seeds": str(d["seeds"]), "seed_set": {int(x) for x in seeds}, "metrics": metrics,
+                "machine": str(d.get("machine", "?")),
+                "setting": (d.get("rounds"), d.get("model_steps", 40), tuple(d.get("overrides", [])))}
     except (OSError, ValueError, KeyError, TypeError) as e:
         ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
 
@@ -53,17 +60,19 @@ def main() -> None:
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for alg1_band.json / .md")
     args = ap.parse_args()
     a, b = load(ap, args.first), load(ap, args.second)
-    if a["seeds"] == b["seeds"]:
-        ap.error(f"both files are on seeds {a['seeds']}: the point is two different sets")
-    if a["rounds"] != b["rounds"]:  # a band from another K is another experiment
-        ap.error(f"the files ran {a['rounds']} and {b['rounds']} rounds: compare runs of one setting")
+    if a["seed_set"] & b["seed_set"]:  # compared as text, "2,3,4" passed against "0,1,2"
+        ap.error(f"both files ran seeds {sorted(a['seed_set'] & b['seed_set'])}: the point is two disjoint sets")
+    if a["setting"] != b["setting"]:  # a band from another K, S or lim is another experiment
+        ap.error("the files ran " + " and ".join(f"K {k}, S {s}, overrides {' '.join(o) or 'none'}"
+                                                 for k, s, o in (a["setting"], b["setting"]))
+                 + ": compare runs of one setting")
     if set(a["metrics"]) != set(b["metrics"]):  # a metric one file lacks would leave the count short, unsaid
         only = sorted(set(a["metrics"]) ^ set(b["metrics"]))
         ap.error(f"the files measured different metrics ({', '.join(f'{s}:{t}' for s, t in only)} in one only): "
                  f"compare runs of one suite")
-    out = {"pairs": [], "machines": {a["path"]: a["machine"], b["path"]: b["machine"]}, "rounds": a["rounds"]}
+    out = {"pairs": [], "machines": {a["path"]: a["machine"], b["path"]: b["machine"]}, "rounds": a["setting"][0]}
     md = ["# Algorithm 1 against its own band on other seeds (issue 16's bar)", "",
-          f"No runs: from the noise_cost.json files named, K = {a['rounds']}.", "",
+          f"No runs: from the noise_cost.json files named, K = {a['setting'][0]}.", "",
           *[f"- `{f['path']}` (seeds {f['seeds']}): {f['machine']}" for f in (a, b)], ""]
     for band, other in ((a, b), (b, a)):
         rows = against(band, other)

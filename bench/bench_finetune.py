@@ -30,7 +30,7 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.train import finetune
 from nsvit_fast.train.yamlcfg import load_run
 
-from common import Parser, add_runtime_args, count, cpu_line, ns_step, out_dir, sync, write_results
+from common import Parser, add_runtime_args, check_quick_out, count, cpu_line, ns_step, out_dir, sync, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
                     help="batch 8, 1 step, 1 repeat, 1-round ns runs of 2 model and 2 synthesis steps: a smoke "
                          "run, not a measurement")
     args = ap.parse_args(argv)
+    check_quick_out(ap, args)
     rt = ap.runtime(args.device, args.precision)
     warnings.simplefilter("ignore")
     _, cfg = load_run("digits")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import (Parser, add_runtime_args, count, listof, machine_line, ns_step, one_of, out_dir, sync,
-                    write_results)
+from common import (Parser, add_runtime_args, check_quick_out, count, listof, machine_line, ns_step, one_of, out_dir,
+                    sync, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -135,9 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="results root; files go to OUT/<device kind>/")
     ap.add_argument("--quick", action="store_true", help="digits_vit, batch 8, 1 step, 1 repeat: a smoke run")
     args = ap.parse_args(argv)
+    check_quick_out(ap, args)
     precisions = args.precisions
-    if len(set(precisions)) != len(precisions):  # fp32,fp32 printed one list divided by itself as a ratio
-        ap.error(f"--precisions names {next(p for p in precisions if precisions.count(p) > 1)} twice")
     rts = [ap.runtime(args.device, p) for p in precisions]  # the first bad one is the one error line
     dev = rts[0].device
     warnings.simplefilter("ignore")

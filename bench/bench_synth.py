@@ -41,7 +41,8 @@ from nsvit_fast.runtime import Runtime, device_kind
 from nsvit_fast.synth.cache import CleanCache
 from nsvit_fast.synth.engine import SynthConfig, SynthLog, descend, frozen, split_heldout, synthesize
 
-from common import POSITIVE, Parser, add_runtime_args, count, cpu_line, listof, one_of, out_dir, sync, write_results
+from common import (POSITIVE, Parser, add_runtime_args, check_quick_out, count, cpu_line, listof, one_of, out_dir,
+                    sync, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -258,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="digits_vit, batch 8, 1 step, 1 repeat, no time to eps: a smoke run, not a measurement")
     args = ap.parse_args(argv)
+    check_quick_out(ap, args)
     rt = ap.runtime(args.device, args.precision)
     out = args.out / device_kind(rt.device)
     suffix = "" if rt.precision == "fp32" else f"-{rt.precision}"

@@ -65,10 +65,7 @@ def out_dir(text: str) -> Path:
 
 def seeds(text: str) -> list[int]:
     """Comma-separated seeds >= 0, none twice (argparse type)."""
-    out = listof(SEED, "seeds >= 0")(text)
-    if len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
-    return out
+    return listof(SEED, "seeds >= 0")(text)
 
 
 def add_runtime_args(ap: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -76,6 +73,18 @@ def add_runtime_args(ap: argparse.ArgumentParser, precision: bool = True) -> Non
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     if precision:
         ap.add_argument("--precision", default="fp32", help="fp32, tf32, bf16 or fp16 (autocast of the model)")
+
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # the committed results
+
+
+def check_quick_out(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse a ``--quick`` smoke run whose results would land among the committed ones (the default
+    --out replaced bench/results/cpu/synth.json, which the README quotes, with numbers that measure
+    nothing)."""
+    out = Path(args.out).resolve()
+    if args.quick and (out == RESULTS_ROOT or RESULTS_ROOT in out.parents):
+        ap.error(f"--quick is a smoke run whose numbers measure nothing: give an --out outside {RESULTS_ROOT}")
 
 
 QUICK_NOTE = "**Smoke run (`--quick`): tiny settings, one repeat. These numbers measure nothing.**\n\n"
@@ -139,5 +148,5 @@ def ns_step(parts, opt, x, y, v, rt: Runtime, fused: bool = True) -> None:
     opt.step()
 
 
-__all__ = ["Parser", "out_dir", "seeds", "POSITIVE", "SEED", "count", "listof", "number", "one_of", "add_runtime_args",
-           "sync", "cpu_model", "cpu_line", "machine_line", "ns_step"]
+__all__ = ["Parser", "out_dir", "seeds", "check_quick_out", "POSITIVE", "SEED", "count", "listof", "number", "one_of",
+           "add_runtime_args", "sync", "cpu_model", "cpu_line", "machine_line", "ns_step"]

@@ -51,11 +51,13 @@ def main() -> None:
     ap.add_argument("--out", type=out_dir, default=RESULTS, help="folder for methods.json / .md")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = ap.parse_args()
+    if not args.config.strip():  # load_run('') is the built-in defaults (lr 1e-5, 20 rounds), not a config
+        ap.error("--config is empty: name a config (digits) or a YAML file")
     run, cfg = ap.check(load_run, args.config, ap.check(parse_overrides, args.overrides))
     # the script finetunes digits_vit on digits whatever the config says: another model's config would
     # have run digits with its hyperparameters, recorded under its name
     for key, want in (("model", "digits_vit"), ("data", "digits:train")):
-        if run[key] not in (want, None):
+        if run[key] != want:  # None: --config '' ran the built-in defaults (lr 1e-5, 20 rounds), not digits
             ap.error(f"--config {args.config}: {key} is {run[key]!r}; this script runs {want} only")
     warnings.simplefilter("ignore")
     train, val, test = digits("train"), digits("val"), digits("test")

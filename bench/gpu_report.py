@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--repeats", type=count(1), default=5, help="repeats for bench_synth / bench_finetune / bench_precision")
     args = ap.parse_args(argv)
+    if len(set(args.precision)) != len(args.precision):  # bench_precision refused it, after the other runs
+        ap.error(f"--precision names {next(p for p in args.precision if args.precision.count(p) > 1)} twice")
     if not torch.cuda.is_available():
         ap.error("no CUDA device here; run it on a GPU machine")
     from bench_ops import results_dir

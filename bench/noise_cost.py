@@ -124,7 +124,13 @@ def main() -> None:
             ap.error(f"--render: {args.render} is not a noise_cost.json")
         args.rounds, args.seeds, args.model_steps = d["rounds"], d["seeds"], d.get("model_steps", 40)
         args.overrides = d.get("overrides", [])
-        md = render(d, d["metrics"], d["rows"], ap.check(Report.from_dict, d["report"]), d["machine"], args)
+        report = ap.check(Report.from_dict, d["report"])
+        try:  # a hand-edited file: a key removed, a list emptied, a number made text
+            if not d["rows"] or not d["metrics"]:
+                raise ValueError("no rows or no metrics")
+            md = render(d, d["metrics"], d["rows"], report, d["machine"], args)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            ap.error(f"--render: {args.render} is not a whole noise_cost.json ({type(e).__name__}: {e})")
         try:
             with run_lock(args.out):  # not over the files of a run writing there
                 write_text(args.out / "noise_cost.md", md)
@@ -134,9 +140,11 @@ def main() -> None:
         print(md)
         return
     # every config a run will load, loaded now: a bad key or value fails here, not an hour in
-    if len(set(args.suites)) != len(args.suites):  # evaluate refuses it, but only after the seed's finetunes
-        ap.error(f"--suites names {next(x for x in args.suites if args.suites.count(x) > 1)} twice")
     overrides = ap.check(parse_overrides, args.overrides)
+    owned = {"seed": "--seeds", "rounds": "--rounds", "method": "the variants"}  # set per run: an override won
+    for key in overrides:
+        if key in owned:
+            ap.error(f"override {key}= is set by {owned[key]}; give it there (every seed ran the override's)")
     for config in ("digits", "digits_fast"):
         _, cfg = ap.check(load_run, config, {"rounds": args.rounds, **overrides})
     args.model_steps = cfg.model_steps  # S, as the runs take it (an override may change it)
@@ -147,7 +155,12 @@ def main() -> None:
         if not name.strip() or not kvs:
             ap.error(f"--also wants NAME=key=value[,key=value], got {spec!r}")
         extra = ap.check(parse_overrides, kvs.split(","))
+        key = next((k for k in extra if k in owned), None)
+        if key:
+            ap.error(f"--also {name.strip()}: {key}= is set by {owned[key]} (its runs are paired with the others')")
         ap.check(load_run, "digits_fast", {"rounds": args.rounds, **overrides, **extra})
+        if f"ns fast, {name.strip()}" in variants:  # the second replaced the first without a word
+            ap.error(f"--also names the variant {name.strip()!r} twice")
         variants[f"ns fast, {name.strip()}"] = ("digits_fast", {"method": "ns", "overrides": extra})
     # finetune's device "auto" put the runs on CUDA where there is one: label the timings by it
     machine = (f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}" if torch.cuda.is_available() else

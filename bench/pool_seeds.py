@@ -32,18 +32,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALG1 = "ns (Algorithm 1)"
 
 
-def load(ap: argparse.ArgumentParser, path: str) -> tuple[list[int], Report, str, int]:
-    """(seeds, report, machine, rounds) of one noise_cost.json."""
+def load(ap: argparse.ArgumentParser, path: str) -> tuple[list[int], Report, str, tuple]:
+    """(seeds, report, machine, setting) of one noise_cost.json; the setting is (K, S, overrides)."""
     try:
         d = json.loads(Path(path).read_text())
         rep = Report.from_dict(d["report"])
         seeds = sorted({r.seed for r in rep.records})
         if not isinstance(d.get("rows"), list) or ALG1 not in rep.models or not seeds:
             raise ValueError("no Algorithm 1 runs")
-        rounds = d["rounds"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        setting = (d["rounds"], d.get("model_steps", 40), tuple(d.get("overrides", [])))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # NsvitError is a ValueError
         ap.error(f"{path}: not a noise_cost.json ({type(e).__name__}: {e})")
-    return seeds, rep, str(d.get("machine", "?")), rounds
+    return seeds, rep, str(d.get("machine", "?")), setting
 
 
 def per_seed(rep: Report, model: str, suite: str, setting: str) -> dict[int, float]:
@@ -161,10 +161,11 @@ def main() -> None:
         for r in rep.records:
             if r.model == old:
                 r.model = new
-    rounds = {f: k for f, (_, _, _, k) in zip(args.files, loaded)}
-    if len(set(rounds.values())) > 1:  # seeds of another K are another experiment
-        ap.error(f"the files ran different numbers of rounds ({', '.join(f'{f}: {k}' for f, k in rounds.items())}); "
-                 f"pool runs of one setting")
+    settings = {f: k for f, (_, _, _, k) in zip(args.files, loaded)}
+    if len(set(settings.values())) > 1:  # seeds of another K, S or lim are another experiment
+        ap.error("the files ran different settings (" + "; ".join(
+            f"{f}: K {k}, S {s}, overrides {' '.join(o) or 'none'}" for f, (k, s, o) in settings.items())
+            + "); pool runs of one setting")
     seen: set[int] = set()
     for f, (seeds, *_) in zip(args.files, loaded):
         if seen & set(seeds):
@@ -176,7 +177,10 @@ def main() -> None:
     # the ns variants every file ran
     common = set.intersection(*(set(r.models) for _, r, *_ in loaded))
     variants = [m for m in rep.models if m in common and m.startswith("ns") and m != ALG1]
-    out = {"files": args.files, "renamed": args.rename, "seeds": sorted(seen), "rounds": loaded[0][3],
+    if not variants:  # the figure had no column to draw, after the JSON and .md were written
+        ap.error(f"no ns variant besides {ALG1} is in every file (models: "
+                 + "; ".join(f"{f}: {', '.join(r.models)}" for f, (_, r, *_) in zip(args.files, loaded)) + ")")
+    out = {"files": args.files, "renamed": args.rename, "seeds": sorted(seen), "rounds": loaded[0][3][0],
            "machines": {f: m for f, (_, _, m, _) in zip(args.files, loaded)},
            "variants": {v: compare(rep, v) for v in variants}}
     write_json(args.out / "pooled_seeds.json", out)

@@ -298,12 +298,12 @@ BENCH_CASES = [
     ("noise_cost.py", ["--seeds", "a"], "argument --seeds: 'a' in 'a': must be a whole number"),
     ("noise_cost.py", ["--seeds", "-1"], "must be >= 0"),
     ("noise_cost.py", ["--seeds", ""], "must be comma-separated seeds"),
-    ("noise_cost.py", ["--seeds", "0,1,0"], "a seed appears twice"),
+    ("noise_cost.py", ["--seeds", "0,1,0"], "'0' appears twice in '0,1,0'"),
     ("noise_cost.py", ["--rounds", "0"], "argument --rounds: must be >= 1"),
     ("noise_cost.py", ["--rounds", "two"], "argument --rounds"),
     ("noise_cost.py", ["--suites", "clean,bogus"], "unknown suite 'bogus'"),
     ("noise_cost.py", ["--suites", ""], "must be comma-separated suites"),
-    ("noise_cost.py", ["--suites", "clean,pgd,clean"], "--suites names clean twice"),  # was after the finetunes
+    ("noise_cost.py", ["--suites", "clean,pgd,clean"], "'clean' appears twice"),  # was after the finetunes
     ("noise_cost.py", ["bogus_key=1"], "unknown finetune key 'bogus_key'"),
     ("noise_cost.py", ["lr=nan"], "lr"),
     ("noise_cost.py", ["model_steps=0"], "model_steps"),
@@ -311,22 +311,35 @@ BENCH_CASES = [
     ("noise_cost.py", ["--also", "bank=noise_bogus=2"], "noise_bogus"),
     ("noise_cost.py", ["--also", "bank=noise_bank=zero"], "noise_bank"),
     ("noise_cost.py", ["--resume"], "holds no unfinished run"),
+    ("noise_cost.py", ["seed=7"], "override seed= is set by --seeds"),  # every seed ran seed 7
+    ("noise_cost.py", ["rounds=2"], "override rounds= is set by --rounds"),  # the report still said K = 20
+    ("noise_cost.py", ["--also", "x=seed=9"], "--also x: seed= is set by --seeds"),
+    ("noise_cost.py", ["--also", "a=warm_max_growth=8", "--also", "a=warm_max_growth=6"],
+     "--also names the variant 'a' twice"),  # the first was dropped without a word
+    ("noise_cost.py", ["--render", "{J:no_goals}"], "is not a whole noise_cost.json (KeyError"),
+    ("noise_cost.py", ["--render", "{J:no_rows}"], "is not a whole noise_cost.json"),
     ("noise_cost.py", ["--render", "missing.json"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "README.md"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "pyproject.toml"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "{J:empty}"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "{J:list}"], "not a noise_cost.json"),
     ("noise_cost.py", ["--render", "{J:no_rounds}"], "not a noise_cost.json"),
-    ("alg1_band.py", ["{N}", "{N}"], "both files are on seeds"),
+    ("alg1_band.py", ["{N}", "{N}"], "both files ran seeds [0, 1, 2]"),
+    ("alg1_band.py", ["{N}", "{J:seeds234}"], "both files ran seeds [2]"),  # compared as text: "2,3,4" passed
+    ("alg1_band.py", ["{N}", "{J:nan_std}"], "is not finite or has a negative std"),  # rows "nan ± 0.15", rc 0
+    ("alg1_band.py", ["{N}", "{J:steps10}"], "compare runs of one setting"),  # only K was compared
     ("alg1_band.py", ["{N}", "README.md"], "not a noise_cost.json"),
     ("alg1_band.py", ["{N}", "missing.json"], "not a noise_cost.json"),
-    ("alg1_band.py", ["{N}", "{J:rounds10}"], "the files ran 20 and 10 rounds"),
+    ("alg1_band.py", ["{N}", "{J:rounds10}"], "the files ran K 20, S 40, overrides none and K 10, S 40"),
     ("alg1_band.py", ["{H}", "{B}"], "the files measured different metrics"),  # its count was 1 of 1, unsaid
     ("alg1_band.py", ["{A}", "{B}", "--out", "{RO}"], "cannot write"),
     ("alg1_band.py", ["{A}", "{B}", "--out", "{FILE}"], "is a file, not a folder"),
     ("pool_seeds.py", ["{A}", "{A}"], "are in an earlier file too"),
     ("pool_seeds.py", ["{A}"], "at least two"),
-    ("pool_seeds.py", ["{A}", "{J:rounds10}"], "the files ran different numbers of rounds"),
+    ("pool_seeds.py", ["{A}", "{J:rounds10}"], "the files ran different settings"),
+    ("pool_seeds.py", ["{A}", "{J:steps10}"], "the files ran different settings"),
+    ("pool_seeds.py", ["{A}", "{J:nan_record}"], "value must be a finite number"),  # a statistics traceback
+    ("pool_seeds.py", ["{A}", "{J:alg1_only}"], "no ns variant besides ns (Algorithm 1) is in every file"),
     ("pool_seeds.py", ["{A}", "{B}", "--rename", "3:ns fast=x"], "--rename wants N:OLD=NEW"),
     ("pool_seeds.py", ["{A}", "{B}", "--rename", "1:ns fastt=x"], "file 1 has models"),
     ("pool_seeds.py", ["{A}", "{B}", "--rename", "1:ns fast=ns fast, floor"], "file 1 has models"),
@@ -342,6 +355,8 @@ BENCH_CASES = [
     ("compare_methods.py", ["--seeds", "a"], "argument --seeds"),
     ("compare_methods.py", ["--config", "bogus"], "config 'bogus' not found"),
     ("compare_methods.py", ["--variants", "ns,bogus"], "unknown variant 'bogus'"),
+    ("compare_methods.py", ["--variants", "plain,plain"], "'plain' appears twice"),  # one variant, "2 seeds"
+    ("compare_methods.py", ["--config", ""], "--config is empty"),  # ran the built-in defaults
     ("compare_methods.py", ["bogus_key=1"], "unknown finetune key 'bogus_key'"),
     ("compare_methods.py", ["--out", "{FILE}"], "is a file, not a folder"),
     ("compare_methods.py", ["--config", "vit_s_imagenet"], "this script runs digits_vit only"),  # ran digits
@@ -366,7 +381,7 @@ BENCH_CASES = [
     ("bench_ops.py", ["--precision", "fp8"], "argument --precision: invalid choice"),
     ("bench_precision.py", ["--precisions", "fp32,bogus"], "precision must be one of"),
     ("bench_precision.py", ["--precisions", ""], "must be comma-separated precisions"),
-    ("bench_precision.py", ["--precisions", "fp32,fp32"], "names fp32 twice"),  # a list over itself
+    ("bench_precision.py", ["--precisions", "fp32,fp32"], "'fp32' appears twice"),  # a list over itself
     ("bench_precision.py", ["--precision", "bf16"], "unrecognized arguments: --precision"),  # read as --precisions
     ("bench_precision.py", ["--models", "bogus"], "unknown model 'bogus'"),
     ("bench_precision.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
@@ -377,6 +392,11 @@ BENCH_CASES = [
     ("bench_synth.py", ["--lims", "3,nan"], "must be a finite number"),
     ("bench_synth.py", ["--lims", "-1"], "must be a finite number"),
     ("bench_synth.py", ["--out", "{FILE}"], "is a file, not a folder"),
+    ("bench_synth.py", ["--lims", "3,3.0"], "'3.0' appears twice"),
+    ("bench_synth.py", ["--quick", "--out", "{RES}"], "--quick is a smoke run"),  # replaced cpu/synth.json
+    ("bench_finetune.py", ["--quick", "--out", "{RES}/cpu"], "--quick is a smoke run"),
+    ("bench_precision.py", ["--quick", "--out", "{RES}"], "--quick is a smoke run"),
+    ("gpu_report.py", ["--precision", "bf16", "bf16"], "--precision names bf16 twice"),
     ("gpu_report.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
     ("fingerprint_roc.py", ["--out", "{RO}"], "cannot write"),
     ("fingerprint_roc.py", ["--out", "{FILE}"], "is a file, not a folder"),
@@ -400,12 +420,24 @@ def test_every_bench_script_refuses_bad_input_with_one_line_exit_2_before_runnin
     d = json.loads((RES / "grow_search" / "noise_cost.json").read_text())
     d.pop("rounds")  # a hand-cut report
     ten = {**json.loads((RES / "grow_search_seeds345" / "noise_cost.json").read_text()), "rounds": 10}
+    n = json.loads((RES / "noise_bank_seeds345" / "noise_cost.json").read_text())
+    b = json.loads((RES / "grow_search_seeds345" / "noise_cost.json").read_text())
+    nan_std = {**n, "metrics": [{**n["metrics"][0], "alg1_std": float("nan")}, *n["metrics"][1:]]}
+    rec = b["report"]["records"]
+    nan_record = {**b, "report": {**b["report"], "records": [{**rec[0], "value": float("nan")}, *rec[1:]]}}
+    alg1_only = {**b, "report": {**b["report"], "records": [r for r in rec if not r["model"].startswith("ns fast")]}}
+    full = json.loads((RES / "noise_cost.json").read_text())
+    edited = {"seeds234": {**n, "seeds": "2,3,4"}, "nan_std": nan_std, "steps10": {**n, "model_steps": 10},
+              "nan_record": nan_record, "alg1_only": alg1_only,
+              "no_goals": {k: v for k, v in full.items() if k != "goals_met"}, "no_rows": {**full, "rows": []}}
+    for name, obj in edited.items():
+        (j / f"{name}.json").write_text(json.dumps(obj))
     for name, text in (("empty", "{}"), ("list", "[1]"), ("no_rounds", json.dumps(d)), ("rounds10", json.dumps(ten))):
         (j / f"{name}.json").write_text(text)
     (tmp_path / "a_file").write_text("not a folder\n")
     subs = {"{A}": RES / "grow_search" / "noise_cost.json", "{B}": RES / "grow_search_seeds345" / "noise_cost.json",
             "{N}": RES / "noise_cost.json", "{H}": RES / "nvidia-h200" / "noise_cost" / "noise_cost.json",
-            "{RO}": "/sys/nsvit-bench", "{FILE}": tmp_path / "a_file"}
+            "{RO}": "/sys/nsvit-bench", "{FILE}": tmp_path / "a_file", "{RES}": RES, "{RES}/cpu": RES / "cpu"}
     jobs = []
     for i, (script, argv, _) in enumerate(BENCH_CASES):
         out, log = tmp_path / "out" / str(i), tmp_path / "log" / str(i)
