@@ -403,6 +403,9 @@ def cmd_synth(args) -> int:
     if stray and not streamed:  # ignored without a word: the bank was the one made without it
         raise NsvitError(f"--{stray} applies to a streamed folder (--data FOLDER without --max-images); this data "
                          f"is read into memory and used as it is")
+    if streamed and args.mode == "reference":  # the API's words ("without cache=") meant nothing here
+        raise NsvitError("--mode reference runs the official loop over images in memory: add --max-images N to "
+                         "read N images of the folder, or use --mode fast to stream it")
     check_output_file(args.out, (".safetensors",))
     if args.log:
         check_output_file(args.log, what="--log")

@@ -220,3 +220,15 @@ def test_official_augment_is_torchvisions_bilinear_crop_and_flip(tmp_path):
         assert y == 0 and x.shape == (3, 224, 224) and torch.equal(x, by_hand(img))
         assert not torch.equal(x, timm_ds[(0, seed)][0])  # bicubic, timm's crop: not the same pixels
     assert not torch.equal(ds[(0, 1)][0], ds[(0, 2)][0])
+
+
+def test_synthetic_data_is_drawn_at_the_models_input_size():
+    # synth --model <a 224 model> --data synthetic failed on "takes images (B, 3, 224, 224), got (1, 3, 32, 32)"
+    from nsvit_fast.data import load_data
+    from nsvit_fast.models import create_model
+
+    parts = create_model("vit_tiny_patch16_224", depth=1, img_size=64, patch_size=16, num_classes=10, embed_dim=64,
+                         num_heads=2)
+    ds = load_data("synthetic:val", parts=parts)
+    assert ds.images.shape == (256, 3, 64, 64) and parts(ds.images[:2]).shape == (2, 10)
+    assert load_data("synthetic:val").images.shape[-1] == 32  # without a model, as before

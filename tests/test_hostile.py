@@ -594,6 +594,9 @@ CASES = [
      {"env": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}}),  # "bda>"
     ("profile-diverged", ["profile", "synth", "--steps", "2", "--lim", "1e30", "--trace", "{C}/t.json"],
      "diverged to NaN/inf", {}),  # profiled NaN arithmetic, exit 0
+    ("synth-reference-stream", ["synth", "--data", "{A}/good", "--mode", "reference", "--max-steps", "1", "--quiet",
+                                "--out", "{C}/b.safetensors"], "--mode reference runs the official loop over images "
+                                                               "in memory: add --max-images N", {}),
     ("synth-augment-in-memory", SY + ["--augment", "none", "--out", "{C}/b.safetensors"],
      "--augment applies to a streamed folder", {}),  # ignored: the bank was the one made without it
     ("synth-workers-cut-folder", SY + ["--data", "{A}/good", "--workers", "7", "--out", "{C}/b.safetensors"],

@@ -126,7 +126,8 @@ def load_data(spec: str | Path, split: str | None = None, parts=None, max_images
 
     Args:
         spec, split, default_split: as :func:`parse_spec`.
-        parts: the model's adapter; needed for a folder (input size and transform).
+        parts: the model's adapter; needed for a folder (input size and transform); ``synthetic``
+            is drawn at its (square) input size, 32 x 32 without it.
         max_images: at most this many images (>= 1), the first ones of a named set; None: all.
         on_bad_image: ``error`` stops at the first unreadable image of a folder, naming it;
             ``skip`` leaves such images out and warns how many.
@@ -145,7 +146,9 @@ def load_data(spec: str | Path, split: str | None = None, parts=None, max_images
     if s.kind == "digits":
         ds = digits(s.split)
     elif s.kind == "synthetic":
-        ds = synthetic(n=512 if s.split == "train" else 256, seed=SYNTHETIC_SPLITS.index(s.split))
+        size = tuple(getattr(parts, "img_size", (32, 32)))  # a 224 model took 32 x 32 images: a shape error
+        ds = synthetic(n=512 if s.split == "train" else 256, img_size=size[0] if size[0] == size[1] else 32,
+                       seed=SYNTHETIC_SPLITS.index(s.split))
     else:
         if parts is None:
             raise NsvitError("a folder of images needs the model (for its input size and transform)")
