@@ -332,6 +332,9 @@ class _Log:
         self.bar.close()
         if self.f is None:
             return
+        if ok:  # on disk before the rename makes it visible, as atomic_path does
+            self.f.flush()
+            os.fsync(self.f.fileno())
         self.f.close()
         self.f = None
         if not ok:
