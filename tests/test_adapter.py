@@ -1,5 +1,7 @@
 """The adapter boundary: encode(patch_embed(x)) == model(normalise(x)) for every supported variant."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -377,3 +379,69 @@ def test_encode_noisy_checks_and_the_fused_path_it_may_not_take():
     # pixels past the last whole patch were dropped without a word
     with pytest.raises(NsvitError, match=r"img_size \(70, 70\) is not a multiple of the patch \(16, 16\)"):
         create_model("vit_tiny_patch16_224", depth=1, img_size=70)
+
+
+_TINY = dict(img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2, num_classes=10)
+
+
+def test_attention_maps_refuse_blocks_that_are_not_one_softmax_per_head():
+    # DiffAttention (vit_dwee...) failed in a reshape traceback, and in the graph gave 2 x heads maps
+    # taken before timm combines them; a parallel block without .attn was "found NoneType"
+    import timm
+
+    from nsvit_fast.models import adapt
+
+    for arch, msg, msg_graph in (("vit_dwee_patch16_reg1_gap_256", "found DiffAttention", "DiffAttention has two"),
+                                 ("vit_base_patch16_xp_224", "found ParallelScalingBlock (no .attn)",
+                                  "(a block without .attn)")):
+        parts = adapt(timm.create_model(arch, **_TINY)).eval()
+        u = parts.patch_embed(torch.rand(2, 3, 32, 32))
+        with pytest.raises(NsvitError, match=re.escape(msg)):
+            parts.encode_with_attention(u)
+        with pytest.raises(NsvitError, match=re.escape(msg_graph)):
+            parts.encode_with_attention(u, in_graph=True)
+    plain = adapt(timm.create_model("vit_tiny_patch16_224", **_TINY)).eval()
+    u = plain.patch_embed(torch.rand(2, 3, 32, 32))
+    assert [m.shape for m in plain.encode_with_attention(u, in_graph=True)[1]] == [(2, 2, 17, 17)]
+
+
+def test_a_pretrained_tag_and_its_data_config_survive_a_save_and_reload(tmp_path):
+    # adapt() named the model without timm's tag, so the reload got the untagged default's crop (0.9
+    # instead of 1.0), and loading by the tagged name was refused
+    import timm
+
+    from nsvit_fast import save_model
+    from nsvit_fast.models import adapt
+
+    tag = "deit3_small_patch16_224.fb_in22k_ft_in1k"
+    parts = adapt(timm.create_model(tag, **_TINY))
+    assert parts.name == "deit3_small_patch16_224" and parts.arch == tag and parts.data_config["crop_pct"] == 1.0
+    save_model(parts, tmp_path / "m.safetensors")
+    for name in ("deit3_small_patch16_224", tag):
+        again = load_model(name, checkpoint=tmp_path / "m.safetensors", **_TINY)
+        assert again.data_config == parts.data_config, name
+    with pytest.raises(NsvitError, match="holds a deit3_small_patch16_224.fb_in22k_ft_in1k, not a vit_small"):
+        load_model("vit_small_patch16_224", checkpoint=tmp_path / "m.safetensors", **_TINY)
+
+
+def test_distillation_training_mode_is_refused_not_returned_as_a_tuple():
+    import timm
+
+    from nsvit_fast.models import adapt
+
+    m = timm.create_model("deit_tiny_distilled_patch16_224", **_TINY)
+    m.set_distilled_training(True)
+    parts = adapt(m).train()
+    with pytest.raises(NsvitError, match="distillation training is on"):
+        parts(torch.rand(2, 3, 32, 32))
+    assert parts.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)  # timm averages the two heads in eval
+
+
+def test_a_file_of_ema_weights_only_says_to_use_ema(tmp_path):
+    from nsvit_fast.models.loading import read_weights
+
+    sd = load_model("digits_vit").model.state_dict()
+    torch.save({"state_dict_ema": sd}, tmp_path / "ema.pth")
+    with pytest.raises(NsvitError, match=r"only EMA weights, state_dict_ema: add --use-ema"):
+        read_weights(tmp_path / "ema.pth", False)
+    assert read_weights(tmp_path / "ema.pth", True)[0].keys() == sd.keys()

@@ -73,11 +73,12 @@ class Adapter(nn.Module):
                            "crop_pct": float(data_config.get("crop_pct", 0.875)),
                            "crop_mode": data_config.get("crop_mode", "center")}
         c = self.in_chans
+        given = (mean, std)  # as passed, for the message: mean is a tensor once converted
         try:
             mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
             std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            raise NsvitError(f"mean/std must be numbers, got {mean!r} and {std!r}") from None
+            raise NsvitError(f"mean/std must be numbers, got {given[0]!r} and {given[1]!r}") from None
         if mean.numel() not in (1, c) or std.numel() not in (1, c):
             raise NsvitError(f"{self.name}: a {c}-channel model needs mean/std of {'1' if c == 1 else f'1 or {c}'} "
                              f"value(s), got "

@@ -106,7 +106,9 @@ def read_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, tor
     else:
         meta = {}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise NsvitError(f"{path} does not hold a state dict of tensors")
+        ema = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        raise NsvitError(f"{path} does not hold a state dict of tensors"
+                         + (f" (only EMA weights, {ema}: add --use-ema / use_ema=True)" if ema else ""))
     return obj, meta
 
 
@@ -266,8 +268,12 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, nu
         raise NsvitError(f"checkpoint {checkpoint} holds a {arch} {model_kwargs}, not a {embedded.NAME}")
     if name is None and arch is None:
         raise NsvitError("give a model name: the checkpoint does not say which architecture it holds")
-    if name is not None and name != embedded.NAME and arch is not None and name != arch:
+    # a pretrained tag (".fb_in22k_ft_in1k") names the data config, not the architecture: compared without it
+    if (name is not None and name != embedded.NAME and arch is not None
+            and name.partition(".")[0] != arch.partition(".")[0]):
         raise NsvitError(f"checkpoint {checkpoint} holds a {arch}, not a {name}")
+    if name is not None and "." in name and arch is not None:
+        arch = name  # the tag the caller names (its crop and interpolation) over the file's
     if name == embedded.NAME and arch is None:
         arch, model_kwargs = embedded.ARCH, dict(embedded.KWARGS)
     arch = arch or name

@@ -61,7 +61,8 @@ def attention_in_graph(adapter: Adapter, attns: list, u: torch.Tensor) -> tuple[
     Raises:
         NsvitError: a block whose attention has no ``fused_attn`` switch or ``attn_drop``."""
     if not all(hasattr(a, "fused_attn") and hasattr(a, "attn_drop") for a in attns):
-        bad = next(type(a).__name__ for a in attns if not hasattr(a, "fused_attn") or not hasattr(a, "attn_drop"))
+        bad = next(type(a).__name__ + (" (a block without .attn)" if a is None else "")
+                   for a in attns if not hasattr(a, "fused_attn") or not hasattr(a, "attn_drop"))
         raise NsvitError(f"{adapter.name}: attention maps in the graph need timm attention blocks with an "
                          f"unfused path, found {bad}")
     adapter.check_tokens(u)
@@ -69,6 +70,10 @@ def attention_in_graph(adapter: Adapter, attns: list, u: torch.Tensor) -> tuple[
     with unfused_attention(attns):
         hooks = [a.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(out)) for a in attns]
         logits = adapter.encode_hooked(u, hooks)
+    bad = next((type(a).__name__ for a, m in zip(attns, maps) if m.shape[1] != getattr(a, "num_heads", m.shape[1])),
+               None)
+    if bad:  # DiffAttention: two softmaxes a head, combined after attn_drop: not the probabilities
+        raise NsvitError(f"{adapter.name}: attention maps in the graph need one softmax per head; {bad} has two")
     return logits, maps
 
 

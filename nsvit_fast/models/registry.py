@@ -54,7 +54,11 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
             raise NsvitError(f"{model.name} is already adapted, with its own mean/std; adapt the timm model "
                              f"(adapter.model) to give others")
         return model
-    name = name or getattr(model, "default_cfg", {}).get("architecture", "") or type(model).__name__
+    pcfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    base = pcfg.get("architecture", "")
+    name = name or base or type(model).__name__
+    if arch is None and base and pcfg.get("tag"):  # the tag sets crop_pct and interpolation: a reload keeps them
+        arch = f"{base}.{pcfg['tag']}"
     fam = family_of(model)
     if fam is None:
         raise NsvitError(f"{name}: model class {type(model).__name__} is not a supported family "

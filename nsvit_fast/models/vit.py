@@ -47,6 +47,9 @@ class VitAdapter(PatchEmbedAdapter):
 
     def head(self, t: torch.Tensor) -> torch.Tensor:
         """Normed features -> logits (B, K), pooled as the model's global_pool / fc_norm say."""
+        if getattr(self.model, "distilled_training", False) and self.model.training:  # timm gives (cls, dist)
+            raise NsvitError(f"{self.name}: distillation training is on (set_distilled_training(True)): its head "
+                             f"returns two outputs; call model.set_distilled_training(False)")
         return self.model.forward_head(t)
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
@@ -68,10 +71,11 @@ class VitAdapter(PatchEmbedAdapter):
             return attention_in_graph(self, attns, u)
         maps: list[torch.Tensor] = []
         hooks = []
-        for attn in attns:  # all checked before any hook is placed
-            if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
-                raise NsvitError(f"{self.name}: attention maps need timm's standard Attention blocks, "
-                                 f"found {type(attn).__name__}")
+        for blk, attn in zip(self.model.blocks, attns):  # all checked before any hook is placed
+            if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")) \
+                    or attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:  # DiffAttention: two maps a head
+                raise NsvitError(f"{self.name}: attention maps need timm's standard Attention blocks, found "
+                                 f"{type(attn).__name__ if attn is not None else type(blk).__name__ + ' (no .attn)'}")
         for attn in attns:
 
             def hook(mod, inp, out, attn=attn):
