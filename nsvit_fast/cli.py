@@ -280,7 +280,7 @@ def add_nullspace(sub) -> None:
     _model_args(p)
     p.add_argument("--rtol", type=number(0, 1, lo_open=False, hi_open=True),
                    help="rank tolerance relative to sigma_max, in [0, 1) (default max(D, C*r*r) * float32 eps)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print JSON: one object, or with --table1 a list of them")
     p.add_argument("--table1", action="store_true", help="the paper's Table 1: eight timm ViTs, randomly initialised")
     p.set_defaults(func=cmd_nullspace)
 

@@ -30,6 +30,7 @@ def _cases(parts, x, y):
     from nsvit_fast.eval import accuracy, attack_accuracy, corrupt, evaluate, mce, mce_imagenet
     from nsvit_fast.eval.source import TensorImages
     from nsvit_fast.synth import CleanCache, NoiseBank, SynthConfig, noise_effect, synthesize, synthesize_regularized
+    from nsvit_fast.data.stream import StreamingData
     from nsvit_fast.train import finetune
 
     d = ns.ImageDataset(x, y)
@@ -73,6 +74,10 @@ def _cases(parts, x, y):
         ("ds-classes-few", lambda: ns.ImageDataset(x, y, classes=["a", "b"]), "one per label"),
         ("ds-classes-str", lambda: ns.ImageDataset(x, y, classes="abcdefghij"), "list of names"),
         ("ds-subset-neg", lambda: d.subset(-1), "n must be >= 1"),
+        ("stream-workers-many", lambda: StreamingData("/nonexistent", parts, 8, 0, workers=300),
+         r"workers must be in \[0, 256\], got 300"),  # accepted and capped by the CPUs without a word
+        ("eval-named-set-path", lambda: evaluate(parts, "digits:test", ["clean"], progress=False),
+         "for a named set pass load_data's ImageDataset"),  # "data folder not found: digits:test"
         ("digits-size", lambda: ns.digits("test", size=1.5), "size must be a whole number"),
         ("synthetic-n", lambda: ns.synthetic(n=-3), "n must be >= 1"),
         ("synthetic-classes", lambda: ns.synthetic(num_classes=0), "num_classes must be >= 1"),

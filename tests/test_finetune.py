@@ -961,3 +961,26 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_as_it_ran(train, tmp
     with pytest.raises(NsvitError, match=r"config key 'random.match': 'norm' there, 'eps' here"):
         finetune(load_model("digits_vit"), train, **{**kw, "random": {}}, resume=True)
     assert len(finetune(load_model("digits_vit"), train, **kw, resume=True).history) == 1
+
+
+def test_a_method_with_a_config_but_no_field_is_one_error(monkeypatch):
+    # a Method added to METHODS without its MethodConfigs field failed in an AttributeError traceback
+    from dataclasses import dataclass
+
+    from nsvit_fast.train import methods as methods_mod
+    from nsvit_fast.train.methods.base import Method
+
+    @dataclass
+    class WConfig:
+        w: float = 1.0
+
+        def check(self):
+            pass
+
+    class Weighted(Method):
+        name, Config = "weighted", WConfig
+
+    monkeypatch.setitem(methods_mod.METHODS, "weighted", Weighted)
+    with pytest.raises(NsvitError, match="method 'weighted' has a Config but MethodConfigs has no field 'weighted'"):
+        finetune(load_model("digits_vit"), digits("train").subset(16), method="weighted", rounds=1, model_steps=1,
+                 batch_size=8, progress=False)

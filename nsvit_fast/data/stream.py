@@ -157,8 +157,10 @@ class StreamingData:
                  on_bad_image: str = "error"):
         if int(batch_size) < 1:
             raise NsvitError(f"batch_size must be >= 1, got {batch_size}")
-        if int(workers) < 0:
-            raise NsvitError(f"workers must be >= 0, got {workers}")
+        from ..errors import MAX_WORKERS
+
+        if not 0 <= int(workers) <= MAX_WORKERS:  # as the CLI's --workers: a typo, not a machine
+            raise NsvitError(f"workers must be in [0, {MAX_WORKERS}], got {workers}")
         self.parts = parts
         self.dataset = SeededFolder(root, train_transform(parts, augment), on_bad_image=on_bad_image, parts=parts)
         self.batch_size, self.seed, self.augment = int(batch_size), int(seed), augment

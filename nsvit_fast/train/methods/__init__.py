@@ -48,6 +48,9 @@ def check_method_configs(cfg: MethodConfigs) -> None:
     """Every nested method config checks itself; raises NsvitError on the first bad value."""
     for m in METHODS.values():
         if m.Config is not None:
+            if not hasattr(cfg, m.name):  # a method added to METHODS without its settings' home
+                raise NsvitError(f"method {m.name!r} has a Config but MethodConfigs has no field {m.name!r} for it: "
+                                 f"add `{m.name}: {m.Config.__name__} = field(default_factory={m.Config.__name__})`")
             getattr(cfg, m.name).check()
 
 
