@@ -57,7 +57,9 @@ def main() -> None:
     # the script finetunes digits_vit on digits whatever the config says: another model's config would
     # have run digits with its hyperparameters, recorded under its name
     for key, want in (("model", "digits_vit"), ("data", "digits:train")):
-        if run[key] != want:  # None: --config '' ran the built-in defaults (lr 1e-5, 20 rounds), not digits
+        if run[key] is None:  # the engine's default data / no model: not this script's setting
+            ap.error(f"--config {args.config}: names no {key}; add `{key}: {want}` (this script runs {want} only)")
+        if run[key] != want:
             ap.error(f"--config {args.config}: {key} is {run[key]!r}; this script runs {want} only")
     warnings.simplefilter("ignore")
     train, val, test = digits("train"), digits("val"), digits("test")

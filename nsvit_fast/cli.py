@@ -305,7 +305,8 @@ def add_pretrain(sub) -> None:
                        description="Train digits_vit (img 32, patch 8, dim 96, depth 6) on scikit-learn's digits.")
     p.add_argument("--out", default="digits_vit.safetensors", help="output checkpoint (.safetensors; default digits_vit.safetensors)")
     p.add_argument("--epochs", type=count(1), default=60,
-                   help="passes over the 1200 training digits (default 60; the first 3 warm the lr up to --lr)")
+                   help="passes over the 1200 training digits (default 60; the lr warms up over the first 3, "
+                        "so with fewer it never reaches --lr)")
     p.add_argument("--lr", type=POSITIVE, default=2e-3, help="AdamW learning rate (default 0.002)")
     p.add_argument("--batch-size", type=count(1), default=64, help="images per step (default 64)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the weights and the batch order (default 0)")
@@ -543,8 +544,8 @@ def _name_outputs(parts, classes: list[str] | None, source) -> None:
         if set(known) == set(classes):  # the same names in another order: every label read wrong
             raise NsvitError(f"--classes puts {parts.name}'s own class names ({', '.join(known[:4])}, ...) in "
                              f"another order; its outputs are in that order: drop --classes")
-        warnings.warn(f"--classes renames {parts.name}'s outputs, known as {', '.join(known[:4])}, ...: folders "
-                      f"are read by the new names")
+        warnings.warn(f"--classes renames {parts.name}'s outputs, known as {', '.join(known[:4])}, ...: a --data "
+                      f"or --folder folder is read by the new names")
     parts.class_names = list(classes)
 
 
@@ -889,7 +890,8 @@ def add_eval(sub) -> None:
                    help="digits:test (default; a bare digits or synthetic is its test split), or an ImageFolder "
                         "path, read as given (a folder of split folders is refused: give FOLDER/val)")
     p.add_argument("--max-images", type=count(1), help="use at most this many images of --data and of each "
-                                                       "--folder, spread over their classes (>= 1; default all)")
+                                                       "--folder (>= 1; default all): a folder's spread over its "
+                                                       "classes, digits' / synthetic's first ones")
     p.add_argument("--workers", type=count(0, MAX_WORKERS), default=0,
                    help="DataLoader workers decoding a --data folder (default 0)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE, default="error",

@@ -422,6 +422,10 @@ def test_a_pretrained_tag_and_its_data_config_survive_a_save_and_reload(tmp_path
         assert again.data_config == parts.data_config, name
     with pytest.raises(NsvitError, match="holds a deit3_small_patch16_224.fb_in22k_ft_in1k, not a vit_small"):
         load_model("vit_small_patch16_224", checkpoint=tmp_path / "m.safetensors", **_TINY)
+    # timm's default tag adds nothing (a run recorded untagged must still resume), nor does a given name
+    for built in ("deit3_small_patch16_224", "deit3_small_patch16_224.fb_in1k"):
+        assert adapt(timm.create_model(built, **_TINY)).arch == "deit3_small_patch16_224", built
+    assert adapt(timm.create_model("vit_tiny_patch16_224", **_TINY), name="x").arch == "x"
 
 
 def test_distillation_training_mode_is_refused_not_returned_as_a_tuple():

@@ -99,6 +99,7 @@ def _cases(parts, x, y):
          r"mean must be numbers in \[-10, 10\]"),
         ("adapt-adapter-mean", lambda: ns.adapt(parts, mean=[0] * 3, std=[1] * 3), "already adapted"),
         ("adapt-str", lambda: ns.adapt("digits_vit"), "use load_model"),
+        ("adapt-std-text", lambda: ns.adapt(_timm(), std="x"), r"got \(0.5, 0.5, 0.5\) and 'x'"),  # was tensor([...])
         ("load-classes-float", lambda: ns.load_model("vit_tiny_patch16_224", num_classes=2.7, depth=1),
          "num_classes must be a whole number"),
         ("load-pretrained-str", lambda: ns.load_model("vit_tiny_patch16_224", pretrained="no"),

@@ -262,6 +262,9 @@ def test_max_images_picks_the_same_spread_images_from_every_kind_of_data(parts, 
 
     labels = [int(y) for _, ys in as_eval_images(whole, parts, 5).batches(8) for y in ys]
     assert labels == [0, 2, 5, 7, 9]  # spread over the classes, not the first five (0, 0, 1, 1, 2)
+    # a shuffled set keeps its first ones, as load_data and the CLI cut digits
+    first = [int(y) for _, ys in as_eval_images(test_images, parts, 5).batches(8) for y in ys]
+    assert first == test_images.labels[:5].tolist()
 
 
 def _with_bad_file(root):
@@ -288,6 +291,10 @@ def test_a_skipped_file_is_counted_out_of_the_report_and_the_attack(parts, test_
     assert "(1 unreadable skipped)" in rep.context_line()
     assert any("1 of the n=21 images picked were unreadable (skipped): 20 attacked" in str(w.message) for w in said)
     assert 0 < acc <= 1
+    # n picks that are all unreadable: the attack says so (the folder itself has readable images)
+    (root / "0" / "-bad.png").write_bytes(b"not an image")  # sorted first, so the one n=1 picks
+    with pytest.raises(nsvit_fast.NsvitError, match=r"the 1 image\(s\) picked for n=1 were all unreadable"):
+        attack_accuracy_on(parts, FolderImages(root, parts, on_bad_image="skip"), "fgsm", n=1)
 
 
 def test_a_folder_with_no_readable_image_is_one_error(parts, test_images, tmp_path):
@@ -336,6 +343,13 @@ def test_numbered_folders_read_by_value_without_a_zero_warn(tmp_path):
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         class_index(tmp_path, None, 10)
+    assert not any("no folder '0'" in str(w.message) for w in said)
+    some = tmp_path / "some"  # a subset of classes (3 and 7) is no 1-based set
+    for c in ("3", "7"):
+        (some / c).mkdir(parents=True)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert class_index(some, None, 10)[1] == {"3": 3, "7": 7}
     assert not any("no folder '0'" in str(w.message) for w in said)
 
 

@@ -201,7 +201,7 @@ def class_index(root: str | Path, names: list[str] | None, num_classes: int | No
                           f"an nsvit-fast model saved without class_names) reads them differently", stacklevel=2)
         found = sorted(found, key=int)
         if num_classes is not None and int(found[-1]) < num_classes:
-            if found[0] != "0" and names is None:  # 1..9 of a 1-based 1..10 set would be read one label off
+            if names is None and found == [str(i) for i in range(1, len(found) + 1)]:  # 1..k of a 1-based set
                 warnings.warn(f"{root}: class folders named by number are read by value (folder {found[0]!r} is "
                               f"output {found[0]}), and there is no folder '0': if the classes are numbered from "
                               f"1, every label is one off (rename the folders 0..{num_classes - 1})", stacklevel=2)

@@ -287,6 +287,9 @@ def attack_accuracy_on(parts, data, attack: str | AttackSpec, batch_size: int | 
                 seen += len(y)
     finally:
         torch.set_rng_state(state)
+    if seen == 0 and todo:  # a streamed folder's n picks, all unreadable under on_bad_image skip
+        raise NsvitError(f"attack {name}: the {todo} image(s) picked for n={todo} were all unreadable (skipped); "
+                         f"give a larger n or remove the unreadable files")
     if seen == 0:
         raise NsvitError("accuracy of an empty image set is undefined")
     if n is not None and seen < todo:  # a streamed folder's unreadable files, skipped after the spread

@@ -36,8 +36,8 @@ class EvalImages(ABC):
 
     @abstractmethod
     def subset(self, n: int) -> "EvalImages":
-        """``n`` of the images spread evenly over the set (:func:`spread`), as ``max_images`` picks
-        them; the set itself when it holds no more than ``n``."""
+        """``n`` of the images, as ``max_images`` picks them (the class's docstring says how); the
+        set itself when it holds no more than ``n``."""
 
 
 class TensorImages(EvalImages):
@@ -52,8 +52,13 @@ class TensorImages(EvalImages):
         return len(self.labels)
 
     def subset(self, n: int) -> "TensorImages":
-        keep = spread(len(self), n)
-        return self if keep is None else TensorImages(self.images[keep], self.labels[keep], self.classes)
+        """The first ``n`` images, as ``load_data`` cuts a named (shuffled) set, or ``n`` spread
+        over the set where its labels are sorted (a folder read whole: the first n are one class)."""
+        if n >= len(self):
+            return self
+        ordered = len(self.labels) > 1 and bool((self.labels[1:] >= self.labels[:-1]).all())
+        keep = spread(len(self), n) if ordered else list(range(int(n)))
+        return TensorImages(self.images[keep], self.labels[keep], self.classes)
 
     def batches(self, batch_size: int, n: int | None = None):
         keep = spread(len(self), n)
@@ -123,7 +128,7 @@ class FolderImages(EvalImages):
             if len(y):
                 yield x, y
         self.skipped.update(bad)
-        if bad and not read:  # every suite would fail its own way (a division by zero, an "empty set")
+        if bad and not read and pick is None:  # a whole pass: every suite would fail its own way
             raise NsvitError(f"{self.root}: no readable image among the {len(bad)} read (all skipped, "
                              f"on_bad_image: skip), e.g. {bad[0]}")
         if bad and not self._warned:  # once per run, though every suite makes a pass
@@ -184,7 +189,8 @@ def _collate(items):
 def as_eval_images(data, parts=None, max_images: int | None = None, **folder_kw) -> EvalImages:
     """``data`` as EvalImages: an ImageDataset (held in memory), an EvalImages, or a folder path
     (streamed through ``parts``' eval transform; ``folder_kw`` to FolderImages), each cut to
-    ``max_images`` spread evenly over it (:func:`spread`: a class-sorted set keeps every class).
+    ``max_images`` as ``load_data`` cuts it: a folder's spread over its classes (:func:`spread`),
+    an in-memory set's first ones (digits is shuffled), or spread where its labels are sorted.
     Raises NsvitError for anything else, or a folder without the model."""
     from ..data.base import ImageDataset
 

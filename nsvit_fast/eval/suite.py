@@ -555,8 +555,9 @@ def evaluate(models, data, suites=("clean", "fgsm"), seed: int = 0, *, baseline:
         bank: a NoiseBank for the ``noisebank`` suite.
         mce_reference: "alexnet", "baseline" or "auto" (AlexNet for 1000-class models).
         model_classes: the models' class names, for folder suites on models without 1000 classes.
-        max_images: evaluate on ``max_images`` images spread evenly over the data (a class-sorted
-            folder keeps every class), and at most that many per folder suite.
+        max_images: evaluate on ``max_images`` images, picked as ``load_data`` picks them (a
+            folder's spread over its classes, an in-memory set's first ones, or spread where its
+            labels are sorted), and at most that many per folder suite.
         progress, log: print (or pass to ``log``) one timing line per model and suite; ``progress``
             also shows a per-batch bar inside each suite, on a terminal only.
         on_bad_image: an unreadable file in a data folder or a folder suite: ``error`` (stop,

@@ -30,6 +30,17 @@ def family_of(model: nn.Module) -> str | None:
     return None
 
 
+def _default_tag(arch: str) -> str | None:
+    """The pretrained tag timm gives ``arch`` when none is named (None where timm knows none)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except (RuntimeError, KeyError, ValueError):
+        return None
+    return getattr(cfg, "tag", None) if cfg is not None else None
+
+
 def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | None = None,
           model_kwargs: dict[str, Any] | None = None) -> Adapter:
     """Wrap a timm model into its family's adapter (an adapter is returned as it is).
@@ -38,9 +49,10 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
         model: a timm model of a supported family (``FAMILIES``).
         mean, std: normalisation, C values each; by default the model's timm data config's.
         name: how reports name it; by default timm's architecture name.
-        arch, model_kwargs: the record that rebuilds it (``Adapter``); by default the name, and
-            ``model_kwargs`` None: settings unrecorded, so ``save_model``'s file needs the model
-            name given again to ``load_model``.
+        arch, model_kwargs: the record that rebuilds it (``Adapter``); by default the name (with
+            timm's pretrained tag where the model was built with another than the default one,
+            since the tag sets its crop and interpolation), and ``model_kwargs`` None: settings
+            unrecorded, so ``save_model``'s file needs the model name given again to ``load_model``.
 
     Raises:
         NsvitError: a model of no supported family, or one its family's adapter cannot serve
@@ -57,8 +69,8 @@ def adapt(model: nn.Module, mean=None, std=None, name: str = "", *, arch: str | 
     pcfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     base = pcfg.get("architecture", "")
     name = name or base or type(model).__name__
-    if arch is None and base and pcfg.get("tag"):  # the tag sets crop_pct and interpolation: a reload keeps them
-        arch = f"{base}.{pcfg['tag']}"
+    if arch is None and base and pcfg.get("tag") and pcfg["tag"] != _default_tag(base):
+        arch = f"{base}.{pcfg['tag']}"  # a tag other than the default sets crop_pct and interpolation: kept
     fam = family_of(model)
     if fam is None:
         raise NsvitError(f"{name}: model class {type(model).__name__} is not a supported family "
