@@ -540,12 +540,10 @@ def _name_outputs(parts, classes: list[str] | None, source) -> None:
     from .data.folders import known_class_names
 
     known = known_class_names(parts)  # digits_vit's digits, ImageNet's synsets: fixed by the model
-    if own is None and known is not None and list(known) != classes:
-        if set(known) == set(classes):  # the same names in another order: every label read wrong
-            raise NsvitError(f"--classes puts {parts.name}'s own class names ({', '.join(known[:4])}, ...) in "
-                             f"another order; its outputs are in that order: drop --classes")
-        warnings.warn(f"--classes renames {parts.name}'s outputs, known as {', '.join(known[:4])}, ...: a --data "
-                      f"or --folder folder is read by the new names")
+    # the same names in another order read every label wrong; other names (an OOD folder's) are the user's
+    if own is None and known is not None and list(known) != classes and set(known) == set(classes):
+        raise NsvitError(f"--classes puts {parts.name}'s own class names ({', '.join(known[:4])}, ...) in "
+                         f"another order; its outputs are in that order: drop --classes")
     parts.class_names = list(classes)
 
 

@@ -574,10 +574,3 @@ def test_profile_says_a_step_is_all_the_noises(tmp_path, capsys):
         assert code == 0, err
         assert f"ms/step of all 2 noises, {how}" in out.splitlines()[0], out
 
-
-def test_classes_that_rename_a_models_known_outputs_warn(tmp_path, capsys):
-    # other names for digits_vit's "0".."9" ran without a word; the same names reordered are refused
-    code, _, err = cli(capsys, "eval", "--classes", "a,b,c,d,e,f,g,h,i,j", "--max-images", "4", "--suite", "clean",
-                       "--quiet", "--out", tmp_path / "ev")
-    assert code == 0, err
-    assert "warning: --classes renames digits_vit's outputs, known as 0, 1, 2, 3" in err
