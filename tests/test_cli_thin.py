@@ -573,4 +573,3 @@ def test_profile_says_a_step_is_all_the_noises(tmp_path, capsys):
                              "--num-noises", "2", "--mode", mode, "--trace", tmp_path / f"{mode}.json")
         assert code == 0, err
         assert f"ms/step of all 2 noises, {how}" in out.splitlines()[0], out
-
